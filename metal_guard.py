@@ -1,0 +1,1818 @@
+"""metal-guard: keep Apple's MLX from kernel-panicking the Mac.
+
+Apple's Metal driver can panic the whole machine while MLX loads, runs and
+unloads models (``"completeMemory() prepare count underflow"
+@IOGPUMemory.cpp:492`` on macOS 15, ``:550`` on macOS 26, and relatives in
+``IOGPUGroupMemory.cpp``). No userspace code can fix a kernel extension; this
+module narrows the race windows, refuses the known triggers and leaves
+forensics that survive the reboot. It is one file with no dependencies: copy
+it next to a worker script, or ``pip install metal-guard``.
+
+Map of this module (sections in dependency order, each opens with a banner):
+
+ 1. Configuration   ``_env_float`` / ``_env_int`` / ``_env_bool`` / ``_env_path``,
+                    the state folder (``METALGUARD_HOME``), warn-once logging.
+ 2. State files     ``_FileLock`` (``flock`` on a sidecar), ``_update_json``
+                    (locked read-modify-write), ``_atomic_write_bytes``,
+                    ``_append_bytes``.
+ 3. MLX access      ``_mlx()`` (lazy lookup), ``_mlx_step()`` (best-effort
+                    call), ``_synchronize()`` (stream-aware).
+ 4. Breadcrumbs     ``MetalGuard``, the ``metal_guard`` singleton,
+                    ``read_breadcrumbs``.
+ 5. Model identity  ``canonical_model_id``, ``is_gemma4_family``.
+ 6. Flush guards    ``subprocess_inference_guard``, ``gemma4_generation_flush``.
+ 7. Cadence         ``CadenceGuard``, ``require_cadence_clear`` and violations.
+ 8. Registry        ``KNOWN_PANIC_MODELS`` and its lookups.
+ 9. Panic reports   ``detect_panic_signature``, ``parse_panic_reports``,
+                    ``ingest_panics_jsonl``, ``CircuitBreaker``.
+10. Command line    ``main`` (``metal-guard`` / ``python -m metal_guard``).
+
+Importing has no side effects: no files, threads, environment reads or heavy
+imports happen until a function is called.
+"""
+
+from __future__ import annotations
+
+import _thread
+import errno
+import os
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at run time
+    import logging
+    from collections.abc import Callable
+    from types import ModuleType, TracebackType
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
+    _F = TypeVar("_F", bound=Callable[..., Any])
+    StrPath = str | os.PathLike[str]
+
+__version__ = "0.9.0"
+
+__all__ = [
+    "CadenceGuard",
+    "CadenceStoreError",
+    "CadenceViolation",
+    "CrossModelCadenceViolation",
+    "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
+    "KNOWN_PANIC_MODELS",
+    "MetalGuard",
+    "StateLockTimeout",
+    "__version__",
+    "cadence_scope",
+    "canonical_model_id",
+    "check_known_panic_model",
+    "gemma4_generation_flush",
+    "is_gemma4_family",
+    "main",
+    "metal_guard",
+    "read_breadcrumbs",
+    "require_cadence_clear",
+    "subprocess_inference_guard",
+    "warn_if_known_panic_model",
+]
+
+
+# =============================================================================
+# 1. Configuration — environment variables, the state folder, warn-once logs.
+#
+# Every METALGUARD_* variable is read here, at call time, through one helper
+# family. A bad value never raises: it logs one WARNING per variable per
+# process and the default is used. Logging itself is set up lazily because
+# ``import logging`` alone costs more than the rest of this module's import.
+# =============================================================================
+
+_DEBUG = 10
+_WARNING = 30
+
+_logger_obj: logging.Logger | None = None
+_once_lock = _thread.allocate_lock()
+_once_keys: set[str] = set()
+
+
+def _log() -> logging.Logger:
+    """The ``metal_guard`` logger (with a ``NullHandler``), created on first use."""
+    global _logger_obj
+    if _logger_obj is None:
+        import logging
+
+        logger = logging.getLogger("metal_guard")
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())
+        _logger_obj = logger
+    return _logger_obj
+
+
+def _first_time(key: str) -> bool:
+    """True exactly once per process for ``key`` (thread-safe)."""
+    with _once_lock:
+        if key in _once_keys:
+            return False
+        _once_keys.add(key)
+        return True
+
+
+def _log_once(key: str, level: int, msg: str, *args: object) -> None:
+    """Log ``msg`` at ``level`` the first time ``key`` is seen in this process."""
+    if _first_time(key):
+        _log().log(level, msg, *args)
+
+
+def _env_bad(name: str, raw: str, why: str, default: object) -> None:
+    _log_once(
+        "env:" + name,
+        _WARNING,
+        "metal_guard: ignoring %s=%r (%s); using the default %r",
+        name,
+        raw[:200],
+        why,
+        default,
+    )
+
+
+def _env_float(
+    name: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+    clamp: bool = False,
+) -> float:
+    """Read a finite float from ``name``; bad or out-of-range values give ``default``.
+
+    With ``clamp=True`` an out-of-range number is clamped into range instead
+    (still with one WARNING, since the caller asked for something we won't do).
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        _env_bad(name, raw, "not a number", default)
+        return default
+    if value != value or value in (float("inf"), float("-inf")):
+        _env_bad(name, raw, "not finite", default)
+        return default
+    if value < minimum or (maximum is not None and value > maximum):
+        if not clamp:
+            _env_bad(name, raw, f"outside [{minimum:g}, {maximum if maximum is not None else 'inf'}]", default)
+            return default
+        clamped = min(max(value, minimum), maximum if maximum is not None else value)
+        _log_once(
+            "env:" + name,
+            _WARNING,
+            "metal_guard: %s=%r is outside [%g, %s]; using %g",
+            name,
+            raw[:200],
+            minimum,
+            "inf" if maximum is None else f"{maximum:g}",
+            clamped,
+        )
+        return clamped
+    return value
+
+
+def _env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """Read an integer from ``name`` (``1e6``-style and ``_`` separators are not accepted)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if len(text) > 30:
+        _env_bad(name, raw, "too long to be a sensible number", default)
+        return default
+    try:
+        value = int(text, 10)
+    except ValueError:
+        _env_bad(name, raw, "not an integer", default)
+        return default
+    if value < minimum or (maximum is not None and value > maximum):
+        _env_bad(name, raw, f"outside [{minimum}, {maximum if maximum is not None else 'inf'}]", default)
+        return default
+    return value
+
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    """Read ``1/true/yes/on`` or ``0/false/no/off`` (any case) from ``name``."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    _env_bad(name, raw, "expected 1/true/yes/on or 0/false/no/off", default)
+    return default
+
+
+def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -> str | None:
+    """Read a filesystem path from ``name`` (``~`` expanded, made absolute).
+
+    An empty value means ``None`` when ``empty_disables`` (a documented off
+    switch), otherwise it is a bad value.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not text:
+        if empty_disables:
+            return None
+        _env_bad(name, raw, "empty", default)
+        return default
+    if "\x00" in text or len(text) > 4096:
+        _env_bad(name, raw, "not a usable path", default)
+        return default
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _state_home() -> str:
+    """The state folder: ``METALGUARD_HOME`` or ``~/.cache/metal-guard`` (not created here)."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "metal-guard")
+    return _env_path("METALGUARD_HOME", default) or default
+
+
+def _state_file(name: str) -> str:
+    return os.path.join(_state_home(), name)
+
+
+def _reset_process_state() -> None:
+    """Forget every once-per-process memory (warnings given, models warned about).
+
+    For tests and long-lived supervisors that want a fresh set of warnings.
+    """
+    with _once_lock:
+        _once_keys.clear()
+    with _mlx_lock:
+        _mlx_missing_for.clear()
+    with _warned_panic_lock:
+        _WARNED_PANIC_MODELS.clear()
+
+
+# =============================================================================
+# 2. State files — OS file locks, locked JSON read-modify-write, atomic
+# replacement and single-write appends.
+#
+# Everything persisted goes through these few functions so that every file is
+# safe with many processes at once: ``flock`` on a sidecar ``*.lock`` file that
+# is never deleted, the whole read-modify-write inside one critical section, a
+# uniquely named temp file + ``fsync`` + ``os.replace`` + folder ``fsync``, and
+# ``O_NOFOLLOW`` so we never write through a symlink.
+# =============================================================================
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# flock errors that mean "this filesystem cannot lock" (e.g. some NFS/SMB mounts)
+_FLOCK_UNSUPPORTED = frozenset(
+    {errno.ENOSYS, errno.ENOLCK, getattr(errno, "EOPNOTSUPP", -1), getattr(errno, "ENOTSUP", -1)}
+)
+_FLOCK_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+
+class StateLockTimeout(TimeoutError):
+    """A state file's lock was held by another process for longer than ``timeout``."""
+
+    def __init__(self, lock_path: str, timeout: float) -> None:
+        self.lock_path = lock_path
+        self.timeout = timeout
+        super().__init__(
+            f"could not lock {lock_path!r} within {timeout:g} s: another process holds it "
+            "(if none is running, the holder was hung; the OS frees the lock when it exits)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.lock_path, self.timeout))
+
+
+def _ensure_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) if missing; raise ``OSError`` if it is not a folder."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file sits where the folder should be
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
+
+
+class _FileLock:
+    """An exclusive ``flock`` on ``path`` (a sidecar lock file), with a timeout.
+
+    Used as ``with _FileLock(p, timeout=5): ...``. The lock file is opened with
+    ``O_NOFOLLOW`` and never deleted (a process may hold the lock on an inode
+    another one just unlinked). Where ``flock`` is unsupported (``ENOSYS``,
+    ``ENOLCK``) it logs one WARNING and runs the section unlocked.
+    """
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: nothing to lock with
+            _log_once("nolock", _WARNING, "metal_guard: fcntl is unavailable; state files are not locked")
+            return
+        _ensure_dir(os.path.dirname(self.path) or ".")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno in _FLOCK_UNSUPPORTED:
+                    _log_once(
+                        "flock:" + os.path.dirname(self.path),
+                        _WARNING,
+                        "metal_guard: this filesystem cannot lock %s (%s); carrying on without locking",
+                        self.path,
+                        exc.strerror,
+                    )
+                    break
+                remaining = deadline - time.monotonic()
+                if exc.errno not in _FLOCK_BUSY or remaining <= 0:
+                    os.close(fd)
+                    if exc.errno in _FLOCK_BUSY:
+                        raise StateLockTimeout(self.path, self.timeout) from None
+                    raise
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.02)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> _FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _refuse_symlink(path: str) -> None:
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (mode 0600)."""
+    folder = os.path.dirname(path) or "."
+    _ensure_dir(folder)
+    _refuse_symlink(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _append_bytes(path: str, data: bytes) -> int:
+    """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
+    _ensure_dir(os.path.dirname(path) or ".")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # only on a full disk or a signal; finish the line
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _read_bounded(path: str, limit: int) -> bytes:
+    """Read at most ``limit`` bytes of a regular file, never following a symlink."""
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class _CorruptFile(ValueError):
+    """A state file exists but does not hold a JSON object."""
+
+
+_JSON_MAX_BYTES = 16 << 20
+
+
+def _load_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` when missing; ``_CorruptFile`` when invalid."""
+    import json
+
+    try:
+        raw = _read_bounded(path, _JSON_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    if len(raw) > _JSON_MAX_BYTES:
+        raise _CorruptFile(f"{path} is larger than {_JSON_MAX_BYTES} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _CorruptFile(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _CorruptFile(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _quarantine(path: str, why: str) -> None:
+    """Move a corrupt state file aside to ``<path>.corrupt-<timestamp>`` (one WARNING)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = f"{path}.corrupt-{stamp}-{os.getpid()}"
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        _log().warning("metal_guard: %s; could not move it aside (%s); treating it as empty", why, exc)
+        return
+    _log().warning("metal_guard: %s; moved it to %s and started afresh", why, target)
+
+
+def _read_json_state(path: str) -> dict[str, Any]:
+    """Read-only view of a JSON state file: missing, corrupt or unreadable → ``{}``.
+
+    Never writes (status displays use this); the next locked update quarantines
+    a corrupt file.
+    """
+    try:
+        return _load_json_object(path)
+    except (_CorruptFile, OSError) as exc:
+        _log_once("read:" + path, _DEBUG, "metal_guard: cannot read %s: %s", path, exc)
+        return {}
+
+
+def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: float = 10.0) -> _T:
+    """Locked read-modify-write of the JSON object in ``path``.
+
+    ``mutate`` receives the current object (``{}`` if missing or corrupt — a
+    corrupt file is quarantined first), changes it in place and returns a
+    result, which is returned here. The file is rewritten atomically only when
+    the object changed. Raises ``OSError``/``StateLockTimeout`` on environment
+    faults; callers decide whether to fail open.
+    """
+    import json
+
+    with _FileLock(path + ".lock", timeout):
+        try:
+            data = _load_json_object(path)
+        except _CorruptFile as exc:
+            _quarantine(path, str(exc))
+            data = {}
+        before = json.dumps(data, sort_keys=True, default=str)
+        result = mutate(data)
+        after = json.dumps(data, sort_keys=True, default=str)
+        if after != before:
+            _atomic_write_bytes(path, after.encode("utf-8") + b"\n")
+        return result
+
+
+# =============================================================================
+# 3. MLX access — the only place that touches ``mlx.core``.
+#
+# MLX is optional: it is looked up at call time (so tests can install or
+# remove a stub), and when it is absent every MLX step is a no-op. Each step
+# runs best-effort: a failing hook logs and carries on, because a broken
+# guard must never make inference worse than no guard.
+# =============================================================================
+
+_mlx_lock = _thread.allocate_lock()
+# sys.path snapshots under which ``import mlx.core`` already failed; a failed
+# import costs a full path scan, so it is not repeated until sys.path changes.
+_mlx_missing_for: set[tuple[str, ...]] = set()
+
+
+def _mlx() -> ModuleType | None:
+    """``mlx.core`` if it can be imported, else ``None`` (never raises)."""
+    mod = sys.modules.get("mlx.core")
+    if mod is not None:
+        return mod
+    if "mlx.core" in sys.modules:  # explicitly blocked with sys.modules[...] = None
+        return None
+    key = tuple(sys.path)
+    if key in _mlx_missing_for:
+        return None
+    import importlib
+
+    try:
+        return importlib.import_module("mlx.core")
+    except ImportError:
+        pass
+    except Exception as exc:  # a broken install: say so once, then behave as absent
+        _log_once("mlx-import", _WARNING, "metal_guard: importing mlx.core failed (%r); MLX steps are skipped", exc)
+    with _mlx_lock:
+        _mlx_missing_for.add(key)
+    return None
+
+
+def _mlx_fn(mx: ModuleType, name: str) -> Callable[..., Any] | None:
+    """``mx.<name>``, falling back to ``mx.metal.<name>`` on MLX versions before 0.25."""
+    fn = getattr(mx, name, None)
+    if fn is None:
+        fn = getattr(getattr(mx, "metal", None), name, None)
+    return fn if callable(fn) else None
+
+
+def _mlx_step(step: str, fn: Callable[..., Any] | None, *args: Any, model_id: object = None, level: int = _DEBUG) -> bool:
+    """Run one MLX step best-effort: True if it ran, False if missing or it raised.
+
+    Failures are logged at ``level`` with the step and model; never raises an
+    ``Exception`` (``KeyboardInterrupt`` and ``SystemExit`` still propagate).
+    """
+    if fn is None:
+        return False
+    try:
+        fn(*args)
+        return True
+    except Exception as exc:
+        _log().log(level, "metal_guard: %s failed for model %r: %s: %s", step, model_id, type(exc).__name__, exc)
+        return False
+
+
+def _generation_stream() -> object | None:
+    """mlx-lm's ``generation_stream`` if ``mlx_lm.generate`` is already imported.
+
+    Never imports mlx-lm (it costs seconds and changes rlimits). Note that
+    ``import mlx_lm.generate`` binds the *function* ``generate``, hence
+    ``sys.modules``.
+    """
+    module = sys.modules.get("mlx_lm.generate")
+    return getattr(module, "generation_stream", None) if module is not None else None
+
+
+def _as_stream_list(streams: object) -> list[object]:
+    """Accept one stream, an iterable of streams, or ``None``."""
+    if streams is None:
+        return []
+    if isinstance(streams, (list, tuple, set, frozenset)):
+        return list(streams)
+    return [streams]
+
+
+def _synchronize(mx: ModuleType, streams: object = None, *, model_id: object = None, level: int = _DEBUG) -> None:
+    """Wait for queued MLX work: the default stream, mlx-lm's generation stream, ``streams``.
+
+    A bare ``mx.synchronize()`` waits only for the default stream of the
+    default device, while mlx-lm generates on its own stream; releasing
+    buffers before that stream drained is the race this library narrows. A
+    thread-local stream must be synchronized from the thread that used it.
+    """
+    sync = _mlx_fn(mx, "synchronize")
+    _mlx_step("synchronize", sync, model_id=model_id, level=level)
+    extra = _as_stream_list(streams)
+    generation_stream = _generation_stream()
+    if generation_stream is not None:
+        extra.insert(0, generation_stream)
+    done: list[object] = []
+    for stream in extra:
+        if any(stream is seen for seen in done):
+            continue
+        done.append(stream)
+        _mlx_step("synchronize(stream)", sync, stream, model_id=model_id, level=level)
+
+
+# =============================================================================
+# 4. Breadcrumbs — one line per event, durable before the next step runs.
+#
+# A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
+# followed by ``fsync``; what was acknowledged survives the reboot. The file
+# rotates to ``.1`` (one generation) past ``METALGUARD_BREADCRUMB_MAX_BYTES``.
+# Every breadcrumb the library writes goes through ``metal_guard.breadcrumb``,
+# looked up at call time, so applications can redirect or capture them.
+# =============================================================================
+
+_BREADCRUMB_MAX_DEFAULT = 8 << 20
+_BREADCRUMB_MSG_MAX = 4096
+
+
+class _DefaultPath:
+    """Sentinel: resolve the breadcrumb path from the environment at each write."""
+
+    def __repr__(self) -> str:
+        return "<default breadcrumb path>"
+
+
+_DEFAULT_PATH = _DefaultPath()
+
+# One event is one line: control characters (and Unicode line separators)
+# are escaped, so a model id with a newline cannot forge a second event.
+_ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def _escape_line(text: str) -> str:
+    if len(text) > _BREADCRUMB_MSG_MAX:
+        text = f"{text[:_BREADCRUMB_MSG_MAX]}...[{len(text) - _BREADCRUMB_MSG_MAX} more chars]"
+    return text.translate(_ESCAPES)
+
+
+def _default_breadcrumb_path() -> str | None:
+    return _env_path("METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True)
+
+
+class MetalGuard:
+    """Process-wide guard object; owns the forensic breadcrumb log.
+
+    ``MetalGuard()`` writes to ``METALGUARD_BREADCRUMB_PATH`` if set (empty
+    disables), else ``$METALGUARD_HOME/breadcrumbs.log``, resolved at each
+    write. ``MetalGuard(breadcrumb_path=p)`` pins a path; ``None`` disables.
+    """
+
+    def __init__(self, breadcrumb_path: StrPath | _DefaultPath | None = _DEFAULT_PATH) -> None:
+        self.breadcrumb_path = breadcrumb_path
+
+    @property
+    def breadcrumb_path(self) -> str | None:
+        """Where the next breadcrumb goes (``None``: breadcrumbs are off)."""
+        if isinstance(self._breadcrumb_path, _DefaultPath):
+            return _default_breadcrumb_path()
+        return self._breadcrumb_path
+
+    @breadcrumb_path.setter
+    def breadcrumb_path(self, value: StrPath | _DefaultPath | None) -> None:
+        if value is None or isinstance(value, _DefaultPath):
+            self._breadcrumb_path: str | _DefaultPath | None = value
+        elif isinstance(value, (str, os.PathLike)):
+            path = os.fspath(value)
+            if not isinstance(path, str):
+                raise TypeError("breadcrumb_path must be a str path, not bytes")
+            self._breadcrumb_path = os.path.abspath(os.path.expanduser(path)) if path else None
+        else:
+            raise TypeError(f"breadcrumb_path must be a path or None, not {type(value).__name__}")
+
+    def breadcrumb(self, msg: str) -> None:
+        """Append ``<local ISO time> pid=<pid> <msg>`` durably; never raises."""
+        path = self.breadcrumb_path
+        if path is None:
+            return
+        try:
+            text = msg if isinstance(msg, str) else repr(msg)
+            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(text)}\n"
+            size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
+            limit = _env_int("METALGUARD_BREADCRUMB_MAX_BYTES", _BREADCRUMB_MAX_DEFAULT, minimum=4096, maximum=1 << 40)
+            if size > limit:
+                _rotate(path, limit)
+        except Exception as exc:  # forensics must never break the caller
+            _log_once(
+                "breadcrumb:" + path,
+                _WARNING,
+                "metal_guard: cannot write breadcrumbs to %s (%s); forensics are lost until this is fixed",
+                path,
+                exc,
+            )
+
+    def __repr__(self) -> str:
+        return f"MetalGuard(breadcrumb_path={self._breadcrumb_path!r})"
+
+
+def _local_timestamp() -> str:
+    import datetime
+
+    return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
+
+
+def _rotate(path: str, limit: int) -> None:
+    """Move ``path`` to ``path.1`` if it is still over ``limit`` (under the file lock).
+
+    Writers append without the lock; one that opened the file before the
+    rename finishes its line in ``.1``, so no acknowledged line is lost.
+    """
+    try:
+        with _FileLock(path + ".lock", timeout=2.0):
+            st = os.lstat(path)
+            if st.st_size <= limit:
+                return  # another process rotated first
+            _refuse_symlink(path + ".1")
+            os.replace(path, path + ".1")
+            _fsync_dir(os.path.dirname(path) or ".")
+    except (OSError, StateLockTimeout) as exc:
+        _log_once("rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc)
+
+
+def _tail_lines(path: str, n: int) -> list[str]:
+    """The last ``n`` lines of ``path`` (reads only as much of the end as needed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        end = os.fstat(fd).st_size
+        block = 64 << 10
+        data = b""
+        pos = end
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block, pos)
+            pos -= step
+            data = os.pread(fd, step, pos) + data
+    finally:
+        os.close(fd)
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[-n:] if n else []
+
+
+def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
+    """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, not {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    target = os.fspath(path) if path is not None else metal_guard.breadcrumb_path
+    if not target or n == 0:
+        return []
+    lines = _tail_lines(target, n)
+    if len(lines) < n:
+        lines = _tail_lines(target + ".1", n - len(lines)) + lines
+    return lines
+
+
+metal_guard = MetalGuard()
+
+
+# =============================================================================
+# 5. Model identity — what a model id means, without ever loading the model.
+#
+# Ids arrive as repo ids, local folders, Hugging Face cache folders
+# (``.../models--ORG--NAME/snapshots/<rev>``) or ``os.PathLike`` objects.
+# ``canonical_model_id`` is strict (cadence keys on it); the lookups built on
+# ``_lenient_model_id`` answer False/None for junk and never raise.
+# =============================================================================
+
+_MODEL_ID_MAX = 4096
+_re_cache: dict[str, Any] = {}
+
+
+def _regex(name: str, pattern: str, flags: int = 0) -> Any:
+    """Compile ``pattern`` once, on first use (``re`` is not imported at module import)."""
+    rx = _re_cache.get(name)
+    if rx is None:
+        import re
+
+        rx = _re_cache[name] = re.compile(pattern, flags)
+    return rx
+
+
+def _hf_cache_id(path: str) -> str | None:
+    """``ORG/NAME`` for a Hugging Face cache folder, else ``None``."""
+    match = _regex(
+        "hfcache",
+        r"(?:^|[/\\])models--([^/\\]+?)(?:--([^/\\]+))?(?:[/\\]snapshots(?:[/\\][^/\\]+)?)?[/\\]*\Z",
+    ).search(path)
+    if match is None:
+        return None
+    org, name = match.group(1), match.group(2)
+    return f"{org}/{name}" if name else org
+
+
+def canonical_model_id(model_id: StrPath) -> str:
+    """The id cadence and the registry compare: stripped, HF cache folder → ``ORG/NAME``.
+
+    Case is preserved. Raises ``TypeError`` for anything but ``str`` /
+    ``os.PathLike``, ``ValueError`` for an empty or absurdly long id.
+    """
+    if isinstance(model_id, os.PathLike):
+        model_id = os.fspath(model_id)
+    if not isinstance(model_id, str):
+        raise TypeError(f"model_id must be a str or os.PathLike[str], not {type(model_id).__name__}")
+    text = model_id.strip()
+    if not text:
+        raise ValueError("model_id is empty; pass the repo id or local path you load")
+    if len(text) > _MODEL_ID_MAX:
+        raise ValueError(f"model_id is {len(text)} characters long; expected at most {_MODEL_ID_MAX}")
+    hf = _hf_cache_id(text)
+    if hf is not None:
+        return hf
+    return text.rstrip("/\\") or text
+
+
+def _lenient_model_id(model_id: object) -> str | None:
+    try:
+        return canonical_model_id(model_id)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _model_name(canonical: str) -> str:
+    """The last path component: ``org/gemma-4-31b-it`` → ``gemma-4-31b-it``."""
+    return canonical.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+_GEMMA4_MODEL_TYPES = frozenset({"gemma4", "gemma4_text", "gemma4_unified"})
+_CONFIG_MAX_BYTES = 1 << 20
+
+
+def _config_model_types(folder: str) -> list[str] | None:
+    """``model_type`` values in ``folder/config.json`` (top level and ``text_config``).
+
+    ``None`` when there is no readable, valid config (callers fall back to the name).
+    """
+    import json
+
+    try:
+        raw = _read_bounded(os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1)
+        if len(raw) > _CONFIG_MAX_BYTES:
+            return None
+        config = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    types = [config.get("model_type")]
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        types.append(text_config.get("model_type"))
+    found = [t for t in types if isinstance(t, str)]
+    return found or None
+
+
+def is_gemma4_family(model_id: object) -> bool:
+    """True for Gemma 4 models (any org, local paths, HF cache folders); never raises.
+
+    A local folder with a ``config.json`` is judged by its ``model_type``
+    (``gemma4``, ``gemma4_text``, ``gemma4_unified``); otherwise the name must
+    be ``gemma-4-<size>[-<variant>]`` with size ``31b``/``12B``/``e4b`` etc.
+    """
+    canonical = _lenient_model_id(model_id)
+    if canonical is None:
+        return False
+    raw = os.fspath(model_id).strip() if isinstance(model_id, (str, os.PathLike)) else canonical
+    try:
+        if os.path.isdir(raw):
+            types = _config_model_types(raw)
+            if types is not None:
+                return any(t.lower() in _GEMMA4_MODEL_TYPES for t in types)
+    except (OSError, ValueError):
+        pass
+    return bool(_regex("gemma4", r"gemma-4-(?:\d+|e\d+)b(?:-.+)?", 2).fullmatch(_model_name(canonical)))
+
+
+_is_gemma4_family = is_gemma4_family
+
+
+# =============================================================================
+# 6. Flush guards — per-inference flush and the gemma-4 first-generate flush.
+#
+# Both are best-effort (principle 1): a failing MLX step logs and carries on,
+# and the body's own exception always propagates unchanged. Breadcrumbs are
+# written through ``metal_guard.breadcrumb`` looked up at call time.
+# =============================================================================
+
+
+def _breadcrumb(msg: str) -> None:
+    """Write ``msg`` through the (replaceable) singleton; never raises."""
+    try:
+        metal_guard.breadcrumb(msg)
+    except Exception as exc:  # an application's replacement may be broken
+        _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
+
+
+def _label(model_id: object) -> str:
+    """A printable label for any ``model_id`` (forensics accept anything)."""
+    if isinstance(model_id, str):
+        return model_id
+    try:
+        if isinstance(model_id, os.PathLike):
+            path = os.fspath(model_id)
+            return path if isinstance(path, str) else repr(path)
+        return repr(model_id)
+    except Exception:
+        return f"<unprintable {type(model_id).__name__}>"
+
+
+class subprocess_inference_guard:
+    """Flush MLX around one generate call: ``with subprocess_inference_guard(model_id): ...``.
+
+    PRE: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb. POST (also when
+    the body raises): synchronize the default stream, mlx-lm's
+    ``generation_stream`` and every stream in ``streams`` **before**
+    ``mx.clear_cache()``, then a ``SUBPROC_POST`` breadcrumb. Releasing
+    buffers while a command buffer is still in flight is the race this closes.
+
+    Wrap the generate call in the thread that runs it (mlx-lm's stream may be
+    thread-local). Works around ``stream_generate`` loops, nested, from many
+    threads, and as a decorator of a function that returns its result (for a
+    generator, put the ``with`` around the loop instead). Without MLX only the
+    breadcrumbs are written.
+    """
+
+    __slots__ = ("model_id", "streams")
+
+    def __init__(self, model_id: object, *, streams: object = None) -> None:
+        self.model_id = model_id
+        self.streams = streams
+
+    def __enter__(self) -> subprocess_inference_guard:
+        mx = _mlx()
+        if mx is not None:
+            _mlx_step("clear_cache (pre)", _mlx_fn(mx, "clear_cache"), model_id=self.model_id, level=_WARNING)
+        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # After a failed body the driver may already be in trouble: step
+        # failures are then expected and logged at DEBUG only.
+        level = _WARNING if exc is None else _DEBUG
+        mx = _mlx()
+        if mx is not None:
+            _synchronize(mx, self.streams, model_id=self.model_id, level=level)
+            _mlx_step("clear_cache (post)", _mlx_fn(mx, "clear_cache"), model_id=self.model_id, level=level)
+        _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+
+    def __call__(self, func: _F) -> _F:
+        import functools
+
+        model_id, streams = self.model_id, self.streams
+
+        @functools.wraps(func)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with subprocess_inference_guard(model_id, streams=streams):
+                return func(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r})"
+
+
+_GEMMA4_SLEEP_DEFAULT = 3.0
+_GEMMA4_SLEEP_MAX = 60.0
+
+
+class gemma4_generation_flush:
+    """Settle window before the first forward pass of a fresh gemma-4 worker.
+
+    Call it (``gemma4_generation_flush(model_id, n)``) or use it as a context
+    manager (``with gemma4_generation_flush(model_id, n): generate(...)``):
+    either way the flush happens when the object is created, and leaving the
+    ``with`` does nothing. It acts only when ``generate_call_count == 0``, the
+    model is gemma-4 family, MLX is present and
+    ``METALGUARD_GEMMA4_FIRSTGEN_DISABLED`` is not truthy: breadcrumb
+    ``GEMMA4_FLUSH``, synchronize, ``mx.clear_cache()``, sleep
+    ``METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC`` (default 3, clamped to [0, 60]),
+    breadcrumb ``GEMMA4_FLUSH_DONE``. Never raises. ``flushed`` and
+    ``slept_sec`` say what it did.
+    """
+
+    __slots__ = ("flushed", "generate_call_count", "model_id", "slept_sec")
+
+    def __init__(self, model_id: object, generate_call_count: int) -> None:
+        self.model_id = model_id
+        self.generate_call_count = generate_call_count
+        self.flushed = False
+        self.slept_sec = 0.0
+        if isinstance(generate_call_count, bool) or not isinstance(generate_call_count, int):
+            _log_once(
+                "gemma4-count",
+                _WARNING,
+                "metal_guard: gemma4_generation_flush needs an int generate_call_count, got %r; no flush",
+                generate_call_count,
+            )
+            return
+        if generate_call_count != 0 or not is_gemma4_family(model_id):
+            return
+        if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
+            return
+        mx = _mlx()
+        if mx is None:
+            return
+        label = _label(model_id)
+        _breadcrumb(f"GEMMA4_FLUSH: {label}")
+        _synchronize(mx, model_id=model_id, level=_DEBUG)
+        _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_DEBUG)
+        sleep_sec = _env_float(
+            "METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC",
+            _GEMMA4_SLEEP_DEFAULT,
+            minimum=0.0,
+            maximum=_GEMMA4_SLEEP_MAX,
+            clamp=True,
+        )
+        if sleep_sec > 0:
+            time.sleep(sleep_sec)
+        self.slept_sec = sleep_sec
+        self.flushed = True
+        _breadcrumb(f"GEMMA4_FLUSH_DONE: {label}")
+
+    def __enter__(self) -> gemma4_generation_flush:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"gemma4_generation_flush({self.model_id!r}, {self.generate_call_count!r}, "
+            f"flushed={self.flushed}, slept_sec={self.slept_sec:g})"
+        )
+
+
+# =============================================================================
+# 7. Cadence — refuse back-to-back model loads, across processes.
+#
+# The store is the reference's own format (a flat JSON object of model id →
+# epoch seconds of the last load), so old and new versions can share one file;
+# everything we add lives under the reserved key ``"__metal_guard__"``.
+# ``admit`` checks and records in one critical section under the file lock,
+# so of N processes racing for one window exactly one is admitted. The
+# dangerous window follows the *unload*: when one is recorded, intervals
+# count from the later of load and unload.
+# =============================================================================
+
+GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
+_CROSS_MODEL_ENV_VAR = "METALGUARD_CROSS_MODEL_INTERVAL"
+_CADENCE_PATH_DEFAULT: str | None = None
+_CADENCE_RESERVED = "__metal_guard__"
+_CADENCE_SCHEMA = 1
+_CADENCE_KEEP_SEC = 4 * 3600.0
+_CADENCE_CLOCK_SLACK = 1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+_INTERVAL_MAX = 7 * 86400.0
+
+
+class CadenceViolation(RuntimeError):
+    """A model load now would follow the previous load/unload of the same model too soon."""
+
+    def __init__(self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.model_id = model_id
+        self.last_ts = float(last_ts)
+        self.min_interval = float(min_interval)
+        self.delta = max(0.0, now - self.last_ts)
+        self.remaining_sec = max(0.0, self.min_interval - self.delta)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
+            f"the minimum interval between loads is {self.min_interval:g} s. "
+            f"Wait {self.remaining_sec:.1f} s before loading it again."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_exception, (type(self), self.__dict__))
+
+
+class CrossModelCadenceViolation(CadenceViolation):
+    """A model load now would follow another model's load/unload too soon."""
+
+    def __init__(
+        self,
+        model_id: str,
+        last_model: str,
+        last_ts: float,
+        cross_model_interval: float,
+        *,
+        now: float | None = None,
+    ) -> None:
+        self.last_model = last_model
+        self.cross_model_interval = float(cross_model_interval)
+        super().__init__(model_id, last_ts, cross_model_interval, now=now)
+
+    def _message(self) -> str:
+        return (
+            f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
+            f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
+            f"interval is {self.cross_model_interval:g} s. "
+            f"Wait {self.remaining_sec:.1f} s before loading {self.model_id!r}."
+        )
+
+
+class CadenceStoreError(RuntimeError):
+    """A strict ``CadenceGuard`` could not use its store (unwritable, locked, a symlink...)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cadence store {path!r} cannot be used: {reason}. Fix the file or its folder "
+            "(METALGUARD_HOME), or build the guard without strict=True to fail open."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseException:
+    """Unpickle an exception with exactly the attributes it was raised with."""
+    exc = cls.__new__(cls)
+    exc.__dict__.update(state)
+    exc.args = (exc._message(),) if hasattr(exc, "_message") else ()
+    return exc
+
+
+def _interval(name: str, value: object) -> float:
+    """Validate an interval argument: number, not NaN/inf; negative → 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if seconds != seconds:
+        raise ValueError(f"{name} is NaN; pass a number of seconds (0 disables)")
+    if seconds > _INTERVAL_MAX:
+        raise ValueError(f"{name}={seconds:g} s is more than a week; pass a smaller interval")
+    return max(0.0, seconds)
+
+
+def _number(value: object) -> float | None:
+    """A finite float from a store value; ``None`` for anything else (booleans too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    return number
+
+
+class _CadenceEvents:
+    """What a cadence store says, keyed by case-folded canonical id."""
+
+    def __init__(self, data: dict[str, Any], now: float) -> None:
+        self.now = now
+        self.names: dict[str, str] = {}
+        self.loads: dict[str, float] = {}
+        self.unloads: dict[str, float] = {}
+        self.pids: dict[str, int] = {}
+        for key, value in data.items():
+            ts = _number(value)
+            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+            if ts is None or canon is None:
+                continue
+            fold = canon.casefold()
+            if ts >= self.loads.get(fold, float("-inf")):
+                self.loads[fold], self.names[fold] = ts, canon
+        reserved = data.get(_CADENCE_RESERVED)
+        if isinstance(reserved, dict):
+            self._read_reserved(reserved)
+
+    def _read_reserved(self, reserved: dict[str, Any]) -> None:
+        unloads = reserved.get("unloads")
+        for key, value in (unloads.items() if isinstance(unloads, dict) else ()):
+            ts, canon = _number(value), _lenient_model_id(key)
+            if ts is not None and canon is not None:
+                fold = canon.casefold()
+                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
+                self.names.setdefault(fold, canon)
+        pids = reserved.get("pids")
+        for key, value in (pids.items() if isinstance(pids, dict) else ()):
+            canon = _lenient_model_id(key)
+            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
+                self.pids[canon.casefold()] = value
+
+    def last_event(self, fold: str) -> float | None:
+        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
+        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
+        return min(max(times), self.now) if times else None
+
+    def latest_other(self, fold: str) -> tuple[str, float] | None:
+        best: tuple[str, float] | None = None
+        for other in self.names:
+            if other == fold:
+                continue
+            ts = self.last_event(other)
+            if ts is not None and (best is None or ts > best[1]):
+                best = (self.names[other], ts)
+        return best
+
+
+def _cadence_path(path: StrPath | None) -> str:
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        text = os.fspath(path)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("path must be a non-empty str path")
+        return os.path.abspath(os.path.expanduser(text))
+    if _CADENCE_PATH_DEFAULT:
+        return os.path.abspath(os.path.expanduser(_CADENCE_PATH_DEFAULT))
+    return _state_file("cadence.json")
+
+
+class CadenceGuard:
+    """Refuse model loads that follow the previous one too closely.
+
+    Same-model rule: a model loaded/unloaded less than ``min_interval_sec``
+    ago → ``CadenceViolation``. Cross-model rule: any *other* model
+    loaded/unloaded less than the effective cross interval ago →
+    ``CrossModelCadenceViolation``; the effective interval is
+    ``cross_model_interval_sec``, raised to at least 90 s when the model
+    being loaded is gemma-4 family (even when the base is 0).
+
+    Use ``admit`` (atomic check + record) or ``scope`` (admit, then record
+    the unload on exit). An unusable store never blocks inference: one
+    WARNING and the call proceeds, unless ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        path: StrPath | None = None,
+        *,
+        min_interval_sec: float = 180.0,
+        cross_model_interval_sec: float = 0.0,
+        strict: bool = False,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        self._path = _cadence_path(path)
+        self._min_interval = _interval("min_interval_sec", min_interval_sec)
+        self._cross_interval = _interval("cross_model_interval_sec", cross_model_interval_sec)
+        self.strict = bool(strict)
+        self.lock_timeout = _interval("lock_timeout", lock_timeout)
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def min_interval_sec(self) -> float:
+        return self._min_interval
+
+    @property
+    def cross_model_interval_sec(self) -> float:
+        return self._cross_interval
+
+    def effective_cross_interval(self, model_id: object) -> float:
+        """The cross-model interval that applies when loading ``model_id``."""
+        if is_gemma4_family(model_id):
+            return max(self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
+        return self._cross_interval
+
+    # -- store access -------------------------------------------------------
+
+    def _read(self) -> dict[str, Any]:
+        """The store for a read-only decision; an unreadable store fails open (or strict raises)."""
+        try:
+            return _load_json_object(self._path)
+        except _CorruptFile:
+            return {}  # quarantined by the next write
+        except OSError as exc:
+            self._store_failed(exc)
+            return {}
+
+    def _update(self, mutate: Callable[[dict[str, Any]], _T]) -> tuple[bool, _T | None]:
+        """Locked read-modify-write; ``(False, None)`` when the store is unusable (fail-open)."""
+        try:
+            return True, _update_json(self._path, mutate, timeout=self.lock_timeout)
+        except (OSError, StateLockTimeout) as exc:
+            self._store_failed(exc)
+            return False, None
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self.strict:
+            raise CadenceStoreError(self._path, str(exc)) from exc
+        _log_once(
+            "cadence-store:" + self._path,
+            _WARNING,
+            "metal_guard: cadence store %s is unusable (%s); loads are NOT being spaced until this is fixed",
+            self._path,
+            exc,
+        )
+
+    def _prune(self, data: dict[str, Any], now: float) -> dict[str, Any]:
+        """Drop stale entries, pull future-dated ones back to now; return the reserved object."""
+        keep = max(_CADENCE_KEEP_SEC, self._min_interval, self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
+        for key in list(data):
+            if key == _CADENCE_RESERVED:
+                continue
+            ts = _number(data[key])
+            if ts is None:
+                continue  # not ours to judge; the reference ignores such values too
+            if ts < now - keep:
+                del data[key]
+            elif ts > now + _CADENCE_CLOCK_SLACK:
+                data[key] = now
+        reserved = data.get(_CADENCE_RESERVED)
+        if not isinstance(reserved, dict):
+            reserved = data[_CADENCE_RESERVED] = {}
+        reserved["schema"] = _CADENCE_SCHEMA
+        unloads = reserved.get("unloads")
+        if not isinstance(unloads, dict):
+            unloads = reserved["unloads"] = {}
+        for key in list(unloads):
+            ts = _number(unloads[key])
+            if ts is None or ts < now - keep:
+                del unloads[key]
+            elif ts > now + _CADENCE_CLOCK_SLACK:
+                unloads[key] = now
+        pids = reserved.get("pids")
+        if not isinstance(pids, dict):
+            pids = reserved["pids"] = {}
+        for key in list(pids):
+            if key not in data and key not in unloads:
+                del pids[key]
+        return reserved
+
+    @staticmethod
+    def _drop_aliases(mapping: dict[str, Any], canon: str) -> None:
+        """Remove keys naming the same model as ``canon`` in another spelling."""
+        fold = canon.casefold()
+        for key in list(mapping):
+            if key != canon and key != _CADENCE_RESERVED:
+                other = _lenient_model_id(key)
+                if other is not None and other.casefold() == fold:
+                    del mapping[key]
+
+    def _violation(self, model_id: object, canon: str, events: _CadenceEvents) -> CadenceViolation | None:
+        fold = canon.casefold()
+        last = events.last_event(fold)
+        if last is not None and events.now - last < self._min_interval:
+            return CadenceViolation(canon, last, self._min_interval, now=events.now)
+        cross = self.effective_cross_interval(model_id)
+        if cross > 0:
+            other = events.latest_other(fold)
+            if other is not None and events.now - other[1] < cross:
+                return CrossModelCadenceViolation(canon, other[0], other[1], cross, now=events.now)
+        return None
+
+    def _record(self, data: dict[str, Any], canon: str, ts: float, *, unload: bool) -> None:
+        reserved = self._prune(data, time.time())
+        if unload:
+            self._drop_aliases(reserved["unloads"], canon)
+            reserved["unloads"][canon] = ts
+        else:
+            self._drop_aliases(data, canon)
+            data[canon] = ts
+        reserved["pids"][canon] = os.getpid()
+
+    def _repair_clock(self) -> None:
+        """Pull future-dated entries back to now, so a clock step costs at most one interval."""
+
+        def repair(data: dict[str, Any]) -> None:
+            self._prune(data, time.time())
+
+        self._update(repair)
+
+    # -- public API ---------------------------------------------------------
+
+    def check(self, model_id: StrPath) -> None:
+        """Raise ``CadenceViolation`` if loading ``model_id`` now is too soon; records nothing."""
+        canon = canonical_model_id(model_id)
+        data = self._read()
+        now = time.time()
+        events = _CadenceEvents(data, now)
+        if any(t > now + _CADENCE_CLOCK_SLACK for t in [*events.loads.values(), *events.unloads.values()]):
+            self._repair_clock()
+        violation = self._violation(model_id, canon, events)
+        if violation is not None:
+            raise violation
+
+    def admit(self, model_id: StrPath) -> None:
+        """Check and record a load in one critical section (atomic across processes).
+
+        Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
+        soon; otherwise the load is recorded and the caller may load.
+        """
+        canon = canonical_model_id(model_id)
+
+        def decide(data: dict[str, Any]) -> CadenceViolation | None:
+            now = time.time()
+            self._prune(data, now)
+            violation = self._violation(model_id, canon, _CadenceEvents(data, now))
+            if violation is None:
+                self._record(data, canon, now, unload=False)
+            return violation
+
+        stored, violation = self._update(decide)
+        if violation is not None:
+            _breadcrumb(f"CADENCE_BLOCK: {canon} wait={violation.remaining_sec:.1f}s ({violation})")
+            raise violation
+        _breadcrumb(f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)"))
+
+    def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
+        """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds)."""
+        self._mark(model_id, ts, unload=False)
+
+    def mark_unload(self, model_id: StrPath, *, ts: float | None = None) -> None:
+        """Record that ``model_id`` was unloaded now (or at ``ts``): intervals count from here."""
+        self._mark(model_id, ts, unload=True)
+
+    def _mark(self, model_id: StrPath, ts: float | None, *, unload: bool) -> None:
+        canon = canonical_model_id(model_id)
+        stamp = time.time() if ts is None else _number(ts)
+        if stamp is None:
+            raise TypeError(f"ts must be a finite number of epoch seconds, not {ts!r}")
+        self._update(lambda data: self._record(data, canon, stamp, unload=unload))
+
+    def last_ts(self, model_id: StrPath) -> float | None:
+        """Epoch seconds the intervals count from: the later of last load and last unload."""
+        canon = canonical_model_id(model_id)
+        return _CadenceEvents(self._read(), time.time()).last_event(canon.casefold())
+
+    def scope(self, model_id: StrPath) -> _CadenceScope:
+        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload."""
+        canonical_model_id(model_id)
+        return _CadenceScope(self, model_id)
+
+    def status(self, *, now: float | None = None) -> dict[str, Any]:
+        """What the store says and what is blocked now, for how long (never writes or raises)."""
+        now = time.time() if now is None else now
+        try:
+            data = _load_json_object(self._path)
+            problem = None
+        except (_CorruptFile, OSError) as exc:
+            data, problem = {}, str(exc)
+        events = _CadenceEvents(data, now)
+        rows: list[dict[str, Any]] = []
+        for fold, name in events.names.items():
+            last = events.last_event(fold)
+            if last is None:
+                continue
+            age = max(0.0, now - last)
+            rows.append(
+                {
+                    "model_id": name,
+                    "last_load": events.loads.get(fold),
+                    "last_unload": events.unloads.get(fold),
+                    "last_event": last,
+                    "age_sec": age,
+                    "pid": events.pids.get(fold),
+                    "same_model_blocked_sec": max(0.0, self._min_interval - age),
+                }
+            )
+        rows.sort(key=lambda row: row["last_event"], reverse=True)
+        latest_age = rows[0]["age_sec"] if rows else None
+        gemma_cross = max(self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
+        return {
+            "path": self._path,
+            "problem": problem,
+            "min_interval_sec": self._min_interval,
+            "cross_model_interval_sec": self._cross_interval,
+            "gemma4_cross_model_interval_sec": gemma_cross,
+            "events": rows,
+            "last_model": rows[0]["model_id"] if rows else None,
+            "other_models_blocked_sec": 0.0 if latest_age is None else max(0.0, self._cross_interval - latest_age),
+            "gemma4_models_blocked_sec": 0.0 if latest_age is None else max(0.0, gemma_cross - latest_age),
+        }
+
+    def clear(self, model_id: StrPath | None = None) -> int:
+        """Forget every entry (or one model's); returns how many models were removed."""
+        fold = None if model_id is None else canonical_model_id(model_id).casefold()
+
+        def remove(data: dict[str, Any]) -> int:
+            removed: set[str] = set()
+            reserved = data.get(_CADENCE_RESERVED)
+            maps: list[dict[str, Any]] = [data]
+            if isinstance(reserved, dict):
+                maps += [m for m in (reserved.get("unloads"), reserved.get("pids")) if isinstance(m, dict)]
+            for mapping in maps:
+                for key in list(mapping):
+                    canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+                    if canon is not None and (fold is None or canon.casefold() == fold):
+                        del mapping[key]
+                        removed.add(canon.casefold())
+            return len(removed)
+
+        return self._update(remove)[1] or 0
+
+    def __repr__(self) -> str:
+        return (
+            f"CadenceGuard({self._path!r}, min_interval_sec={self._min_interval:g}, "
+            f"cross_model_interval_sec={self._cross_interval:g}, strict={self.strict})"
+        )
+
+
+class _CadenceScope:
+    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit."""
+
+    __slots__ = ("guard", "model_id")
+
+    def __init__(self, guard: CadenceGuard, model_id: StrPath) -> None:
+        self.guard = guard
+        self.model_id = model_id
+
+    def __enter__(self) -> CadenceGuard:
+        self.guard.admit(self.model_id)
+        return self.guard
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.guard.mark_unload(self.model_id)
+        except CadenceStoreError as err:  # strict guard: never mask the body's exception
+            if exc[1] is None:
+                raise
+            _log().warning("metal_guard: %s", err)
+
+
+def _resolve_cross_model_interval(explicit: float | None = None) -> float:
+    """The reference's resolution order: explicit, then the env variable, then 60 s."""
+    if explicit is not None:
+        try:
+            return _interval("cross_model_interval_sec", explicit)
+        except (TypeError, ValueError) as exc:
+            _log().warning("metal_guard: %s; using 60 s", exc)
+            return 60.0
+    return _env_float(_CROSS_MODEL_ENV_VAR, 60.0, minimum=0.0, maximum=_INTERVAL_MAX, clamp=True)
+
+
+def _default_guard(min_interval_sec: float, cross_model_interval_sec: float) -> CadenceGuard:
+    """The guard ``require_cadence_clear`` builds: argument when > 0, else env, else 0."""
+    base = _interval("cross_model_interval_sec", cross_model_interval_sec)
+    if base <= 0:
+        base = _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
+    return CadenceGuard(min_interval_sec=min_interval_sec, cross_model_interval_sec=base)
+
+
+def require_cadence_clear(
+    model_id: StrPath,
+    *,
+    min_interval_sec: float = 180.0,
+    cross_model_interval_sec: float = 0.0,
+    guard: CadenceGuard | None = None,
+) -> None:
+    """Call right before ``mlx_lm.load``: raises ``CadenceViolation`` or records the load.
+
+    With ``guard`` its own intervals apply. Without, a default-path guard is
+    built whose cross-model base is the argument when > 0, else
+    ``METALGUARD_CROSS_MODEL_INTERVAL``, else 0 (gemma-4 targets still get
+    the 90 s floor).
+    """
+    if guard is None:
+        guard = _default_guard(min_interval_sec, cross_model_interval_sec)
+    elif not isinstance(guard, CadenceGuard):
+        raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
+    guard.admit(model_id)
+
+
+def cadence_scope(
+    model_id: StrPath,
+    *,
+    min_interval_sec: float = 180.0,
+    cross_model_interval_sec: float = 0.0,
+    guard: CadenceGuard | None = None,
+) -> _CadenceScope:
+    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload."""
+    if guard is None:
+        guard = _default_guard(min_interval_sec, cross_model_interval_sec)
+    elif not isinstance(guard, CadenceGuard):
+        raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
+    return guard.scope(model_id)
+
+
+# =============================================================================
+# 8. Registry — models that kernel-panicked with defences engaged.
+#
+# Facts from public reports, with their sources. An entry is advice, not a
+# ban: the same family can be one user's panic and another's safe choice at
+# a different context length. Lookups never raise and return copies.
+# =============================================================================
+
+_UPSTREAM_3186 = "https://github.com/ml-explore/mlx/issues/3186"
+_UPSTREAM_3346 = "https://github.com/ml-explore/mlx/issues/3346"
+_UPSTREAM_883 = "https://github.com/ml-explore/mlx-lm/issues/883"
+
+KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
+    "mlx-community/gemma-4-31b-it-8bit": {
+        "tier": "panic",
+        "panic_signature": 'IOGPUMemory.cpp:492 "completeMemory() prepare count underflow"',
+        "error_classes": ["prepare_count_underflow"],
+        "first_observed": "2026-04-23",
+        "last_observed": "2026-04-24",
+        "reproductions": [
+            "2026-04-23 03:14 local, PID 67840: production pipeline on a Mac Studio M1 Ultra 64 GB, "
+            "about 6 min from worker ready to panic; cross-model cadence did not exist yet",
+            "2026-04-24 03:14 local, PID 26608: same pipeline, about 1.5 min from worker ready to "
+            "panic, with the older cadence defences in place",
+        ],
+        "community": [
+            "Medium write-up 'MLX Crashed My Mac': M4 Max 64 GB, same signature; moved to the MoE "
+            "model Qwen3-Coder-30B-A3B",
+            "lmstudio-bug-tracker#1740: gemma-4 31B hybrid attention (50 sliding + 10 global "
+            "layers); about 34 GB of 8-bit weights plus over 20 GB of full-context KV cache do not "
+            "fit a 64 GB Mac",
+            "ml-explore/mlx-lm#883: M3 Ultra 96 GB, same signature",
+        ],
+        "upstream": [_UPSTREAM_3186, _UPSTREAM_883, _UPSTREAM_3346],
+        "recommendation": (
+            "The v0.9.0 defences (cross-model cadence, first-generate flush, per-inference flush) "
+            "narrow the race but did not stop panics with this model in the pipeline that reported "
+            "it; macOS 26.4.x and the 26.5 beta had not fixed the driver and 96 GB of RAM did not "
+            "prevent it. After a repeat panic, serve it with another backend (Ollama, llama.cpp) or "
+            "move to an MoE variant such as mlx-community/gemma-4-26b-a4b-it-4bit."
+        ),
+        "hardware": [
+            {"chip": "M1 Ultra", "memory_gb": 64, "os": None},
+            {"chip": "M4 Max", "memory_gb": 64, "os": None},
+            {"chip": "M3 Ultra", "memory_gb": 96, "os": None},
+        ],
+        "safer_alternative": "mlx-community/gemma-4-26b-a4b-it-4bit",
+    },
+    "mlx-community/Qwen3.6-35B-A3B-4bit": {
+        "tier": "panic",
+        "panic_signature": 'IOGPUMemory.cpp "completeMemory() prepare count underflow"',
+        "error_classes": ["prepare_count_underflow"],
+        "first_observed": "2026-04-24",
+        "last_observed": "2026-04-24",
+        "reproductions": [
+            "mlx_lm.server with --prompt-cache-bytes 8589934592 on a Mac mini M4 32 GB (macOS 26.4.1 "
+            "25E253, IOGPUFamily 130.13, mlx 0.31.2, mlx-lm 0.31.3): panic about 8 min 16 s after "
+            "server start during an ordinary throughput benchmark; the cache byte limit did not "
+            "prevent it",
+        ],
+        "community": [
+            "ml-explore/mlx#3186 comment of 2026-04-24: the reporter moved production serving to "
+            "llama.cpp, although MLX had been 30-55 % faster at prefill",
+        ],
+        "upstream": [_UPSTREAM_3186],
+        "recommendation": (
+            "A prompt-cache byte limit is not enough on a 32 GB machine. For long-running servers, "
+            "consider llama.cpp or Ollama; if you stay on MLX, do not raise the wired limit (see "
+            "'When metal-guard is not enough') and keep the per-inference flush on."
+        ),
+        "hardware": [{"chip": "M4", "memory_gb": 32, "os": "macOS 26.4.1 (25E253)"}],
+        "safer_alternative": None,
+    },
+    "mlx-community/Qwen3.5-122B-A10B-4bit": {
+        "tier": "panic",
+        "panic_signature": (
+            'IOGPUMemory.cpp:550 "completeMemory() prepare count underflow"; also '
+            "fPendingMemorySet @IOGPUGroupMemory.cpp:219"
+        ),
+        "error_classes": ["prepare_count_underflow", "pending_memory_set"],
+        "first_observed": None,
+        "last_observed": None,
+        "reproductions": [
+            "M3 Ultra 96 GB, macOS 26.4 (25E246), 4-bit model of about 50 GB: 9 panics in 6 days, "
+            "4 of them within 2 hours; IOGPUMemory.cpp:550 seven times, IOGPUGroupMemory.cpp:219 "
+            "otherwise",
+        ],
+        "community": ["ml-explore/mlx#3346 (closed, folded into ml-explore/mlx#3186)"],
+        "upstream": [_UPSTREAM_3346, _UPSTREAM_3186],
+        "recommendation": (
+            "A 50 GB model on a 96 GB machine panicked repeatedly in days. Leave generous headroom "
+            "below the GPU working-set limit, space loads with cadence, and switch backend if it "
+            "repeats."
+        ),
+        "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": "macOS 26.4 (25E246)"}],
+        "safer_alternative": None,
+    },
+    "mlx-community/Qwen3-Coder-30B-A3B-Instruct-8bit": {
+        "tier": "panic",
+        "panic_signature": 'IOGPUMemory.cpp:550 "completeMemory() prepare count underflow"',
+        "error_classes": ["prepare_count_underflow"],
+        "first_observed": None,
+        "last_observed": None,
+        "reproductions": [
+            "Agentic coding session on an M3 Ultra 96 GB (mlx and mlx-lm 0.30.6) whose context grew "
+            "to about 58k tokens, then panicked (reported as Qwen3-Coder-30B-A3B-8bit)",
+        ],
+        "community": [
+            "ml-explore/mlx-lm#883 (closed): a maintainer pointed at a wired limit set too high; "
+            "bounding the KV cache by rotation was judged to degrade output",
+            "Workload-dependent: the same family was another user's safe alternative at short contexts",
+        ],
+        "upstream": [_UPSTREAM_883],
+        "recommendation": (
+            "Workload-dependent: the panic came with a long, growing context. Bound the context "
+            "length, keep the wired limit at its default, and watch KV growth in long sessions."
+        ),
+        "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": None}],
+        "safer_alternative": None,
+    },
+}
+
+_WARNED_PANIC_MODELS: set[str] = set()
+_warned_panic_lock = _thread.allocate_lock()
+
+
+def _copy_json(value: Any) -> Any:
+    """Deep copy of plain JSON-like data (dicts, lists, scalars)."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """``org/name`` (one slash, not a path that starts at /, ., ~ or a drive)."""
+    return text.count("/") == 1 and not text.startswith(("/", ".", "~")) and "\\" not in text and ":" not in text
+
+
+def _registry_key(model_id: object) -> str | None:
+    """The ``KNOWN_PANIC_MODELS`` key ``model_id`` refers to, case-insensitively, or ``None``."""
+    canon = _lenient_model_id(model_id)
+    if canon is None:
+        return None
+    fold = canon.casefold()
+    name = _model_name(canon).casefold()
+    by_name = None
+    for key in KNOWN_PANIC_MODELS:
+        if key.casefold() == fold:
+            return key
+        org, _, entry_name = key.casefold().rpartition("/")
+        if entry_name == name:
+            # ``other-org/name`` is another publisher's repo; a local path or a
+            # bare folder name with the same last component is this model.
+            if _looks_like_repo_id(canon) and canon.casefold().split("/")[0] != org:
+                continue
+            by_name = key
+    return by_name
+
+
+def check_known_panic_model(model_id: object) -> dict[str, Any] | None:
+    """The registry entry for ``model_id`` (a copy, with ``model_id`` added), or ``None``."""
+    key = _registry_key(model_id)
+    if key is None:
+        return None
+    entry: dict[str, Any] = _copy_json(KNOWN_PANIC_MODELS[key])
+    entry["model_id"] = key
+    return entry
+
+
+def warn_if_known_panic_model(model_id: object) -> bool:
+    """True if ``model_id`` is a known panic model; the first call per model per process warns once."""
+    entry = check_known_panic_model(model_id)
+    if entry is None:
+        return False
+    key = entry["model_id"]
+    with _warned_panic_lock:
+        warned = _WARNED_PANIC_MODELS
+        first = key not in warned
+        warned.add(key)
+    if first:
+        _log().warning(
+            "metal_guard: %r is a known kernel-panic model (%s tier; signature: %s). %s",
+            key,
+            entry["tier"],
+            entry["panic_signature"],
+            entry["recommendation"],
+        )
+    return True
+
+
+# =============================================================================
+# 9. Panic reports & circuit breaker — forensics after the reboot.
+# =============================================================================
+
+
+# =============================================================================
+# 10. Command line — ``metal-guard`` and ``python -m metal_guard``.
+# =============================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``metal-guard`` command; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("--version", "-V"):
+        print(f"metal-guard {__version__}")
+        return 0
+    print(f"metal-guard {__version__}")
+    print(f"state folder: {_state_home()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1795,7 +1795,1078 @@ def warn_if_known_panic_model(model_id: object) -> bool:
 
 # =============================================================================
 # 9. Panic reports & circuit breaker — forensics after the reboot.
+#
+# After a kernel panic macOS writes a report to /Library/Logs/DiagnosticReports
+# (a one-line JSON header, then a JSON body whose ``panicString`` holds the
+# text log). ``parse_panic_reports`` reads them (bounded reads, never through
+# a symlink, cached by file identity so re-scans cost a ``stat`` per file),
+# ``ingest_panics_jsonl`` archives new ones in ``$METALGUARD_HOME/panics.jsonl``
+# and ``CircuitBreaker`` refuses MLX work for a cooldown after repeated IOGPU
+# kernel panics. Nothing here needs MLX.
 # =============================================================================
+
+_PANIC_REPORT_DIR = "/Library/Logs/DiagnosticReports"
+_PANIC_DIR_ENV_VAR = "METALGUARD_PANIC_REPORT_DIR"
+_PANIC_READ_MAX = 4 << 20  # a real report is 20-200 KiB; the panic text comes first
+_IPS_HEAD_MAX = 4096  # enough for an .ips header line (bug_type is in it)
+_PANIC_BUG_TYPE = "210"  # bug_type of kernel panics in Apple's diagnostic reports
+_PANIC_CACHE_MAX = 20_000
+_PANIC_FIELD_MAX = 500
+_PANIC_ARCHIVE_MAX_RECORDS = 1000
+_PANIC_ARCHIVE_MAX_AGE_SEC = 180 * 86400.0
+_PANIC_ARCHIVE_READ_MAX = 64 << 20
+_BREAKER_SCHEMA = 1
+_BREAKER_SECONDS_MAX = 366 * 86400.0
+_BREAKER_CLOCK_SLACK = 60.0
+
+# ``re`` flags, spelled as numbers because ``re`` is imported lazily.
+_RX_IGNORECASE, _RX_MULTILINE, _RX_DOTALL = 2, 8, 16
+
+_IOGPU, _KERNEL, _PROCESS = "iogpu", "kernel", "process"
+
+_ADVICE_IOGPU = (
+    "No userspace code can fix the driver: wrap every generate in subprocess_inference_guard, "
+    "space model loads with require_cadence_clear (cross-model too), call "
+    "gemma4_generation_flush before the first generate, and if it repeats with the same model "
+    "move to a smaller or MoE model or another backend (`metal-guard models`)."
+)
+
+# Signatures in the order they are tried: kernel panics before process-level
+# errors. Fields: name, kind, pattern, what happened, what to do. Kind
+# ``iogpu`` is an IOGPU driver kernel panic (the only kind the circuit breaker
+# counts), ``kernel`` another kernel panic, ``process`` an error inside the
+# process (the Mac did not go down). Patterns are searched case-insensitively
+# with ``.`` matching newlines; every gap is bounded so a huge text stays linear.
+_PANIC_SIGNATURES: tuple[tuple[str, str, str, str, str], ...] = (
+    (
+        "prepare_count_underflow",
+        _IOGPU,
+        r"prepare\s+count\s+underflow",
+        "IOGPU kernel panic: completeMemory() prepare count underflow, the Metal driver's "
+        "memory accounting went below zero (ml-explore/mlx#3186)",
+        "It follows back-to-back model loads and GPU memory freed while a command buffer is "
+        "still in flight. " + _ADVICE_IOGPU,
+    ),
+    (
+        "pending_memory_set",
+        _IOGPU,
+        r"fPendingMemorySet|IOGPUGroupMemory\.cpp:219\b",
+        "IOGPU kernel panic: fPendingMemorySet, the driver found GPU memory still pending "
+        "while releasing a memory group",
+        _ADVICE_IOGPU,
+    ),
+    (
+        "remove_memory_object",
+        _IOGPU,
+        r"IOGPUGroupMemory\.cpp:323\b|remove_memory_object\s*\(",
+        "IOGPU kernel panic in remove_memory_object(), the driver removed a GPU memory object "
+        "from a group that no longer tracked it",
+        _ADVICE_IOGPU,
+    ),
+    (
+        "pending_in_non_pending_hash",
+        _IOGPU,
+        r"IOGPUGroupMemory\.cpp:528\b|non[\s_-]?pending[\s_-]{1,3}hash",
+        "IOGPU kernel panic: a pending GPU memory object was found in the non-pending hash",
+        _ADVICE_IOGPU,
+    ),
+    (
+        "ctxstore_timeout",
+        _IOGPU,
+        r"ctx[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
+        "GPU driver kernel panic: context-store timeout, the GPU did not save or restore a "
+        "context in time",
+        "Often seen under heavy GPU memory pressure. " + _ADVICE_IOGPU,
+    ),
+    (
+        "gpu_watchdog",
+        _KERNEL,
+        r"watchdog\s+timeout:\s+no\s+checkins\s+from\s+watchdogd",
+        "Kernel panic: watchdog timeout (no checkins from watchdogd); userspace stopped "
+        "responding, usually under extreme memory pressure or swapping. This is not the IOGPU "
+        "driver bug and the circuit breaker does not count it",
+        "Leave more memory headroom: use a smaller or more quantised model, a shorter context, "
+        "or fewer concurrent workers, and watch swap usage.",
+    ),
+    (
+        "metal_oom",
+        _PROCESS,
+        r"kIOGPUCommandBufferCallbackErrorOutOfMemory|Insufficient\s+Memory",
+        "Metal command buffer failed with out-of-memory "
+        "(kIOGPUCommandBufferCallbackErrorOutOfMemory): the process aborted, the Mac did not "
+        "panic",
+        "Use a smaller or more quantised model, bound the context / KV cache, lower the batch "
+        "size, or free other GPU users; the circuit breaker does not count it.",
+    ),
+    (
+        "resource_limit",
+        _PROCESS,
+        r"Resource\s+limit\s+\(\s*\d{1,12}\s*\)\s+exceeded",
+        "MLX hit Metal's limit on live GPU buffers (Resource limit exceeded): the process "
+        "failed, the Mac did not panic",
+        "Too many arrays are alive at once (an unbounded cache or lists of arrays): release "
+        "them, call mx.clear_cache() between requests or restart the worker periodically.",
+    ),
+)
+_PANIC_SIGNATURE_KINDS: dict[str, str] = {entry[0]: entry[1] for entry in _PANIC_SIGNATURES}
+
+_panic_lock = _thread.allocate_lock()
+# path → ((size, mtime_ns, inode), record or None for "not a kernel panic")
+_panic_report_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
+# archive path → ((size, mtime_ns, inode), valid records in file order)
+_panic_archive_cache: dict[str, tuple[tuple[int, int, int], list[dict[str, Any]]]] = {}
+# archive path → (archive identity after our last ingest, source files already handled)
+_panic_ingest_memo: dict[str, tuple[tuple[int, int, int] | None, frozenset[str]]] = {}
+
+
+def _reset_panic_caches() -> None:
+    """Forget parsed reports, archive reads and ingest memos (tests, benchmarks)."""
+    with _panic_lock:
+        _panic_report_cache.clear()
+        _panic_archive_cache.clear()
+        _panic_ingest_memo.clear()
+
+
+def _signature_kind(name: object) -> str | None:
+    """``iogpu`` / ``kernel`` / ``process`` for a signature name, else ``None``."""
+    return _PANIC_SIGNATURE_KINDS.get(name) if isinstance(name, str) else None
+
+
+def _match_signature(text: str) -> tuple[tuple[str, str, str, str, str], int] | None:
+    """The first signature (table order) found in ``text`` and where it matched."""
+    for entry in _PANIC_SIGNATURES:
+        found = _regex("panic-sig:" + entry[0], entry[2], _RX_IGNORECASE | _RX_DOTALL).search(text)
+        if found is not None:
+            return entry, found.start()
+    return None
+
+
+def _panic_location(text: str, start: int, kind: str) -> str | None:
+    """The ``File.cpp:LINE`` a panic names, searched from the signature's match onwards.
+
+    IOGPU signatures prefer an ``IOGPU*.cpp`` location; otherwise the first one.
+    """
+    source = r"\b([A-Za-z_]\w{0,80}\.(?:cpp|cc|cxx|c|mm|m|h)):(\d{1,6})\b"
+    candidates = []
+    if kind == _IOGPU:
+        candidates.append(_regex("panic-loc-iogpu", r"\b(IOGPU\w{0,80}\.cpp):(\d{1,6})\b"))
+    candidates.append(_regex("panic-loc", source))
+    for rx in candidates:
+        found = rx.search(text, start) or rx.search(text)
+        if found is not None:
+            return f"{found.group(1)}:{found.group(2)}"
+    return None
+
+
+def _explain(entry: tuple[str, str, str, str, str], location: str | None) -> str:
+    where = f" at {location}" if location else ""
+    return f"{entry[3]}{where}. {entry[4]}"
+
+
+def _detect(text: str) -> tuple[str, str, str, str | None] | None:
+    """``(name, kind, explanation, location)`` for ``text``, or ``None``."""
+    found = _match_signature(text)
+    if found is None:
+        return None
+    entry, start = found
+    location = _panic_location(text, start, entry[1])
+    return entry[0], entry[1], _explain(entry, location), location
+
+
+def detect_panic_signature(text: object) -> tuple[str | None, str | None]:
+    """Name a panic or MLX failure from its text: ``(signature, explanation)``.
+
+    Kernel-panic signatures (``prepare_count_underflow``, ``pending_memory_set``,
+    ``remove_memory_object``, ``pending_in_non_pending_hash``,
+    ``ctxstore_timeout``, ``gpu_watchdog``) are tried before process-level ones
+    (``metal_oom``, ``resource_limit``). The explanation names the
+    ``File.cpp:LINE`` the text reports and says what to do. Anything that is
+    not a ``str``, or matches nothing, gives ``(None, None)``; never raises.
+    """
+    if not isinstance(text, str) or not text:
+        return None, None
+    try:
+        found = _detect(text)
+    except Exception as exc:  # e.g. MemoryError on an absurd input: never break the caller
+        _log_once("detect-panic", _DEBUG, "metal_guard: panic signature detection failed: %r", exc)
+        return None, None
+    if found is None:
+        return None, None
+    return found[0], found[2]
+
+
+# -- reading one report -------------------------------------------------------
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    import json
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+_JSON_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "b": "\b",
+    "f": "\f",
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+}
+
+
+def _unescape_json_fragment(fragment: str) -> str:
+    """Decode JSON string escapes in a possibly truncated string body (lenient)."""
+
+    def replace(match: Any) -> str:
+        token: str = match.group(1)
+        if token[0] == "u" and len(token) == 5:
+            code = int(token[1:], 16)
+            return "\ufffd" if 0xD800 <= code <= 0xDFFF else chr(code)
+        return _JSON_ESCAPES.get(token, token)
+
+    rx = _regex("json-escape", r"\\(u[0-9a-fA-F]{4}|.)", _RX_DOTALL)
+    result: str = rx.sub(replace, fragment)
+    return result
+
+
+def _panic_string_fallback(text: str) -> str | None:
+    """The ``panicString`` of an invalid or truncated JSON body, found by bounded regex."""
+    key = _regex("panic-string-key", r'"(?:panicString|macOSPanicString)"\s*:\s*"').search(text)
+    if key is None:
+        return None
+    # the string body up to its closing quote (or the end of a truncated file)
+    body = _regex("json-string-body", r'[^"\\]*(?:\\.[^"\\]*)*', _RX_DOTALL).match(text, key.end())
+    return _unescape_json_fragment(body.group(0)) if body is not None else None
+
+
+def _clip(value: object) -> str | None:
+    """A stripped string field of bounded length, or ``None``."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    return text if len(text) <= _PANIC_FIELD_MAX else text[:_PANIC_FIELD_MAX] + "..."
+
+
+def _search_group(name: str, pattern: str, text: str, flags: int = 0) -> str | None:
+    found = _regex(name, pattern, flags).search(text)
+    return found.group(1) if found is not None else None
+
+
+def _report_time(value: object) -> float | None:
+    """Epoch seconds of a report's ``timestamp`` (``2025-06-01 03:14:15.00 -0700``)."""
+    if not isinstance(value, str):
+        return None
+    import datetime
+
+    text = value.strip()[:64]
+    for fmt in ("%Y-%m-%d %H:%M:%S.%f %z", "%Y-%m-%d %H:%M:%S %z"):
+        try:
+            return datetime.datetime.strptime(text, fmt).timestamp()
+        except (ValueError, OverflowError, OSError):
+            continue
+    return None
+
+
+def _panic_time(text: str) -> float | None:
+    """The ``Calendar: 0x<sec> 0x<usec>`` line of the ``Epoch Time:`` block."""
+    found = _regex(
+        "panic-epoch",
+        r"Epoch\s+Time:.{0,1000}?Calendar\s*:\s*0x([0-9a-fA-F]{1,16})\s+0x([0-9a-fA-F]{1,16})",
+        _RX_DOTALL,
+    ).search(text)
+    if found is None:
+        return None
+    seconds, micros = int(found.group(1), 16), int(found.group(2), 16)
+    if not 0 < seconds < 1 << 40:
+        return None
+    return seconds + (micros / 1e6 if micros < 1_000_000 else 0.0)
+
+
+def _os_build(text: str, *versions: object) -> str | None:
+    """The macOS build (``24F74``) from the panic text, else from ``macOS 15.5 (24F74)``."""
+    build = r"(\d{1,2}[A-Z]\d{1,5}[a-z]?)"
+    found = _search_group("panic-os-build", r"(?:Mac\s+)?OS\s+version:\s*" + build + r"\b", text)
+    if found is not None:
+        return found
+    for version in versions:
+        if isinstance(version, str):
+            found = _search_group("panic-os-paren", r"\(" + build + r"\)", version[:200])
+            if found is not None:
+                return found
+    return None
+
+
+def _panic_text_fields(text: str) -> dict[str, Any]:
+    """Fields found in a panic log (the ``panicString``, or a legacy plain report)."""
+    pid: int | None = None
+    process: str | None = None
+    task = _regex(
+        "panic-task",
+        r"Panicked\s+task\s+0x[0-9a-fA-F]{1,20}:[^\n]{0,200}?pid\s+(\d{1,10}):[ \t]*([^\n]{0,256})",
+    ).search(text)
+    if task is not None:
+        pid, process = int(task.group(1)), _clip(task.group(2))
+    if process is None:  # legacy reports (macOS 11 and older)
+        process = _clip(
+            _search_group(
+                "panic-bsd-name",
+                r"BSD\s+process\s+name\s+corresponding\s+to\s+current\s+thread:"
+                r"[ \t]*([^\n]{1,256})",
+                text,
+            )
+        )
+    kernel = _clip(_search_group("panic-kernel", r"Kernel\s+version:\s*([^\n]{1,400})", text))
+    chip = _search_group("panic-chip", r"RELEASE_ARM64_(\w{1,20})", kernel) if kernel else None
+    return {
+        "pid": pid,
+        "process": process,
+        "kernel_version": kernel,
+        "chip": chip,
+        "iogpu_version": _search_group(
+            "panic-iogpu", r"com\.apple\.iokit\.IOGPUFamily\s*\(\s*([0-9][0-9.]{0,30})\s*\)", text
+        ),
+        "panic_line": _clip(_search_group("panic-line", r"(panic\(cpu\s*\d+[^\n]{0,2000})", text)),
+    }
+
+
+def _split_report(text: str) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """``(header, body object or None, body text)`` of a report."""
+    first, _, rest = text.partition("\n")
+    if first.lstrip().startswith("{"):
+        header = _json_object(first)
+        if header is not None:
+            body_text = rest
+            return (
+                header,
+                _json_object(body_text) if body_text.lstrip().startswith("{") else None,
+                rest,
+            )
+        whole = _json_object(text)  # one JSON document (pretty-printed, or no header)
+        if whole is not None:
+            return ({}, whole, text) if "panicString" in whole else (whole, None, text)
+    return {}, None, text
+
+
+def _parse_report_text(text: str, path: str, mtime: float, *, ips: bool) -> dict[str, Any] | None:
+    """The record for one report's text, or ``None`` when it is not a kernel panic."""
+    header, body, body_text = _split_report(text)
+    bug_type = header.get("bug_type")
+    if bug_type is not None and str(bug_type).strip() != _PANIC_BUG_TYPE:
+        return None  # another kind of diagnostic report
+    if ips and bug_type is None:
+        return None  # an .ips file counts only with bug_type 210
+    panic_text: str | None = None
+    if body is not None:
+        for key in ("panicString", "macOSPanicString"):
+            if isinstance(body.get(key), str):
+                panic_text = body[key]
+                break
+    if panic_text is None:
+        panic_text = _panic_string_fallback(body_text)
+    if panic_text is None:
+        panic_text = body_text  # legacy plain-text report
+    detected = _detect(panic_text)
+    if bug_type is None and detected is None and "panic(cpu" not in panic_text:
+        return None  # a stray file with a panic-like name
+    body = body or {}
+    fields = _panic_text_fields(panic_text)
+    os_version = _clip(header.get("os_version")) or _clip(body.get("build"))
+    ts = _panic_time(panic_text)
+    if ts is None:
+        ts = _report_time(header.get("timestamp")) or _report_time(body.get("date")) or mtime
+    name, kind, explanation, location = detected or (None, None, None, None)
+    incident = header.get("incident_id") or body.get("incident")
+    record: dict[str, Any] = {
+        "ts": float(ts),
+        "signature": name,
+        "explanation": explanation,
+        "pid": fields["pid"],
+        "process": fields["process"],
+        "os_build": _os_build(panic_text, header.get("os_version"), body.get("build")),
+        "iogpu_version": fields["iogpu_version"],
+        "source_file": path,
+        "kernel_panic": kind != _PROCESS,
+        "iogpu_panic": kind == _IOGPU,
+        "location": location,
+        "chip": fields["chip"],
+        "kernel_version": fields["kernel_version"],
+        "incident_id": _clip(incident),
+        "os_version": os_version,
+        "panic_line": fields["panic_line"],
+    }
+    return record
+
+
+def _ips_may_be_panic(head: bytes) -> bool:
+    """False when an ``.ips`` header line names another ``bug_type`` (no need to read on)."""
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return True  # header longer than the probe: read the whole file to decide
+    header = _json_object(line.decode("utf-8", "replace"))
+    return header is not None and str(header.get("bug_type", "")).strip() == _PANIC_BUG_TYPE
+
+
+def _report_record(path: str, st: os.stat_result, *, ips: bool) -> dict[str, Any] | None:
+    """The (cached) record of one report file; unreadable files are skipped."""
+    key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    with _panic_lock:
+        hit = _panic_report_cache.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        record: dict[str, Any] | None = None
+        if not ips or _ips_may_be_panic(_read_bounded(path, _IPS_HEAD_MAX)):
+            raw = _read_bounded(path, _PANIC_READ_MAX)
+            record = _parse_report_text(raw.decode("utf-8", "replace"), path, st.st_mtime, ips=ips)
+    except OSError as exc:
+        _log().debug("metal_guard: skipping unreadable panic report %s: %s", path, exc)
+        return None
+    except Exception as exc:  # a pathological file must not break the scan
+        _log().debug("metal_guard: cannot parse panic report %s: %r", path, exc)
+        record = None
+    with _panic_lock:
+        if len(_panic_report_cache) >= _PANIC_CACHE_MAX:
+            _panic_report_cache.clear()
+        _panic_report_cache[path] = (key, record)
+    return record
+
+
+def _is_report_name(name: str) -> tuple[bool, bool]:
+    """``(is a candidate, is an .ips file)`` for a file name in the report folder."""
+    if name.startswith("."):
+        return False, False
+    if name.endswith(".ips"):
+        return True, True
+    return name.endswith(".panic") or name.startswith(("panic-full-", "panic-base-")), False
+
+
+def _scan_report_folder(folder: str, records: list[dict[str, Any]], *, retired: bool) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except PermissionError as exc:
+        _log_once(
+            "panic-dir:" + folder,
+            _WARNING,
+            "metal_guard: cannot list panic reports in %s (%s); the circuit breaker cannot see "
+            "kernel panics until this user may read that folder",
+            folder,
+            exc.strerror,
+        )
+        return
+    except OSError as exc:
+        _log_once("panic-dir:" + folder, _DEBUG, "metal_guard: cannot list %s: %s", folder, exc)
+        return
+    for entry in entries:
+        try:
+            if entry.is_symlink():
+                continue  # never follow a link out of the report folder
+            if retired and entry.name == "Retired" and entry.is_dir(follow_symlinks=False):
+                _scan_report_folder(entry.path, records, retired=False)
+                continue
+            candidate, ips = _is_report_name(entry.name)
+            if not candidate or not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        record = _report_record(entry.path, st, ips=ips)
+        if record is not None:
+            records.append(dict(record))
+
+
+def _path_arg(name: str, value: object) -> str:
+    """A user-supplied path argument as an absolute ``str`` (``TypeError``/``ValueError``)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike path, not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str path, not bytes")
+    if not text.strip() or "\x00" in text:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {text!r}")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _report_dir(directory: object) -> str:
+    if directory is not None:
+        return _path_arg("directory", directory)
+    return _env_path(_PANIC_DIR_ENV_VAR, _PANIC_REPORT_DIR) or _PANIC_REPORT_DIR
+
+
+def _finite_ts(name: str, value: object) -> float:
+    number = _number(value)
+    if number is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be epoch seconds (a number), not {type(value).__name__}")
+        raise ValueError(f"{name} must be a finite number of epoch seconds, not {value!r}")
+    return number
+
+
+def parse_panic_reports(
+    directory: StrPath | None = None, *, since_ts: float | None = None
+) -> list[dict[str, Any]]:
+    """Kernel-panic reports in ``directory`` (and its ``Retired/``), oldest first.
+
+    ``directory`` defaults to ``METALGUARD_PANIC_REPORT_DIR`` or
+    ``/Library/Logs/DiagnosticReports``. Reads ``*.panic``, ``panic-full-*``,
+    ``panic-base-*`` and ``.ips`` files with ``bug_type`` 210 (symbolic links
+    are skipped, at most 4 MiB of each file is read, unchanged files are not
+    read again). Each record has ``ts``, ``signature``, ``explanation``,
+    ``pid``, ``process``, ``os_build``, ``iogpu_version``, ``source_file``,
+    ``kernel_panic``, ``iogpu_panic``, ``location``, ``chip``,
+    ``kernel_version``, ``incident_id``, ``os_version`` and ``panic_line``
+    (``None`` where the report does not say). A missing folder gives ``[]``.
+    """
+    folder = _report_dir(directory)
+    since = None if since_ts is None else _finite_ts("since_ts", since_ts)
+    records: list[dict[str, Any]] = []
+    _scan_report_folder(folder, records, retired=True)
+    if since is not None:
+        records = [r for r in records if r["ts"] >= since]
+    records.sort(key=lambda r: (r["ts"], r["source_file"]))
+    return records
+
+
+# -- the archive ----------------------------------------------------------------
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _archive_record(value: object) -> dict[str, Any] | None:
+    """A valid archived record (a JSON object with a finite ``ts``), else ``None``."""
+    if not isinstance(value, dict):
+        return None
+    ts = _number(value.get("ts"))
+    if ts is None:
+        return None
+    value["ts"] = ts
+    return value
+
+
+def _load_archive(path: str) -> tuple[list[dict[str, Any]], bool]:
+    """Valid records of the archive in file order, and whether it ends with a newline.
+
+    Corrupt lines are skipped; a missing file is empty. Raises ``OSError`` for
+    an unreadable one (a directory in its place, a symlink, no permission).
+    """
+    import json
+
+    key = _file_identity(path)
+    with _panic_lock:
+        hit = _panic_archive_cache.get(path)
+    if key is not None and hit is not None and hit[0] == key:
+        return [dict(r) for r in hit[1]], True
+    try:
+        raw = _read_bounded(path, _PANIC_ARCHIVE_READ_MAX + 1)
+    except FileNotFoundError:
+        return [], True
+    if len(raw) > _PANIC_ARCHIVE_READ_MAX:
+        _log_once(
+            "archive-size:" + path,
+            _WARNING,
+            "metal_guard: %s is larger than %d bytes; reading only its start",
+            path,
+            _PANIC_ARCHIVE_READ_MAX,
+        )
+        raw = raw[: raw.rfind(b"\n", 0, _PANIC_ARCHIVE_READ_MAX) + 1]
+    records: list[dict[str, Any]] = []
+    bad = 0
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = _archive_record(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record = None
+        if record is None:
+            bad += 1
+        else:
+            records.append(record)
+    if bad:
+        _log_once(
+            "archive-bad:" + path, _DEBUG, "metal_guard: skipped %d corrupt lines in %s", bad, path
+        )
+    clean = not raw or raw.endswith(b"\n")
+    if key is not None and clean:
+        with _panic_lock:
+            if len(_panic_archive_cache) >= 64:
+                _panic_archive_cache.clear()
+            _panic_archive_cache[path] = (key, records)
+        records = [dict(r) for r in records]
+    return records, clean
+
+
+def _archive_path(jsonl_path: object) -> str:
+    return (
+        _state_file("panics.jsonl") if jsonl_path is None else _path_arg("jsonl_path", jsonl_path)
+    )
+
+
+def read_panic_archive(path: StrPath | None = None) -> list[dict[str, Any]]:
+    """The archived panic records (``$METALGUARD_HOME/panics.jsonl``), oldest first.
+
+    Corrupt lines are skipped; a missing or unreadable archive gives ``[]``
+    (logged at DEBUG). Never writes.
+    """
+    target = _archive_path(path)
+    try:
+        records, _ = _load_archive(target)
+    except OSError as exc:
+        _log_once("archive-read:" + target, _DEBUG, "metal_guard: cannot read %s: %s", target, exc)
+        return []
+    records.sort(key=lambda r: r["ts"])
+    return records
+
+
+def _dedupe_key(record: dict[str, Any]) -> tuple[int, object]:
+    """Same panic in two files (panic-full/panic-base, moved to Retired/): same second, same pid."""
+    return int(record["ts"]), record.get("pid")
+
+
+def _bound_archive(records: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """The records to keep: not older than 180 days, the newest 1,000, sorted by time."""
+    horizon = now - _PANIC_ARCHIVE_MAX_AGE_SEC
+    kept = sorted((r for r in records if r["ts"] >= horizon), key=lambda r: r["ts"])
+    return kept[-_PANIC_ARCHIVE_MAX_RECORDS:]
+
+
+def _archive_line(record: dict[str, Any]) -> bytes:
+    import json
+
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return text.encode("utf-8") + b"\n"
+
+
+def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
+    sources = frozenset(r["source_file"] for r in records)
+    with _panic_lock:
+        memo = _panic_ingest_memo.get(path)
+    if memo is not None and memo[0] == _file_identity(path) and sources <= memo[1]:
+        return 0  # nothing new since this process last looked, and nobody else wrote
+    with _FileLock(path + ".lock"):
+        existing, clean = _load_archive(path)
+        seen_sources = {r.get("source_file") for r in existing}
+        seen_keys = {_dedupe_key(r) for r in existing}
+        fresh: list[dict[str, Any]] = []
+        for record in records:
+            key = _dedupe_key(record)
+            if record["source_file"] in seen_sources or key in seen_keys:
+                continue
+            seen_sources.add(record["source_file"])
+            seen_keys.add(key)
+            fresh.append(record)
+        kept = _bound_archive(existing + fresh, now)
+        kept_ids = {id(r) for r in kept}
+        appended = [r for r in fresh if id(r) in kept_ids]
+        if len(kept) - len(appended) < len(existing):  # over a bound: rewrite
+            _atomic_write_bytes(path, b"".join(_archive_line(r) for r in kept))
+        elif appended:
+            data = b"".join(_archive_line(r) for r in appended)
+            _append_bytes(path, data if clean else b"\n" + data)  # a torn last line stays alone
+        handled = frozenset(s for s in seen_sources if isinstance(s, str)) | sources
+        identity = _file_identity(path)
+    with _panic_lock:
+        if len(_panic_ingest_memo) >= 64:
+            _panic_ingest_memo.clear()
+        _panic_ingest_memo[path] = (identity, handled)
+    return len(appended)
+
+
+def ingest_panics_jsonl(
+    *, report_dir: StrPath | None = None, jsonl_path: StrPath | None = None
+) -> int:
+    """Append new kernel-panic reports to the archive; returns how many were added.
+
+    The archive is ``$METALGUARD_HOME/panics.jsonl`` (one JSON record per
+    line). A report already archived — same source file, or same second and
+    pid (a copy in ``Retired/``, panic-full and panic-base) — is not added
+    again. Runs under the archive's file lock; the archive keeps the newest
+    1,000 records of the last 180 days. Raises ``OSError`` or
+    ``StateLockTimeout`` when the archive cannot be written.
+    """
+    path = _archive_path(jsonl_path)
+    records = parse_panic_reports(report_dir)
+    if not records:
+        return 0  # nothing to archive: create no file
+    return _ingest(path, records, time.time())
+
+
+# -- the circuit breaker ------------------------------------------------------
+
+
+def _local_time(ts: float) -> str:
+    """``2026-04-24 03:14:15 +0200`` for epoch seconds (local time)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:.0f} (epoch seconds)"
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min 5 s``, ``2 h 3 min``, ``3 d 4 h``."""
+    total = max(0, int(seconds + 0.999))
+    if total < 60:
+        return f"{total} s"
+    minutes, sec = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes} min {sec} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+class MLXCooldownActive(RuntimeError):
+    """Repeated IOGPU kernel panics tripped the circuit breaker: MLX work must wait."""
+
+    def __init__(
+        self,
+        panic_count: int,
+        window_sec: float,
+        cooldown_until: float,
+        *,
+        now: float | None = None,
+    ) -> None:
+        now = time.time() if now is None else now
+        self.panic_count = int(panic_count)
+        self.window_sec = float(window_sec)
+        self.cooldown_until = float(cooldown_until)
+        self.remaining_sec = max(0.0, self.cooldown_until - now)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"MLX cooldown active: {self.panic_count} IOGPU kernel panic(s) within "
+            f"{_duration(self.window_sec)} tripped the circuit breaker; MLX work is refused until "
+            f"{_local_time(self.cooldown_until)} local time ({_duration(self.remaining_sec)} from "
+            "now). Let the machine settle and find the trigger (`metal-guard panics`); if the "
+            "cause is fixed, run `metal-guard breaker clear`."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_exception, (type(self), self.__dict__))
+
+
+def _seconds_arg(name: str, value: object, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+    if seconds > _BREAKER_SECONDS_MAX:
+        raise ValueError(f"{name}={seconds:g} s is more than a year; pass a smaller value")
+    return seconds
+
+
+def _merge_panics(
+    archived: list[dict[str, Any]], parsed: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Archived records plus parsed ones not archived yet, without duplicates, by time."""
+    sources = {r.get("source_file") for r in archived}
+    keys = {_dedupe_key(r) for r in archived}
+    merged = list(archived)
+    for record in parsed:
+        key = _dedupe_key(record)
+        if record["source_file"] not in sources and key not in keys:
+            sources.add(record["source_file"])
+            keys.add(key)
+            merged.append(record)
+    merged.sort(key=lambda r: r["ts"])
+    return merged
+
+
+class CircuitBreaker:
+    """Refuse MLX work for a cooldown after repeated IOGPU kernel panics.
+
+    ``check()`` archives new panic reports (cheaply: unchanged reports are
+    not read again), then raises ``MLXCooldownActive`` while a cooldown runs,
+    and trips one when ``panic_threshold`` IOGPU kernel panics fall within
+    ``window_sec`` (watchdog panics, process-level aborts and duplicate
+    reports do not count). The cooldown lives in ``breaker.json`` (written
+    atomically under its file lock), so it survives restarts and reboots and
+    all processes see the same trip. ``clear()`` ends it and forgets the
+    panics seen so far. ``report_dir`` defaults to the system report folder.
+    """
+
+    def __init__(
+        self,
+        *,
+        jsonl_path: StrPath | None = None,
+        state_path: StrPath | None = None,
+        window_sec: float = 3600,
+        panic_threshold: int = 2,
+        cooldown_sec: float = 3600,
+        report_dir: StrPath | None = None,
+    ) -> None:
+        self._jsonl_path = _archive_path(jsonl_path)
+        self._state_path = (
+            _state_file("breaker.json")
+            if state_path is None
+            else _path_arg("state_path", state_path)
+        )
+        self._report_dir = None if report_dir is None else _path_arg("report_dir", report_dir)
+        self._window = _seconds_arg("window_sec", window_sec, allow_zero=False)
+        self._cooldown = _seconds_arg("cooldown_sec", cooldown_sec, allow_zero=True)
+        if isinstance(panic_threshold, bool) or not isinstance(panic_threshold, int):
+            raise TypeError(f"panic_threshold must be an int, not {type(panic_threshold).__name__}")
+        if not 1 <= panic_threshold <= 1000:
+            raise ValueError(f"panic_threshold must be between 1 and 1000, got {panic_threshold}")
+        self._threshold = panic_threshold
+
+    @property
+    def jsonl_path(self) -> str:
+        return self._jsonl_path
+
+    @property
+    def state_path(self) -> str:
+        return self._state_path
+
+    @property
+    def report_dir(self) -> str:
+        return _report_dir(self._report_dir)
+
+    @property
+    def window_sec(self) -> float:
+        return self._window
+
+    @property
+    def panic_threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def cooldown_sec(self) -> float:
+        return self._cooldown
+
+    # -- internals ------------------------------------------------------------
+
+    @staticmethod
+    def _cooldown_until(state: dict[str, Any], now: float) -> float | None:
+        """End of the running cooldown, or ``None``; a clock stepped back never lengthens it."""
+        until = _number(state.get("cooldown_until"))
+        if until is None or until <= now:
+            return None
+        length = _number(state.get("cooldown_sec"))
+        if length is not None and length >= 0 and until - now > length + _BREAKER_CLOCK_SLACK:
+            until = now + length
+        return until
+
+    def _evidence(
+        self, panics: list[dict[str, Any]], state: dict[str, Any], now: float
+    ) -> list[float]:
+        """Times of the IOGPU kernel panics that count now (window, after the last clear)."""
+        cleared = _number(state.get("cleared_at"))
+        floor = now - self._window
+        if cleared is not None:
+            floor = max(floor, cleared + 1e-6)
+        return sorted(
+            r["ts"]
+            for r in panics
+            if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= floor
+        )
+
+    def _would_trip(self, evidence: list[float], state: dict[str, Any]) -> bool:
+        """Enough panics in the window, at least one newer than what tripped last time."""
+        if len(evidence) < self._threshold:
+            return False
+        acted_on = _number(state.get("last_trip_panic_ts"))
+        return acted_on is None or evidence[-1] > acted_on
+
+    def _panics(self, *, ingest: bool) -> list[dict[str, Any]]:
+        """Archived panics, plus reports not archived yet (when the archive is unusable)."""
+        parsed = parse_panic_reports(self._report_dir)
+        if ingest and parsed:
+            try:
+                _ingest(self._jsonl_path, parsed, time.time())
+            except (OSError, StateLockTimeout) as exc:
+                _log_once(
+                    "breaker-ingest:" + self._jsonl_path,
+                    _WARNING,
+                    "metal_guard: cannot archive panic reports in %s (%s); the breaker uses the "
+                    "reports it can still see",
+                    self._jsonl_path,
+                    exc,
+                )
+        return _merge_panics(read_panic_archive(self._jsonl_path), parsed)
+
+    def _exception(self, state: dict[str, Any], until: float, now: float) -> MLXCooldownActive:
+        count = state.get("panic_count")
+        window = _number(state.get("window_sec"))
+        return MLXCooldownActive(
+            count if isinstance(count, int) and not isinstance(count, bool) else self._threshold,
+            window if window is not None else self._window,
+            until,
+            now=now,
+        )
+
+    def _repair_clock(self, now: float) -> None:
+        """A trip dated in the future (clock stepped back): restart its cooldown from now."""
+
+        def repair(data: dict[str, Any]) -> None:
+            tripped, until = _number(data.get("tripped_at")), _number(data.get("cooldown_until"))
+            if tripped is not None and until is not None and tripped > now + _BREAKER_CLOCK_SLACK:
+                data["cooldown_until"] = now + max(0.0, until - tripped)
+                data["tripped_at"] = now
+
+        try:
+            _update_json(self._state_path, repair)
+        except (OSError, StateLockTimeout) as exc:
+            _log().debug("metal_guard: cannot repair %s: %s", self._state_path, exc)
+
+    # -- public API -----------------------------------------------------------
+
+    def check(self, *, now: float | None = None) -> None:
+        """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
+        now = time.time() if now is None else _finite_ts("now", now)
+        panics = self._panics(ingest=True)
+        state = _read_json_state(self._state_path)
+        tripped = _number(state.get("tripped_at"))
+        if tripped is not None and tripped > now + _BREAKER_CLOCK_SLACK:
+            self._repair_clock(now)
+            state = _read_json_state(self._state_path)
+        until = self._cooldown_until(state, now)
+        if until is not None:
+            raise self._exception(state, until, now)
+        evidence = self._evidence(panics, state, now)
+        if not self._would_trip(evidence, state):
+            return
+        threshold, window, cooldown = self._threshold, self._window, self._cooldown
+
+        def trip(data: dict[str, Any]) -> bool:
+            # Decide again inside the lock: another process may have tripped or cleared.
+            if self._cooldown_until(data, now) is not None:
+                return False
+            counted = self._evidence(panics, data, now)
+            if not self._would_trip(counted, data):
+                return False
+            data.update(
+                schema=_BREAKER_SCHEMA,
+                tripped_at=now,
+                cooldown_until=now + cooldown,
+                cooldown_sec=cooldown,
+                panic_count=len(counted),
+                window_sec=window,
+                panic_threshold=threshold,
+                panic_ts=counted[-50:],
+                last_trip_panic_ts=counted[-1],
+                pid=os.getpid(),
+            )
+            return True
+
+        try:
+            won = _update_json(self._state_path, trip)
+            state = _read_json_state(self._state_path)
+        except (OSError, StateLockTimeout) as exc:
+            _log_once(
+                "breaker-state:" + self._state_path,
+                _WARNING,
+                "metal_guard: cannot record the breaker trip in %s (%s); the cooldown will not "
+                "survive this process",
+                self._state_path,
+                exc,
+            )
+            raise MLXCooldownActive(len(evidence), window, now + cooldown, now=now) from None
+        until = self._cooldown_until(state, now)
+        if won:
+            _breadcrumb(
+                f"BREAKER_TRIP: {len(evidence)} IOGPU kernel panics in {window:g}s; "
+                f"cooldown until {_local_time(now + cooldown)}"
+            )
+        if until is not None:
+            raise self._exception(state, until, now)
+
+    def status(self, *, now: float | None = None) -> dict[str, Any]:
+        """What the breaker would decide now, and why (never raises, never writes)."""
+        doc: dict[str, Any] = {
+            "state_path": self._state_path,
+            "jsonl_path": self._jsonl_path,
+            "report_dir": self.report_dir,
+            "window_sec": self._window,
+            "panic_threshold": self._threshold,
+            "cooldown_sec": self._cooldown,
+            "cooling_down": False,
+            "cooldown_until": None,
+            "remaining_sec": 0.0,
+            "tripped_at": None,
+            "trip_panic_count": None,
+            "cleared_at": None,
+            "panics_in_window": 0,
+            "would_trip": False,
+            "archived_panics": 0,
+            "recent_panics": [],
+            "problem": None,
+        }
+        try:
+            when = time.time() if now is None else _finite_ts("now", now)
+            try:
+                state = _load_json_object(self._state_path)
+            except (_CorruptFile, OSError) as exc:
+                state, doc["problem"] = {}, f"breaker state unreadable: {exc}"
+            archived = read_panic_archive(self._jsonl_path)
+            panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
+            until = self._cooldown_until(state, when)
+            evidence = self._evidence(panics, state, when)
+            count = state.get("panic_count")
+            doc.update(
+                cooling_down=until is not None,
+                cooldown_until=until,
+                remaining_sec=0.0 if until is None else until - when,
+                tripped_at=_number(state.get("tripped_at")),
+                trip_panic_count=count if isinstance(count, int) else None,
+                cleared_at=_number(state.get("cleared_at")),
+                panics_in_window=len(evidence),
+                would_trip=until is None and self._would_trip(evidence, state),
+                archived_panics=len(archived),
+                recent_panics=panics[-10:],
+            )
+        except Exception as exc:  # a status display must never fail
+            doc["problem"] = f"{type(exc).__name__}: {exc}"
+        return doc
+
+    def clear(self) -> bool:
+        """End the cooldown and forget the panics seen so far; True if one was running.
+
+        Raises ``OSError`` / ``StateLockTimeout`` when the state cannot be written.
+        """
+        now = time.time()
+
+        def wipe(data: dict[str, Any]) -> bool:
+            active = self._cooldown_until(data, now) is not None
+            last = _number(data.get("last_trip_panic_ts"))
+            data.clear()
+            data.update(schema=_BREAKER_SCHEMA, cleared_at=now, cleared_by_pid=os.getpid())
+            if last is not None:
+                data["last_trip_panic_ts"] = last
+            return active
+
+        active = _update_json(self._state_path, wipe)
+        _breadcrumb("BREAKER_CLEAR" + (": cooldown ended early" if active else ""))
+        return active
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(jsonl_path={self._jsonl_path!r}, state_path={self._state_path!r}, "
+            f"window_sec={self._window:g}, panic_threshold={self._threshold}, "
+            f"cooldown_sec={self._cooldown:g}, report_dir={self._report_dir!r})"
+        )
 
 
 # =============================================================================

@@ -2898,18 +2898,616 @@ class CircuitBreaker:
 
 # =============================================================================
 # 10. Command line — ``metal-guard`` and ``python -m metal_guard``.
+#
+# Exit codes: 0 go, 2 blocked/refused (breaker cooldown, cadence, a known
+# panic model with --refuse-known), 1 error, 64 usage error (argparse's own 2
+# would read as "blocked" to a shell wrapper). Every command takes --json and
+# then prints exactly one JSON document on stdout. Showing state never writes
+# it: only ``check --admit``, ``breaker clear``, ``cadence clear`` and
+# ``check`` (which archives new panic reports, like ``CircuitBreaker.check``)
+# change files.
 # =============================================================================
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import argparse
+    from typing import NoReturn
+
+    _CLIResult = tuple[int, dict[str, Any], list[str]]
+
+_EXIT_GO, _EXIT_ERROR, _EXIT_BLOCKED, _EXIT_USAGE = 0, 1, 2, 64
+
+
+class _CLIError(Exception):
+    """A command failed in a way the user should read (no traceback)."""
+
+    def __init__(self, message: str, code: int = _EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _nonnegative_seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    if value > _INTERVAL_MAX:
+        raise argparse.ArgumentTypeError(f"{value:g} s is more than a week")
+    return value
+
+
+def _nonnegative_hours(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of hours, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0 or value > 1e6:
+        raise argparse.ArgumentTypeError(f"expected a finite number of hours >= 0, got {text!r}")
+    return value
+
+
+def _line_count(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected 0..1000000, got {value}")
+    return value
+
+
+def _model_arg(text: str) -> str:
+    import argparse
+
+    try:
+        return canonical_model_id(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``metal-guard`` parser and its subcommand parsers by name."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """Usage errors exit 64 (EX_USAGE) with the usage line, never a traceback."""
+
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(_EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    parser = Parser(
+        prog="metal-guard",
+        description="Guards for MLX on Apple Silicon: pre-flight checks, the panic circuit "
+        "breaker, cadence and forensics.",
+        epilog="Exit codes: 0 go, 2 blocked/refused, 1 error, 64 usage error. "
+        "State folder: $METALGUARD_HOME (default ~/.cache/metal-guard).",
+    )
+    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    json_flag = Parser(add_help=False)
+    json_flag.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document"
+    )
+    intervals = Parser(add_help=False)
+    intervals.add_argument(
+        "--min-interval",
+        type=_nonnegative_seconds,
+        default=180.0,
+        metavar="S",
+        help="same-model interval in seconds (default 180)",
+    )
+    intervals.add_argument(
+        "--cross-model-interval",
+        type=_nonnegative_seconds,
+        default=0.0,
+        metavar="S",
+        help="cross-model interval in seconds (default: $METALGUARD_CROSS_MODEL_INTERVAL, "
+        "else 0; gemma-4 models always get at least 90)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "status", parents=[json_flag], help="version, MLX, state, cadence, breaker, recent panics"
+    )
+    check = commands.add_parser(
+        "check",
+        parents=[json_flag, intervals],
+        help="pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
+    )
+    check.add_argument("model", type=_model_arg, metavar="MODEL", help="repo id or local path")
+    check.add_argument("--admit", action="store_true", help="record the load when it may go")
+    check.add_argument(
+        "--refuse-known",
+        action="store_true",
+        help="exit 2 for a model in the known-panic registry (default: advisory, exit 0)",
+    )
+    panics = commands.add_parser("panics", parents=[json_flag], help="kernel-panic reports")
+    panics.add_argument("--dir", metavar="D", help="report folder (default: the system's)")
+    panics.add_argument(
+        "--since", type=_nonnegative_hours, metavar="HOURS", help="only the last HOURS hours"
+    )
+    panics.add_argument(
+        "--archive", action="store_true", help="show the archive (panics.jsonl) instead"
+    )
+    breaker = commands.add_parser("breaker", parents=[json_flag], help="circuit breaker")
+    breaker.add_argument("action", nargs="?", choices=("status", "clear"), default="status")
+    cadence = commands.add_parser(
+        "cadence", parents=[json_flag, intervals], help="recent model loads, what is blocked"
+    )
+    cadence.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    cadence.add_argument(
+        "model",
+        nargs="?",
+        type=_model_arg,
+        metavar="MODEL",
+        help="with clear: forget only this model",
+    )
+    models = commands.add_parser("models", parents=[json_flag], help="known panic models")
+    models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
+    crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
+    crumbs.add_argument("-n", type=_line_count, default=20, metavar="N", help="lines (default 20)")
+    return parser, dict(commands.choices)
+
+
+# -- output helpers ------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """One table cell: ``-`` for nothing, control characters escaped."""
+    if value is None or value == "":
+        return "-"
+    return _escape_line(str(value))
+
+
+def _table(headers: list[str], rows: list[list[object]], indent: str = "  ") -> list[str]:
+    """Plain aligned columns (the last one is not padded)."""
+    cells = [[_show(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        padded = [v.ljust(w) for v, w in zip(values[:-1], widths[:-1], strict=False)] + [values[-1]]
+        return (indent + "  ".join(padded)).rstrip()
+
+    return [line(headers)] + [line(r) for r in cells]
+
+
+def _pairs(items: list[tuple[str, object]], indent: str = "  ") -> list[str]:
+    """``key   value`` lines with the values aligned."""
+    width = max((len(k) for k, _ in items), default=0)
+    return [f"{indent}{k.ljust(width)}  {_show(v)}".rstrip() for k, v in items]
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _breaker() -> CircuitBreaker:
+    return CircuitBreaker()
+
+
+def _cadence_guard(args: argparse.Namespace) -> CadenceGuard:
+    return _default_guard(
+        getattr(args, "min_interval", 180.0), getattr(args, "cross_model_interval", 0.0)
+    )
+
+
+def _mlx_info() -> dict[str, Any]:
+    """MLX presence, version and device, best-effort (never imports mlx-lm)."""
+    info: dict[str, Any] = {
+        "installed": False,
+        "version": None,
+        "default_device": None,
+        "device_info": None,
+    }
+    mx = _mlx()
+    if mx is None:
+        return info
+    info["installed"] = True
+    version = getattr(mx, "__version__", None)
+    info["version"] = version if isinstance(version, str) else None
+    try:
+        info["default_device"] = str(mx.default_device())
+    except Exception as exc:
+        _log().debug("metal_guard: mx.default_device() failed: %r", exc)
+    device_info = getattr(mx, "device_info", None)
+    if not callable(device_info):  # MLX before 0.25 (the metal alias prints a notice on newer)
+        device_info = getattr(getattr(mx, "metal", None), "device_info", None)
+    if callable(device_info):
+        try:
+            value = device_info()
+            if isinstance(value, dict):
+                info["device_info"] = {str(k): v for k, v in value.items()}
+        except Exception as exc:
+            _log().debug("metal_guard: device_info() failed: %r", exc)
+    return info
+
+
+def _panic_rows(records: list[dict[str, Any]]) -> list[list[object]]:
+    return [
+        [
+            _local_time(r["ts"]),
+            r.get("signature") or "unknown",
+            r.get("location"),
+            r.get("pid"),
+            r.get("process"),
+            r.get("os_build"),
+            r.get("iogpu_version"),
+            os.path.basename(str(r.get("source_file") or "")),
+        ]
+        for r in records
+    ]
+
+
+_PANIC_HEADERS = ["TIME", "SIGNATURE", "AT", "PID", "PROCESS", "OS", "IOGPU", "FILE"]
+
+
+def _breaker_lines(doc: dict[str, Any], now: float) -> list[str]:
+    if doc["cooling_down"]:
+        state = (
+            f"COOLING DOWN until {_local_time(doc['cooldown_until'])} "
+            f"({_duration(doc['remaining_sec'])} left)"
+        )
+    elif doc["would_trip"]:
+        state = "armed; the next check trips it"
+    else:
+        state = "armed (clear)"
+    items: list[tuple[str, object]] = [
+        ("state", state),
+        (
+            "IOGPU panics",
+            f"{doc['panics_in_window']} in the last {_duration(doc['window_sec'])} "
+            f"(trips at {doc['panic_threshold']}, cooldown {_duration(doc['cooldown_sec'])})",
+        ),
+    ]
+    if doc["tripped_at"] is not None:
+        items.append(
+            ("last trip", f"{_local_time(doc['tripped_at'])} ({_ago(doc['tripped_at'], now)})")
+        )
+    if doc["cleared_at"] is not None:
+        items.append(
+            ("last clear", f"{_local_time(doc['cleared_at'])} ({_ago(doc['cleared_at'], now)})")
+        )
+    items += [
+        ("archive", f"{doc['jsonl_path']} ({doc['archived_panics']} records)"),
+        ("state file", doc["state_path"]),
+        ("reports", doc["report_dir"]),
+    ]
+    if doc["problem"]:
+        items.append(("problem", doc["problem"]))
+    return _pairs(items)
+
+
+def _cadence_lines(doc: dict[str, Any], now: float) -> list[str]:
+    lines = _pairs(
+        [
+            ("store", doc["path"]),
+            (
+                "intervals",
+                f"same model {doc['min_interval_sec']:g} s, cross-model "
+                f"{doc['cross_model_interval_sec']:g} s, gemma-4 cross-model "
+                f"{doc['gemma4_cross_model_interval_sec']:g} s",
+            ),
+        ]
+    )
+    if doc.get("problem"):
+        lines += _pairs([("problem", doc["problem"])])
+    events = doc["events"]
+    if not events:
+        return [*lines, "  no recent model loads: nothing is blocked"]
+    rows = [
+        [
+            e["model_id"],
+            _local_time(e["last_event"]),
+            _ago(e["last_event"], now),
+            e["pid"],
+            _duration(e["same_model_blocked_sec"]) if e["same_model_blocked_sec"] > 0 else "no",
+        ]
+        for e in events[:10]
+    ]
+    lines += _table(["MODEL", "LAST LOAD/UNLOAD", "AGE", "PID", "SAME MODEL BLOCKED"], rows)
+    other, gemma = doc["other_models_blocked_sec"], doc["gemma4_models_blocked_sec"]
+    lines.append(
+        "  other models: "
+        + (f"blocked for {_duration(other)}" if other > 0 else "not blocked")
+        + "; gemma-4 models: "
+        + (f"blocked for {_duration(gemma)}" if gemma > 0 else "not blocked")
+    )
+    return lines
+
+
+def _cmd_status(args: argparse.Namespace) -> _CLIResult:
+    import platform
+
+    now = time.time()
+    home = _state_home()
+    mlx = _mlx_info()
+    cadence = _cadence_guard(args).status(now=now)
+    breaker = _breaker().status(now=now)
+    doc: dict[str, Any] = {
+        "version": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mlx": mlx,
+        "state_folder": home,
+        "state_folder_exists": os.path.isdir(home),
+        "cadence": cadence,
+        "breaker": breaker,
+        "recent_panics": breaker["recent_panics"],
+    }
+    if mlx["installed"]:
+        device = mlx["device_info"] or {}
+        detail = ", ".join(f"{k}={v}" for k, v in list(device.items())[:4])
+        mlx_text = f"{mlx['version'] or '?'} (device {mlx['default_device'] or '?'}"
+        mlx_text += f"; {detail})" if detail else ")"
+    else:
+        mlx_text = "not installed (every MLX step is a no-op)"
+    lines = [f"metal-guard {__version__}"]
+    lines += _pairs(
+        [
+            ("python", f"{doc['python']} ({sys.executable})"),
+            ("platform", doc["platform"]),
+            ("MLX", mlx_text),
+            ("state folder", home + ("" if doc["state_folder_exists"] else " (not created yet)")),
+        ]
+    )
+    lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
+    lines += _breaker_lines(breaker, now)
+    lines += ["", "Recent panics"]
+    recent = breaker["recent_panics"][-5:]
+    lines += _table(_PANIC_HEADERS, _panic_rows(recent)) if recent else ["  none found"]
+    return _EXIT_GO, doc, lines
+
+
+def _cmd_check(args: argparse.Namespace) -> _CLIResult:
+    model: str = args.model
+    now = time.time()
+    known = check_known_panic_model(model)
+    doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
+    lines = [f"check {_show(model)}"]
+    items: list[tuple[str, object]] = []
+    blocked: list[str] = []
+    if known is None:
+        items.append(("known panic model", "no"))
+    else:
+        items.append(
+            ("known panic model", f"YES ({known['tier']} tier: {known['panic_signature']})")
+        )
+        items.append(("advice", known["recommendation"]))
+        if known.get("safer_alternative"):
+            items.append(("safer alternative", known["safer_alternative"]))
+        if args.refuse_known:
+            blocked.append("known panic model (--refuse-known)")
+    try:
+        _breaker().check(now=now)
+        doc["breaker"] = {"blocked": False}
+        items.append(("circuit breaker", "clear"))
+    except MLXCooldownActive as exc:
+        doc["breaker"] = {
+            "blocked": True,
+            "message": str(exc),
+            "panic_count": exc.panic_count,
+            "window_sec": exc.window_sec,
+            "cooldown_until": exc.cooldown_until,
+            "remaining_sec": exc.remaining_sec,
+        }
+        items.append(("circuit breaker", f"BLOCKED: {exc}"))
+        blocked.append("circuit breaker cooldown")
+    guard = _cadence_guard(args)
+    cadence: dict[str, Any] = {
+        "path": guard.path,
+        "min_interval_sec": guard.min_interval_sec,
+        "cross_model_interval_sec": guard.effective_cross_interval(model),
+        "admitted": False,
+    }
+    try:
+        if args.admit and not blocked:
+            guard.admit(model)
+            cadence["admitted"] = True
+        else:
+            guard.check(model)
+        cadence["blocked"] = False
+        items.append(("cadence", "clear" + ("; load recorded" if cadence["admitted"] else "")))
+    except CadenceViolation as exc:
+        cadence.update(
+            blocked=True,
+            message=str(exc),
+            remaining_sec=exc.remaining_sec,
+            last_model=getattr(exc, "last_model", exc.model_id),
+            last_ts=exc.last_ts,
+        )
+        items.append(("cadence", f"BLOCKED: {exc}"))
+        blocked.append("cadence")
+    doc["cadence"] = cadence
+    doc["decision"] = "blocked" if blocked else "go"
+    doc["blocked_by"] = blocked
+    if args.admit and blocked and not cadence["admitted"]:
+        items.append(("note", "the load was not recorded (blocked)"))
+    lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
+    lines += _pairs(items)
+    return (_EXIT_BLOCKED if blocked else _EXIT_GO), doc, lines
+
+
+def _cmd_panics(args: argparse.Namespace) -> _CLIResult:
+    now = time.time()
+    since_ts = None if args.since is None else now - args.since * 3600.0
+    if args.archive:
+        path = _archive_path(None)
+        records = read_panic_archive(path)
+        if since_ts is not None:
+            records = [r for r in records if r["ts"] >= since_ts]
+        where = f"archive {path}"
+        doc: dict[str, Any] = {"archive": path, "since_ts": since_ts, "panics": records}
+    else:
+        folder = _report_dir(args.dir)
+        if args.dir is not None and not os.path.isdir(folder):
+            raise _CLIError(f"no such folder: {folder}")
+        records = parse_panic_reports(folder, since_ts=since_ts)
+        where = folder
+        doc = {"report_dir": folder, "since_ts": since_ts, "panics": records}
+    span = "" if args.since is None else f" in the last {args.since:g} h"
+    lines = [f"{len(records)} panic report(s){span} in {where}"]
+    if records:
+        lines += _table(_PANIC_HEADERS, _panic_rows(records))
+        counted = sum(1 for r in records if _signature_kind(r.get("signature")) == _IOGPU)
+        lines.append(
+            f"  {counted} of them are IOGPU kernel panics (the circuit breaker counts these)"
+        )
+    return _EXIT_GO, doc, lines
+
+
+def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
+    breaker = _breaker()
+    now = time.time()
+    if args.action == "clear":
+        was_active = breaker.clear()
+        doc = {"cleared": True, "was_cooling_down": was_active, "state_path": breaker.state_path}
+        message = "circuit breaker cleared" + (
+            " (a cooldown was running; MLX work may go again)" if was_active else ""
+        )
+        return _EXIT_GO, doc, [message]
+    status = breaker.status(now=now)
+    return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
+
+
+def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
+    guard = _cadence_guard(args)
+    now = time.time()
+    if args.action == "clear":
+        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
+        doc = {"path": guard.path, "model_id": args.model, "removed": removed}
+        which = f"for {args.model}" if args.model else "for every model"
+        return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
+    if args.model is not None:
+        raise _CLIError("MODEL is only used with `cadence clear`", _EXIT_USAGE)
+    status = guard.status(now=now)
+    return _EXIT_GO, status, ["Cadence", *_cadence_lines(status, now)]
+
+
+def _cmd_models(args: argparse.Namespace) -> _CLIResult:
+    if args.model is not None:
+        entry = check_known_panic_model(args.model)
+        doc: dict[str, Any] = {"query": args.model, "known": entry is not None, "entry": entry}
+        if entry is None:
+            return _EXIT_GO, doc, [f"{args.model}: not in the known-panic registry"]
+        lines = [f"{entry['model_id']}: known {entry['tier']}-tier model"]
+        items: list[tuple[str, object]] = []
+        for key in (
+            "panic_signature",
+            "error_classes",
+            "first_observed",
+            "last_observed",
+            "safer_alternative",
+            "recommendation",
+        ):
+            value = entry.get(key)
+            items.append((key, ", ".join(map(str, value)) if isinstance(value, list) else value))
+        for hw in entry.get("hardware") or []:
+            items.append(
+                ("hardware", ", ".join(f"{k}={v}" for k, v in hw.items() if v is not None))
+            )
+        for key in ("reproductions", "community", "upstream"):
+            items += [(key, value) for value in entry.get(key) or []]
+        return _EXIT_GO, doc, lines + _pairs(items)
+    entries = [check_known_panic_model(key) for key in KNOWN_PANIC_MODELS]
+    known = [e for e in entries if e is not None]
+    rows = [
+        [e["model_id"], e["tier"], ", ".join(e["error_classes"]), e["safer_alternative"]]
+        for e in known
+    ]
+    doc = {"models": known}
+    lines = [f"{len(known)} known panic models (advisory; `metal-guard models MODEL` for details)"]
+    return (
+        _EXIT_GO,
+        doc,
+        lines + _table(["MODEL", "TIER", "ERROR CLASSES", "SAFER ALTERNATIVE"], rows),
+    )
+
+
+def _cmd_breadcrumbs(args: argparse.Namespace) -> _CLIResult:
+    path = metal_guard.breadcrumb_path
+    lines = read_breadcrumbs(args.n)
+    doc = {"path": path, "lines": lines}
+    if path is None:
+        return _EXIT_GO, doc, ["breadcrumbs are disabled (METALGUARD_BREADCRUMB_PATH is empty)"]
+    head = (
+        f"last {len(lines)} breadcrumb line(s) of {path}" if lines else f"no breadcrumbs in {path}"
+    )
+    return _EXIT_GO, doc, [head, *lines]
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
+    "status": _cmd_status,
+    "check": _cmd_check,
+    "panics": _cmd_panics,
+    "breaker": _cmd_breaker,
+    "cadence": _cmd_cadence,
+    "models": _cmd_models,
+    "breadcrumbs": _cmd_breadcrumbs,
+}
+
+
+def _emit(text: str, stream: Any) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:  # `metal-guard panics | head`: stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, AttributeError, ValueError):
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``metal-guard`` command; returns the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("--version", "-V"):
-        print(f"metal-guard {__version__}")
-        return 0
-    print(f"metal-guard {__version__}")
-    print(f"state folder: {_state_home()}")
-    return 0
+    """Entry point of ``metal-guard`` / ``python -m metal_guard``; returns the exit code.
+
+    ``metal-guard`` alone shows ``status``. Exit codes: 0 go, 2 blocked or
+    refused, 1 error, 64 usage error.
+    """
+    import json
+
+    parser, subparsers = _cli_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:  # --help (0) or a usage error (64)
+        return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
+    if args.version:
+        doc = {"version": __version__}
+        _emit(json.dumps(doc) + "\n" if args.json else f"metal-guard {__version__}\n", sys.stdout)
+        return _EXIT_GO
+    command = args.command or "status"
+    try:
+        code, doc, lines = _COMMANDS[command](args)
+    except _CLIError as exc:
+        if exc.code == _EXIT_USAGE:
+            try:
+                subparsers[command].error(str(exc))  # usage line + message, exit 64
+            except SystemExit as stop:
+                return stop.code if isinstance(stop.code, int) else _EXIT_USAGE
+        code, doc, lines = exc.code, {"error": str(exc)}, []
+        _emit(f"metal-guard {command}: error: {exc}\n", sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # environment faults (unwritable state, lock timeouts...)
+        code, doc, lines = _EXIT_ERROR, {"error": f"{type(exc).__name__}: {exc}"}, []
+        _emit(f"metal-guard {command}: error: {type(exc).__name__}: {exc}\n", sys.stderr)
+    if args.json:
+        out = {"command": command, "exit_code": code, **doc}
+        _emit(json.dumps(out, indent=2, default=str) + "\n", sys.stdout)
+    elif lines:
+        _emit("\n".join(lines) + "\n", sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

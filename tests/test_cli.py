@@ -1,0 +1,403 @@
+"""Section 10: the ``metal-guard`` command line, run as real subprocesses (SPEC §3.8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from panic_fixtures import Panic, write_panic
+
+import metal_guard as mg
+from helpers import HAS_MLX
+
+REPO = Path(__file__).resolve().parent.parent
+GEMMA_PANIC = "mlx-community/gemma-4-31b-it-8bit"
+
+
+@pytest.fixture
+def reports(tmp_path: Path) -> Path:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    return folder
+
+
+def run(
+    home: str, *args: str, reports: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m metal_guard ARGS`` with its own state folder and report folder."""
+    full_env = {
+        **os.environ,
+        "METALGUARD_HOME": home,
+        "PYTHONPATH": str(REPO),
+        # never the real /Library/Logs/DiagnosticReports of a Mac running the tests
+        "METALGUARD_PANIC_REPORT_DIR": str(reports or Path(home) / "no-reports"),
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "metal_guard", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def run_json(home: str, *args: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    proc = run(home, *args, "--json", **kw)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def _two_recent_panics(folder: Path) -> None:
+    write_panic(folder, Panic(kind="492", pid=11, ts=time.time() - 120), name="a.panic")
+    write_panic(folder, Panic(kind="219", pid=12, ts=time.time() - 60), name="b.panic")
+
+
+# -- version, help, status ------------------------------------------------------------
+
+
+def test_version(mg_home: str) -> None:
+    for flag in ("--version", "-V"):
+        proc = run(mg_home, flag)
+        assert (proc.returncode, proc.stdout) == (0, f"metal-guard {mg.__version__}\n")
+    assert run_json(mg_home, "--version") == (0, {"version": mg.__version__})
+
+
+def test_help(mg_home: str) -> None:
+    proc = run(mg_home, "--help")
+    assert proc.returncode == 0
+    assert "usage: metal-guard" in proc.stdout and "Exit codes" in proc.stdout
+    for command in ("check", "panics", "breaker", "cadence", "models", "breadcrumbs", "status"):
+        assert command in proc.stdout
+    assert run(mg_home, "check", "--help").returncode == 0
+
+
+def test_status_human_and_json_create_no_state(mg_home: str, reports: Path) -> None:
+    proc = run(mg_home, "status", reports=reports)
+    assert proc.returncode == 0
+    out = proc.stdout
+    assert out.startswith(f"metal-guard {mg.__version__}\n")
+    for part in ("python", "MLX", "state folder", "Cadence", "Circuit breaker", "Recent panics"):
+        assert part in out
+    assert mg_home in out
+    assert "nothing is blocked" in out and "armed" in out and "none found" in out
+    assert ("not installed" in out) is (not HAS_MLX)
+    code, doc = run_json(mg_home, "status", reports=reports)
+    assert code == 0 and doc["command"] == "status" and doc["exit_code"] == 0
+    assert doc["version"] == mg.__version__
+    assert doc["state_folder"] == mg_home
+    assert doc["mlx"]["installed"] is HAS_MLX
+    if HAS_MLX:
+        assert isinstance(doc["mlx"]["version"], str)
+        assert isinstance(doc["mlx"]["device_info"], dict)
+    assert doc["cadence"]["events"] == []
+    assert doc["breaker"]["cooling_down"] is False
+    assert run(mg_home, reports=reports).stdout.startswith("metal-guard ")  # default command
+    assert os.listdir(mg_home) == []  # showing status writes nothing
+
+
+def test_status_shows_what_is_blocked(mg_home: str, reports: Path) -> None:
+    mg.CadenceGuard().admit("org/alpha")
+    _two_recent_panics(reports)
+    assert run(mg_home, "check", "org/beta", reports=reports).returncode == 2  # trips
+    out = run(mg_home, "status", reports=reports).stdout
+    assert "org/alpha" in out
+    assert "SAME MODEL BLOCKED" in out and "gemma-4 models: blocked for" in out
+    assert "COOLING DOWN until" in out and "left" in out
+    assert "prepare_count_underflow" in out and "IOGPUMemory.cpp:492" in out
+    _, doc = run_json(mg_home, "status", reports=reports)
+    assert doc["breaker"]["cooling_down"] is True
+    assert doc["cadence"]["events"][0]["model_id"] == "org/alpha"
+    assert [r["pid"] for r in doc["recent_panics"]] == [11, 12]
+
+
+# -- check ------------------------------------------------------------------------
+
+
+def test_check_clear_model(mg_home: str) -> None:
+    proc = run(mg_home, "check", "org/model")
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines()[0] == "check org/model: GO"
+    code, doc = run_json(mg_home, "check", "org/model")
+    assert code == 0
+    assert doc["decision"] == "go" and doc["blocked_by"] == [] and doc["exit_code"] == 0
+    assert doc["known_panic_model"] is None
+    assert doc["breaker"] == {"blocked": False}
+    assert doc["cadence"]["blocked"] is False and doc["cadence"]["admitted"] is False
+    assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # check only
+
+
+def test_check_cadence(mg_home: str) -> None:
+    assert run(mg_home, "check", "org/model", "--admit").returncode == 0
+    assert "CADENCE_ADMIT: org/model" in Path(mg_home, "breadcrumbs.log").read_text()
+    proc = run(mg_home, "check", "org/model")
+    assert proc.returncode == 2
+    assert "BLOCKED by cadence" in proc.stdout and "Wait" in proc.stdout
+    code, doc = run_json(mg_home, "check", "org/model")
+    assert code == 2 and doc["exit_code"] == 2
+    assert doc["decision"] == "blocked" and doc["blocked_by"] == ["cadence"]
+    assert 0 < doc["cadence"]["remaining_sec"] <= 180
+    assert run(mg_home, "check", "org/model", "--min-interval", "0").returncode == 0
+    assert run(mg_home, "check", "org/other").returncode == 0  # cross-model base is 0
+    assert run(mg_home, "check", "org/other", "--cross-model-interval", "60").returncode == 2
+    env = {"METALGUARD_CROSS_MODEL_INTERVAL": "60"}
+    assert run(mg_home, "check", "org/other", env=env).returncode == 2
+    assert run(mg_home, "check", "org/gemma-4-12b-it").returncode == 2  # gemma-4 floor of 90 s
+    blocked = run(mg_home, "check", "org/model", "--admit")
+    assert blocked.returncode == 2 and "not recorded" in blocked.stdout
+
+
+def test_check_known_panic_model(mg_home: str) -> None:
+    proc = run(mg_home, "check", GEMMA_PANIC)
+    assert proc.returncode == 0  # advisory by default
+    assert "known panic model  YES" in proc.stdout
+    assert "safer alternative" in proc.stdout and "gemma-4-26b-a4b-it-4bit" in proc.stdout
+    code, doc = run_json(mg_home, "check", GEMMA_PANIC)
+    assert code == 0 and doc["known_panic_model"]["tier"] == "panic"
+    assert doc["known_panic_model"]["model_id"] == GEMMA_PANIC
+    code, doc = run_json(mg_home, "check", GEMMA_PANIC, "--refuse-known", "--admit")
+    assert code == 2 and doc["blocked_by"] == ["known panic model (--refuse-known)"]
+    assert doc["cadence"]["admitted"] is False
+    assert not os.path.exists(os.path.join(mg_home, "cadence.json"))
+    assert run(mg_home, "check", "org/fine", "--refuse-known").returncode == 0
+
+
+def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
+    _two_recent_panics(reports)
+    proc = run(mg_home, "check", "org/model", "--admit", reports=reports)
+    assert proc.returncode == 2
+    assert "circuit breaker    BLOCKED: MLX cooldown active" in proc.stdout
+    assert "metal-guard breaker clear" in proc.stdout
+    assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # not admitted
+    code, doc = run_json(mg_home, "check", "org/model", reports=reports)
+    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown"]
+    assert doc["breaker"]["blocked"] is True and doc["breaker"]["panic_count"] == 2
+    assert doc["breaker"]["cooldown_until"] > time.time() + 3500
+    assert len(Path(mg_home, "panics.jsonl").read_text().splitlines()) == 2
+
+    proc = run(mg_home, "breaker", reports=reports)
+    assert proc.returncode == 0 and "COOLING DOWN until" in proc.stdout
+    code, doc = run_json(mg_home, "breaker", "status", reports=reports)
+    assert code == 0 and doc["cooling_down"] is True and doc["panics_in_window"] == 2
+    proc = run(mg_home, "breaker", "clear", reports=reports)
+    assert proc.returncode == 0 and "cleared" in proc.stdout and "was running" in proc.stdout
+    assert run(mg_home, "check", "org/model", reports=reports).returncode == 0
+    code, doc = run_json(mg_home, "breaker", "clear", reports=reports)
+    assert code == 0 and doc["was_cooling_down"] is False
+
+
+# -- panics, cadence, models, breadcrumbs --------------------------------------------
+
+
+def test_panics(mg_home: str, reports: Path, tmp_path: Path) -> None:
+    now = time.time()
+    write_panic(reports, Panic(kind="550", pid=7, ts=now - 600, os_build="25E253"), name="new.panic")
+    write_panic(reports, Panic(kind="watchdog", pid=8, ts=now - 3 * 86400), name="old.panic")
+    proc = run(mg_home, "panics", reports=reports)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"2 panic report(s) in {reports}"
+    assert lines[1].split() == ["TIME", "SIGNATURE", "AT", "PID", "PROCESS", "OS", "IOGPU", "FILE"]
+    assert "gpu_watchdog" in lines[2] and "old.panic" in lines[2]
+    assert "prepare_count_underflow" in lines[3] and "IOGPUMemory.cpp:550" in lines[3]
+    assert "25E253" in lines[3]
+    assert "1 of them are IOGPU kernel panics" in proc.stdout
+    code, doc = run_json(mg_home, "panics", "--since", "24", reports=reports)
+    assert code == 0 and [r["pid"] for r in doc["panics"]] == [7]
+    assert doc["panics"][0]["signature"] == "prepare_count_underflow"
+    other = tmp_path / "other"
+    write_panic(other, Panic(kind="323", pid=9, ts=now - 5))
+    code, doc = run_json(mg_home, "panics", "--dir", str(other), reports=reports)
+    assert [r["pid"] for r in doc["panics"]] == [9] and doc["report_dir"] == str(other)
+    missing = run(mg_home, "panics", "--dir", str(tmp_path / "missing"))
+    assert missing.returncode == 1 and "no such folder" in missing.stderr
+    code, doc = run_json(mg_home, "panics", "--dir", str(tmp_path / "missing"))
+    assert code == 1 and "no such folder" in doc["error"]
+    empty = run(mg_home, "panics")
+    assert empty.returncode == 0 and empty.stdout.startswith("0 panic report(s)")
+    # the archive
+    assert run(mg_home, "panics", "--archive", reports=reports).stdout.startswith("0 panic")
+    run(mg_home, "check", "org/m", reports=reports)  # archives the reports
+    code, doc = run_json(mg_home, "panics", "--archive", reports=reports)
+    assert code == 0 and [r["pid"] for r in doc["panics"]] == [8, 7]
+    assert os.listdir(mg_home) and not os.path.exists(os.path.join(mg_home, "breaker.json"))
+
+
+def test_cadence_show_and_clear(mg_home: str) -> None:
+    guard = mg.CadenceGuard()
+    guard.admit("org/a")
+    guard.mark_load("org/b", ts=time.time() - 30)
+    proc = run(mg_home, "cadence")
+    assert proc.returncode == 0 and "org/a" in proc.stdout and "org/b" in proc.stdout
+    code, doc = run_json(mg_home, "cadence", "show", "--min-interval", "10")
+    assert code == 0 and {e["model_id"] for e in doc["events"]} == {"org/a", "org/b"}
+    assert doc["min_interval_sec"] == 10
+    code, doc = run_json(mg_home, "cadence", "clear", "org/a")
+    assert code == 0 and doc["removed"] == 1
+    proc = run(mg_home, "cadence", "clear")
+    assert proc.returncode == 0 and "1 model(s) forgotten" in proc.stdout
+    assert run_json(mg_home, "cadence")[1]["events"] == []
+
+
+def test_cadence_clear_on_a_fresh_home_creates_nothing(mg_home: str) -> None:
+    code, doc = run_json(mg_home, "cadence", "clear")
+    assert code == 0 and doc["removed"] == 0
+    assert os.listdir(mg_home) == []
+
+
+def test_models(mg_home: str) -> None:
+    proc = run(mg_home, "models")
+    assert proc.returncode == 0
+    for key in mg.KNOWN_PANIC_MODELS:
+        assert key in proc.stdout
+    code, doc = run_json(mg_home, "models")
+    assert code == 0 and [m["model_id"] for m in doc["models"]] == list(mg.KNOWN_PANIC_MODELS)
+    proc = run(mg_home, "models", "/Users/me/models/gemma-4-31b-it-8bit")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{GEMMA_PANIC}: known panic-tier")
+    assert "recommendation" in proc.stdout and "upstream" in proc.stdout
+    code, doc = run_json(mg_home, "models", "org/unknown")
+    assert code == 0 and doc["known"] is False and doc["entry"] is None
+    assert "not in the known-panic registry" in run(mg_home, "models", "org/unknown").stdout
+
+
+def test_breadcrumbs(mg_home: str) -> None:
+    assert run(mg_home, "breadcrumbs").stdout.startswith("no breadcrumbs in")
+    for i in range(5):
+        mg.metal_guard.breadcrumb(f"event {i}\nforged line")
+    proc = run(mg_home, "breadcrumbs", "-n", "2")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 3
+    assert lines[1].endswith("event 3\\nforged line") and lines[2].endswith("event 4\\nforged line")
+    code, doc = run_json(mg_home, "breadcrumbs", "-n", "10")
+    assert code == 0 and len(doc["lines"]) == 5
+    assert doc["path"] == os.path.join(mg_home, "breadcrumbs.log")
+    assert run_json(mg_home, "breadcrumbs", "-n", "0")[1]["lines"] == []
+    off = run(mg_home, "breadcrumbs", env={"METALGUARD_BREADCRUMB_PATH": ""})
+    assert off.returncode == 0 and "disabled" in off.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["check", "org/x"],
+        ["panics"],
+        ["breaker"],
+        ["breaker", "status"],
+        ["cadence"],
+        ["models"],
+        ["models", "org/x"],
+        ["breadcrumbs"],
+    ],
+)
+def test_json_flag_before_or_after_the_command(mg_home: str, args: list[str]) -> None:
+    after = run(mg_home, *args, "--json")
+    before = run(mg_home, "--json", *args)
+    for proc in (after, before):
+        assert proc.returncode == 0
+        doc = json.loads(proc.stdout)  # exactly one JSON document
+        assert doc["command"] == args[0] and doc["exit_code"] == 0
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check"],
+        ["bogus"],
+        ["check", "m", "--min-interval", "abc"],
+        ["check", "m", "--min-interval", "-1"],
+        ["check", "m", "--min-interval", "nan"],
+        ["check", "m", "--cross-model-interval", "inf"],
+        ["check", "m", "--min-interval", "1e12"],
+        ["check", ""],
+        ["check", "   "],
+        ["check", "x" * 5000],
+        ["check", "a", "b"],
+        ["panics", "--since", "-2"],
+        ["panics", "--since", "soon"],
+        ["breadcrumbs", "-n", "-3"],
+        ["breadcrumbs", "-n", "1.5"],
+        ["breaker", "reset"],
+        ["cadence", "show", "org/m"],
+        ["cadence", "wipe"],
+        ["--json", "check"],
+        ["status", "extra"],
+        ["models", "a", "b"],
+        ["--no-such-flag"],
+    ],
+)
+def test_usage_errors_exit_64(mg_home: str, args: list[str]) -> None:
+    proc = run(mg_home, *args)
+    assert proc.returncode == 64
+    assert "usage: metal-guard" in proc.stderr and "error:" in proc.stderr
+    assert proc.stdout == ""
+    assert os.listdir(mg_home) == []
+
+
+def test_environment_errors_exit_1(tmp_path: Path) -> None:
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    proc = run(str(home), "breaker", "clear")
+    assert proc.returncode == 1 and "metal-guard breaker: error:" in proc.stderr
+    code, doc = run_json(str(home), "breaker", "clear")
+    assert code == 1 and doc["exit_code"] == 1 and doc["error"]
+    assert run(str(home), "status").returncode == 0  # showing state still works
+    assert run(str(home), "check", "org/m", "--admit").returncode == 0  # cadence fails open
+
+
+def test_control_characters_are_escaped_in_human_output(mg_home: str) -> None:
+    proc = run(mg_home, "check", "org/evil\x1b[2Jname\tx")
+    assert proc.returncode == 0
+    assert "\x1b" not in proc.stdout and "\t" not in proc.stdout
+
+
+def test_running_the_file_directly(mg_home: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "metal_guard.py"), "--version"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "METALGUARD_HOME": mg_home},
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, f"metal-guard {mg.__version__}\n")
+
+
+# -- main() in process ---------------------------------------------------------------
+
+
+def test_main_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METALGUARD_PANIC_REPORT_DIR", "/nonexistent-metal-guard-reports")
+    assert mg.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"metal-guard {mg.__version__}\n"
+    assert mg.main(["bogus"]) == 64  # returns, never raises SystemExit
+    assert "usage:" in capsys.readouterr().err
+    assert mg.main(["--help"]) == 0
+    capsys.readouterr()
+    assert mg.main(("check", "org/x")) == 0  # type: ignore[arg-type]
+    assert capsys.readouterr().out.startswith("check org/x: GO")
+    monkeypatch.setattr(sys, "argv", ["metal-guard", "models", "--json"])
+    assert mg.main() == 0
+    assert json.loads(capsys.readouterr().out)["command"] == "models"
+
+
+def test_main_reports_unexpected_failures(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(mg._COMMANDS, "models", broken)
+    assert mg.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "metal-guard models: error: RuntimeError: disk on fire" in err

@@ -1,0 +1,164 @@
+"""Benchmark: scanning 1,000 kernel-panic reports, cold and unchanged (SPEC §6 item 4).
+
+Generates 1,000 realistic two-document reports (the tests' builder, synthetic ids)
+in a temp folder: 900 in the folder, 100 in ``Retired/``, a mix of every signature.
+Then, in this one process:
+
+- cold scan: ``parse_panic_reports`` with the process cache emptied (every file is
+  read and parsed; the OS page cache is warm, so this measures our own work);
+- unchanged re-scan: the same call again (one ``stat`` per file, nothing read);
+- archive: the first ``ingest_panics_jsonl`` of all 1,000 records, and a repeated one;
+- ``CircuitBreaker.check()`` in the steady state (nothing new since the last call).
+
+Medians of several runs, printed as a table with the machine, and written to
+``bench/results/panic_scan.json``. Run from the repository root:
+
+    python bench/bench_panic.py [--reports N] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402
+
+import metal_guard as mg  # noqa: E402  (after the path set-up)
+
+RESULTS = ROOT / "bench" / "results" / "panic_scan.json"
+
+
+def _generate(folder: Path, count: int) -> None:
+    kinds = list(KINDS)
+    start = time.time() - 170 * 86400  # spread over the archive's 180-day horizon
+    for i in range(count):
+        p = Panic(
+            kind=kinds[i % len(kinds)],
+            ts=start + i * 3600.5,
+            pid=10_000 + i,
+            os_build="24F74" if i % 2 else "25E253",
+            incident_id=f"00000000-0000-4000-8000-{i:012d}",
+        )
+        write_panic(folder, p, name=f"panic-full-{i:05d}.panic", retired=i % 10 == 0)
+
+
+def _time(fn: object, runs: int, before: object = None) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        if callable(before):
+            before()
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reports", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="mg-bench-panic-") as tmp:
+        reports = Path(tmp) / "DiagnosticReports"
+        home = Path(tmp) / "home"
+        os.environ["METALGUARD_HOME"] = str(home)
+        t0 = time.perf_counter()
+        _generate(reports, args.reports)
+        generate_sec = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in reports.rglob("*") if f.is_file())
+
+        found = mg.parse_panic_reports(reports)
+        assert len(found) == args.reports, len(found)
+        cold = _time(lambda: mg.parse_panic_reports(reports), args.runs, mg._reset_panic_caches)
+        rescan = _time(lambda: mg.parse_panic_reports(reports), args.runs * 3)
+
+        archive = home / "panics.jsonl"
+
+        def fresh_archive() -> None:
+            mg._reset_panic_caches()
+            mg.parse_panic_reports(reports)  # parsing is timed above; this times archiving
+            if archive.exists():
+                archive.unlink()
+
+        ingest_first = _time(
+            lambda: mg.ingest_panics_jsonl(report_dir=reports), args.runs, fresh_archive
+        )
+        ingest_again = _time(lambda: mg.ingest_panics_jsonl(report_dir=reports), args.runs * 3)
+        breaker = mg.CircuitBreaker(report_dir=reports)
+        try:
+            breaker.check()
+        except mg.MLXCooldownActive:
+            pass
+        check_steady = _time(breaker.check, args.runs * 3)
+
+    rows = [
+        ("cold_scan", "cold scan (parse every file)", cold),
+        ("rescan", "unchanged re-scan", rescan),
+        ("ingest_first", f"first ingest (archive {args.reports:,})", ingest_first),
+        ("ingest_again", "repeated ingest (nothing new)", ingest_again),
+        ("check_steady", "CircuitBreaker.check (steady)", check_steady),
+    ]
+    medians = {key: statistics.median(samples) for key, _, samples in rows}
+    ratio = medians["cold_scan"] / medians["rescan"]
+    machine = _machine()
+
+    print(f"machine: {machine['platform']}, {machine['cpu_count']} CPUs, {machine['python']}")
+    print(
+        f"reports: {args.reports} ({size / 1e6:.1f} MB, generated in {generate_sec:.1f} s), "
+        f"runs: {args.runs} (re-scan/steady: {args.runs * 3})"
+    )
+    width = max(len(name) for _, name, _ in rows)
+    print(f"{'operation'.ljust(width)}  {'median ms':>10}  {'min ms':>9}  {'per report µs':>13}")
+    for _, name, samples in rows:
+        med = statistics.median(samples)
+        print(
+            f"{name.ljust(width)}  {med * 1e3:10.2f}  {min(samples) * 1e3:9.2f}  "
+            f"{med / args.reports * 1e6:13.1f}"
+        )
+    print(f"cold / re-scan ratio: {ratio:.1f}x")
+
+    result = {
+        "benchmark": "panic_scan",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "metal_guard_version": mg.__version__,
+        "reports": args.reports,
+        "report_bytes": size,
+        "runs": args.runs,
+        "median_sec": medians,
+        "labels": {key: name for key, name, _ in rows},
+        "min_sec": {key: min(samples) for key, _, samples in rows},
+        "samples_sec": {key: samples for key, _, samples in rows},
+        "cold_over_rescan": ratio,
+        "notes": "cold = process cache emptied, OS page cache warm; re-scan = files unchanged",
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

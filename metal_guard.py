@@ -407,6 +407,36 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _sweep_stale_temps(path: str) -> None:
+    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
+
+    Call with the file's lock held; only files whose writer pid is gone are removed.
+    """
+    folder = os.path.dirname(path) or "."
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _append_bytes(path: str, data: bytes) -> int:
     """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
     _ensure_dir(os.path.dirname(path) or ".")
@@ -423,9 +453,9 @@ def _append_bytes(path: str, data: bytes) -> int:
         os.close(fd)
 
 
-def _read_bounded(path: str, limit: int) -> bytes:
-    """Read at most ``limit`` bytes of a regular file, never following a symlink."""
-    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read at most ``limit`` bytes of a file; a symlink is refused unless ``follow_symlinks``."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (0 if follow_symlinks else _O_NOFOLLOW))
     try:
         chunks: list[bytes] = []
         left = limit
@@ -514,6 +544,7 @@ def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: 
         result = mutate(data)
         after = json.dumps(data, sort_keys=True, default=str)
         if after != before:
+            _sweep_stale_temps(path)
             _atomic_write_bytes(path, after.encode("utf-8") + b"\n")
         return result
 
@@ -859,7 +890,11 @@ def _config_model_types(folder: str) -> list[str] | None:
     import json
 
     try:
-        raw = _read_bounded(os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1)
+        # Hugging Face snapshots hold config.json as a symlink into blobs/: follow it
+        # (this is a read of someone else's file, never a write).
+        raw = _read_bounded(
+            os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1, follow_symlinks=True
+        )
         if len(raw) > _CONFIG_MAX_BYTES:
             return None
         config = json.loads(raw.decode("utf-8"))

@@ -595,7 +595,13 @@ def _mlx_fn(mx: ModuleType, name: str) -> Callable[..., Any] | None:
     return fn if callable(fn) else None
 
 
-def _mlx_step(step: str, fn: Callable[..., Any] | None, *args: Any, model_id: object = None, level: int = _DEBUG) -> bool:
+def _mlx_step(
+    step: str,
+    fn: Callable[..., Any] | None,
+    *args: Any,
+    model_id: object = None,
+    level: int = _DEBUG,
+) -> bool:
     """Run one MLX step best-effort: True if it ran, False if missing or it raised.
 
     Failures are logged at ``level`` with the step and model; never raises an
@@ -1050,7 +1056,11 @@ class gemma4_generation_flush:
         self.generate_call_count = generate_call_count
         self.flushed = False
         self.slept_sec = 0.0
-        if isinstance(generate_call_count, bool) or not isinstance(generate_call_count, int):
+        try:  # any integer type (numpy ints included), but not bool, float or str
+            if isinstance(generate_call_count, bool):
+                raise TypeError
+            count = generate_call_count.__index__()
+        except (AttributeError, TypeError):
             _log_once(
                 "gemma4-count",
                 _WARNING,
@@ -1058,7 +1068,7 @@ class gemma4_generation_flush:
                 generate_call_count,
             )
             return
-        if generate_call_count != 0 or not is_gemma4_family(model_id):
+        if count != 0 or not is_gemma4_family(model_id):
             return
         if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
             return
@@ -1087,9 +1097,6 @@ class gemma4_generation_flush:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-    def __bool__(self) -> bool:
-        return True
 
     def __repr__(self) -> str:
         return (
@@ -1120,6 +1127,13 @@ _CADENCE_CLOCK_SLACK = 1.0  # seconds in the future tolerated before an entry is
 _INTERVAL_MAX = 7 * 86400.0
 
 
+def _wait_sec(seconds: float) -> float:
+    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
+    import math
+
+    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
+
+
 class CadenceViolation(RuntimeError):
     """A model load now would follow the previous load/unload of the same model too soon."""
 
@@ -1136,7 +1150,7 @@ class CadenceViolation(RuntimeError):
         return (
             f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
             f"the minimum interval between loads is {self.min_interval:g} s. "
-            f"Wait {self.remaining_sec:.1f} s before loading it again."
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading it again."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -1164,7 +1178,7 @@ class CrossModelCadenceViolation(CadenceViolation):
             f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
             f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
             f"interval is {self.cross_model_interval:g} s. "
-            f"Wait {self.remaining_sec:.1f} s before loading {self.model_id!r}."
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading {self.model_id!r}."
         )
 
 
@@ -1462,7 +1476,7 @@ class CadenceGuard:
 
         stored, violation = self._update(decide)
         if violation is not None:
-            _breadcrumb(f"CADENCE_BLOCK: {canon} wait={violation.remaining_sec:.1f}s ({violation})")
+            _breadcrumb(f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})")
             raise violation
         _breadcrumb(f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)"))
 

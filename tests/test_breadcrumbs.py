@@ -15,9 +15,7 @@ import pytest
 import metal_guard as mg
 
 REPO = str(Path(__file__).resolve().parents[1])
-LINE = re.compile(
-    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d) pid=(\d+) (.*)$"
-)
+LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d) pid=(\d+) (.*)$")
 
 
 def test_default_path_and_line_format(mg_home: str) -> None:
@@ -135,8 +133,11 @@ def test_read_breadcrumbs(mg_home: str) -> None:
     for i in range(10):
         mg.metal_guard.breadcrumb(f"event {i}")
     tail = mg.read_breadcrumbs(3)
-    assert [line.rsplit(" ", 2)[-2:] for line in tail] == [["event", "7"], ["event", "8"],
-                                                            ["event", "9"]]
+    assert [line.rsplit(" ", 2)[-2:] for line in tail] == [
+        ["event", "7"],
+        ["event", "8"],
+        ["event", "9"],
+    ]
     assert len(mg.read_breadcrumbs(100)) == 10
     assert mg.read_breadcrumbs(0) == []
     other = Path(mg_home) / "other.log"

@@ -18,9 +18,7 @@ GARBAGE = ["banana", "nan", "NaN", "inf", "-inf", "-5", "", "   ", "1e999", "9" 
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
-    return [
-        r for r in caplog.records if r.levelno == logging.WARNING and name in r.getMessage()
-    ]
+    return [r for r in caplog.records if r.levelno == logging.WARNING and name in r.getMessage()]
 
 
 @pytest.mark.parametrize("raw", GARBAGE)
@@ -74,8 +72,16 @@ def test_env_int_garbage(
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False), ("off", False),
-     ("No", False), ("false", False)],
+    [
+        ("1", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("On", True),
+        ("0", False),
+        ("off", False),
+        ("No", False),
+        ("false", False),
+    ],
 )
 def test_env_bool_words(raw: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METALGUARD_TEST_BOOL", raw)

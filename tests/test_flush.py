@@ -152,9 +152,8 @@ def test_body_exception_is_the_same_object_with_no_context(
     rec = Recorder()
     _stub_mx(rec, fail=True, monkeypatch=monkeypatch)
     error = ValueError("generation failed")
-    with pytest.raises(ValueError) as info:
-        with mg.subprocess_inference_guard("org/m"):
-            raise error
+    with pytest.raises(ValueError) as info, mg.subprocess_inference_guard("org/m"):
+        raise error
     assert info.value is error
     assert error.__context__ is None and error.__cause__ is None
     assert rec.names() == ["clear_cache", "synchronize", "clear_cache"]  # POST still ran
@@ -167,9 +166,11 @@ def test_failing_hooks_never_block_the_body(
     rec = Recorder()
     _stub_mx(rec, fail=True, monkeypatch=monkeypatch)
     ran = []
-    with caplog.at_level(logging.DEBUG, logger="metal_guard"):
-        with mg.subprocess_inference_guard("org/m"):
-            ran.append(True)
+    with (
+        caplog.at_level(logging.DEBUG, logger="metal_guard"),
+        mg.subprocess_inference_guard("org/m"),
+    ):
+        ran.append(True)
     assert ran == [True]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert {w.getMessage().split(" failed")[0] for w in warnings} == {
@@ -185,9 +186,8 @@ def test_keyboard_interrupt_passes_through_after_post(
 ) -> None:
     rec = Recorder()
     _stub_mx(rec, fail=False, monkeypatch=monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        with mg.subprocess_inference_guard("org/m"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), mg.subprocess_inference_guard("org/m"):
+        raise KeyboardInterrupt
     assert rec.names() == ["clear_cache", "synchronize", "clear_cache"]
     assert _crumbs(mg_home)[-1] == "SUBPROC_POST: org/m"
 
@@ -222,11 +222,13 @@ def test_eight_threads_fifty_calls_every_pre_has_its_post(real_mx: Any, mg_home:
 def test_nested_guards_and_decorator(monkeypatch: pytest.MonkeyPatch, mg_home: str) -> None:
     rec = Recorder()
     _stub_mx(rec, fail=False, monkeypatch=monkeypatch)
-    with mg.subprocess_inference_guard("outer"):
-        with mg.subprocess_inference_guard("inner"):
-            pass
+    with mg.subprocess_inference_guard("outer"), mg.subprocess_inference_guard("inner"):
+        pass
     assert _crumbs(mg_home) == [
-        "SUBPROC_PRE: outer", "SUBPROC_PRE: inner", "SUBPROC_POST: inner", "SUBPROC_POST: outer"
+        "SUBPROC_PRE: outer",
+        "SUBPROC_PRE: inner",
+        "SUBPROC_POST: inner",
+        "SUBPROC_POST: outer",
     ]
 
     @mg.subprocess_inference_guard("decorated")
@@ -250,8 +252,9 @@ def test_nested_guards_and_decorator(monkeypatch: pytest.MonkeyPatch, mg_home: s
         (b"bytes", "b'bytes'"),
     ],
 )
-def test_any_model_id_is_written_safely(model_id: Any, label: str, mg_home: str,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_any_model_id_is_written_safely(
+    model_id: Any, label: str, mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "mlx.core", None)
     with mg.subprocess_inference_guard(model_id):
         pass
@@ -271,7 +274,10 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 @pytest.mark.mlx_lm
 def test_flush_as_a_call_on_a_real_gemma4_model(
-    recorder: Recorder, sleeps: list[float], tiny_gemma4_path: str, mg_home: str,
+    recorder: Recorder,
+    sleeps: list[float],
+    tiny_gemma4_path: str,
+    mg_home: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlx_lm
@@ -288,7 +294,10 @@ def test_flush_as_a_call_on_a_real_gemma4_model(
         text = mlx_lm.generate(model, tokenizer, prompt="hi", max_tokens=4)
     assert isinstance(text, str)
     crumbs = _crumbs(mg_home)
-    assert crumbs[:2] == [f"GEMMA4_FLUSH: {tiny_gemma4_path}", f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}"]
+    assert crumbs[:2] == [
+        f"GEMMA4_FLUSH: {tiny_gemma4_path}",
+        f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}",
+    ]
 
 
 @pytest.mark.mlx
@@ -326,8 +335,9 @@ def test_flush_only_on_first_call_of_gemma4(
 
 @pytest.mark.mlx
 @pytest.mark.parametrize("switch", ["1", "true", "YES", " on "])
-def test_kill_switch(switch: str, recorder: Recorder, sleeps: list[float],
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_switch(
+    switch: str, recorder: Recorder, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("METALGUARD_GEMMA4_FIRSTGEN_DISABLED", switch)
     flush = mg.gemma4_generation_flush("google/gemma-4-31B-it", 0)
     assert flush.flushed is False and recorder.events == [] and sleeps == []
@@ -336,19 +346,34 @@ def test_kill_switch(switch: str, recorder: Recorder, sleeps: list[float],
 @pytest.mark.mlx
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("0", 0.0), ("2.5", 2.5), ("100", 60.0), ("-1", 0.0), ("inf", 3.0), ("nan", 3.0),
-     ("soon", 3.0), ("", 3.0), ("1e999", 3.0)],
+    [
+        ("0", 0.0),
+        ("2.5", 2.5),
+        ("100", 60.0),
+        ("-1", 0.0),
+        ("inf", 3.0),
+        ("nan", 3.0),
+        ("soon", 3.0),
+        ("", 3.0),
+        ("1e999", 3.0),
+    ],
 )
-def test_sleep_override_is_clamped(raw: str, expected: float, recorder: Recorder,
-                                   sleeps: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sleep_override_is_clamped(
+    raw: str,
+    expected: float,
+    recorder: Recorder,
+    sleeps: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC", raw)
     flush = mg.gemma4_generation_flush("google/gemma-4-31B-it", 0)
     assert flush.flushed is True and flush.slept_sec == expected
     assert sleeps == ([expected] if expected > 0 else [])
 
 
-def test_no_sleep_without_mlx(sleeps: list[float], monkeypatch: pytest.MonkeyPatch,
-                              mg_home: str) -> None:
+def test_no_sleep_without_mlx(
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch, mg_home: str
+) -> None:
     monkeypatch.setitem(sys.modules, "mlx.core", None)
     flush = mg.gemma4_generation_flush("google/gemma-4-31B-it", 0)
     assert flush.flushed is False and sleeps == [] and _crumbs(mg_home) == []

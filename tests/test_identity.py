@@ -191,7 +191,7 @@ def test_canonical_model_id_pathlike() -> None:
 
 @pytest.mark.parametrize("bad", [None, 42, b"org/model", ["org/model"], 1.5, True])
 def test_canonical_model_id_rejects_wrong_types(bad: object) -> None:
-    with pytest.raises(TypeError, match="model_id must be a str or os.PathLike"):
+    with pytest.raises(TypeError, match=r"model_id must be a str or os\.PathLike"):
         mg.canonical_model_id(bad)  # type: ignore[arg-type]
 
 

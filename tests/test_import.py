@@ -37,15 +37,34 @@ def test_import_in_a_fresh_interpreter_has_no_side_effects(tmp_path: Path) -> No
     work.mkdir()
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "PYTHONPATH": REPO}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, cwd=work, capture_output=True, text=True,
-        timeout=60, check=True,
+        [sys.executable, "-c", PROBE],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     report = json.loads(out.stdout)
     assert report["version"] == mg.__version__
     assert report["env_changed"] is False
     assert report["threads"] == 0
-    heavy = {"mlx", "mlx.core", "mlx_lm", "multiprocessing", "subprocess", "threading",
-             "logging", "json", "re", "inspect", "dataclasses", "pathlib", "typing", "argparse"}
+    heavy = {
+        "mlx",
+        "mlx.core",
+        "mlx_lm",
+        "multiprocessing",
+        "subprocess",
+        "threading",
+        "logging",
+        "json",
+        "re",
+        "inspect",
+        "dataclasses",
+        "pathlib",
+        "typing",
+        "argparse",
+    }
     assert heavy.isdisjoint(report["new_modules"]), report["new_modules"]
     assert _files_under(home) == [] and _files_under(work) == []
     assert out.stderr == ""
@@ -65,7 +84,12 @@ def test_import_with_garbage_environment_never_fails(tmp_path: Path) -> None:
     }
     out = subprocess.run(
         [sys.executable, "-c", "import metal_guard; print(metal_guard.__version__)"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0 and out.stdout.strip() == mg.__version__
     assert _files_under(tmp_path) == []
@@ -74,8 +98,13 @@ def test_import_with_garbage_environment_never_fails(tmp_path: Path) -> None:
 def test_public_names_exist_and_are_listed() -> None:
     for name in mg.__all__:
         assert hasattr(mg, name), name
-    for name in ["_is_gemma4_family", "_resolve_cross_model_interval", "_CROSS_MODEL_ENV_VAR",
-                 "_CADENCE_PATH_DEFAULT", "_WARNED_PANIC_MODELS"]:
+    for name in [
+        "_is_gemma4_family",
+        "_resolve_cross_model_interval",
+        "_CROSS_MODEL_ENV_VAR",
+        "_CADENCE_PATH_DEFAULT",
+        "_WARNED_PANIC_MODELS",
+    ]:
         assert hasattr(mg, name), name
     assert mg._CROSS_MODEL_ENV_VAR == "METALGUARD_CROSS_MODEL_INTERVAL"
     assert mg._CADENCE_PATH_DEFAULT is None

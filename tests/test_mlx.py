@@ -90,7 +90,9 @@ def test_mlx_step_is_best_effort(caplog: pytest.LogCaptureFixture) -> None:
         raise RuntimeError("driver says no")
 
     with caplog.at_level(logging.DEBUG, logger="metal_guard"):
-        assert mg._mlx_step("clear_cache", boom, 7, model_id="org/m", level=logging.WARNING) is False
+        assert (
+            mg._mlx_step("clear_cache", boom, 7, model_id="org/m", level=logging.WARNING) is False
+        )
     assert calls == [7]
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
@@ -113,8 +115,9 @@ def test_synchronize_without_mlx_lm_is_one_bare_call(
     assert sync_log == [("synchronize", ())]
 
 
-def test_synchronize_caller_streams(real_mx: Any, sync_log: list[Any],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synchronize_caller_streams(
+    real_mx: Any, sync_log: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delitem(sys.modules, "mlx_lm.generate", raising=False)
     stream = real_mx.new_stream(real_mx.default_device())
     with real_mx.stream(stream):

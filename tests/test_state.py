@@ -231,7 +231,11 @@ def test_lock_timeout_is_a_clear_picklable_error(tmp_path: Path) -> None:
         assert err.lock_path == lock and err.timeout == 0.2
         assert "another process holds it" in str(err)
         again = pickle.loads(pickle.dumps(err))
-        assert (again.lock_path, again.timeout, str(again)) == (err.lock_path, err.timeout, str(err))
+        assert (again.lock_path, again.timeout, str(again)) == (
+            err.lock_path,
+            err.timeout,
+            str(err),
+        )
     finally:
         holder.kill()
         holder.wait()

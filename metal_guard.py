@@ -407,6 +407,36 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _sweep_stale_temps(path: str) -> None:
+    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
+
+    Call with the file's lock held; only files whose writer pid is gone are removed.
+    """
+    folder = os.path.dirname(path) or "."
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _append_bytes(path: str, data: bytes) -> int:
     """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
     _ensure_dir(os.path.dirname(path) or ".")
@@ -423,9 +453,9 @@ def _append_bytes(path: str, data: bytes) -> int:
         os.close(fd)
 
 
-def _read_bounded(path: str, limit: int) -> bytes:
-    """Read at most ``limit`` bytes of a regular file, never following a symlink."""
-    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read at most ``limit`` bytes of a file; a symlink is refused unless ``follow_symlinks``."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (0 if follow_symlinks else _O_NOFOLLOW))
     try:
         chunks: list[bytes] = []
         left = limit
@@ -514,6 +544,7 @@ def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: 
         result = mutate(data)
         after = json.dumps(data, sort_keys=True, default=str)
         if after != before:
+            _sweep_stale_temps(path)
             _atomic_write_bytes(path, after.encode("utf-8") + b"\n")
         return result
 
@@ -564,7 +595,13 @@ def _mlx_fn(mx: ModuleType, name: str) -> Callable[..., Any] | None:
     return fn if callable(fn) else None
 
 
-def _mlx_step(step: str, fn: Callable[..., Any] | None, *args: Any, model_id: object = None, level: int = _DEBUG) -> bool:
+def _mlx_step(
+    step: str,
+    fn: Callable[..., Any] | None,
+    *args: Any,
+    model_id: object = None,
+    level: int = _DEBUG,
+) -> bool:
     """Run one MLX step best-effort: True if it ran, False if missing or it raised.
 
     Failures are logged at ``level`` with the step and model; never raises an
@@ -859,7 +896,11 @@ def _config_model_types(folder: str) -> list[str] | None:
     import json
 
     try:
-        raw = _read_bounded(os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1)
+        # Hugging Face snapshots hold config.json as a symlink into blobs/: follow it
+        # (this is a read of someone else's file, never a write).
+        raw = _read_bounded(
+            os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1, follow_symlinks=True
+        )
         if len(raw) > _CONFIG_MAX_BYTES:
             return None
         config = json.loads(raw.decode("utf-8"))
@@ -1015,7 +1056,11 @@ class gemma4_generation_flush:
         self.generate_call_count = generate_call_count
         self.flushed = False
         self.slept_sec = 0.0
-        if isinstance(generate_call_count, bool) or not isinstance(generate_call_count, int):
+        try:  # any integer type (numpy ints included), but not bool, float or str
+            if isinstance(generate_call_count, bool):
+                raise TypeError
+            count = generate_call_count.__index__()
+        except (AttributeError, TypeError):
             _log_once(
                 "gemma4-count",
                 _WARNING,
@@ -1023,7 +1068,7 @@ class gemma4_generation_flush:
                 generate_call_count,
             )
             return
-        if generate_call_count != 0 or not is_gemma4_family(model_id):
+        if count != 0 or not is_gemma4_family(model_id):
             return
         if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
             return
@@ -1052,9 +1097,6 @@ class gemma4_generation_flush:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-    def __bool__(self) -> bool:
-        return True
 
     def __repr__(self) -> str:
         return (
@@ -1085,6 +1127,13 @@ _CADENCE_CLOCK_SLACK = 1.0  # seconds in the future tolerated before an entry is
 _INTERVAL_MAX = 7 * 86400.0
 
 
+def _wait_sec(seconds: float) -> float:
+    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
+    import math
+
+    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
+
+
 class CadenceViolation(RuntimeError):
     """A model load now would follow the previous load/unload of the same model too soon."""
 
@@ -1101,7 +1150,7 @@ class CadenceViolation(RuntimeError):
         return (
             f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
             f"the minimum interval between loads is {self.min_interval:g} s. "
-            f"Wait {self.remaining_sec:.1f} s before loading it again."
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading it again."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -1129,7 +1178,7 @@ class CrossModelCadenceViolation(CadenceViolation):
             f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
             f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
             f"interval is {self.cross_model_interval:g} s. "
-            f"Wait {self.remaining_sec:.1f} s before loading {self.model_id!r}."
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading {self.model_id!r}."
         )
 
 
@@ -1427,7 +1476,7 @@ class CadenceGuard:
 
         stored, violation = self._update(decide)
         if violation is not None:
-            _breadcrumb(f"CADENCE_BLOCK: {canon} wait={violation.remaining_sec:.1f}s ({violation})")
+            _breadcrumb(f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})")
             raise violation
         _breadcrumb(f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)"))
 

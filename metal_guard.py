@@ -3360,12 +3360,18 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     }
     try:
         if args.admit and not blocked:
-            guard.admit(model)
-            cadence["admitted"] = True
+            guard.admit(model)  # an unusable store fails open: admitted but not recorded
+            cadence["admitted"] = guard.last_ts(model) is not None
+            recorded = (
+                "; load recorded"
+                if cadence["admitted"]
+                else ("; the load could NOT be recorded (cadence store unusable, see the warning)")
+            )
         else:
             guard.check(model)
+            recorded = ""
         cadence["blocked"] = False
-        items.append(("cadence", "clear" + ("; load recorded" if cadence["admitted"] else "")))
+        items.append(("cadence", "clear" + recorded))
     except CadenceViolation as exc:
         cadence.update(
             blocked=True,
@@ -3505,6 +3511,17 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
 }
 
 
+def _cli_warnings_to_stderr() -> logging.Handler:
+    """Show the library's WARNINGs (a store failing open...) on stderr while a command runs."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    _log().addHandler(handler)
+    return handler
+
+
 def _emit(text: str, stream: Any) -> None:
     try:
         stream.write(text)
@@ -3536,6 +3553,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit(json.dumps(doc) + "\n" if args.json else f"metal-guard {__version__}\n", sys.stdout)
         return _EXIT_GO
     command = args.command or "status"
+    warnings = _cli_warnings_to_stderr()
     try:
         code, doc, lines = _COMMANDS[command](args)
     except _CLIError as exc:
@@ -3551,6 +3569,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # environment faults (unwritable state, lock timeouts...)
         code, doc, lines = _EXIT_ERROR, {"error": f"{type(exc).__name__}: {exc}"}, []
         _emit(f"metal-guard {command}: error: {type(exc).__name__}: {exc}\n", sys.stderr)
+    finally:
+        _log().removeHandler(warnings)
     if args.json:
         out = {"command": command, "exit_code": code, **doc}
         _emit(json.dumps(out, indent=2, default=str) + "\n", sys.stdout)

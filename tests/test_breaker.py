@@ -321,6 +321,23 @@ def test_unwritable_state_still_blocks(tmp_path: Path, caplog: pytest.LogCapture
     assert "cannot record the breaker trip" in caplog.text
 
 
+def test_symlinked_state_is_never_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps({"cooldown_until": time.time() + 999, "cooldown_sec": 3600}))
+    (tmp_path / "state.json").symlink_to(target)
+    breaker = _breaker(tmp_path, state_path=tmp_path / "state.json")
+    status = breaker.status()
+    assert status["cooling_down"] is False and status["problem"]  # not read through the link
+    _panic(tmp_path, "a.panic", ago=30, pid=1)
+    _panic(tmp_path, "b.panic", ago=20, pid=2)
+    with pytest.raises(mg.MLXCooldownActive):  # the trip still blocks this process
+        breaker.check()
+    assert json.loads(target.read_text())["cooldown_sec"] == 3600  # not written through it
+    assert (tmp_path / "state.json").is_symlink()
+    with pytest.raises(OSError):
+        breaker.clear()
+
+
 def test_unwritable_archive_still_counts_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "archive").mkdir()
     breaker = _breaker(tmp_path, jsonl_path=tmp_path / "archive")

@@ -353,7 +353,12 @@ def test_environment_errors_exit_1(tmp_path: Path) -> None:
     code, doc = run_json(str(home), "breaker", "clear")
     assert code == 1 and doc["exit_code"] == 1 and doc["error"]
     assert run(str(home), "status").returncode == 0  # showing state still works
-    assert run(str(home), "check", "org/m", "--admit").returncode == 0  # cadence fails open
+    proc = run(str(home), "check", "org/m", "--admit")
+    assert proc.returncode == 0  # cadence fails open ...
+    assert "WARNING: metal_guard: cadence store" in proc.stderr  # ... and says so
+    assert "could NOT be recorded" in proc.stdout
+    code, doc = run_json(str(home), "check", "org/m", "--admit")
+    assert code == 0 and doc["cadence"]["admitted"] is False
 
 
 def test_control_characters_are_escaped_in_human_output(mg_home: str) -> None:

@@ -112,6 +112,8 @@ def test_signature_table_flags() -> None:
     assert {n for n, k in kinds.items() if k == "iogpu"} == set(KERNEL_SIGNATURES) - {"gpu_watchdog"}
     assert kinds["gpu_watchdog"] == "kernel"
     assert kinds["metal_oom"] == kinds["resource_limit"] == "process"
+    for _, _, needles, *_ in mg._PANIC_SIGNATURES:  # the pre-filter compares lower case
+        assert needles and all(n == n.lower() for n in needles)
     order = [name for name, *_ in mg._PANIC_SIGNATURES]
     last_kernel = max(order.index(n) for n in KERNEL_SIGNATURES)
     assert all(order.index(n) > last_kernel for n in ("metal_oom", "resource_limit"))
@@ -402,6 +404,33 @@ def test_rescan_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.Mon
     write_panic(tmp_path, Panic(pid=99, ts=T0 + 99), name="new.panic")
     assert len(mg.parse_panic_reports(tmp_path)) == 7
     assert reads == [str(tmp_path / "new.panic")]
+
+
+def test_threads_scanning_at_once(tmp_path: Path) -> None:
+    import threading
+
+    for i in range(30):
+        write_panic(tmp_path, Panic(pid=i, ts=T0 + i, kind=list(KINDS)[i % len(KINDS)]), name=f"{i}.panic")
+    results: list[list[dict[str, Any]]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def scan() -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                results.append(mg.parse_panic_reports(tmp_path))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scan) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(results) == 40 and all(r == results[0] for r in results)
+    assert [r["pid"] for r in results[0]] == list(range(30))
 
 
 def test_returned_records_are_copies(tmp_path: Path) -> None:

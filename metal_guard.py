@@ -2225,9 +2225,9 @@ def _split_report(text: str) -> tuple[dict[str, Any], dict[str, Any] | None, str
                 _json_object(body_text) if body_text.lstrip().startswith("{") else None,
                 rest,
             )
-        whole = _json_object(text)  # one JSON document (pretty-printed, or no header)
+        whole = _json_object(text)  # one JSON document: header and body in one
         if whole is not None:
-            return ({}, whole, text) if "panicString" in whole else (whole, None, text)
+            return whole, whole, text
     return {}, None, text
 
 
@@ -2241,10 +2241,10 @@ def _parse_report_text(text: str, path: str, mtime: float, *, ips: bool) -> dict
         return None  # an .ips file counts only with bug_type 210
     panic_text: str | None = None
     if body is not None:
-        for key in ("panicString", "macOSPanicString"):
-            if isinstance(body.get(key), str):
-                panic_text = body[key]
-                break
+        # Apple silicon: panicString; Intel with a T2 chip: macOSPanicString holds the
+        # macOS panic (and panicString the bridgeOS one). Search both.
+        texts = [body.get(k) for k in ("panicString", "macOSPanicString")]
+        panic_text = "\n".join(t for t in texts if isinstance(t, str)) or None
     if panic_text is None:
         panic_text = _panic_string_fallback(body_text)
     if panic_text is None:
@@ -2287,7 +2287,9 @@ def _ips_may_be_panic(head: bytes) -> bool:
     if not newline:
         return True  # header longer than the probe: read the whole file to decide
     header = _json_object(line.decode("utf-8", "replace"))
-    return header is not None and str(header.get("bug_type", "")).strip() == _PANIC_BUG_TYPE
+    if header is None or "bug_type" not in header:
+        return True  # not a one-line header (a pretty-printed document?): let the parser decide
+    return str(header["bug_type"]).strip() == _PANIC_BUG_TYPE
 
 
 def _report_record(path: str, st: os.stat_result, *, ips: bool) -> dict[str, Any] | None:

@@ -245,6 +245,19 @@ def test_non_panic_files_are_ignored(tmp_path: Path) -> None:
     assert mg.parse_panic_reports(tmp_path) == []
 
 
+def test_macos_panic_string_of_intel_t2_reports(tmp_path: Path) -> None:
+    header = {"bug_type": "210", "timestamp": "2026-04-22 10:00:00.00 +0000"}
+    body = {
+        "panicString": "panic(cpu 0 caller 0x1): bridgeOS watchdog note\n",
+        "macOSPanicString": panic_text(Panic(kind="528", pid=31, ts=T0)),
+    }
+    (tmp_path / "t2.panic").write_text(json.dumps(header) + "\n" + json.dumps(body))
+    (one_doc := tmp_path / "one.ips").write_text(json.dumps({**header, **body}, indent=1))
+    records = mg.parse_panic_reports(tmp_path)
+    assert [(r["signature"], r["pid"]) for r in records] == [("pending_in_non_pending_hash", 31)] * 2
+    assert {r["source_file"] for r in records} == {str(tmp_path / "t2.panic"), str(one_doc)}
+
+
 def test_ips_with_bug_type_210_counts(tmp_path: Path) -> None:
     write_panic(tmp_path, Panic(kind="219"), name="panic-full-x.ips")
     # header longer than the first probe read

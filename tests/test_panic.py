@@ -663,3 +663,47 @@ def test_concurrent_ingest_from_real_processes(tmp_path: Path) -> None:
     assert sum(totals) == len(records) == 40
     assert sorted(r["pid"] for r in records) == list(range(1000, 1040))
     assert len({(int(r["ts"]), r["pid"]) for r in records}) == 40
+
+
+_KILLED_WORKER = textwrap.dedent(
+    """
+    import sys
+    import metal_guard as mg
+    report_dir, archive = sys.argv[1], sys.argv[2]
+    print("ready", flush=True)
+    while True:
+        mg._reset_panic_caches()  # parse and re-check the archive every time
+        mg.ingest_panics_jsonl(report_dir=report_dir, jsonl_path=archive)
+    """
+)
+
+
+@pytest.mark.multiprocess
+def test_sigkill_during_ingest_leaves_a_valid_archive(tmp_path: Path) -> None:
+    import random
+    import signal
+
+    now = time.time()
+    reports = tmp_path / "reports"
+    for i in range(200):
+        write_panic(reports, Panic(pid=i, ts=now - 5000 + i * 10), name=f"{i}.panic")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = random.Random(1234)
+    for round_ in range(6):
+        archive = tmp_path / f"panics-{round_}.jsonl"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WORKER, str(reports), str(archive)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.0, 0.08))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if archive.exists():  # every line that made it is a whole record
+            records = [json.loads(line) for line in archive.read_text().splitlines()]
+            assert len({r["source_file"] for r in records}) == len(records)
+        mg._reset_panic_caches()
+        mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive)
+        records = mg.read_panic_archive(archive)
+        assert sorted(r["pid"] for r in records) == list(range(200))  # nothing lost, no duplicate

@@ -205,7 +205,7 @@ class Pipeline:
         self.mx = mx
         self.mlx_lm = mlx_lm
         self.guarded_calls = 0
-        self.refusals = 0
+        self.blocking_events: set[tuple[str, float]] = set()  # (model, event time)
         self.admits = 0
         self.advisory_warnings = 0
 
@@ -223,7 +223,7 @@ class Pipeline:
         if exc is None:
             self.admits += 1
         else:
-            self.refusals += 1
+            self.blocking_events.add((exc.model_id, exc.last_ts))
             self.report.note(f"refusal message: {exc}")
         return exc
 
@@ -525,9 +525,9 @@ class Pipeline:
         blocks = sum(m.startswith("CADENCE_BLOCK: ") for m in msgs)
         r.check(
             "breadcrumbs: CADENCE_*",
-            f"{self.admits} admits, {self.refusals} blocks",
+            f"{self.admits} admits, {len(self.blocking_events)} blocks (1 per event)",
             f"{admits} admits, {blocks} blocks",
-            admits == self.admits and blocks == self.refusals,
+            admits == self.admits and blocks == len(self.blocking_events),
         )
 
 

@@ -650,11 +650,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  first-generate flush sleep: {args.flush_sleep:g} s (METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC)"
     )
+    print("  library log: the 'metal_guard' logger stays silent until the application configures")
+    print("  logging (e.g. logging.basicConfig()); this demo attaches a handler and shows WARNINGs")
     llama = build_tiny_model(models_dir / "tiny-llama", "llama", seed=1)
     gemma = build_tiny_model(models_dir / "tiny-gemma4", "gemma4_text", seed=2)
     print(
         f"  models: <models>/tiny-llama (llama), <models>/tiny-gemma4 (gemma4_text); <models> = {models_dir}"
     )
+    print("  (random weights: the generated text is noise; the guards are what is being shown)")
 
     pipeline = Pipeline(args, report, logs, mx, mlx_lm)
     try:

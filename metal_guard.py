@@ -257,6 +257,8 @@ def _reset_process_state() -> None:
         _mlx_missing_for.clear()
     with _warned_panic_lock:
         _WARNED_PANIC_MODELS.clear()
+    with _block_crumb_lock:
+        _block_crumb_last.clear()
 
 
 # =============================================================================
@@ -1134,6 +1136,24 @@ def _wait_sec(seconds: float) -> float:
     return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
 
 
+_block_crumb_lock = _thread.allocate_lock()
+_block_crumb_last: dict[str, float] = {}  # model → event time of the last CADENCE_BLOCK written
+
+
+def _first_block_of_window(canon: str, event_ts: float) -> bool:
+    """True for the first refusal of ``canon`` caused by one event (per process).
+
+    A caller retrying in a tight loop would otherwise write (and fsync) one
+    ``CADENCE_BLOCK`` line per attempt and push useful forensics out of the
+    rotated log.
+    """
+    with _block_crumb_lock:
+        if _block_crumb_last.get(canon) == event_ts:
+            return False
+        _block_crumb_last[canon] = event_ts
+        return True
+
+
 class CadenceViolation(RuntimeError):
     """A model load now would follow the previous load/unload of the same model too soon."""
 
@@ -1414,6 +1434,21 @@ class CadenceGuard:
                 if other is not None and other.casefold() == fold:
                     del mapping[key]
 
+    @staticmethod
+    def _touch_aliases(data: dict[str, Any], canon: str, ts: float) -> None:
+        """Bring keys naming ``canon`` in another spelling (case, HF cache path) up to ``ts``.
+
+        A process of the reference looks its model up by the exact string it
+        was given; dropping its key would hide this load from it.
+        """
+        fold = canon.casefold()
+        for key, value in data.items():
+            old = _number(value) if key not in (canon, _CADENCE_RESERVED) else None
+            if old is not None and old < ts:
+                other = _lenient_model_id(key)
+                if other is not None and other.casefold() == fold:
+                    data[key] = ts
+
     def _violation(self, model_id: object, canon: str, events: _CadenceEvents) -> CadenceViolation | None:
         fold = canon.casefold()
         last = events.last_event(fold)
@@ -1432,7 +1467,7 @@ class CadenceGuard:
             self._drop_aliases(reserved["unloads"], canon)
             reserved["unloads"][canon] = ts
         else:
-            self._drop_aliases(data, canon)
+            self._touch_aliases(data, canon, ts)
             data[canon] = ts
         reserved["pids"][canon] = os.getpid()
 
@@ -1476,7 +1511,10 @@ class CadenceGuard:
 
         stored, violation = self._update(decide)
         if violation is not None:
-            _breadcrumb(f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})")
+            if _first_block_of_window(canon, violation.last_ts):
+                _breadcrumb(
+                    f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})"
+                )
             raise violation
         _breadcrumb(f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)"))
 
@@ -1790,6 +1828,13 @@ def _looks_like_repo_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith(("/", ".", "~")) and "\\" not in text and ":" not in text
 
 
+def _is_dir(path: str) -> bool:
+    try:
+        return os.path.isdir(path)
+    except (OSError, ValueError):
+        return False
+
+
 def _registry_key(model_id: object) -> str | None:
     """The ``KNOWN_PANIC_MODELS`` key ``model_id`` refers to, case-insensitively, or ``None``."""
     canon = _lenient_model_id(model_id)
@@ -1804,8 +1849,10 @@ def _registry_key(model_id: object) -> str | None:
         org, _, entry_name = key.casefold().rpartition("/")
         if entry_name == name:
             # ``other-org/name`` is another publisher's repo; a local path or a
-            # bare folder name with the same last component is this model.
-            if _looks_like_repo_id(canon) and canon.casefold().split("/")[0] != org:
+            # bare folder name with the same last component is this model. Like
+            # ``mlx_lm.load``, an existing folder is a local path even when it
+            # reads like ``org/name`` (``models/gemma-4-31b-it-8bit``).
+            if _looks_like_repo_id(canon) and canon.casefold().split("/")[0] != org and not _is_dir(canon):
                 continue
             by_name = key
     return by_name

@@ -205,7 +205,7 @@ class Pipeline:
         self.mx = mx
         self.mlx_lm = mlx_lm
         self.guarded_calls = 0
-        self.refusals = 0
+        self.blocking_events: set[tuple[str, float]] = set()  # (model, event time)
         self.admits = 0
         self.advisory_warnings = 0
 
@@ -223,7 +223,7 @@ class Pipeline:
         if exc is None:
             self.admits += 1
         else:
-            self.refusals += 1
+            self.blocking_events.add((exc.model_id, exc.last_ts))
             self.report.note(f"refusal message: {exc}")
         return exc
 
@@ -387,6 +387,13 @@ class Pipeline:
             )
             guard.mark_load(llama, ts=now - 100)
             guard.mark_unload(llama, ts=now - 95)
+            try:
+                guard.check(gemma)  # records nothing
+            except CadenceViolation:  # a store that never moves records backwards
+                print(
+                    "  (the store kept the newer records; forgetting them with guard.clear instead)"
+                )
+                guard.clear(llama)
 
         with guard.scope(gemma):
             self.admits += 1
@@ -518,9 +525,9 @@ class Pipeline:
         blocks = sum(m.startswith("CADENCE_BLOCK: ") for m in msgs)
         r.check(
             "breadcrumbs: CADENCE_*",
-            f"{self.admits} admits, {self.refusals} blocks",
+            f"{self.admits} admits, {len(self.blocking_events)} blocks (1 per event)",
             f"{admits} admits, {blocks} blocks",
-            admits == self.admits and blocks == self.refusals,
+            admits == self.admits and blocks == len(self.blocking_events),
         )
 
 
@@ -643,11 +650,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  first-generate flush sleep: {args.flush_sleep:g} s (METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC)"
     )
+    print("  library log: the 'metal_guard' logger stays silent until the application configures")
+    print("  logging (e.g. logging.basicConfig()); this demo attaches a handler and shows WARNINGs")
     llama = build_tiny_model(models_dir / "tiny-llama", "llama", seed=1)
     gemma = build_tiny_model(models_dir / "tiny-gemma4", "gemma4_text", seed=2)
     print(
         f"  models: <models>/tiny-llama (llama), <models>/tiny-gemma4 (gemma4_text); <models> = {models_dir}"
     )
+    print("  (random weights: the generated text is noise; the guards are what is being shown)")
 
     pipeline = Pipeline(args, report, logs, mx, mlx_lm)
     try:

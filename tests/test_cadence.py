@@ -692,6 +692,20 @@ def test_breadcrumbs_name_the_canonical_model(guard_path: str, mg_home: str) -> 
     assert len(_breadcrumbs(mg_home)) == 2  # check/mark write no breadcrumbs
 
 
+def test_a_retry_loop_writes_one_block_breadcrumb_per_event(guard_path: str, mg_home: str) -> None:
+    guard = CadenceGuard(guard_path, min_interval_sec=60)
+    guard.mark_load(LLAMA, ts=time.time() - 10)
+    for _ in range(50):
+        with pytest.raises(CadenceViolation):
+            guard.admit(LLAMA)
+    assert sum("CADENCE_BLOCK: " in x for x in _breadcrumbs(mg_home)) == 1
+    guard.mark_unload(LLAMA)  # a new event: its first refusal is recorded again
+    for _ in range(5):
+        with pytest.raises(CadenceViolation):
+            guard.admit(LLAMA)
+    assert sum("CADENCE_BLOCK: " in x for x in _breadcrumbs(mg_home)) == 2
+
+
 def test_threads_racing_admit_exactly_one(guard_path: str) -> None:
     guard = CadenceGuard(guard_path, min_interval_sec=60)
     barrier = threading.Barrier(8)

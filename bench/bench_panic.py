@@ -19,23 +19,20 @@ Medians of several runs, printed as a table with the machine, and written to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from common import REPO, machine_info, md_table, median, print_machine, write_results
 
-from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import metal_guard as mg  # noqa: E402  (after the path set-up)
+from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
 
-RESULTS = ROOT / "bench" / "results" / "panic_scan.json"
+import metal_guard as mg  # noqa: E402
 
 
 def _generate(folder: Path, count: int) -> None:
@@ -52,35 +49,28 @@ def _generate(folder: Path, count: int) -> None:
         write_panic(folder, p, name=f"panic-full-{i:05d}.panic", retired=i % 10 == 0)
 
 
-def _time(fn: object, runs: int, before: object = None) -> list[float]:
+def _time(
+    fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None
+) -> list[float]:
     samples = []
     for _ in range(runs):
-        if callable(before):
+        if before is not None:
             before()
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         samples.append(time.perf_counter() - t0)
     return samples
 
 
-def _machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reports", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--reports", type=int, default=1000, help="reports to generate (1000)")
+    parser.add_argument("--runs", type=int, default=7, help="cold runs; re-scans get 3x (7)")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="mg-bench-panic-") as tmp:
+    machine = machine_info()
+    print_machine(machine)
+    with tempfile.TemporaryDirectory(prefix="bench-panic-") as tmp:
         reports = Path(tmp) / "DiagnosticReports"
         home = Path(tmp) / "home"
         os.environ["METALGUARD_HOME"] = str(home)
@@ -120,43 +110,38 @@ def main(argv: list[str] | None = None) -> int:
         ("ingest_again", "repeated ingest (nothing new)", ingest_again),
         ("check_steady", "CircuitBreaker.check (steady)", check_steady),
     ]
-    medians = {key: statistics.median(samples) for key, _, samples in rows}
+    medians = {key: median(samples) for key, _, samples in rows}
     ratio = medians["cold_scan"] / medians["rescan"]
-    machine = _machine()
-
-    print(f"machine: {machine['platform']}, {machine['cpu_count']} CPUs, {machine['python']}")
     print(
-        f"reports: {args.reports} ({size / 1e6:.1f} MB, generated in {generate_sec:.1f} s), "
-        f"runs: {args.runs} (re-scan/steady: {args.runs * 3})"
+        f"\n{args.reports} reports ({size / 1e6:.1f} MB, generated in {generate_sec:.1f} s); "
+        f"{args.runs} cold runs, {args.runs * 3} re-scan/steady runs\n"
     )
-    width = max(len(name) for _, name, _ in rows)
-    print(f"{'operation'.ljust(width)}  {'median ms':>10}  {'min ms':>9}  {'per report µs':>13}")
-    for _, name, samples in rows:
-        med = statistics.median(samples)
-        print(
-            f"{name.ljust(width)}  {med * 1e3:10.2f}  {min(samples) * 1e3:9.2f}  "
-            f"{med / args.reports * 1e6:13.1f}"
-        )
-    print(f"cold / re-scan ratio: {ratio:.1f}x")
-
-    result = {
-        "benchmark": "panic_scan",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine,
-        "metal_guard_version": mg.__version__,
-        "reports": args.reports,
-        "report_bytes": size,
-        "runs": args.runs,
-        "median_sec": medians,
-        "labels": {key: name for key, name, _ in rows},
-        "min_sec": {key: min(samples) for key, _, samples in rows},
-        "samples_sec": {key: samples for key, _, samples in rows},
-        "cold_over_rescan": ratio,
-        "notes": "cold = process cache emptied, OS page cache warm; re-scan = files unchanged",
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    table = [
+        [
+            name,
+            f"{median(samples) * 1e3:.2f}",
+            f"{min(samples) * 1e3:.2f}",
+            f"{median(samples) / args.reports * 1e6:.1f}",
+        ]
+        for _, name, samples in rows
+    ]
+    print(md_table(["operation", "median ms", "min ms", "per report µs"], table))
+    print(f"\ncold / unchanged re-scan: {ratio:.1f}x")
+    path = write_results(
+        "panic_scan",
+        machine,
+        {"reports": args.reports, "report_bytes": size, "runs": args.runs},
+        {
+            "median_sec": medians,
+            "min_sec": {key: min(samples) for key, _, samples in rows},
+            "samples_sec": {key: samples for key, _, samples in rows},
+            "labels": {key: name for key, name, _ in rows},
+            "cold_over_rescan": ratio,
+            "metal_guard_version": mg.__version__,
+            "notes": "cold = process cache emptied, OS page cache warm; re-scan = files unchanged",
+        },
+    )
+    print(f"\nresults: {path}")
     return 0
 
 

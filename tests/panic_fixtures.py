@@ -83,7 +83,10 @@ KINDS: dict[str, tuple[str, str | None, str | None]] = {
     ),
 }
 
-_BUILDS = {"24F74": ("15.5", "24.5.0", "xnu-11417.121.6~2"), "25E253": ("26.4.1", "25.4.0", "xnu-12377.101.14~1")}
+_BUILDS = {
+    "24F74": ("15.5", "24.5.0", "xnu-11417.121.6~2"),
+    "25E253": ("26.4.1", "25.4.0", "xnu-12377.101.14~1"),
+}
 
 
 @dataclass
@@ -117,7 +120,11 @@ class Panic:
 
 def _local_stamp(ts: float) -> str:
     moment = datetime.datetime.fromtimestamp(ts).astimezone()
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 10000:02d} " + moment.strftime("%z")
+    return (
+        moment.strftime("%Y-%m-%d %H:%M:%S.")
+        + f"{moment.microsecond // 10000:02d} "
+        + moment.strftime("%z")
+    )
 
 
 def _kernel_version(p: Panic) -> str:
@@ -253,7 +260,9 @@ def write_truncated(folder: Path | str, p: Panic | None = None, *, name: str | N
     return path
 
 
-def write_legacy(folder: Path | str, p: Panic | None = None, *, name: str = "Kernel_legacy.panic") -> Path:
+def write_legacy(
+    folder: Path | str, p: Panic | None = None, *, name: str = "Kernel_legacy.panic"
+) -> Path:
     """A plain-text report as macOS 11 and older wrote them (no JSON body)."""
     p = p or Panic()
     seconds = int(p.ts)
@@ -287,7 +296,9 @@ def write_legacy(folder: Path | str, p: Panic | None = None, *, name: str = "Ker
     return path
 
 
-def write_non_panic_ips(folder: Path | str, *, name: str = "python3.12-2026-04-22-101010.ips") -> Path:
+def write_non_panic_ips(
+    folder: Path | str, *, name: str = "python3.12-2026-04-22-101010.ips"
+) -> Path:
     """A crash report (bug_type 309) that merely mentions panic-like words."""
     header = {"bug_type": "309", "timestamp": "2026-04-22 10:10:10.00 +0000", "incident_id": "X"}
     body = {
@@ -300,7 +311,9 @@ def write_non_panic_ips(folder: Path | str, *, name: str = "python3.12-2026-04-2
     return path
 
 
-def write_binary(folder: Path | str, *, name: str = "panic-base-garbage.panic", size: int = 8192) -> Path:
+def write_binary(
+    folder: Path | str, *, name: str = "panic-base-garbage.panic", size: int = 8192
+) -> Path:
     """A file with a panic-like name holding random bytes."""
     path = Path(folder) / name
     path.write_bytes(os.urandom(size))

@@ -28,8 +28,12 @@ def _breaker(tmp_path: Path, **kwargs: Any) -> mg.CircuitBreaker:
     return mg.CircuitBreaker(report_dir=reports, **kwargs)
 
 
-def _panic(tmp_path: Path, name: str, *, ago: float, kind: str = "492", pid: int = 1, **kw: Any) -> Path:
-    return write_panic(tmp_path / "reports", Panic(kind=kind, pid=pid, ts=time.time() - ago), name=name, **kw)
+def _panic(
+    tmp_path: Path, name: str, *, ago: float, kind: str = "492", pid: int = 1, **kw: Any
+) -> Path:
+    return write_panic(
+        tmp_path / "reports", Panic(kind=kind, pid=pid, ts=time.time() - ago), name=name, **kw
+    )
 
 
 # -- MLXCooldownActive ---------------------------------------------------------------
@@ -144,7 +148,9 @@ def test_threshold_and_explicit_now(tmp_path: Path) -> None:
     _breaker(tmp_path, panic_threshold=4, state_path=tmp_path / "s4.json").check()
     # seen from a moment long before the panics: they are "in the future" and count
     with pytest.raises(mg.MLXCooldownActive):
-        _breaker(tmp_path, panic_threshold=3, state_path=tmp_path / "s3.json").check(now=time.time())
+        _breaker(tmp_path, panic_threshold=3, state_path=tmp_path / "s3.json").check(
+            now=time.time()
+        )
     with pytest.raises(TypeError):
         _breaker(tmp_path).check(now="now")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -169,7 +175,9 @@ def test_process_level_aborts_do_not_trip(tmp_path: Path) -> None:
         "panic(cpu 0 caller 0x1): process aborted: Insufficient Memory "
         "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)\n"
     )
-    (reports / "limit.panic").write_text("panic(cpu 1 caller 0x2): Resource limit (499000) exceeded\n")
+    (reports / "limit.panic").write_text(
+        "panic(cpu 1 caller 0x2): Resource limit (499000) exceeded\n"
+    )
     os.utime(reports / "abort.panic", (now - 10, now - 10))
     os.utime(reports / "limit.panic", (now - 20, now - 20))
     breaker = _breaker(tmp_path, panic_threshold=1)
@@ -178,7 +186,10 @@ def test_process_level_aborts_do_not_trip(tmp_path: Path) -> None:
     assert sigs == ["metal_oom", "resource_limit"]
     # archived records of process-level failures (written by other tools) do not count either
     with open(breaker.jsonl_path, "a") as f:
-        f.write(json.dumps({"ts": now - 5, "pid": 9, "signature": "metal_oom", "source_file": "x"}) + "\n")
+        f.write(
+            json.dumps({"ts": now - 5, "pid": 9, "signature": "metal_oom", "source_file": "x"})
+            + "\n"
+        )
     breaker.check()
 
 
@@ -273,7 +284,9 @@ def test_status_never_writes(tmp_path: Path, mg_home: str) -> None:
     assert status["trip_panic_count"] == 2 and status["archived_panics"] == 2
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe", b'{"cooldown_until": "soon"}'])
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[1, 2]", b"\xff\xfe", b'{"cooldown_until": "soon"}']
+)
 def test_status_and_check_survive_corrupt_state(tmp_path: Path, content: bytes) -> None:
     breaker = _breaker(tmp_path)
     Path(breaker.state_path).parent.mkdir(parents=True, exist_ok=True)
@@ -299,8 +312,13 @@ def test_status_never_raises(tmp_path: Path) -> None:
 def test_clock_stepped_back_never_lengthens_the_cooldown(tmp_path: Path) -> None:
     breaker = _breaker(tmp_path, cooldown_sec=600)
     now = time.time()
-    state = {"tripped_at": now + 86400, "cooldown_until": now + 86400 + 600, "cooldown_sec": 600,
-             "panic_count": 2, "window_sec": 3600}
+    state = {
+        "tripped_at": now + 86400,
+        "cooldown_until": now + 86400 + 600,
+        "cooldown_sec": 600,
+        "panic_count": 2,
+        "window_sec": 3600,
+    }
     Path(breaker.state_path).parent.mkdir(parents=True, exist_ok=True)
     Path(breaker.state_path).write_text(json.dumps(state))
     assert breaker.status()["remaining_sec"] <= 600
@@ -316,7 +334,10 @@ def test_unwritable_state_still_blocks(tmp_path: Path, caplog: pytest.LogCapture
     breaker = _breaker(tmp_path, state_path=tmp_path / "state")
     _panic(tmp_path, "a.panic", ago=30, pid=1)
     _panic(tmp_path, "b.panic", ago=20, pid=2)
-    with caplog.at_level(logging.WARNING, logger="metal_guard"), pytest.raises(mg.MLXCooldownActive):
+    with (
+        caplog.at_level(logging.WARNING, logger="metal_guard"),
+        pytest.raises(mg.MLXCooldownActive),
+    ):
         breaker.check()
     assert "cannot record the breaker trip" in caplog.text
 
@@ -338,17 +359,24 @@ def test_symlinked_state_is_never_followed(tmp_path: Path) -> None:
         breaker.clear()
 
 
-def test_unwritable_archive_still_counts_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unwritable_archive_still_counts_reports(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "archive").mkdir()
     breaker = _breaker(tmp_path, jsonl_path=tmp_path / "archive")
     _panic(tmp_path, "a.panic", ago=30, pid=1)
     _panic(tmp_path, "b.panic", ago=20, pid=2)
-    with caplog.at_level(logging.WARNING, logger="metal_guard"), pytest.raises(mg.MLXCooldownActive):
+    with (
+        caplog.at_level(logging.WARNING, logger="metal_guard"),
+        pytest.raises(mg.MLXCooldownActive),
+    ):
         breaker.check()
     assert "cannot archive panic reports" in caplog.text
 
 
-def test_check_is_cheap_when_nothing_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_is_cheap_when_nothing_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for i in range(20):
         _panic(tmp_path, f"{i}.panic", ago=10_000 + i, pid=i)
     breaker = _breaker(tmp_path)
@@ -392,7 +420,9 @@ _CHECK_WORKER = textwrap.dedent(
 )
 
 
-def _run_workers(n: int, report_dir: Path, mg_home: str, delay: float = 0.0) -> list[dict[str, Any]]:
+def _run_workers(
+    n: int, report_dir: Path, mg_home: str, delay: float = 0.0
+) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "METALGUARD_HOME": mg_home}
     start = time.time() + delay
     procs = [

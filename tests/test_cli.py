@@ -199,7 +199,9 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
 
 def test_panics(mg_home: str, reports: Path, tmp_path: Path) -> None:
     now = time.time()
-    write_panic(reports, Panic(kind="550", pid=7, ts=now - 600, os_build="25E253"), name="new.panic")
+    write_panic(
+        reports, Panic(kind="550", pid=7, ts=now - 600, os_build="25E253"), name="new.panic"
+    )
     write_panic(reports, Panic(kind="watchdog", pid=8, ts=now - 3 * 86400), name="old.panic")
     proc = run(mg_home, "panics", reports=reports)
     assert proc.returncode == 0
@@ -381,7 +383,9 @@ def test_running_the_file_directly(mg_home: str) -> None:
 # -- main() in process ---------------------------------------------------------------
 
 
-def test_main_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_in_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("METALGUARD_PANIC_REPORT_DIR", "/nonexistent-metal-guard-reports")
     assert mg.main(["--version"]) == 0
     assert capsys.readouterr().out == f"metal-guard {mg.__version__}\n"

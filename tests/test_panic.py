@@ -57,8 +57,14 @@ def test_detect_names_every_fixture_kind_and_its_location(kind: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('"completeMemory() prepare count underflow" @IOGPUMemory.cpp:492', "prepare_count_underflow"),
-        ('"completeMemory() prepare count underflow" @IOGPUMemory.cpp:550', "prepare_count_underflow"),
+        (
+            '"completeMemory() prepare count underflow" @IOGPUMemory.cpp:492',
+            "prepare_count_underflow",
+        ),
+        (
+            '"completeMemory() prepare count underflow" @IOGPUMemory.cpp:550',
+            "prepare_count_underflow",
+        ),
         ("prepare count underflow @IOGPUMemory.cpp:9999", "prepare_count_underflow"),
         ("fPendingMemorySet", "pending_memory_set"),
         ("something @IOGPUGroupMemory.cpp:219", "pending_memory_set"),
@@ -109,7 +115,9 @@ def test_explanation_names_the_location_and_what_to_do() -> None:
 def test_signature_table_flags() -> None:
     kinds = {name: kind for name, kind, *_ in mg._PANIC_SIGNATURES}
     assert set(kinds) >= {*KERNEL_SIGNATURES, "metal_oom", "resource_limit"}
-    assert {n for n, k in kinds.items() if k == "iogpu"} == set(KERNEL_SIGNATURES) - {"gpu_watchdog"}
+    assert {n for n, k in kinds.items() if k == "iogpu"} == set(KERNEL_SIGNATURES) - {
+        "gpu_watchdog"
+    }
     assert kinds["gpu_watchdog"] == "kernel"
     assert kinds["metal_oom"] == kinds["resource_limit"] == "process"
     for _, _, needles, *_ in mg._PANIC_SIGNATURES:  # the pre-filter compares lower case
@@ -120,7 +128,8 @@ def test_signature_table_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [None, b"fPendingMemorySet", 123, 4.5, ["fPendingMemorySet"], object(), "", "   ", "hello"]
+    "value",
+    [None, b"fPendingMemorySet", 123, 4.5, ["fPendingMemorySet"], object(), "", "   ", "hello"],
 )
 def test_detect_bad_or_unknown_input(value: object) -> None:
     assert mg.detect_panic_signature(value) == (None, None)
@@ -238,7 +247,9 @@ def test_non_panic_files_are_ignored(tmp_path: Path) -> None:
     write_binary(tmp_path, name="x.ips")
     (tmp_path / "empty.panic").write_bytes(b"")
     (tmp_path / "header-only.ips").write_text('{"bug_type":"288"}\n')
-    (tmp_path / "other.panic").write_text('{"bug_type":"151"}\n{"panicString":"fPendingMemorySet"}\n')
+    (tmp_path / "other.panic").write_text(
+        '{"bug_type":"151"}\n{"panicString":"fPendingMemorySet"}\n'
+    )
     (tmp_path / "noheader.ips").write_text(panic_text(Panic()))  # .ips needs bug_type 210
     (tmp_path / "json-list.panic").write_text("[1, 2, 3]\n")
     (tmp_path / ".hidden.panic").write_bytes(write_panic(tmp_path / "sub", Panic()).read_bytes())
@@ -254,7 +265,9 @@ def test_macos_panic_string_of_intel_t2_reports(tmp_path: Path) -> None:
     (tmp_path / "t2.panic").write_text(json.dumps(header) + "\n" + json.dumps(body))
     (one_doc := tmp_path / "one.ips").write_text(json.dumps({**header, **body}, indent=1))
     records = mg.parse_panic_reports(tmp_path)
-    assert [(r["signature"], r["pid"]) for r in records] == [("pending_in_non_pending_hash", 31)] * 2
+    assert [(r["signature"], r["pid"]) for r in records] == [
+        ("pending_in_non_pending_hash", 31)
+    ] * 2
     assert {r["source_file"] for r in records} == {str(tmp_path / "t2.panic"), str(one_doc)}
 
 
@@ -273,7 +286,9 @@ def test_single_document_and_non_utf8_reports(tmp_path: Path) -> None:
     p = Panic(kind="528", ts=T0 + 1, pid=9)
     one_doc = {"bug_type": "210", "panicString": panic_text(p)}
     (tmp_path / "one.panic").write_text(json.dumps(one_doc, indent=2))
-    raw = write_panic(tmp_path, Panic(kind="219", ts=T0 + 2, pid=10), name="bytes.panic").read_bytes()
+    raw = write_panic(
+        tmp_path, Panic(kind="219", ts=T0 + 2, pid=10), name="bytes.panic"
+    ).read_bytes()
     raw = raw.replace(b"Debugger message: panic", b"Debugger message: \xff\xfe\xc3(panic")
     (tmp_path / "bytes.panic").write_bytes(raw)  # body JSON now invalid UTF-8 → fallback
     records = mg.parse_panic_reports(tmp_path)
@@ -300,7 +315,9 @@ def test_huge_file_reads_a_bounded_prefix(tmp_path: Path, monkeypatch: pytest.Mo
     assert limits and max(limits) <= 4 << 20
 
 
-def test_unreadable_and_odd_entries_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_and_odd_entries_are_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = write_panic(tmp_path, Panic(pid=1, ts=T0), name="good.panic")
     bad = write_panic(tmp_path, Panic(pid=2, ts=T0 + 1), name="bad.panic")
     (tmp_path / "dir.panic").mkdir()
@@ -423,7 +440,9 @@ def test_threads_scanning_at_once(tmp_path: Path) -> None:
     import threading
 
     for i in range(30):
-        write_panic(tmp_path, Panic(pid=i, ts=T0 + i, kind=list(KINDS)[i % len(KINDS)]), name=f"{i}.panic")
+        write_panic(
+            tmp_path, Panic(pid=i, ts=T0 + i, kind=list(KINDS)[i % len(KINDS)]), name=f"{i}.panic"
+        )
     results: list[list[dict[str, Any]]] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(8)
@@ -503,7 +522,12 @@ def test_ingest_tolerates_corrupt_lines_and_a_torn_tail(tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     now = time.time()
     archive = tmp_path / "a.jsonl"
-    valid = {"ts": now - 50, "pid": 1, "source_file": "/old/1.panic", "signature": "pending_memory_set"}
+    valid = {
+        "ts": now - 50,
+        "pid": 1,
+        "source_file": "/old/1.panic",
+        "signature": "pending_memory_set",
+    }
     archive.write_text(
         "garbage line\n"
         + json.dumps(valid)
@@ -645,7 +669,14 @@ def test_concurrent_ingest_from_real_processes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _INGEST_WORKER, str(start), str(a if n % 2 else b), str(archive)],
+            [
+                sys.executable,
+                "-c",
+                _INGEST_WORKER,
+                str(start),
+                str(a if n % 2 else b),
+                str(archive),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

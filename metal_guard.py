@@ -479,25 +479,34 @@ class _CorruptFile(ValueError):
 _JSON_MAX_BYTES = 16 << 20
 
 
-def _load_json_object(path: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ``{}`` when missing; ``_CorruptFile`` when invalid."""
+def _read_json_file(path: str) -> tuple[dict[str, Any], bytes]:
+    """The JSON object in ``path`` and the bytes it came from.
+
+    ``({}, b"")`` when the file is missing; raises ``_CorruptFile`` when it
+    does not hold a JSON object.
+    """
     import json
 
     try:
         raw = _read_bounded(path, _JSON_MAX_BYTES + 1)
     except FileNotFoundError:
-        return {}
+        return {}, b""
     if len(raw) > _JSON_MAX_BYTES:
         raise _CorruptFile(f"{path} is larger than {_JSON_MAX_BYTES} bytes")
     if not raw.strip():
-        return {}
+        return {}, raw
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _CorruptFile(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise _CorruptFile(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
+    return data, raw
+
+
+def _load_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` when missing; ``_CorruptFile`` when invalid."""
+    return _read_json_file(path)[0]
 
 
 def _quarantine(path: str, why: str) -> None:
@@ -538,16 +547,17 @@ def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: 
 
     with _FileLock(path + ".lock", timeout):
         try:
-            data = _load_json_object(path)
+            data, raw = _read_json_file(path)
         except _CorruptFile as exc:
             _quarantine(path, str(exc))
-            data = {}
-        before = json.dumps(data, sort_keys=True, default=str)
+            data, raw = {}, b""
         result = mutate(data)
-        after = json.dumps(data, sort_keys=True, default=str)
-        if after != before:
+        # Compare with the bytes read instead of re-serialising the old object:
+        # one dumps per update. (A file in another layout is rewritten once.)
+        encoded = json.dumps(data, sort_keys=True, default=str).encode("utf-8") + b"\n"
+        if encoded != raw and (data or raw):
             _sweep_stale_temps(path)
-            _atomic_write_bytes(path, after.encode("utf-8") + b"\n")
+            _atomic_write_bytes(path, encoded)
         return result
 
 
@@ -874,11 +884,30 @@ def canonical_model_id(model_id: StrPath) -> str:
     return text.rstrip("/\\") or text
 
 
+_canonical_memo: dict[str, str | None] = {}
+_CANONICAL_MEMO_MAX = 4096
+
+
 def _lenient_model_id(model_id: object) -> str | None:
+    """``canonical_model_id`` or ``None``; memoised for strings (store keys repeat a lot).
+
+    The memo is a pure cache of a pure function: a race between threads can
+    only compute an entry twice, so it needs no lock.
+    """
+    if type(model_id) is str:
+        try:
+            return _canonical_memo[model_id]
+        except KeyError:  # not seen yet (or the memo was just cleared)
+            pass
     try:
-        return canonical_model_id(model_id)  # type: ignore[arg-type]
+        canonical: str | None = canonical_model_id(model_id)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return None
+        canonical = None
+    if type(model_id) is str:
+        if len(_canonical_memo) >= _CANONICAL_MEMO_MAX:
+            _canonical_memo.clear()
+        _canonical_memo[model_id] = canonical
+    return canonical
 
 
 def _model_name(canonical: str) -> str:

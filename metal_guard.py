@@ -53,26 +53,40 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at run time
 __version__ = "0.9.0"
 
 __all__ = [
+    "__version__",
+    # 2. State files
+    "StateLockTimeout",
+    # 4. Breadcrumbs
+    "MetalGuard",
+    "metal_guard",
+    "read_breadcrumbs",
+    # 5. Model identity
+    "canonical_model_id",
+    "is_gemma4_family",
+    # 6. Flush guards
+    "gemma4_generation_flush",
+    "subprocess_inference_guard",
+    # 7. Cadence
+    "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
     "CadenceGuard",
     "CadenceStoreError",
     "CadenceViolation",
     "CrossModelCadenceViolation",
-    "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
-    "KNOWN_PANIC_MODELS",
-    "MetalGuard",
-    "StateLockTimeout",
-    "__version__",
     "cadence_scope",
-    "canonical_model_id",
-    "check_known_panic_model",
-    "gemma4_generation_flush",
-    "is_gemma4_family",
-    "main",
-    "metal_guard",
-    "read_breadcrumbs",
     "require_cadence_clear",
-    "subprocess_inference_guard",
+    # 8. Registry
+    "KNOWN_PANIC_MODELS",
+    "check_known_panic_model",
     "warn_if_known_panic_model",
+    # 9. Panic reports & circuit breaker
+    "CircuitBreaker",
+    "MLXCooldownActive",
+    "detect_panic_signature",
+    "ingest_panics_jsonl",
+    "parse_panic_reports",
+    "read_panic_archive",
+    # 10. Command line
+    "main",
 ]
 
 
@@ -259,6 +273,7 @@ def _reset_process_state() -> None:
         _WARNED_PANIC_MODELS.clear()
     with _block_crumb_lock:
         _block_crumb_last.clear()
+    _reset_panic_caches()
 
 
 # =============================================================================

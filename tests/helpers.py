@@ -12,10 +12,30 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 
-__all__ = ["HAS_MLX", "HAS_MLX_LM", "has_module", "requires_mlx", "requires_mlx_lm"]
+__all__ = [
+    "HAS_MLX",
+    "HAS_MLX_LM",
+    "REPO",
+    "child_env",
+    "has_module",
+    "requires_mlx",
+    "requires_mlx_lm",
+]
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a child Python that imports the working copy."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(overrides)
+    return env
 
 
 def has_module(name: str) -> bool:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
+from helpers import child_env
 
-REPO = str(Path(__file__).resolve().parents[1])
 LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d) pid=(\d+) (.*)$")
 
 
@@ -166,12 +166,6 @@ def _run_writers(env: dict[str, str], workers: int, count: int) -> None:
     assert [p.wait(timeout=300) for p in procs] == [0] * workers
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO
-    return env
-
-
 def _check_lines(lines: list[str], workers: int, count: int) -> None:
     seen: dict[int, list[int]] = {w: [] for w in range(workers)}
     for line in lines:
@@ -187,7 +181,7 @@ def _check_lines(lines: list[str], workers: int, count: int) -> None:
 
 @pytest.mark.multiprocess
 def test_eight_concurrent_writers_never_interleave(mg_home: str) -> None:
-    _run_writers(_child_env(), 8, 300)
+    _run_writers(child_env(), 8, 300)
     lines = (Path(mg_home) / "breadcrumbs.log").read_text().splitlines()
     assert len(lines) == 8 * 300
     _check_lines(lines, 8, 300)
@@ -196,7 +190,7 @@ def test_eight_concurrent_writers_never_interleave(mg_home: str) -> None:
 @pytest.mark.multiprocess
 def test_rotation_at_the_limit_loses_no_acknowledged_line(mg_home: str) -> None:
     limit = 64 * 1024
-    env = _child_env()
+    env = child_env()
     env["METALGUARD_BREADCRUMB_MAX_BYTES"] = str(limit)
     # About 1.5x the limit in all: exactly one rotation, every line kept.
     _run_writers(env, 8, 140)

@@ -18,8 +18,7 @@ import pytest
 from panic_fixtures import Panic, write_legacy, write_panic
 
 import metal_guard as mg
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import child_env
 
 
 def _breaker(tmp_path: Path, **kwargs: Any) -> mg.CircuitBreaker:
@@ -423,7 +422,7 @@ _CHECK_WORKER = textwrap.dedent(
 def _run_workers(
     n: int, report_dir: Path, mg_home: str, delay: float = 0.0
 ) -> list[dict[str, Any]]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "METALGUARD_HOME": mg_home}
+    env = child_env(METALGUARD_HOME=mg_home)
     start = time.time() + delay
     procs = [
         subprocess.Popen(

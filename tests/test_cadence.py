@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
+from helpers import REPO, child_env
 from metal_guard import (
     GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
     CadenceGuard,
@@ -39,7 +40,6 @@ from metal_guard import (
     require_cadence_clear,
 )
 
-REPO = str(Path(__file__).resolve().parents[1])
 RESERVED = "__metal_guard__"
 
 LLAMA = "mlx-community/Llama-3.2-1B-Instruct-4bit"
@@ -92,18 +92,12 @@ def _assert_reference_readable(path: Path | str) -> None:
             assert math.isfinite(value)
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _spawn(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
     """A fresh interpreter running ``code`` with this repository's metal_guard importable."""
     prelude = f"import sys; sys.path.insert(0, {REPO!r})\n"
     return subprocess.Popen(
         [sys.executable, "-c", prelude + code, *args],
-        env=_child_env(),
+        env=child_env(),
         cwd=REPO,
         text=True,
         **kwargs,

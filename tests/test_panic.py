@@ -27,8 +27,8 @@ from panic_fixtures import (
 )
 
 import metal_guard as mg
+from helpers import child_env
 
-REPO = Path(__file__).resolve().parent.parent
 T0 = 1_776_900_000.0  # 2026-04-22, a fixed "panic time" for records
 
 # -- detect_panic_signature ------------------------------------------------------
@@ -666,7 +666,7 @@ def test_concurrent_ingest_from_real_processes(tmp_path: Path) -> None:
             write_panic(b, p, name=f"copy-{i}.panic")
     archive = tmp_path / "panics.jsonl"
     start = time.time() + 1.5
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     procs = [
         subprocess.Popen(
             [
@@ -718,7 +718,7 @@ def test_sigkill_during_ingest_leaves_a_valid_archive(tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     for i in range(200):
         write_panic(reports, Panic(pid=i, ts=now - 5000 + i * 10), name=f"{i}.panic")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     rng = random.Random(1234)
     for round_ in range(6):
         archive = tmp_path / f"panics-{round_}.jsonl"

@@ -20,15 +20,7 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-
-REPO = str(Path(__file__).resolve().parents[1])
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
+from helpers import child_env
 
 INCREMENT_CODE = """
 import sys, metal_guard as mg
@@ -46,7 +38,7 @@ def test_eight_processes_increment_exactly(tmp_path: Path) -> None:
     path = str(tmp_path / "counter.json")
     for _round in range(2):  # "every time": the exact total twice in a row
         procs = [
-            subprocess.Popen([sys.executable, "-c", INCREMENT_CODE, path, "200"], env=_child_env())
+            subprocess.Popen([sys.executable, "-c", INCREMENT_CODE, path, "200"], env=child_env())
             for _ in range(8)
         ]
         assert [p.wait(timeout=300) for p in procs] == [0] * 8
@@ -82,7 +74,7 @@ def test_sigkilled_writers_never_corrupt_or_hold_the_lock(tmp_path: Path) -> Non
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", HAMMER_CODE, path],
-                env=_child_env(),
+                env=child_env(),
                 stdout=subprocess.PIPE,
             )
             for _ in range(2)
@@ -220,7 +212,7 @@ with mg._FileLock(sys.argv[1], timeout=5):
 def test_lock_timeout_is_a_clear_picklable_error(tmp_path: Path) -> None:
     lock = str(tmp_path / "s.json.lock")
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_CODE, lock], env=_child_env(), stdout=subprocess.PIPE
+        [sys.executable, "-c", HOLD_CODE, lock], env=child_env(), stdout=subprocess.PIPE
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"

@@ -1505,14 +1505,32 @@ class CadenceGuard:
                 return CrossModelCadenceViolation(canon, other[0], other[1], cross, now=events.now)
         return None
 
+    @staticmethod
+    def _latest_for(mapping: dict[str, Any], canon: str) -> float | None:
+        """The newest time ``mapping`` holds for ``canon`` under any spelling."""
+        fold = canon.casefold()
+        times = [
+            ts
+            for key, value in mapping.items()
+            if key != _CADENCE_RESERVED
+            and (ts := _number(value)) is not None
+            and (_lenient_model_id(key) or "").casefold() == fold
+        ]
+        return max(times) if times else None
+
     def _record(self, data: dict[str, Any], canon: str, ts: float, *, unload: bool) -> None:
         reserved = self._prune(data, time.time())
+        mapping = reserved["unloads"] if unload else data
+        # Never move a record backwards: a late or stale mark (another process's
+        # delayed unload, a backdated ``ts``) must not shorten anyone's window.
+        latest = self._latest_for(mapping, canon)
+        if latest is not None and latest > ts:
+            ts = latest
         if unload:
-            self._drop_aliases(reserved["unloads"], canon)
-            reserved["unloads"][canon] = ts
+            self._drop_aliases(mapping, canon)
         else:
-            self._touch_aliases(data, canon, ts)
-            data[canon] = ts
+            self._touch_aliases(mapping, canon, ts)
+        mapping[canon] = ts
         reserved["pids"][canon] = os.getpid()
 
     def _repair_clock(self) -> None:
@@ -1563,11 +1581,17 @@ class CadenceGuard:
         _breadcrumb(f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)"))
 
     def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
-        """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds)."""
+        """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
+
+        A record never moves backwards: an older ``ts`` than the one stored is ignored.
+        """
         self._mark(model_id, ts, unload=False)
 
     def mark_unload(self, model_id: StrPath, *, ts: float | None = None) -> None:
-        """Record that ``model_id`` was unloaded now (or at ``ts``): intervals count from here."""
+        """Record that ``model_id`` was unloaded now (or at ``ts``): intervals count from here.
+
+        A record never moves backwards: an older ``ts`` than the one stored is ignored.
+        """
         self._mark(model_id, ts, unload=True)
 
     def _mark(self, model_id: StrPath, ts: float | None, *, unload: bool) -> None:

@@ -379,21 +379,12 @@ class Pipeline:
                 except CadenceViolation as again:
                     exc = again
         else:
-            now = time.time()
             print(
-                "  Demo shortcut (not something to do in production): simulating that the llama was\n"
-                f"  loaded 100 s ago and unloaded 95 s ago, i.e. that the {FLOOR:g} s floor has passed\n"
-                "  (guard.mark_load / guard.mark_unload with ts=now-100 / now-95). Use --real-wait to wait."
+                "  Demo shortcut (not something to do in production): forgetting the llama's\n"
+                f"  records with guard.clear(llama), as if the {FLOOR:g} s floor had passed. Records\n"
+                "  never move backwards, so a backdated mark would not do. Use --real-wait to wait."
             )
-            guard.mark_load(llama, ts=now - 100)
-            guard.mark_unload(llama, ts=now - 95)
-            try:
-                guard.check(gemma)  # records nothing
-            except CadenceViolation:  # a store that never moves records backwards
-                print(
-                    "  (the store kept the newer records; forgetting them with guard.clear instead)"
-                )
-                guard.clear(llama)
+            guard.clear(llama)
 
         with guard.scope(gemma):
             self.admits += 1

@@ -329,7 +329,14 @@ def test_mark_unload_moves_the_window(guard_path: str) -> None:
         guard.check(LLAMA)
     with pytest.raises(CrossModelCadenceViolation):
         guard.check(QWEN)
-    guard.mark_unload(LLAMA, ts=now - 200)  # an older unload replaces the record
+    # A stale, older mark (a delayed report from another process) never shortens the window.
+    guard.mark_unload(LLAMA, ts=now - 200)
+    guard.mark_load(LLAMA, ts=now - 500)
+    assert guard.last_ts(LLAMA) == pytest.approx(now - 30)
+    assert _read(guard_path)[LLAMA] == pytest.approx(now - 400)
+    with pytest.raises(CadenceViolation):
+        guard.check(LLAMA)
+    assert guard.clear(LLAMA) == 1  # forgetting is explicit
     guard.check(LLAMA)
     guard.check(QWEN)
 
@@ -837,7 +844,7 @@ def test_other_spellings_stay_current_for_the_reference(guard_path: str) -> None
     # an older mark never makes another writer's record older
     guard.mark_load("org/model", ts=now - 1000)
     after = _reference_view(guard_path)
-    assert after["org/model"] == now - 1000
+    assert after["org/model"] == view["Org/Model"]  # the new spelling gets the newest time
     assert after[hf] == after["Org/Model"] == view["Org/Model"]
     assert guard.last_ts("ORG/model") == view["Org/Model"]
 

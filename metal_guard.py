@@ -192,7 +192,7 @@ def _env_float(
 
 
 def _env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
-    """Read an integer from ``name`` (``1e6``-style and ``_`` separators are not accepted)."""
+    """Read a base-10 integer from ``name`` (``1e6``, ``0x10`` and ``1.5`` are bad values)."""
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -656,11 +656,14 @@ def _generation_stream() -> object | None:
 
 
 def _as_stream_list(streams: object) -> list[object]:
-    """Accept one stream, an iterable of streams, or ``None``."""
+    """Accept one stream, any iterable of streams (a generator too), or ``None``."""
     if streams is None:
         return []
-    if isinstance(streams, (list, tuple, set, frozenset)):
-        return list(streams)
+    if hasattr(streams, "__iter__") and not isinstance(streams, (str, bytes)):
+        try:
+            return list(streams)
+        except Exception as exc:  # an odd object: treat it as one stream, as given
+            _log().debug("metal_guard: cannot iterate streams=%r: %r", streams, exc)
     return [streams]
 
 
@@ -1036,7 +1039,8 @@ class subprocess_inference_guard:
 
     def __init__(self, model_id: object, *, streams: object = None) -> None:
         self.model_id = model_id
-        self.streams = streams
+        # Materialised once, so a generator of streams serves every use of the guard.
+        self.streams: tuple[object, ...] = tuple(_as_stream_list(streams))
 
     def __enter__(self) -> subprocess_inference_guard:
         mx = _mlx()
@@ -3179,8 +3183,13 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         "else 0; gemma-4 models always get at least 90)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser(
+    status = commands.add_parser(
         "status", parents=[json_flag], help="version, MLX, state, cadence, breaker, recent panics"
+    )
+    status.add_argument(
+        "--device",
+        action="store_true",
+        help="also import mlx.core to show the device (initialises Metal: avoid during a cooldown)",
     )
     check = commands.add_parser(
         "check",
@@ -3267,28 +3276,40 @@ def _cadence_guard(args: argparse.Namespace) -> CadenceGuard:
     )
 
 
-def _mlx_info() -> dict[str, Any]:
-    """MLX presence, version and device, best-effort (never imports mlx-lm)."""
+def _mlx_info(*, probe_device: bool) -> dict[str, Any]:
+    """MLX presence and version from package metadata; the device only when asked.
+
+    Importing ``mlx.core`` initialises Metal, which is exactly what a status
+    check right after a panic (during a cooldown) should not do; so the
+    device is probed only with ``probe_device`` (``status --device``).
+    """
+    import importlib.metadata
+    import importlib.util
+
     info: dict[str, Any] = {
         "installed": False,
         "version": None,
         "default_device": None,
         "device_info": None,
+        "device_probed": probe_device,
     }
-    mx = _mlx()
+    try:
+        info["installed"] = importlib.util.find_spec("mlx.core") is not None
+        info["version"] = importlib.metadata.version("mlx")
+    except Exception:  # not installed, or metadata missing/broken
+        pass
+    mx = _mlx() if probe_device else None
     if mx is None:
         return info
     info["installed"] = True
     version = getattr(mx, "__version__", None)
-    info["version"] = version if isinstance(version, str) else None
+    info["version"] = version if isinstance(version, str) else info["version"]
     try:
         info["default_device"] = str(mx.default_device())
     except Exception as exc:
         _log().debug("metal_guard: mx.default_device() failed: %r", exc)
-    device_info = getattr(mx, "device_info", None)
-    if not callable(device_info):  # MLX before 0.25 (the metal alias prints a notice on newer)
-        device_info = getattr(getattr(mx, "metal", None), "device_info", None)
-    if callable(device_info):
+    device_info = _mlx_fn(mx, "device_info")
+    if device_info is not None:
         try:
             value = device_info()
             if isinstance(value, dict):
@@ -3396,7 +3417,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
 
     now = time.time()
     home = _state_home()
-    mlx = _mlx_info()
+    mlx = _mlx_info(probe_device=bool(getattr(args, "device", False)))
     cadence = _cadence_guard(args).status(now=now)
     breaker = _breaker().status(now=now)
     doc: dict[str, Any] = {
@@ -3410,11 +3431,13 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
     }
-    if mlx["installed"]:
+    if mlx["installed"] and mlx["device_probed"]:
         device = mlx["device_info"] or {}
         detail = ", ".join(f"{k}={v}" for k, v in list(device.items())[:4])
         mlx_text = f"{mlx['version'] or '?'} (device {mlx['default_device'] or '?'}"
         mlx_text += f"; {detail})" if detail else ")"
+    elif mlx["installed"]:
+        mlx_text = f"{mlx['version'] or '?'} (device not probed; --device imports mlx.core)"
     else:
         mlx_text = "not installed (every MLX step is a no-op)"
     lines = [f"metal-guard {__version__}"]

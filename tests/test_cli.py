@@ -14,7 +14,7 @@ import pytest
 from panic_fixtures import Panic, write_panic
 
 import metal_guard as mg
-from helpers import HAS_MLX
+from helpers import HAS_MLX, child_env
 
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_PANIC = "mlx-community/gemma-4-31b-it-8bit"
@@ -95,13 +95,33 @@ def test_status_human_and_json_create_no_state(mg_home: str, reports: Path) -> N
     assert doc["version"] == mg.__version__
     assert doc["state_folder"] == mg_home
     assert doc["mlx"]["installed"] is HAS_MLX
+    # Metal is not initialised by a plain status (it may run during a cooldown) ...
+    assert doc["mlx"]["device_probed"] is False and doc["mlx"]["device_info"] is None
     if HAS_MLX:
         assert isinstance(doc["mlx"]["version"], str)
-        assert isinstance(doc["mlx"]["device_info"], dict)
+        assert "device not probed" in out
+        # ... only when asked for the device
+        code, probed = run_json(mg_home, "status", "--device", reports=reports)
+        assert code == 0 and probed["mlx"]["device_probed"] is True
+        assert isinstance(probed["mlx"]["device_info"], dict)
     assert doc["cadence"]["events"] == []
     assert doc["breaker"]["cooling_down"] is False
     assert run(mg_home, reports=reports).stdout.startswith("metal-guard ")  # default command
     assert os.listdir(mg_home) == []  # showing status writes nothing
+
+
+def test_status_never_imports_mlx(mg_home: str, reports: Path) -> None:
+    code = (
+        "import contextlib, io, sys, metal_guard\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rc = metal_guard.main(['status', '--json'])\n"
+        "print(rc, 'mlx.core' in sys.modules, 'mlx_lm' in sys.modules)\n"
+    )
+    env = child_env(METALGUARD_HOME=mg_home, METALGUARD_PANIC_REPORT_DIR=str(reports))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.split() == ["0", "False", "False"], proc.stderr
 
 
 def test_status_shows_what_is_blocked(mg_home: str, reports: Path) -> None:

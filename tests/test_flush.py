@@ -124,6 +124,20 @@ def test_guard_synchronizes_caller_streams(recorder: Recorder, real_mx: Any) -> 
     assert _post_body(recorder)[-1] == ("clear_cache", ())
 
 
+@pytest.mark.mlx
+def test_guard_accepts_a_generator_of_streams_and_reuses_it(
+    recorder: Recorder, real_mx: Any
+) -> None:
+    streams = [real_mx.new_stream(real_mx.default_device()) for _ in range(2)]
+    guard = mg.subprocess_inference_guard("m", streams=(s for s in streams))
+    for _ in range(2):  # the generator is read once, the guard used twice
+        recorder.events.clear()
+        with guard:
+            recorder.events.append(("BODY_END", ()))
+        synced = [args[0] for name, args in _post_body(recorder) if name == "synchronize" and args]
+        assert all(any(s is x for x in synced) for s in streams)
+
+
 def test_guard_without_mlx_writes_breadcrumbs_only(
     monkeypatch: pytest.MonkeyPatch, mg_home: str
 ) -> None:

@@ -41,6 +41,7 @@ lint: ruff mypy
 
 ruff: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 mypy: $(STAMP)
 	$(BIN)/mypy --strict $(LINT_PATHS)

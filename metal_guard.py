@@ -174,7 +174,12 @@ def _env_float(
         return default
     if value < minimum or (maximum is not None and value > maximum):
         if not clamp:
-            _env_bad(name, raw, f"outside [{minimum:g}, {maximum if maximum is not None else 'inf'}]", default)
+            _env_bad(
+                name,
+                raw,
+                f"outside [{minimum:g}, {maximum if maximum is not None else 'inf'}]",
+                default,
+            )
             return default
         clamped = min(max(value, minimum), maximum if maximum is not None else value)
         _log_once(
@@ -206,7 +211,9 @@ def _env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None =
         _env_bad(name, raw, "not an integer", default)
         return default
     if value < minimum or (maximum is not None and value > maximum):
-        _env_bad(name, raw, f"outside [{minimum}, {maximum if maximum is not None else 'inf'}]", default)
+        _env_bad(
+            name, raw, f"outside [{minimum}, {maximum if maximum is not None else 'inf'}]", default
+        )
         return default
     return value
 
@@ -337,7 +344,9 @@ class _FileLock:
         try:
             import fcntl
         except ImportError:  # not a POSIX system: nothing to lock with
-            _log_once("nolock", _WARNING, "metal_guard: fcntl is unavailable; state files are not locked")
+            _log_once(
+                "nolock", _WARNING, "metal_guard: fcntl is unavailable; state files are not locked"
+            )
             return
         _ensure_dir(os.path.dirname(self.path) or ".")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
@@ -531,7 +540,9 @@ def _quarantine(path: str, why: str) -> None:
     try:
         os.replace(path, target)
     except OSError as exc:
-        _log().warning("metal_guard: %s; could not move it aside (%s); treating it as empty", why, exc)
+        _log().warning(
+            "metal_guard: %s; could not move it aside (%s); treating it as empty", why, exc
+        )
         return
     _log().warning("metal_guard: %s; moved it to %s and started afresh", why, target)
 
@@ -608,7 +619,12 @@ def _mlx() -> ModuleType | None:
     except ImportError:
         pass
     except Exception as exc:  # a broken install: say so once, then behave as absent
-        _log_once("mlx-import", _WARNING, "metal_guard: importing mlx.core failed (%r); MLX steps are skipped", exc)
+        _log_once(
+            "mlx-import",
+            _WARNING,
+            "metal_guard: importing mlx.core failed (%r); MLX steps are skipped",
+            exc,
+        )
     with _mlx_lock:
         _mlx_missing_for.add(key)
     return None
@@ -640,7 +656,14 @@ def _mlx_step(
         fn(*args)
         return True
     except Exception as exc:
-        _log().log(level, "metal_guard: %s failed for model %r: %s: %s", step, model_id, type(exc).__name__, exc)
+        _log().log(
+            level,
+            "metal_guard: %s failed for model %r: %s: %s",
+            step,
+            model_id,
+            type(exc).__name__,
+            exc,
+        )
         return False
 
 
@@ -667,7 +690,9 @@ def _as_stream_list(streams: object) -> list[object]:
     return [streams]
 
 
-def _synchronize(mx: ModuleType, streams: object = None, *, model_id: object = None, level: int = _DEBUG) -> None:
+def _synchronize(
+    mx: ModuleType, streams: object = None, *, model_id: object = None, level: int = _DEBUG
+) -> None:
     """Wait for queued MLX work: the default stream, mlx-lm's generation stream, ``streams``.
 
     A bare ``mx.synchronize()`` waits only for the default stream of the
@@ -725,7 +750,9 @@ def _escape_line(text: str) -> str:
 
 
 def _default_breadcrumb_path() -> str | None:
-    return _env_path("METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True)
+    return _env_path(
+        "METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True
+    )
 
 
 class MetalGuard:
@@ -767,7 +794,12 @@ class MetalGuard:
             text = msg if isinstance(msg, str) else repr(msg)
             line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(text)}\n"
             size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
-            limit = _env_int("METALGUARD_BREADCRUMB_MAX_BYTES", _BREADCRUMB_MAX_DEFAULT, minimum=4096, maximum=1 << 40)
+            limit = _env_int(
+                "METALGUARD_BREADCRUMB_MAX_BYTES",
+                _BREADCRUMB_MAX_DEFAULT,
+                minimum=4096,
+                maximum=1 << 40,
+            )
             if size > limit:
                 _rotate(path, limit)
         except Exception as exc:  # forensics must never break the caller
@@ -804,7 +836,9 @@ def _rotate(path: str, limit: int) -> None:
             os.replace(path, path + ".1")
             _fsync_dir(os.path.dirname(path) or ".")
     except (OSError, StateLockTimeout) as exc:
-        _log_once("rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc)
+        _log_once(
+            "rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc
+        )
 
 
 def _tail_lines(path: str, n: int) -> list[str]:
@@ -890,12 +924,16 @@ def canonical_model_id(model_id: StrPath) -> str:
     if isinstance(model_id, os.PathLike):
         model_id = os.fspath(model_id)
     if not isinstance(model_id, str):
-        raise TypeError(f"model_id must be a str or os.PathLike[str], not {type(model_id).__name__}")
+        raise TypeError(
+            f"model_id must be a str or os.PathLike[str], not {type(model_id).__name__}"
+        )
     text = model_id.strip()
     if not text:
         raise ValueError("model_id is empty; pass the repo id or local path you load")
     if len(text) > _MODEL_ID_MAX:
-        raise ValueError(f"model_id is {len(text)} characters long; expected at most {_MODEL_ID_MAX}")
+        raise ValueError(
+            f"model_id is {len(text)} characters long; expected at most {_MODEL_ID_MAX}"
+        )
     hf = _hf_cache_id(text)
     if hf is not None:
         return hf
@@ -983,7 +1021,9 @@ def is_gemma4_family(model_id: object) -> bool:
                 return any(t.lower() in _GEMMA4_MODEL_TYPES for t in types)
     except (OSError, ValueError):
         pass
-    return bool(_regex("gemma4", r"gemma-4-(?:\d+|e\d+)b(?:-.+)?", 2).fullmatch(_model_name(canonical)))
+    return bool(
+        _regex("gemma4", r"gemma-4-(?:\d+|e\d+)b(?:-.+)?", 2).fullmatch(_model_name(canonical))
+    )
 
 
 _is_gemma4_family = is_gemma4_family
@@ -1045,7 +1085,12 @@ class subprocess_inference_guard:
     def __enter__(self) -> subprocess_inference_guard:
         mx = _mlx()
         if mx is not None:
-            _mlx_step("clear_cache (pre)", _mlx_fn(mx, "clear_cache"), model_id=self.model_id, level=_WARNING)
+            _mlx_step(
+                "clear_cache (pre)",
+                _mlx_fn(mx, "clear_cache"),
+                model_id=self.model_id,
+                level=_WARNING,
+            )
         _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
         return self
 
@@ -1061,7 +1106,12 @@ class subprocess_inference_guard:
         mx = _mlx()
         if mx is not None:
             _synchronize(mx, self.streams, model_id=self.model_id, level=level)
-            _mlx_step("clear_cache (post)", _mlx_fn(mx, "clear_cache"), model_id=self.model_id, level=level)
+            _mlx_step(
+                "clear_cache (post)",
+                _mlx_fn(mx, "clear_cache"),
+                model_id=self.model_id,
+                level=level,
+            )
         _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
 
     def __call__(self, func: _F) -> _F:
@@ -1173,7 +1223,9 @@ _CADENCE_PATH_DEFAULT: str | None = None
 _CADENCE_RESERVED = "__metal_guard__"
 _CADENCE_SCHEMA = 1
 _CADENCE_KEEP_SEC = 4 * 3600.0
-_CADENCE_CLOCK_SLACK = 1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+_CADENCE_CLOCK_SLACK = (
+    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+)
 _INTERVAL_MAX = 7 * 86400.0
 
 
@@ -1205,7 +1257,9 @@ def _first_block_of_window(canon: str, event_ts: float) -> bool:
 class CadenceViolation(RuntimeError):
     """A model load now would follow the previous load/unload of the same model too soon."""
 
-    def __init__(self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None) -> None:
+    def __init__(
+        self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None
+    ) -> None:
         now = time.time() if now is None else now
         self.model_id = model_id
         self.last_ts = float(last_ts)
@@ -1318,14 +1372,14 @@ class _CadenceEvents:
 
     def _read_reserved(self, reserved: dict[str, Any]) -> None:
         unloads = reserved.get("unloads")
-        for key, value in (unloads.items() if isinstance(unloads, dict) else ()):
+        for key, value in unloads.items() if isinstance(unloads, dict) else ():
             ts, canon = _number(value), _lenient_model_id(key)
             if ts is not None and canon is not None:
                 fold = canon.casefold()
                 self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
                 self.names.setdefault(fold, canon)
         pids = reserved.get("pids")
-        for key, value in (pids.items() if isinstance(pids, dict) else ()):
+        for key, value in pids.items() if isinstance(pids, dict) else ():
             canon = _lenient_model_id(key)
             if canon is not None and isinstance(value, int) and not isinstance(value, bool):
                 self.pids[canon.casefold()] = value
@@ -1440,7 +1494,12 @@ class CadenceGuard:
 
     def _prune(self, data: dict[str, Any], now: float) -> dict[str, Any]:
         """Drop stale entries, pull future-dated ones back to now; return the reserved object."""
-        keep = max(_CADENCE_KEEP_SEC, self._min_interval, self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
+        keep = max(
+            _CADENCE_KEEP_SEC,
+            self._min_interval,
+            self._cross_interval,
+            GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
+        )
         for key in list(data):
             if key == _CADENCE_RESERVED:
                 continue
@@ -1497,7 +1556,9 @@ class CadenceGuard:
                 if other is not None and other.casefold() == fold:
                     data[key] = ts
 
-    def _violation(self, model_id: object, canon: str, events: _CadenceEvents) -> CadenceViolation | None:
+    def _violation(
+        self, model_id: object, canon: str, events: _CadenceEvents
+    ) -> CadenceViolation | None:
         fold = canon.casefold()
         last = events.last_event(fold)
         if last is not None and events.now - last < self._min_interval:
@@ -1553,7 +1614,10 @@ class CadenceGuard:
         data = self._read()
         now = time.time()
         events = _CadenceEvents(data, now)
-        if any(t > now + _CADENCE_CLOCK_SLACK for t in [*events.loads.values(), *events.unloads.values()]):
+        if any(
+            t > now + _CADENCE_CLOCK_SLACK
+            for t in [*events.loads.values(), *events.unloads.values()]
+        ):
             self._repair_clock()
         violation = self._violation(model_id, canon, events)
         if violation is not None:
@@ -1582,7 +1646,9 @@ class CadenceGuard:
                     f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})"
                 )
             raise violation
-        _breadcrumb(f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)"))
+        _breadcrumb(
+            f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
+        )
 
     def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
         """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
@@ -1652,8 +1718,12 @@ class CadenceGuard:
             "gemma4_cross_model_interval_sec": gemma_cross,
             "events": rows,
             "last_model": rows[0]["model_id"] if rows else None,
-            "other_models_blocked_sec": 0.0 if latest_age is None else max(0.0, self._cross_interval - latest_age),
-            "gemma4_models_blocked_sec": 0.0 if latest_age is None else max(0.0, gemma_cross - latest_age),
+            "other_models_blocked_sec": 0.0
+            if latest_age is None
+            else max(0.0, self._cross_interval - latest_age),
+            "gemma4_models_blocked_sec": 0.0
+            if latest_age is None
+            else max(0.0, gemma_cross - latest_age),
         }
 
     def clear(self, model_id: StrPath | None = None) -> int:
@@ -1665,7 +1735,11 @@ class CadenceGuard:
             reserved = data.get(_CADENCE_RESERVED)
             maps: list[dict[str, Any]] = [data]
             if isinstance(reserved, dict):
-                maps += [m for m in (reserved.get("unloads"), reserved.get("pids")) if isinstance(m, dict)]
+                maps += [
+                    m
+                    for m in (reserved.get("unloads"), reserved.get("pids"))
+                    if isinstance(m, dict)
+                ]
             for mapping in maps:
                 for key in list(mapping):
                     canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
@@ -1897,7 +1971,12 @@ def _copy_json(value: Any) -> Any:
 
 def _looks_like_repo_id(text: str) -> bool:
     """``org/name`` (one slash, not a path that starts at /, ., ~ or a drive)."""
-    return text.count("/") == 1 and not text.startswith(("/", ".", "~")) and "\\" not in text and ":" not in text
+    return (
+        text.count("/") == 1
+        and not text.startswith(("/", ".", "~"))
+        and "\\" not in text
+        and ":" not in text
+    )
 
 
 def _is_dir(path: str) -> bool:
@@ -1924,7 +2003,11 @@ def _registry_key(model_id: object) -> str | None:
             # bare folder name with the same last component is this model. Like
             # ``mlx_lm.load``, an existing folder is a local path even when it
             # reads like ``org/name`` (``models/gemma-4-31b-it-8bit``).
-            if _looks_like_repo_id(canon) and canon.casefold().split("/")[0] != org and not _is_dir(canon):
+            if (
+                _looks_like_repo_id(canon)
+                and canon.casefold().split("/")[0] != org
+                and not _is_dir(canon)
+            ):
                 continue
             by_name = key
     return by_name

@@ -11,7 +11,8 @@ it next to a worker script, or ``pip install metal-guard``.
 Map of this module (sections in dependency order, each opens with a banner):
 
  1. Configuration   ``_env_float`` / ``_env_int`` / ``_env_bool`` / ``_env_path``,
-                    the state folder (``METALGUARD_HOME``), warn-once logging.
+                    argument checks (``_path_arg``, ``_seconds_arg``), the state
+                    folder (``METALGUARD_HOME``), warn-once logging.
  2. State files     ``_FileLock`` (``flock`` on a sidecar), ``_update_json``
                     (locked read-modify-write), ``_atomic_write_bytes``,
                     ``_append_bytes``.
@@ -21,10 +22,12 @@ Map of this module (sections in dependency order, each opens with a banner):
                     ``read_breadcrumbs``.
  5. Model identity  ``canonical_model_id``, ``is_gemma4_family``.
  6. Flush guards    ``subprocess_inference_guard``, ``gemma4_generation_flush``.
- 7. Cadence         ``CadenceGuard``, ``require_cadence_clear`` and violations.
+ 7. Cadence         ``CadenceGuard``, ``require_cadence_clear``, ``cadence_scope``
+                    and the violations they raise.
  8. Registry        ``KNOWN_PANIC_MODELS`` and its lookups.
  9. Panic reports   ``detect_panic_signature``, ``parse_panic_reports``,
-                    ``ingest_panics_jsonl``, ``CircuitBreaker``.
+                    ``ingest_panics_jsonl``, ``read_panic_archive``,
+                    ``CircuitBreaker`` and ``MLXCooldownActive``.
 10. Command line    ``main`` (``metal-guard`` / ``python -m metal_guard``).
 
 Importing has no side effects: no files, threads, environment reads or heavy
@@ -255,6 +258,51 @@ def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -
         _env_bad(name, raw, "not a usable path", default)
         return default
     return os.path.abspath(os.path.expanduser(text))
+
+
+# -- Argument checks: caller bugs get a clear TypeError/ValueError at once. ----
+
+
+def _path_arg(name: str, value: object) -> str:
+    """A user-supplied path argument as an absolute ``str`` (``TypeError``/``ValueError``)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike path, not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str path, not bytes")
+    if not text.strip() or "\x00" in text:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {text!r}")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _seconds_arg(
+    name: str,
+    value: object,
+    *,
+    maximum: float,
+    negative_to_zero: bool = False,
+    allow_zero: bool = True,
+) -> float:
+    """A duration argument in seconds.
+
+    ``TypeError`` for anything but ``int``/``float`` (``bool`` included);
+    ``ValueError`` for NaN, infinity, more than ``maximum``, a negative value
+    (unless ``negative_to_zero``, where it means 0) and 0 when not ``allow_zero``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(
+            f"{name} must be a finite number of seconds (not NaN or infinity), got {value!r}"
+        )
+    if seconds > maximum:
+        raise ValueError(f"{name}={seconds:g} s is more than the maximum of {maximum:g} s")
+    if seconds < 0 and negative_to_zero:
+        seconds = 0.0
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+    return seconds + 0.0  # -0.0 → 0.0
 
 
 def _state_home() -> str:
@@ -775,15 +823,10 @@ class MetalGuard:
 
     @breadcrumb_path.setter
     def breadcrumb_path(self, value: StrPath | _DefaultPath | None) -> None:
-        if value is None or isinstance(value, _DefaultPath):
-            self._breadcrumb_path: str | _DefaultPath | None = value
-        elif isinstance(value, (str, os.PathLike)):
-            path = os.fspath(value)
-            if not isinstance(path, str):
-                raise TypeError("breadcrumb_path must be a str path, not bytes")
-            self._breadcrumb_path = os.path.abspath(os.path.expanduser(path)) if path else None
+        if value is None or isinstance(value, _DefaultPath) or value == "":
+            self._breadcrumb_path: str | _DefaultPath | None = value or None
         else:
-            raise TypeError(f"breadcrumb_path must be a path or None, not {type(value).__name__}")
+            self._breadcrumb_path = _path_arg("breadcrumb_path", value)
 
     def breadcrumb(self, msg: str) -> None:
         """Append ``<local ISO time> pid=<pid> <msg>`` durably; never raises."""
@@ -1327,16 +1370,9 @@ def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseE
     return exc
 
 
-def _interval(name: str, value: object) -> float:
-    """Validate an interval argument: number, not NaN/inf; negative → 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if seconds != seconds:
-        raise ValueError(f"{name} is NaN; pass a number of seconds (0 disables)")
-    if seconds > _INTERVAL_MAX:
-        raise ValueError(f"{name}={seconds:g} s is more than a week; pass a smaller interval")
-    return max(0.0, seconds)
+def _interval_arg(name: str, value: object) -> float:
+    """A cadence interval: seconds up to a week; negative means 0 (the reference's rule)."""
+    return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
 
 
 def _number(value: object) -> float | None:
@@ -1402,12 +1438,7 @@ class _CadenceEvents:
 
 def _cadence_path(path: StrPath | None) -> str:
     if path is not None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
-        text = os.fspath(path)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("path must be a non-empty str path")
-        return os.path.abspath(os.path.expanduser(text))
+        return _path_arg("path", path)
     if _CADENCE_PATH_DEFAULT:
         return os.path.abspath(os.path.expanduser(_CADENCE_PATH_DEFAULT))
     return _state_file("cadence.json")
@@ -1438,10 +1469,10 @@ class CadenceGuard:
         lock_timeout: float = 10.0,
     ) -> None:
         self._path = _cadence_path(path)
-        self._min_interval = _interval("min_interval_sec", min_interval_sec)
-        self._cross_interval = _interval("cross_model_interval_sec", cross_model_interval_sec)
+        self._min_interval = _interval_arg("min_interval_sec", min_interval_sec)
+        self._cross_interval = _interval_arg("cross_model_interval_sec", cross_model_interval_sec)
         self.strict = bool(strict)
-        self.lock_timeout = _interval("lock_timeout", lock_timeout)
+        self.lock_timeout = _interval_arg("lock_timeout", lock_timeout)
 
     @property
     def path(self) -> str:
@@ -1783,7 +1814,7 @@ def _resolve_cross_model_interval(explicit: float | None = None) -> float:
     """The reference's resolution order: explicit, then the env variable, then 60 s."""
     if explicit is not None:
         try:
-            return _interval("cross_model_interval_sec", explicit)
+            return _interval_arg("cross_model_interval_sec", explicit)
         except (TypeError, ValueError) as exc:
             _log().warning("metal_guard: %s; using 60 s", exc)
             return 60.0
@@ -1792,7 +1823,7 @@ def _resolve_cross_model_interval(explicit: float | None = None) -> float:
 
 def _default_guard(min_interval_sec: float, cross_model_interval_sec: float) -> CadenceGuard:
     """The guard ``require_cadence_clear`` builds: argument when > 0, else env, else 0."""
-    base = _interval("cross_model_interval_sec", cross_model_interval_sec)
+    base = _interval_arg("cross_model_interval_sec", cross_model_interval_sec)
     if base <= 0:
         base = _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
     return CadenceGuard(min_interval_sec=min_interval_sec, cross_model_interval_sec=base)
@@ -2565,18 +2596,6 @@ def _scan_report_folder(folder: str, records: list[dict[str, Any]], *, retired: 
             records.append(dict(record))
 
 
-def _path_arg(name: str, value: object) -> str:
-    """A user-supplied path argument as an absolute ``str`` (``TypeError``/``ValueError``)."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a str or os.PathLike path, not {type(value).__name__}")
-    text = os.fspath(value)
-    if not isinstance(text, str):
-        raise TypeError(f"{name} must be a str path, not bytes")
-    if not text.strip() or "\x00" in text:
-        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {text!r}")
-    return os.path.abspath(os.path.expanduser(text))
-
-
 def _report_dir(directory: object) -> str:
     if directory is not None:
         return _path_arg("directory", directory)
@@ -2844,19 +2863,6 @@ class MLXCooldownActive(RuntimeError):
         return (_rebuild_exception, (type(self), self.__dict__))
 
 
-def _seconds_arg(name: str, value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
-    if seconds > _BREAKER_SECONDS_MAX:
-        raise ValueError(f"{name}={seconds:g} s is more than a year; pass a smaller value")
-    return seconds
-
-
 def _merge_panics(
     archived: list[dict[str, Any]], parsed: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -2904,8 +2910,10 @@ class CircuitBreaker:
             else _path_arg("state_path", state_path)
         )
         self._report_dir = None if report_dir is None else _path_arg("report_dir", report_dir)
-        self._window = _seconds_arg("window_sec", window_sec, allow_zero=False)
-        self._cooldown = _seconds_arg("cooldown_sec", cooldown_sec, allow_zero=True)
+        self._window = _seconds_arg(
+            "window_sec", window_sec, maximum=_BREAKER_SECONDS_MAX, allow_zero=False
+        )
+        self._cooldown = _seconds_arg("cooldown_sec", cooldown_sec, maximum=_BREAKER_SECONDS_MAX)
         if isinstance(panic_threshold, bool) or not isinstance(panic_threshold, int):
             raise TypeError(f"panic_threshold must be an int, not {type(panic_threshold).__name__}")
         if not 1 <= panic_threshold <= 1000:

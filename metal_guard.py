@@ -456,11 +456,43 @@ def _refuse_symlink(path: str) -> None:
         raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _sweep_stale_temps(path: str) -> None:
+    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
+
+    Only files whose writer pid is gone are removed, so no lock is needed: a live
+    writer's temp file (even under a reused pid) is never touched.
+    """
+    folder = os.path.dirname(path) or "."
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically and durably (mode 0600)."""
     folder = os.path.dirname(path) or "."
     _ensure_dir(folder)
     _refuse_symlink(path)
+    _sweep_stale_temps(path)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
     try:
@@ -479,36 +511,6 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
             pass
         raise
     _fsync_dir(folder)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _sweep_stale_temps(path: str) -> None:
-    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
-
-    Call with the file's lock held; only files whose writer pid is gone are removed.
-    """
-    folder = os.path.dirname(path) or "."
-    prefix = f".{os.path.basename(path)}."
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return
-    for name in names:
-        pid_text = name[len(prefix) :].split(".", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
 
 
 def _append_bytes(path: str, data: bytes) -> int:
@@ -630,7 +632,6 @@ def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: 
         # one dumps per update. (A file in another layout is rewritten once.)
         encoded = json.dumps(data, sort_keys=True, default=str).encode("utf-8") + b"\n"
         if encoded != raw and (data or raw):
-            _sweep_stale_temps(path)
             _atomic_write_bytes(path, encoded)
         return result
 

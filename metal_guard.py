@@ -263,13 +263,28 @@ def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -
 # -- Argument checks: caller bugs get a clear TypeError/ValueError at once. ----
 
 
+def _str_path(name: str, value: object) -> str:
+    """``value`` as a ``str`` if it is one or an ``os.PathLike[str]``, else ``TypeError``.
+
+    A ``__fspath__`` that raises or returns bytes is the caller's bug too.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        try:
+            text = os.fspath(value)
+        except Exception as exc:
+            raise TypeError(
+                f"{name}: {type(value).__name__}.__fspath__() failed: {exc!r}"
+            ) from None
+        if isinstance(text, str):
+            return text
+    raise TypeError(f"{name} must be a str or os.PathLike[str], not {type(value).__name__}")
+
+
 def _path_arg(name: str, value: object) -> str:
     """A user-supplied path argument as an absolute ``str`` (``TypeError``/``ValueError``)."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a str or os.PathLike path, not {type(value).__name__}")
-    text = os.fspath(value)
-    if not isinstance(text, str):
-        raise TypeError(f"{name} must be a str path, not bytes")
+    text = _str_path(name, value)
     if not text.strip() or "\x00" in text:
         raise ValueError(f"{name} must be a non-empty path without NUL characters, got {text!r}")
     return os.path.abspath(os.path.expanduser(text))
@@ -313,6 +328,24 @@ def _state_home() -> str:
 
 def _state_file(name: str) -> str:
     return os.path.join(_state_home(), name)
+
+
+def _label(value: object) -> str:
+    """A printable label for any object (forensics and logs accept anything).
+
+    ``str`` as is, a path as its text, an exception as its message, anything
+    else as its ``repr``. Never raises: a hostile ``__repr__``/``__fspath__``
+    gives a placeholder.
+    """
+    if isinstance(value, str):
+        return value
+    try:
+        if isinstance(value, os.PathLike):
+            path = os.fspath(value)
+            return path if isinstance(path, str) else repr(path)
+        return str(value) if isinstance(value, BaseException) else repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def _reset_process_state() -> None:
@@ -707,11 +740,11 @@ def _mlx_step(
     except Exception as exc:
         _log().log(
             level,
-            "metal_guard: %s failed for model %r: %s: %s",
+            "metal_guard: %s failed for model %s: %s: %s",
             step,
-            model_id,
+            _label(model_id),
             type(exc).__name__,
-            exc,
+            _label(exc),
         )
         return False
 
@@ -735,7 +768,7 @@ def _as_stream_list(streams: object) -> list[object]:
         try:
             return list(streams)
         except Exception as exc:  # an odd object: treat it as one stream, as given
-            _log().debug("metal_guard: cannot iterate streams=%r: %r", streams, exc)
+            _log().debug("metal_guard: cannot iterate streams=%s: %s", _label(streams), _label(exc))
     return [streams]
 
 
@@ -835,8 +868,7 @@ class MetalGuard:
         if path is None:
             return
         try:
-            text = msg if isinstance(msg, str) else repr(msg)
-            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(text)}\n"
+            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(_label(msg))}\n"
             size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
             limit = _env_int(
                 "METALGUARD_BREADCRUMB_MAX_BYTES",
@@ -912,7 +944,7 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
         raise TypeError(f"n must be an int, not {type(n).__name__}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    target = os.fspath(path) if path is not None else metal_guard.breadcrumb_path
+    target = _str_path("path", path) if path is not None else metal_guard.breadcrumb_path
     if not target or n == 0:
         return []
     lines = _tail_lines(target, n)
@@ -965,13 +997,7 @@ def canonical_model_id(model_id: StrPath) -> str:
     Case is preserved. Raises ``TypeError`` for anything but ``str`` /
     ``os.PathLike``, ``ValueError`` for an empty or absurdly long id.
     """
-    if isinstance(model_id, os.PathLike):
-        model_id = os.fspath(model_id)
-    if not isinstance(model_id, str):
-        raise TypeError(
-            f"model_id must be a str or os.PathLike[str], not {type(model_id).__name__}"
-        )
-    text = model_id.strip()
+    text = _str_path("model_id", model_id).strip()
     if not text:
         raise ValueError("model_id is empty; pass the repo id or local path you load")
     if len(text) > _MODEL_ID_MAX:
@@ -1057,7 +1083,7 @@ def is_gemma4_family(model_id: object) -> bool:
     canonical = _lenient_model_id(model_id)
     if canonical is None:
         return False
-    raw = os.fspath(model_id).strip() if isinstance(model_id, (str, os.PathLike)) else canonical
+    raw = _str_path("model_id", model_id).strip()  # cannot fail: canonical_model_id accepted it
     try:
         if os.path.isdir(raw):
             types = _config_model_types(raw)
@@ -1088,19 +1114,6 @@ def _breadcrumb(msg: str) -> None:
         metal_guard.breadcrumb(msg)
     except Exception as exc:  # an application's replacement may be broken
         _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
-
-
-def _label(model_id: object) -> str:
-    """A printable label for any ``model_id`` (forensics accept anything)."""
-    if isinstance(model_id, str):
-        return model_id
-    try:
-        if isinstance(model_id, os.PathLike):
-            path = os.fspath(model_id)
-            return path if isinstance(path, str) else repr(path)
-        return repr(model_id)
-    except Exception:
-        return f"<unprintable {type(model_id).__name__}>"
 
 
 class subprocess_inference_guard:
@@ -1208,8 +1221,8 @@ class gemma4_generation_flush:
             _log_once(
                 "gemma4-count",
                 _WARNING,
-                "metal_guard: gemma4_generation_flush needs an int generate_call_count, got %r; no flush",
-                generate_call_count,
+                "metal_guard: gemma4_generation_flush needs an int generate_call_count, got %s; no flush",
+                _label(generate_call_count),
             )
             return
         if count != 0 or not is_gemma4_family(model_id):
@@ -1700,7 +1713,9 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         stamp = time.time() if ts is None else _number(ts)
         if stamp is None:
-            raise TypeError(f"ts must be a finite number of epoch seconds, not {ts!r}")
+            raise TypeError(
+                f"ts must be a finite number of epoch seconds, not {type(ts).__name__} {_label(ts)}"
+            )
         self._update(lambda data: self._record(data, canon, stamp, unload=unload))
 
     def last_ts(self, model_id: StrPath) -> float | None:
@@ -3775,9 +3790,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     import json
 
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if not all(isinstance(arg, str) for arg in arguments):
+        raise TypeError("argv must be a list of str (command-line words)")
     parser, subparsers = _cli_parser()
     try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+        args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help (0) or a usage error (64)
         return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
     if args.version:

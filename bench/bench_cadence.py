@@ -1,4 +1,6 @@
-"""Cadence: ``CadenceGuard.admit`` latency and the multi-process contention run (SPEC §6 item 3).
+"""Cadence: ``CadenceGuard.admit`` latency and the multi-process contention run.
+
+Results: README "Benchmarks" → "Cadence".
 
 Part A — single process, ``--n`` calls each, latency p50/p99:
 

@@ -1,4 +1,6 @@
-"""Import time of ``metal_guard`` in fresh interpreters (SPEC §6 item 1; target: < 10 ms).
+"""Import time of ``metal_guard`` in fresh interpreters (target: < 10 ms).
+
+Results: README "Benchmarks" → "Import time".
 
 Runs ``--runs`` interleaved pairs of fresh, isolated (``-I``) interpreters:
 

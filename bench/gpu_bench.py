@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """GPU benchmark for ``subprocess_inference_guard`` on a real MLX device.
 
-What it measures (SPEC §3.1 "Streams", §3.3, §6):
+What it measures (README "Benchmarks" → "Per-inference guard on a GPU"; CHANGELOG
+"Stream-aware synchronize"):
 
 1. Overhead of the per-inference guard around mlx-lm generation. Random-weight llama
    models (about 1B and 7.5B parameters, bf16, built in memory, nothing downloaded) run a

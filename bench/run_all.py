@@ -1,9 +1,10 @@
 """Run every benchmark script ``bench/bench_*.py`` in name order.
 
 Each script runs in its own interpreter (the same one running this file), from the
-repository root; it writes ``bench/results/<name>.json`` itself. Its printed report (the
-machine and Markdown tables) is kept as ``bench/results/<name>.md``, and all of them
-together as ``bench/results/SUMMARY.md``. Exits non-zero when any script fails.
+repository root, and writes its results JSON under ``bench/results/`` itself (most as
+``<name>.json``; ``bench_panic.py`` as ``panic_scan.json``). Its printed report (the machine
+and Markdown tables) is kept as ``bench/results/<name>.md``, and all of them together as
+``bench/results/SUMMARY.md``. Exits non-zero when any script fails.
 
     make bench            # or: .venv/bin/python bench/run_all.py [NAME_FILTER ...]
 """

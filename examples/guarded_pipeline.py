@@ -16,8 +16,9 @@ folder, then runs them one after the other the way a worker should:
 Every step checks its own outcome; the run ends with a table of expected vs observed
 behaviour and exits 1 if any step did not behave as stated. The intervals are short so
 the demo ends in well under a minute; the 90 s gemma-4 floor is shown as a refusal, then
-(by default) skipped by rewriting the llama's cadence records as if it had been unloaded
-95 s ago. ``--real-wait`` waits it out instead.
+(by default) skipped by forgetting the llama's cadence records with ``guard.clear(llama)``
+(records never move backwards, so a backdated mark would not do). ``--real-wait`` waits
+it out instead.
 
     make demo
     python examples/guarded_pipeline.py --min-interval 2 --cross-model-interval 1

@@ -1,4 +1,7 @@
-"""Section 9b: MLXCooldownActive and CircuitBreaker (SPEC §3.7)."""
+"""Section 9b: MLXCooldownActive and CircuitBreaker.
+
+See README "Panic reports and the circuit breaker".
+"""
 
 from __future__ import annotations
 

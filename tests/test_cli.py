@@ -1,4 +1,7 @@
-"""Section 10: the ``metal-guard`` command line, run as real subprocesses (SPEC §3.8)."""
+"""Section 10: the ``metal-guard`` command line, run as real subprocesses.
+
+See README "Command line".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Section 9a: panic signatures, report parsing and the panic archive (SPEC §3.7)."""
+"""Section 9a: panic signatures, report parsing and the panic archive.
+
+See README "Panic reports and the circuit breaker".
+"""
 
 from __future__ import annotations
 

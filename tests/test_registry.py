@@ -1,8 +1,9 @@
 """Section 8 — the registry of models that kernel-panicked with defences engaged.
 
 The registry's shape is validated entry by entry (the reference's seven keys plus our
-structured fields), the facts from ``registry-facts.md`` are checked, and the lookups are
-exercised with every spelling a caller may pass, near-misses and junk.
+structured fields), the facts each entry records (from the public reports cited in its
+sources) are checked, and the lookups are exercised with every spelling a caller may pass,
+near-misses and junk.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ REFERENCE_KEYS: dict[str, Any] = {
 }
 OUR_KEYS = {"tier", "error_classes", "hardware", "safer_alternative"}
 TIERS = {"panic", "abort", "degradation"}
-# the signature names of detect_panic_signature (SPEC §3.7)
+# the signature names of detect_panic_signature (CONTRIBUTING's registry schema, error_classes)
 SIGNATURES = {
     "prepare_count_underflow",
     "pending_memory_set",
@@ -140,7 +141,7 @@ def test_entry_schema(model_id: str) -> None:
         assert check_known_panic_model(alternative) is None  # never another known panic model
 
 
-# -- facts (registry-facts.md) ------------------------------------------------------
+# -- facts (the public reports cited in each entry's sources) -------------------------
 
 
 def _hardware(model_id: str) -> set[tuple[str, int]]:

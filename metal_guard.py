@@ -172,7 +172,7 @@ def _env_float(
     except ValueError:
         _env_bad(name, raw, "not a number", default)
         return default
-    if value != value or value in (float("inf"), float("-inf")):
+    if not _finite(value):
         _env_bad(name, raw, "not finite", default)
         return default
     if value < minimum or (maximum is not None and value > maximum):
@@ -262,6 +262,37 @@ def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -
 
 # -- Argument checks: caller bugs get a clear TypeError/ValueError at once. ----
 
+_INF = float("inf")
+
+
+def _finite(value: float) -> bool:
+    """Neither NaN nor an infinity."""
+    return value == value and value not in (_INF, -_INF)
+
+
+def _real_arg(name: str, value: object) -> float:
+    """A real-number argument as ``float``: ``int``, ``float``, NumPy scalars... not ``bool``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    try:
+        return float(value)
+    except Exception as exc:  # a Real whose __float__ is broken
+        raise TypeError(f"{name}: float({type(value).__name__}) failed: {_label(exc)}") from None
+
+
+def _int_arg(name: str, value: object) -> int:
+    """An integer argument: ``int``, NumPy integers... not ``bool``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    try:
+        return int(value)
+    except Exception as exc:
+        raise TypeError(f"{name}: int({type(value).__name__}) failed: {_label(exc)}") from None
+
 
 def _str_path(name: str, value: object) -> str:
     """``value`` as a ``str`` if it is one or an ``os.PathLike[str]``, else ``TypeError``.
@@ -269,7 +300,7 @@ def _str_path(name: str, value: object) -> str:
     A ``__fspath__`` that raises or returns bytes is the caller's bug too.
     """
     if isinstance(value, str):
-        return value
+        return str.__str__(value)  # a plain str, whatever a subclass overrides
     if isinstance(value, os.PathLike):
         try:
             text = os.fspath(value)
@@ -278,7 +309,7 @@ def _str_path(name: str, value: object) -> str:
                 f"{name}: {type(value).__name__}.__fspath__() failed: {exc!r}"
             ) from None
         if isinstance(text, str):
-            return text
+            return str.__str__(text)
     raise TypeError(f"{name} must be a str or os.PathLike[str], not {type(value).__name__}")
 
 
@@ -288,6 +319,14 @@ def _path_arg(name: str, value: object) -> str:
     if not text.strip() or "\x00" in text:
         raise ValueError(f"{name} must be a non-empty path without NUL characters, got {text!r}")
     return os.path.abspath(os.path.expanduser(text))
+
+
+def _epoch_arg(name: str, value: object) -> float:
+    """A point in time as epoch seconds: a finite real number (``ValueError`` for NaN/inf)."""
+    seconds = _real_arg(name, value)
+    if not _finite(seconds):
+        raise ValueError(f"{name} must be a finite number of epoch seconds, got {seconds!r}")
+    return seconds
 
 
 def _seconds_arg(
@@ -304,10 +343,8 @@ def _seconds_arg(
     ``ValueError`` for NaN, infinity, more than ``maximum``, a negative value
     (unless ``negative_to_zero``, where it means 0) and 0 when not ``allow_zero``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+    seconds = _real_arg(name, value)
+    if not _finite(seconds):
         raise ValueError(
             f"{name} must be a finite number of seconds (not NaN or infinity), got {value!r}"
         )
@@ -320,10 +357,32 @@ def _seconds_arg(
     return seconds + 0.0  # -0.0 → 0.0
 
 
+def _user_home() -> str:
+    """The user's home folder, absolute.
+
+    With no ``HOME`` and no passwd entry, ``expanduser`` leaves ``~`` as is,
+    which would put state under the working directory (every worker its own
+    store); use a per-user folder in the temp directory instead, with a WARNING.
+    """
+    home = os.path.expanduser("~")
+    if not home.startswith("~"):
+        return home
+    getuid = getattr(os, "getuid", None)
+    fallback = os.path.join(
+        os.environ.get("TMPDIR") or "/tmp", f"metal-guard-home-{getuid() if getuid else 'user'}"
+    )
+    _log_once(
+        "no-home",
+        _WARNING,
+        "metal_guard: no home folder (HOME unset, no passwd entry); using %s — set METALGUARD_HOME",
+        fallback,
+    )
+    return os.path.abspath(fallback)
+
+
 def _state_home() -> str:
     """The state folder: ``METALGUARD_HOME`` or ``~/.cache/metal-guard`` (not created here)."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "metal-guard")
-    return _env_path("METALGUARD_HOME", default) or default
+    return _env_path("METALGUARD_HOME", None) or os.path.join(_user_home(), ".cache", "metal-guard")
 
 
 def _state_file(name: str) -> str:
@@ -337,9 +396,11 @@ def _label(value: object) -> str:
     else as its ``repr``. Never raises: a hostile ``__repr__``/``__fspath__``
     gives a placeholder.
     """
-    if isinstance(value, str):
+    if type(value) is str:
         return value
     try:
+        if isinstance(value, str):  # a subclass: its own __str__/__format__ may misbehave
+            return str.__str__(value)
         if isinstance(value, os.PathLike):
             path = os.fspath(value)
             return path if isinstance(path, str) else repr(path)
@@ -348,20 +409,29 @@ def _label(value: object) -> str:
         return f"<unprintable {type(value).__name__}>"
 
 
+_process_state_resets: list[Callable[[], None]] = []
+
+
+def _on_reset(reset: Callable[[], None]) -> Callable[[], None]:
+    """Register a section's "forget what this process remembers" function."""
+    _process_state_resets.append(reset)
+    return reset
+
+
 def _reset_process_state() -> None:
-    """Forget every once-per-process memory (warnings given, models warned about).
+    """Forget every once-per-process memory (warnings given, models warned about, caches).
 
     For tests and long-lived supervisors that want a fresh set of warnings.
+    Each section registers its own part with ``_on_reset``.
     """
+    for reset in _process_state_resets:
+        reset()
+
+
+@_on_reset
+def _forget_warnings() -> None:
     with _once_lock:
         _once_keys.clear()
-    with _mlx_lock:
-        _mlx_missing_for.clear()
-    with _warned_panic_lock:
-        _WARNED_PANIC_MODELS.clear()
-    with _block_crumb_lock:
-        _block_crumb_last.clear()
-    _reset_panic_caches()
 
 
 # =============================================================================
@@ -657,9 +727,15 @@ def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: 
     with _FileLock(path + ".lock", timeout):
         try:
             data, raw = _read_json_file(path)
-        except _CorruptFile as exc:
-            _quarantine(path, str(exc))
-            data, raw = {}, b""
+        except _CorruptFile:
+            # A writer that does not replace the file atomically (an older version
+            # of this library sharing the store) may be mid-write: look once more.
+            time.sleep(0.05)
+            try:
+                data, raw = _read_json_file(path)
+            except _CorruptFile as exc:
+                _quarantine(path, str(exc))
+                data, raw = {}, b""
         result = mutate(data)
         # Compare with the bytes read instead of re-serialising the old object:
         # one dumps per update. (A file in another layout is rewritten once.)
@@ -682,6 +758,12 @@ _mlx_lock = _thread.allocate_lock()
 # sys.path snapshots under which ``import mlx.core`` already failed; a failed
 # import costs a full path scan, so it is not repeated until sys.path changes.
 _mlx_missing_for: set[tuple[str, ...]] = set()
+
+
+@_on_reset
+def _forget_missing_mlx() -> None:
+    with _mlx_lock:
+        _mlx_missing_for.clear()
 
 
 def _mlx() -> ModuleType | None:
@@ -738,6 +820,8 @@ def _mlx_step(
         fn(*args)
         return True
     except Exception as exc:
+        if level >= _WARNING and not _first_time(f"mlx-step:{step}:{type(exc).__name__}"):
+            level = _DEBUG  # said once already; a hook failing on every call stays quiet
         _log().log(
             level,
             "metal_guard: %s failed for model %s: %s: %s",
@@ -822,7 +906,9 @@ _DEFAULT_PATH = _DefaultPath()
 # One event is one line: control characters (and Unicode line separators)
 # are escaped, so a model id with a newline cannot forge a second event.
 _ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
-_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+_ESCAPES.update(
+    {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x5C: "\\\\"}
+)
 
 
 def _escape_line(text: str) -> str:
@@ -904,7 +990,7 @@ def _rotate(path: str, limit: int) -> None:
     rename finishes its line in ``.1``, so no acknowledged line is lost.
     """
     try:
-        with _FileLock(path + ".lock", timeout=2.0):
+        with _FileLock(path + ".lock", timeout=0.0):  # busy: another process is rotating
             st = os.lstat(path)
             if st.st_size <= limit:
                 return  # another process rotated first
@@ -940,8 +1026,7 @@ def _tail_lines(path: str, n: int) -> list[str]:
 
 def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
     """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, not {type(n).__name__}")
+    n = _int_arg("n", n)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     target = _str_path("path", path) if path is not None else metal_guard.breadcrumb_path
@@ -1012,6 +1097,7 @@ def canonical_model_id(model_id: StrPath) -> str:
 
 _canonical_memo: dict[str, str | None] = {}
 _CANONICAL_MEMO_MAX = 4096
+_on_reset(_canonical_memo.clear)
 
 
 def _lenient_model_id(model_id: object) -> str | None:
@@ -1020,19 +1106,20 @@ def _lenient_model_id(model_id: object) -> str | None:
     The memo is a pure cache of a pure function: a race between threads can
     only compute an entry twice, so it needs no lock.
     """
-    if type(model_id) is str:
+    memo = type(model_id) is str and len(model_id) <= _MODEL_ID_MAX  # never pin huge strings
+    if memo:
         try:
-            return _canonical_memo[model_id]
+            return _canonical_memo[model_id]  # type: ignore[index]
         except KeyError:  # not seen yet (or the memo was just cleared)
             pass
     try:
         canonical: str | None = canonical_model_id(model_id)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except Exception:  # TypeError/ValueError, or anything a hostile object raises
         canonical = None
-    if type(model_id) is str:
+    if memo:
         if len(_canonical_memo) >= _CANONICAL_MEMO_MAX:
             _canonical_memo.clear()
-        _canonical_memo[model_id] = canonical
+        _canonical_memo[model_id] = canonical  # type: ignore[index]
     return canonical
 
 
@@ -1213,11 +1300,9 @@ class gemma4_generation_flush:
         self.generate_call_count = generate_call_count
         self.flushed = False
         self.slept_sec = 0.0
-        try:  # any integer type (numpy ints included), but not bool, float or str
-            if isinstance(generate_call_count, bool):
-                raise TypeError
-            count = generate_call_count.__index__()
-        except (AttributeError, TypeError):
+        try:  # the reference's `count == 0`, for any real number (NumPy scalars too)
+            first_call = _real_arg("generate_call_count", generate_call_count) == 0
+        except TypeError:
             _log_once(
                 "gemma4-count",
                 _WARNING,
@@ -1225,7 +1310,7 @@ class gemma4_generation_flush:
                 _label(generate_call_count),
             )
             return
-        if count != 0 or not is_gemma4_family(model_id):
+        if not first_call or not is_gemma4_family(model_id):
             return
         if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
             return
@@ -1290,11 +1375,19 @@ def _wait_sec(seconds: float) -> float:
     """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
     import math
 
+    if not _finite(seconds):
+        return 0.0 if seconds != seconds or seconds < 0 else seconds
     return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
 
 
 _block_crumb_lock = _thread.allocate_lock()
 _block_crumb_last: dict[str, float] = {}  # model → event time of the last CADENCE_BLOCK written
+
+
+@_on_reset
+def _forget_block_crumbs() -> None:
+    with _block_crumb_lock:
+        _block_crumb_last.clear()
 
 
 def _first_block_of_window(canon: str, event_ts: float) -> bool:
@@ -1394,7 +1487,7 @@ def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     number = float(value)
-    if number != number or number in (float("inf"), float("-inf")):
+    if not _finite(number):
         return None
     return number
 
@@ -1644,12 +1737,19 @@ class CadenceGuard:
         reserved["pids"][canon] = os.getpid()
 
     def _repair_clock(self) -> None:
-        """Pull future-dated entries back to now, so a clock step costs at most one interval."""
+        """Pull future-dated entries back to now, so a clock step costs at most one interval.
+
+        Best effort and silent even for a strict guard: ``check`` only looks, and
+        the next ``admit`` repairs the store anyway.
+        """
 
         def repair(data: dict[str, Any]) -> None:
             self._prune(data, time.time())
 
-        self._update(repair)
+        try:
+            _update_json(self._path, repair, timeout=self.lock_timeout)
+        except (OSError, StateLockTimeout) as exc:
+            _log().debug("metal_guard: cannot repair %s: %s", self._path, exc)
 
     # -- public API ---------------------------------------------------------
 
@@ -1711,11 +1811,7 @@ class CadenceGuard:
 
     def _mark(self, model_id: StrPath, ts: float | None, *, unload: bool) -> None:
         canon = canonical_model_id(model_id)
-        stamp = time.time() if ts is None else _number(ts)
-        if stamp is None:
-            raise TypeError(
-                f"ts must be a finite number of epoch seconds, not {type(ts).__name__} {_label(ts)}"
-            )
+        stamp = time.time() if ts is None else _epoch_arg("ts", ts)
         self._update(lambda data: self._record(data, canon, stamp, unload=unload))
 
     def last_ts(self, model_id: StrPath) -> float | None:
@@ -2007,6 +2103,12 @@ _WARNED_PANIC_MODELS: set[str] = set()
 _warned_panic_lock = _thread.allocate_lock()
 
 
+@_on_reset
+def _forget_warned_panic_models() -> None:
+    with _warned_panic_lock:
+        _WARNED_PANIC_MODELS.clear()  # the module global as it is now (callers may replace it)
+
+
 def _copy_json(value: Any) -> Any:
     """Deep copy of plain JSON-like data (dicts, lists, scalars)."""
     if isinstance(value, dict):
@@ -2038,6 +2140,8 @@ def _registry_key(model_id: object) -> str | None:
     canon = _lenient_model_id(model_id)
     if canon is None:
         return None
+    # An HF cache folder is a local copy, whatever organisation uploaded it.
+    local_copy = _hf_cache_id(_str_path("model_id", model_id).strip()) is not None
     fold = canon.casefold()
     name = _model_name(canon).casefold()
     by_name = None
@@ -2046,13 +2150,14 @@ def _registry_key(model_id: object) -> str | None:
             return key
         org, _, entry_name = key.casefold().rpartition("/")
         if entry_name == name:
-            # ``other-org/name`` is another publisher's repo; a local path or a
-            # bare folder name with the same last component is this model. Like
-            # ``mlx_lm.load``, an existing folder is a local path even when it
-            # reads like ``org/name`` (``models/gemma-4-31b-it-8bit``).
+            # ``other-org/name`` is another publisher's repo; a local path, an HF
+            # cache folder or a bare folder name with the same name is this
+            # model. Like ``mlx_lm.load``, an existing folder is a local path
+            # even when it reads like ``org/name`` (``models/gemma-4-31b-it-8bit``).
             if (
                 _looks_like_repo_id(canon)
                 and canon.casefold().split("/")[0] != org
+                and not local_copy
                 and not _is_dir(canon)
             ):
                 continue
@@ -2234,6 +2339,7 @@ _panic_archive_cache: dict[str, tuple[tuple[int, int, int], list[dict[str, Any]]
 _panic_ingest_memo: dict[str, tuple[tuple[int, int, int] | None, frozenset[str]]] = {}
 
 
+@_on_reset
 def _reset_panic_caches() -> None:
     """Forget parsed reports, archive reads and ingest memos (tests, benchmarks)."""
     with _panic_lock:
@@ -2618,15 +2724,6 @@ def _report_dir(directory: object) -> str:
     return _env_path(_PANIC_DIR_ENV_VAR, _PANIC_REPORT_DIR) or _PANIC_REPORT_DIR
 
 
-def _finite_ts(name: str, value: object) -> float:
-    number = _number(value)
-    if number is None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be epoch seconds (a number), not {type(value).__name__}")
-        raise ValueError(f"{name} must be a finite number of epoch seconds, not {value!r}")
-    return number
-
-
 def parse_panic_reports(
     directory: StrPath | None = None, *, since_ts: float | None = None
 ) -> list[dict[str, Any]]:
@@ -2643,7 +2740,7 @@ def parse_panic_reports(
     (``None`` where the report does not say). A missing folder gives ``[]``.
     """
     folder = _report_dir(directory)
-    since = None if since_ts is None else _finite_ts("since_ts", since_ts)
+    since = None if since_ts is None else _epoch_arg("since_ts", since_ts)
     records: list[dict[str, Any]] = []
     _scan_report_folder(folder, records, retired=True)
     if since is not None:
@@ -2835,6 +2932,8 @@ def _local_time(ts: float) -> str:
 
 def _duration(seconds: float) -> str:
     """``45 s``, ``12 min 5 s``, ``2 h 3 min``, ``3 d 4 h``."""
+    if not _finite(seconds):
+        return "forever" if seconds > 0 else "0 s"
     total = max(0, int(seconds + 0.999))
     if total < 60:
         return f"{total} s"
@@ -2930,8 +3029,7 @@ class CircuitBreaker:
             "window_sec", window_sec, maximum=_BREAKER_SECONDS_MAX, allow_zero=False
         )
         self._cooldown = _seconds_arg("cooldown_sec", cooldown_sec, maximum=_BREAKER_SECONDS_MAX)
-        if isinstance(panic_threshold, bool) or not isinstance(panic_threshold, int):
-            raise TypeError(f"panic_threshold must be an int, not {type(panic_threshold).__name__}")
+        panic_threshold = _int_arg("panic_threshold", panic_threshold)
         if not 1 <= panic_threshold <= 1000:
             raise ValueError(f"panic_threshold must be between 1 and 1000, got {panic_threshold}")
         self._threshold = panic_threshold
@@ -3039,7 +3137,7 @@ class CircuitBreaker:
 
     def check(self, *, now: float | None = None) -> None:
         """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
-        now = time.time() if now is None else _finite_ts("now", now)
+        now = time.time() if now is None else _epoch_arg("now", now)
         panics = self._panics(ingest=True)
         state = _read_json_state(self._state_path)
         tripped = _number(state.get("tripped_at"))
@@ -3119,7 +3217,7 @@ class CircuitBreaker:
             "problem": None,
         }
         try:
-            when = time.time() if now is None else _finite_ts("now", now)
+            when = time.time() if now is None else _epoch_arg("now", now)
             try:
                 state = _load_json_object(self._state_path)
             except (_CorruptFile, OSError) as exc:
@@ -3202,42 +3300,38 @@ class _CLIError(Exception):
         self.code = code
 
 
-def _nonnegative_seconds(text: str) -> float:
+def _cli_arg(text: str, check: Callable[[str], _T], what: str) -> _T:
+    """argparse ``type=``: the library's own checks, their errors as usage errors."""
     import argparse
 
     try:
-        value = float(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    if value > _INTERVAL_MAX:
-        raise argparse.ArgumentTypeError(f"{value:g} s is more than a week")
-    return value
+        return check(text.strip())
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}: {exc}") from None
+
+
+def _nonnegative_seconds(text: str) -> float:
+    return _cli_arg(
+        text,
+        lambda t: _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX),
+        "a number of seconds >= 0",
+    )
 
 
 def _nonnegative_hours(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of hours, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")) or value < 0 or value > 1e6:
-        raise argparse.ArgumentTypeError(f"expected a finite number of hours >= 0, got {text!r}")
-    return value
+    return _cli_arg(
+        text, lambda t: _seconds_arg("hours", float(t), maximum=1e6), "a number of hours >= 0"
+    )
 
 
 def _line_count(text: str) -> int:
-    import argparse
+    def check(t: str) -> int:
+        count = int(t, 10)
+        if not 0 <= count <= 1_000_000:
+            raise ValueError("out of range")
+        return count
 
-    try:
-        value = int(text.strip(), 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"expected 0..1000000, got {value}")
-    return value
+    return _cli_arg(text, check, "a whole number 0..1000000")
 
 
 def _model_arg(text: str) -> str:
@@ -3685,6 +3779,9 @@ def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
+        guard.strict = (
+            True  # `clear` was asked for: failing open would claim a clear that did not happen
+        )
         removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
@@ -3793,6 +3890,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if not all(isinstance(arg, str) for arg in arguments):
         raise TypeError("argv must be a list of str (command-line words)")
+    arguments = [str.__str__(arg) for arg in arguments]  # plain str, whatever a subclass does
     parser, subparsers = _cli_parser()
     try:
         args = parser.parse_args(arguments)

@@ -1,5 +1,5 @@
-"""Bad input across the whole public surface (SPEC §5: "every public function gets wrong
-types, empty strings, huge strings, newlines, None").
+"""Bad input across the whole public surface: every public function gets wrong types,
+empty strings, huge strings, newlines, ``None`` and hostile objects.
 
 Caller bugs must surface as a clear ``TypeError``/``ValueError``; lookups and forensics
 must never raise at all. No other exception type may escape.
@@ -34,6 +34,24 @@ class Shouty(str):
     """A str subclass, as some frameworks pass around."""
 
 
+class EvilStr(str):
+    """A str subclass whose own conversions explode."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ exploded")
+
+    def __format__(self, spec: str) -> str:
+        raise RuntimeError("__format__ exploded")
+
+    def strip(self, chars: str | None = None) -> str:
+        raise RuntimeError("strip exploded")
+
+
+class BadIndex:
+    def __index__(self) -> int:
+        raise ValueError("__index__ exploded")
+
+
 JUNK: list[Any] = [
     None,
     0,
@@ -54,6 +72,8 @@ JUNK: list[Any] = [
     BrokenPath(),
     BrokenRepr(),
     Shouty("org/model"),
+    EvilStr("google/gemma-4-31b-it"),
+    BadIndex(),
     Path("/nonexistent/models--org--name/snapshots/abc"),
 ]
 IDS = [
@@ -167,3 +187,46 @@ def test_cli_argv_junk_is_a_usage_error_or_a_clear_type_error(
             continue  # a non-str argv element is a caller bug
         assert code in (0, 1, 2, 64)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_evil_str_subclass_is_handled_as_its_plain_text(mg_home: str) -> None:
+    evil = EvilStr("mlx-community/gemma-4-31b-it-8bit")
+    assert mg.canonical_model_id(evil) == "mlx-community/gemma-4-31b-it-8bit"
+    assert type(mg.canonical_model_id(evil)) is str
+    assert mg.is_gemma4_family(evil) is True
+    assert mg.check_known_panic_model(evil) is not None
+    error = KeyError("body")
+    with pytest.raises(KeyError) as info, mg.subprocess_inference_guard(evil):
+        raise error
+    assert info.value is error and error.__context__ is None
+
+
+def test_numpy_numbers_are_numbers(mg_home: str, tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy", reason="NumPy comes with the MLX environment")
+    guard = mg.CadenceGuard(min_interval_sec=np.int64(60), cross_model_interval_sec=np.float32(1.5))
+    assert guard.min_interval_sec == 60.0 and guard.cross_model_interval_sec == 1.5
+    guard.mark_load("org/m", ts=np.float64(1_700_000_000.0))
+    mg.require_cadence_clear("org/n", min_interval_sec=np.int32(5))
+    breaker = mg.CircuitBreaker(panic_threshold=np.int64(3), window_sec=np.float64(60))
+    assert breaker.panic_threshold == 3 and type(breaker.panic_threshold) is int
+    assert mg.read_breadcrumbs(np.int64(5)) == mg.read_breadcrumbs(5)
+
+
+def test_huge_ids_are_not_kept_in_the_memo() -> None:
+    before = len(mg._canonical_memo)
+    for i in range(50):
+        assert mg.is_gemma4_family(f"{i}" + "x" * 200_000) is False
+    assert len(mg._canonical_memo) <= before
+
+
+def test_exceptions_with_infinite_values_still_build_and_pickle() -> None:
+    import pickle
+
+    for exc in (
+        mg.CadenceViolation("org/m", 0.0, math.inf),
+        mg.CrossModelCadenceViolation("org/m", "org/o", 0.0, math.inf),
+        mg.MLXCooldownActive(2, 3600, math.inf),
+        mg.MLXCooldownActive(2, math.inf, 0.0),
+    ):
+        again = pickle.loads(pickle.dumps(exc))
+        assert str(again) == str(exc) and str(exc)

@@ -216,3 +216,39 @@ def test_rotation_keeps_one_generation(mg_home: str, monkeypatch: pytest.MonkeyP
     total = sum((Path(mg_home) / n).stat().st_size for n in names)
     assert total <= 2 * 4096 + 200  # bounded
     assert mg.read_breadcrumbs(1)[0].split(" ")[3] == "0399"
+
+
+HOLD_LOCK = """
+import sys, time, metal_guard as mg
+with mg._FileLock(sys.argv[1], timeout=5):
+    sys.stdout.write("held\\n"); sys.stdout.flush()
+    time.sleep(60)
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_busy_rotation_lock_never_holds_up_a_breadcrumb(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METALGUARD_BREADCRUMB_MAX_BYTES", "4096")
+    log = Path(mg_home) / "breadcrumbs.log"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(log) + ".lock"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        for i in range(100):  # well past the limit while another process "rotates"
+            mg.metal_guard.breadcrumb(f"event {i:03d} " + "y" * 60)
+        # every line landed in the live file; rotation was skipped, not waited for
+        assert len(log.read_text().splitlines()) == 100
+        assert not (Path(mg_home) / "breadcrumbs.log.1").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    mg.metal_guard.breadcrumb("after")  # the lock is free again: this one rotates
+    assert (Path(mg_home) / "breadcrumbs.log.1").exists()
+    assert mg.read_breadcrumbs(1)[0].endswith(" after")

@@ -647,11 +647,16 @@ def test_model_id_value_errors(bad: str, guard_path: str, mg_home: str) -> None:
 
 def test_mark_ts_validation(guard_path: str) -> None:
     guard = CadenceGuard(guard_path)
-    bads: list[Any] = ["123", float("nan"), float("inf"), True, [1]]
+    bads: list[Any] = ["123", True, [1], None.__class__]
     for bad in bads:
         with pytest.raises(TypeError, match="ts"):
             guard.mark_load(LLAMA, ts=bad)
         with pytest.raises(TypeError, match="ts"):
+            guard.mark_unload(LLAMA, ts=bad)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # a number, but no point in time
+        with pytest.raises(ValueError, match="ts"):
+            guard.mark_load(LLAMA, ts=bad)
+        with pytest.raises(ValueError, match="ts"):
             guard.mark_unload(LLAMA, ts=bad)
     guard.mark_load(LLAMA, ts=1_700_000_000)  # an int is a number of seconds
 

@@ -278,6 +278,17 @@ def test_cadence_clear_on_a_fresh_home_creates_nothing(mg_home: str) -> None:
     assert os.listdir(mg_home) == []
 
 
+def test_cadence_clear_that_cannot_touch_the_store_is_an_error(
+    mg_home: str, tmp_path: Path
+) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"org/a": 1.0}')
+    (Path(mg_home) / "cadence.json").symlink_to(target)
+    proc = run(mg_home, "cadence", "clear")
+    assert proc.returncode == 1 and "cannot be used" in proc.stderr
+    assert target.read_text() == '{"org/a": 1.0}'  # untouched, and not claimed as cleared
+
+
 def test_models(mg_home: str) -> None:
     proc = run(mg_home, "models")
     assert proc.returncode == 0

@@ -168,3 +168,26 @@ def test_garbage_in_every_variable_never_breaks_import_or_calls(raw: str, tmp_pa
     # METALGUARD_HOME: empty and garbage-but-usable values differ; it is never a crash.
     if raw.strip() == "":
         assert warned.count("METALGUARD_HOME") == 1
+
+
+def test_no_home_at_all_never_means_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A daemon with no HOME and a uid without a passwd entry: expanduser("~") stays "~".
+    import pwd
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.delenv("METALGUARD_HOME")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert os.path.expanduser("~") == "~"
+    with caplog.at_level(logging.WARNING, logger="metal_guard"):
+        home = mg._state_home()
+        assert mg._state_home() == home
+    assert os.path.isabs(home) and home.startswith(str(tmp_path))
+    assert len(_warnings(caplog, "no home folder")) == 1
+    monkeypatch.setenv("METALGUARD_HOME", str(tmp_path / "explicit"))
+    assert mg._state_home() == str(tmp_path / "explicit")

@@ -393,7 +393,7 @@ def test_no_sleep_without_mlx(
     assert flush.flushed is False and sleeps == [] and _crumbs(mg_home) == []
 
 
-@pytest.mark.parametrize("count", ["0", None, 0.0, True, [0]])
+@pytest.mark.parametrize("count", ["0", None, 1.0, True, [0], float("nan")])
 @pytest.mark.parametrize("model_id", ["google/gemma-4-31B-it", None, 42, "", "x" * 10_000])
 def test_flush_never_raises(model_id: Any, count: Any, sleeps: list[float]) -> None:
     flush = mg.gemma4_generation_flush(model_id, count)
@@ -410,3 +410,21 @@ def test_flush_step_failures_are_debug_only(
         flush = mg.gemma4_generation_flush("google/gemma-4-31B-it", 0)
     assert flush.flushed is True and sleeps == [3.0]
     assert [r.levelno for r in caplog.records] == [logging.DEBUG, logging.DEBUG]
+
+
+@pytest.mark.parametrize("count", [0, 0.0, -0.0])
+def test_flush_counts_like_the_reference(
+    count: Any, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reference flushed when `generate_call_count == 0`; any real zero does here too.
+    rec = Recorder()
+    _stub_mx(rec, fail=False, monkeypatch=monkeypatch)
+    assert mg.gemma4_generation_flush("google/gemma-4-31B-it", count).flushed is True
+
+
+def test_flush_accepts_numpy_counts(sleeps: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+    np = pytest.importorskip("numpy", reason="NumPy comes with the MLX environment")
+    rec = Recorder()
+    _stub_mx(rec, fail=False, monkeypatch=monkeypatch)
+    assert mg.gemma4_generation_flush("google/gemma-4-31B-it", np.int64(0)).flushed is True
+    assert mg.gemma4_generation_flush("google/gemma-4-31B-it", np.int32(3)).flushed is False

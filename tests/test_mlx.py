@@ -153,3 +153,25 @@ def test_without_mlx_every_step_is_a_no_op(monkeypatch: pytest.MonkeyPatch, mg_h
         pass
     flush = mg.gemma4_generation_flush("google/gemma-4-31b-it", 0)
     assert flush.flushed is False and flush.slept_sec == 0.0
+
+
+def test_a_hook_failing_on_every_call_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mg_home: str
+) -> None:
+    # Metal misbehaving cannot be produced on CPU: a stand-in whose clear_cache fails.
+    def broken() -> None:
+        raise RuntimeError("command buffer error")
+
+    stub = types.ModuleType("mlx.core")
+    stub.clear_cache = broken  # type: ignore[attr-defined]
+    stub.synchronize = lambda *a: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mlx.core", stub)
+    monkeypatch.delitem(sys.modules, "mlx_lm.generate", raising=False)
+    with caplog.at_level(logging.DEBUG, logger="metal_guard"):
+        for _ in range(20):
+            with mg.subprocess_inference_guard("org/m"):
+                pass
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    debugs = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(warnings) == 2  # "clear_cache (pre)" and "clear_cache (post)", once each
+    assert len(debugs) == 38  # the rest stays at DEBUG

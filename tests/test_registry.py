@@ -255,6 +255,8 @@ GEMMA_SPELLINGS = [
     Path("/Users/me/models/gemma-4-31b-it-8bit"),
     Path("models--mlx-community--gemma-4-31b-it-8bit/snapshots/x"),
     PureWindowsPath("C:/models/gemma-4-31b-it-8bit"),
+    # an HF cache folder is a local copy of the same weights, whoever uploaded them
+    "/cache/hub/models--other-org--gemma-4-31b-it-8bit/snapshots/x",
 ]
 
 
@@ -300,7 +302,6 @@ NEAR_MISSES = [
     "mlx-community/gemma-4-26b-a4b-it-4bit",
     "mlx-community/gemma-4-31b-it-8bit/extra",
     "/models/gemma-4-31b-it-8bit.bak",
-    "models--other-org--gemma-4-31b-it-8bit/snapshots/x",
     "mlx-community/Qwen3.6-35B-A3B-8bit",
     "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit",
     "mlx-community",

@@ -1670,29 +1670,14 @@ class CadenceGuard:
         return reserved
 
     @staticmethod
-    def _drop_aliases(mapping: dict[str, Any], canon: str) -> None:
-        """Remove keys naming the same model as ``canon`` in another spelling."""
+    def _spellings(mapping: dict[str, Any], canon: str) -> list[str]:
+        """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
         fold = canon.casefold()
-        for key in list(mapping):
-            if key != canon and key != _CADENCE_RESERVED:
-                other = _lenient_model_id(key)
-                if other is not None and other.casefold() == fold:
-                    del mapping[key]
-
-    @staticmethod
-    def _touch_aliases(data: dict[str, Any], canon: str, ts: float) -> None:
-        """Bring keys naming ``canon`` in another spelling (case, HF cache path) up to ``ts``.
-
-        A process of the reference looks its model up by the exact string it
-        was given; dropping its key would hide this load from it.
-        """
-        fold = canon.casefold()
-        for key, value in data.items():
-            old = _number(value) if key not in (canon, _CADENCE_RESERVED) else None
-            if old is not None and old < ts:
-                other = _lenient_model_id(key)
-                if other is not None and other.casefold() == fold:
-                    data[key] = ts
+        return [
+            key
+            for key in mapping
+            if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
+        ]
 
     def _violation(
         self, model_id: object, canon: str, events: _CadenceEvents
@@ -1708,31 +1693,22 @@ class CadenceGuard:
                 return CrossModelCadenceViolation(canon, other[0], other[1], cross, now=events.now)
         return None
 
-    @staticmethod
-    def _latest_for(mapping: dict[str, Any], canon: str) -> float | None:
-        """The newest time ``mapping`` holds for ``canon`` under any spelling."""
-        fold = canon.casefold()
-        times = [
-            ts
-            for key, value in mapping.items()
-            if key != _CADENCE_RESERVED
-            and (ts := _number(value)) is not None
-            and (_lenient_model_id(key) or "").casefold() == fold
-        ]
-        return max(times) if times else None
-
     def _record(self, data: dict[str, Any], canon: str, ts: float, *, unload: bool) -> None:
         reserved = self._prune(data, time.time())
         mapping = reserved["unloads"] if unload else data
+        spellings = self._spellings(mapping, canon)
         # Never move a record backwards: a late or stale mark (another process's
         # delayed unload, a backdated ``ts``) must not shorten anyone's window.
-        latest = self._latest_for(mapping, canon)
-        if latest is not None and latest > ts:
-            ts = latest
-        if unload:
-            self._drop_aliases(mapping, canon)
-        else:
-            self._touch_aliases(mapping, canon, ts)
+        ts = max([ts, *(t for key in spellings if (t := _number(mapping[key])) is not None)])
+        for key in spellings:
+            if key == canon:
+                continue
+            if unload:  # our own key: one spelling is enough
+                del mapping[key]
+            elif _number(mapping[key]) is not None:
+                # A process of the reference looks its model up by the exact string
+                # it was given: keep its spelling current instead of dropping it.
+                mapping[key] = ts
         mapping[canon] = ts
         reserved["pids"][canon] = os.getpid()
 

@@ -152,35 +152,25 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def nvidia_smi() -> str | None:
+def command_output(args: list[str], timeout: float) -> str | None:
+    """Stripped stdout of a command, or None when it cannot run or prints nothing."""
     try:
-        proc = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() or None
+
+
+def nvidia_smi() -> str | None:
+    return command_output(
+        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv"], timeout=30
+    )
 
 
 def git_commit() -> str | None:
-    env = os.environ.get("BENCH_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        proc = subprocess.run(
-            ["git", "-C", REPO_ROOT, "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() or None
+    return os.environ.get("BENCH_GIT_COMMIT") or command_output(
+        ["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], timeout=10
+    )
 
 
 def file_sha256(path: str) -> str | None:

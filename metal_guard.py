@@ -94,12 +94,15 @@ __all__ = [
 
 
 # =============================================================================
-# 1. Configuration — environment variables, the state folder, warn-once logs.
+# 1. Configuration — environment variables, argument checks, the state folder,
+# warn-once logs and the per-process memory every later section registers.
 #
 # Every METALGUARD_* variable is read here, at call time, through one helper
 # family. A bad value never raises: it logs one WARNING per variable per
-# process and the default is used. Logging itself is set up lazily because
-# ``import logging`` alone costs more than the rest of this module's import.
+# process and the default is used. Arguments from callers go through one
+# family of checks (a clear TypeError/ValueError for caller bugs). Logging
+# itself is set up lazily because ``import logging`` alone costs more than
+# the rest of this module's import.
 # =============================================================================
 
 _DEBUG = 10

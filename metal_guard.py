@@ -145,11 +145,11 @@ def _env_bad(name: str, raw: str, why: str, default: object) -> None:
     _log_once(
         "env:" + name,
         _WARNING,
-        "metal_guard: ignoring %s=%r (%s); using the default %r",
+        "metal_guard: ignoring %s=%r (%s); using the default%s",
         name,
         raw[:200],
         why,
-        default,
+        "" if default is None else f" {default!r}",
     )
 
 
@@ -1309,7 +1309,7 @@ class gemma4_generation_flush:
             _log_once(
                 "gemma4-count",
                 _WARNING,
-                "metal_guard: gemma4_generation_flush needs an int generate_call_count, got %s; no flush",
+                "metal_guard: gemma4_generation_flush needs a number as generate_call_count, got %s; no flush",
                 _label(generate_call_count),
             )
             return

@@ -564,7 +564,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--real-wait",
         action="store_true",
-        help=f"wait out the {FLOOR:g} s gemma-4 floor instead of simulating it (about 2 min)",
+        help=f"wait out the {FLOOR:g} s gemma-4 floor instead of clearing the records (about 2 min)",
     )
     p.add_argument("--keep-models", action="store_true", help="keep the tiny model folders")
     args = p.parse_args(argv)
@@ -581,8 +581,8 @@ def setup_state(workdir: Path, report: Report) -> str | None:
         home = os.environ["METALGUARD_HOME"]
         cadence: str | None = str(workdir / "cadence.json")
         print(f"  METALGUARD_HOME (yours): {home}")
-        print("  The demo's cadence store is a separate file, so its simulated timestamps never")
-        print(f"  reach your real store: {cadence}")
+        print("  The demo's cadence store is a separate file, so its loads, refusals and the")
+        print(f"  records it clears never touch your real store: {cadence}")
     else:
         home = str(workdir / "state")
         os.environ["METALGUARD_HOME"] = home

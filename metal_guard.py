@@ -1550,7 +1550,7 @@ def _cadence_path(path: StrPath | None) -> str:
     if path is not None:
         return _path_arg("path", path)
     if _CADENCE_PATH_DEFAULT:
-        return os.path.abspath(os.path.expanduser(_CADENCE_PATH_DEFAULT))
+        return _path_arg("_CADENCE_PATH_DEFAULT", _CADENCE_PATH_DEFAULT)
     return _state_file("cadence.json")
 
 
@@ -1683,13 +1683,13 @@ class CadenceGuard:
         ]
 
     def _violation(
-        self, model_id: object, canon: str, events: _CadenceEvents
+        self, canon: str, cross: float, events: _CadenceEvents
     ) -> CadenceViolation | None:
+        """The rule ``events`` break for a load of ``canon`` (``cross``: its cross interval)."""
         fold = canon.casefold()
         last = events.last_event(fold)
         if last is not None and events.now - last < self._min_interval:
             return CadenceViolation(canon, last, self._min_interval, now=events.now)
-        cross = self.effective_cross_interval(model_id)
         if cross > 0:
             other = events.latest_other(fold)
             if other is not None and events.now - other[1] < cross:
@@ -1743,7 +1743,7 @@ class CadenceGuard:
             for t in [*events.loads.values(), *events.unloads.values()]
         ):
             self._repair_clock()
-        violation = self._violation(model_id, canon, events)
+        violation = self._violation(canon, self.effective_cross_interval(model_id), events)
         if violation is not None:
             raise violation
 
@@ -1754,11 +1754,14 @@ class CadenceGuard:
         soon; otherwise the load is recorded and the caller may load.
         """
         canon = canonical_model_id(model_id)
+        # Family detection may stat the folder and read its config.json: do it before
+        # taking the store's lock, not while every other process waits for it.
+        cross = self.effective_cross_interval(model_id)
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
             self._prune(data, now)
-            violation = self._violation(model_id, canon, _CadenceEvents(data, now))
+            violation = self._violation(canon, cross, _CadenceEvents(data, now))
             if violation is None:
                 self._record(data, canon, now, unload=False)
             return violation

@@ -58,9 +58,12 @@ __version__ = "0.9.0"
 __all__ = [
     "__version__",
     # 2. State files
+    "LockUnsupported",
     "StateLockTimeout",
     # 4. Breadcrumbs
+    "MemoryStats",
     "MetalGuard",
+    "MetalOOMError",
     "metal_guard",
     "read_breadcrumbs",
     # 5. Model identity
@@ -415,6 +418,49 @@ def _label(value: object) -> str:
 _process_state_resets: list[Callable[[], None]] = []
 
 
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _dataclass
+else:
+
+    def _dataclass(*, frozen: bool = False):
+        """``@dataclasses.dataclass(frozen=...)``, applied when the class is first used.
+
+        ``import dataclasses`` costs more than the rest of this module's import,
+        so a class is turned into a real dataclass on its first instantiation or
+        its first ``dataclasses.fields``/``is_dataclass`` look-up (through its
+        ``__dataclass_fields__``); after that it is an ordinary dataclass.
+        """
+
+        def wrap(cls):
+            lock = _thread.allocate_lock()
+
+            def materialize():
+                with lock:
+                    if "__dataclass_fields__" in cls.__dict__ and not isinstance(
+                        cls.__dict__["__dataclass_fields__"], _LazyFields
+                    ):
+                        return
+                    del cls.__init__, cls.__dataclass_fields__
+                    import dataclasses
+
+                    dataclasses.dataclass(frozen=frozen)(cls)
+
+            def __init__(self, *args, **kwargs):
+                materialize()
+                cls.__init__(self, *args, **kwargs)
+
+            class _LazyFields:
+                def __get__(self, obj, owner):
+                    materialize()
+                    return owner.__dict__["__dataclass_fields__"]
+
+            cls.__init__ = __init__
+            cls.__dataclass_fields__ = _LazyFields()
+            return cls
+
+        return wrap
+
+
 def _on_reset(reset: Callable[[], None]) -> Callable[[], None]:
     """Register a section's "forget what this process remembers" function."""
     _process_state_resets.append(reset)
@@ -480,60 +526,190 @@ def _ensure_dir(path: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
 
 
-class _FileLock:
-    """An exclusive ``flock`` on ``path`` (a sidecar lock file), with a timeout.
+class LockUnsupported(OSError):
+    """The filesystem cannot ``flock``, so an exclusion lock cannot exclude.
 
-    Used as ``with _FileLock(p, timeout=5): ...``. The lock file is opened with
-    ``O_NOFOLLOW`` and never deleted (a process may hold the lock on an inode
-    another one just unlinked). Where ``flock`` is unsupported (``ENOSYS``,
-    ``ENOLCK``) it logs one WARNING and runs the section unlocked.
+    Raised instead of running unlocked by the locks whose whole job is to
+    exclude (the MLX lock, the GPU gate). ``env_var`` names the variable that
+    moves the lock file to a local disk.
     """
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
+    def __init__(self, lock_path: str, env_var: str, reason: str = "") -> None:
+        self.lock_path = lock_path
+        self.env_var = env_var
+        self.reason = reason
+        super().__init__(
+            errno.ENOLCK,
+            f"cannot lock {lock_path!r}: the filesystem does not support flock"
+            + (f" ({reason})" if reason else "")
+            + f"; set {env_var} to a path on a local disk",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.lock_path, self.env_var, self.reason))
+
+
+class _LockState:
+    """What this process knows about one lock file: its descriptor and holders."""
+
+    __slots__ = ("acquiring", "cond", "count", "fd", "owner", "pid")
+
+    def __init__(self) -> None:
+        import threading  # not at module import: it costs as much as the rest of it
+
+        self.cond = threading.Condition(threading.Lock())
+        self.fd: int | None = None
+        self.count = 0
+        self.owner: int | None = None  # thread ident for per-thread locks
+        self.acquiring = False
+        self.pid = os.getpid()
+
+
+_lock_states: dict[str, _LockState] = {}
+_lock_states_guard = _thread.allocate_lock()
+
+
+def _lock_state(path: str) -> _LockState:
+    key = os.path.abspath(path)
+    with _lock_states_guard:
+        state = _lock_states.get(key)
+        if state is None or state.pid != os.getpid():  # a forked child holds nothing
+            state = _lock_states[key] = _LockState()
+        return state
+
+
+class _FileLock:
+    """A reentrant exclusive ``flock`` on ``path``: the one lock of this module.
+
+    ``with _FileLock(p, timeout=5): ...`` or ``acquire()`` / ``release()``. The
+    lock file is opened with ``O_NOFOLLOW`` and never deleted (a process may
+    hold the lock on an inode another one just unlinked). The OS lock is the
+    truth: a holder that dies releases it by dying.
+
+    Within one process the lock is counted: with ``per_thread=True`` (state
+    files, the GPU gate) the thread that holds it may re-enter and other
+    threads wait; with ``per_thread=False`` (the MLX lock) the whole process
+    is the holder, and the OS lock is released by the last ``release()``.
+
+    ``timeout`` ``None`` waits forever, ``0`` tries once; expiry raises
+    ``StateLockTimeout``. Where ``flock`` is unsupported an exclusion lock
+    (``must_exclude=True``) raises ``LockUnsupported`` naming ``env_var``;
+    a state-file lock logs one WARNING and runs unlocked.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        timeout: float | None = 10.0,
+        *,
+        per_thread: bool = True,
+        must_exclude: bool = False,
+        env_var: str = "METALGUARD_HOME",
+    ) -> None:
         self.path = path
         self.timeout = timeout
-        self._fd: int | None = None
+        self.per_thread = per_thread
+        self.must_exclude = must_exclude
+        self.env_var = env_var
 
-    def acquire(self) -> None:
+    @property
+    def count(self) -> int:
+        """How many times this process (or, per thread, its holder) holds the lock."""
+        return _lock_state(self.path).count
+
+    def held_by_me(self) -> bool:
+        """True when the calling thread (per-thread) or process holds the lock."""
+        state = _lock_state(self.path)
+        with state.cond:
+            return state.count > 0 and (not self.per_thread or state.owner == _thread.get_ident())
+
+    def acquire(self, timeout: float | None = _INF) -> bool:
+        """Take the lock; True when this call took the OS lock, False on re-entry."""
+        wait = self.timeout if timeout == _INF else timeout
+        deadline = None if wait is None else time.monotonic() + max(0.0, wait)
+        state = _lock_state(self.path)
+        me = _thread.get_ident()
+        with state.cond:
+            while True:
+                if state.count > 0 and (not self.per_thread or state.owner == me):
+                    state.count += 1
+                    return False
+                if state.count == 0 and not state.acquiring:
+                    state.acquiring = True
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise StateLockTimeout(self.path, wait or 0.0)
+                state.cond.wait(remaining)
+        try:
+            fd = self._os_lock(deadline, wait)
+        except BaseException:
+            with state.cond:
+                state.acquiring = False
+                state.cond.notify_all()
+            raise
+        with state.cond:
+            state.acquiring = False
+            state.fd, state.count, state.owner = fd, 1, me
+            state.cond.notify_all()
+        return True
+
+    def _os_lock(self, deadline: float | None, wait: float | None) -> int | None:
+        """flock the file; the descriptor, or ``None`` when running unlocked."""
         try:
             import fcntl
         except ImportError:  # not a POSIX system: nothing to lock with
-            _log_once(
-                "nolock", _WARNING, "metal_guard: fcntl is unavailable; state files are not locked"
-            )
-            return
+            self._unsupported("fcntl is unavailable")
+            return None
         _ensure_dir(os.path.dirname(self.path) or ".")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.timeout
         delay = 0.001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return fd
             except OSError as exc:
                 if exc.errno in _FLOCK_UNSUPPORTED:
-                    _log_once(
-                        "flock:" + os.path.dirname(self.path),
-                        _WARNING,
-                        "metal_guard: this filesystem cannot lock %s (%s); carrying on without locking",
-                        self.path,
-                        exc.strerror,
-                    )
-                    break
-                remaining = deadline - time.monotonic()
-                if exc.errno not in _FLOCK_BUSY or remaining <= 0:
+                    os.close(fd)
+                    self._unsupported(exc.strerror or str(exc))
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if exc.errno not in _FLOCK_BUSY or (remaining is not None and remaining <= 0):
                     os.close(fd)
                     if exc.errno in _FLOCK_BUSY:
-                        raise StateLockTimeout(self.path, self.timeout) from None
+                        raise StateLockTimeout(self.path, wait or 0.0) from None
                     raise
-                time.sleep(min(delay, remaining))
+                time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, 0.02)
-        self._fd = fd
 
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
+    def _unsupported(self, reason: str) -> None:
+        if self.must_exclude:
+            raise LockUnsupported(self.path, self.env_var, reason)
+        _log_once(
+            "flock:" + os.path.dirname(self.path),
+            _WARNING,
+            "metal_guard: cannot lock %s (%s); state files there are not locked",
+            self.path,
+            reason,
+        )
+
+    def release(self) -> bool:
+        """Drop one hold; True when this released the OS lock. Never raises."""
+        state = _lock_state(self.path)
+        with state.cond:
+            if state.count == 0:
+                return False
+            state.count -= 1
+            if state.count:
+                return False
+            fd, state.fd, state.owner = state.fd, None, None
+            state.cond.notify_all()
         if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
+            try:
+                os.close(fd)  # closing the descriptor releases the flock
+            except OSError:
+                pass
+        return True
 
     def __enter__(self) -> _FileLock:
         self.acquire()
@@ -883,6 +1059,83 @@ def _synchronize(
         _mlx_step("synchronize(stream)", sync, stream, model_id=model_id, level=level)
 
 
+# -- memory numbers -----------------------------------------------------------
+
+
+@_dataclass(frozen=True)
+class MemoryStats:
+    """MLX memory numbers of this process (bytes; ``*_gb`` properties in decimal GB).
+
+    The first three fields are the original metal-guard's, in its order;
+    ``cache_bytes`` (MLX's buffer cache) and ``footprint_bytes`` (the process's
+    physical footprint, which also counts memory MLX does not track) are added
+    at the end with defaults, so positional construction stays compatible.
+    """
+
+    active_bytes: int = 0
+    peak_bytes: int = 0
+    limit_bytes: int = 0
+    cache_bytes: int = 0
+    footprint_bytes: int = 0
+
+    @property
+    def active_gb(self) -> float:
+        return self.active_bytes / 1e9
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / 1e9
+
+    @property
+    def limit_gb(self) -> float:
+        return self.limit_bytes / 1e9
+
+    @property
+    def cache_gb(self) -> float:
+        return self.cache_bytes / 1e9
+
+    @property
+    def footprint_gb(self) -> float:
+        return self.footprint_bytes / 1e9
+
+    @property
+    def in_use_bytes(self) -> int:
+        """What the memory layers decide on: ``max(active, footprint)``."""
+        return max(self.active_bytes, self.footprint_bytes)
+
+    @property
+    def available_gb(self) -> float:
+        """``(limit - active) / 1e9`` as the original; negative when over the limit."""
+        return (self.limit_bytes - self.active_bytes) / 1e9
+
+    @property
+    def active_pct(self) -> float:
+        return 100.0 * self.active_bytes / self.limit_bytes if self.limit_bytes else 0.0
+
+    @property
+    def peak_pct(self) -> float:
+        return 100.0 * self.peak_bytes / self.limit_bytes if self.limit_bytes else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"active={self.active_gb:.2f}GB peak={self.peak_gb:.2f}GB "
+            f"limit={self.limit_gb:.2f}GB available={self.available_gb:.2f}GB "
+            f"({self.active_pct:.1f}% active, {self.peak_pct:.1f}% peak) "
+            f"cache={self.cache_gb:.2f}GB footprint={self.footprint_gb:.2f}GB"
+        )
+
+
+class MetalOOMError(RuntimeError):
+    """Metal ran out of memory (after the recovery this library attempted)."""
+
+    def __init__(self, message: str, stats: MemoryStats | None = None) -> None:
+        super().__init__(message)
+        self.stats = stats
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.stats))
+
+
 # =============================================================================
 # 4. Breadcrumbs — one line per event, durable before the next step runs.
 #
@@ -926,8 +1179,8 @@ def _default_breadcrumb_path() -> str | None:
     )
 
 
-class MetalGuard:
-    """Process-wide guard object; owns the forensic breadcrumb log.
+class _BreadcrumbLog:
+    """The forensic breadcrumb log (the base of ``MetalGuard``).
 
     ``MetalGuard()`` writes to ``METALGUARD_BREADCRUMB_PATH`` if set (empty
     disables), else ``$METALGUARD_HOME/breadcrumbs.log``, resolved at each
@@ -977,7 +1230,7 @@ class MetalGuard:
             )
 
     def __repr__(self) -> str:
-        return f"MetalGuard(breadcrumb_path={self._breadcrumb_path!r})"
+        return f"{type(self).__name__}(breadcrumb_path={self._breadcrumb_path!r})"
 
 
 def _local_timestamp() -> str:
@@ -1041,6 +1294,10 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
     return lines
 
 
+class MetalGuard(_BreadcrumbLog):
+    """Process-wide guard object (the memory layers build on it)."""
+
+
 metal_guard = MetalGuard()
 
 
@@ -1057,13 +1314,17 @@ _MODEL_ID_MAX = 4096
 _re_cache: dict[str, Any] = {}
 
 
-def _regex(name: str, pattern: str, flags: int = 0) -> Any:
-    """Compile ``pattern`` once, on first use (``re`` is not imported at module import)."""
+def _regex(name: str, pattern: str) -> Any:
+    """Compile ``pattern`` once, on first use (flags go inline: ``(?is)``).
+
+    ``re`` is imported here, not at module import: it alone would double the
+    cost of ``import metal_guard`` (measured in ``bench/bench_import.py``).
+    """
     rx = _re_cache.get(name)
     if rx is None:
         import re
 
-        rx = _re_cache[name] = re.compile(pattern, flags)
+        rx = _re_cache[name] = re.compile(pattern)
     return rx
 
 
@@ -1182,7 +1443,7 @@ def is_gemma4_family(model_id: object) -> bool:
     except (OSError, ValueError):
         pass
     return bool(
-        _regex("gemma4", r"gemma-4-(?:\d+|e\d+)b(?:-.+)?", 2).fullmatch(_model_name(canonical))
+        _regex("gemma4", r"(?i)gemma-4-(?:\d+|e\d+)b(?:-.+)?").fullmatch(_model_name(canonical))
     )
 
 
@@ -2204,9 +2465,6 @@ _BREAKER_SCHEMA = 1
 _BREAKER_SECONDS_MAX = 366 * 86400.0
 _BREAKER_CLOCK_SLACK = 60.0
 
-# ``re`` flags, spelled as numbers because ``re`` is imported lazily.
-_RX_IGNORECASE, _RX_MULTILINE, _RX_DOTALL = 2, 8, 16
-
 if TYPE_CHECKING:  # pragma: no cover - typing only
     # name, kind, needles, pattern, what happened, what to do
     _SignatureEntry = tuple[str, str, tuple[str, ...], str, str, str]
@@ -2343,7 +2601,7 @@ def _match_signature(text: str) -> tuple[_SignatureEntry, int] | None:
         hits = [i for i in (lowered.find(needle) for needle in entry[2]) if i >= 0]
         if not hits:
             continue
-        rx = _regex("panic-sig:" + entry[0], entry[3], _RX_IGNORECASE | _RX_DOTALL)
+        rx = _regex("panic-sig:" + entry[0], "(?is)" + entry[3])
         # start near the first needle (a match begins a little before it), then everywhere
         hint = max(0, min(hits) - _SIGNATURE_LOOKBEHIND) if same_positions else 0
         found = rx.search(text, hint) or (rx.search(text) if hint else None)
@@ -2412,6 +2670,7 @@ def detect_panic_signature(text: object) -> tuple[str | None, str | None]:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
+
     import json
 
     try:
@@ -2443,7 +2702,7 @@ def _unescape_json_fragment(fragment: str) -> str:
             return "\ufffd" if 0xD800 <= code <= 0xDFFF else chr(code)
         return _JSON_ESCAPES.get(token, token)
 
-    rx = _regex("json-escape", r"\\(u[0-9a-fA-F]{4}|.)", _RX_DOTALL)
+    rx = _regex("json-escape", r"(?s)\\(u[0-9a-fA-F]{4}|.)")
     result: str = rx.sub(replace, fragment)
     return result
 
@@ -2454,7 +2713,7 @@ def _panic_string_fallback(text: str) -> str | None:
     if key is None:
         return None
     # the string body up to its closing quote (or the end of a truncated file)
-    body = _regex("json-string-body", r'[^"\\]*(?:\\.[^"\\]*)*', _RX_DOTALL).match(text, key.end())
+    body = _regex("json-string-body", r'(?s)[^"\\]*(?:\\.[^"\\]*)*').match(text, key.end())
     return _unescape_json_fragment(body.group(0)) if body is not None else None
 
 
@@ -2468,8 +2727,8 @@ def _clip(value: object) -> str | None:
     return text if len(text) <= _PANIC_FIELD_MAX else text[:_PANIC_FIELD_MAX] + "..."
 
 
-def _search_group(name: str, pattern: str, text: str, flags: int = 0) -> str | None:
-    found = _regex(name, pattern, flags).search(text)
+def _search_group(name: str, pattern: str, text: str) -> str | None:
+    found = _regex(name, pattern).search(text)
     return found.group(1) if found is not None else None
 
 
@@ -2489,12 +2748,14 @@ def _report_time(value: object) -> float | None:
 
 
 def _panic_time(text: str) -> float | None:
-    """The ``Calendar: 0x<sec> 0x<usec>`` line of the ``Epoch Time:`` block."""
-    found = _regex(
-        "panic-epoch",
-        r"Epoch\s+Time:.{0,1000}?Calendar\s*:\s*0x([0-9a-fA-F]{1,16})\s+0x([0-9a-fA-F]{1,16})",
-        _RX_DOTALL,
-    ).search(text)
+    """The ``Calendar: 0x<sec> 0x<usec>`` line, preferably the ``Epoch Time:`` block's.
+
+    Some reports carry the line without the block header; it is read there too.
+    """
+    calendar = r"Calendar\s*:\s*0x([0-9a-fA-F]{1,16})\s+0x([0-9a-fA-F]{1,16})"
+    found = _regex("panic-epoch", r"(?s)Epoch\s+Time:.{0,1000}?" + calendar).search(text)
+    if found is None:
+        found = _regex("panic-calendar", calendar).search(text)
     if found is None:
         return None
     seconds, micros = int(found.group(1), 16), int(found.group(2), 16)
@@ -2841,6 +3102,7 @@ def _bound_archive(records: list[dict[str, Any]], now: float) -> list[dict[str, 
 
 
 def _archive_line(record: dict[str, Any]) -> bytes:
+
     import json
 
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)

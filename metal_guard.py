@@ -769,8 +769,13 @@ def _sweep_stale_temps(path: str) -> None:
                 pass
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (mode 0600)."""
+def _atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (mode 0600); ``durable`` adds the fsyncs.
+
+    Atomic means readers see the old or the new bytes, never a mix. Durable
+    means the new bytes survive a kernel panic: the file and the folder are
+    fsynced (milliseconds on some disks, so files that need not survive skip it).
+    """
     folder = os.path.dirname(path) or "."
     _ensure_dir(folder)
     _refuse_symlink(path)
@@ -782,7 +787,8 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -792,7 +798,8 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
 
 
 def _append_bytes(path: str, data: bytes) -> int:
@@ -835,36 +842,6 @@ class _CorruptFile(ValueError):
 _JSON_MAX_BYTES = 16 << 20
 
 
-def _read_json_file(path: str) -> tuple[dict[str, Any], bytes]:
-    """The JSON object in ``path`` and the bytes it came from.
-
-    ``({}, b"")`` when the file is missing; raises ``_CorruptFile`` when it
-    does not hold a JSON object.
-    """
-    import json
-
-    try:
-        raw = _read_bounded(path, _JSON_MAX_BYTES + 1)
-    except FileNotFoundError:
-        return {}, b""
-    if len(raw) > _JSON_MAX_BYTES:
-        raise _CorruptFile(f"{path} is larger than {_JSON_MAX_BYTES} bytes")
-    if not raw.strip():
-        return {}, raw
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _CorruptFile(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _CorruptFile(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data, raw
-
-
-def _load_json_object(path: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ``{}`` when missing; ``_CorruptFile`` when invalid."""
-    return _read_json_file(path)[0]
-
-
 def _quarantine(path: str, why: str) -> None:
     """Move a corrupt state file aside to ``<path>.corrupt-<timestamp>`` (one WARNING)."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -879,49 +856,85 @@ def _quarantine(path: str, why: str) -> None:
     _log().warning("metal_guard: %s; moved it to %s and started afresh", why, target)
 
 
-def _read_json_state(path: str) -> dict[str, Any]:
-    """Read-only view of a JSON state file: missing, corrupt or unreadable → ``{}``.
+class _JsonFile:
+    """One JSON-object state file: the only way this module persists state.
 
-    Never writes (status displays use this); the next locked update quarantines
-    a corrupt file.
+    - ``read()`` never writes and never raises: ``(object, problem)``, where a
+      missing file is ``({}, None)`` and a corrupt or unreadable one is
+      ``({}, "why")``; the caller decides whether that fails open.
+    - ``update(fn)`` runs ``fn(object)`` under the file's lock (a sidecar
+      ``.lock`` that is never deleted); ``fn`` changes the object in place and
+      its result is returned. The file is replaced atomically, and only when
+      the object changed. A corrupt file is moved aside (``.corrupt-*``, one
+      WARNING) and ``fn`` starts from ``{}``. Environment faults raise
+      ``OSError`` / ``StateLockTimeout``.
+    - ``durable`` is chosen per file: ``True`` fsyncs every replacement so it
+      survives a kernel panic; ``False`` leaves it in the page cache, which
+      every running process shares (enough for state that only coordinates
+      running processes).
     """
-    try:
-        return _load_json_object(path)
-    except (_CorruptFile, OSError) as exc:
-        _log_once("read:" + path, _DEBUG, "metal_guard: cannot read %s: %s", path, exc)
-        return {}
 
+    __slots__ = ("durable", "lock_timeout", "path")
 
-def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: float = 10.0) -> _T:
-    """Locked read-modify-write of the JSON object in ``path``.
+    def __init__(self, path: str, *, durable: bool, lock_timeout: float | None = 10.0) -> None:
+        self.path = path
+        self.durable = durable
+        self.lock_timeout = lock_timeout
 
-    ``mutate`` receives the current object (``{}`` if missing or corrupt — a
-    corrupt file is quarantined first), changes it in place and returns a
-    result, which is returned here. The file is rewritten atomically only when
-    the object changed. Raises ``OSError``/``StateLockTimeout`` on environment
-    faults; callers decide whether to fail open.
-    """
-    import json
+    def load(self) -> dict[str, Any]:
+        """The object (``{}`` when missing); raises ``_CorruptFile`` / ``OSError``."""
+        return self._load()[0]
 
-    with _FileLock(path + ".lock", timeout):
+    def _load(self) -> tuple[dict[str, Any], bytes]:
+        """The object and the bytes it came from; raises ``_CorruptFile`` / ``OSError``."""
+        import json
+
         try:
-            data, raw = _read_json_file(path)
-        except _CorruptFile:
-            # A writer that does not replace the file atomically (an older version
-            # of this library sharing the store) may be mid-write: look once more.
-            time.sleep(0.05)
+            raw = _read_bounded(self.path, _JSON_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return {}, b""
+        if len(raw) > _JSON_MAX_BYTES:
+            raise _CorruptFile(f"{self.path} is larger than {_JSON_MAX_BYTES} bytes")
+        if not raw.strip():
+            return {}, raw
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _CorruptFile(f"{self.path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _CorruptFile(f"{self.path} holds a JSON {type(data).__name__}, not an object")
+        return data, raw
+
+    def read(self) -> tuple[dict[str, Any], str | None]:
+        """``(object, None)``, or ``({}, problem)`` when the file is corrupt or unreadable."""
+        try:
+            return self._load()[0], None
+        except (_CorruptFile, OSError) as exc:
+            return {}, str(exc)
+
+    def update(self, mutate: Callable[[dict[str, Any]], _T]) -> _T:
+        """Locked read-modify-write; returns what ``mutate`` returned."""
+        import json
+
+        with _FileLock(self.path + ".lock", self.lock_timeout):
             try:
-                data, raw = _read_json_file(path)
-            except _CorruptFile as exc:
-                _quarantine(path, str(exc))
-                data, raw = {}, b""
-        result = mutate(data)
-        # Compare with the bytes read instead of re-serialising the old object:
-        # one dumps per update. (A file in another layout is rewritten once.)
-        encoded = json.dumps(data, sort_keys=True, default=str).encode("utf-8") + b"\n"
-        if encoded != raw and (data or raw):
-            _atomic_write_bytes(path, encoded)
-        return result
+                data, raw = self._load()
+            except _CorruptFile:
+                # A writer that does not replace the file atomically (the original
+                # metal-guard sharing the store) may be mid-write: look once more.
+                time.sleep(0.05)
+                try:
+                    data, raw = self._load()
+                except _CorruptFile as exc:
+                    _quarantine(self.path, str(exc))
+                    data, raw = {}, b""
+            result = mutate(data)
+            # Compare with the bytes read instead of re-serialising the old object:
+            # one dumps per update. (A file in another layout is rewritten once.)
+            encoded = json.dumps(data, sort_keys=True, default=str).encode("utf-8") + b"\n"
+            if encoded != raw and (data or raw):
+                _atomic_write_bytes(self.path, encoded, durable=self.durable)
+            return result
 
 
 # =============================================================================
@@ -1850,6 +1863,13 @@ class CadenceGuard:
         return self._path
 
     @property
+    def _store(self) -> _JsonFile:
+        # Not fsynced: the store spaces the loads of running processes, which share
+        # the page cache; a kernel panic ends them all. The CADENCE_ADMIT breadcrumb
+        # (fsynced) is what tells which load preceded a panic.
+        return _JsonFile(self._path, durable=False, lock_timeout=self.lock_timeout)
+
+    @property
     def min_interval_sec(self) -> float:
         return self._min_interval
 
@@ -1868,7 +1888,7 @@ class CadenceGuard:
     def _read(self) -> dict[str, Any]:
         """The store for a read-only decision; an unreadable store fails open (or strict raises)."""
         try:
-            return _load_json_object(self._path)
+            return self._store.load()
         except _CorruptFile:
             return {}  # quarantined by the next write
         except OSError as exc:
@@ -1878,7 +1898,7 @@ class CadenceGuard:
     def _update(self, mutate: Callable[[dict[str, Any]], _T]) -> tuple[bool, _T | None]:
         """Locked read-modify-write; ``(False, None)`` when the store is unusable (fail-open)."""
         try:
-            return True, _update_json(self._path, mutate, timeout=self.lock_timeout)
+            return True, self._store.update(mutate)
         except (OSError, StateLockTimeout) as exc:
             self._store_failed(exc)
             return False, None
@@ -1976,34 +1996,14 @@ class CadenceGuard:
         mapping[canon] = ts
         reserved["pids"][canon] = os.getpid()
 
-    def _repair_clock(self) -> None:
-        """Pull future-dated entries back to now, so a clock step costs at most one interval.
-
-        Best effort and silent even for a strict guard: ``check`` only looks, and
-        the next ``admit`` repairs the store anyway.
-        """
-
-        def repair(data: dict[str, Any]) -> None:
-            self._prune(data, time.time())
-
-        try:
-            _update_json(self._path, repair, timeout=self.lock_timeout)
-        except (OSError, StateLockTimeout) as exc:
-            _log().debug("metal_guard: cannot repair %s: %s", self._path, exc)
-
     # -- public API ---------------------------------------------------------
 
     def check(self, model_id: StrPath) -> None:
         """Raise ``CadenceViolation`` if loading ``model_id`` now is too soon; records nothing."""
         canon = canonical_model_id(model_id)
-        data = self._read()
-        now = time.time()
-        events = _CadenceEvents(data, now)
-        if any(
-            t > now + _CADENCE_CLOCK_SLACK
-            for t in [*events.loads.values(), *events.unloads.values()]
-        ):
-            self._repair_clock()
+        # A future-dated record (the clock stepped back) counts as now; the next
+        # admit or mark rewrites it, so a check never writes.
+        events = _CadenceEvents(self._read(), time.time())
         violation = self._violation(canon, self.effective_cross_interval(model_id), events)
         if violation is not None:
             raise violation
@@ -2070,11 +2070,7 @@ class CadenceGuard:
     def status(self, *, now: float | None = None) -> dict[str, Any]:
         """What the store says and what is blocked now, for how long (never writes or raises)."""
         now = time.time() if now is None else now
-        try:
-            data = _load_json_object(self._path)
-            problem = None
-        except (_CorruptFile, OSError) as exc:
-            data, problem = {}, str(exc)
+        data, problem = self._store.read()
         events = _CadenceEvents(data, now)
         rows: list[dict[str, Any]] = []
         for fold, name in events.names.items():
@@ -2430,7 +2426,8 @@ def warn_if_known_panic_model(model_id: object) -> bool:
         warned.add(key)
     if first:
         _log().warning(
-            "metal_guard: %r is a known kernel-panic model (%s tier; signature: %s). %s",
+            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
+            "signature: %s). %s",
             key,
             entry["tier"],
             entry["panic_signature"],
@@ -2459,7 +2456,6 @@ _PANIC_BUG_TYPE = "210"  # bug_type of kernel panics in Apple's diagnostic repor
 _PANIC_CACHE_MAX = 20_000
 _PANIC_FIELD_MAX = 500
 _PANIC_ARCHIVE_MAX_RECORDS = 1000
-_PANIC_ARCHIVE_MAX_AGE_SEC = 180 * 86400.0
 _PANIC_ARCHIVE_READ_MAX = 64 << 20
 _BREAKER_SCHEMA = 1
 _BREAKER_SECONDS_MAX = 366 * 86400.0
@@ -2530,7 +2526,7 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
         "ctxstore_timeout",
         _IOGPU,
         ("store",),
-        r"ctx[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
+        r"(?:ctx|context)[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
         "GPU driver kernel panic: context-store timeout, the GPU did not save or restore a "
         "context in time",
         "Often seen under heavy GPU memory pressure. " + _ADVICE_IOGPU,
@@ -3094,11 +3090,13 @@ def _dedupe_key(record: dict[str, Any]) -> tuple[int, object]:
     return int(record["ts"]), record.get("pid")
 
 
-def _bound_archive(records: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    """The records to keep: not older than 180 days, the newest 1,000, sorted by time."""
-    horizon = now - _PANIC_ARCHIVE_MAX_AGE_SEC
-    kept = sorted((r for r in records if r["ts"] >= horizon), key=lambda r: r["ts"])
-    return kept[-_PANIC_ARCHIVE_MAX_RECORDS:]
+def _bound_archive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records to keep: the newest 1,000, sorted by time.
+
+    Never dropped for their age: ``metal-guard panics`` is the user's history
+    (the breaker looks only at its own window anyway).
+    """
+    return sorted(records, key=lambda r: r["ts"])[-_PANIC_ARCHIVE_MAX_RECORDS:]
 
 
 def _archive_line(record: dict[str, Any]) -> bytes:
@@ -3127,7 +3125,7 @@ def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
             seen_sources.add(record["source_file"])
             seen_keys.add(key)
             fresh.append(record)
-        kept = _bound_archive(existing + fresh, now)
+        kept = _bound_archive(existing + fresh)
         kept_ids = {id(r) for r in kept}
         appended = [r for r in fresh if id(r) in kept_ids]
         if len(kept) - len(appended) < len(existing):  # over a bound: rewrite
@@ -3287,6 +3285,11 @@ class CircuitBreaker:
         return self._state_path
 
     @property
+    def _state(self) -> _JsonFile:
+        # fsynced: a trip must survive the kernel panic that may follow it.
+        return _JsonFile(self._state_path, durable=True)
+
+    @property
     def report_dir(self) -> str:
         return _report_dir(self._report_dir)
 
@@ -3373,7 +3376,7 @@ class CircuitBreaker:
                 data["tripped_at"] = now
 
         try:
-            _update_json(self._state_path, repair)
+            self._state.update(repair)
         except (OSError, StateLockTimeout) as exc:
             _log().debug("metal_guard: cannot repair %s: %s", self._state_path, exc)
 
@@ -3383,11 +3386,11 @@ class CircuitBreaker:
         """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
         now = time.time() if now is None else _epoch_arg("now", now)
         panics = self._panics(ingest=True)
-        state = _read_json_state(self._state_path)
+        state = self._state.read()[0]
         tripped = _number(state.get("tripped_at"))
         if tripped is not None and tripped > now + _BREAKER_CLOCK_SLACK:
             self._repair_clock(now)
-            state = _read_json_state(self._state_path)
+            state = self._state.read()[0]
         until = self._cooldown_until(state, now)
         if until is not None:
             raise self._exception(state, until, now)
@@ -3418,8 +3421,8 @@ class CircuitBreaker:
             return True
 
         try:
-            won = _update_json(self._state_path, trip)
-            state = _read_json_state(self._state_path)
+            won = self._state.update(trip)
+            state = self._state.read()[0]
         except (OSError, StateLockTimeout) as exc:
             _log_once(
                 "breaker-state:" + self._state_path,
@@ -3459,13 +3462,15 @@ class CircuitBreaker:
             "archived_panics": 0,
             "recent_panics": [],
             "problem": None,
+            "in_cooldown": False,
+            "cooldown_remaining_sec": 0.0,
+            "recent_panic_count": 0,
         }
         try:
             when = time.time() if now is None else _epoch_arg("now", now)
-            try:
-                state = _load_json_object(self._state_path)
-            except (_CorruptFile, OSError) as exc:
-                state, doc["problem"] = {}, f"breaker state unreadable: {exc}"
+            state, problem = self._state.read()
+            if problem is not None:
+                doc["problem"] = f"breaker state unreadable: {problem}"
             archived = read_panic_archive(self._jsonl_path)
             panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
             until = self._cooldown_until(state, when)
@@ -3482,6 +3487,11 @@ class CircuitBreaker:
                 would_trip=until is None and self._would_trip(evidence, state),
                 archived_panics=len(archived),
                 recent_panics=panics[-10:],
+            )
+            doc.update(  # the original metal-guard's keys, with its meanings
+                in_cooldown=doc["cooling_down"],
+                cooldown_remaining_sec=doc["remaining_sec"],
+                recent_panic_count=doc["panics_in_window"],
             )
         except Exception as exc:  # a status display must never fail
             doc["problem"] = f"{type(exc).__name__}: {exc}"
@@ -3503,7 +3513,7 @@ class CircuitBreaker:
                 data["last_trip_panic_ts"] = last
             return active
 
-        active = _update_json(self._state_path, wipe)
+        active = self._state.update(wipe)
         _breadcrumb("BREAKER_CLEAR" + (": cooldown ended early" if active else ""))
         return active
 

@@ -564,16 +564,19 @@ def test_archive_is_bounded_by_count(tmp_path: Path) -> None:
     assert len(archive.read_text().splitlines()) == 1000
 
 
-def test_archive_is_bounded_by_age_and_old_reports_stay_out(tmp_path: Path) -> None:
+def test_archive_keeps_old_records_and_is_capped_by_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     now = time.time()
     archive = tmp_path / "a.jsonl"
-    stale = {"ts": now - 200 * 86400, "pid": 1, "source_file": "/x/stale"}
+    stale = {"ts": now - 400 * 86400, "pid": 1, "source_file": "/x/stale"}
     archive.write_text(json.dumps(stale) + "\n")
     reports = tmp_path / "reports"
     write_panic(reports, Panic(pid=2, ts=now - 60), name="new.panic")
     write_panic(reports, Panic(pid=3, ts=now - 190 * 86400), name="ancient.panic")
-    assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 1
-    assert [r["pid"] for r in mg.read_panic_archive(archive)] == [2]
+    assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 2
+    # a record is never dropped for its age: the archive is the user's history
+    assert [r["pid"] for r in mg.read_panic_archive(archive)] == [1, 3, 2]
     before = archive.stat()
     mg._reset_panic_caches()  # even without this process's memo: no rewrite, no re-add
     assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 0
@@ -583,6 +586,11 @@ def test_archive_is_bounded_by_age_and_old_reports_stay_out(tmp_path: Path) -> N
         after.st_size,
         after.st_mtime_ns,
     )
+    # past the count cap the oldest go first
+    monkeypatch.setattr(mg, "_PANIC_ARCHIVE_MAX_RECORDS", 2)
+    write_panic(reports, Panic(pid=4, ts=now - 30), name="newer.panic")
+    assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 1
+    assert [r["pid"] for r in mg.read_panic_archive(archive)] == [2, 4]
 
 
 def test_ingest_sees_other_writers(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def _env_float(
     (still with one WARNING, since the caller asked for something we won't do).
     """
     raw = os.environ.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty counts as unset
         return default
     text = raw.strip()
     try:
@@ -208,7 +208,7 @@ def _env_float(
 def _env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     """Read a base-10 integer from ``name`` (``1e6``, ``0x10`` and ``1.5`` are bad values)."""
     raw = os.environ.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty counts as unset
         return default
     text = raw.strip()
     if len(text) > 30:
@@ -234,7 +234,7 @@ _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 def _env_bool(name: str, default: bool = False) -> bool:
     """Read ``1/true/yes/on`` or ``0/false/no/off`` (any case) from ``name``."""
     raw = os.environ.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty counts as unset
         return default
     word = raw.strip().lower()
     if word in _TRUE_WORDS:
@@ -249,17 +249,14 @@ def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -
     """Read a filesystem path from ``name`` (``~`` expanded, made absolute).
 
     An empty value means ``None`` when ``empty_disables`` (a documented off
-    switch), otherwise it is a bad value.
+    switch), otherwise it counts as unset.
     """
     raw = os.environ.get(name)
     if raw is None:
         return default
     text = raw.strip()
-    if not text:
-        if empty_disables:
-            return None
-        _env_bad(name, raw, "empty", default)
-        return default
+    if not text:  # empty counts as unset, unless it is the documented off switch
+        return None if empty_disables else default
     if "\x00" in text or len(text) > 4096:
         _env_bad(name, raw, "not a usable path", default)
         return default
@@ -277,15 +274,15 @@ def _finite(value: float) -> bool:
 
 
 def _real_arg(name: str, value: object) -> float:
-    """A real-number argument as ``float``: ``int``, ``float``, NumPy scalars... not ``bool``."""
+    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    try:
-        return float(value)
-    except Exception as exc:  # a Real whose __float__ is broken
-        raise TypeError(f"{name}: float({type(value).__name__}) failed: {_label(exc)}") from None
+    number = float(value)
+    if not _finite(number):
+        raise ValueError(f"{name} must be a finite number, got {number!r}")
+    return number
 
 
 def _int_arg(name: str, value: object) -> int:
@@ -294,29 +291,15 @@ def _int_arg(name: str, value: object) -> int:
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    try:
-        return int(value)
-    except Exception as exc:
-        raise TypeError(f"{name}: int({type(value).__name__}) failed: {_label(exc)}") from None
+    return int(value)
 
 
 def _str_path(name: str, value: object) -> str:
-    """``value`` as a ``str`` if it is one or an ``os.PathLike[str]``, else ``TypeError``.
-
-    A ``__fspath__`` that raises or returns bytes is the caller's bug too.
-    """
-    if isinstance(value, str):
-        return str.__str__(value)  # a plain str, whatever a subclass overrides
-    if isinstance(value, os.PathLike):
-        try:
-            text = os.fspath(value)
-        except Exception as exc:
-            raise TypeError(
-                f"{name}: {type(value).__name__}.__fspath__() failed: {exc!r}"
-            ) from None
-        if isinstance(text, str):
-            return str.__str__(text)
-    raise TypeError(f"{name} must be a str or os.PathLike[str], not {type(value).__name__}")
+    """``os.fspath(value)`` as ``str``; ``TypeError`` for anything else (bytes paths too)."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or os.PathLike[str], not {type(value).__name__}")
+    return text
 
 
 def _path_arg(name: str, value: object) -> str:
@@ -327,14 +310,6 @@ def _path_arg(name: str, value: object) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def _epoch_arg(name: str, value: object) -> float:
-    """A point in time as epoch seconds: a finite real number (``ValueError`` for NaN/inf)."""
-    seconds = _real_arg(name, value)
-    if not _finite(seconds):
-        raise ValueError(f"{name} must be a finite number of epoch seconds, got {seconds!r}")
-    return seconds
-
-
 def _seconds_arg(
     name: str,
     value: object,
@@ -342,24 +317,22 @@ def _seconds_arg(
     maximum: float,
     negative_to_zero: bool = False,
     allow_zero: bool = True,
+    unit: str = "s",
 ) -> float:
-    """A duration argument in seconds.
+    """A duration argument: a finite number within ``[0, maximum]`` (``> 0`` unless ``allow_zero``).
 
-    ``TypeError`` for anything but ``int``/``float`` (``bool`` included);
-    ``ValueError`` for NaN, infinity, more than ``maximum``, a negative value
-    (unless ``negative_to_zero``, where it means 0) and 0 when not ``allow_zero``.
+    A negative value is a ``ValueError`` unless ``negative_to_zero`` (then it means 0).
+    ``unit`` is how the value is spelled in messages (``"s"``, ``"h"``).
     """
     seconds = _real_arg(name, value)
-    if not _finite(seconds):
-        raise ValueError(
-            f"{name} must be a finite number of seconds (not NaN or infinity), got {value!r}"
-        )
     if seconds > maximum:
-        raise ValueError(f"{name}={seconds:g} s is more than the maximum of {maximum:g} s")
+        raise ValueError(
+            f"{name}={seconds:g} {unit} is more than the maximum of {maximum:g} {unit}"
+        )
     if seconds < 0 and negative_to_zero:
         seconds = 0.0
     if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {seconds:g}")
     return seconds + 0.0  # -0.0 → 0.0
 
 
@@ -396,23 +369,13 @@ def _state_file(name: str) -> str:
 
 
 def _label(value: object) -> str:
-    """A printable label for any object (forensics and logs accept anything).
-
-    ``str`` as is, a path as its text, an exception as its message, anything
-    else as its ``repr``. Never raises: a hostile ``__repr__``/``__fspath__``
-    gives a placeholder.
-    """
-    if type(value) is str:
+    """A printable label for logs and breadcrumbs: ``str`` as is, a path as its text,
+    an exception as its message, anything else as its ``repr``."""
+    if isinstance(value, str):
         return value
-    try:
-        if isinstance(value, str):  # a subclass: its own __str__/__format__ may misbehave
-            return str.__str__(value)
-        if isinstance(value, os.PathLike):
-            path = os.fspath(value)
-            return path if isinstance(path, str) else repr(path)
-        return str(value) if isinstance(value, BaseException) else repr(value)
-    except Exception:
-        return f"<unprintable {type(value).__name__}>"
+    if isinstance(value, os.PathLike):
+        return str(os.fspath(value))
+    return str(value) if isinstance(value, BaseException) else repr(value)
 
 
 _process_state_resets: list[Callable[[], None]] = []
@@ -1577,13 +1540,14 @@ class gemma4_generation_flush:
         self.generate_call_count = generate_call_count
         self.flushed = False
         self.slept_sec = 0.0
-        try:  # the reference's `count == 0`, for any real number (NumPy scalars too)
+        try:  # the original's `count == 0`, for any real number (NumPy scalars too)
             first_call = _real_arg("generate_call_count", generate_call_count) == 0
-        except TypeError:
+        except (TypeError, ValueError):  # a best-effort guard: say so, never raise
             _log_once(
                 "gemma4-count",
                 _WARNING,
-                "metal_guard: gemma4_generation_flush needs a number as generate_call_count, got %s; no flush",
+                "metal_guard: gemma4_generation_flush needs a finite number as "
+                "generate_call_count, got %s; no flush",
                 _label(generate_call_count),
             )
             return
@@ -1627,7 +1591,7 @@ class gemma4_generation_flush:
 # =============================================================================
 # 7. Cadence — refuse back-to-back model loads, across processes.
 #
-# The store is the reference's own format (a flat JSON object of model id →
+# The store is the original metal-guard's format (a flat JSON object of model id →
 # epoch seconds of the last load), so old and new versions can share one file;
 # everything we add lives under the reserved key ``"__metal_guard__"``.
 # ``admit`` checks and records in one critical section under the file lock,
@@ -1755,7 +1719,7 @@ def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseE
 
 
 def _interval_arg(name: str, value: object) -> float:
-    """A cadence interval: seconds up to a week; negative means 0 (the reference's rule)."""
+    """A cadence interval: seconds up to a week; negative means 0 (the original metal-guard's rule)."""
     return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
 
 
@@ -1927,7 +1891,7 @@ class CadenceGuard:
                 continue
             ts = _number(data[key])
             if ts is None:
-                continue  # not ours to judge; the reference ignores such values too
+                continue  # not ours to judge; the original metal-guard ignores such values too
             if ts < now - keep:
                 del data[key]
             elif ts > now + _CADENCE_CLOCK_SLACK:
@@ -1990,7 +1954,7 @@ class CadenceGuard:
             if unload:  # our own key: one spelling is enough
                 del mapping[key]
             elif _number(mapping[key]) is not None:
-                # A process of the reference looks its model up by the exact string
+                # A process of the original metal-guard looks its model up by the exact string
                 # it was given: keep its spelling current instead of dropping it.
                 mapping[key] = ts
         mapping[canon] = ts
@@ -2054,7 +2018,7 @@ class CadenceGuard:
 
     def _mark(self, model_id: StrPath, ts: float | None, *, unload: bool) -> None:
         canon = canonical_model_id(model_id)
-        stamp = time.time() if ts is None else _epoch_arg("ts", ts)
+        stamp = time.time() if ts is None else _real_arg("ts", ts)
         self._update(lambda data: self._record(data, canon, stamp, unload=unload))
 
     def last_ts(self, model_id: StrPath) -> float | None:
@@ -2161,23 +2125,25 @@ class _CadenceScope:
             _log().warning("metal_guard: %s", err)
 
 
-def _resolve_cross_model_interval(explicit: float | None = None) -> float:
-    """The reference's resolution order: explicit, then the env variable, then 60 s."""
-    if explicit is not None:
-        try:
-            return _interval_arg("cross_model_interval_sec", explicit)
-        except (TypeError, ValueError) as exc:
-            _log().warning("metal_guard: %s; using 60 s", exc)
-            return 60.0
-    return _env_float(_CROSS_MODEL_ENV_VAR, 60.0, minimum=0.0, maximum=_INTERVAL_MAX, clamp=True)
+def _cross_model_interval(explicit: object) -> float:
+    """The one resolver of the cross-model base interval.
+
+    ``explicit`` when > 0, else ``METALGUARD_CROSS_MODEL_INTERVAL`` (unset or
+    empty: 0; a bad value: one WARNING and 0), else 0. gemma-4 targets still
+    get their 90 s floor from the guard.
+    """
+    base = _interval_arg("cross_model_interval_sec", explicit)
+    if base > 0:
+        return base
+    return _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
 
 
 def _default_guard(min_interval_sec: float, cross_model_interval_sec: float) -> CadenceGuard:
-    """The guard ``require_cadence_clear`` builds: argument when > 0, else env, else 0."""
-    base = _interval_arg("cross_model_interval_sec", cross_model_interval_sec)
-    if base <= 0:
-        base = _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
-    return CadenceGuard(min_interval_sec=min_interval_sec, cross_model_interval_sec=base)
+    """The guard ``require_cadence_clear`` builds at the default path."""
+    return CadenceGuard(
+        min_interval_sec=min_interval_sec,
+        cross_model_interval_sec=_cross_model_interval(cross_model_interval_sec),
+    )
 
 
 def require_cadence_clear(
@@ -2979,7 +2945,7 @@ def parse_panic_reports(
     (``None`` where the report does not say). A missing folder gives ``[]``.
     """
     folder = _report_dir(directory)
-    since = None if since_ts is None else _epoch_arg("since_ts", since_ts)
+    since = None if since_ts is None else _real_arg("since_ts", since_ts)
     records: list[dict[str, Any]] = []
     _scan_report_folder(folder, records, retired=True)
     if since is not None:
@@ -3384,7 +3350,7 @@ class CircuitBreaker:
 
     def check(self, *, now: float | None = None) -> None:
         """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
-        now = time.time() if now is None else _epoch_arg("now", now)
+        now = time.time() if now is None else _real_arg("now", now)
         panics = self._panics(ingest=True)
         state = self._state.read()[0]
         tripped = _number(state.get("tripped_at"))
@@ -3467,7 +3433,7 @@ class CircuitBreaker:
             "recent_panic_count": 0,
         }
         try:
-            when = time.time() if now is None else _epoch_arg("now", now)
+            when = time.time() if now is None else _real_arg("now", now)
             state, problem = self._state.read()
             if problem is not None:
                 doc["problem"] = f"breaker state unreadable: {problem}"
@@ -3554,6 +3520,14 @@ class _CLIError(Exception):
         self.code = code
 
 
+class _UsageError(Exception):
+    """A usage error found by ``parser`` (exit 64); ``main`` reports it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
 def _cli_arg(text: str, check: Callable[[str], _T], what: str) -> _T:
     """argparse ``type=``: the library's own checks, their errors as usage errors."""
     import argparse
@@ -3574,7 +3548,9 @@ def _nonnegative_seconds(text: str) -> float:
 
 def _nonnegative_hours(text: str) -> float:
     return _cli_arg(
-        text, lambda t: _seconds_arg("hours", float(t), maximum=1e6), "a number of hours >= 0"
+        text,
+        lambda t: _seconds_arg("hours", float(t), maximum=1e6, unit="h"),
+        "a number of hours >= 0",
     )
 
 
@@ -3605,8 +3581,7 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         """Usage errors exit 64 (EX_USAGE) with the usage line, never a traceback."""
 
         def error(self, message: str) -> NoReturn:
-            self.print_usage(sys.stderr)
-            self.exit(_EXIT_USAGE, f"{self.prog}: error: {message}\n")
+            raise _UsageError(self, message)
 
     parser = Parser(
         prog="metal-guard",
@@ -3677,7 +3652,7 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         nargs="?",
         type=_model_arg,
         metavar="MODEL",
-        help="with clear: forget only this model",
+        help="show only this model (with clear: forget only this model)",
     )
     models = commands.add_parser("models", parents=[json_flag], help="known panic models")
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
@@ -3867,6 +3842,14 @@ def _cadence_lines(doc: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+def _folder_note(path: str) -> str:
+    if os.path.isdir(path):
+        return ""
+    if os.path.lexists(path):
+        return " (NOT a folder: something else is in its place; state cannot be kept)"
+    return " (not created yet)"
+
+
 def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     import platform
 
@@ -3901,7 +3884,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
             ("python", f"{doc['python']} ({sys.executable})"),
             ("platform", doc["platform"]),
             ("MLX", mlx_text),
-            ("state folder", home + ("" if doc["state_folder_exists"] else " (not created yet)")),
+            ("state folder", home + _folder_note(home)),
         ]
     )
     lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
@@ -3984,7 +3967,13 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
         items.append(("note", "the load was not recorded (blocked)"))
     lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
     lines += _pairs(items)
-    return (_EXIT_BLOCKED if blocked else _EXIT_GO), doc, lines
+    if blocked:
+        return _EXIT_BLOCKED, doc, lines
+    if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
+        doc["decision"] = "error"
+        doc["error"] = "the load could not be recorded (cadence store unusable)"
+        return _EXIT_ERROR, doc, lines
+    return _EXIT_GO, doc, lines
 
 
 def _cmd_panics(args: argparse.Namespace) -> _CLIResult:
@@ -4009,9 +3998,8 @@ def _cmd_panics(args: argparse.Namespace) -> _CLIResult:
     if records:
         lines += _table(_PANIC_HEADERS, _panic_rows(records))
         counted = sum(1 for r in records if _signature_kind(r.get("signature")) == _IOGPU)
-        lines.append(
-            f"  {counted} of them are IOGPU kernel panics (the circuit breaker counts these)"
-        )
+        verb = "is an IOGPU kernel panic" if counted == 1 else "are IOGPU kernel panics"
+        lines.append(f"  {counted} of them {verb} (the circuit breaker counts these)")
     return _EXIT_GO, doc, lines
 
 
@@ -4029,21 +4017,43 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
 
 
+def _usable_store_folder(path: str) -> None:
+    """``_CLIError`` (exit 1) when something other than a folder sits where the store's is."""
+    folder = os.path.dirname(path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise _CLIError(f"cannot use the cadence store {path}: {folder} is not a folder")
+
+
 def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
-        guard.strict = (
-            True  # `clear` was asked for: failing open would claim a clear that did not happen
-        )
-        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
+        _usable_store_folder(guard.path)
+        # `clear` was asked for: failing open would claim a clear that did not happen
+        guard.strict = True
+        try:
+            removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
+        except CadenceStoreError as exc:
+            raise _CLIError(f"cannot use the cadence store {exc.path}: {exc.reason}") from None
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
         return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
-    if args.model is not None:
-        raise _CLIError("MODEL is only used with `cadence clear`", _EXIT_USAGE)
     status = guard.status(now=now)
-    return _EXIT_GO, status, ["Cadence", *_cadence_lines(status, now)]
+    if args.model is None:
+        return _EXIT_GO, status, ["Cadence", *_cadence_lines(status, now)]
+    fold = args.model.casefold()
+    status["events"] = [e for e in status["events"] if e["model_id"].casefold() == fold]
+    status["model_id"] = args.model
+    status["cross_model_interval_sec"] = guard.effective_cross_interval(args.model)
+    try:
+        guard.check(args.model)
+        status["blocked"], status["remaining_sec"] = False, 0.0
+        verdict = "may load now"
+    except CadenceViolation as exc:
+        status["blocked"], status["remaining_sec"] = True, exc.remaining_sec
+        verdict = f"BLOCKED: {exc}"
+    lines = [f"Cadence of {_show(args.model)}: {verdict}", *_cadence_lines(status, now)]
+    return _EXIT_GO, status, lines
 
 
 def _cmd_models(args: argparse.Namespace) -> _CLIResult:
@@ -4133,6 +4143,22 @@ def _emit(text: str, stream: Any) -> None:
             pass
 
 
+def _usage_error(
+    parser: argparse.ArgumentParser, message: str, as_json: bool, command: str | None = None
+) -> int:
+    """Usage line and message on stderr (and, with --json, one JSON document); exit 64."""
+    import json
+
+    parser.print_usage(sys.stderr)
+    _emit(f"{parser.prog}: error: {message}\n", sys.stderr)
+    if as_json:
+        if command is None and " " in parser.prog:  # "metal-guard check" → "check"
+            command = parser.prog.split(" ", 1)[1]
+        doc = {"command": command, "exit_code": _EXIT_USAGE, "error": message}
+        _emit(json.dumps(doc, indent=2) + "\n", sys.stdout)
+    return _EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``metal-guard`` / ``python -m metal_guard``; returns the exit code.
 
@@ -4141,18 +4167,25 @@ def main(argv: list[str] | None = None) -> int:
     """
     import json
 
+    if isinstance(argv, str):  # main("check m") would parse one letter per word
+        raise TypeError("argv must be a list of str (command-line words), not one str")
     arguments = sys.argv[1:] if argv is None else list(argv)
     if not all(isinstance(arg, str) for arg in arguments):
         raise TypeError("argv must be a list of str (command-line words)")
-    arguments = [str.__str__(arg) for arg in arguments]  # plain str, whatever a subclass does
     parser, subparsers = _cli_parser()
+    as_json = "--json" in arguments
     try:
         args = parser.parse_args(arguments)
-    except SystemExit as exc:  # --help (0) or a usage error (64)
+    except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
+    except _UsageError as exc:
+        return _usage_error(exc.parser, str(exc), as_json)
     if args.version:
-        doc = {"version": __version__}
-        _emit(json.dumps(doc) + "\n" if args.json else f"metal-guard {__version__}\n", sys.stdout)
+        if args.json:
+            doc = {"command": "version", "exit_code": _EXIT_GO, "version": __version__}
+            _emit(json.dumps(doc, indent=2) + "\n", sys.stdout)
+        else:
+            _emit(f"metal-guard {__version__}\n", sys.stdout)
         return _EXIT_GO
     command = args.command or "status"
     warnings = _cli_warnings_to_stderr()
@@ -4160,10 +4193,7 @@ def main(argv: list[str] | None = None) -> int:
         code, doc, lines = _COMMANDS[command](args)
     except _CLIError as exc:
         if exc.code == _EXIT_USAGE:
-            try:
-                subparsers[command].error(str(exc))  # usage line + message, exit 64
-            except SystemExit as stop:
-                return stop.code if isinstance(stop.code, int) else _EXIT_USAGE
+            return _usage_error(subparsers[command], str(exc), as_json, command)
         code, doc, lines = exc.code, {"error": str(exc)}, []
         _emit(f"metal-guard {command}: error: {exc}\n", sys.stderr)
     except KeyboardInterrupt:

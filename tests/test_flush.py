@@ -400,10 +400,10 @@ def test_flush_step_failures_are_debug_only(
 
 
 @pytest.mark.parametrize("count", [0, 0.0, -0.0])
-def test_flush_counts_like_the_reference(
+def test_flush_counts_like_the_original(
     count: Any, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The reference flushed when `generate_call_count == 0`; any real zero does here too.
+    # The original metal-guard flushed when `generate_call_count == 0`; any real zero does here too.
     rec = MlxCalls()
     stub_mx(monkeypatch, rec)
     assert mg.gemma4_generation_flush("google/gemma-4-31B-it", count).flushed is True

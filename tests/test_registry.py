@@ -1,6 +1,6 @@
 """Section 8 — the registry of models that kernel-panicked with defences engaged.
 
-The registry's shape is validated entry by entry (the reference's seven keys plus our
+The registry's shape is validated entry by entry (the original metal-guard's seven keys plus our
 structured fields), the facts each entry records (from the public reports cited in its
 sources) are checked, and the lookups are exercised with every spelling a caller may pass,
 near-misses and junk.
@@ -33,7 +33,7 @@ ISSUE_3186 = "https://github.com/ml-explore/mlx/issues/3186"
 ISSUE_3346 = "https://github.com/ml-explore/mlx/issues/3346"
 ISSUE_883 = "https://github.com/ml-explore/mlx-lm/issues/883"
 
-REFERENCE_KEYS: dict[str, Any] = {
+ORIGINAL_KEYS: dict[str, Any] = {
     "panic_signature": str,
     "first_observed": (str, type(None)),
     "last_observed": (str, type(None)),
@@ -99,8 +99,8 @@ def test_registry_is_a_dict_of_canonical_ids() -> None:
 def test_entry_schema(model_id: str) -> None:
     entry = _entry(model_id)
     assert isinstance(entry, dict)
-    assert set(entry) == set(REFERENCE_KEYS) | OUR_KEYS
-    for key, types in REFERENCE_KEYS.items():
+    assert set(entry) == set(ORIGINAL_KEYS) | OUR_KEYS
+    for key, types in ORIGINAL_KEYS.items():
         assert isinstance(entry[key], types), (key, entry[key])
 
     assert entry["panic_signature"].strip()
@@ -431,7 +431,9 @@ def test_replacing_the_warned_set_re_enables_the_warning(
     assert warn_if_known_panic_model(GEMMA) is True
     assert len(warnings_from(caplog)) == 1
     fresh: set[str] = set()
-    monkeypatch.setattr(mg, "_WARNED_PANIC_MODELS", fresh)  # what callers of the reference do
+    monkeypatch.setattr(
+        mg, "_WARNED_PANIC_MODELS", fresh
+    )  # what callers of the original metal-guard do
     assert warn_if_known_panic_model(GEMMA) is True
     assert len(warnings_from(caplog)) == 2
     assert fresh == {GEMMA}

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-
-REPO = str(Path(__file__).resolve().parents[1])
+from helpers import REPO
 
 GARBAGE = ["banana", "nan", "NaN", "inf", "-inf", "-5", "", "   ", "1e999", "9" * 400, "☃", "1,5"]
 

@@ -1,4 +1,4 @@
-"""Section 4 — breadcrumbs: durable one-line events that survive a kernel panic."""
+"""Breadcrumbs section: durable one-line events that survive a kernel panic."""
 
 from __future__ import annotations
 

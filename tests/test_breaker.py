@@ -1,7 +1,4 @@
-"""Section 9b: MLXCooldownActive and CircuitBreaker.
-
-See README "Panic reports and the circuit breaker".
-"""
+"""Circuit breaker section: ``MLXCooldownActive`` and ``CircuitBreaker``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Section 7 — cadence: refuse back-to-back model loads, across processes.
+"""Cadence section: refuse back-to-back model loads, across processes.
 
 Real files, real ``flock`` locks, real processes. Events are placed in the past with
 ``ts=`` (so intervals of minutes need no waiting); where real time must pass, the

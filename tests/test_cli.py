@@ -1,7 +1,4 @@
-"""Section 10: the ``metal-guard`` command line, run as real subprocesses.
-
-See README "Command line".
-"""
+"""Command-line section: ``metal-guard``, run as real subprocesses (and ``main`` in process)."""
 
 from __future__ import annotations
 

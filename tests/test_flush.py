@@ -1,4 +1,4 @@
-"""Section 6 — flush guards: ``subprocess_inference_guard`` and ``gemma4_generation_flush``.
+"""Flush guards section: ``subprocess_inference_guard`` and ``gemma4_generation_flush``.
 
 Order of MLX calls is proven with spies that wrap the real ``mx`` functions during real
 mlx-lm generation on tiny local models.

@@ -1,4 +1,4 @@
-"""Section 5 — model identity: canonical ids and gemma-4 family detection."""
+"""Model identity section: canonical ids and gemma-4 family detection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Section 3 — MLX access: lazy lookup, best-effort steps, stream-aware synchronize."""
+"""MLX access section: lazy lookup, best-effort steps, stream-aware synchronize."""
 
 from __future__ import annotations
 

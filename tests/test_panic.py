@@ -1,7 +1,4 @@
-"""Section 9a: panic signatures, report parsing and the panic archive.
-
-See README "Panic reports and the circuit breaker".
-"""
+"""Panic reports section: signatures, report parsing and the panic archive."""
 
 from __future__ import annotations
 

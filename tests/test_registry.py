@@ -1,4 +1,4 @@
-"""Section 8 — the registry of models that kernel-panicked with defences engaged.
+"""Registry section: the registry of models that kernel-panicked with defences engaged.
 
 The registry's shape is validated entry by entry (the original metal-guard's seven keys plus our
 structured fields), the facts each entry records (from the public reports cited in its

@@ -1,4 +1,4 @@
-"""Section 2 — state files: locks, locked JSON read-modify-write, atomic writes, appends.
+"""State files section: locks, locked JSON read-modify-write, atomic writes, appends.
 
 Everything here uses real files, real ``flock`` locks and real processes.
 """

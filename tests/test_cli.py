@@ -53,6 +53,16 @@ def run_json(home: str, *args: str, **kw: Any) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
+def _field(out: str, label: str) -> str:
+    """The value of ``check``'s ``  <label>   <value>`` line (the column layout may change)."""
+    (value,) = [
+        line.strip()[len(label) :].strip()
+        for line in out.splitlines()
+        if line.strip().startswith(label + " ")
+    ]
+    return value
+
+
 def _two_recent_panics(folder: Path) -> None:
     write_panic(folder, Panic(kind="492", pid=11, ts=time.time() - 120), name="a.panic")
     write_panic(folder, Panic(kind="219", pid=12, ts=time.time() - 60), name="b.panic")
@@ -175,8 +185,8 @@ def test_check_cadence(mg_home: str) -> None:
 def test_check_known_panic_model(mg_home: str) -> None:
     proc = run(mg_home, "check", GEMMA_PANIC)
     assert proc.returncode == 0  # advisory by default
-    assert "known panic model  YES" in proc.stdout
-    assert "safer alternative" in proc.stdout and "gemma-4-26b-a4b-it-4bit" in proc.stdout
+    assert _field(proc.stdout, "known panic model").startswith("YES")
+    assert _field(proc.stdout, "safer alternative") == "mlx-community/gemma-4-26b-a4b-it-4bit"
     code, doc = run_json(mg_home, "check", GEMMA_PANIC)
     assert code == 0 and doc["known_panic_model"]["tier"] == "panic"
     assert doc["known_panic_model"]["model_id"] == GEMMA_PANIC
@@ -191,7 +201,7 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     _two_recent_panics(reports)
     proc = run(mg_home, "check", "org/model", "--admit", reports=reports)
     assert proc.returncode == 2
-    assert "circuit breaker    BLOCKED: MLX cooldown active" in proc.stdout
+    assert _field(proc.stdout, "circuit breaker").startswith("BLOCKED")
     assert "metal-guard breaker clear" in proc.stdout
     assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # not admitted
     code, doc = run_json(mg_home, "check", "org/model", reports=reports)
@@ -228,7 +238,8 @@ def test_panics(mg_home: str, reports: Path, tmp_path: Path) -> None:
     assert "gpu_watchdog" in lines[2] and "old.panic" in lines[2]
     assert "prepare_count_underflow" in lines[3] and "IOGPUMemory.cpp:550" in lines[3]
     assert "25E253" in lines[3]
-    assert "1 of them are IOGPU kernel panics" in proc.stdout
+    (summary,) = [line for line in lines if "of them" in line]
+    assert "1 of them" in summary and "IOGPU" in summary
     code, doc = run_json(mg_home, "panics", "--since", "24", reports=reports)
     assert code == 0 and [r["pid"] for r in doc["panics"]] == [7]
     assert doc["panics"][0]["signature"] == "prepare_count_underflow"

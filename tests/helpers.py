@@ -30,6 +30,8 @@ import pytest
 __all__ = [
     "HAS_MLX",
     "HAS_MLX_LM",
+    "NO_MLX_LM_REASON",
+    "NO_MLX_REASON",
     "REPO",
     "MlxCalls",
     "breadcrumb_messages",

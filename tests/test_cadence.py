@@ -506,7 +506,6 @@ def test_resolve_cross_model_interval_original_order(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     resolve = mg._resolve_cross_model_interval
-    assert mg._CROSS_MODEL_ENV_VAR == "METALGUARD_CROSS_MODEL_INTERVAL"
     assert resolve() == 60.0
     assert resolve(None) == 60.0
     assert resolve(5.0) == 5.0

@@ -2125,7 +2125,7 @@ class _CadenceScope:
             _log().warning("metal_guard: %s", err)
 
 
-def _cross_model_interval(explicit: object) -> float:
+def _cross_model_interval(explicit: object = 0.0) -> float:
     """The one resolver of the cross-model base interval.
 
     ``explicit`` when > 0, else ``METALGUARD_CROSS_MODEL_INTERVAL`` (unset or
@@ -2136,6 +2136,10 @@ def _cross_model_interval(explicit: object) -> float:
     if base > 0:
         return base
     return _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
+
+
+# The original metal-guard's private name (its test suites call it); one resolver now.
+_resolve_cross_model_interval = _cross_model_interval
 
 
 def _default_guard(min_interval_sec: float, cross_model_interval_sec: float) -> CadenceGuard:

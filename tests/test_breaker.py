@@ -68,15 +68,15 @@ def test_cooldown_exception_pickles_with_every_attribute() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"window_sec": 0}, ValueError, "window_sec must be > 0 seconds"),
-        ({"window_sec": -1}, ValueError, "window_sec must be > 0 seconds"),
+        ({"window_sec": 0}, ValueError, "window_sec must be > 0, got 0"),
+        ({"window_sec": -1}, ValueError, "window_sec must be > 0, got -1"),
         ({"window_sec": math.nan}, ValueError, "window_sec must be a finite number"),
         ({"window_sec": math.inf}, ValueError, "window_sec must be a finite number"),
         ({"window_sec": "3600"}, TypeError, "window_sec must be a number, not str"),
         ({"window_sec": True}, TypeError, "window_sec must be a number, not bool"),
         ({"window_sec": None}, TypeError, "window_sec must be a number, not NoneType"),
         ({"window_sec": 10**9}, ValueError, "is more than the maximum"),
-        ({"cooldown_sec": -0.5}, ValueError, "cooldown_sec must be >= 0 seconds"),
+        ({"cooldown_sec": -0.5}, ValueError, "cooldown_sec must be >= 0, got -0.5"),
         ({"cooldown_sec": [1]}, TypeError, "cooldown_sec must be a number, not list"),
         ({"panic_threshold": 0}, ValueError, "panic_threshold must be between 1 and 1000"),
         ({"panic_threshold": 1.5}, TypeError, "panic_threshold must be an int, not float"),

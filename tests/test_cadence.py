@@ -466,7 +466,7 @@ def test_require_cadence_clear_env_zero_allowed(
     assert info.value.cross_model_interval == G4
 
 
-@pytest.mark.parametrize("raw", ["garbage", "nan", "inf", "-5", "", "1e999", "30s"])
+@pytest.mark.parametrize("raw", ["garbage", "nan", "inf", "-5", "1e999", "30s"])
 def test_require_cadence_clear_bad_env_warns_once_and_uses_zero(
     raw: str, mg_home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -502,30 +502,32 @@ def test_cadence_path_default_override(tmp_path: Path, monkeypatch: pytest.Monke
     assert LLAMA in _read(target)
 
 
-def test_resolve_cross_model_interval_original_order(
+def test_one_cross_model_interval_resolver(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    resolve = mg._resolve_cross_model_interval
-    assert resolve() == 60.0
-    assert resolve(None) == 60.0
-    assert resolve(5.0) == 5.0
-    assert resolve(0.0) == 0.0
+    """Argument when > 0, else METALGUARD_CROSS_MODEL_INTERVAL, else 0 — for every caller."""
+    resolve = mg._cross_model_interval
     assert resolve(0) == 0.0
-    assert resolve(-3) == 0.0
+    assert resolve(5.0) == 5.0
+    assert resolve(-3) == 0.0  # a negative interval means 0
     monkeypatch.setenv("METALGUARD_CROSS_MODEL_INTERVAL", "12.5")
-    assert resolve() == 12.5
-    assert resolve(7) == 7.0  # explicit beats the environment
-    assert resolve(0.0) == 0.0
+    assert resolve(0.0) == 12.5
+    assert resolve(7) == 7.0  # an argument > 0 beats the environment
+    assert mg._default_guard(180.0, 0.0).cross_model_interval_sec == 12.5
+    assert (
+        mg._cadence_guard(mg._cli_parser()[0].parse_args(["cadence"])).cross_model_interval_sec
+        == 12.5
+    )
     assert warnings_from(caplog) == []
     monkeypatch.setenv("METALGUARD_CROSS_MODEL_INTERVAL", "-5")
-    assert resolve() == 0.0  # negative clamps to 0, and a WARNING says so
+    assert resolve(0) == 0.0
     (warning,) = warnings_from(caplog)
     assert "METALGUARD_CROSS_MODEL_INTERVAL='-5'" in warning.getMessage()
     mg._reset_process_state()
     caplog.clear()
     monkeypatch.setenv("METALGUARD_CROSS_MODEL_INTERVAL", "not-a-number")
-    assert resolve() == 60.0
-    assert resolve() == 60.0
+    assert resolve(0) == 0.0
+    assert resolve(0) == 0.0
     warnings = warnings_from(caplog)
     assert len(warnings) == 1
     assert "METALGUARD_CROSS_MODEL_INTERVAL" in warnings[0].getMessage()

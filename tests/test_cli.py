@@ -75,7 +75,11 @@ def test_version(mg_home: str) -> None:
     for flag in ("--version", "-V"):
         proc = run(mg_home, flag)
         assert (proc.returncode, proc.stdout) == (0, f"metal-guard {mg.__version__}\n")
-    assert run_json(mg_home, "--version") == (0, {"version": mg.__version__})
+    # the same keys as every other command
+    assert run_json(mg_home, "--version") == (
+        0,
+        {"command": "version", "exit_code": 0, "version": mg.__version__},
+    )
 
 
 def test_help(mg_home: str) -> None:
@@ -290,8 +294,39 @@ def test_cadence_clear_that_cannot_touch_the_store_is_an_error(
     target.write_text('{"org/a": 1.0}')
     (Path(mg_home) / "cadence.json").symlink_to(target)
     proc = run(mg_home, "cadence", "clear")
-    assert proc.returncode == 1 and "cannot be used" in proc.stderr
+    assert proc.returncode == 1 and "cannot use the cadence store" in proc.stderr
+    assert "strict=True" not in proc.stderr  # no library advice to a shell user
     assert target.read_text() == '{"org/a": 1.0}'  # untouched, and not claimed as cleared
+
+
+def test_cadence_clear_with_a_file_where_the_folder_should_be(tmp_path: Path) -> None:
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    proc = run(str(home), "cadence", "clear")
+    assert proc.returncode == 1
+    assert f"{home} is not a folder" in proc.stderr
+    assert home.read_text() == ""
+
+
+def test_status_says_when_a_file_sits_where_the_folder_should_be(tmp_path: Path) -> None:
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    proc = run(str(home), "status")
+    assert proc.returncode == 0
+    (line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("state folder")]
+    assert "NOT a folder" in line and "not created yet" not in line
+
+
+def test_cadence_show_model(mg_home: str) -> None:
+    mg.CadenceGuard(min_interval_sec=180).mark_load("org/a")
+    mg.CadenceGuard(min_interval_sec=180).mark_load("org/b")
+    code, doc = run_json(mg_home, "cadence", "show", "org/a")
+    assert code == 0 and doc["model_id"] == "org/a" and doc["blocked"] is True
+    assert [e["model_id"] for e in doc["events"]] == ["org/a"]
+    assert 170 < doc["remaining_sec"] <= 180
+    proc = run(mg_home, "cadence", "show", "org/c")
+    assert proc.returncode == 0 and "org/c: may load now" in proc.stdout
+    assert "org/a" not in proc.stdout.split("\n")[0]
 
 
 def test_models(mg_home: str) -> None:
@@ -370,9 +405,7 @@ def test_json_flag_before_or_after_the_command(mg_home: str, args: list[str]) ->
         (["breadcrumbs", "-n", "-3"], "-n"),
         (["breadcrumbs", "-n", "1.5"], "-n"),
         (["breaker", "reset"], "'reset'"),
-        (["cadence", "show", "org/m"], "MODEL"),
         (["cadence", "wipe"], "'wipe'"),
-        (["--json", "check"], "MODEL"),
         (["status", "extra"], "unrecognized arguments: extra"),
         (["models", "a", "b"], "unrecognized arguments: b"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -389,6 +422,31 @@ def test_usage_errors_exit_64(mg_home: str, args: list[str], names: str) -> None
     assert os.listdir(mg_home) == []
 
 
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--json", "check"], "MODEL"),
+        (["check", "--json", "m", "-n"], "-n"),
+        (["--json", "bogus"], "bogus"),
+    ],
+)
+def test_usage_errors_with_json_print_one_document(
+    mg_home: str, args: list[str], names: str
+) -> None:
+    proc = run(mg_home, *args)
+    assert proc.returncode == 64
+    assert proc.stderr.startswith("usage: metal-guard")
+    doc = json.loads(proc.stdout)  # exactly one JSON document
+    assert doc["exit_code"] == 64 and names in doc["error"]
+    assert set(doc) == {"command", "exit_code", "error"}
+
+
+def test_panics_since_message_speaks_in_hours(mg_home: str) -> None:
+    proc = run(mg_home, "panics", "--since", "-1")
+    assert proc.returncode == 64
+    assert "hours must be >= 0" in proc.stderr and "seconds" not in proc.stderr
+
+
 def test_environment_errors_exit_1(tmp_path: Path) -> None:
     home = tmp_path / "home-is-a-file"
     home.write_text("")
@@ -400,12 +458,15 @@ def test_environment_errors_exit_1(tmp_path: Path) -> None:
     assert code == 1 and doc["exit_code"] == 1
     assert "state folder is not a directory" in doc["error"]
     assert run(str(home), "status").returncode == 0  # showing state still works
+    proc = run(str(home), "check", "org/m")
+    assert proc.returncode == 0  # a check without --admit records nothing: it may go
     proc = run(str(home), "check", "org/m", "--admit")
-    assert proc.returncode == 0  # cadence fails open ...
-    assert "WARNING: metal_guard: cadence store" in proc.stderr  # ... and says so
+    # the load could not be recorded: a shell wrapper must be able to tell (exit 1)
+    assert proc.returncode == 1
+    assert "WARNING: metal_guard: cadence store" in proc.stderr
     assert "could NOT be recorded" in proc.stdout
     code, doc = run_json(str(home), "check", "org/m", "--admit")
-    assert code == 0 and doc["cadence"]["admitted"] is False
+    assert code == 1 and doc["cadence"]["admitted"] is False and doc["decision"] == "error"
 
 
 def test_control_characters_are_escaped_in_human_output(mg_home: str) -> None:

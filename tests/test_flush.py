@@ -340,7 +340,7 @@ def test_no_sleep_without_mlx(
     assert flush.flushed is False and sleeps == [] and breadcrumb_messages(mg_home) == []
 
 
-@pytest.mark.parametrize("count", ["0", None, True, [0]], ids=repr)
+@pytest.mark.parametrize("count", ["0", None, True, [0], float("nan"), float("inf")], ids=repr)
 def test_a_count_that_is_not_a_number_warns_and_does_not_flush(
     count: Any,
     sleeps: list[float],
@@ -365,13 +365,12 @@ def test_a_count_that_is_not_a_number_warns_and_does_not_flush(
     ("model_id", "count"),
     [
         ("google/gemma-4-31B-it", 1.0),
-        ("google/gemma-4-31B-it", float("nan")),
         (None, 0),
         (42, 0),
         ("", 0),
         ("x" * 10_000, 0),
     ],
-    ids=["later-call", "nan-count", "None-id", "int-id", "empty-id", "huge-id"],
+    ids=["later-call", "None-id", "int-id", "empty-id", "huge-id"],
 )
 def test_not_a_first_gemma4_call_is_silent_and_does_nothing(
     model_id: Any,

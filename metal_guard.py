@@ -6,7 +6,9 @@ unloads models (``"completeMemory() prepare count underflow"
 ``IOGPUGroupMemory.cpp``). No userspace code can fix a kernel extension; this
 module narrows the race windows, refuses the known triggers and leaves
 forensics that survive the reboot. It is one file with no dependencies: copy
-it next to a worker script, or ``pip install metal-guard``.
+it next to a worker script, or install it from a checkout (``pip install .``).
+The name ``metal-guard`` on PyPI belongs to a different code base (the original
+project's 1.x line).
 
 Map of this module (sections in dependency order, each opens with a banner):
 

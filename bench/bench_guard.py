@@ -19,7 +19,7 @@ in rotating order, for
 
 * ``plain``     — ``mlx_lm.generate`` alone;
 * ``bare``      — ``mx.clear_cache()`` before; ``mx.synchronize()`` + ``mx.clear_cache()``
-  after (the reference's flush pattern: it does not wait for mlx-lm's generation stream);
+  after (the original metal-guard's flush pattern: it does not wait for mlx-lm's generation stream);
 * ``bare-gs``   — the same plus ``mx.synchronize(generation_stream)`` before the final
   ``clear_cache``: exactly the MLX calls the guard makes, written inline;
 * ``guarded``   — inside ``subprocess_inference_guard`` (breadcrumbs on, the default);

@@ -10,27 +10,28 @@ it next to a worker script, or install it from a checkout (``pip install .``).
 The name ``metal-guard`` on PyPI belongs to a different code base (the original
 project's 1.x line).
 
-Map of this module (sections in dependency order, each opens with a banner):
+Map of this module. Its order is its architecture: tiers
+(prelude → storage → MLX access → knowledge → policies → runtime → command line),
+each section opening with a banner that says what it provides and which
+earlier sections it uses (``tests/test_structure.py`` keeps that true):
 
- 1. Configuration   ``_env_float`` / ``_env_int`` / ``_env_bool`` / ``_env_path``,
-                    argument checks (``_path_arg``, ``_seconds_arg``), the state
-                    folder (``METALGUARD_HOME``), warn-once logging.
- 2. State files     ``_FileLock`` (``flock`` on a sidecar), ``_update_json``
-                    (locked read-modify-write), ``_atomic_write_bytes``,
-                    ``_append_bytes``.
- 3. MLX access      ``_mlx()`` (lazy lookup), ``_mlx_step()`` (best-effort
-                    call), ``_synchronize()`` (stream-aware).
- 4. Breadcrumbs     ``MetalGuard``, the ``metal_guard`` singleton,
-                    ``read_breadcrumbs``.
- 5. Model identity  ``canonical_model_id``, ``is_gemma4_family``.
- 6. Flush guards    ``subprocess_inference_guard``, ``gemma4_generation_flush``.
- 7. Cadence         ``CadenceGuard``, ``require_cadence_clear``, ``cadence_scope``
-                    and the violations they raise.
- 8. Registry        ``KNOWN_PANIC_MODELS`` and its lookups.
- 9. Panic reports   ``detect_panic_signature``, ``parse_panic_reports``,
-                    ``ingest_panics_jsonl``, ``read_panic_archive``,
-                    ``CircuitBreaker`` and ``MLXCooldownActive``.
-10. Command line    ``main`` (``metal-guard`` / ``python -m metal_guard``).
+0.1 Prelude — logging, environment variables, argument checks, process state.
+1.1 Files — the state folder, atomic replacement, appends, bounded reads.
+1.2 Locks — the one lock: a reentrant ``flock`` on a lock file never deleted.
+1.3 JSON state files — the one locked-JSON-file primitive.
+1.4 Breadcrumbs — one line per event, durable before the next step runs.
+2.1 MLX access — the only place that touches ``mlx.core``; memory numbers.
+3.1 Model identity — what a model id means, without loading the model.
+3.2 Registry — models that kernel-panicked with defences engaged.
+3.3 Panic signatures — what a panic or error text says happened.
+3.4 Panic reports — reading macOS panic reports after the reboot.
+4.1 Cadence — refuse back-to-back model loads, across processes.
+4.2 Panic archive — ``panics.jsonl``: the user's panic history.
+4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
+5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
+5.2 Guard object — ``MetalGuard`` and the ``metal_guard`` singleton.
+6.1 Command line — the ``metal-guard`` parser and output helpers.
+6.2 Commands — each subcommand calls public functions; wiring only.
 
 Importing has no side effects: no files, threads, environment reads or heavy
 imports happen until a function is called.
@@ -99,15 +100,19 @@ __all__ = [
 
 
 # =============================================================================
-# 1. Configuration — environment variables, argument checks, the state folder,
-# warn-once logs and the per-process memory every later section registers.
+# 0.1 Prelude — logging, environment variables, argument checks, process state.
 #
-# Every METALGUARD_* variable is read here, at call time, through one helper
-# family. A bad value never raises: it logs one WARNING per variable per
-# process and the default is used. Arguments from callers go through one
-# family of checks (a clear TypeError/ValueError for caller bugs). Logging
-# itself is set up lazily because ``import logging`` alone costs more than
-# the rest of this module's import.
+# Every METALGUARD_* variable is read at call time through one helper family: a
+# bad value logs one WARNING per variable per process and the default is used; an
+# empty value counts as unset. Caller bugs get a clear TypeError/ValueError from
+# one family of checks (os.fspath for paths, one finite-number check). Logging,
+# json, re and dataclasses are imported on first use: importing them here would
+# more than double the cost of ``import metal_guard``.
+#
+# Provides: _DEBUG, _INF, _WARNING, _dataclass, _env_bool, _env_float, _env_int, _env_path,
+#   _finite, _first_time, _int_arg, _label, _log, _log_once, _on_reset, _path_arg, _real_arg,
+#   _seconds_arg, _str_path
+# Uses: nothing
 # =============================================================================
 
 _DEBUG = 10
@@ -338,38 +343,6 @@ def _seconds_arg(
     return seconds + 0.0  # -0.0 → 0.0
 
 
-def _user_home() -> str:
-    """The user's home folder, absolute.
-
-    With no ``HOME`` and no passwd entry, ``expanduser`` leaves ``~`` as is,
-    which would put state under the working directory (every worker its own
-    store); use a per-user folder in the temp directory instead, with a WARNING.
-    """
-    home = os.path.expanduser("~")
-    if not home.startswith("~"):
-        return home
-    getuid = getattr(os, "getuid", None)
-    fallback = os.path.join(
-        os.environ.get("TMPDIR") or "/tmp", f"metal-guard-home-{getuid() if getuid else 'user'}"
-    )
-    _log_once(
-        "no-home",
-        _WARNING,
-        "metal_guard: no home folder (HOME unset, no passwd entry); using %s — set METALGUARD_HOME",
-        fallback,
-    )
-    return os.path.abspath(fallback)
-
-
-def _state_home() -> str:
-    """The state folder: ``METALGUARD_HOME`` or ``~/.cache/metal-guard`` (not created here)."""
-    return _env_path("METALGUARD_HOME", None) or os.path.join(_user_home(), ".cache", "metal-guard")
-
-
-def _state_file(name: str) -> str:
-    return os.path.join(_state_home(), name)
-
-
 def _label(value: object) -> str:
     """A printable label for logs and breadcrumbs: ``str`` as is, a path as its text,
     an exception as its message, anything else as its ``repr``."""
@@ -449,15 +422,50 @@ def _forget_warnings() -> None:
 
 
 # =============================================================================
-# 2. State files — OS file locks, locked JSON read-modify-write, atomic
-# replacement and single-write appends.
+# 1.1 Files — the state folder, atomic replacement, appends, bounded reads.
 #
-# Everything persisted goes through these few functions so that every file is
-# safe with many processes at once: ``flock`` on a sidecar ``*.lock`` file that
-# is never deleted, the whole read-modify-write inside one critical section, a
-# uniquely named temp file + ``fsync`` + ``os.replace`` + folder ``fsync``, and
-# ``O_NOFOLLOW`` so we never write through a symlink.
+# Nothing is written through a symlink (``O_NOFOLLOW``); a replacement is a
+# uniquely named temp file + ``os.replace`` (+ ``fsync`` of file and folder when
+# the file must survive a kernel panic); an append is one ``O_APPEND`` write.
+#
+# Provides: _FLOCK_BUSY, _FLOCK_UNSUPPORTED, _O_CLOEXEC, _O_NOFOLLOW, _append_bytes,
+#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _refuse_symlink, _state_file,
+#   _state_home
+# Uses: Prelude
 # =============================================================================
+
+
+def _user_home() -> str:
+    """The user's home folder, absolute.
+
+    With no ``HOME`` and no passwd entry, ``expanduser`` leaves ``~`` as is,
+    which would put state under the working directory (every worker its own
+    store); use a per-user folder in the temp directory instead, with a WARNING.
+    """
+    home = os.path.expanduser("~")
+    if not home.startswith("~"):
+        return home
+    getuid = getattr(os, "getuid", None)
+    fallback = os.path.join(
+        os.environ.get("TMPDIR") or "/tmp", f"metal-guard-home-{getuid() if getuid else 'user'}"
+    )
+    _log_once(
+        "no-home",
+        _WARNING,
+        "metal_guard: no home folder (HOME unset, no passwd entry); using %s — set METALGUARD_HOME",
+        fallback,
+    )
+    return os.path.abspath(fallback)
+
+
+def _state_home() -> str:
+    """The state folder: ``METALGUARD_HOME`` or ``~/.cache/metal-guard`` (not created here)."""
+    return _env_path("METALGUARD_HOME", None) or os.path.join(_user_home(), ".cache", "metal-guard")
+
+
+def _state_file(name: str) -> str:
+    return os.path.join(_state_home(), name)
+
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -466,6 +474,142 @@ _FLOCK_UNSUPPORTED = frozenset(
     {errno.ENOSYS, errno.ENOLCK, getattr(errno, "EOPNOTSUPP", -1), getattr(errno, "ENOTSUP", -1)}
 )
 _FLOCK_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+
+def _ensure_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) if missing; raise ``OSError`` if it is not a folder."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file sits where the folder should be
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _refuse_symlink(path: str) -> None:
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _sweep_stale_temps(path: str) -> None:
+    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
+
+    Only files whose writer pid is gone are removed, so no lock is needed: a live
+    writer's temp file (even under a reused pid) is never touched.
+    """
+    folder = os.path.dirname(path) or "."
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (mode 0600); ``durable`` adds the fsyncs.
+
+    Atomic means readers see the old or the new bytes, never a mix. Durable
+    means the new bytes survive a kernel panic: the file and the folder are
+    fsynced (milliseconds on some disks, so files that need not survive skip it).
+    """
+    folder = os.path.dirname(path) or "."
+    _ensure_dir(folder)
+    _refuse_symlink(path)
+    _sweep_stale_temps(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        _fsync_dir(folder)
+
+
+def _append_bytes(path: str, data: bytes) -> int:
+    """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
+    _ensure_dir(os.path.dirname(path) or ".")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # only on a full disk or a signal; finish the line
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read at most ``limit`` bytes of a file; a symlink is refused unless ``follow_symlinks``."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (0 if follow_symlinks else _O_NOFOLLOW))
+    try:
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# =============================================================================
+# 1.2 Locks — the one lock: a reentrant ``flock`` on a lock file never deleted.
+#
+# Counted per thread (state files, the GPU gate) or per process (the MLX lock).
+# The OS lock is the truth: a holder that dies releases it by dying. A lock
+# whose job is to exclude never runs silently unlocked.
+#
+# Provides: LockUnsupported, StateLockTimeout, _FileLock
+# Uses: Prelude, Files
+# =============================================================================
 
 
 class StateLockTimeout(TimeoutError):
@@ -481,14 +625,6 @@ class StateLockTimeout(TimeoutError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.lock_path, self.timeout))
-
-
-def _ensure_dir(path: str) -> None:
-    """Create ``path`` (mode 0700) if missing; raise ``OSError`` if it is not a folder."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:  # a file sits where the folder should be
-        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
 
 
 class LockUnsupported(OSError):
@@ -684,120 +820,15 @@ class _FileLock:
         self.release()
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _refuse_symlink(path: str) -> None:
-    if os.path.islink(path):
-        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _sweep_stale_temps(path: str) -> None:
-    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
-
-    Only files whose writer pid is gone are removed, so no lock is needed: a live
-    writer's temp file (even under a reused pid) is never touched.
-    """
-    folder = os.path.dirname(path) or "."
-    prefix = f".{os.path.basename(path)}."
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return
-    for name in names:
-        pid_text = name[len(prefix) :].split(".", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def _atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` atomically (mode 0600); ``durable`` adds the fsyncs.
-
-    Atomic means readers see the old or the new bytes, never a mix. Durable
-    means the new bytes survive a kernel panic: the file and the folder are
-    fsynced (milliseconds on some disks, so files that need not survive skip it).
-    """
-    folder = os.path.dirname(path) or "."
-    _ensure_dir(folder)
-    _refuse_symlink(path)
-    _sweep_stale_temps(path)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        _fsync_dir(folder)
-
-
-def _append_bytes(path: str, data: bytes) -> int:
-    """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
-    _ensure_dir(os.path.dirname(path) or ".")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-    try:
-        written = os.write(fd, data)
-        if written != len(data):  # only on a full disk or a signal; finish the line
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
-    """Read at most ``limit`` bytes of a file; a symlink is refused unless ``follow_symlinks``."""
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (0 if follow_symlinks else _O_NOFOLLOW))
-    try:
-        chunks: list[bytes] = []
-        left = limit
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+# =============================================================================
+# 1.3 JSON state files — the one locked-JSON-file primitive.
+#
+# A read never writes; ``update(fn)`` runs under the file's lock; a corrupt file
+# is moved aside; each file chooses its durability.
+#
+# Provides: _CorruptFile, _JsonFile
+# Uses: Prelude, Files, Locks
+# =============================================================================
 
 
 class _CorruptFile(ValueError):
@@ -903,12 +934,196 @@ class _JsonFile:
 
 
 # =============================================================================
-# 3. MLX access — the only place that touches ``mlx.core``.
+# 1.4 Breadcrumbs — one line per event, durable before the next step runs.
 #
-# MLX is optional: it is looked up at call time (so tests can install or
-# remove a stub), and when it is absent every MLX step is a no-op. Each step
-# runs best-effort: a failing hook logs and carries on, because a broken
-# guard must never make inference worse than no guard.
+# A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
+# followed by ``fsync``; what was acknowledged survives the reboot. The file
+# rotates to ``.1`` past ``METALGUARD_BREADCRUMB_MAX_BYTES``. The library writes
+# through the ``metal_guard`` singleton, looked up by name at call time, so
+# applications can redirect or capture breadcrumbs.
+#
+# Provides: read_breadcrumbs, _BreadcrumbLog, _breadcrumb, _escape_line
+# Uses: Prelude, Files, Locks
+# =============================================================================
+
+_BREADCRUMB_MAX_DEFAULT = 8 << 20
+_BREADCRUMB_MSG_MAX = 4096
+
+
+class _DefaultPath:
+    """Sentinel: resolve the breadcrumb path from the environment at each write."""
+
+    def __repr__(self) -> str:
+        return "<default breadcrumb path>"
+
+
+_DEFAULT_PATH = _DefaultPath()
+
+# One event is one line: control characters (and Unicode line separators)
+# are escaped, so a model id with a newline cannot forge a second event.
+_ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPES.update(
+    {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x5C: "\\\\"}
+)
+
+
+def _escape_line(text: str) -> str:
+    if len(text) > _BREADCRUMB_MSG_MAX:
+        text = f"{text[:_BREADCRUMB_MSG_MAX]}...[{len(text) - _BREADCRUMB_MSG_MAX} more chars]"
+    return text.translate(_ESCAPES)
+
+
+def _default_breadcrumb_path() -> str | None:
+    return _env_path(
+        "METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True
+    )
+
+
+class _BreadcrumbLog:
+    """The forensic breadcrumb log (the base of ``MetalGuard``).
+
+    ``MetalGuard()`` writes to ``METALGUARD_BREADCRUMB_PATH`` if set (empty
+    disables), else ``$METALGUARD_HOME/breadcrumbs.log``, resolved at each
+    write. ``MetalGuard(breadcrumb_path=p)`` pins a path; ``None`` disables.
+    """
+
+    def __init__(self, breadcrumb_path: StrPath | _DefaultPath | None = _DEFAULT_PATH) -> None:
+        self.breadcrumb_path = breadcrumb_path
+
+    @property
+    def breadcrumb_path(self) -> str | None:
+        """Where the next breadcrumb goes (``None``: breadcrumbs are off)."""
+        if isinstance(self._breadcrumb_path, _DefaultPath):
+            return _default_breadcrumb_path()
+        return self._breadcrumb_path
+
+    @breadcrumb_path.setter
+    def breadcrumb_path(self, value: StrPath | _DefaultPath | None) -> None:
+        if value is None or isinstance(value, _DefaultPath) or value == "":
+            self._breadcrumb_path: str | _DefaultPath | None = value or None
+        else:
+            self._breadcrumb_path = _path_arg("breadcrumb_path", value)
+
+    def breadcrumb(self, msg: str) -> None:
+        """Append ``<local ISO time> pid=<pid> <msg>`` durably; never raises."""
+        path = self.breadcrumb_path
+        if path is None:
+            return
+        try:
+            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(_label(msg))}\n"
+            size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
+            limit = _env_int(
+                "METALGUARD_BREADCRUMB_MAX_BYTES",
+                _BREADCRUMB_MAX_DEFAULT,
+                minimum=4096,
+                maximum=1 << 40,
+            )
+            if size > limit:
+                _rotate(path, limit)
+        except Exception as exc:  # forensics must never break the caller
+            _log_once(
+                "breadcrumb:" + path,
+                _WARNING,
+                "metal_guard: cannot write breadcrumbs to %s (%s); forensics are lost until this is fixed",
+                path,
+                exc,
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(breadcrumb_path={self._breadcrumb_path!r})"
+
+
+def _local_timestamp() -> str:
+    import datetime
+
+    return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
+
+
+def _rotate(path: str, limit: int) -> None:
+    """Move ``path`` to ``path.1`` if it is still over ``limit`` (under the file lock).
+
+    Writers append without the lock; one that opened the file before the
+    rename finishes its line in ``.1``, so no acknowledged line is lost.
+    """
+    try:
+        with _FileLock(path + ".lock", timeout=0.0):  # busy: another process is rotating
+            st = os.lstat(path)
+            if st.st_size <= limit:
+                return  # another process rotated first
+            _refuse_symlink(path + ".1")
+            os.replace(path, path + ".1")
+            _fsync_dir(os.path.dirname(path) or ".")
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc
+        )
+
+
+def _tail_lines(path: str, n: int) -> list[str]:
+    """The last ``n`` lines of ``path`` (reads only as much of the end as needed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        end = os.fstat(fd).st_size
+        block = 64 << 10
+        data = b""
+        pos = end
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block, pos)
+            pos -= step
+            data = os.pread(fd, step, pos) + data
+    finally:
+        os.close(fd)
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[-n:] if n else []
+
+
+def _guard_object() -> _BreadcrumbLog:
+    """The module's ``metal_guard`` singleton, looked up by name at each call.
+
+    The singleton is built in the runtime tier (it is a ``MetalGuard``); earlier
+    sections reach it by name at call time, so an application that assigns
+    ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)`` redirects the
+    library's breadcrumbs too.
+    """
+    guard: _BreadcrumbLog = globals()["metal_guard"]
+    return guard
+
+
+def _breadcrumb(msg: str) -> None:
+    """Write ``msg`` through the (replaceable) singleton; never raises."""
+    try:
+        _guard_object().breadcrumb(msg)
+    except Exception as exc:  # an application's replacement may be broken
+        _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
+
+
+def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
+    """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
+    n = _int_arg("n", n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    target = _str_path("path", path) if path is not None else _guard_object().breadcrumb_path
+    if not target or n == 0:
+        return []
+    lines = _tail_lines(target, n)
+    if len(lines) < n:
+        lines = _tail_lines(target + ".1", n - len(lines)) + lines
+    return lines
+
+
+# =============================================================================
+# 2.1 MLX access — the only place that touches ``mlx.core``; memory numbers.
+#
+# MLX is optional: it is looked up at call time (``sys.modules`` first, so a
+# fake ``mlx.core`` installed by a test suite is honoured), and when it is absent
+# every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
+# carries on, because a broken guard must never make inference worse than none.
+#
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _synchronize
+# Uses: Prelude
 # =============================================================================
 
 _mlx_lock = _thread.allocate_lock()
@@ -1115,177 +1330,15 @@ class MetalOOMError(RuntimeError):
 
 
 # =============================================================================
-# 4. Breadcrumbs — one line per event, durable before the next step runs.
+# 3.1 Model identity — what a model id means, without loading the model.
 #
-# A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
-# followed by ``fsync``; what was acknowledged survives the reboot. The file
-# rotates to ``.1`` (one generation) past ``METALGUARD_BREADCRUMB_MAX_BYTES``.
-# Every breadcrumb the library writes goes through ``metal_guard.breadcrumb``,
-# looked up at call time, so applications can redirect or capture them.
-# =============================================================================
-
-_BREADCRUMB_MAX_DEFAULT = 8 << 20
-_BREADCRUMB_MSG_MAX = 4096
-
-
-class _DefaultPath:
-    """Sentinel: resolve the breadcrumb path from the environment at each write."""
-
-    def __repr__(self) -> str:
-        return "<default breadcrumb path>"
-
-
-_DEFAULT_PATH = _DefaultPath()
-
-# One event is one line: control characters (and Unicode line separators)
-# are escaped, so a model id with a newline cannot forge a second event.
-_ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
-_ESCAPES.update(
-    {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x5C: "\\\\"}
-)
-
-
-def _escape_line(text: str) -> str:
-    if len(text) > _BREADCRUMB_MSG_MAX:
-        text = f"{text[:_BREADCRUMB_MSG_MAX]}...[{len(text) - _BREADCRUMB_MSG_MAX} more chars]"
-    return text.translate(_ESCAPES)
-
-
-def _default_breadcrumb_path() -> str | None:
-    return _env_path(
-        "METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True
-    )
-
-
-class _BreadcrumbLog:
-    """The forensic breadcrumb log (the base of ``MetalGuard``).
-
-    ``MetalGuard()`` writes to ``METALGUARD_BREADCRUMB_PATH`` if set (empty
-    disables), else ``$METALGUARD_HOME/breadcrumbs.log``, resolved at each
-    write. ``MetalGuard(breadcrumb_path=p)`` pins a path; ``None`` disables.
-    """
-
-    def __init__(self, breadcrumb_path: StrPath | _DefaultPath | None = _DEFAULT_PATH) -> None:
-        self.breadcrumb_path = breadcrumb_path
-
-    @property
-    def breadcrumb_path(self) -> str | None:
-        """Where the next breadcrumb goes (``None``: breadcrumbs are off)."""
-        if isinstance(self._breadcrumb_path, _DefaultPath):
-            return _default_breadcrumb_path()
-        return self._breadcrumb_path
-
-    @breadcrumb_path.setter
-    def breadcrumb_path(self, value: StrPath | _DefaultPath | None) -> None:
-        if value is None or isinstance(value, _DefaultPath) or value == "":
-            self._breadcrumb_path: str | _DefaultPath | None = value or None
-        else:
-            self._breadcrumb_path = _path_arg("breadcrumb_path", value)
-
-    def breadcrumb(self, msg: str) -> None:
-        """Append ``<local ISO time> pid=<pid> <msg>`` durably; never raises."""
-        path = self.breadcrumb_path
-        if path is None:
-            return
-        try:
-            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(_label(msg))}\n"
-            size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
-            limit = _env_int(
-                "METALGUARD_BREADCRUMB_MAX_BYTES",
-                _BREADCRUMB_MAX_DEFAULT,
-                minimum=4096,
-                maximum=1 << 40,
-            )
-            if size > limit:
-                _rotate(path, limit)
-        except Exception as exc:  # forensics must never break the caller
-            _log_once(
-                "breadcrumb:" + path,
-                _WARNING,
-                "metal_guard: cannot write breadcrumbs to %s (%s); forensics are lost until this is fixed",
-                path,
-                exc,
-            )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(breadcrumb_path={self._breadcrumb_path!r})"
-
-
-def _local_timestamp() -> str:
-    import datetime
-
-    return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
-
-
-def _rotate(path: str, limit: int) -> None:
-    """Move ``path`` to ``path.1`` if it is still over ``limit`` (under the file lock).
-
-    Writers append without the lock; one that opened the file before the
-    rename finishes its line in ``.1``, so no acknowledged line is lost.
-    """
-    try:
-        with _FileLock(path + ".lock", timeout=0.0):  # busy: another process is rotating
-            st = os.lstat(path)
-            if st.st_size <= limit:
-                return  # another process rotated first
-            _refuse_symlink(path + ".1")
-            os.replace(path, path + ".1")
-            _fsync_dir(os.path.dirname(path) or ".")
-    except (OSError, StateLockTimeout) as exc:
-        _log_once(
-            "rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc
-        )
-
-
-def _tail_lines(path: str, n: int) -> list[str]:
-    """The last ``n`` lines of ``path`` (reads only as much of the end as needed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-    except OSError:
-        return []
-    try:
-        end = os.fstat(fd).st_size
-        block = 64 << 10
-        data = b""
-        pos = end
-        while pos > 0 and data.count(b"\n") <= n:
-            step = min(block, pos)
-            pos -= step
-            data = os.pread(fd, step, pos) + data
-    finally:
-        os.close(fd)
-    lines = data.decode("utf-8", "replace").splitlines()
-    return lines[-n:] if n else []
-
-
-def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
-    """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
-    n = _int_arg("n", n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    target = _str_path("path", path) if path is not None else metal_guard.breadcrumb_path
-    if not target or n == 0:
-        return []
-    lines = _tail_lines(target, n)
-    if len(lines) < n:
-        lines = _tail_lines(target + ".1", n - len(lines)) + lines
-    return lines
-
-
-class MetalGuard(_BreadcrumbLog):
-    """Process-wide guard object (the memory layers build on it)."""
-
-
-metal_guard = MetalGuard()
-
-
-# =============================================================================
-# 5. Model identity — what a model id means, without ever loading the model.
+# Ids arrive as repo ids, local folders, Hugging Face cache folders or
+# ``os.PathLike`` objects. ``canonical_model_id`` is strict (cadence keys on
+# it); the lookups built on ``_lenient_model_id`` answer False/None for junk.
 #
-# Ids arrive as repo ids, local folders, Hugging Face cache folders
-# (``.../models--ORG--NAME/snapshots/<rev>``) or ``os.PathLike`` objects.
-# ``canonical_model_id`` is strict (cadence keys on it); the lookups built on
-# ``_lenient_model_id`` answer False/None for junk and never raise.
+# Provides: canonical_model_id, is_gemma4_family, _hf_cache_id, _lenient_model_id, _model_name,
+#   _regex
+# Uses: Prelude, Files
 # =============================================================================
 
 _MODEL_ID_MAX = 4096
@@ -1429,177 +1482,804 @@ _is_gemma4_family = is_gemma4_family
 
 
 # =============================================================================
-# 6. Flush guards — per-inference flush and the gemma-4 first-generate flush.
+# 3.2 Registry — models that kernel-panicked with defences engaged.
 #
-# Both are best-effort (principle 1): a failing MLX step logs and carries on,
-# and the body's own exception always propagates unchanged. Breadcrumbs are
-# written through ``metal_guard.breadcrumb`` looked up at call time.
+# Facts from public reports, with their sources. An entry is advice, not a ban.
+# Lookups never raise and return copies.
+#
+# Provides: KNOWN_PANIC_MODELS, check_known_panic_model, warn_if_known_panic_model
+# Uses: Prelude, Model identity
 # =============================================================================
 
+_UPSTREAM_3186 = "https://github.com/ml-explore/mlx/issues/3186"
+_UPSTREAM_3346 = "https://github.com/ml-explore/mlx/issues/3346"
+_UPSTREAM_883 = "https://github.com/ml-explore/mlx-lm/issues/883"
 
-def _breadcrumb(msg: str) -> None:
-    """Write ``msg`` through the (replaceable) singleton; never raises."""
+KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
+    "mlx-community/gemma-4-31b-it-8bit": {
+        "tier": "panic",
+        "panic_signature": 'IOGPUMemory.cpp:492 "completeMemory() prepare count underflow"',
+        "error_classes": ["prepare_count_underflow"],
+        "first_observed": "2026-04-23",
+        "last_observed": "2026-04-24",
+        "reproductions": [
+            "2026-04-23 03:14 local, PID 67840: production pipeline on a Mac Studio M1 Ultra 64 GB, "
+            "about 6 min from worker ready to panic; cross-model cadence did not exist yet",
+            "2026-04-24 03:14 local, PID 26608: same pipeline, about 1.5 min from worker ready to "
+            "panic, with the older cadence defences in place",
+        ],
+        "community": [
+            "Medium write-up 'MLX Crashed My Mac': M4 Max 64 GB, same signature; moved to the MoE "
+            "model Qwen3-Coder-30B-A3B",
+            "lmstudio-bug-tracker#1740: gemma-4 31B hybrid attention (50 sliding + 10 global "
+            "layers); about 34 GB of 8-bit weights plus over 20 GB of full-context KV cache do not "
+            "fit a 64 GB Mac",
+            "ml-explore/mlx-lm#883: M3 Ultra 96 GB, same signature",
+        ],
+        "upstream": [_UPSTREAM_3186, _UPSTREAM_883, _UPSTREAM_3346],
+        "recommendation": (
+            "The v0.9.0 defences (cross-model cadence, first-generate flush, per-inference flush) "
+            "narrow the race but did not stop panics with this model in the pipeline that reported "
+            "it; macOS 26.4.x and the 26.5 beta had not fixed the driver and 96 GB of RAM did not "
+            "prevent it. After a repeat panic, serve it with another backend (Ollama, llama.cpp) or "
+            "move to an MoE variant such as mlx-community/gemma-4-26b-a4b-it-4bit."
+        ),
+        "hardware": [
+            {"chip": "M1 Ultra", "memory_gb": 64, "os": None},
+            {"chip": "M4 Max", "memory_gb": 64, "os": None},
+            {"chip": "M3 Ultra", "memory_gb": 96, "os": None},
+        ],
+        "safer_alternative": "mlx-community/gemma-4-26b-a4b-it-4bit",
+    },
+    "mlx-community/Qwen3.6-35B-A3B-4bit": {
+        "tier": "panic",
+        "panic_signature": 'IOGPUMemory.cpp "completeMemory() prepare count underflow"',
+        "error_classes": ["prepare_count_underflow"],
+        "first_observed": "2026-04-24",
+        "last_observed": "2026-04-24",
+        "reproductions": [
+            "mlx_lm.server with --prompt-cache-bytes 8589934592 on a Mac mini M4 32 GB (macOS 26.4.1 "
+            "25E253, IOGPUFamily 130.13, mlx 0.31.2, mlx-lm 0.31.3): panic about 8 min 16 s after "
+            "server start during an ordinary throughput benchmark; the cache byte limit did not "
+            "prevent it",
+        ],
+        "community": [
+            "ml-explore/mlx#3186 comment of 2026-04-24: the reporter moved production serving to "
+            "llama.cpp, although MLX had been 30-55 % faster at prefill",
+        ],
+        "upstream": [_UPSTREAM_3186],
+        "recommendation": (
+            "A prompt-cache byte limit is not enough on a 32 GB machine. For long-running servers, "
+            "consider llama.cpp or Ollama; if you stay on MLX, do not raise the wired limit (see "
+            "'When metal-guard is not enough') and keep the per-inference flush on."
+        ),
+        "hardware": [{"chip": "M4", "memory_gb": 32, "os": "macOS 26.4.1 (25E253)"}],
+        "safer_alternative": None,
+    },
+    "mlx-community/Qwen3.5-122B-A10B-4bit": {
+        "tier": "panic",
+        "panic_signature": (
+            'IOGPUMemory.cpp:550 "completeMemory() prepare count underflow"; also '
+            "fPendingMemorySet @IOGPUGroupMemory.cpp:219"
+        ),
+        "error_classes": ["prepare_count_underflow", "pending_memory_set"],
+        "first_observed": None,
+        "last_observed": None,
+        "reproductions": [
+            "M3 Ultra 96 GB, macOS 26.4 (25E246), 4-bit model of about 50 GB: 9 panics in 6 days, "
+            "4 of them within 2 hours; IOGPUMemory.cpp:550 seven times, IOGPUGroupMemory.cpp:219 "
+            "otherwise",
+        ],
+        "community": ["ml-explore/mlx#3346 (closed, folded into ml-explore/mlx#3186)"],
+        "upstream": [_UPSTREAM_3346, _UPSTREAM_3186],
+        "recommendation": (
+            "A 50 GB model on a 96 GB machine panicked repeatedly in days. Leave generous headroom "
+            "below the GPU working-set limit, space loads with cadence, and switch backend if it "
+            "repeats."
+        ),
+        "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": "macOS 26.4 (25E246)"}],
+        "safer_alternative": None,
+    },
+    "mlx-community/Qwen3-Coder-30B-A3B-Instruct-8bit": {
+        "tier": "panic",
+        "panic_signature": 'IOGPUMemory.cpp:550 "completeMemory() prepare count underflow"',
+        "error_classes": ["prepare_count_underflow"],
+        "first_observed": None,
+        "last_observed": None,
+        "reproductions": [
+            "Agentic coding session on an M3 Ultra 96 GB (mlx and mlx-lm 0.30.6) whose context grew "
+            "to about 58k tokens, then panicked (reported as Qwen3-Coder-30B-A3B-8bit)",
+        ],
+        "community": [
+            "ml-explore/mlx-lm#883 (closed): a maintainer pointed at a wired limit set too high; "
+            "bounding the KV cache by rotation was judged to degrade output",
+            "Workload-dependent: the same family was another user's safe alternative at short contexts",
+        ],
+        "upstream": [_UPSTREAM_883],
+        "recommendation": (
+            "Workload-dependent: the panic came with a long, growing context. Bound the context "
+            "length, keep the wired limit at its default, and watch KV growth in long sessions."
+        ),
+        "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": None}],
+        "safer_alternative": None,
+    },
+}
+
+_WARNED_PANIC_MODELS: set[str] = set()
+_warned_panic_lock = _thread.allocate_lock()
+
+
+@_on_reset
+def _forget_warned_panic_models() -> None:
+    with _warned_panic_lock:
+        _WARNED_PANIC_MODELS.clear()  # the module global as it is now (callers may replace it)
+
+
+def _copy_json(value: Any) -> Any:
+    """Deep copy of plain JSON-like data (dicts, lists, scalars)."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """``org/name`` (one slash, not a path that starts at /, ., ~ or a drive)."""
+    return (
+        text.count("/") == 1
+        and not text.startswith(("/", ".", "~"))
+        and "\\" not in text
+        and ":" not in text
+    )
+
+
+def _is_dir(path: str) -> bool:
     try:
-        metal_guard.breadcrumb(msg)
-    except Exception as exc:  # an application's replacement may be broken
-        _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
+        return os.path.isdir(path)
+    except (OSError, ValueError):
+        return False
 
 
-class subprocess_inference_guard:
-    """Flush MLX around one generate call: ``with subprocess_inference_guard(model_id): ...``.
-
-    PRE: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb. POST (also when
-    the body raises): synchronize the default stream, mlx-lm's
-    ``generation_stream`` and every stream in ``streams`` **before**
-    ``mx.clear_cache()``, then a ``SUBPROC_POST`` breadcrumb. Releasing
-    buffers while a command buffer is still in flight is the race this closes.
-
-    Wrap the generate call in the thread that runs it (mlx-lm's stream may be
-    thread-local). Works around ``stream_generate`` loops, nested, from many
-    threads, and as a decorator of a function that returns its result (for a
-    generator, put the ``with`` around the loop instead). Without MLX only the
-    breadcrumbs are written.
-    """
-
-    __slots__ = ("model_id", "streams")
-
-    def __init__(self, model_id: object, *, streams: object = None) -> None:
-        self.model_id = model_id
-        # Materialised once, so a generator of streams serves every use of the guard.
-        self.streams: tuple[object, ...] = tuple(_as_stream_list(streams))
-
-    def __enter__(self) -> subprocess_inference_guard:
-        mx = _mlx()
-        if mx is not None:
-            _mlx_step(
-                "clear_cache (pre)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=_WARNING,
-            )
-        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # After a failed body the driver may already be in trouble: step
-        # failures are then expected and logged at DEBUG only.
-        level = _WARNING if exc is None else _DEBUG
-        mx = _mlx()
-        if mx is not None:
-            _synchronize(mx, self.streams, model_id=self.model_id, level=level)
-            _mlx_step(
-                "clear_cache (post)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=level,
-            )
-        _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
-
-    def __call__(self, func: _F) -> _F:
-        import functools
-
-        model_id, streams = self.model_id, self.streams
-
-        @functools.wraps(func)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            with subprocess_inference_guard(model_id, streams=streams):
-                return func(*args, **kwargs)
-
-        return guarded  # type: ignore[return-value]
-
-    def __repr__(self) -> str:
-        return f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r})"
-
-
-_GEMMA4_SLEEP_DEFAULT = 3.0
-_GEMMA4_SLEEP_MAX = 60.0
-
-
-class gemma4_generation_flush:
-    """Settle window before the first forward pass of a fresh gemma-4 worker.
-
-    Call it (``gemma4_generation_flush(model_id, n)``) or use it as a context
-    manager (``with gemma4_generation_flush(model_id, n): generate(...)``):
-    either way the flush happens when the object is created, and leaving the
-    ``with`` does nothing. It acts only when ``generate_call_count == 0``, the
-    model is gemma-4 family, MLX is present and
-    ``METALGUARD_GEMMA4_FIRSTGEN_DISABLED`` is not truthy: breadcrumb
-    ``GEMMA4_FLUSH``, synchronize, ``mx.clear_cache()``, sleep
-    ``METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC`` (default 3, clamped to [0, 60]),
-    breadcrumb ``GEMMA4_FLUSH_DONE``. Never raises. ``flushed`` and
-    ``slept_sec`` say what it did.
-    """
-
-    __slots__ = ("flushed", "generate_call_count", "model_id", "slept_sec")
-
-    def __init__(self, model_id: object, generate_call_count: int) -> None:
-        self.model_id = model_id
-        self.generate_call_count = generate_call_count
-        self.flushed = False
-        self.slept_sec = 0.0
-        try:  # the original's `count == 0`, for any real number (NumPy scalars too)
-            first_call = _real_arg("generate_call_count", generate_call_count) == 0
-        except (TypeError, ValueError):  # a best-effort guard: say so, never raise
-            _log_once(
-                "gemma4-count",
-                _WARNING,
-                "metal_guard: gemma4_generation_flush needs a finite number as "
-                "generate_call_count, got %s; no flush",
-                _label(generate_call_count),
-            )
-            return
-        if not first_call or not is_gemma4_family(model_id):
-            return
-        if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
-            return
-        mx = _mlx()
-        if mx is None:
-            return
-        label = _label(model_id)
-        _breadcrumb(f"GEMMA4_FLUSH: {label}")
-        _synchronize(mx, model_id=model_id, level=_DEBUG)
-        _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_DEBUG)
-        sleep_sec = _env_float(
-            "METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC",
-            _GEMMA4_SLEEP_DEFAULT,
-            minimum=0.0,
-            maximum=_GEMMA4_SLEEP_MAX,
-            clamp=True,
-        )
-        if sleep_sec > 0:
-            time.sleep(sleep_sec)
-        self.slept_sec = sleep_sec
-        self.flushed = True
-        _breadcrumb(f"GEMMA4_FLUSH_DONE: {label}")
-
-    def __enter__(self) -> gemma4_generation_flush:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+def _registry_key(model_id: object) -> str | None:
+    """The ``KNOWN_PANIC_MODELS`` key ``model_id`` refers to, case-insensitively, or ``None``."""
+    canon = _lenient_model_id(model_id)
+    if canon is None:
         return None
+    # An HF cache folder is a local copy, whatever organisation uploaded it.
+    local_copy = _hf_cache_id(_str_path("model_id", model_id).strip()) is not None
+    fold = canon.casefold()
+    name = _model_name(canon).casefold()
+    by_name = None
+    for key in KNOWN_PANIC_MODELS:
+        if key.casefold() == fold:
+            return key
+        org, _, entry_name = key.casefold().rpartition("/")
+        if entry_name == name:
+            # ``other-org/name`` is another publisher's repo; a local path, an HF
+            # cache folder or a bare folder name with the same name is this
+            # model. Like ``mlx_lm.load``, an existing folder is a local path
+            # even when it reads like ``org/name`` (``models/gemma-4-31b-it-8bit``).
+            if (
+                _looks_like_repo_id(canon)
+                and canon.casefold().split("/")[0] != org
+                and not local_copy
+                and not _is_dir(canon)
+            ):
+                continue
+            by_name = key
+    return by_name
 
-    def __repr__(self) -> str:
-        return (
-            f"gemma4_generation_flush({self.model_id!r}, {self.generate_call_count!r}, "
-            f"flushed={self.flushed}, slept_sec={self.slept_sec:g})"
+
+def check_known_panic_model(model_id: object) -> dict[str, Any] | None:
+    """The registry entry for ``model_id`` (a copy, with ``model_id`` added), or ``None``."""
+    key = _registry_key(model_id)
+    if key is None:
+        return None
+    entry: dict[str, Any] = _copy_json(KNOWN_PANIC_MODELS[key])
+    entry["model_id"] = key
+    return entry
+
+
+def warn_if_known_panic_model(model_id: object) -> bool:
+    """True if ``model_id`` is a known panic model; the first call per model per process warns once."""
+    entry = check_known_panic_model(model_id)
+    if entry is None:
+        return False
+    key = entry["model_id"]
+    with _warned_panic_lock:
+        warned = _WARNED_PANIC_MODELS
+        first = key not in warned
+        warned.add(key)
+    if first:
+        _log().warning(
+            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
+            "signature: %s). %s",
+            key,
+            entry["tier"],
+            entry["panic_signature"],
+            entry["recommendation"],
         )
+    return True
 
 
 # =============================================================================
-# 7. Cadence — refuse back-to-back model loads, across processes.
+# 3.3 Panic signatures — what a panic or error text says happened.
 #
-# The store is the original metal-guard's format (a flat JSON object of model id →
-# epoch seconds of the last load), so old and new versions can share one file;
-# everything we add lives under the reserved key ``"__metal_guard__"``.
-# ``admit`` checks and records in one critical section under the file lock,
-# so of N processes racing for one window exactly one is admitted. The
-# dangerous window follows the *unload*: when one is recorded, intervals
-# count from the later of load and unload.
+# Kernel panics are tried before process-level errors; patterns are bounded
+# so a huge text stays linear, and run only when a cheap substring matches.
+#
+# Provides: detect_panic_signature, _BREAKER_CLOCK_SLACK, _BREAKER_SCHEMA, _BREAKER_SECONDS_MAX,
+#   _IOGPU, _IPS_HEAD_MAX, _PANIC_ARCHIVE_MAX_RECORDS, _PANIC_ARCHIVE_READ_MAX, _PANIC_BUG_TYPE,
+#   _PANIC_CACHE_MAX, _PANIC_DIR_ENV_VAR, _PANIC_FIELD_MAX, _PANIC_READ_MAX, _PANIC_REPORT_DIR,
+#   _PROCESS, _detect, _panic_archive_cache, _panic_ingest_memo, _panic_lock, _panic_report_cache,
+#   _signature_kind
+# Uses: Prelude, Model identity
+# =============================================================================
+
+_PANIC_REPORT_DIR = "/Library/Logs/DiagnosticReports"
+_PANIC_DIR_ENV_VAR = "METALGUARD_PANIC_REPORT_DIR"
+_PANIC_READ_MAX = 4 << 20  # a real report is 20-200 KiB; the panic text comes first
+_IPS_HEAD_MAX = 4096  # enough for an .ips header line (bug_type is in it)
+_PANIC_BUG_TYPE = "210"  # bug_type of kernel panics in Apple's diagnostic reports
+_PANIC_CACHE_MAX = 20_000
+_PANIC_FIELD_MAX = 500
+_PANIC_ARCHIVE_MAX_RECORDS = 1000
+_PANIC_ARCHIVE_READ_MAX = 64 << 20
+_BREAKER_SCHEMA = 1
+_BREAKER_SECONDS_MAX = 366 * 86400.0
+_BREAKER_CLOCK_SLACK = 60.0
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    # name, kind, needles, pattern, what happened, what to do
+    _SignatureEntry = tuple[str, str, tuple[str, ...], str, str, str]
+
+_IOGPU, _KERNEL, _PROCESS = "iogpu", "kernel", "process"
+_SIGNATURE_LOOKBEHIND = 4096
+_LOCATION_WINDOW = 64 << 10
+
+_ADVICE_IOGPU = (
+    "No userspace code can fix the driver: wrap every generate in subprocess_inference_guard, "
+    "space model loads with require_cadence_clear (cross-model too), call "
+    "gemma4_generation_flush before the first generate, and if it repeats with the same model "
+    "move to a smaller or MoE model or another backend (`metal-guard models`)."
+)
+
+# Signatures in the order they are tried: kernel panics before process-level
+# errors. Fields: name, kind, needles, pattern, what happened, what to do. Kind
+# ``iogpu`` is an IOGPU driver kernel panic (the only kind the circuit breaker
+# counts), ``kernel`` another kernel panic, ``process`` an error inside the
+# process (the Mac did not go down). Patterns are searched case-insensitively
+# with ``.`` matching newlines; every gap is bounded so a huge text stays linear.
+# The pattern runs only when the lower-cased text contains one of the needles
+# (one of them occurs in every match): a plain substring search is about 100
+# times faster than a case-insensitive alternation on a text without a match.
+_PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
+    (
+        "prepare_count_underflow",
+        _IOGPU,
+        ("underflow",),
+        r"prepare\s+count\s+underflow",
+        "IOGPU kernel panic: completeMemory() prepare count underflow, the Metal driver's "
+        "memory accounting went below zero (ml-explore/mlx#3186)",
+        "It follows back-to-back model loads and GPU memory freed while a command buffer is "
+        "still in flight. " + _ADVICE_IOGPU,
+    ),
+    (
+        "pending_memory_set",
+        _IOGPU,
+        ("fpendingmemoryset", "iogpugroupmemory.cpp:219"),
+        r"fPendingMemorySet|IOGPUGroupMemory\.cpp:219\b",
+        "IOGPU kernel panic: fPendingMemorySet, the driver found GPU memory still pending "
+        "while releasing a memory group",
+        _ADVICE_IOGPU,
+    ),
+    (
+        "remove_memory_object",
+        _IOGPU,
+        ("iogpugroupmemory.cpp:323", "remove_memory_object"),
+        r"IOGPUGroupMemory\.cpp:323\b|remove_memory_object\s*\(",
+        "IOGPU kernel panic in remove_memory_object(), the driver removed a GPU memory object "
+        "from a group that no longer tracked it",
+        _ADVICE_IOGPU,
+    ),
+    (
+        "pending_in_non_pending_hash",
+        _IOGPU,
+        ("iogpugroupmemory.cpp:528", "hash"),
+        r"IOGPUGroupMemory\.cpp:528\b|non[\s_-]?pending[\s_-]{1,3}hash",
+        "IOGPU kernel panic: a pending GPU memory object was found in the non-pending hash",
+        _ADVICE_IOGPU,
+    ),
+    (
+        "ctxstore_timeout",
+        _IOGPU,
+        ("store",),
+        r"(?:ctx|context)[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
+        "GPU driver kernel panic: context-store timeout, the GPU did not save or restore a "
+        "context in time",
+        "Often seen under heavy GPU memory pressure. " + _ADVICE_IOGPU,
+    ),
+    (
+        "gpu_watchdog",
+        _KERNEL,
+        ("watchdogd",),
+        r"watchdog\s+timeout:\s+no\s+checkins\s+from\s+watchdogd",
+        "Kernel panic: watchdog timeout (no checkins from watchdogd); userspace stopped "
+        "responding, usually under extreme memory pressure or swapping. This is not the IOGPU "
+        "driver bug and the circuit breaker does not count it",
+        "Leave more memory headroom: use a smaller or more quantised model, a shorter context, "
+        "or fewer concurrent workers, and watch swap usage.",
+    ),
+    (
+        "metal_oom",
+        _PROCESS,
+        ("outofmemory", "insufficient"),
+        r"kIOGPUCommandBufferCallbackErrorOutOfMemory|Insufficient\s+Memory",
+        "Metal command buffer failed with out-of-memory "
+        "(kIOGPUCommandBufferCallbackErrorOutOfMemory): the process aborted, the Mac did not "
+        "panic",
+        "Use a smaller or more quantised model, bound the context / KV cache, lower the batch "
+        "size, or free other GPU users; the circuit breaker does not count it.",
+    ),
+    (
+        "resource_limit",
+        _PROCESS,
+        ("exceeded",),
+        r"Resource\s+limit\s+\(\s*\d{1,12}\s*\)\s+exceeded",
+        "MLX hit Metal's limit on live GPU buffers (Resource limit exceeded): the process "
+        "failed, the Mac did not panic",
+        "Too many arrays are alive at once (an unbounded cache or lists of arrays): release "
+        "them, call mx.clear_cache() between requests or restart the worker periodically.",
+    ),
+)
+_PANIC_SIGNATURE_KINDS: dict[str, str] = {entry[0]: entry[1] for entry in _PANIC_SIGNATURES}
+
+_panic_lock = _thread.allocate_lock()
+# path → ((size, mtime_ns, inode), record or None for "not a kernel panic")
+_panic_report_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
+# archive path → ((size, mtime_ns, inode), valid records in file order)
+_panic_archive_cache: dict[str, tuple[tuple[int, int, int], list[dict[str, Any]]]] = {}
+# archive path → (archive identity after our last ingest, source files already handled)
+_panic_ingest_memo: dict[str, tuple[tuple[int, int, int] | None, frozenset[str]]] = {}
+
+
+@_on_reset
+def _reset_panic_caches() -> None:
+    """Forget parsed reports, archive reads and ingest memos (tests, benchmarks)."""
+    with _panic_lock:
+        _panic_report_cache.clear()
+        _panic_archive_cache.clear()
+        _panic_ingest_memo.clear()
+
+
+def _signature_kind(name: object) -> str | None:
+    """``iogpu`` / ``kernel`` / ``process`` for a signature name, else ``None``."""
+    return _PANIC_SIGNATURE_KINDS.get(name) if isinstance(name, str) else None
+
+
+def _match_signature(text: str) -> tuple[_SignatureEntry, int] | None:
+    """The first signature (table order) found in ``text`` and where it matched."""
+    lowered = text.lower()
+    same_positions = len(lowered) == len(text)  # lower() may lengthen rare characters
+    for entry in _PANIC_SIGNATURES:
+        hits = [i for i in (lowered.find(needle) for needle in entry[2]) if i >= 0]
+        if not hits:
+            continue
+        rx = _regex("panic-sig:" + entry[0], "(?is)" + entry[3])
+        # start near the first needle (a match begins a little before it), then everywhere
+        hint = max(0, min(hits) - _SIGNATURE_LOOKBEHIND) if same_positions else 0
+        found = rx.search(text, hint) or (rx.search(text) if hint else None)
+        if found is not None:
+            return entry, found.start()
+    return None
+
+
+def _panic_location(text: str, start: int, kind: str) -> str | None:
+    """The ``File.cpp:LINE`` a panic names, searched from the signature's match onwards.
+
+    IOGPU signatures prefer an ``IOGPU*.cpp`` location; otherwise the first one
+    near the match (the panic line puts it right after the message).
+    """
+    source = r"\b([A-Za-z_]\w{0,80}\.(?:cpp|cc|cxx|c|mm|m|h)):(\d{1,6})\b"
+    candidates = []
+    if kind == _IOGPU:
+        candidates.append(_regex("panic-loc-iogpu", r"\b(IOGPU\w{0,80}\.cpp):(\d{1,6})\b"))
+    candidates.append(_regex("panic-loc", source))
+    low, high = max(0, start - _LOCATION_WINDOW), start + _LOCATION_WINDOW
+    for rx in candidates:
+        found = rx.search(text, start, high) or rx.search(text, low, high)
+        if found is not None:
+            return f"{found.group(1)}:{found.group(2)}"
+    return None
+
+
+def _explain(entry: _SignatureEntry, location: str | None) -> str:
+    where = f" at {location}" if location else ""
+    return f"{entry[4]}{where}. {entry[5]}"
+
+
+def _detect(text: str) -> tuple[str, str, str, str | None] | None:
+    """``(name, kind, explanation, location)`` for ``text``, or ``None``."""
+    found = _match_signature(text)
+    if found is None:
+        return None
+    entry, start = found
+    location = _panic_location(text, start, entry[1])
+    return entry[0], entry[1], _explain(entry, location), location
+
+
+def detect_panic_signature(text: object) -> tuple[str | None, str | None]:
+    """Name a panic or MLX failure from its text: ``(signature, explanation)``.
+
+    Kernel-panic signatures (``prepare_count_underflow``, ``pending_memory_set``,
+    ``remove_memory_object``, ``pending_in_non_pending_hash``,
+    ``ctxstore_timeout``, ``gpu_watchdog``) are tried before process-level ones
+    (``metal_oom``, ``resource_limit``). The explanation names the
+    ``File.cpp:LINE`` the text reports and says what to do. Anything that is
+    not a ``str``, or matches nothing, gives ``(None, None)``; never raises.
+    """
+    if not isinstance(text, str) or not text:
+        return None, None
+    try:
+        found = _detect(text)
+    except Exception as exc:  # e.g. MemoryError on an absurd input: never break the caller
+        _log_once("detect-panic", _DEBUG, "metal_guard: panic signature detection failed: %r", exc)
+        return None, None
+    if found is None:
+        return None, None
+    return found[0], found[2]
+
+
+# =============================================================================
+# 3.4 Panic reports — reading macOS panic reports after the reboot.
+#
+# Reports are read with bounded reads, never through a symlink, and cached
+# by file identity so a re-scan costs one ``stat`` per file.
+#
+# Provides: parse_panic_reports, _report_dir
+# Uses: Prelude, Files, Model identity, Panic signatures
+# =============================================================================
+
+# -- reading one report -------------------------------------------------------
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+
+    import json
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+_JSON_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "b": "\b",
+    "f": "\f",
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+}
+
+
+def _unescape_json_fragment(fragment: str) -> str:
+    """Decode JSON string escapes in a possibly truncated string body (lenient)."""
+
+    def replace(match: Any) -> str:
+        token: str = match.group(1)
+        if token[0] == "u" and len(token) == 5:
+            code = int(token[1:], 16)
+            return "\ufffd" if 0xD800 <= code <= 0xDFFF else chr(code)
+        return _JSON_ESCAPES.get(token, token)
+
+    rx = _regex("json-escape", r"(?s)\\(u[0-9a-fA-F]{4}|.)")
+    result: str = rx.sub(replace, fragment)
+    return result
+
+
+def _panic_string_fallback(text: str) -> str | None:
+    """The ``panicString`` of an invalid or truncated JSON body, found by bounded regex."""
+    key = _regex("panic-string-key", r'"(?:panicString|macOSPanicString)"\s*:\s*"').search(text)
+    if key is None:
+        return None
+    # the string body up to its closing quote (or the end of a truncated file)
+    body = _regex("json-string-body", r'(?s)[^"\\]*(?:\\.[^"\\]*)*').match(text, key.end())
+    return _unescape_json_fragment(body.group(0)) if body is not None else None
+
+
+def _clip(value: object) -> str | None:
+    """A stripped string field of bounded length, or ``None``."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    return text if len(text) <= _PANIC_FIELD_MAX else text[:_PANIC_FIELD_MAX] + "..."
+
+
+def _search_group(name: str, pattern: str, text: str) -> str | None:
+    found = _regex(name, pattern).search(text)
+    return found.group(1) if found is not None else None
+
+
+def _report_time(value: object) -> float | None:
+    """Epoch seconds of a report's ``timestamp`` (``2025-06-01 03:14:15.00 -0700``)."""
+    if not isinstance(value, str):
+        return None
+    import datetime
+
+    text = value.strip()[:64]
+    for fmt in ("%Y-%m-%d %H:%M:%S.%f %z", "%Y-%m-%d %H:%M:%S %z"):
+        try:
+            return datetime.datetime.strptime(text, fmt).timestamp()
+        except (ValueError, OverflowError, OSError):
+            continue
+    return None
+
+
+def _panic_time(text: str) -> float | None:
+    """The ``Calendar: 0x<sec> 0x<usec>`` line, preferably the ``Epoch Time:`` block's.
+
+    Some reports carry the line without the block header; it is read there too.
+    """
+    calendar = r"Calendar\s*:\s*0x([0-9a-fA-F]{1,16})\s+0x([0-9a-fA-F]{1,16})"
+    found = _regex("panic-epoch", r"(?s)Epoch\s+Time:.{0,1000}?" + calendar).search(text)
+    if found is None:
+        found = _regex("panic-calendar", calendar).search(text)
+    if found is None:
+        return None
+    seconds, micros = int(found.group(1), 16), int(found.group(2), 16)
+    if not 0 < seconds < 1 << 40:
+        return None
+    return seconds + (micros / 1e6 if micros < 1_000_000 else 0.0)
+
+
+def _os_build(text: str, *versions: object) -> str | None:
+    """The macOS build (``24F74``) from the panic text, else from ``macOS 15.5 (24F74)``."""
+    build = r"(\d{1,2}[A-Z]\d{1,5}[a-z]?)"
+    found = _search_group("panic-os-build", r"(?:Mac\s+)?OS\s+version:\s*" + build + r"\b", text)
+    if found is not None:
+        return found
+    for version in versions:
+        if isinstance(version, str):
+            found = _search_group("panic-os-paren", r"\(" + build + r"\)", version[:200])
+            if found is not None:
+                return found
+    return None
+
+
+def _panic_text_fields(text: str) -> dict[str, Any]:
+    """Fields found in a panic log (the ``panicString``, or a legacy plain report)."""
+    pid: int | None = None
+    process: str | None = None
+    task = _regex(
+        "panic-task",
+        r"Panicked\s+task\s+0x[0-9a-fA-F]{1,20}:[^\n]{0,200}?pid\s+(\d{1,10}):[ \t]*([^\n]{0,256})",
+    ).search(text)
+    if task is not None:
+        pid, process = int(task.group(1)), _clip(task.group(2))
+    if process is None:  # legacy reports (macOS 11 and older)
+        process = _clip(
+            _search_group(
+                "panic-bsd-name",
+                r"BSD\s+process\s+name\s+corresponding\s+to\s+current\s+thread:"
+                r"[ \t]*([^\n]{1,256})",
+                text,
+            )
+        )
+    kernel = _clip(_search_group("panic-kernel", r"Kernel\s+version:\s*([^\n]{1,400})", text))
+    chip = _search_group("panic-chip", r"RELEASE_ARM64_(\w{1,20})", kernel) if kernel else None
+    return {
+        "pid": pid,
+        "process": process,
+        "kernel_version": kernel,
+        "chip": chip,
+        "iogpu_version": _search_group(
+            "panic-iogpu", r"com\.apple\.iokit\.IOGPUFamily\s*\(\s*([0-9][0-9.]{0,30})\s*\)", text
+        ),
+        "panic_line": _clip(_search_group("panic-line", r"(panic\(cpu\s*\d+[^\n]{0,2000})", text)),
+    }
+
+
+def _split_report(text: str) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """``(header, body object or None, body text)`` of a report."""
+    first, _, rest = text.partition("\n")
+    if first.lstrip().startswith("{"):
+        header = _json_object(first)
+        if header is not None:
+            body_text = rest
+            return (
+                header,
+                _json_object(body_text) if body_text.lstrip().startswith("{") else None,
+                rest,
+            )
+        whole = _json_object(text)  # one JSON document: header and body in one
+        if whole is not None:
+            return whole, whole, text
+    return {}, None, text
+
+
+def _parse_report_text(text: str, path: str, mtime: float, *, ips: bool) -> dict[str, Any] | None:
+    """The record for one report's text, or ``None`` when it is not a kernel panic."""
+    header, body, body_text = _split_report(text)
+    bug_type = header.get("bug_type")
+    if bug_type is not None and str(bug_type).strip() != _PANIC_BUG_TYPE:
+        return None  # another kind of diagnostic report
+    if ips and bug_type is None:
+        return None  # an .ips file counts only with bug_type 210
+    panic_text: str | None = None
+    if body is not None:
+        # Apple silicon: panicString; Intel with a T2 chip: macOSPanicString holds the
+        # macOS panic (and panicString the bridgeOS one). Search both.
+        texts = [body.get(k) for k in ("panicString", "macOSPanicString")]
+        panic_text = "\n".join(t for t in texts if isinstance(t, str)) or None
+    if panic_text is None:
+        panic_text = _panic_string_fallback(body_text)
+    if panic_text is None:
+        panic_text = body_text  # legacy plain-text report
+    detected = _detect(panic_text)
+    if bug_type is None and detected is None and "panic(cpu" not in panic_text:
+        return None  # a stray file with a panic-like name
+    body = body or {}
+    fields = _panic_text_fields(panic_text)
+    os_version = _clip(header.get("os_version")) or _clip(body.get("build"))
+    ts = _panic_time(panic_text)
+    if ts is None:
+        ts = _report_time(header.get("timestamp")) or _report_time(body.get("date")) or mtime
+    name, kind, explanation, location = detected or (None, None, None, None)
+    incident = header.get("incident_id") or body.get("incident")
+    record: dict[str, Any] = {
+        "ts": float(ts),
+        "signature": name,
+        "explanation": explanation,
+        "pid": fields["pid"],
+        "process": fields["process"],
+        "os_build": _os_build(panic_text, header.get("os_version"), body.get("build")),
+        "iogpu_version": fields["iogpu_version"],
+        "source_file": path,
+        "kernel_panic": kind != _PROCESS,
+        "iogpu_panic": kind == _IOGPU,
+        "location": location,
+        "chip": fields["chip"],
+        "kernel_version": fields["kernel_version"],
+        "incident_id": _clip(incident),
+        "os_version": os_version,
+        "panic_line": fields["panic_line"],
+    }
+    return record
+
+
+def _ips_may_be_panic(head: bytes) -> bool:
+    """False when an ``.ips`` header line names another ``bug_type`` (no need to read on)."""
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return True  # header longer than the probe: read the whole file to decide
+    header = _json_object(line.decode("utf-8", "replace"))
+    if header is None or "bug_type" not in header:
+        return True  # not a one-line header (a pretty-printed document?): let the parser decide
+    return str(header["bug_type"]).strip() == _PANIC_BUG_TYPE
+
+
+def _report_record(path: str, st: os.stat_result, *, ips: bool) -> dict[str, Any] | None:
+    """The (cached) record of one report file; unreadable files are skipped."""
+    key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    with _panic_lock:
+        hit = _panic_report_cache.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        record: dict[str, Any] | None = None
+        if not ips or _ips_may_be_panic(_read_bounded(path, _IPS_HEAD_MAX)):
+            raw = _read_bounded(path, _PANIC_READ_MAX)
+            record = _parse_report_text(raw.decode("utf-8", "replace"), path, st.st_mtime, ips=ips)
+    except OSError as exc:
+        _log().debug("metal_guard: skipping unreadable panic report %s: %s", path, exc)
+        return None
+    except Exception as exc:  # a pathological file must not break the scan
+        _log().debug("metal_guard: cannot parse panic report %s: %r", path, exc)
+        record = None
+    with _panic_lock:
+        if len(_panic_report_cache) >= _PANIC_CACHE_MAX:
+            _panic_report_cache.clear()
+        _panic_report_cache[path] = (key, record)
+    return record
+
+
+def _is_report_name(name: str) -> tuple[bool, bool]:
+    """``(is a candidate, is an .ips file)`` for a file name in the report folder."""
+    if name.startswith("."):
+        return False, False
+    if name.endswith(".ips"):
+        return True, True
+    return name.endswith(".panic") or name.startswith(("panic-full-", "panic-base-")), False
+
+
+def _scan_report_folder(folder: str, records: list[dict[str, Any]], *, retired: bool) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except PermissionError as exc:
+        _log_once(
+            "panic-dir:" + folder,
+            _WARNING,
+            "metal_guard: cannot list panic reports in %s (%s); the circuit breaker cannot see "
+            "kernel panics until this user may read that folder",
+            folder,
+            exc.strerror,
+        )
+        return
+    except OSError as exc:
+        _log_once("panic-dir:" + folder, _DEBUG, "metal_guard: cannot list %s: %s", folder, exc)
+        return
+    for entry in entries:
+        try:
+            if entry.is_symlink():
+                continue  # never follow a link out of the report folder
+            if retired and entry.name == "Retired" and entry.is_dir(follow_symlinks=False):
+                _scan_report_folder(entry.path, records, retired=False)
+                continue
+            candidate, ips = _is_report_name(entry.name)
+            if not candidate or not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        record = _report_record(entry.path, st, ips=ips)
+        if record is not None:
+            records.append(dict(record))
+
+
+def _report_dir(directory: object) -> str:
+    if directory is not None:
+        return _path_arg("directory", directory)
+    return _env_path(_PANIC_DIR_ENV_VAR, _PANIC_REPORT_DIR) or _PANIC_REPORT_DIR
+
+
+def parse_panic_reports(
+    directory: StrPath | None = None, *, since_ts: float | None = None
+) -> list[dict[str, Any]]:
+    """Kernel-panic reports in ``directory`` (and its ``Retired/``), oldest first.
+
+    ``directory`` defaults to ``METALGUARD_PANIC_REPORT_DIR`` or
+    ``/Library/Logs/DiagnosticReports``. Reads ``*.panic``, ``panic-full-*``,
+    ``panic-base-*`` and ``.ips`` files with ``bug_type`` 210 (symbolic links
+    are skipped, at most 4 MiB of each file is read, unchanged files are not
+    read again). Each record has ``ts``, ``signature``, ``explanation``,
+    ``pid``, ``process``, ``os_build``, ``iogpu_version``, ``source_file``,
+    ``kernel_panic``, ``iogpu_panic``, ``location``, ``chip``,
+    ``kernel_version``, ``incident_id``, ``os_version`` and ``panic_line``
+    (``None`` where the report does not say). A missing folder gives ``[]``.
+    """
+    folder = _report_dir(directory)
+    since = None if since_ts is None else _real_arg("since_ts", since_ts)
+    records: list[dict[str, Any]] = []
+    _scan_report_folder(folder, records, retired=True)
+    if since is not None:
+        records = [r for r in records if r["ts"] >= since]
+    records.sort(key=lambda r: (r["ts"], r["source_file"]))
+    return records
+
+
+# =============================================================================
+# 4.1 Cadence — refuse back-to-back model loads, across processes.
+#
+# The store is the original metal-guard's format (a flat JSON object of model
+# id → epoch seconds of the last load); our additions live under the reserved key
+# ``"__metal_guard__"``. ``admit`` checks and records in one critical section
+# under the file lock, so of N racing processes exactly one is admitted. The
+# dangerous window follows the unload: intervals count from the later of the two.
+#
+# Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
+#   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
+#   _default_guard, _number, _rebuild_exception
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Model identity
 # =============================================================================
 
 GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
@@ -2189,776 +2869,14 @@ def cadence_scope(
 
 
 # =============================================================================
-# 8. Registry — models that kernel-panicked with defences engaged.
+# 4.2 Panic archive — ``panics.jsonl``: the user's panic history.
 #
-# Facts from public reports, with their sources. An entry is advice, not a
-# ban: the same family can be one user's panic and another's safe choice at
-# a different context length. Lookups never raise and return copies.
-# =============================================================================
-
-_UPSTREAM_3186 = "https://github.com/ml-explore/mlx/issues/3186"
-_UPSTREAM_3346 = "https://github.com/ml-explore/mlx/issues/3346"
-_UPSTREAM_883 = "https://github.com/ml-explore/mlx-lm/issues/883"
-
-KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
-    "mlx-community/gemma-4-31b-it-8bit": {
-        "tier": "panic",
-        "panic_signature": 'IOGPUMemory.cpp:492 "completeMemory() prepare count underflow"',
-        "error_classes": ["prepare_count_underflow"],
-        "first_observed": "2026-04-23",
-        "last_observed": "2026-04-24",
-        "reproductions": [
-            "2026-04-23 03:14 local, PID 67840: production pipeline on a Mac Studio M1 Ultra 64 GB, "
-            "about 6 min from worker ready to panic; cross-model cadence did not exist yet",
-            "2026-04-24 03:14 local, PID 26608: same pipeline, about 1.5 min from worker ready to "
-            "panic, with the older cadence defences in place",
-        ],
-        "community": [
-            "Medium write-up 'MLX Crashed My Mac': M4 Max 64 GB, same signature; moved to the MoE "
-            "model Qwen3-Coder-30B-A3B",
-            "lmstudio-bug-tracker#1740: gemma-4 31B hybrid attention (50 sliding + 10 global "
-            "layers); about 34 GB of 8-bit weights plus over 20 GB of full-context KV cache do not "
-            "fit a 64 GB Mac",
-            "ml-explore/mlx-lm#883: M3 Ultra 96 GB, same signature",
-        ],
-        "upstream": [_UPSTREAM_3186, _UPSTREAM_883, _UPSTREAM_3346],
-        "recommendation": (
-            "The v0.9.0 defences (cross-model cadence, first-generate flush, per-inference flush) "
-            "narrow the race but did not stop panics with this model in the pipeline that reported "
-            "it; macOS 26.4.x and the 26.5 beta had not fixed the driver and 96 GB of RAM did not "
-            "prevent it. After a repeat panic, serve it with another backend (Ollama, llama.cpp) or "
-            "move to an MoE variant such as mlx-community/gemma-4-26b-a4b-it-4bit."
-        ),
-        "hardware": [
-            {"chip": "M1 Ultra", "memory_gb": 64, "os": None},
-            {"chip": "M4 Max", "memory_gb": 64, "os": None},
-            {"chip": "M3 Ultra", "memory_gb": 96, "os": None},
-        ],
-        "safer_alternative": "mlx-community/gemma-4-26b-a4b-it-4bit",
-    },
-    "mlx-community/Qwen3.6-35B-A3B-4bit": {
-        "tier": "panic",
-        "panic_signature": 'IOGPUMemory.cpp "completeMemory() prepare count underflow"',
-        "error_classes": ["prepare_count_underflow"],
-        "first_observed": "2026-04-24",
-        "last_observed": "2026-04-24",
-        "reproductions": [
-            "mlx_lm.server with --prompt-cache-bytes 8589934592 on a Mac mini M4 32 GB (macOS 26.4.1 "
-            "25E253, IOGPUFamily 130.13, mlx 0.31.2, mlx-lm 0.31.3): panic about 8 min 16 s after "
-            "server start during an ordinary throughput benchmark; the cache byte limit did not "
-            "prevent it",
-        ],
-        "community": [
-            "ml-explore/mlx#3186 comment of 2026-04-24: the reporter moved production serving to "
-            "llama.cpp, although MLX had been 30-55 % faster at prefill",
-        ],
-        "upstream": [_UPSTREAM_3186],
-        "recommendation": (
-            "A prompt-cache byte limit is not enough on a 32 GB machine. For long-running servers, "
-            "consider llama.cpp or Ollama; if you stay on MLX, do not raise the wired limit (see "
-            "'When metal-guard is not enough') and keep the per-inference flush on."
-        ),
-        "hardware": [{"chip": "M4", "memory_gb": 32, "os": "macOS 26.4.1 (25E253)"}],
-        "safer_alternative": None,
-    },
-    "mlx-community/Qwen3.5-122B-A10B-4bit": {
-        "tier": "panic",
-        "panic_signature": (
-            'IOGPUMemory.cpp:550 "completeMemory() prepare count underflow"; also '
-            "fPendingMemorySet @IOGPUGroupMemory.cpp:219"
-        ),
-        "error_classes": ["prepare_count_underflow", "pending_memory_set"],
-        "first_observed": None,
-        "last_observed": None,
-        "reproductions": [
-            "M3 Ultra 96 GB, macOS 26.4 (25E246), 4-bit model of about 50 GB: 9 panics in 6 days, "
-            "4 of them within 2 hours; IOGPUMemory.cpp:550 seven times, IOGPUGroupMemory.cpp:219 "
-            "otherwise",
-        ],
-        "community": ["ml-explore/mlx#3346 (closed, folded into ml-explore/mlx#3186)"],
-        "upstream": [_UPSTREAM_3346, _UPSTREAM_3186],
-        "recommendation": (
-            "A 50 GB model on a 96 GB machine panicked repeatedly in days. Leave generous headroom "
-            "below the GPU working-set limit, space loads with cadence, and switch backend if it "
-            "repeats."
-        ),
-        "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": "macOS 26.4 (25E246)"}],
-        "safer_alternative": None,
-    },
-    "mlx-community/Qwen3-Coder-30B-A3B-Instruct-8bit": {
-        "tier": "panic",
-        "panic_signature": 'IOGPUMemory.cpp:550 "completeMemory() prepare count underflow"',
-        "error_classes": ["prepare_count_underflow"],
-        "first_observed": None,
-        "last_observed": None,
-        "reproductions": [
-            "Agentic coding session on an M3 Ultra 96 GB (mlx and mlx-lm 0.30.6) whose context grew "
-            "to about 58k tokens, then panicked (reported as Qwen3-Coder-30B-A3B-8bit)",
-        ],
-        "community": [
-            "ml-explore/mlx-lm#883 (closed): a maintainer pointed at a wired limit set too high; "
-            "bounding the KV cache by rotation was judged to degrade output",
-            "Workload-dependent: the same family was another user's safe alternative at short contexts",
-        ],
-        "upstream": [_UPSTREAM_883],
-        "recommendation": (
-            "Workload-dependent: the panic came with a long, growing context. Bound the context "
-            "length, keep the wired limit at its default, and watch KV growth in long sessions."
-        ),
-        "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": None}],
-        "safer_alternative": None,
-    },
-}
-
-_WARNED_PANIC_MODELS: set[str] = set()
-_warned_panic_lock = _thread.allocate_lock()
-
-
-@_on_reset
-def _forget_warned_panic_models() -> None:
-    with _warned_panic_lock:
-        _WARNED_PANIC_MODELS.clear()  # the module global as it is now (callers may replace it)
-
-
-def _copy_json(value: Any) -> Any:
-    """Deep copy of plain JSON-like data (dicts, lists, scalars)."""
-    if isinstance(value, dict):
-        return {k: _copy_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_json(v) for v in value]
-    return value
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    """``org/name`` (one slash, not a path that starts at /, ., ~ or a drive)."""
-    return (
-        text.count("/") == 1
-        and not text.startswith(("/", ".", "~"))
-        and "\\" not in text
-        and ":" not in text
-    )
-
-
-def _is_dir(path: str) -> bool:
-    try:
-        return os.path.isdir(path)
-    except (OSError, ValueError):
-        return False
-
-
-def _registry_key(model_id: object) -> str | None:
-    """The ``KNOWN_PANIC_MODELS`` key ``model_id`` refers to, case-insensitively, or ``None``."""
-    canon = _lenient_model_id(model_id)
-    if canon is None:
-        return None
-    # An HF cache folder is a local copy, whatever organisation uploaded it.
-    local_copy = _hf_cache_id(_str_path("model_id", model_id).strip()) is not None
-    fold = canon.casefold()
-    name = _model_name(canon).casefold()
-    by_name = None
-    for key in KNOWN_PANIC_MODELS:
-        if key.casefold() == fold:
-            return key
-        org, _, entry_name = key.casefold().rpartition("/")
-        if entry_name == name:
-            # ``other-org/name`` is another publisher's repo; a local path, an HF
-            # cache folder or a bare folder name with the same name is this
-            # model. Like ``mlx_lm.load``, an existing folder is a local path
-            # even when it reads like ``org/name`` (``models/gemma-4-31b-it-8bit``).
-            if (
-                _looks_like_repo_id(canon)
-                and canon.casefold().split("/")[0] != org
-                and not local_copy
-                and not _is_dir(canon)
-            ):
-                continue
-            by_name = key
-    return by_name
-
-
-def check_known_panic_model(model_id: object) -> dict[str, Any] | None:
-    """The registry entry for ``model_id`` (a copy, with ``model_id`` added), or ``None``."""
-    key = _registry_key(model_id)
-    if key is None:
-        return None
-    entry: dict[str, Any] = _copy_json(KNOWN_PANIC_MODELS[key])
-    entry["model_id"] = key
-    return entry
-
-
-def warn_if_known_panic_model(model_id: object) -> bool:
-    """True if ``model_id`` is a known panic model; the first call per model per process warns once."""
-    entry = check_known_panic_model(model_id)
-    if entry is None:
-        return False
-    key = entry["model_id"]
-    with _warned_panic_lock:
-        warned = _WARNED_PANIC_MODELS
-        first = key not in warned
-        warned.add(key)
-    if first:
-        _log().warning(
-            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
-            "signature: %s). %s",
-            key,
-            entry["tier"],
-            entry["panic_signature"],
-            entry["recommendation"],
-        )
-    return True
-
-
-# =============================================================================
-# 9. Panic reports & circuit breaker — forensics after the reboot.
+# New reports are appended under the archive's lock, deduplicated by source
+# file and (second, pid); the archive is capped by count, never by age.
 #
-# After a kernel panic macOS writes a report to /Library/Logs/DiagnosticReports
-# (a one-line JSON header, then a JSON body whose ``panicString`` holds the
-# text log). ``parse_panic_reports`` reads them (bounded reads, never through
-# a symlink, cached by file identity so re-scans cost a ``stat`` per file),
-# ``ingest_panics_jsonl`` archives new ones in ``$METALGUARD_HOME/panics.jsonl``
-# and ``CircuitBreaker`` refuses MLX work for a cooldown after repeated IOGPU
-# kernel panics. Nothing here needs MLX.
+# Provides: ingest_panics_jsonl, read_panic_archive, _archive_path, _dedupe_key, _ingest
+# Uses: Prelude, Files, Locks, Panic signatures, Panic reports, Cadence
 # =============================================================================
-
-_PANIC_REPORT_DIR = "/Library/Logs/DiagnosticReports"
-_PANIC_DIR_ENV_VAR = "METALGUARD_PANIC_REPORT_DIR"
-_PANIC_READ_MAX = 4 << 20  # a real report is 20-200 KiB; the panic text comes first
-_IPS_HEAD_MAX = 4096  # enough for an .ips header line (bug_type is in it)
-_PANIC_BUG_TYPE = "210"  # bug_type of kernel panics in Apple's diagnostic reports
-_PANIC_CACHE_MAX = 20_000
-_PANIC_FIELD_MAX = 500
-_PANIC_ARCHIVE_MAX_RECORDS = 1000
-_PANIC_ARCHIVE_READ_MAX = 64 << 20
-_BREAKER_SCHEMA = 1
-_BREAKER_SECONDS_MAX = 366 * 86400.0
-_BREAKER_CLOCK_SLACK = 60.0
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    # name, kind, needles, pattern, what happened, what to do
-    _SignatureEntry = tuple[str, str, tuple[str, ...], str, str, str]
-
-_IOGPU, _KERNEL, _PROCESS = "iogpu", "kernel", "process"
-_SIGNATURE_LOOKBEHIND = 4096
-_LOCATION_WINDOW = 64 << 10
-
-_ADVICE_IOGPU = (
-    "No userspace code can fix the driver: wrap every generate in subprocess_inference_guard, "
-    "space model loads with require_cadence_clear (cross-model too), call "
-    "gemma4_generation_flush before the first generate, and if it repeats with the same model "
-    "move to a smaller or MoE model or another backend (`metal-guard models`)."
-)
-
-# Signatures in the order they are tried: kernel panics before process-level
-# errors. Fields: name, kind, needles, pattern, what happened, what to do. Kind
-# ``iogpu`` is an IOGPU driver kernel panic (the only kind the circuit breaker
-# counts), ``kernel`` another kernel panic, ``process`` an error inside the
-# process (the Mac did not go down). Patterns are searched case-insensitively
-# with ``.`` matching newlines; every gap is bounded so a huge text stays linear.
-# The pattern runs only when the lower-cased text contains one of the needles
-# (one of them occurs in every match): a plain substring search is about 100
-# times faster than a case-insensitive alternation on a text without a match.
-_PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
-    (
-        "prepare_count_underflow",
-        _IOGPU,
-        ("underflow",),
-        r"prepare\s+count\s+underflow",
-        "IOGPU kernel panic: completeMemory() prepare count underflow, the Metal driver's "
-        "memory accounting went below zero (ml-explore/mlx#3186)",
-        "It follows back-to-back model loads and GPU memory freed while a command buffer is "
-        "still in flight. " + _ADVICE_IOGPU,
-    ),
-    (
-        "pending_memory_set",
-        _IOGPU,
-        ("fpendingmemoryset", "iogpugroupmemory.cpp:219"),
-        r"fPendingMemorySet|IOGPUGroupMemory\.cpp:219\b",
-        "IOGPU kernel panic: fPendingMemorySet, the driver found GPU memory still pending "
-        "while releasing a memory group",
-        _ADVICE_IOGPU,
-    ),
-    (
-        "remove_memory_object",
-        _IOGPU,
-        ("iogpugroupmemory.cpp:323", "remove_memory_object"),
-        r"IOGPUGroupMemory\.cpp:323\b|remove_memory_object\s*\(",
-        "IOGPU kernel panic in remove_memory_object(), the driver removed a GPU memory object "
-        "from a group that no longer tracked it",
-        _ADVICE_IOGPU,
-    ),
-    (
-        "pending_in_non_pending_hash",
-        _IOGPU,
-        ("iogpugroupmemory.cpp:528", "hash"),
-        r"IOGPUGroupMemory\.cpp:528\b|non[\s_-]?pending[\s_-]{1,3}hash",
-        "IOGPU kernel panic: a pending GPU memory object was found in the non-pending hash",
-        _ADVICE_IOGPU,
-    ),
-    (
-        "ctxstore_timeout",
-        _IOGPU,
-        ("store",),
-        r"(?:ctx|context)[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
-        "GPU driver kernel panic: context-store timeout, the GPU did not save or restore a "
-        "context in time",
-        "Often seen under heavy GPU memory pressure. " + _ADVICE_IOGPU,
-    ),
-    (
-        "gpu_watchdog",
-        _KERNEL,
-        ("watchdogd",),
-        r"watchdog\s+timeout:\s+no\s+checkins\s+from\s+watchdogd",
-        "Kernel panic: watchdog timeout (no checkins from watchdogd); userspace stopped "
-        "responding, usually under extreme memory pressure or swapping. This is not the IOGPU "
-        "driver bug and the circuit breaker does not count it",
-        "Leave more memory headroom: use a smaller or more quantised model, a shorter context, "
-        "or fewer concurrent workers, and watch swap usage.",
-    ),
-    (
-        "metal_oom",
-        _PROCESS,
-        ("outofmemory", "insufficient"),
-        r"kIOGPUCommandBufferCallbackErrorOutOfMemory|Insufficient\s+Memory",
-        "Metal command buffer failed with out-of-memory "
-        "(kIOGPUCommandBufferCallbackErrorOutOfMemory): the process aborted, the Mac did not "
-        "panic",
-        "Use a smaller or more quantised model, bound the context / KV cache, lower the batch "
-        "size, or free other GPU users; the circuit breaker does not count it.",
-    ),
-    (
-        "resource_limit",
-        _PROCESS,
-        ("exceeded",),
-        r"Resource\s+limit\s+\(\s*\d{1,12}\s*\)\s+exceeded",
-        "MLX hit Metal's limit on live GPU buffers (Resource limit exceeded): the process "
-        "failed, the Mac did not panic",
-        "Too many arrays are alive at once (an unbounded cache or lists of arrays): release "
-        "them, call mx.clear_cache() between requests or restart the worker periodically.",
-    ),
-)
-_PANIC_SIGNATURE_KINDS: dict[str, str] = {entry[0]: entry[1] for entry in _PANIC_SIGNATURES}
-
-_panic_lock = _thread.allocate_lock()
-# path → ((size, mtime_ns, inode), record or None for "not a kernel panic")
-_panic_report_cache: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
-# archive path → ((size, mtime_ns, inode), valid records in file order)
-_panic_archive_cache: dict[str, tuple[tuple[int, int, int], list[dict[str, Any]]]] = {}
-# archive path → (archive identity after our last ingest, source files already handled)
-_panic_ingest_memo: dict[str, tuple[tuple[int, int, int] | None, frozenset[str]]] = {}
-
-
-@_on_reset
-def _reset_panic_caches() -> None:
-    """Forget parsed reports, archive reads and ingest memos (tests, benchmarks)."""
-    with _panic_lock:
-        _panic_report_cache.clear()
-        _panic_archive_cache.clear()
-        _panic_ingest_memo.clear()
-
-
-def _signature_kind(name: object) -> str | None:
-    """``iogpu`` / ``kernel`` / ``process`` for a signature name, else ``None``."""
-    return _PANIC_SIGNATURE_KINDS.get(name) if isinstance(name, str) else None
-
-
-def _match_signature(text: str) -> tuple[_SignatureEntry, int] | None:
-    """The first signature (table order) found in ``text`` and where it matched."""
-    lowered = text.lower()
-    same_positions = len(lowered) == len(text)  # lower() may lengthen rare characters
-    for entry in _PANIC_SIGNATURES:
-        hits = [i for i in (lowered.find(needle) for needle in entry[2]) if i >= 0]
-        if not hits:
-            continue
-        rx = _regex("panic-sig:" + entry[0], "(?is)" + entry[3])
-        # start near the first needle (a match begins a little before it), then everywhere
-        hint = max(0, min(hits) - _SIGNATURE_LOOKBEHIND) if same_positions else 0
-        found = rx.search(text, hint) or (rx.search(text) if hint else None)
-        if found is not None:
-            return entry, found.start()
-    return None
-
-
-def _panic_location(text: str, start: int, kind: str) -> str | None:
-    """The ``File.cpp:LINE`` a panic names, searched from the signature's match onwards.
-
-    IOGPU signatures prefer an ``IOGPU*.cpp`` location; otherwise the first one
-    near the match (the panic line puts it right after the message).
-    """
-    source = r"\b([A-Za-z_]\w{0,80}\.(?:cpp|cc|cxx|c|mm|m|h)):(\d{1,6})\b"
-    candidates = []
-    if kind == _IOGPU:
-        candidates.append(_regex("panic-loc-iogpu", r"\b(IOGPU\w{0,80}\.cpp):(\d{1,6})\b"))
-    candidates.append(_regex("panic-loc", source))
-    low, high = max(0, start - _LOCATION_WINDOW), start + _LOCATION_WINDOW
-    for rx in candidates:
-        found = rx.search(text, start, high) or rx.search(text, low, high)
-        if found is not None:
-            return f"{found.group(1)}:{found.group(2)}"
-    return None
-
-
-def _explain(entry: _SignatureEntry, location: str | None) -> str:
-    where = f" at {location}" if location else ""
-    return f"{entry[4]}{where}. {entry[5]}"
-
-
-def _detect(text: str) -> tuple[str, str, str, str | None] | None:
-    """``(name, kind, explanation, location)`` for ``text``, or ``None``."""
-    found = _match_signature(text)
-    if found is None:
-        return None
-    entry, start = found
-    location = _panic_location(text, start, entry[1])
-    return entry[0], entry[1], _explain(entry, location), location
-
-
-def detect_panic_signature(text: object) -> tuple[str | None, str | None]:
-    """Name a panic or MLX failure from its text: ``(signature, explanation)``.
-
-    Kernel-panic signatures (``prepare_count_underflow``, ``pending_memory_set``,
-    ``remove_memory_object``, ``pending_in_non_pending_hash``,
-    ``ctxstore_timeout``, ``gpu_watchdog``) are tried before process-level ones
-    (``metal_oom``, ``resource_limit``). The explanation names the
-    ``File.cpp:LINE`` the text reports and says what to do. Anything that is
-    not a ``str``, or matches nothing, gives ``(None, None)``; never raises.
-    """
-    if not isinstance(text, str) or not text:
-        return None, None
-    try:
-        found = _detect(text)
-    except Exception as exc:  # e.g. MemoryError on an absurd input: never break the caller
-        _log_once("detect-panic", _DEBUG, "metal_guard: panic signature detection failed: %r", exc)
-        return None, None
-    if found is None:
-        return None, None
-    return found[0], found[2]
-
-
-# -- reading one report -------------------------------------------------------
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-
-    import json
-
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-_JSON_ESCAPES = {
-    "n": "\n",
-    "t": "\t",
-    "r": "\r",
-    "b": "\b",
-    "f": "\f",
-    '"': '"',
-    "\\": "\\",
-    "/": "/",
-}
-
-
-def _unescape_json_fragment(fragment: str) -> str:
-    """Decode JSON string escapes in a possibly truncated string body (lenient)."""
-
-    def replace(match: Any) -> str:
-        token: str = match.group(1)
-        if token[0] == "u" and len(token) == 5:
-            code = int(token[1:], 16)
-            return "\ufffd" if 0xD800 <= code <= 0xDFFF else chr(code)
-        return _JSON_ESCAPES.get(token, token)
-
-    rx = _regex("json-escape", r"(?s)\\(u[0-9a-fA-F]{4}|.)")
-    result: str = rx.sub(replace, fragment)
-    return result
-
-
-def _panic_string_fallback(text: str) -> str | None:
-    """The ``panicString`` of an invalid or truncated JSON body, found by bounded regex."""
-    key = _regex("panic-string-key", r'"(?:panicString|macOSPanicString)"\s*:\s*"').search(text)
-    if key is None:
-        return None
-    # the string body up to its closing quote (or the end of a truncated file)
-    body = _regex("json-string-body", r'(?s)[^"\\]*(?:\\.[^"\\]*)*').match(text, key.end())
-    return _unescape_json_fragment(body.group(0)) if body is not None else None
-
-
-def _clip(value: object) -> str | None:
-    """A stripped string field of bounded length, or ``None``."""
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    return text if len(text) <= _PANIC_FIELD_MAX else text[:_PANIC_FIELD_MAX] + "..."
-
-
-def _search_group(name: str, pattern: str, text: str) -> str | None:
-    found = _regex(name, pattern).search(text)
-    return found.group(1) if found is not None else None
-
-
-def _report_time(value: object) -> float | None:
-    """Epoch seconds of a report's ``timestamp`` (``2025-06-01 03:14:15.00 -0700``)."""
-    if not isinstance(value, str):
-        return None
-    import datetime
-
-    text = value.strip()[:64]
-    for fmt in ("%Y-%m-%d %H:%M:%S.%f %z", "%Y-%m-%d %H:%M:%S %z"):
-        try:
-            return datetime.datetime.strptime(text, fmt).timestamp()
-        except (ValueError, OverflowError, OSError):
-            continue
-    return None
-
-
-def _panic_time(text: str) -> float | None:
-    """The ``Calendar: 0x<sec> 0x<usec>`` line, preferably the ``Epoch Time:`` block's.
-
-    Some reports carry the line without the block header; it is read there too.
-    """
-    calendar = r"Calendar\s*:\s*0x([0-9a-fA-F]{1,16})\s+0x([0-9a-fA-F]{1,16})"
-    found = _regex("panic-epoch", r"(?s)Epoch\s+Time:.{0,1000}?" + calendar).search(text)
-    if found is None:
-        found = _regex("panic-calendar", calendar).search(text)
-    if found is None:
-        return None
-    seconds, micros = int(found.group(1), 16), int(found.group(2), 16)
-    if not 0 < seconds < 1 << 40:
-        return None
-    return seconds + (micros / 1e6 if micros < 1_000_000 else 0.0)
-
-
-def _os_build(text: str, *versions: object) -> str | None:
-    """The macOS build (``24F74``) from the panic text, else from ``macOS 15.5 (24F74)``."""
-    build = r"(\d{1,2}[A-Z]\d{1,5}[a-z]?)"
-    found = _search_group("panic-os-build", r"(?:Mac\s+)?OS\s+version:\s*" + build + r"\b", text)
-    if found is not None:
-        return found
-    for version in versions:
-        if isinstance(version, str):
-            found = _search_group("panic-os-paren", r"\(" + build + r"\)", version[:200])
-            if found is not None:
-                return found
-    return None
-
-
-def _panic_text_fields(text: str) -> dict[str, Any]:
-    """Fields found in a panic log (the ``panicString``, or a legacy plain report)."""
-    pid: int | None = None
-    process: str | None = None
-    task = _regex(
-        "panic-task",
-        r"Panicked\s+task\s+0x[0-9a-fA-F]{1,20}:[^\n]{0,200}?pid\s+(\d{1,10}):[ \t]*([^\n]{0,256})",
-    ).search(text)
-    if task is not None:
-        pid, process = int(task.group(1)), _clip(task.group(2))
-    if process is None:  # legacy reports (macOS 11 and older)
-        process = _clip(
-            _search_group(
-                "panic-bsd-name",
-                r"BSD\s+process\s+name\s+corresponding\s+to\s+current\s+thread:"
-                r"[ \t]*([^\n]{1,256})",
-                text,
-            )
-        )
-    kernel = _clip(_search_group("panic-kernel", r"Kernel\s+version:\s*([^\n]{1,400})", text))
-    chip = _search_group("panic-chip", r"RELEASE_ARM64_(\w{1,20})", kernel) if kernel else None
-    return {
-        "pid": pid,
-        "process": process,
-        "kernel_version": kernel,
-        "chip": chip,
-        "iogpu_version": _search_group(
-            "panic-iogpu", r"com\.apple\.iokit\.IOGPUFamily\s*\(\s*([0-9][0-9.]{0,30})\s*\)", text
-        ),
-        "panic_line": _clip(_search_group("panic-line", r"(panic\(cpu\s*\d+[^\n]{0,2000})", text)),
-    }
-
-
-def _split_report(text: str) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
-    """``(header, body object or None, body text)`` of a report."""
-    first, _, rest = text.partition("\n")
-    if first.lstrip().startswith("{"):
-        header = _json_object(first)
-        if header is not None:
-            body_text = rest
-            return (
-                header,
-                _json_object(body_text) if body_text.lstrip().startswith("{") else None,
-                rest,
-            )
-        whole = _json_object(text)  # one JSON document: header and body in one
-        if whole is not None:
-            return whole, whole, text
-    return {}, None, text
-
-
-def _parse_report_text(text: str, path: str, mtime: float, *, ips: bool) -> dict[str, Any] | None:
-    """The record for one report's text, or ``None`` when it is not a kernel panic."""
-    header, body, body_text = _split_report(text)
-    bug_type = header.get("bug_type")
-    if bug_type is not None and str(bug_type).strip() != _PANIC_BUG_TYPE:
-        return None  # another kind of diagnostic report
-    if ips and bug_type is None:
-        return None  # an .ips file counts only with bug_type 210
-    panic_text: str | None = None
-    if body is not None:
-        # Apple silicon: panicString; Intel with a T2 chip: macOSPanicString holds the
-        # macOS panic (and panicString the bridgeOS one). Search both.
-        texts = [body.get(k) for k in ("panicString", "macOSPanicString")]
-        panic_text = "\n".join(t for t in texts if isinstance(t, str)) or None
-    if panic_text is None:
-        panic_text = _panic_string_fallback(body_text)
-    if panic_text is None:
-        panic_text = body_text  # legacy plain-text report
-    detected = _detect(panic_text)
-    if bug_type is None and detected is None and "panic(cpu" not in panic_text:
-        return None  # a stray file with a panic-like name
-    body = body or {}
-    fields = _panic_text_fields(panic_text)
-    os_version = _clip(header.get("os_version")) or _clip(body.get("build"))
-    ts = _panic_time(panic_text)
-    if ts is None:
-        ts = _report_time(header.get("timestamp")) or _report_time(body.get("date")) or mtime
-    name, kind, explanation, location = detected or (None, None, None, None)
-    incident = header.get("incident_id") or body.get("incident")
-    record: dict[str, Any] = {
-        "ts": float(ts),
-        "signature": name,
-        "explanation": explanation,
-        "pid": fields["pid"],
-        "process": fields["process"],
-        "os_build": _os_build(panic_text, header.get("os_version"), body.get("build")),
-        "iogpu_version": fields["iogpu_version"],
-        "source_file": path,
-        "kernel_panic": kind != _PROCESS,
-        "iogpu_panic": kind == _IOGPU,
-        "location": location,
-        "chip": fields["chip"],
-        "kernel_version": fields["kernel_version"],
-        "incident_id": _clip(incident),
-        "os_version": os_version,
-        "panic_line": fields["panic_line"],
-    }
-    return record
-
-
-def _ips_may_be_panic(head: bytes) -> bool:
-    """False when an ``.ips`` header line names another ``bug_type`` (no need to read on)."""
-    line, newline, _ = head.partition(b"\n")
-    if not newline:
-        return True  # header longer than the probe: read the whole file to decide
-    header = _json_object(line.decode("utf-8", "replace"))
-    if header is None or "bug_type" not in header:
-        return True  # not a one-line header (a pretty-printed document?): let the parser decide
-    return str(header["bug_type"]).strip() == _PANIC_BUG_TYPE
-
-
-def _report_record(path: str, st: os.stat_result, *, ips: bool) -> dict[str, Any] | None:
-    """The (cached) record of one report file; unreadable files are skipped."""
-    key = (st.st_size, st.st_mtime_ns, st.st_ino)
-    with _panic_lock:
-        hit = _panic_report_cache.get(path)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    try:
-        record: dict[str, Any] | None = None
-        if not ips or _ips_may_be_panic(_read_bounded(path, _IPS_HEAD_MAX)):
-            raw = _read_bounded(path, _PANIC_READ_MAX)
-            record = _parse_report_text(raw.decode("utf-8", "replace"), path, st.st_mtime, ips=ips)
-    except OSError as exc:
-        _log().debug("metal_guard: skipping unreadable panic report %s: %s", path, exc)
-        return None
-    except Exception as exc:  # a pathological file must not break the scan
-        _log().debug("metal_guard: cannot parse panic report %s: %r", path, exc)
-        record = None
-    with _panic_lock:
-        if len(_panic_report_cache) >= _PANIC_CACHE_MAX:
-            _panic_report_cache.clear()
-        _panic_report_cache[path] = (key, record)
-    return record
-
-
-def _is_report_name(name: str) -> tuple[bool, bool]:
-    """``(is a candidate, is an .ips file)`` for a file name in the report folder."""
-    if name.startswith("."):
-        return False, False
-    if name.endswith(".ips"):
-        return True, True
-    return name.endswith(".panic") or name.startswith(("panic-full-", "panic-base-")), False
-
-
-def _scan_report_folder(folder: str, records: list[dict[str, Any]], *, retired: bool) -> None:
-    try:
-        with os.scandir(folder) as it:
-            entries = list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    except PermissionError as exc:
-        _log_once(
-            "panic-dir:" + folder,
-            _WARNING,
-            "metal_guard: cannot list panic reports in %s (%s); the circuit breaker cannot see "
-            "kernel panics until this user may read that folder",
-            folder,
-            exc.strerror,
-        )
-        return
-    except OSError as exc:
-        _log_once("panic-dir:" + folder, _DEBUG, "metal_guard: cannot list %s: %s", folder, exc)
-        return
-    for entry in entries:
-        try:
-            if entry.is_symlink():
-                continue  # never follow a link out of the report folder
-            if retired and entry.name == "Retired" and entry.is_dir(follow_symlinks=False):
-                _scan_report_folder(entry.path, records, retired=False)
-                continue
-            candidate, ips = _is_report_name(entry.name)
-            if not candidate or not entry.is_file(follow_symlinks=False):
-                continue
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        record = _report_record(entry.path, st, ips=ips)
-        if record is not None:
-            records.append(dict(record))
-
-
-def _report_dir(directory: object) -> str:
-    if directory is not None:
-        return _path_arg("directory", directory)
-    return _env_path(_PANIC_DIR_ENV_VAR, _PANIC_REPORT_DIR) or _PANIC_REPORT_DIR
-
-
-def parse_panic_reports(
-    directory: StrPath | None = None, *, since_ts: float | None = None
-) -> list[dict[str, Any]]:
-    """Kernel-panic reports in ``directory`` (and its ``Retired/``), oldest first.
-
-    ``directory`` defaults to ``METALGUARD_PANIC_REPORT_DIR`` or
-    ``/Library/Logs/DiagnosticReports``. Reads ``*.panic``, ``panic-full-*``,
-    ``panic-base-*`` and ``.ips`` files with ``bug_type`` 210 (symbolic links
-    are skipped, at most 4 MiB of each file is read, unchanged files are not
-    read again). Each record has ``ts``, ``signature``, ``explanation``,
-    ``pid``, ``process``, ``os_build``, ``iogpu_version``, ``source_file``,
-    ``kernel_panic``, ``iogpu_panic``, ``location``, ``chip``,
-    ``kernel_version``, ``incident_id``, ``os_version`` and ``panic_line``
-    (``None`` where the report does not say). A missing folder gives ``[]``.
-    """
-    folder = _report_dir(directory)
-    since = None if since_ts is None else _real_arg("since_ts", since_ts)
-    records: list[dict[str, Any]] = []
-    _scan_report_folder(folder, records, retired=True)
-    if since is not None:
-        records = [r for r in records if r["ts"] >= since]
-    records.sort(key=lambda r: (r["ts"], r["source_file"]))
-    return records
-
 
 # -- the archive ----------------------------------------------------------------
 
@@ -3132,6 +3050,17 @@ def ingest_panics_jsonl(
         return 0  # nothing to archive: create no file
     return _ingest(path, records, time.time())
 
+
+# =============================================================================
+# 4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
+#
+# The cooldown lives in ``breaker.json`` (fsynced, locked), so it survives
+# restarts and reboots and every process sees the same trip.
+#
+# Provides: CircuitBreaker, MLXCooldownActive, _duration, _local_time
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Panic signatures, Panic reports,
+#   Cadence, Panic archive
+# =============================================================================
 
 # -- the circuit breaker ------------------------------------------------------
 
@@ -3498,15 +3427,189 @@ class CircuitBreaker:
 
 
 # =============================================================================
-# 10. Command line — ``metal-guard`` and ``python -m metal_guard``.
+# 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 #
-# Exit codes: 0 go, 2 blocked/refused (breaker cooldown, cadence, a known
-# panic model with --refuse-known), 1 error, 64 usage error (argparse's own 2
-# would read as "blocked" to a shell wrapper). Every command takes --json and
-# then prints exactly one JSON document on stdout. Showing state never writes
-# it: only ``check --admit``, ``breaker clear``, ``cadence clear`` and
-# ``check`` (which archives new panic reports, like ``CircuitBreaker.check``)
-# change files.
+# Both are best-effort: a failing MLX step logs and carries on, and the body's
+# own exception always propagates unchanged.
+#
+# Provides: gemma4_generation_flush, subprocess_inference_guard
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity
+# =============================================================================
+
+
+class subprocess_inference_guard:
+    """Flush MLX around one generate call: ``with subprocess_inference_guard(model_id): ...``.
+
+    PRE: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb. POST (also when
+    the body raises): synchronize the default stream, mlx-lm's
+    ``generation_stream`` and every stream in ``streams`` **before**
+    ``mx.clear_cache()``, then a ``SUBPROC_POST`` breadcrumb. Releasing
+    buffers while a command buffer is still in flight is the race this closes.
+
+    Wrap the generate call in the thread that runs it (mlx-lm's stream may be
+    thread-local). Works around ``stream_generate`` loops, nested, from many
+    threads, and as a decorator of a function that returns its result (for a
+    generator, put the ``with`` around the loop instead). Without MLX only the
+    breadcrumbs are written.
+    """
+
+    __slots__ = ("model_id", "streams")
+
+    def __init__(self, model_id: object, *, streams: object = None) -> None:
+        self.model_id = model_id
+        # Materialised once, so a generator of streams serves every use of the guard.
+        self.streams: tuple[object, ...] = tuple(_as_stream_list(streams))
+
+    def __enter__(self) -> subprocess_inference_guard:
+        mx = _mlx()
+        if mx is not None:
+            _mlx_step(
+                "clear_cache (pre)",
+                _mlx_fn(mx, "clear_cache"),
+                model_id=self.model_id,
+                level=_WARNING,
+            )
+        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # After a failed body the driver may already be in trouble: step
+        # failures are then expected and logged at DEBUG only.
+        level = _WARNING if exc is None else _DEBUG
+        mx = _mlx()
+        if mx is not None:
+            _synchronize(mx, self.streams, model_id=self.model_id, level=level)
+            _mlx_step(
+                "clear_cache (post)",
+                _mlx_fn(mx, "clear_cache"),
+                model_id=self.model_id,
+                level=level,
+            )
+        _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+
+    def __call__(self, func: _F) -> _F:
+        import functools
+
+        model_id, streams = self.model_id, self.streams
+
+        @functools.wraps(func)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with subprocess_inference_guard(model_id, streams=streams):
+                return func(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r})"
+
+
+_GEMMA4_SLEEP_DEFAULT = 3.0
+_GEMMA4_SLEEP_MAX = 60.0
+
+
+class gemma4_generation_flush:
+    """Settle window before the first forward pass of a fresh gemma-4 worker.
+
+    Call it (``gemma4_generation_flush(model_id, n)``) or use it as a context
+    manager (``with gemma4_generation_flush(model_id, n): generate(...)``):
+    either way the flush happens when the object is created, and leaving the
+    ``with`` does nothing. It acts only when ``generate_call_count == 0``, the
+    model is gemma-4 family, MLX is present and
+    ``METALGUARD_GEMMA4_FIRSTGEN_DISABLED`` is not truthy: breadcrumb
+    ``GEMMA4_FLUSH``, synchronize, ``mx.clear_cache()``, sleep
+    ``METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC`` (default 3, clamped to [0, 60]),
+    breadcrumb ``GEMMA4_FLUSH_DONE``. Never raises. ``flushed`` and
+    ``slept_sec`` say what it did.
+    """
+
+    __slots__ = ("flushed", "generate_call_count", "model_id", "slept_sec")
+
+    def __init__(self, model_id: object, generate_call_count: int) -> None:
+        self.model_id = model_id
+        self.generate_call_count = generate_call_count
+        self.flushed = False
+        self.slept_sec = 0.0
+        try:  # the original's `count == 0`, for any real number (NumPy scalars too)
+            first_call = _real_arg("generate_call_count", generate_call_count) == 0
+        except (TypeError, ValueError):  # a best-effort guard: say so, never raise
+            _log_once(
+                "gemma4-count",
+                _WARNING,
+                "metal_guard: gemma4_generation_flush needs a finite number as "
+                "generate_call_count, got %s; no flush",
+                _label(generate_call_count),
+            )
+            return
+        if not first_call or not is_gemma4_family(model_id):
+            return
+        if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
+            return
+        mx = _mlx()
+        if mx is None:
+            return
+        label = _label(model_id)
+        _breadcrumb(f"GEMMA4_FLUSH: {label}")
+        _synchronize(mx, model_id=model_id, level=_DEBUG)
+        _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_DEBUG)
+        sleep_sec = _env_float(
+            "METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC",
+            _GEMMA4_SLEEP_DEFAULT,
+            minimum=0.0,
+            maximum=_GEMMA4_SLEEP_MAX,
+            clamp=True,
+        )
+        if sleep_sec > 0:
+            time.sleep(sleep_sec)
+        self.slept_sec = sleep_sec
+        self.flushed = True
+        _breadcrumb(f"GEMMA4_FLUSH_DONE: {label}")
+
+    def __enter__(self) -> gemma4_generation_flush:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"gemma4_generation_flush({self.model_id!r}, {self.generate_call_count!r}, "
+            f"flushed={self.flushed}, slept_sec={self.slept_sec:g})"
+        )
+
+
+# =============================================================================
+# 5.2 Guard object — ``MetalGuard`` and the ``metal_guard`` singleton.
+#
+# Building the singleton costs nothing: no files, threads or MLX calls.
+#
+# Provides: MetalGuard, metal_guard
+# Uses: Breadcrumbs
+# =============================================================================
+
+
+class MetalGuard(_BreadcrumbLog):
+    """Process-wide guard object (the memory layers build on it)."""
+
+
+metal_guard = MetalGuard()
+
+
+# =============================================================================
+# 6.1 Command line — the ``metal-guard`` parser and output helpers.
+#
+# Exit codes: 0 go, 2 blocked/refused (``check``: breaker cooldown, cadence, a
+# known panic model with --refuse-known), 1 error, 64 usage error (argparse's own
+# 2 would read as "blocked" to a shell wrapper). Every command takes --json and
+# then prints exactly one JSON document on stdout, usage errors included.
+#
+# Provides: NoReturn, argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO,
+#   _EXIT_USAGE, _UsageError, _ago, _cli_parser, _pairs, _show, _table
+# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -3698,6 +3801,18 @@ def _pairs(items: list[tuple[str, object]], indent: str = "  ") -> list[str]:
 def _ago(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
 
+
+# =============================================================================
+# 6.2 Commands — each subcommand calls public functions; wiring only.
+#
+# Showing state never writes it: only ``check`` (which archives new panic
+# reports, like ``CircuitBreaker.check``), ``check --admit``, ``breaker clear``
+# and ``cadence clear`` change files.
+#
+# Provides: main
+# Uses: Prelude, Files, Breadcrumbs, MLX access, Registry, Panic signatures, Panic reports,
+#   Cadence, Panic archive, Circuit breaker, Guard object, Command line
+# =============================================================================
 
 # -- commands -------------------------------------------------------------------
 

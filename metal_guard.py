@@ -2714,8 +2714,11 @@ class CadenceGuard:
         return _CadenceScope(self, model_id)
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
-        """What the store says and what is blocked now, for how long (never writes or raises)."""
-        now = time.time() if now is None else now
+        """What the store says and what is blocked now, for how long (never writes).
+
+        A bad ``now`` is the caller's bug (``TypeError``/``ValueError``).
+        """
+        now = time.time() if now is None else _real_arg("now", now)
         data, problem = self._store.read()
         events = _CadenceEvents(data, now)
         rows: list[dict[str, Any]] = []
@@ -3041,7 +3044,7 @@ def ingest_panics_jsonl(
     line). A report already archived — same source file, or same second and
     pid (a copy in ``Retired/``, panic-full and panic-base) — is not added
     again. Runs under the archive's file lock; the archive keeps the newest
-    1,000 records of the last 180 days. Raises ``OSError`` or
+    1,000 records (never dropped for their age). Raises ``OSError`` or
     ``StateLockTimeout`` when the archive cannot be written.
     """
     path = _archive_path(jsonl_path)
@@ -4163,7 +4166,7 @@ def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     if args.model is None:
         return _EXIT_GO, status, ["Cadence", *_cadence_lines(status, now)]
     fold = args.model.casefold()
-    status["events"] = [e for e in status["events"] if e["model_id"].casefold() == fold]
+    status["model_events"] = [e for e in status["events"] if e["model_id"].casefold() == fold]
     status["model_id"] = args.model
     status["cross_model_interval_sec"] = guard.effective_cross_interval(args.model)
     try:

@@ -113,7 +113,6 @@ class OriginalStyleCadence:
         self.mark_load(model)
 
 
-
 def timed_calls(fn: Callable[[int], None], n: int) -> list[float]:
     """Per-call latency in µs of ``fn(i)`` for i in range(n)."""
     out = []
@@ -200,9 +199,7 @@ def part_a(n: int, tmp: Path) -> dict[str, Any]:
     ]
     print(md_table(["call", "breadcrumbs", "p50 µs", "p99 µs", "mean µs", "max µs"], rows))
     ours = results["admit, same id, 0 s interval; breadcrumbs off"]["p50_us"]
-    theirs = results["original-style check + mark (not atomic), same id; breadcrumbs off"][
-        "p50_us"
-    ]
+    theirs = results["original-style check + mark (not atomic), same id; breadcrumbs off"]["p50_us"]
     results["admit_vs_original_p50_ratio"] = ours / theirs
     print(
         f"\nadmit p50 / original-style check+mark p50 = {ours:.0f} / {theirs:.0f} µs "

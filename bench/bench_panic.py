@@ -32,9 +32,8 @@ from common import REPO, machine_info, md_table, median, print_machine, write_re
 
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
-
 import metal_guard as mg  # noqa: E402
+from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
 
 
 def _generate(folder: Path, count: int) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from panic_fixtures import Panic, write_legacy, write_panic
 
 import metal_guard as mg
 from helpers import child_env, spawn_python, spy_file_locks, spy_report_reads
+from panic_fixtures import Panic, write_legacy, write_panic
 
 
 def _breaker(tmp_path: Path, **kwargs: Any) -> mg.CircuitBreaker:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from panic_fixtures import Panic, write_panic
 
 import metal_guard as mg
 from helpers import HAS_MLX, REPO, child_env
+from panic_fixtures import Panic, write_panic
 
 GEMMA_PANIC = "mlx-community/gemma-4-31b-it-8bit"
 
@@ -322,11 +322,15 @@ def test_cadence_show_model(mg_home: str) -> None:
     mg.CadenceGuard(min_interval_sec=180).mark_load("org/b")
     code, doc = run_json(mg_home, "cadence", "show", "org/a")
     assert code == 0 and doc["model_id"] == "org/a" and doc["blocked"] is True
-    assert [e["model_id"] for e in doc["events"]] == ["org/a"]
+    assert [e["model_id"] for e in doc["model_events"]] == ["org/a"]
+    assert {e["model_id"] for e in doc["events"]} == {"org/a", "org/b"}
     assert 170 < doc["remaining_sec"] <= 180
     proc = run(mg_home, "cadence", "show", "org/c")
     assert proc.returncode == 0 and "org/c: may load now" in proc.stdout
-    assert "org/a" not in proc.stdout.split("\n")[0]
+    # blocked only by another model's load: the verdict and the table agree
+    gemma = "mlx-community/gemma-4-e4b-it-4bit"
+    proc = run(mg_home, "cadence", "show", gemma)
+    assert "BLOCKED" in proc.stdout and "nothing is blocked" not in proc.stdout
 
 
 def test_models(mg_home: str) -> None:

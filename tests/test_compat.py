@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from panic_fixtures import Panic, panic_text, write_panic
 
 import metal_guard as mg
+from panic_fixtures import Panic, panic_text, write_panic
 
 
 def test_breaker_status_carries_the_original_keys(tmp_path: Path) -> None:

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import metal_guard as mg
+from helpers import spawn_python, spy_file_locks, spy_report_reads
 from panic_fixtures import (
     COMMAND_BUFFER_OOM_TEXT,
     KINDS,
@@ -25,9 +28,6 @@ from panic_fixtures import (
     write_panic,
     write_truncated,
 )
-
-import metal_guard as mg
-from helpers import spawn_python, spy_file_locks, spy_report_reads
 
 T0 = 1_776_900_000.0  # 2026-04-22, a fixed "panic time" for records
 

@@ -21,11 +21,13 @@ defines is missing from its "Provides" line, or when a section grows past its bu
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 SOURCE = Path(REPO, "metal_guard.py").read_text(encoding="utf-8")
@@ -71,7 +73,7 @@ def _sections() -> list[Section]:
             sections.append(section)
             i = j
         i += 1
-    for this, following in zip(sections, sections[1:], strict=False):
+    for this, following in itertools.pairwise(sections):
         this.end = following.start - 1
     if sections:
         sections[-1].end = len(lines)
@@ -189,5 +191,7 @@ def test_sections_stay_readable(sections: list[Section]) -> None:
 def test_docstring_map_lists_the_sections_in_order(sections: list[Section]) -> None:
     doc = ast.get_docstring(ast.parse(SOURCE)) or ""
     positions = [doc.find(f"{s.number[0]}.{s.number[1]} {s.title}") for s in sections]
-    assert -1 not in positions, [s.title for s, p in zip(sections, positions) if p == -1]
+    assert -1 not in positions, [
+        s.title for s, p in zip(sections, positions, strict=True) if p == -1
+    ]
     assert positions == sorted(positions)

@@ -1,6 +1,6 @@
 """Overhead of ``subprocess_inference_guard``.
 
-Results: README "Benchmarks" → "Per-inference guard on CPU".
+Results: docs/benchmarks.md → "Per-inference guard on CPU".
 
 Part A — per-call cost with an empty body, in fresh child interpreters:
 

@@ -1,6 +1,6 @@
 """Import time of ``metal_guard`` in fresh interpreters (target: < 10 ms).
 
-Results: README "Benchmarks" → "Import time".
+Results: docs/benchmarks.md → "Import time".
 
 Runs ``--runs`` interleaved pairs of fresh, isolated (``-I``) interpreters:
 

@@ -1,6 +1,6 @@
 """Benchmark: scanning 1,000 kernel-panic reports, cold and unchanged.
 
-Results: README "Benchmarks" → "Panic-report scan".
+Results: docs/benchmarks.md → "Panic-report scan".
 
 Generates 1,000 realistic two-document reports (the tests' builder, synthetic ids)
 in a temp folder: 900 in the folder, 100 in ``Retired/``, a mix of every signature.

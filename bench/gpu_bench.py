@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU benchmark for ``subprocess_inference_guard`` on a real MLX device.
 
-What it measures (README "Benchmarks" → "Per-inference guard on a GPU"; CHANGELOG
+What it measures (docs/benchmarks.md → "Per-inference guard on a GPU"; CHANGELOG
 "Stream-aware synchronize"):
 
 1. Overhead of the per-inference guard around mlx-lm generation. Random-weight llama

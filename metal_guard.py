@@ -3733,11 +3733,12 @@ _SIZE_WORDS: tuple[tuple[str, float], ...] = (
 
 def _params_billions(name: str) -> float | None:
     """Parameter count in billions read from a lower-cased model name, or ``None``."""
-    plain = _regex("size-plain", r"\b(\d+(?:\.\d+)?)([bm])\b").search(name)
+    # ``(?<![\w.])``, not ``\b``: the "7B" of "A2.7B" is not a parameter count.
+    plain = _regex("size-plain", r"(?<![\w.])(\d+(?:\.\d+)?)([bm])\b").search(name)
     if plain is not None:
         count = float(plain.group(1))
         return count / 1000.0 if plain.group(2) == "m" else count
-    experts = _regex("size-moe", r"\b(\d+)x(\d+(?:\.\d+)?)b\b").search(name)
+    experts = _regex("size-moe", r"(?<![\w.])(\d+)x(\d+(?:\.\d+)?)b\b").search(name)
     if experts is not None:  # 8x7B: every expert in memory (shared layers make it an upper bound)
         return float(experts.group(1)) * float(experts.group(2))
     effective = _regex("size-effective", r"\be(\d+(?:\.\d+)?)b\b").search(name)

@@ -3596,12 +3596,17 @@ def _darwin_footprint_reader() -> Callable[[], int]:
 
 
 def _linux_rss() -> int:
-    """``VmRSS`` of this process from ``/proc/self/status``, in bytes."""
-    with open("/proc/self/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"VmRSS:"):
-                return int(line.split()[1]) * 1024  # the kernel reports kB
-    return 0
+    """The resident set of this process in bytes (``VmRSS``), from ``/proc/self/statm``.
+
+    ``statm``'s second field is the number ``VmRSS`` shows, in pages; it is a
+    third of the cost of reading ``/proc/self/status``.
+    """
+    fd = os.open("/proc/self/statm", os.O_RDONLY | _O_CLOEXEC)
+    try:
+        fields = os.read(fd, 256).split()
+    finally:
+        os.close(fd)
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _platform() -> str:
@@ -3825,7 +3830,7 @@ def _hardware_tier(memory_gib: float) -> str:
 _RELEASE_SLACK_DEFAULT = 64 << 20
 _RELEASE_TIMEOUT_MAX = 3600.0
 _POLL_FIRST_SEC = 0.002
-_POLL_MAX_SEC = 0.05
+_POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than polling
 
 
 def _byte_count(name: str, value: object) -> int:

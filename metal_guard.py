@@ -3537,7 +3537,7 @@ class CircuitBreaker:
 #
 # Provides: ReleaseStats, _platform, _read_footprint_bytes, _read_memory_stats,
 #           _remember_load_baseline, _load_baseline_bytes, _mlx_number
-# Uses: configuration (1), MLX access (3)
+# Uses: configuration (1), state files (2: _O_CLOEXEC), MLX access (3)
 # =============================================================================
 
 _RUSAGE_INFO_V0 = 0  # <sys/resource.h>: the oldest flavour already has ri_phys_footprint
@@ -3822,7 +3822,8 @@ def _hardware_tier(memory_gib: float) -> str:
 # synchronize, collect, clear the cache, then poll active memory until it is
 # back within ``slack_bytes`` of the baseline or the timeout passes.
 #
-# Provides: wait_for_release, _await_memory, _release_stats, _byte_count
+# Provides: wait_for_release, _release, _await_memory, _release_stats, _byte_count,
+#           _RELEASE_SLACK_DEFAULT, _RELEASE_TIMEOUT_MAX
 # Uses: configuration (1), MLX access (3), memory numbers (2.4),
 #       flush guards (_breadcrumb)
 # =============================================================================
@@ -3953,19 +3954,17 @@ def _release(
 # is cleared, no cache clearing while registered GPU threads still run, OOM
 # means out-of-memory only, and fit decisions on max(active, footprint).
 #
-# Provides: _MemoryLayers, _GuardedCleanup, _OOMContext, _OOM_PATTERN
+# Provides: _MemoryLayers, _GuardedCleanup, _OOMContext, _OOM_PATTERN, _gb_arg,
+#           _reset_peak_memory, _ERROR
 # Uses: configuration (1), breadcrumbs (4: _BreadcrumbLog, _DEFAULT_PATH),
 #       MLX access (3), memory numbers (2.4), model identity (_regex),
-#       size and hardware tables (3.9), release barrier (5.1),
-#       flush guards (_breadcrumb)
+#       size and hardware tables (3.9), release barrier (5.1)
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import threading
 
-_INFO = 20
 _ERROR = 40
-_CRITICAL = 50
 # Metal out-of-memory, and nothing else: fPendingMemorySet is a kernel-panic
 # string and ImpactingInteractivity a GPU watchdog kill (retrying those is wrong).
 _OOM_PATTERN = (
@@ -4386,7 +4385,7 @@ class _MemoryLayers(_BreadcrumbLog):
 # the watchdog and KV monitor stay silent while the memory limit is unknown.
 #
 # Provides: _MemoryMonitors, _Monitor
-# Uses: configuration (1), memory numbers (2.4), memory layers (5.2)
+# Uses: configuration (1), MLX access (3: MemoryStats), memory layers (5.2)
 # =============================================================================
 
 _INTERVAL_MAX_SEC = 86400.0
@@ -4674,10 +4673,10 @@ class _MemoryMonitors(_MemoryLayers):
 # be installed from the main thread, chains to the handler it replaced and can
 # be removed again.
 #
-# Provides: MetalGuard, metal_guard, _gpu_driver_version, _run_quiet
-# Uses: configuration (1), breadcrumbs (4: _DEFAULT_PATH), MLX access (3),
-#       memory numbers (2.4), size and hardware tables (3.9),
-#       release barrier (5.1), memory layers (5.2), monitors (5.3)
+# Provides: MetalGuard, metal_guard, _gpu_driver_version, _run_quiet,
+#           _total_memory_bytes
+# Uses: configuration (1), MLX access (3), memory numbers (2.4),
+#       size and hardware tables (3.9), release barrier (5.1), monitors (5.3)
 # =============================================================================
 
 _HARDWARE_BUDGET_SEC = 2.0
@@ -4931,8 +4930,9 @@ metal_guard = MetalGuard()
 #
 # Provides: bench_scoped_load, kv_cache_clear_on_pressure, _bench_lock
 # Uses: configuration (1), state files (2: _FileLock), MLX access (3),
-#       memory numbers (2.4), model identity, cadence (7), release barrier
-#       (5.1), MetalGuard (5.4), flush guards (_breadcrumb)
+#       memory numbers (2.4), model identity (canonical_model_id), flush guards
+#       (_breadcrumb), cadence (7), release barrier (5.1), memory layers (5.2:
+#       _reset_peak_memory, _ERROR), MetalGuard (5.4: metal_guard)
 # =============================================================================
 
 _BENCH_BACKENDS = {"mlx": "mlx_lm", "mlx-lm": "mlx_lm", "mlx-vlm": "mlx_vlm"}

@@ -68,7 +68,7 @@ class FakeMx(types.ModuleType):
         return self.cache
 
     def synchronize(self, *stream: Any) -> None:
-        self.calls.append("synchronize")
+        self.calls.append("synchronize" + ("(stream)" if stream else ""))
 
     def clear_cache(self) -> None:
         self.calls.append("clear_cache")
@@ -80,9 +80,13 @@ class FakeMx(types.ModuleType):
 
 @pytest.fixture
 def fake_mx(monkeypatch: pytest.MonkeyPatch) -> FakeMx:
-    """A fake ``mlx.core`` at ``sys.modules["mlx.core"]`` only; the footprint reads 0."""
+    """A fake ``mlx.core`` at ``sys.modules["mlx.core"]`` only; the footprint reads 0.
+
+    mlx-lm's generation stream is hidden too (other tests may have imported it).
+    """
     fake = FakeMx()
     monkeypatch.delitem(sys.modules, "mlx", raising=False)
+    monkeypatch.delitem(sys.modules, "mlx_lm.generate", raising=False)
     monkeypatch.setitem(sys.modules, "mlx.core", fake)
     monkeypatch.setattr(mg, "_read_footprint_bytes", lambda: 0)
     return fake
@@ -381,6 +385,17 @@ def test_flush_gpu_synchronizes_before_clearing(
     guard.flush_gpu()
     assert fake_mx.calls == ["synchronize", "clear_cache"]
     assert crumbs(crumb_path) == ["FLUSH: synchronize", "FLUSH: mx.clear_cache()", "FLUSH: done"]
+
+
+def test_flush_gpu_synchronizes_mlx_lms_generation_stream(
+    fake_mx: FakeMx, guard: mg.MetalGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = object()
+    monkeypatch.setitem(
+        sys.modules, "mlx_lm.generate", types.SimpleNamespace(generation_stream=stream)
+    )
+    guard.flush_gpu()
+    assert fake_mx.calls == ["synchronize", "synchronize(stream)", "clear_cache"]
 
 
 def test_flush_gpu_without_mlx_does_nothing(

@@ -21,15 +21,25 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 1.3 JSON state files — the one locked-JSON-file primitive.
 1.4 Breadcrumbs — one line per event, durable before the next step runs.
 2.1 MLX access — the only place that touches ``mlx.core``; memory numbers.
+2.2 Memory numbers — what MLX and the operating system say this process uses.
 3.1 Model identity — what a model id means, without loading the model.
 3.2 Registry — models that kernel-panicked with defences engaged.
 3.3 Panic signatures — what a panic or error text says happened.
 3.4 Panic reports — reading macOS panic reports after the reboot.
+3.5 Size and hardware tables — a model's size guessed from its name, and the
+    hardware tiers of ``recommended_config``.
 4.1 Cadence — refuse back-to-back model loads, across processes.
 4.2 Panic archive — ``panics.jsonl``: the user's panic history.
 4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
-5.2 Guard object — ``MetalGuard`` and the ``metal_guard`` singleton.
+5.2 Release barrier — wait until MLX memory actually dropped, bounded.
+5.3 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup, Metal
+    out-of-memory recovery, the pre-load fit check.
+5.4 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
+    monitor, as three independent daemon threads.
+5.5 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware detection,
+    and the ``metal_guard`` singleton.
+5.6 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
 
@@ -48,6 +58,7 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at run time
     import logging
+    import threading
     from collections.abc import Callable
     from types import ModuleType, TracebackType
     from typing import Any, TypeVar
@@ -94,6 +105,11 @@ __all__ = [
     "ingest_panics_jsonl",
     "parse_panic_reports",
     "read_panic_archive",
+    # 5.2-5.6 Release barrier, memory layers, monitors, scoped loads
+    "ReleaseStats",
+    "bench_scoped_load",
+    "kv_cache_clear_on_pressure",
+    "wait_for_release",
     # 10. Command line
     "main",
 ]
@@ -942,7 +958,8 @@ class _JsonFile:
 # through the ``metal_guard`` singleton, looked up by name at call time, so
 # applications can redirect or capture breadcrumbs.
 #
-# Provides: read_breadcrumbs, _BreadcrumbLog, _breadcrumb, _escape_line
+# Provides: read_breadcrumbs, _BreadcrumbLog, _DEFAULT_PATH, _DefaultPath, _breadcrumb,
+#   _escape_line
 # Uses: Prelude, Files, Locks
 # =============================================================================
 
@@ -1327,6 +1344,183 @@ class MetalOOMError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.stats))
+
+
+# =============================================================================
+# 2.2 Memory numbers — what MLX and the operating system say this process uses.
+#
+# ``_read_memory_stats()`` never raises: a missing MLX, a failing
+# ``device_info()`` or an unreadable footprint each give 0 for that number.
+# The footprint is the process's physical footprint (macOS ``proc_pid_rusage``
+# → ``ri_phys_footprint``, Linux ``VmRSS``): it also counts memory MLX does not
+# track, so the memory layers decide on ``max(active, footprint)``. The load
+# baseline is MLX's active memory when this process last admitted a load
+# (cadence ``admit``/``mark_load``, ``bench_scoped_load``); the release barrier
+# waits for memory to come back to it.
+#
+# Provides: ReleaseStats, _load_baseline_bytes, _platform, _read_memory_stats,
+#   _remember_load_baseline
+# Uses: Prelude, Files, MLX access
+# =============================================================================
+
+_RUSAGE_INFO_V0 = 0  # <sys/resource.h>: the oldest flavour already has ri_phys_footprint
+_footprint_readers: dict[str, Callable[[], int]] = {}  # built on first use (ctypes)
+_load_baseline: list[int] = []  # [MLX active bytes when this process last admitted a load]
+
+
+@_on_reset
+def _forget_memory_state() -> None:
+    _footprint_readers.clear()
+    _load_baseline.clear()
+
+
+def _libproc() -> Any:
+    """The macOS C library that exports ``proc_pid_rusage`` (libSystem)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("/usr/lib/libSystem.B.dylib", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(None, use_errno=True)
+
+
+def _darwin_footprint_reader() -> Callable[[], int]:
+    """A function returning ``ri_phys_footprint`` of this process (bytes), via ctypes."""
+    import ctypes
+
+    u64 = ctypes.c_uint64
+
+    class RusageInfoV0(ctypes.Structure):  # struct rusage_info_v0
+        _fields_ = [
+            ("ri_uuid", ctypes.c_uint8 * 16),
+            ("ri_user_time", u64),
+            ("ri_system_time", u64),
+            ("ri_pkg_idle_wkups", u64),
+            ("ri_interrupt_wkups", u64),
+            ("ri_pageins", u64),
+            ("ri_wired_size", u64),
+            ("ri_resident_size", u64),
+            ("ri_phys_footprint", u64),
+            ("ri_proc_start_abstime", u64),
+            ("ri_proc_exit_abstime", u64),
+        ]
+
+    proc_pid_rusage = _libproc().proc_pid_rusage
+    proc_pid_rusage.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    proc_pid_rusage.restype = ctypes.c_int
+
+    def read() -> int:
+        info = RusageInfoV0()
+        if proc_pid_rusage(os.getpid(), _RUSAGE_INFO_V0, ctypes.byref(info)) != 0:
+            raise OSError(ctypes.get_errno(), "proc_pid_rusage failed")
+        return int(info.ri_phys_footprint)
+
+    return read
+
+
+def _linux_rss() -> int:
+    """The resident set of this process in bytes (``VmRSS``), from ``/proc/self/statm``.
+
+    ``statm``'s second field is the number ``VmRSS`` shows, in pages; it is a
+    third of the cost of reading ``/proc/self/status``.
+    """
+    fd = os.open("/proc/self/statm", os.O_RDONLY | _O_CLOEXEC)
+    try:
+        fields = os.read(fd, 256).split()
+    finally:
+        os.close(fd)
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _platform() -> str:
+    """``sys.platform``, read at call time (tests fake macOS through it)."""
+    return sys.platform
+
+
+def _read_footprint_bytes() -> int:
+    """This process's physical footprint in bytes; 0 where it cannot be read. Never raises."""
+    try:
+        platform = _platform()
+        if platform == "darwin":
+            reader = _footprint_readers.get("darwin")
+            if reader is None:
+                reader = _footprint_readers["darwin"] = _darwin_footprint_reader()
+            return max(0, reader())
+        if platform.startswith("linux"):
+            return _linux_rss()
+    except Exception as exc:  # no libproc, no /proc: the number is unknown, not an error
+        _log_once("footprint", _DEBUG, "metal_guard: cannot read the process footprint: %r", exc)
+    return 0
+
+
+def _mlx_number(mx: ModuleType, name: str) -> int:
+    """``mx.<name>()`` as a byte count ≥ 0; 0 when missing or failing (DEBUG)."""
+    fn = _mlx_fn(mx, name)
+    if fn is None:
+        return 0
+    try:
+        return max(0, int(fn()))
+    except Exception as exc:
+        _log().debug("metal_guard: mx.%s() failed: %s", name, _label(exc))
+        return 0
+
+
+def _read_memory_stats() -> MemoryStats:
+    """MLX memory numbers plus the footprint; never raises (unknown numbers are 0)."""
+    footprint = _read_footprint_bytes()
+    mx = _mlx()
+    if mx is None:
+        return MemoryStats(footprint_bytes=footprint)
+    limit = 0
+    device_info = _mlx_fn(mx, "device_info")
+    if device_info is not None:
+        try:
+            limit = max(0, int(device_info().get("max_recommended_working_set_size", 0) or 0))
+        except Exception as exc:
+            _log().debug("metal_guard: mx.device_info() failed; memory limit unknown: %r", exc)
+    return MemoryStats(
+        active_bytes=_mlx_number(mx, "get_active_memory"),
+        peak_bytes=_mlx_number(mx, "get_peak_memory"),
+        limit_bytes=limit,
+        cache_bytes=_mlx_number(mx, "get_cache_memory"),
+        footprint_bytes=footprint,
+    )
+
+
+def _remember_load_baseline() -> int:
+    """Record MLX's active memory now as the release barrier's default baseline.
+
+    Only looks: when ``mlx.core`` is not imported yet, MLX holds nothing (0)
+    and it is not imported here. Never raises; returns the recorded bytes.
+    """
+    mx = sys.modules.get("mlx.core")
+    active = _mlx_number(mx, "get_active_memory") if mx is not None else 0
+    _load_baseline[:] = [active]
+    return active
+
+
+def _load_baseline_bytes() -> int | None:
+    """The baseline recorded by the last admitted load of this process, if any."""
+    return _load_baseline[0] if _load_baseline else None
+
+
+@_dataclass(frozen=True)
+class ReleaseStats(MemoryStats):
+    """What ``wait_for_release`` saw: the last memory numbers, and how the wait went.
+
+    ``baseline_bytes`` is what it waited for (``None``: no baseline, nothing
+    to wait for), ``waited_sec`` how long it took, ``released`` whether
+    active memory came back within the slack before the timeout.
+    """
+
+    baseline_bytes: int | None = None
+    waited_sec: float = 0.0
+    released: bool = True
+
+    def __str__(self) -> str:
+        outcome = "released" if self.released else "NOT released"
+        base = "none" if self.baseline_bytes is None else f"{self.baseline_bytes / 1e9:.2f}GB"
+        return f"{MemoryStats.__str__(self)}; {outcome} (baseline {base}, waited {self.waited_sec:.2f}s)"
 
 
 # =============================================================================
@@ -2268,6 +2462,120 @@ def parse_panic_reports(
 
 
 # =============================================================================
+# 3.5 Size and hardware tables — a model's size guessed from its name, and the
+# hardware tiers of ``recommended_config``.
+#
+# Pure functions and data. The size guess is the original metal-guard's
+# heuristic (parameter count × bytes per parameter, decimal GB) with its
+# known misses fixed: "mini" inside "gemini", ``e4b``, ``8x7B``, and 5-bit /
+# fp8 / q8 quantisations.
+#
+# Provides: _HARDWARE_TIERS, _estimate_model_size_gb, _hardware_tier
+# Uses: Prelude, Model identity
+# =============================================================================
+
+# Bytes per parameter; the first group that matches the lower-cased name wins.
+# ``(?<!\d)`` keeps "16bit" from reading as "6bit"; ``(?<![a-z])`` keeps "q4"
+# from matching inside a word.
+_QUANT_BYTES: tuple[tuple[str, str, float], ...] = (
+    ("q16", r"(?<!\d)16bit|fp16|bf16", 2.0),
+    ("q8", r"(?<!\d)8bit|int8|fp8|(?<![a-z])q8", 1.0),
+    ("q6", r"(?<!\d)6bit|(?<![a-z])q6", 0.75),
+    ("q5", r"(?<!\d)5bit|(?<![a-z])q5", 0.625),
+    ("q4", r"(?<!\d)4bit|int4|(?<![a-z])q4|mxfp4|nvfp4|tq4", 0.5),
+    ("q3", r"(?<!\d)3bit|int3|tq3|(?<![a-z])q3", 0.375),
+    ("q2", r"(?<!\d)2bit|int2|(?<![a-z])q2", 0.25),
+)
+_DEFAULT_BYTES_PER_PARAM = 2.0  # no quantisation in the name: fp16/bf16
+# Size words when the name holds no parameter count (billions), in this order.
+_SIZE_WORDS: tuple[tuple[str, float], ...] = (
+    ("mini", 4.0),
+    ("small", 7.0),
+    ("medium", 13.0),
+    ("large", 70.0),
+    ("xl", 13.0),
+)
+
+
+def _params_billions(name: str) -> float | None:
+    """Parameter count in billions read from a lower-cased model name, or ``None``."""
+    # ``(?<![\w.])``, not ``\b``: the "7B" of "A2.7B" is not a parameter count.
+    plain = _regex("size-plain", r"(?<![\w.])(\d+(?:\.\d+)?)([bm])\b").search(name)
+    if plain is not None:
+        count = float(plain.group(1))
+        return count / 1000.0 if plain.group(2) == "m" else count
+    experts = _regex("size-moe", r"(?<![\w.])(\d+)x(\d+(?:\.\d+)?)b\b").search(name)
+    if experts is not None:  # 8x7B: every expert in memory (shared layers make it an upper bound)
+        return float(experts.group(1)) * float(experts.group(2))
+    effective = _regex("size-effective", r"\be(\d+(?:\.\d+)?)b\b").search(name)
+    if effective is not None:  # Gemma E2B/E4B: per-layer embeddings about double the raw count
+        return 2.0 * float(effective.group(1))
+    for word, billions in _SIZE_WORDS:
+        if _regex("size-word:" + word, rf"(?<![a-z]){word}(?![a-z])").search(name):
+            return billions
+    return None
+
+
+def _estimate_model_size_gb(model_name: object) -> float | None:
+    """Weights size in decimal GB guessed from a model id; ``None`` when the name says nothing."""
+    if isinstance(model_name, os.PathLike):
+        model_name = _label(model_name)
+    if not isinstance(model_name, str) or not model_name:
+        return None
+    name = model_name.lower()
+    billions = _params_billions(name)
+    if billions is None:
+        return None
+    per_param = _DEFAULT_BYTES_PER_PARAM
+    for key, pattern, nbytes in _QUANT_BYTES:
+        if _regex("quant:" + key, pattern).search(name):
+            per_param = nbytes
+            break
+    return billions * per_param
+
+
+# The original metal-guard's advisory table, by hardware tier.
+_HARDWARE_TIERS: dict[str, dict[str, float | int]] = {
+    "low": {
+        "watchdog_warn_pct": 60.0,
+        "watchdog_critical_pct": 75.0,
+        "kv_headroom_gb": 2.0,
+        "kv_growth_rate_warn": 0.5,
+        "cooldown_secs": 3.0,
+        "max_concurrent_models": 1,
+        "overhead_gb": 3.0,
+    },
+    "mid": {
+        "watchdog_warn_pct": 67.0,
+        "watchdog_critical_pct": 82.0,
+        "kv_headroom_gb": 4.0,
+        "kv_growth_rate_warn": 1.0,
+        "cooldown_secs": 2.0,
+        "max_concurrent_models": 2,
+        "overhead_gb": 2.0,
+    },
+    "high": {
+        "watchdog_warn_pct": 70.0,
+        "watchdog_critical_pct": 85.0,
+        "kv_headroom_gb": 8.0,
+        "kv_growth_rate_warn": 2.0,
+        "cooldown_secs": 2.0,
+        "max_concurrent_models": 3,
+        "overhead_gb": 2.0,
+    },
+}
+
+
+def _hardware_tier(memory_gib: float) -> str:
+    """``low`` up to 16 GiB, ``mid`` up to 64 GiB, else ``high``; ``unknown`` for 0."""
+    if memory_gib <= 0:
+        return "unknown"
+    if memory_gib <= 16:
+        return "low"
+    return "mid" if memory_gib <= 64 else "high"
+
+
+# =============================================================================
 # 4.1 Cadence — refuse back-to-back model loads, across processes.
 #
 # The store is the original metal-guard's format (a flat JSON object of model
@@ -2279,7 +2587,7 @@ def parse_panic_reports(
 # Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
 #   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
 #   _default_guard, _number, _rebuild_exception
-# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Model identity
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity
 # =============================================================================
 
 GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
@@ -2680,6 +2988,7 @@ class CadenceGuard:
                     f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})"
                 )
             raise violation
+        _remember_load_baseline()  # what the release barrier waits for after the unload
         _breadcrumb(
             f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
         )
@@ -2690,6 +2999,7 @@ class CadenceGuard:
         A record never moves backwards: an older ``ts`` than the one stored is ignored.
         """
         self._mark(model_id, ts, unload=False)
+        _remember_load_baseline()  # what the release barrier waits for after the unload
 
     def mark_unload(self, model_id: StrPath, *, ts: float | None = None) -> None:
         """Record that ``model_id`` was unloaded now (or at ``ts``): intervals count from here.
@@ -3586,20 +3896,1248 @@ class gemma4_generation_flush:
 
 
 # =============================================================================
-# 5.2 Guard object — ``MetalGuard`` and the ``metal_guard`` singleton.
+# 5.2 Release barrier — wait until MLX memory actually dropped, bounded.
 #
-# Building the singleton costs nothing: no files, threads or MLX calls.
+# Where the original metal-guard slept a fixed time "to let memory settle",
+# this polls the condition with the fixed time as the upper bound:
+# synchronize, collect, clear the cache, then poll active memory until it is
+# back within ``slack_bytes`` of the baseline or the timeout passes.
 #
-# Provides: MetalGuard, metal_guard
-# Uses: Breadcrumbs
+# Provides: wait_for_release, _RELEASE_SLACK_DEFAULT, _RELEASE_TIMEOUT_MAX, _await_memory,
+#   _byte_count, _release
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers
 # =============================================================================
 
+_RELEASE_SLACK_DEFAULT = 64 << 20
+_RELEASE_TIMEOUT_MAX = 3600.0
+_POLL_FIRST_SEC = 0.002
+_POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than polling
 
-class MetalGuard(_BreadcrumbLog):
-    """Process-wide guard object (the memory layers build on it)."""
+
+def _byte_count(name: str, value: object) -> int:
+    """A byte-count argument: a finite real number ≥ 0, as ``int``."""
+    number = _real_arg(name, value)
+    if not _finite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
+    return int(number)
+
+
+def _await_memory(
+    done: Callable[[MemoryStats], bool],
+    timeout: float,
+    read: Callable[[], MemoryStats] = _read_memory_stats,
+) -> tuple[MemoryStats, float, bool]:
+    """Poll ``read()`` until ``done(stats)`` or ``timeout`` s: ``(last stats, waited, done)``."""
+    start = time.monotonic()
+    delay = _POLL_FIRST_SEC
+    while True:
+        stats = read()
+        waited = time.monotonic() - start
+        if done(stats):
+            return stats, waited, True
+        if waited >= timeout:
+            return stats, waited, False
+        time.sleep(min(delay, timeout - waited))
+        delay = min(delay * 2, _POLL_MAX_SEC)
+
+
+def _release_stats(
+    stats: MemoryStats, baseline: int | None, waited: float, released: bool
+) -> ReleaseStats:
+    return ReleaseStats(
+        stats.active_bytes,
+        stats.peak_bytes,
+        stats.limit_bytes,
+        stats.cache_bytes,
+        stats.footprint_bytes,
+        baseline_bytes=baseline,
+        waited_sec=waited,
+        released=released,
+    )
+
+
+def wait_for_release(
+    baseline_bytes: int | None = None,
+    *,
+    timeout: float = 8.0,
+    slack_bytes: int = _RELEASE_SLACK_DEFAULT,
+) -> ReleaseStats:
+    """Wait until MLX's active memory is back near ``baseline_bytes``; return what was seen.
+
+    Synchronizes (default stream, mlx-lm's generation stream), runs
+    ``gc.collect()`` and ``mx.clear_cache()``, then polls
+    ``mx.get_active_memory()`` until it is at most ``baseline_bytes +
+    slack_bytes`` or ``timeout`` seconds passed. The default baseline is the
+    active memory recorded when this process last admitted a load (cadence
+    ``admit``/``mark_load``, ``bench_scoped_load``); with none it only
+    synchronizes, collects and clears. Breadcrumb ``RELEASE: done ...`` or
+    ``RELEASE: TIMEOUT ...`` (with one WARNING: something still references
+    the model). Returns a ``ReleaseStats`` (a ``MemoryStats`` with
+    ``baseline_bytes``, ``waited_sec``, ``released``). Without MLX it returns
+    at once.
+    """
+    wait = _seconds_arg("timeout", timeout, maximum=_RELEASE_TIMEOUT_MAX)
+    slack = _byte_count("slack_bytes", slack_bytes)
+    baseline = (
+        _load_baseline_bytes()
+        if baseline_bytes is None
+        else _byte_count("baseline_bytes", baseline_bytes)
+    )
+    return _release(baseline, wait, slack, _breadcrumb)
+
+
+def _release(
+    baseline: int | None, wait: float, slack: int, crumb: Callable[[str], None]
+) -> ReleaseStats:
+    mx = _mlx()
+    if mx is None:
+        return _release_stats(_read_memory_stats(), baseline, 0.0, True)
+    import gc
+
+    start = time.monotonic()
+    _synchronize(mx)
+    gc.collect()
+    clear_cache = _mlx_fn(mx, "clear_cache")
+    _mlx_step("clear_cache", clear_cache)
+    if baseline is None:
+        stats, released = _read_memory_stats(), True
+    else:
+        limit = baseline + slack
+        stats, _, released = _await_memory(lambda s: s.active_bytes <= limit, wait)
+        if released:
+            _mlx_step("clear_cache", clear_cache)  # what was freed while we polled
+    waited = time.monotonic() - start
+    base = "none" if baseline is None else f"{baseline / 1e9:.2f}GB"
+    if released:
+        crumb(f"RELEASE: done active={stats.active_gb:.2f}GB baseline={base} waited={waited:.2f}s")
+    else:
+        crumb(
+            f"RELEASE: TIMEOUT active={stats.active_gb:.2f}GB baseline={base} "
+            f"slack={slack / 1e9:.2f}GB waited={waited:.2f}s"
+        )
+        _log().warning(
+            "metal_guard: MLX still holds %.2f GB above the %.2f GB baseline after %.1f s: "
+            "something still references the model (drop it, e.g. `del model`, before the wait)",
+            (stats.active_bytes - (baseline or 0)) / 1e9,
+            (baseline or 0) / 1e9,
+            waited,
+        )
+    return _release_stats(stats, baseline, waited, released)
+
+
+# =============================================================================
+# 5.3 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup,
+# Metal out-of-memory recovery, the pre-load fit check.
+#
+# The original metal-guard's methods and breadcrumb tags, corrected: one
+# deadline for all threads, a real (stream-aware) synchronize before the cache
+# is cleared, no cache clearing while registered GPU threads still run, OOM
+# means out-of-memory only, and fit decisions on max(active, footprint).
+#
+# Provides: _ERROR, _MemoryLayers, _gb_arg, _reset_peak_memory
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Model identity, Size and hardware tables,
+#   Release barrier
+# =============================================================================
+
+_ERROR = 40
+# Metal out-of-memory, and nothing else: fPendingMemorySet is a kernel-panic
+# string and ImpactingInteractivity a GPU watchdog kill (retrying those is wrong).
+_OOM_PATTERN = (
+    r"(?is)kIOGPUCommandBufferCallbackErrorOutOfMemory"
+    r"|Command buffer execution failed.*?Insufficient Memory"
+)
+_OOM_TEXT_MAX = 1 << 16
+_GB_MAX = 1e6  # a million GB: anything larger is a unit mistake
+
+
+def _gb_arg(name: str, value: object) -> float:
+    """A size in decimal GB: a finite real number ≥ 0."""
+    number = _real_arg(name, value)
+    if not _finite(number) or not 0 <= number <= _GB_MAX:
+        raise ValueError(f"{name} must be a number of GB between 0 and {_GB_MAX:g}, got {value!r}")
+    return number
+
+
+def _reset_peak_memory() -> None:
+    mx = _mlx()
+    if mx is not None:
+        _mlx_step("reset_peak_memory", _mlx_fn(mx, "reset_peak_memory"))
+
+
+class _GuardedCleanup:
+    """``with guard.guarded_cleanup():`` — ``safe_cleanup()`` after the body, also on errors."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: _MemoryLayers) -> None:
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.guard.safe_cleanup()
+
+
+class _OOMContext:
+    """``with guard.oom_protected_context():`` — a Metal OOM becomes ``MetalOOMError`` after cleanup."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: _MemoryLayers) -> None:
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        guard = self.guard
+        if exc is None or isinstance(exc, MetalOOMError) or not guard.is_metal_oom(exc):
+            return  # not ours: propagates unchanged
+        stats = guard.memory_stats()
+        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), stats)
+        guard._crumb("OOM_RECOVERY: context manager cleanup")
+        guard.safe_cleanup()
+        raise MetalOOMError(f"Metal out of memory ({stats}): {_label(exc)}", stats) from exc
+
+
+class _MemoryLayers(_BreadcrumbLog):
+    """L1-L4 of ``MetalGuard`` (thread registry, cleanup, OOM recovery, fit check)."""
+
+    def __init__(
+        self,
+        cooldown_secs: float = 2.0,
+        thread_timeout_secs: float = 30.0,
+        breadcrumb_path: StrPath | _DefaultPath | None = _DEFAULT_PATH,
+    ) -> None:
+        super().__init__(breadcrumb_path)
+        self.cooldown_secs = _seconds_arg("cooldown_secs", cooldown_secs, maximum=3600.0)
+        self.thread_timeout_secs = _seconds_arg(
+            "thread_timeout_secs", thread_timeout_secs, maximum=86400.0
+        )
+        # Built cheaply: no threading import, no threads until a monitor starts.
+        self._lock = _thread.allocate_lock()
+        self._threads: list[threading.Thread] = []
+        self._monitors: dict[str, Any] = {}  # kind → running monitor (section 5.3)
+        self._abort_handler: Any = None  # (section 5.4)
+        self._abort_previous: Any = None
+
+    def _crumb(self, msg: str) -> None:
+        """This guard's breadcrumb, through its (replaceable) ``breadcrumb``; never raises."""
+        try:
+            self.breadcrumb(msg)
+        except Exception as exc:
+            _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
+
+    # -- L1: GPU threads ----------------------------------------------------
+
+    def register_thread(self, thread: threading.Thread) -> None:
+        """Track a thread that runs MLX work: cleanup waits for it and never clears under it."""
+        import threading
+
+        if not isinstance(thread, threading.Thread):
+            raise TypeError(f"thread must be a threading.Thread, not {type(thread).__name__}")
+        with self._lock:
+            self._threads = [
+                t for t in self._threads if t is not thread and (t.ident is None or t.is_alive())
+            ]
+            self._threads.append(thread)
+
+    def _live_threads(self) -> list[threading.Thread]:
+        """Registered threads that are running now (finished ones are dropped)."""
+        with self._lock:
+            self._threads = [t for t in self._threads if t.ident is None or t.is_alive()]
+            return [t for t in self._threads if t.is_alive()]
+
+    def wait_for_threads(self, timeout: float | None = None) -> int:
+        """Wait for the registered threads, all within one ``timeout`` (default ``thread_timeout_secs``).
+
+        Returns how many are still alive (0: all finished). Never raises for
+        environment reasons; a thread never waits for itself.
+        """
+        return self._wait_for_threads(timeout, warn=True)
+
+    def _wait_for_threads(self, timeout: float | None, *, warn: bool) -> int:
+        import threading
+
+        wait = (
+            self.thread_timeout_secs
+            if timeout is None
+            else _seconds_arg("timeout", timeout, maximum=86400.0, negative_to_zero=True)
+        )
+        me = threading.current_thread()
+        alive = [t for t in self._live_threads() if t is not me]
+        if not alive:
+            return 0
+        self._crumb(f"WAIT_GPU: {len(alive)} thread(s) alive, waiting {wait:g}s")
+        deadline = time.monotonic() + wait
+        for thread in alive:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        survivors = sum(t.is_alive() for t in alive)
+        self._live_threads()
+        if survivors:
+            self._crumb(f"WAIT_GPU: WARNING — {survivors} still alive")
+            if warn:
+                _log().warning(
+                    "metal_guard: %d registered GPU thread(s) still running after %g s",
+                    survivors,
+                    wait,
+                )
+        else:
+            self._crumb("WAIT_GPU: all threads finished")
+        return survivors
+
+    # -- L2: cleanup ----------------------------------------------------------
+
+    def flush_gpu(self) -> None:
+        """Synchronize (default stream, mlx-lm's generation stream), then ``mx.clear_cache()``.
+
+        Best-effort: a failing step logs one WARNING and the flush carries on.
+        """
+        mx = _mlx()
+        if mx is None:
+            return
+        self._crumb("FLUSH: synchronize")
+        _synchronize(mx, level=_WARNING)
+        self._crumb("FLUSH: mx.clear_cache()")
+        _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), level=_WARNING)
+        self._crumb("FLUSH: done")
+
+    def safe_cleanup(self) -> None:
+        """Wait for GPU threads, ``gc.collect()``, flush, then sleep ``cooldown_secs``.
+
+        While registered GPU threads are still alive after the wait the cache
+        is NOT cleared (freeing memory under in-flight GPU work is the race
+        that panics the driver): breadcrumb ``CLEANUP: SKIP_FLUSH`` and one WARNING.
+        """
+        import gc
+
+        self._crumb("CLEANUP: START")
+        alive = self._wait_for_threads(None, warn=False)
+        gc.collect()
+        if alive:
+            self._crumb(f"CLEANUP: SKIP_FLUSH {alive} thread(s) alive")
+            _log().warning(
+                "metal_guard: %d registered GPU thread(s) still running after %g s; not clearing "
+                "the MLX cache (freeing memory under in-flight GPU work can panic the driver)",
+                alive,
+                self.thread_timeout_secs,
+            )
+        else:
+            self.flush_gpu()
+        if self.cooldown_secs > 0:
+            time.sleep(self.cooldown_secs)
+        self._crumb("CLEANUP: DONE")
+
+    def guarded_cleanup(self) -> _GuardedCleanup:
+        """Context manager: ``safe_cleanup()`` after the body, also when it raises."""
+        return _GuardedCleanup(self)
+
+    # -- L3: out-of-memory recovery -----------------------------------------
+
+    @staticmethod
+    def is_metal_oom(exc: BaseException) -> bool:
+        """True for a Metal out-of-memory ``RuntimeError`` (and ``MetalOOMError``) only.
+
+        Not for ``fPendingMemorySet`` (a kernel-panic string) nor
+        ``ImpactingInteractivity`` (the GPU watchdog killed the command buffer).
+        """
+        if isinstance(exc, MetalOOMError):
+            return True
+        if not isinstance(exc, RuntimeError):
+            return False
+        text = _label(exc)[:_OOM_TEXT_MAX]
+        return _regex("metal-oom", _OOM_PATTERN).search(text) is not None
+
+    def oom_protected(
+        self, fn: Callable[..., _T], *args: Any, max_retries: int = 1, **kwargs: Any
+    ) -> _T:
+        """``fn(*args, **kwargs)``, retried up to ``max_retries`` times after a Metal OOM.
+
+        Each OOM: ERROR log, breadcrumb ``OOM_RECOVERY: attempt <i>, cleaning
+        up``, ``safe_cleanup()``. Out of attempts → ``MetalOOMError`` chained
+        to the last error. Other exceptions, and a ``MetalOOMError`` from an
+        inner guard, propagate unchanged.
+        """
+        retries = _int_arg("max_retries", max_retries)
+        if retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {retries}")
+        attempts = retries + 1
+        last: RuntimeError | None = None
+        stats = MemoryStats()
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except MetalOOMError:
+                raise  # already handled by an inner guard
+            except RuntimeError as exc:
+                if not self.is_metal_oom(exc):
+                    raise
+                last = exc
+            stats = self.memory_stats()
+            _log().error(
+                "metal_guard: Metal out of memory (attempt %d/%d): %s; %s",
+                attempt,
+                attempts,
+                _label(last),
+                stats,
+            )
+            self._crumb(f"OOM_RECOVERY: attempt {attempt}, cleaning up")
+            self.safe_cleanup()
+            if attempt < attempts:
+                _log().info("metal_guard: retrying after cleanup (%d left)", attempts - attempt)
+        raise MetalOOMError(
+            f"Metal out of memory after {attempts} attempt(s) ({stats}); last error: {_label(last)}",
+            stats,
+        ) from last
+
+    def oom_protected_context(self) -> _OOMContext:
+        """Context manager: a Metal OOM in the body → cleanup, then ``MetalOOMError`` (no retry)."""
+        return _OOMContext(self)
+
+    # -- L4: will it fit? -----------------------------------------------------
+
+    def _fit(self, model_size_gb: object, overhead_gb: object) -> tuple[bool, MemoryStats, float]:
+        """(fits, stats, bytes needed); fits on ``limit - max(active, footprint) >= needed``."""
+        size = _gb_arg("model_size_gb", model_size_gb)
+        overhead = _gb_arg("overhead_gb", overhead_gb)
+        needed = (size + overhead) * 1e9
+        stats = self.memory_stats()
+        if not stats.limit_bytes:
+            _log_once(
+                "fit-unknown-limit",
+                _DEBUG,
+                "metal_guard: the memory limit is unknown (no MLX or no Metal device); "
+                "fit checks cannot refuse anything",
+            )
+            return True, stats, needed
+        return stats.limit_bytes - stats.in_use_bytes >= needed, stats, needed
+
+    @staticmethod
+    def _fit_numbers(stats: MemoryStats, needed: float) -> str:
+        return (
+            f"available {(stats.limit_bytes - stats.in_use_bytes) / 1e9:.1f}GB, "
+            f"needed {needed / 1e9:.1f}GB; in use {stats.in_use_bytes / 1e9:.1f}GB "
+            f"(MLX active {stats.active_gb:.1f}GB, process footprint {stats.footprint_gb:.1f}GB), "
+            f"limit {stats.limit_gb:.1f}GB"
+        )
+
+    def can_fit(self, model_size_gb: float, overhead_gb: float = 2.0) -> bool:
+        """True when ``model_size_gb + overhead_gb`` fits under the memory limit now.
+
+        In use is ``max(MLX active, process footprint)``; an unknown limit (no
+        MLX, no Metal) answers True as the original. A miss logs one WARNING.
+        """
+        fits, stats, needed = self._fit(model_size_gb, overhead_gb)
+        if not fits:
+            _log().warning("metal_guard: model does not fit: %s", self._fit_numbers(stats, needed))
+        return fits
+
+    def require_fit(
+        self,
+        model_size_gb: float,
+        model_name: str = "",
+        overhead_gb: float = 2.0,
+        *,
+        cache_clear_cb: Callable[[], None] | None = None,
+        escalated_cooldown_sec: float = 0.0,
+    ) -> None:
+        """Raise ``MemoryError`` unless the model fits, after cleaning up to make room.
+
+        Fits → return. Else ``safe_cleanup()`` and check again. Still not, and
+        ``escalated_cooldown_sec > 0``: call ``cache_clear_cb()``, clean up
+        again, reset the peak, and wait (at most that long) for memory to drop
+        far enough — a bounded wait on the condition, not a blind sleep.
+        """
+        escalate = _seconds_arg(
+            "escalated_cooldown_sec", escalated_cooldown_sec, maximum=3600.0, negative_to_zero=True
+        )
+        if cache_clear_cb is not None and not callable(cache_clear_cb):
+            raise TypeError(f"cache_clear_cb must be callable, not {type(cache_clear_cb).__name__}")
+        name = _label(model_name) if model_name else "model"
+        fits, stats, needed = self._fit(model_size_gb, overhead_gb)
+        if fits:
+            return
+        size = float(model_size_gb)
+        _log().info("metal_guard: %s (%.1f GB) does not fit yet; cleaning up", name, size)
+        self.safe_cleanup()
+        fits, stats, needed = self._fit(model_size_gb, overhead_gb)
+        if fits:
+            return
+        if escalate <= 0:
+            raise MemoryError(
+                f"Cannot fit {name} ({size:.1f}GB): {self._fit_numbers(stats, needed)}"
+            )
+        _log().warning(
+            "metal_guard: %s (%.1f GB) still does not fit; escalated cleanup (up to %g s)",
+            name,
+            size,
+            escalate,
+        )
+        if cache_clear_cb is not None:
+            try:
+                cache_clear_cb()
+            except Exception as exc:
+                _log().warning("metal_guard: cache_clear_cb failed: %r", exc)
+        self.safe_cleanup()
+        _reset_peak_memory()
+        target = stats.limit_bytes - needed
+        _await_memory(lambda s: s.in_use_bytes <= target, escalate, self.memory_stats)
+        fits, stats, needed = self._fit(model_size_gb, overhead_gb)
+        if fits:
+            _log().info("metal_guard: %s fits after escalated cleanup", name)
+            return
+        raise MemoryError(
+            f"Cannot fit {name} ({size:.1f}GB) even after escalated cleanup "
+            f"({escalate:g}s cooldown). {self._fit_numbers(stats, needed)}"
+        )
+
+    @staticmethod
+    def estimate_model_size_from_name(model_name: str) -> float | None:
+        """Weights size in decimal GB guessed from the model id, or ``None``.
+
+        Parameter count (``24B``, ``1.5b``, ``350m``, ``8x7B``, ``E4B`` ≈ 8 B raw,
+        else ``mini``/``small``/``medium``/``large``/``xl``) × bytes per
+        parameter from the quantisation in the name (``16bit`` 2, ``8bit``/``fp8``/``q8``
+        1, ``6bit`` 0.75, ``5bit`` 0.625, ``4bit``/``mxfp4``/``q4`` 0.5, ``3bit``
+        0.375, ``2bit`` 0.25; none: 2). A guess: see docs/memory.md for its misses.
+        """
+        return _estimate_model_size_gb(model_name)
+
+    # -- memory numbers ---------------------------------------------------------
+
+    def memory_stats(self) -> MemoryStats:
+        """MLX active/peak/cache, the limit and the process footprint; never raises."""
+        return _read_memory_stats()
+
+    def is_pressure_high(self, threshold_pct: float = 67.0, model_name: str = "") -> bool:
+        """True (with a WARNING) when max(peak, footprint) is above ``threshold_pct`` of the limit."""
+        threshold = _real_arg("threshold_pct", threshold_pct)
+        stats = self.memory_stats()
+        if not stats.limit_bytes:
+            return False
+        pct = 100.0 * max(stats.peak_bytes, stats.footprint_bytes) / stats.limit_bytes
+        if pct <= threshold:
+            return False
+        _log().warning(
+            "metal_guard: memory pressure %.1f%% > %g%%%s: %s",
+            pct,
+            threshold,
+            f" ({_label(model_name)})" if model_name else "",
+            stats,
+        )
+        return True
+
+    def ensure_headroom(self, model_name: str = "", threshold_pct: float = 67.0) -> None:
+        """When pressure is high: ``safe_cleanup()`` and reset MLX's peak counter."""
+        if self.is_pressure_high(threshold_pct, model_name):
+            self.safe_cleanup()
+            _reset_peak_memory()
+
+    def log_memory(self, label: str, model_name: str = "") -> None:
+        """One INFO line with the memory numbers (also when the limit is unknown)."""
+        _log().info(
+            "metal_guard: [%s]%s %s",
+            _label(label),
+            f" {_label(model_name)}" if model_name else "",
+            self.memory_stats(),
+        )
+
+
+# =============================================================================
+# 5.4 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
+# monitor, as three independent daemon threads.
+#
+# Each monitor is one daemon thread waiting on its own stop event: starting
+# one twice replaces the first (never two chains), ``stop_*`` is final even
+# during a tick and joins the thread, and no tick calls a callback once its
+# monitor was stopped. Ticks skip while registered GPU threads are alive, and
+# the watchdog and KV monitor stay silent while the memory limit is unknown.
+#
+# Provides: _MemoryMonitors
+# Uses: Prelude, MLX access, Memory layers
+# =============================================================================
+
+_INTERVAL_MAX_SEC = 86400.0
+_KV_WINDOW_SEC = 300.0
+_KV_MIN_ELAPSED_MIN = 0.1
+
+
+class _Monitor:
+    """One monitor: a daemon thread calling ``tick(self)`` every ``interval`` s until stopped."""
+
+    def __init__(
+        self, name: str, interval: float, tick: Callable[[_Monitor], None], **state: Any
+    ) -> None:
+        import threading
+
+        self.name = name
+        self.interval = interval
+        self.state = state
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(tick,), name=name, daemon=True)
+
+    def _run(self, tick: Callable[[_Monitor], None]) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                tick(self)
+            except Exception as exc:  # a monitor never dies of one bad tick
+                _log().debug("metal_guard: %s tick failed: %r", self.name, exc)
+
+    def stop(self, join_timeout: float) -> None:
+        """Stop for good; wait (bounded) for a tick in progress to finish."""
+        import threading
+
+        self.stopped.set()
+        if self.thread is threading.current_thread() or self.thread.ident is None:
+            return  # stopped from its own tick (a callback): it exits when the tick returns
+        self.thread.join(join_timeout)
+        if self.thread.is_alive():
+            _log().warning(
+                "metal_guard: %s is still finishing a tick after %g s; it exits when the tick returns",
+                self.name,
+                join_timeout,
+            )
+
+
+def _interval_secs(value: object) -> float:
+    return _seconds_arg("interval_secs", value, maximum=_INTERVAL_MAX_SEC, allow_zero=False)
+
+
+def _callback_arg(name: str, value: object) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, not {type(value).__name__}")
+    return value
+
+
+class _MemoryMonitors(_MemoryLayers):
+    """L5 monitors of ``MetalGuard``."""
+
+    def _start_monitor(self, kind: str, monitor: _Monitor) -> None:
+        with self._lock:
+            previous = self._monitors.get(kind)
+            self._monitors[kind] = monitor
+            monitor.thread.start()
+        if previous is not None:
+            previous.stop(self._join_timeout())
+
+    def _stop_monitor(self, kind: str) -> bool:
+        with self._lock:
+            monitor = self._monitors.pop(kind, None)
+        if monitor is None:
+            return False
+        monitor.stop(self._join_timeout())
+        return True
+
+    def _join_timeout(self) -> float:
+        # A tick may be inside safe_cleanup: the thread wait, the cooldown, some slack.
+        return float(self.thread_timeout_secs) + float(self.cooldown_secs) + 5.0
+
+    def _gpu_busy(self, monitor: _Monitor) -> bool:
+        alive = len(self._live_threads())
+        if alive:
+            _log().debug("metal_guard: %s skipped: %d GPU thread(s) running", monitor.name, alive)
+        return alive > 0
+
+    # -- periodic flush -------------------------------------------------------
+
+    def start_periodic_flush(self, interval_secs: float = 300.0) -> None:
+        """Flush the GPU every ``interval_secs`` while MLX holds memory (replaces a running one)."""
+        interval = _interval_secs(interval_secs)
+        self._start_monitor(
+            "flush", _Monitor("metal-guard-periodic-flush", interval, self._flush_tick)
+        )
+        _log().info("metal_guard: periodic flush every %g s", interval)
+
+    def stop_periodic_flush(self) -> None:
+        """Stop the periodic flush (final, also during a tick); no-op when not running."""
+        if self._stop_monitor("flush"):
+            _log().info("metal_guard: periodic flush stopped")
+
+    def _flush_tick(self, monitor: _Monitor) -> None:
+        if self._gpu_busy(monitor):
+            return
+        stats = self.memory_stats()
+        if (stats.active_bytes > 0 or stats.peak_pct > 50) and not monitor.stopped.is_set():
+            _log().info("metal_guard: periodic flush: %s", stats)
+            self.flush_gpu()
+
+    # -- watchdog -------------------------------------------------------------
+
+    def start_watchdog(
+        self,
+        interval_secs: float = 300.0,
+        warn_pct: float = 70.0,
+        critical_pct: float = 85.0,
+        on_critical: Callable[[], None] | None = None,
+    ) -> None:
+        """Watch memory use (max(active, footprint) as % of the limit) every ``interval_secs``.
+
+        Above ``critical_pct``: ERROR, breadcrumb ``WATCHDOG: CRITICAL``,
+        ``safe_cleanup()``, then ``on_critical()``. Above ``warn_pct``: WARNING
+        and a flush. Otherwise a flush while MLX holds memory. Independent of
+        the periodic flush; replaces a running watchdog.
+        """
+        interval = _interval_secs(interval_secs)
+        warn = _real_arg("warn_pct", warn_pct)
+        critical = _real_arg("critical_pct", critical_pct)
+        if not (_finite(warn) and _finite(critical) and 0 < warn <= critical):
+            raise ValueError(
+                f"need 0 < warn_pct <= critical_pct (finite), got {warn_pct!r} and {critical_pct!r}"
+            )
+        monitor = _Monitor(
+            "metal-guard-watchdog",
+            interval,
+            self._watchdog_tick,
+            warn=warn,
+            critical=critical,
+            on_critical=_callback_arg("on_critical", on_critical),
+            baseline=None,
+        )
+        self._start_monitor("watchdog", monitor)
+        _log().info(
+            "metal_guard: watchdog every %g s (warn %g%%, critical %g%%)", interval, warn, critical
+        )
+
+    def stop_watchdog(self) -> None:
+        """Stop the watchdog (final, also during a tick); no-op when not running."""
+        if self._stop_monitor("watchdog"):
+            _log().info("metal_guard: watchdog stopped")
+
+    def _watchdog_tick(self, monitor: _Monitor) -> None:
+        if self._gpu_busy(monitor):
+            return
+        stats = self.memory_stats()
+        if not stats.limit_bytes:
+            return
+        state = monitor.state
+        in_use = stats.in_use_bytes
+        if state["baseline"] is None:
+            state["baseline"] = in_use
+        drift_gb = (in_use - state["baseline"]) / 1e9
+        pct = 100.0 * in_use / stats.limit_bytes
+        if pct > state["critical"]:
+            _log().error(
+                "metal_guard: watchdog CRITICAL: %.1f%% of the limit in use (> %g%%), drift %+.1f GB: %s",
+                pct,
+                state["critical"],
+                drift_gb,
+                stats,
+            )
+            self._crumb(f"WATCHDOG: CRITICAL active={pct:.1f}% drift={drift_gb:+.1f}GB")
+            self.safe_cleanup()
+            callback = state["on_critical"]
+            if callback is not None and not monitor.stopped.is_set():
+                try:
+                    callback()
+                except Exception as exc:
+                    _log().error("metal_guard: watchdog on_critical callback failed: %r", exc)
+            state["baseline"] = self.memory_stats().in_use_bytes
+        elif pct > state["warn"]:
+            _log().warning(
+                "metal_guard: watchdog: %.1f%% of the limit in use (> %g%%): %s",
+                pct,
+                state["warn"],
+                stats,
+            )
+            self.flush_gpu()
+        elif stats.active_bytes > 0 or stats.peak_pct > 50:
+            self.flush_gpu()
+
+    # -- KV-cache monitor -----------------------------------------------------
+
+    def start_kv_cache_monitor(
+        self,
+        interval_secs: float = 30.0,
+        growth_rate_warn_gb_per_min: float = 1.0,
+        headroom_gb: float = 4.0,
+        on_pressure: Callable[[float, float], None] | None = None,
+    ) -> None:
+        """Watch headroom and growth rate (last 5 min) every ``interval_secs``.
+
+        Headroom below ``headroom_gb`` → WARNING + breadcrumb ``KV_MONITOR:
+        LOW_HEADROOM``; growth above ``growth_rate_warn_gb_per_min`` → WARNING +
+        ``KV_MONITOR: RAPID_GROWTH``; either → ``on_pressure(available_gb,
+        growth_rate)`` once (e.g. ``kv_cache_clear_on_pressure``). Silent while
+        the memory limit is unknown. Replaces a running KV monitor.
+        """
+        interval = _interval_secs(interval_secs)
+        rate = _gb_arg("growth_rate_warn_gb_per_min", growth_rate_warn_gb_per_min)
+        headroom = _gb_arg("headroom_gb", headroom_gb)
+        monitor = _Monitor(
+            "metal-guard-kv-monitor",
+            interval,
+            self._kv_tick,
+            rate_warn=rate,
+            headroom=headroom,
+            on_pressure=_callback_arg("on_pressure", on_pressure),
+            samples=[],
+        )
+        self._start_monitor("kv", monitor)
+        _log().info(
+            "metal_guard: KV-cache monitor every %g s (headroom %g GB, growth %g GB/min)",
+            interval,
+            headroom,
+            rate,
+        )
+
+    def stop_kv_cache_monitor(self) -> None:
+        """Stop the KV-cache monitor (final, also during a tick); no-op when not running."""
+        if self._stop_monitor("kv"):
+            _log().info("metal_guard: KV-cache monitor stopped")
+
+    def _kv_tick(self, monitor: _Monitor) -> None:
+        if self._gpu_busy(monitor):
+            return
+        self._kv_check(monitor, self.memory_stats(), time.monotonic())
+
+    def _kv_check(self, monitor: _Monitor, stats: MemoryStats, now: float) -> None:
+        if not stats.limit_bytes:
+            return
+        state = monitor.state
+        samples: list[tuple[float, float]] = state["samples"]
+        used_gb = stats.in_use_bytes / 1e9
+        samples.append((now, used_gb))
+        while len(samples) > 1 and now - samples[0][0] > _KV_WINDOW_SEC:
+            samples.pop(0)
+        elapsed_min = (now - samples[0][0]) / 60.0
+        rate = (used_gb - samples[0][1]) / elapsed_min if elapsed_min > _KV_MIN_ELAPSED_MIN else 0.0
+        available = (stats.limit_bytes - stats.in_use_bytes) / 1e9
+        low = available < state["headroom"]
+        rapid = rate > state["rate_warn"]
+        if low:
+            _log().warning(
+                "metal_guard: KV monitor: only %.1f GB headroom left (< %g GB), growing %.2f GB/min",
+                available,
+                state["headroom"],
+                rate,
+            )
+            self._crumb(
+                f"KV_MONITOR: LOW_HEADROOM available={available:.1f}GB rate={rate:.2f}GB/min"
+            )
+        if rapid:
+            _log().warning(
+                "metal_guard: KV monitor: memory growing %.2f GB/min (> %g), %.1f GB available",
+                rate,
+                state["rate_warn"],
+                available,
+            )
+            if not low:
+                self._crumb(
+                    f"KV_MONITOR: RAPID_GROWTH rate={rate:.2f}GB/min available={available:.1f}GB"
+                )
+        callback = state["on_pressure"]
+        if (low or rapid) and callback is not None and not monitor.stopped.is_set():
+            try:
+                callback(available, rate)
+            except Exception as exc:
+                _log().error("metal_guard: KV monitor on_pressure callback failed: %r", exc)
+
+
+# =============================================================================
+# 5.5 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware
+# detection, and the ``metal_guard`` singleton.
+#
+# ``detect_hardware()`` spends at most about 2 s in subprocesses in total and
+# never raises; off macOS its fields say "unknown". The abort handler can only
+# be installed from the main thread, chains to the handler it replaced and can
+# be removed again.
+#
+# Provides: MetalGuard, metal_guard
+# Uses: Prelude, MLX access, Memory numbers, Size and hardware tables, Release barrier, Monitors
+# =============================================================================
+
+_HARDWARE_BUDGET_SEC = 2.0
+
+
+def _run_quiet(argv: list[str], timeout: float) -> str | None:
+    """stdout of a short command, or ``None`` (missing, failing, timed out); never raises."""
+    if timeout <= 0:
+        return None
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        _log().debug("metal_guard: %s failed: %r", argv[0], exc)
+        return None
+    if done.returncode != 0:
+        _log().debug("metal_guard: %s exited with %d", argv[0], done.returncode)
+        return None
+    return done.stdout
+
+
+def _gpu_driver_version(timeout: float = 3.0) -> str | None:
+    """The IOGPUFamily kext version (macOS), or ``None``; bounded by ``timeout`` in total."""
+    if _platform() != "darwin":
+        return None
+    deadline = time.monotonic() + timeout
+    out = _run_quiet(["kextstat", "-l", "-b", "com.apple.iokit.IOGPUFamily"], timeout)
+    for line in (out or "").splitlines():
+        if "com.apple.iokit.IOGPUFamily" in line and "(" in line:
+            version = line.split("(", 1)[1].split(")", 1)[0].strip()
+            if version:
+                return version
+    out = _run_quiet(["ioreg", "-rc", "IOGPUFamily", "-d", "1"], deadline - time.monotonic())
+    for line in (out or "").splitlines():
+        if "CFBundleVersion" in line and "=" in line:
+            return line.split("=", 1)[1].strip().strip('"') or None
+    return None
+
+
+def _total_memory_bytes() -> int:
+    """Physical memory from ``sysconf`` (no subprocess); 0 when unknown."""
+    try:
+        return max(0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+class MetalGuard(_MemoryMonitors):
+    """The memory layers of metal-guard: use the module singleton ``metal_guard``.
+
+    ``MetalGuard(cooldown_secs=2.0, thread_timeout_secs=30.0,
+    breadcrumb_path=<default>)``: L1 GPU-thread registry, L2 safe cleanup, L3
+    Metal OOM recovery, L4 pre-load fit check, L5 monitors, plus the
+    breadcrumb log (``METALGUARD_BREADCRUMB_PATH``, else
+    ``$METALGUARD_HOME/breadcrumbs.log``; ``None`` disables). Building one
+    starts nothing: no threads, no files.
+    """
+
+    def wait_for_release(
+        self,
+        baseline_bytes: int | None = None,
+        *,
+        timeout: float = 8.0,
+        slack_bytes: int = _RELEASE_SLACK_DEFAULT,
+    ) -> ReleaseStats:
+        """``wait_for_release`` with this guard's breadcrumbs (see the module function)."""
+        wait = _seconds_arg("timeout", timeout, maximum=_RELEASE_TIMEOUT_MAX)
+        slack = _byte_count("slack_bytes", slack_bytes)
+        baseline = (
+            _load_baseline_bytes()
+            if baseline_bytes is None
+            else _byte_count("baseline_bytes", baseline_bytes)
+        )
+        return _release(baseline, wait, slack, self._crumb)
+
+    def probe_metal_health(self) -> bool:
+        """Evaluate a 1-element array and synchronize: True when MLX answers; never raises."""
+        mx = _mlx()
+        if mx is None:
+            return False
+        self._crumb("PROBE: Metal health check START")
+        try:
+            mx.eval(mx.zeros(1))
+            sync = _mlx_fn(mx, "synchronize")
+            if sync is not None:
+                sync()
+        except Exception as exc:
+            self._crumb(f"PROBE: Metal health check FAILED {type(exc).__name__}: {_label(exc)}")
+            _log().warning("metal_guard: Metal health check failed: %s", _label(exc))
+            return False
+        self._crumb("PROBE: Metal health check OK")
+        return True
+
+    # -- SIGABRT ----------------------------------------------------------------
+
+    def install_abort_handler(self) -> None:
+        """Write a ``SIGABRT:`` breadcrumb when the process is aborted (main thread only).
+
+        The previous handler is kept: after the breadcrumb, a Python handler
+        it replaced is called, otherwise the previous disposition is restored
+        and the signal re-sent, so the process still dies as it would have.
+        Python runs signal handlers between bytecodes of the main thread: an
+        ``abort()`` inside MLX's C++ code usually kills the process before
+        that, so this catches Python-visible aborts only.
+        """
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                "install_abort_handler() must be called from the main thread (Python installs "
+                "signal handlers only there); call it at start-up"
+            )
+        with self._lock:
+            if self._abort_handler is not None:
+                return  # already installed: keep the original previous handler
+            previous = signal.getsignal(signal.SIGABRT)
+            handler = self._abort_handler_for(previous)
+            signal.signal(signal.SIGABRT, handler)
+            self._abort_handler, self._abort_previous = handler, previous
+        self._crumb("SIGABRT handler installed")
+        _log().info("metal_guard: SIGABRT handler installed")
+
+    def _abort_handler_for(self, previous: Any) -> Callable[[int, Any], None]:
+        import signal
+
+        def on_sigabrt(signum: int, frame: Any) -> None:
+            try:
+                self._crumb(
+                    f"SIGABRT: process {os.getpid()} is aborting (an MLX/Metal assertion or "
+                    "an uncaught C++ exception?); see the lines above for the last MLX work"
+                )
+                _log().critical("metal_guard: SIGABRT received: the process is aborting")
+            except Exception:
+                pass
+            if callable(previous):
+                previous(signum, frame)
+                return
+            keep = previous if previous in (signal.SIG_DFL, signal.SIG_IGN) else signal.SIG_DFL
+            signal.signal(signal.SIGABRT, keep)
+            if keep == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGABRT)
+
+        return on_sigabrt
+
+    def uninstall_abort_handler(self) -> bool:
+        """Restore the SIGABRT handler that ``install_abort_handler`` replaced (main thread only).
+
+        True when it was restored; False when none was installed, or another
+        handler has replaced ours since (that one is left in place).
+        """
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("uninstall_abort_handler() must be called from the main thread")
+        with self._lock:
+            handler, previous = self._abort_handler, self._abort_previous
+            if handler is None:
+                return False
+            self._abort_handler = self._abort_previous = None
+            if signal.getsignal(signal.SIGABRT) is not handler:
+                return False
+            signal.signal(signal.SIGABRT, signal.SIG_DFL if previous is None else previous)
+        self._crumb("SIGABRT handler removed")
+        return True
+
+    # -- hardware -------------------------------------------------------------
+
+    @staticmethod
+    def detect_hardware() -> dict[str, Any]:
+        """GPU memory, chip, recommended working set, tier and GPU driver version; never raises.
+
+        Keys ``gpu_memory_gb`` (GiB, 1 decimal), ``chip``,
+        ``recommended_working_set_gb``, ``tier`` (``low`` ≤ 16 GiB, ``mid`` ≤
+        64, ``high``), ``gpu_driver_version``. Off macOS (no unified GPU
+        memory): 0.0, ``"unknown"``, 0.0, ``"unknown"``, ``None``. Subprocesses
+        get about 2 s in total.
+        """
+        deadline = time.monotonic() + _HARDWARE_BUDGET_SEC
+        result: dict[str, Any] = {
+            "gpu_memory_gb": 0.0,
+            "chip": "unknown",
+            "recommended_working_set_gb": 0.0,
+            "tier": "unknown",
+            "gpu_driver_version": None,
+        }
+        if _platform() != "darwin":
+            return result
+        recommended = total = 0
+        try:
+            mx = _mlx()
+            device_info = None if mx is None else _mlx_fn(mx, "device_info")
+            info = device_info() if device_info is not None else {}
+            recommended = int(info.get("max_recommended_working_set_size", 0) or 0)
+            total = int(info.get("memory_size", 0) or 0)
+        except Exception as exc:
+            _log().debug("metal_guard: device_info() failed: %r", exc)
+        total = total or _total_memory_bytes()
+        if not total:
+            out = _run_quiet(["sysctl", "-n", "hw.memsize"], deadline - time.monotonic())
+            total = int(out.strip()) if out and out.strip().isdigit() else 0
+        if not recommended and total:
+            recommended = int(total * 0.75)
+        chip = _run_quiet(["sysctl", "-n", "machdep.cpu.brand_string"], deadline - time.monotonic())
+        gib = total / (1 << 30)
+        result.update(
+            gpu_memory_gb=round(gib, 1),
+            chip=(chip or "").strip() or "unknown",
+            recommended_working_set_gb=round(recommended / (1 << 30), 1),
+            tier=_hardware_tier(gib),
+            gpu_driver_version=_gpu_driver_version(max(0.0, deadline - time.monotonic())),
+        )
+        return result
+
+    @classmethod
+    def recommended_config(cls) -> dict[str, Any]:
+        """``detect_hardware()`` merged with the advisory settings of its tier (nothing is applied).
+
+        An ``unknown`` tier gets the ``low`` column, the most careful one.
+        """
+        hardware = cls.detect_hardware()
+        return {**hardware, **_HARDWARE_TIERS.get(hardware["tier"], _HARDWARE_TIERS["low"])}
+
+    def __repr__(self) -> str:
+        return (
+            f"MetalGuard(cooldown_secs={self.cooldown_secs:g}, "
+            f"thread_timeout_secs={self.thread_timeout_secs:g}, "
+            f"breadcrumb_path={self._breadcrumb_path!r})"
+        )
 
 
 metal_guard = MetalGuard()
+
+
+# =============================================================================
+# 5.6 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
+#
+# ``bench_scoped_load`` admits the load through the cadence guard, holds the
+# MLX lock from before the load to after the release (released on every
+# path, also when the load raises), and on exit waits for the memory to come
+# back instead of sleeping a fixed 8 s.
+#
+# Provides: bench_scoped_load, kv_cache_clear_on_pressure
+# Uses: Prelude, Files, Locks, Breadcrumbs, MLX access, Memory numbers, Model identity, Cadence,
+#   Release barrier, Memory layers, MetalGuard
+# =============================================================================
+
+_BENCH_BACKENDS = {"mlx": "mlx_lm", "mlx-lm": "mlx_lm", "mlx-vlm": "mlx_vlm"}
+_BENCH_RELEASE_TIMEOUT_SEC = 8.0  # the original's fixed sleep, now an upper bound
+_BENCH_ACTIVE_NOTE_BYTES = 4e9
+
+
+class _BenchLock:
+    """Stand-in for ``mlx_exclusive_lock("bench_scoped_load")`` (the MLX lock, L8).
+
+    The same lock file and semantics (a process-wide, reentrant flock that
+    must exclude); it fails at once when another process holds it.
+    """
+
+    def __init__(self) -> None:
+        path = _env_path("MLX_LOCK_PATH", None) or _state_file("mlx_exclusive.lock")
+        self.lock = _FileLock(
+            path, None, per_thread=False, must_exclude=True, env_var="MLX_LOCK_PATH"
+        )
+
+    def __enter__(self) -> _BenchLock:
+        self.lock.acquire(timeout=0.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def _bench_lock() -> _BenchLock:
+    # TODO(merge): replace with mlx_exclusive_lock("bench_scoped_load") once the MLX
+    # lock section is in; bench_scoped_load only needs a context manager.
+    return _BenchLock()
+
+
+class bench_scoped_load:
+    """``with bench_scoped_load(model_id) as (model, tokenizer):`` — one guarded load.
+
+    Entry: breadcrumb ``BENCH_SCOPED_LOAD: ENTER``, the MLX lock, cadence
+    admission (``require_cadence_clear``: may raise ``CadenceViolation``),
+    ``mlx_lm.load`` (``backend="mlx"``/``"mlx-lm"``) or ``mlx_vlm.load``
+    (``"mlx-vlm"``). Exit: ``safe_cleanup()``, ``wait_for_release()`` (8 s
+    upper bound) back to the memory before the load, ``mark_unload``, release
+    the lock — on every path, also when the load raises. Drop your own
+    references inside the ``with`` (``del model, tokenizer``), or the memory
+    cannot be freed. ``release`` holds what the release barrier saw.
+    """
+
+    def __init__(self, model_id: StrPath, *, backend: str = "mlx") -> None:
+        if backend not in _BENCH_BACKENDS:
+            raise ValueError(f"backend must be 'mlx', 'mlx-lm' or 'mlx-vlm', got {backend!r}")
+        canonical_model_id(model_id)  # a caller bug surfaces before anything happens
+        self.model_id = model_id
+        self.backend = backend
+        self.baseline_bytes: int | None = None
+        self.release: ReleaseStats | None = None
+        self._lock: Any = None
+        self._loaded: Any = None
+
+    def __enter__(self) -> Any:
+        label = _label(self.model_id)
+        _breadcrumb(f"BENCH_SCOPED_LOAD: ENTER {label} backend={self.backend}")
+        _log().info("metal_guard: bench_scoped_load %s (backend %s)", label, self.backend)
+        lock = _bench_lock()
+        lock.__enter__()
+        admitted = False
+        try:
+            require_cadence_clear(self.model_id)
+            admitted = True
+            self.baseline_bytes = _remember_load_baseline()
+            vlm = self.backend == "mlx-vlm"
+            _breadcrumb(f"BENCH_SCOPED_LOAD: direct {'vlm ' if vlm else ''}load {label}")
+            import importlib
+
+            loader = importlib.import_module(_BENCH_BACKENDS[self.backend])
+            self._loaded = loader.load(self.model_id)
+        except BaseException:
+            self._finish(lock, admitted)
+            raise
+        self._lock = lock
+        return self._loaded
+
+    def __exit__(self, *exc: object) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            self._finish(lock, True)
+
+    def _finish(self, lock: Any, admitted: bool) -> None:
+        """Unload and release; never raises, and the lock is released whatever happens."""
+        label = _label(self.model_id)
+        try:
+            self._loaded = None
+            if not admitted:
+                return
+            _breadcrumb(f"BENCH_SCOPED_LOAD: EXIT {label} — unloading + cooldown")
+            _log().info("metal_guard: bench_scoped_load %s: unloading", label)
+            metal_guard.safe_cleanup()
+            _reset_peak_memory()
+            stats = wait_for_release(self.baseline_bytes, timeout=_BENCH_RELEASE_TIMEOUT_SEC)
+            self.release = stats
+            if stats.active_bytes > _BENCH_ACTIVE_NOTE_BYTES:
+                _log().info(
+                    "metal_guard: %.1f GB still active after unloading %s", stats.active_gb, label
+                )
+            CadenceGuard().mark_unload(self.model_id)
+            _breadcrumb(f"BENCH_SCOPED_LOAD: EXIT {label} done, active={stats.active_gb:.1f}GB")
+            _log().info("metal_guard: bench_scoped_load %s done: %s", label, stats)
+        except Exception as exc:
+            _log().warning("metal_guard: bench_scoped_load cleanup of %s failed: %r", label, exc)
+        finally:
+            lock.__exit__(None, None, None)
+
+    def __repr__(self) -> str:
+        return f"bench_scoped_load({self.model_id!r}, backend={self.backend!r})"
+
+
+def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: float) -> None:
+    """Ready-made ``on_pressure`` for the KV monitor: one WARNING, then ``mx.clear_cache()``.
+
+    Clears only MLX's buffer cache (memory MLX keeps for reuse), never an
+    application's own caches. Without MLX it does nothing; a failing clear is
+    logged at ERROR.
+    """
+    available = _real_arg("available_gb", available_gb)
+    rate = _real_arg("growth_rate_gb_per_min", growth_rate_gb_per_min)
+    mx = _mlx()
+    if mx is None:
+        return
+    _log().warning(
+        "metal_guard: memory pressure (%.1f GB available, growing %.2f GB/min); "
+        "clearing the MLX buffer cache",
+        available,
+        rate,
+    )
+    _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), level=_ERROR)
 
 
 # =============================================================================
@@ -3814,7 +5352,7 @@ def _ago(ts: float | None, now: float) -> str:
 #
 # Provides: main
 # Uses: Prelude, Files, Breadcrumbs, MLX access, Registry, Panic signatures, Panic reports,
-#   Cadence, Panic archive, Circuit breaker, Guard object, Command line
+#   Cadence, Panic archive, Circuit breaker, MetalGuard, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------

@@ -11,7 +11,10 @@ folder, then runs them one after the other the way a worker should:
 4. ``subprocess_inference_guard`` around every ``mlx_lm.generate`` call and around a
    ``mlx_lm.stream_generate`` loop;
 5. unload marks, so cadence intervals count from the unload;
-6. the breadcrumb tail (forensics that survive a kernel panic).
+6. the memory layers (``MetalGuard``): a fit check before a load, a guarded cleanup, the
+   release barrier's measured drop, and the watchdog catching a deliberate allocation
+   spike of real MLX memory;
+7. the breadcrumb tail (forensics that survive a kernel panic).
 
 Every step checks its own outcome; the run ends with a table of expected vs observed
 behaviour and exits 1 if any step did not behave as stated. The intervals are short so
@@ -58,6 +61,7 @@ from metal_guard import (  # noqa: E402
     CadenceGuard,
     CadenceViolation,
     CrossModelCadenceViolation,
+    MetalGuard,
     canonical_model_id,
     check_known_panic_model,
     gemma4_generation_flush,
@@ -65,6 +69,7 @@ from metal_guard import (  # noqa: E402
     read_breadcrumbs,
     require_cadence_clear,
     subprocess_inference_guard,
+    wait_for_release,
     warn_if_known_panic_model,
 )
 from metal_guard import metal_guard as guard_singleton  # noqa: E402
@@ -209,6 +214,7 @@ class Pipeline:
         self.blocking_events: set[tuple[str, float]] = set()  # (model, event time)
         self.admits = 0
         self.advisory_warnings = 0
+        self.memory_warnings = 0  # the fit miss and the watchdog's CRITICAL, both on purpose
 
     # one guarded mlx_lm.generate call
     def generate(self, model_id: str, model: Any, tokenizer: Any) -> str:
@@ -475,8 +481,135 @@ class Pipeline:
             status["last_model"] == canonical_model_id(llama) and FLOOR - 10 < blocked <= FLOOR,
         )
 
+    def memory_layers(self, guard: CadenceGuard, models_dir: Path) -> None:
+        section(
+            "6. Memory layers (MetalGuard): fit check, guarded cleanup, release barrier, watchdog"
+        )
+        r, mx, mlx_lm = self.report, self.mx, self.mlx_lm
+        from tiny_models import build_tiny_model
+
+        wide = build_tiny_model(
+            models_dir / "tiny-llama-wide", "llama", seed=3, hidden=512, layers=4
+        )
+        size_gb = sum(p.stat().st_size for p in Path(wide).glob("*.safetensors")) / 1e9
+        # Short cooldowns and thread waits: the demo's own guard (the singleton keeps 2 s / 30 s).
+        mem = MetalGuard(cooldown_secs=0.2, thread_timeout_secs=2)
+        spike_bytes = 300 << 20
+        base = mem.memory_stats().in_use_bytes
+        limit = base + int(spike_bytes * 1.5)
+        real_info = mx.device_info
+        print(
+            "  MLX on a CPU reports no memory limit, so mx.device_info is wrapped for this step to\n"
+            f"  report one: what this process uses now ({base / 1e9:.2f} GB: max(MLX active, process\n"
+            f"  footprint)) + {1.5 * spike_bytes / 1e9:.2f} GB = {limit / 1e9:.2f} GB. The memory itself is real."
+        )
+        mx.device_info = lambda: {**real_info(), "max_recommended_working_set_size": limit}
+        first_warning = len(self.logs.warnings())
+        try:
+            fits = mem.can_fit(size_gb, overhead_gb=0.05)
+            too_big = mem.can_fit(2.0, overhead_gb=0.05)
+            try:
+                mem.require_fit(2.0, "a 2 GB model", overhead_gb=0.05)
+                refusal = "no refusal"
+            except MemoryError as exc:
+                refusal = str(exc)
+            r.note(f"require_fit refusal: {refusal}")
+            r.check(
+                "fit check before a load",
+                f"{size_gb * 1000:.0f} MB model fits; 2 GB refused",
+                f"fits {fits}; 2 GB fits {too_big}; "
+                + ("refused" if refusal.startswith("Cannot fit a 2 GB model") else refusal),
+                fits and not too_big and refusal.startswith("Cannot fit a 2 GB model (2.0GB)"),
+            )
+
+            exc = self.refuse(guard, wide)  # the llama was unloaded a moment ago
+            if exc is not None:
+                time.sleep(exc.remaining_sec + 0.05)
+                require_cadence_clear(wide, guard=guard)
+                self.admits += 1
+            baseline = mx.get_active_memory()
+            crumb_mark = len(read_breadcrumbs(5000))
+            with mem.guarded_cleanup():  # safe_cleanup() after the body, even if it raised
+                model, tokenizer = mlx_lm.load(wide)[:2]
+                loaded = mx.get_active_memory()
+                text = self.generate(wide, model, tokenizer)
+                del model, tokenizer  # the caller's references: only the caller can drop them
+            tail = [line.split(" ", 2)[2] for line in read_breadcrumbs(5000)[crumb_mark:]]
+            cleanup = [m for m in tail if m.startswith(("CLEANUP", "FLUSH"))]
+            r.note(f"generated {text!r}; guarded cleanup wrote {cleanup}")
+            r.check(
+                "guarded cleanup",
+                "CLEANUP START, flush, DONE after the body",
+                f"{len(cleanup)} lines: {cleanup[0] if cleanup else '-'} … {cleanup[-1] if cleanup else '-'}",
+                cleanup[:1] == ["CLEANUP: START"]
+                and cleanup[-1:] == ["CLEANUP: DONE"]
+                and "FLUSH: mx.clear_cache()" in cleanup,
+            )
+            release = wait_for_release(timeout=8.0)  # back to the memory before the admit
+            guard.mark_unload(wide)
+            dropped = (loaded - release.active_bytes) / 1e6
+            r.note(f"release barrier: {release}")
+            r.check(
+                "release barrier",
+                "back to the pre-load baseline",
+                f"{loaded / 1e6:.1f} → {release.active_bytes / 1e6:.1f} MB (−{dropped:.1f} MB), "
+                f"waited {release.waited_sec:.3f} s",
+                release.released
+                and release.baseline_bytes == baseline
+                and release.active_bytes <= baseline + (1 << 20)
+                and dropped > size_gb * 1000 * 0.9,
+            )
+
+            before_pct = 100 * mem.memory_stats().in_use_bytes / limit
+            critical = round((before_pct + 100) / 2, 1)
+            alarms: list[float] = []
+            mem.start_watchdog(
+                0.05,
+                warn_pct=critical,
+                critical_pct=critical,
+                on_critical=lambda: alarms.append(time.monotonic()),
+            )
+            print(
+                f"  watchdog every 0.05 s, critical at {critical:g}% (in use now {before_pct:.1f}%);"
+                f" allocating {spike_bytes / 1e6:.0f} MB of real MLX memory"
+            )
+            time.sleep(0.3)
+            quiet = not alarms
+            start = time.monotonic()
+            spike = mx.ones((spike_bytes // 4,), dtype=mx.float32)
+            mx.eval(spike)
+            deadline = start + 10
+            while not alarms and time.monotonic() < deadline:
+                time.sleep(0.01)
+            mem.stop_watchdog()
+            del spike
+            caught = [
+                line.split(" ", 2)[2]
+                for line in read_breadcrumbs(50)
+                if " WATCHDOG: CRITICAL " in line
+            ]
+            r.note(f"watchdog breadcrumb: {caught[0] if caught else 'none'}")
+            r.check(
+                "watchdog catches a spike",
+                "quiet before; CRITICAL after the spike",
+                f"quiet before {quiet}; on_critical after {alarms[0] - start:.2f} s"
+                if alarms
+                else "no alarm",
+                quiet and bool(alarms) and bool(caught),
+            )
+        finally:
+            mx.device_info = real_info
+            mem.stop_watchdog()
+        new = self.logs.warnings()[first_warning:]
+        expected = [
+            w
+            for w in new
+            if "does not fit" in w.getMessage() or "watchdog CRITICAL" in w.getMessage()
+        ]
+        self.memory_warnings = len(expected)
+
     def breadcrumbs(self, llama: str, gemma: str) -> None:
-        section("6. Breadcrumbs (read_breadcrumbs): the forensic trail of this run")
+        section("7. Breadcrumbs (read_breadcrumbs): the forensic trail of this run")
         r, args = self.report, self.args
         path = guard_singleton.breadcrumb_path
         tag = f" pid={os.getpid()} "
@@ -657,12 +790,16 @@ def main(argv: list[str] | None = None) -> int:
         earlier_wait = pipeline.llama_phase(guard, llama, gemma)
         pipeline.gemma_phase(guard, llama, gemma, earlier_wait)
         pipeline.llama_again(guard, llama, gemma)
+        pipeline.memory_layers(guard, models_dir)
     except Exception as exc:  # report what happened, then the summary (exit 1)
         report.check("pipeline", "runs to the end", f"aborted: {type(exc).__name__}: {exc}", False)
     pipeline.breadcrumbs(llama, gemma)
-    unexpected = len(logs.warnings()) - pipeline.advisory_warnings
+    unexpected = len(logs.warnings()) - pipeline.advisory_warnings - pipeline.memory_warnings
     report.check(
-        "library warnings", "only the advisory", f"{unexpected} other WARNING(s)", unexpected == 0
+        "library warnings",
+        "only the intended ones",
+        f"{unexpected} other WARNING(s)",
+        unexpected == 0,
     )
 
     if not args.keep_models:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,36 @@ def _assigned_names(node: ast.stmt) -> set[str]:
     return names
 
 
+def _local_names(func: ast.AST) -> set[str]:
+    """Names a function binds itself (arguments, assignments, local imports)."""
+    bound: set[str] = set()
+    declared_global: set[str] = set()
+    for sub in ast.walk(func):
+        if isinstance(sub, ast.arg):
+            bound.add(sub.arg)
+        elif isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
+            bound.add(sub.id)
+        elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in sub.names}
+        elif isinstance(sub, (ast.Global, ast.Nonlocal)):
+            declared_global |= set(sub.names)
+        elif isinstance(sub, ast.ExceptHandler) and sub.name:
+            bound.add(sub.name)
+    return bound - declared_global
+
+
+def _module_name_uses(
+    node: ast.AST, local: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, int]]:
+    """(name, line) of every use of a module-level name inside ``node``."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        local = local | _local_names(node)
+    if isinstance(node, ast.Name) and node.id not in local:
+        yield node.id, node.lineno
+    for child in ast.iter_child_nodes(node):
+        yield from _module_name_uses(child, local)
+
+
 @pytest.fixture(scope="module")
 def sections() -> list[Section]:
     found = _sections()
@@ -118,9 +149,9 @@ def sections() -> list[Section]:
         section = _section_of(found, node.lineno)
         if section is None:
             continue
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Name) and sub.id in owner and owner[sub.id] is not section:
-                section.used.setdefault(sub.id, sub.lineno)
+        for name, line in _module_name_uses(node):
+            if name in owner and owner[name] is not section:
+                section.used.setdefault(name, line)
     return found
 
 

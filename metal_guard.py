@@ -2600,7 +2600,7 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
     (
         "impacting_interactivity",
         _PROCESS,
-        ("impactinginteractivity", "impacting interactivity"),
+        ("interactivity",),
         r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity|Impacting\s+Interactivity",
         "Metal command buffer killed by the GPU watchdog "
         "(kIOGPUCommandBufferCallbackErrorImpactingInteractivity): one GPU job ran so long that "
@@ -2613,7 +2613,7 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
     (
         "gpu_timeout",
         _PROCESS,
-        ("callbackerrortimeout", "gpu timeout"),
+        ("timeout",),
         r"kIOGPUCommandBufferCallbackErrorTimeout\b|Caused\s+GPU\s+Timeout",
         "Metal command buffer timed out on the GPU (kIOGPUCommandBufferCallbackErrorTimeout): "
         "the process failed, the Mac did not panic",
@@ -2634,7 +2634,7 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
     (
         "submissions_ignored",
         _PROCESS,
-        ("submissionsignored", "prior/excessive gpu errors"),
+        ("submissionsignored", "prior/excessive"),
         r"kIOGPUCommandBufferCallbackErrorSubmissionsIgnored|SubmissionsIgnored"
         r"|Ignored\s+\(for\s+causing\s+prior/excessive\s+GPU\s+errors\)",
         "Metal refused this process's GPU work (kIOGPUCommandBufferCallbackErrorSubmissionsIgnored) "
@@ -3603,7 +3603,8 @@ class CircuitBreaker:
 # ``~=``, ``==X.Y.*``, comma-joined; epochs, pre-, post-, dev- and local
 # versions ordered as PEP 440), so ``packaging`` is never imported. A pre- or
 # dev-release inside an affected range counts as affected, exactly as
-# ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` decides.
+# ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
+# ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
 # Provides: check_version_advisories, _VERSION_ADVISORIES, _spec_matches,
 #           _parse_version, _installed_version, _SEVERITY_ORDER
@@ -3852,17 +3853,21 @@ def _clause_matches(op: str, spec: _Version, wildcard: bool, candidate: _Version
         return public >= wanted
     if op == "~=":
         return public >= wanted and _release_prefix_matches(candidate, spec[1][:-1], spec[0])
-    same_base = _base_key(candidate) == _base_key(spec)
-    if op == "<":  # <V never admits a pre-release of V itself unless V is one
-        is_pre = candidate[2] is not None or candidate[4] is not None
-        spec_pre = spec[2] is not None or spec[4] is not None
-        return _version_key(candidate) < wanted and not (is_pre and not spec_pre and same_base)
-    # >V never admits a post-release or a local version of V itself (unless V is a post)
-    return (
-        _version_key(candidate) > wanted
-        and not (candidate[3] is not None and spec[3] is None and same_base)
-        and not (candidate[5] is not None and same_base)
-    )
+    key = _version_key(candidate)
+    epoch, release, pre, post, dev, _ = spec
+    if op == "<":  # <V admits no pre-release of V itself unless V is one: below V.dev0
+        bound = (
+            spec if pre is not None or dev is not None else (epoch, release, None, post, 0, None)
+        )
+        return key < _version_key(bound)
+    # >V admits none of V's own later versions: V+local, and the post-releases of a
+    # final or pre-release V (those share V's epoch, release and pre segment).
+    if dev is not None:
+        return key >= _version_key((epoch, release, pre, post, dev + 1, None))
+    if post is not None:
+        return key >= _version_key((epoch, release, pre, post + 1, 0, None))
+    same_family = _base_key(candidate) == _base_key(spec) and candidate[2] == pre
+    return key > wanted and not same_family
 
 
 def _spec_matches(spec: str, version: str) -> bool:

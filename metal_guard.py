@@ -5033,15 +5033,22 @@ def _on_macos() -> bool:
 
 
 def _stop_process(proc: Any) -> None:
-    """SIGTERM, half a second to exit, SIGKILL only then; reaped either way."""
+    """SIGTERM, half a second to exit, SIGKILL only then; reaped either way.
+
+    Waits for the process, not for its output: a grandchild that inherited the
+    pipe could otherwise hold us until it exits.
+    """
     import subprocess
 
     proc.terminate()
     try:
-        proc.communicate(timeout=0.5)
+        proc.wait(timeout=0.5)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _run_bounded(argv: list[str], timeout: float) -> str | None:

@@ -4278,7 +4278,7 @@ def describe_prefill_plan(
 # section states only what the ``guards`` entry says.
 #
 # Provides: format_panic_for_apple_feedback
-# Uses: configuration (_label, _int_arg), breadcrumbs (_escape_line)
+# Uses: configuration (_label, _int_arg), breadcrumbs (_escape_line), model identity (_regex)
 # =============================================================================
 
 _FEEDBACK_RELATED_ISSUES = (

@@ -28,15 +28,13 @@ Map of this module (sections in dependency order, each opens with a banner):
  9. Panic reports   ``detect_panic_signature``, ``parse_panic_reports``,
                     ``ingest_panics_jsonl``, ``read_panic_archive``,
                     ``CircuitBreaker`` and ``MLXCooldownActive``.
- 3.7 Advisories     ``check_version_advisories`` (own PEP 440 subset matcher).
- 3.8 Estimators     ``ModelDims``, ``KNOWN_MODELS``, ``lookup_dims``, prefill sizing.
- 3.9 Feedback       ``format_panic_for_apple_feedback``.
- 4.5 KV tracker     ``KVGrowthTracker``, ``kv_tracker``.
- 5.7 Wired limit    ``limit_wired_memory``, ``restore_wired_memory``,
-                    ``describe_wired_limit``.
- 5.8 Patches        ``install_upstream_defensive_patches``.
- 5.9 Audits         ``audit_wired_limit``, ``read_gpu_driver_version``,
-                    ``log_system_audit_at_startup``.
+3.5 Version advisories — MLX, mlx-lm and mlx-vlm releases with known bugs.
+3.6 Estimators — prefill and KV-cache sizes from a model's dimensions.
+3.7 Apple Feedback — a kernel panic formatted for Feedback Assistant.
+4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
+5.3 Wired-limit control — keep MLX from wiring the recommended working set.
+5.4 Upstream patches — defects of installed MLX packages fixed in place.
+5.5 System audits — wired-memory setting, GPU driver, MLX settings.
 10. Command line    ``main`` (``metal-guard`` / ``python -m metal_guard``).
 
 Importing has no side effects: no files, threads, environment reads or heavy
@@ -100,8 +98,8 @@ __all__ = [
     "ingest_panics_jsonl",
     "parse_panic_reports",
     "read_panic_archive",
-    # 3.7-3.9 Version advisories, estimators, Apple Feedback; 4.5 KV growth tracker;
-    # 5.7-5.9 wired-limit control, upstream patches, system audits
+    # 3.5-3.7 Version advisories, Estimators, Apple Feedback; 4.4 KV growth tracker;
+    # 5.3-5.5 Wired-limit control, Upstream patches, System audits
     "KNOWN_MODELS",
     "KVGrowthTracker",
     "ModelDims",
@@ -3594,7 +3592,7 @@ class CircuitBreaker:
 
 
 # =============================================================================
-# 3.7 Version advisories — MLX, mlx-lm and mlx-vlm releases with known panic- or
+# 3.5 Version advisories — MLX, mlx-lm and mlx-vlm releases with known panic- or
 # crash-class bugs, and the small PEP 440 matcher that decides which apply.
 #
 # Installed versions come from package metadata (``importlib.metadata``), never
@@ -3608,7 +3606,7 @@ class CircuitBreaker:
 #
 # Provides: check_version_advisories, _VERSION_ADVISORIES, _spec_matches,
 #           _parse_version, _installed_version, _SEVERITY_ORDER
-# Uses: configuration, model identity (_regex)
+# Uses: Prelude, Model identity
 # =============================================================================
 
 _SEVERITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "medium": 2, "info": 3}
@@ -3945,7 +3943,7 @@ def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[
 
 
 # =============================================================================
-# 3.8 Estimators — prefill and KV-cache sizes from a model's dimensions.
+# 3.6 Estimators — prefill and KV-cache sizes from a model's dimensions.
 #
 # The formulas are the original metal-guard's (they are the contract): the
 # larger of the attention-score matrix (heads × ctx² × dtype) and the whole
@@ -3954,11 +3952,10 @@ def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[
 # and ignore weights, activations and sliding-window layers; they are a
 # planning aid. Nothing in the library refuses work on them by itself.
 #
-# Provides: ModelDims, KNOWN_MODELS (built on first access), lookup_dims,
+# Provides: ModelDims, KNOWN_MODELS, lookup_dims,
 #           estimate_prefill_peak_alloc_gb, require_prefill_fit,
 #           recommend_chunk_size, describe_prefill_plan, __getattr__
-# Uses: configuration, state files (_read_bounded), MLX access (MetalOOMError),
-#       model identity
+# Uses: Prelude, Files, MLX access, Model identity
 # =============================================================================
 
 
@@ -4270,7 +4267,7 @@ def describe_prefill_plan(
 
 
 # =============================================================================
-# 3.9 Apple Feedback — a kernel panic formatted for Feedback Assistant.
+# 3.7 Apple Feedback — a kernel panic formatted for Feedback Assistant.
 #
 # Pure text formatting, no I/O: the caller collects the facts (a record from
 # ``parse_panic_reports``, ``read_breadcrumbs``, ``check_version_advisories``,
@@ -4278,7 +4275,7 @@ def describe_prefill_plan(
 # section states only what the ``guards`` entry says.
 #
 # Provides: format_panic_for_apple_feedback
-# Uses: configuration (_label, _int_arg), breadcrumbs (_escape_line), model identity (_regex)
+# Uses: Prelude, Breadcrumbs, Model identity
 # =============================================================================
 
 _FEEDBACK_RELATED_ISSUES = (
@@ -4426,7 +4423,7 @@ def format_panic_for_apple_feedback(
 
 
 # =============================================================================
-# 4.5 KV growth tracker — per-request KV-cache bytes against a ceiling.
+# 4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
 #
 # The caller reports the bytes each decoding step added; crossing the
 # request's ceiling aborts the request with ``MetalOOMError`` before the KV
@@ -4435,7 +4432,7 @@ def format_panic_for_apple_feedback(
 # shared ``kv_tracker`` costs one dict and one lock at import.
 #
 # Provides: KVGrowthTracker, kv_tracker
-# Uses: configuration, MLX access (MetalOOMError), breadcrumbs (_breadcrumb)
+# Uses: Prelude, Breadcrumbs, MLX access
 # =============================================================================
 
 _KV_IDLE_EXPIRY_SEC = 3600.0
@@ -4578,7 +4575,7 @@ kv_tracker = KVGrowthTracker()
 
 
 # =============================================================================
-# 5.7 Wired-limit control — keep MLX from wiring the recommended working set.
+# 5.3 Wired-limit control — keep MLX from wiring the recommended working set.
 #
 # mlx-lm wires the device's recommended working set around every generate
 # (``wired_limit`` in mlx_lm.generate) and ``mlx_lm.server`` does so at start.
@@ -4593,7 +4590,7 @@ kv_tracker = KVGrowthTracker()
 #
 # Provides: limit_wired_memory, restore_wired_memory, describe_wired_limit,
 #           _WIRED_ENV_VAR
-# Uses: configuration, MLX access (_mlx, _mlx_fn), breadcrumbs (_breadcrumb)
+# Uses: Prelude, Breadcrumbs, MLX access
 # =============================================================================
 
 _WIRED_ENV_VAR = "METALGUARD_WIRED_LIMIT"
@@ -4910,14 +4907,14 @@ def describe_wired_limit() -> dict[str, Any]:
 
 
 # =============================================================================
-# 5.8 Upstream patches — defects of installed MLX packages fixed in place.
+# 5.4 Upstream patches — defects of installed MLX packages fixed in place.
 #
 # Each patch is gated on the exact release that has the defect (``force=True``
 # applies it anyway), is idempotent (a marker on the replacement), never
 # raises, and logs one WARNING naming what it patched.
 #
 # Provides: install_upstream_defensive_patches, _patch_mlx_lm_1128
-# Uses: configuration, version advisories (_installed_version)
+# Uses: Prelude, Version advisories
 # =============================================================================
 
 _PATCH_MARK = "_metal_guard_safe"
@@ -5006,7 +5003,7 @@ def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool
 
 
 # =============================================================================
-# 5.9 System audits — the machine's wired-memory setting, the GPU driver
+# 5.5 System audits — the machine's wired-memory setting, the GPU driver
 # version and MLX settings known to wedge the GPU.
 #
 # The macOS facts come from ``sysctl``, the IOGPUFamily kext's Info.plist,
@@ -5017,7 +5014,7 @@ def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool
 #
 # Provides: audit_wired_limit, read_gpu_driver_version,
 #           log_system_audit_at_startup, _sysctl, _WIRED_LIMIT_WARN_RATIO
-# Uses: configuration, state files (_read_bounded), model identity (_regex)
+# Uses: Prelude, Files, Model identity
 # =============================================================================
 
 _WIRED_LIMIT_WARN_RATIO = 0.85

@@ -1,16 +1,20 @@
 # metal-guard developer tasks (GNU make; Linux and macOS).
 #
 #   make test    ruff, mypy --strict, then the test suite twice: with real MLX + mlx-lm
-#                (.venv) and without MLX (.venv-nomlx)
+#                (.venv, which also gets pytest, ruff, mypy, build and twine) and without
+#                MLX (.venv-nomlx)
 #   make lint    ruff + mypy --strict
-#   make demo    run examples/guarded_pipeline.py in .venv
+#   make demo    run examples/guarded_pipeline.py in .venv, installing only what the demo
+#                needs: the library with MLX + mlx-lm (none of the test or dev tools)
 #   make bench   run bench/run_all.py in .venv
 #   make dist    build the sdist and wheel into dist/ and run twine check
 #   make clean   remove virtual environments, temp files, build output and caches
 #
 # Override the interpreter used to create the environments with PYTHON=..., e.g.
 # `make test PYTHON=python3.12`, and pass extra pytest options with PYTEST_ARGS=...
-# The environments are (re)installed only when pyproject.toml changes.
+# The environments are (re)installed only when pyproject.toml changes. .venv has two
+# stamps: .installed (everything, for test/lint/bench/dist) and .installed-demo (the
+# demo's needs, already met when .installed is current).
 
 PYTHON ?= python3
 PYTEST_ARGS ?=
@@ -20,6 +24,7 @@ VENV_NOMLX := .venv-nomlx
 BIN        := $(VENV)/bin
 BIN_NOMLX  := $(VENV_NOMLX)/bin
 STAMP      := $(VENV)/.installed
+STAMP_DEMO := $(VENV)/.installed-demo
 STAMP_NOMLX := $(VENV_NOMLX)/.installed
 TMP        := $(CURDIR)/.tmp
 
@@ -33,7 +38,7 @@ LINT_PATHS := metal_guard.py packaging/__main__.py
 
 .DEFAULT_GOAL := test
 .NOTPARALLEL:
-.PHONY: test test-mlx test-nomlx lint ruff mypy demo bench dist venv venv-nomlx clean
+.PHONY: test test-mlx test-nomlx lint ruff mypy demo bench dist venv venv-demo venv-nomlx clean
 
 test: lint test-mlx test-nomlx
 
@@ -58,11 +63,20 @@ test-nomlx: $(STAMP_NOMLX) | $(TMP)
 	$(RUN_ENV) $(BIN_NOMLX)/python -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
+venv-demo: $(STAMP_DEMO)
 venv-nomlx: $(STAMP_NOMLX)
 
 $(STAMP): pyproject.toml | $(TMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	TMPDIR="$(TMP)" $(BIN)/python $(PIP_INSTALL) -e ".[lm,test,dev]"
+	touch $@
+
+# The demo needs the library with MLX + mlx-lm only. A current full install (above)
+# already holds all of that, so nothing is installed then (and nothing is fetched).
+$(STAMP_DEMO): pyproject.toml | $(TMP)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then :; \
+	else TMPDIR="$(TMP)" $(BIN)/python $(PIP_INSTALL) -e ".[lm]"; fi
 	touch $@
 
 $(STAMP_NOMLX): pyproject.toml | $(TMP)
@@ -73,7 +87,7 @@ $(STAMP_NOMLX): pyproject.toml | $(TMP)
 $(TMP):
 	mkdir -p $@
 
-demo: $(STAMP) | $(TMP)
+demo: $(STAMP_DEMO) | $(TMP)
 	$(RUN_ENV) $(BIN)/python examples/guarded_pipeline.py
 
 bench: $(STAMP) | $(TMP)

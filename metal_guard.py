@@ -6,36 +6,39 @@ unloads models (``"completeMemory() prepare count underflow"
 ``IOGPUGroupMemory.cpp``). No userspace code can fix a kernel extension; this
 module narrows the race windows, refuses the known triggers and leaves
 forensics that survive the reboot. It is one file with no dependencies: copy
-it next to a worker script, or ``pip install metal-guard``.
+it next to a worker script, or install it from a checkout (``pip install .``).
+The name ``metal-guard`` on PyPI belongs to a different code base (the original
+project's 1.x line).
 
-Map of this module (sections in dependency order, each opens with a banner):
+Map of this module. Its order is its architecture: tiers
+(prelude → storage → MLX access → knowledge → policies → runtime → command line),
+each section opening with a banner that says what it provides and which
+earlier sections it uses (``tests/test_structure.py`` keeps that true):
 
- 1. Configuration   ``_env_float`` / ``_env_int`` / ``_env_bool`` / ``_env_path``,
-                    argument checks (``_path_arg``, ``_seconds_arg``), the state
-                    folder (``METALGUARD_HOME``), warn-once logging.
- 2. State files     ``_FileLock`` (``flock`` on a sidecar), ``_update_json``
-                    (locked read-modify-write), ``_atomic_write_bytes``,
-                    ``_append_bytes``.
- 3. MLX access      ``_mlx()`` (lazy lookup), ``_mlx_step()`` (best-effort
-                    call), ``_synchronize()`` (stream-aware).
- 4. Breadcrumbs     ``MetalGuard``, the ``metal_guard`` singleton,
-                    ``read_breadcrumbs``.
- 5. Model identity  ``canonical_model_id``, ``is_gemma4_family``.
- 6. Flush guards    ``subprocess_inference_guard``, ``gemma4_generation_flush``.
- 7. Cadence         ``CadenceGuard``, ``require_cadence_clear``, ``cadence_scope``
-                    and the violations they raise.
- 8. Registry        ``KNOWN_PANIC_MODELS`` and its lookups.
- 9. Panic reports   ``detect_panic_signature``, ``parse_panic_reports``,
-                    ``ingest_panics_jsonl``, ``read_panic_archive``,
-                    ``CircuitBreaker`` and ``MLXCooldownActive``.
+0.1 Prelude — logging, environment variables, argument checks, process state.
+1.1 Files — the state folder, atomic replacement, appends, bounded reads.
+1.2 Locks — the one lock: a reentrant ``flock`` on a lock file never deleted.
+1.3 JSON state files — the one locked-JSON-file primitive.
+1.4 Breadcrumbs — one line per event, durable before the next step runs.
+2.1 MLX access — the only place that touches ``mlx.core``; memory numbers.
+3.1 Model identity — what a model id means, without loading the model.
+3.2 Registry — models that kernel-panicked with defences engaged.
+3.3 Panic signatures — what a panic or error text says happened.
+3.4 Panic reports — reading macOS panic reports after the reboot.
 3.5 Version advisories — MLX, mlx-lm and mlx-vlm releases with known bugs.
 3.6 Estimators — prefill and KV-cache sizes from a model's dimensions.
 3.7 Apple Feedback — a kernel panic formatted for Feedback Assistant.
+4.1 Cadence — refuse back-to-back model loads, across processes.
+4.2 Panic archive — ``panics.jsonl``: the user's panic history.
+4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
 4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
+5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
+5.2 Guard object — ``MetalGuard`` and the ``metal_guard`` singleton.
 5.3 Wired-limit control — keep MLX from wiring the recommended working set.
 5.4 Upstream patches — defects of installed MLX packages fixed in place.
 5.5 System audits — wired-memory setting, GPU driver, MLX settings.
-10. Command line    ``main`` (``metal-guard`` / ``python -m metal_guard``).
+6.1 Command line — the ``metal-guard`` parser and output helpers.
+6.2 Commands — each subcommand calls public functions; wiring only.
 
 Importing has no side effects: no files, threads, environment reads or heavy
 imports happen until a function is called.
@@ -124,15 +127,19 @@ __all__ = [
 
 
 # =============================================================================
-# 1. Configuration — environment variables, argument checks, the state folder,
-# warn-once logs and the per-process memory every later section registers.
+# 0.1 Prelude — logging, environment variables, argument checks, process state.
 #
-# Every METALGUARD_* variable is read here, at call time, through one helper
-# family. A bad value never raises: it logs one WARNING per variable per
-# process and the default is used. Arguments from callers go through one
-# family of checks (a clear TypeError/ValueError for caller bugs). Logging
-# itself is set up lazily because ``import logging`` alone costs more than
-# the rest of this module's import.
+# Every METALGUARD_* variable is read at call time through one helper family: a
+# bad value logs one WARNING per variable per process and the default is used; an
+# empty value counts as unset. Caller bugs get a clear TypeError/ValueError from
+# one family of checks (os.fspath for paths, one finite-number check). Logging,
+# json, re and dataclasses are imported on first use: importing them here would
+# more than double the cost of ``import metal_guard``.
+#
+# Provides: _DEBUG, _INF, _WARNING, _dataclass, _env_bool, _env_float, _env_int, _env_path,
+#   _finite, _first_time, _int_arg, _label, _log, _log_once, _on_reset, _path_arg, _real_arg,
+#   _seconds_arg, _str_path
+# Uses: nothing
 # =============================================================================
 
 _DEBUG = 10
@@ -197,7 +204,7 @@ def _env_float(
     (still with one WARNING, since the caller asked for something we won't do).
     """
     raw = os.environ.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty counts as unset
         return default
     text = raw.strip()
     try:
@@ -235,7 +242,7 @@ def _env_float(
 def _env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     """Read a base-10 integer from ``name`` (``1e6``, ``0x10`` and ``1.5`` are bad values)."""
     raw = os.environ.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty counts as unset
         return default
     text = raw.strip()
     if len(text) > 30:
@@ -261,7 +268,7 @@ _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 def _env_bool(name: str, default: bool = False) -> bool:
     """Read ``1/true/yes/on`` or ``0/false/no/off`` (any case) from ``name``."""
     raw = os.environ.get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty counts as unset
         return default
     word = raw.strip().lower()
     if word in _TRUE_WORDS:
@@ -276,17 +283,14 @@ def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -
     """Read a filesystem path from ``name`` (``~`` expanded, made absolute).
 
     An empty value means ``None`` when ``empty_disables`` (a documented off
-    switch), otherwise it is a bad value.
+    switch), otherwise it counts as unset.
     """
     raw = os.environ.get(name)
     if raw is None:
         return default
     text = raw.strip()
-    if not text:
-        if empty_disables:
-            return None
-        _env_bad(name, raw, "empty", default)
-        return default
+    if not text:  # empty counts as unset, unless it is the documented off switch
+        return None if empty_disables else default
     if "\x00" in text or len(text) > 4096:
         _env_bad(name, raw, "not a usable path", default)
         return default
@@ -304,15 +308,15 @@ def _finite(value: float) -> bool:
 
 
 def _real_arg(name: str, value: object) -> float:
-    """A real-number argument as ``float``: ``int``, ``float``, NumPy scalars... not ``bool``."""
+    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    try:
-        return float(value)
-    except Exception as exc:  # a Real whose __float__ is broken
-        raise TypeError(f"{name}: float({type(value).__name__}) failed: {_label(exc)}") from None
+    number = float(value)
+    if not _finite(number):
+        raise ValueError(f"{name} must be a finite number, got {number!r}")
+    return number
 
 
 def _int_arg(name: str, value: object) -> int:
@@ -321,29 +325,15 @@ def _int_arg(name: str, value: object) -> int:
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    try:
-        return int(value)
-    except Exception as exc:
-        raise TypeError(f"{name}: int({type(value).__name__}) failed: {_label(exc)}") from None
+    return int(value)
 
 
 def _str_path(name: str, value: object) -> str:
-    """``value`` as a ``str`` if it is one or an ``os.PathLike[str]``, else ``TypeError``.
-
-    A ``__fspath__`` that raises or returns bytes is the caller's bug too.
-    """
-    if isinstance(value, str):
-        return str.__str__(value)  # a plain str, whatever a subclass overrides
-    if isinstance(value, os.PathLike):
-        try:
-            text = os.fspath(value)
-        except Exception as exc:
-            raise TypeError(
-                f"{name}: {type(value).__name__}.__fspath__() failed: {exc!r}"
-            ) from None
-        if isinstance(text, str):
-            return str.__str__(text)
-    raise TypeError(f"{name} must be a str or os.PathLike[str], not {type(value).__name__}")
+    """``os.fspath(value)`` as ``str``; ``TypeError`` for anything else (bytes paths too)."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or os.PathLike[str], not {type(value).__name__}")
+    return text
 
 
 def _path_arg(name: str, value: object) -> str:
@@ -354,14 +344,6 @@ def _path_arg(name: str, value: object) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def _epoch_arg(name: str, value: object) -> float:
-    """A point in time as epoch seconds: a finite real number (``ValueError`` for NaN/inf)."""
-    seconds = _real_arg(name, value)
-    if not _finite(seconds):
-        raise ValueError(f"{name} must be a finite number of epoch seconds, got {seconds!r}")
-    return seconds
-
-
 def _seconds_arg(
     name: str,
     value: object,
@@ -369,77 +351,33 @@ def _seconds_arg(
     maximum: float,
     negative_to_zero: bool = False,
     allow_zero: bool = True,
+    unit: str = "s",
 ) -> float:
-    """A duration argument in seconds.
+    """A duration argument: a finite number within ``[0, maximum]`` (``> 0`` unless ``allow_zero``).
 
-    ``TypeError`` for anything but ``int``/``float`` (``bool`` included);
-    ``ValueError`` for NaN, infinity, more than ``maximum``, a negative value
-    (unless ``negative_to_zero``, where it means 0) and 0 when not ``allow_zero``.
+    A negative value is a ``ValueError`` unless ``negative_to_zero`` (then it means 0).
+    ``unit`` is how the value is spelled in messages (``"s"``, ``"h"``).
     """
     seconds = _real_arg(name, value)
-    if not _finite(seconds):
-        raise ValueError(
-            f"{name} must be a finite number of seconds (not NaN or infinity), got {value!r}"
-        )
     if seconds > maximum:
-        raise ValueError(f"{name}={seconds:g} s is more than the maximum of {maximum:g} s")
+        raise ValueError(
+            f"{name}={seconds:g} {unit} is more than the maximum of {maximum:g} {unit}"
+        )
     if seconds < 0 and negative_to_zero:
         seconds = 0.0
     if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {seconds:g}")
     return seconds + 0.0  # -0.0 → 0.0
 
 
-def _user_home() -> str:
-    """The user's home folder, absolute.
-
-    With no ``HOME`` and no passwd entry, ``expanduser`` leaves ``~`` as is,
-    which would put state under the working directory (every worker its own
-    store); use a per-user folder in the temp directory instead, with a WARNING.
-    """
-    home = os.path.expanduser("~")
-    if not home.startswith("~"):
-        return home
-    getuid = getattr(os, "getuid", None)
-    fallback = os.path.join(
-        os.environ.get("TMPDIR") or "/tmp", f"metal-guard-home-{getuid() if getuid else 'user'}"
-    )
-    _log_once(
-        "no-home",
-        _WARNING,
-        "metal_guard: no home folder (HOME unset, no passwd entry); using %s — set METALGUARD_HOME",
-        fallback,
-    )
-    return os.path.abspath(fallback)
-
-
-def _state_home() -> str:
-    """The state folder: ``METALGUARD_HOME`` or ``~/.cache/metal-guard`` (not created here)."""
-    return _env_path("METALGUARD_HOME", None) or os.path.join(_user_home(), ".cache", "metal-guard")
-
-
-def _state_file(name: str) -> str:
-    return os.path.join(_state_home(), name)
-
-
 def _label(value: object) -> str:
-    """A printable label for any object (forensics and logs accept anything).
-
-    ``str`` as is, a path as its text, an exception as its message, anything
-    else as its ``repr``. Never raises: a hostile ``__repr__``/``__fspath__``
-    gives a placeholder.
-    """
-    if type(value) is str:
+    """A printable label for logs and breadcrumbs: ``str`` as is, a path as its text,
+    an exception as its message, anything else as its ``repr``."""
+    if isinstance(value, str):
         return value
-    try:
-        if isinstance(value, str):  # a subclass: its own __str__/__format__ may misbehave
-            return str.__str__(value)
-        if isinstance(value, os.PathLike):
-            path = os.fspath(value)
-            return path if isinstance(path, str) else repr(path)
-        return str(value) if isinstance(value, BaseException) else repr(value)
-    except Exception:
-        return f"<unprintable {type(value).__name__}>"
+    if isinstance(value, os.PathLike):
+        return str(os.fspath(value))
+    return str(value) if isinstance(value, BaseException) else repr(value)
 
 
 _process_state_resets: list[Callable[[], None]] = []
@@ -511,15 +449,50 @@ def _forget_warnings() -> None:
 
 
 # =============================================================================
-# 2. State files — OS file locks, locked JSON read-modify-write, atomic
-# replacement and single-write appends.
+# 1.1 Files — the state folder, atomic replacement, appends, bounded reads.
 #
-# Everything persisted goes through these few functions so that every file is
-# safe with many processes at once: ``flock`` on a sidecar ``*.lock`` file that
-# is never deleted, the whole read-modify-write inside one critical section, a
-# uniquely named temp file + ``fsync`` + ``os.replace`` + folder ``fsync``, and
-# ``O_NOFOLLOW`` so we never write through a symlink.
+# Nothing is written through a symlink (``O_NOFOLLOW``); a replacement is a
+# uniquely named temp file + ``os.replace`` (+ ``fsync`` of file and folder when
+# the file must survive a kernel panic); an append is one ``O_APPEND`` write.
+#
+# Provides: _FLOCK_BUSY, _FLOCK_UNSUPPORTED, _O_CLOEXEC, _O_NOFOLLOW, _append_bytes,
+#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _refuse_symlink, _state_file,
+#   _state_home
+# Uses: Prelude
 # =============================================================================
+
+
+def _user_home() -> str:
+    """The user's home folder, absolute.
+
+    With no ``HOME`` and no passwd entry, ``expanduser`` leaves ``~`` as is,
+    which would put state under the working directory (every worker its own
+    store); use a per-user folder in the temp directory instead, with a WARNING.
+    """
+    home = os.path.expanduser("~")
+    if not home.startswith("~"):
+        return home
+    getuid = getattr(os, "getuid", None)
+    fallback = os.path.join(
+        os.environ.get("TMPDIR") or "/tmp", f"metal-guard-home-{getuid() if getuid else 'user'}"
+    )
+    _log_once(
+        "no-home",
+        _WARNING,
+        "metal_guard: no home folder (HOME unset, no passwd entry); using %s — set METALGUARD_HOME",
+        fallback,
+    )
+    return os.path.abspath(fallback)
+
+
+def _state_home() -> str:
+    """The state folder: ``METALGUARD_HOME`` or ``~/.cache/metal-guard`` (not created here)."""
+    return _env_path("METALGUARD_HOME", None) or os.path.join(_user_home(), ".cache", "metal-guard")
+
+
+def _state_file(name: str) -> str:
+    return os.path.join(_state_home(), name)
+
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -528,6 +501,142 @@ _FLOCK_UNSUPPORTED = frozenset(
     {errno.ENOSYS, errno.ENOLCK, getattr(errno, "EOPNOTSUPP", -1), getattr(errno, "ENOTSUP", -1)}
 )
 _FLOCK_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+
+def _ensure_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) if missing; raise ``OSError`` if it is not a folder."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file sits where the folder should be
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _refuse_symlink(path: str) -> None:
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _sweep_stale_temps(path: str) -> None:
+    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
+
+    Only files whose writer pid is gone are removed, so no lock is needed: a live
+    writer's temp file (even under a reused pid) is never touched.
+    """
+    folder = os.path.dirname(path) or "."
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (mode 0600); ``durable`` adds the fsyncs.
+
+    Atomic means readers see the old or the new bytes, never a mix. Durable
+    means the new bytes survive a kernel panic: the file and the folder are
+    fsynced (milliseconds on some disks, so files that need not survive skip it).
+    """
+    folder = os.path.dirname(path) or "."
+    _ensure_dir(folder)
+    _refuse_symlink(path)
+    _sweep_stale_temps(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        _fsync_dir(folder)
+
+
+def _append_bytes(path: str, data: bytes) -> int:
+    """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
+    _ensure_dir(os.path.dirname(path) or ".")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # only on a full disk or a signal; finish the line
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read at most ``limit`` bytes of a file; a symlink is refused unless ``follow_symlinks``."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (0 if follow_symlinks else _O_NOFOLLOW))
+    try:
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# =============================================================================
+# 1.2 Locks — the one lock: a reentrant ``flock`` on a lock file never deleted.
+#
+# Counted per thread (state files, the GPU gate) or per process (the MLX lock).
+# The OS lock is the truth: a holder that dies releases it by dying. A lock
+# whose job is to exclude never runs silently unlocked.
+#
+# Provides: LockUnsupported, StateLockTimeout, _FileLock
+# Uses: Prelude, Files
+# =============================================================================
 
 
 class StateLockTimeout(TimeoutError):
@@ -543,14 +652,6 @@ class StateLockTimeout(TimeoutError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.lock_path, self.timeout))
-
-
-def _ensure_dir(path: str) -> None:
-    """Create ``path`` (mode 0700) if missing; raise ``OSError`` if it is not a folder."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:  # a file sits where the folder should be
-        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
 
 
 class LockUnsupported(OSError):
@@ -746,113 +847,15 @@ class _FileLock:
         self.release()
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _refuse_symlink(path: str) -> None:
-    if os.path.islink(path):
-        raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _sweep_stale_temps(path: str) -> None:
-    """Remove temp files of ``_atomic_write_bytes`` left by writers that were killed.
-
-    Only files whose writer pid is gone are removed, so no lock is needed: a live
-    writer's temp file (even under a reused pid) is never touched.
-    """
-    folder = os.path.dirname(path) or "."
-    prefix = f".{os.path.basename(path)}."
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return
-    for name in names:
-        pid_text = name[len(prefix) :].split(".", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (mode 0600)."""
-    folder = os.path.dirname(path) or "."
-    _ensure_dir(folder)
-    _refuse_symlink(path)
-    _sweep_stale_temps(path)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _append_bytes(path: str, data: bytes) -> int:
-    """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
-    _ensure_dir(os.path.dirname(path) or ".")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-    try:
-        written = os.write(fd, data)
-        if written != len(data):  # only on a full disk or a signal; finish the line
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
-    """Read at most ``limit`` bytes of a file; a symlink is refused unless ``follow_symlinks``."""
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (0 if follow_symlinks else _O_NOFOLLOW))
-    try:
-        chunks: list[bytes] = []
-        left = limit
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+# =============================================================================
+# 1.3 JSON state files — the one locked-JSON-file primitive.
+#
+# A read never writes; ``update(fn)`` runs under the file's lock; a corrupt file
+# is moved aside; each file chooses its durability.
+#
+# Provides: _CorruptFile, _JsonFile
+# Uses: Prelude, Files, Locks
+# =============================================================================
 
 
 class _CorruptFile(ValueError):
@@ -860,36 +863,6 @@ class _CorruptFile(ValueError):
 
 
 _JSON_MAX_BYTES = 16 << 20
-
-
-def _read_json_file(path: str) -> tuple[dict[str, Any], bytes]:
-    """The JSON object in ``path`` and the bytes it came from.
-
-    ``({}, b"")`` when the file is missing; raises ``_CorruptFile`` when it
-    does not hold a JSON object.
-    """
-    import json
-
-    try:
-        raw = _read_bounded(path, _JSON_MAX_BYTES + 1)
-    except FileNotFoundError:
-        return {}, b""
-    if len(raw) > _JSON_MAX_BYTES:
-        raise _CorruptFile(f"{path} is larger than {_JSON_MAX_BYTES} bytes")
-    if not raw.strip():
-        return {}, raw
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _CorruptFile(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _CorruptFile(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data, raw
-
-
-def _load_json_object(path: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ``{}`` when missing; ``_CorruptFile`` when invalid."""
-    return _read_json_file(path)[0]
 
 
 def _quarantine(path: str, why: str) -> None:
@@ -906,58 +879,278 @@ def _quarantine(path: str, why: str) -> None:
     _log().warning("metal_guard: %s; moved it to %s and started afresh", why, target)
 
 
-def _read_json_state(path: str) -> dict[str, Any]:
-    """Read-only view of a JSON state file: missing, corrupt or unreadable → ``{}``.
+class _JsonFile:
+    """One JSON-object state file: the only way this module persists state.
 
-    Never writes (status displays use this); the next locked update quarantines
-    a corrupt file.
+    - ``read()`` never writes and never raises: ``(object, problem)``, where a
+      missing file is ``({}, None)`` and a corrupt or unreadable one is
+      ``({}, "why")``; the caller decides whether that fails open.
+    - ``update(fn)`` runs ``fn(object)`` under the file's lock (a sidecar
+      ``.lock`` that is never deleted); ``fn`` changes the object in place and
+      its result is returned. The file is replaced atomically, and only when
+      the object changed. A corrupt file is moved aside (``.corrupt-*``, one
+      WARNING) and ``fn`` starts from ``{}``. Environment faults raise
+      ``OSError`` / ``StateLockTimeout``.
+    - ``durable`` is chosen per file: ``True`` fsyncs every replacement so it
+      survives a kernel panic; ``False`` leaves it in the page cache, which
+      every running process shares (enough for state that only coordinates
+      running processes).
     """
-    try:
-        return _load_json_object(path)
-    except (_CorruptFile, OSError) as exc:
-        _log_once("read:" + path, _DEBUG, "metal_guard: cannot read %s: %s", path, exc)
-        return {}
 
+    __slots__ = ("durable", "lock_timeout", "path")
 
-def _update_json(path: str, mutate: Callable[[dict[str, Any]], _T], *, timeout: float = 10.0) -> _T:
-    """Locked read-modify-write of the JSON object in ``path``.
+    def __init__(self, path: str, *, durable: bool, lock_timeout: float | None = 10.0) -> None:
+        self.path = path
+        self.durable = durable
+        self.lock_timeout = lock_timeout
 
-    ``mutate`` receives the current object (``{}`` if missing or corrupt — a
-    corrupt file is quarantined first), changes it in place and returns a
-    result, which is returned here. The file is rewritten atomically only when
-    the object changed. Raises ``OSError``/``StateLockTimeout`` on environment
-    faults; callers decide whether to fail open.
-    """
-    import json
+    def load(self) -> dict[str, Any]:
+        """The object (``{}`` when missing); raises ``_CorruptFile`` / ``OSError``."""
+        return self._load()[0]
 
-    with _FileLock(path + ".lock", timeout):
+    def _load(self) -> tuple[dict[str, Any], bytes]:
+        """The object and the bytes it came from; raises ``_CorruptFile`` / ``OSError``."""
+        import json
+
         try:
-            data, raw = _read_json_file(path)
-        except _CorruptFile:
-            # A writer that does not replace the file atomically (an older version
-            # of this library sharing the store) may be mid-write: look once more.
-            time.sleep(0.05)
+            raw = _read_bounded(self.path, _JSON_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return {}, b""
+        if len(raw) > _JSON_MAX_BYTES:
+            raise _CorruptFile(f"{self.path} is larger than {_JSON_MAX_BYTES} bytes")
+        if not raw.strip():
+            return {}, raw
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _CorruptFile(f"{self.path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _CorruptFile(f"{self.path} holds a JSON {type(data).__name__}, not an object")
+        return data, raw
+
+    def read(self) -> tuple[dict[str, Any], str | None]:
+        """``(object, None)``, or ``({}, problem)`` when the file is corrupt or unreadable."""
+        try:
+            return self._load()[0], None
+        except (_CorruptFile, OSError) as exc:
+            return {}, str(exc)
+
+    def update(self, mutate: Callable[[dict[str, Any]], _T]) -> _T:
+        """Locked read-modify-write; returns what ``mutate`` returned."""
+        import json
+
+        with _FileLock(self.path + ".lock", self.lock_timeout):
             try:
-                data, raw = _read_json_file(path)
-            except _CorruptFile as exc:
-                _quarantine(path, str(exc))
-                data, raw = {}, b""
-        result = mutate(data)
-        # Compare with the bytes read instead of re-serialising the old object:
-        # one dumps per update. (A file in another layout is rewritten once.)
-        encoded = json.dumps(data, sort_keys=True, default=str).encode("utf-8") + b"\n"
-        if encoded != raw and (data or raw):
-            _atomic_write_bytes(path, encoded)
-        return result
+                data, raw = self._load()
+            except _CorruptFile:
+                # A writer that does not replace the file atomically (the original
+                # metal-guard sharing the store) may be mid-write: look once more.
+                time.sleep(0.05)
+                try:
+                    data, raw = self._load()
+                except _CorruptFile as exc:
+                    _quarantine(self.path, str(exc))
+                    data, raw = {}, b""
+            result = mutate(data)
+            # Compare with the bytes read instead of re-serialising the old object:
+            # one dumps per update. (A file in another layout is rewritten once.)
+            encoded = json.dumps(data, sort_keys=True, default=str).encode("utf-8") + b"\n"
+            if encoded != raw and (data or raw):
+                _atomic_write_bytes(self.path, encoded, durable=self.durable)
+            return result
 
 
 # =============================================================================
-# 3. MLX access — the only place that touches ``mlx.core``.
+# 1.4 Breadcrumbs — one line per event, durable before the next step runs.
 #
-# MLX is optional: it is looked up at call time (so tests can install or
-# remove a stub), and when it is absent every MLX step is a no-op. Each step
-# runs best-effort: a failing hook logs and carries on, because a broken
-# guard must never make inference worse than no guard.
+# A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
+# followed by ``fsync``; what was acknowledged survives the reboot. The file
+# rotates to ``.1`` past ``METALGUARD_BREADCRUMB_MAX_BYTES``. The library writes
+# through the ``metal_guard`` singleton, looked up by name at call time, so
+# applications can redirect or capture breadcrumbs.
+#
+# Provides: read_breadcrumbs, _BreadcrumbLog, _breadcrumb, _escape_line
+# Uses: Prelude, Files, Locks
+# =============================================================================
+
+_BREADCRUMB_MAX_DEFAULT = 8 << 20
+_BREADCRUMB_MSG_MAX = 4096
+
+
+class _DefaultPath:
+    """Sentinel: resolve the breadcrumb path from the environment at each write."""
+
+    def __repr__(self) -> str:
+        return "<default breadcrumb path>"
+
+
+_DEFAULT_PATH = _DefaultPath()
+
+# One event is one line: control characters (and Unicode line separators)
+# are escaped, so a model id with a newline cannot forge a second event.
+_ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPES.update(
+    {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x5C: "\\\\"}
+)
+
+
+def _escape_line(text: str) -> str:
+    if len(text) > _BREADCRUMB_MSG_MAX:
+        text = f"{text[:_BREADCRUMB_MSG_MAX]}...[{len(text) - _BREADCRUMB_MSG_MAX} more chars]"
+    return text.translate(_ESCAPES)
+
+
+def _default_breadcrumb_path() -> str | None:
+    return _env_path(
+        "METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True
+    )
+
+
+class _BreadcrumbLog:
+    """The forensic breadcrumb log (the base of ``MetalGuard``).
+
+    ``MetalGuard()`` writes to ``METALGUARD_BREADCRUMB_PATH`` if set (empty
+    disables), else ``$METALGUARD_HOME/breadcrumbs.log``, resolved at each
+    write. ``MetalGuard(breadcrumb_path=p)`` pins a path; ``None`` disables.
+    """
+
+    def __init__(self, breadcrumb_path: StrPath | _DefaultPath | None = _DEFAULT_PATH) -> None:
+        self.breadcrumb_path = breadcrumb_path
+
+    @property
+    def breadcrumb_path(self) -> str | None:
+        """Where the next breadcrumb goes (``None``: breadcrumbs are off)."""
+        if isinstance(self._breadcrumb_path, _DefaultPath):
+            return _default_breadcrumb_path()
+        return self._breadcrumb_path
+
+    @breadcrumb_path.setter
+    def breadcrumb_path(self, value: StrPath | _DefaultPath | None) -> None:
+        if value is None or isinstance(value, _DefaultPath) or value == "":
+            self._breadcrumb_path: str | _DefaultPath | None = value or None
+        else:
+            self._breadcrumb_path = _path_arg("breadcrumb_path", value)
+
+    def breadcrumb(self, msg: str) -> None:
+        """Append ``<local ISO time> pid=<pid> <msg>`` durably; never raises."""
+        path = self.breadcrumb_path
+        if path is None:
+            return
+        try:
+            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(_label(msg))}\n"
+            size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
+            limit = _env_int(
+                "METALGUARD_BREADCRUMB_MAX_BYTES",
+                _BREADCRUMB_MAX_DEFAULT,
+                minimum=4096,
+                maximum=1 << 40,
+            )
+            if size > limit:
+                _rotate(path, limit)
+        except Exception as exc:  # forensics must never break the caller
+            _log_once(
+                "breadcrumb:" + path,
+                _WARNING,
+                "metal_guard: cannot write breadcrumbs to %s (%s); forensics are lost until this is fixed",
+                path,
+                exc,
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(breadcrumb_path={self._breadcrumb_path!r})"
+
+
+def _local_timestamp() -> str:
+    import datetime
+
+    return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
+
+
+def _rotate(path: str, limit: int) -> None:
+    """Move ``path`` to ``path.1`` if it is still over ``limit`` (under the file lock).
+
+    Writers append without the lock; one that opened the file before the
+    rename finishes its line in ``.1``, so no acknowledged line is lost.
+    """
+    try:
+        with _FileLock(path + ".lock", timeout=0.0):  # busy: another process is rotating
+            st = os.lstat(path)
+            if st.st_size <= limit:
+                return  # another process rotated first
+            _refuse_symlink(path + ".1")
+            os.replace(path, path + ".1")
+            _fsync_dir(os.path.dirname(path) or ".")
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc
+        )
+
+
+def _tail_lines(path: str, n: int) -> list[str]:
+    """The last ``n`` lines of ``path`` (reads only as much of the end as needed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        end = os.fstat(fd).st_size
+        block = 64 << 10
+        data = b""
+        pos = end
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block, pos)
+            pos -= step
+            data = os.pread(fd, step, pos) + data
+    finally:
+        os.close(fd)
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[-n:] if n else []
+
+
+def _guard_object() -> _BreadcrumbLog:
+    """The module's ``metal_guard`` singleton, looked up by name at each call.
+
+    The singleton is built in the runtime tier (it is a ``MetalGuard``); earlier
+    sections reach it by name at call time, so an application that assigns
+    ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)`` redirects the
+    library's breadcrumbs too.
+    """
+    guard: _BreadcrumbLog = globals()["metal_guard"]
+    return guard
+
+
+def _breadcrumb(msg: str) -> None:
+    """Write ``msg`` through the (replaceable) singleton; never raises."""
+    try:
+        _guard_object().breadcrumb(msg)
+    except Exception as exc:  # an application's replacement may be broken
+        _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
+
+
+def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
+    """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
+    n = _int_arg("n", n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    target = _str_path("path", path) if path is not None else _guard_object().breadcrumb_path
+    if not target or n == 0:
+        return []
+    lines = _tail_lines(target, n)
+    if len(lines) < n:
+        lines = _tail_lines(target + ".1", n - len(lines)) + lines
+    return lines
+
+
+# =============================================================================
+# 2.1 MLX access — the only place that touches ``mlx.core``; memory numbers.
+#
+# MLX is optional: it is looked up at call time (``sys.modules`` first, so a
+# fake ``mlx.core`` installed by a test suite is honoured), and when it is absent
+# every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
+# carries on, because a broken guard must never make inference worse than none.
+#
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _synchronize
+# Uses: Prelude
 # =============================================================================
 
 _mlx_lock = _thread.allocate_lock()
@@ -1164,177 +1357,15 @@ class MetalOOMError(RuntimeError):
 
 
 # =============================================================================
-# 4. Breadcrumbs — one line per event, durable before the next step runs.
+# 3.1 Model identity — what a model id means, without loading the model.
 #
-# A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
-# followed by ``fsync``; what was acknowledged survives the reboot. The file
-# rotates to ``.1`` (one generation) past ``METALGUARD_BREADCRUMB_MAX_BYTES``.
-# Every breadcrumb the library writes goes through ``metal_guard.breadcrumb``,
-# looked up at call time, so applications can redirect or capture them.
-# =============================================================================
-
-_BREADCRUMB_MAX_DEFAULT = 8 << 20
-_BREADCRUMB_MSG_MAX = 4096
-
-
-class _DefaultPath:
-    """Sentinel: resolve the breadcrumb path from the environment at each write."""
-
-    def __repr__(self) -> str:
-        return "<default breadcrumb path>"
-
-
-_DEFAULT_PATH = _DefaultPath()
-
-# One event is one line: control characters (and Unicode line separators)
-# are escaped, so a model id with a newline cannot forge a second event.
-_ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
-_ESCAPES.update(
-    {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x5C: "\\\\"}
-)
-
-
-def _escape_line(text: str) -> str:
-    if len(text) > _BREADCRUMB_MSG_MAX:
-        text = f"{text[:_BREADCRUMB_MSG_MAX]}...[{len(text) - _BREADCRUMB_MSG_MAX} more chars]"
-    return text.translate(_ESCAPES)
-
-
-def _default_breadcrumb_path() -> str | None:
-    return _env_path(
-        "METALGUARD_BREADCRUMB_PATH", _state_file("breadcrumbs.log"), empty_disables=True
-    )
-
-
-class _BreadcrumbLog:
-    """The forensic breadcrumb log (the base of ``MetalGuard``).
-
-    ``MetalGuard()`` writes to ``METALGUARD_BREADCRUMB_PATH`` if set (empty
-    disables), else ``$METALGUARD_HOME/breadcrumbs.log``, resolved at each
-    write. ``MetalGuard(breadcrumb_path=p)`` pins a path; ``None`` disables.
-    """
-
-    def __init__(self, breadcrumb_path: StrPath | _DefaultPath | None = _DEFAULT_PATH) -> None:
-        self.breadcrumb_path = breadcrumb_path
-
-    @property
-    def breadcrumb_path(self) -> str | None:
-        """Where the next breadcrumb goes (``None``: breadcrumbs are off)."""
-        if isinstance(self._breadcrumb_path, _DefaultPath):
-            return _default_breadcrumb_path()
-        return self._breadcrumb_path
-
-    @breadcrumb_path.setter
-    def breadcrumb_path(self, value: StrPath | _DefaultPath | None) -> None:
-        if value is None or isinstance(value, _DefaultPath) or value == "":
-            self._breadcrumb_path: str | _DefaultPath | None = value or None
-        else:
-            self._breadcrumb_path = _path_arg("breadcrumb_path", value)
-
-    def breadcrumb(self, msg: str) -> None:
-        """Append ``<local ISO time> pid=<pid> <msg>`` durably; never raises."""
-        path = self.breadcrumb_path
-        if path is None:
-            return
-        try:
-            line = f"{_local_timestamp()} pid={os.getpid()} {_escape_line(_label(msg))}\n"
-            size = _append_bytes(path, line.encode("utf-8", "backslashreplace"))
-            limit = _env_int(
-                "METALGUARD_BREADCRUMB_MAX_BYTES",
-                _BREADCRUMB_MAX_DEFAULT,
-                minimum=4096,
-                maximum=1 << 40,
-            )
-            if size > limit:
-                _rotate(path, limit)
-        except Exception as exc:  # forensics must never break the caller
-            _log_once(
-                "breadcrumb:" + path,
-                _WARNING,
-                "metal_guard: cannot write breadcrumbs to %s (%s); forensics are lost until this is fixed",
-                path,
-                exc,
-            )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(breadcrumb_path={self._breadcrumb_path!r})"
-
-
-def _local_timestamp() -> str:
-    import datetime
-
-    return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
-
-
-def _rotate(path: str, limit: int) -> None:
-    """Move ``path`` to ``path.1`` if it is still over ``limit`` (under the file lock).
-
-    Writers append without the lock; one that opened the file before the
-    rename finishes its line in ``.1``, so no acknowledged line is lost.
-    """
-    try:
-        with _FileLock(path + ".lock", timeout=0.0):  # busy: another process is rotating
-            st = os.lstat(path)
-            if st.st_size <= limit:
-                return  # another process rotated first
-            _refuse_symlink(path + ".1")
-            os.replace(path, path + ".1")
-            _fsync_dir(os.path.dirname(path) or ".")
-    except (OSError, StateLockTimeout) as exc:
-        _log_once(
-            "rotate:" + path, _DEBUG, "metal_guard: breadcrumb rotation of %s failed: %s", path, exc
-        )
-
-
-def _tail_lines(path: str, n: int) -> list[str]:
-    """The last ``n`` lines of ``path`` (reads only as much of the end as needed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-    except OSError:
-        return []
-    try:
-        end = os.fstat(fd).st_size
-        block = 64 << 10
-        data = b""
-        pos = end
-        while pos > 0 and data.count(b"\n") <= n:
-            step = min(block, pos)
-            pos -= step
-            data = os.pread(fd, step, pos) + data
-    finally:
-        os.close(fd)
-    lines = data.decode("utf-8", "replace").splitlines()
-    return lines[-n:] if n else []
-
-
-def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
-    """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
-    n = _int_arg("n", n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    target = _str_path("path", path) if path is not None else metal_guard.breadcrumb_path
-    if not target or n == 0:
-        return []
-    lines = _tail_lines(target, n)
-    if len(lines) < n:
-        lines = _tail_lines(target + ".1", n - len(lines)) + lines
-    return lines
-
-
-class MetalGuard(_BreadcrumbLog):
-    """Process-wide guard object (the memory layers build on it)."""
-
-
-metal_guard = MetalGuard()
-
-
-# =============================================================================
-# 5. Model identity — what a model id means, without ever loading the model.
+# Ids arrive as repo ids, local folders, Hugging Face cache folders or
+# ``os.PathLike`` objects. ``canonical_model_id`` is strict (cadence keys on
+# it); the lookups built on ``_lenient_model_id`` answer False/None for junk.
 #
-# Ids arrive as repo ids, local folders, Hugging Face cache folders
-# (``.../models--ORG--NAME/snapshots/<rev>``) or ``os.PathLike`` objects.
-# ``canonical_model_id`` is strict (cadence keys on it); the lookups built on
-# ``_lenient_model_id`` answer False/None for junk and never raise.
+# Provides: canonical_model_id, is_gemma4_family, _hf_cache_id, _lenient_model_id, _model_name,
+#   _regex
+# Uses: Prelude, Files
 # =============================================================================
 
 _MODEL_ID_MAX = 4096
@@ -1478,781 +1509,13 @@ _is_gemma4_family = is_gemma4_family
 
 
 # =============================================================================
-# 6. Flush guards — per-inference flush and the gemma-4 first-generate flush.
+# 3.2 Registry — models that kernel-panicked with defences engaged.
 #
-# Both are best-effort (principle 1): a failing MLX step logs and carries on,
-# and the body's own exception always propagates unchanged. Breadcrumbs are
-# written through ``metal_guard.breadcrumb`` looked up at call time.
-# =============================================================================
-
-
-def _breadcrumb(msg: str) -> None:
-    """Write ``msg`` through the (replaceable) singleton; never raises."""
-    try:
-        metal_guard.breadcrumb(msg)
-    except Exception as exc:  # an application's replacement may be broken
-        _log_once("breadcrumb-hook", _DEBUG, "metal_guard: breadcrumb hook failed: %r", exc)
-
-
-class subprocess_inference_guard:
-    """Flush MLX around one generate call: ``with subprocess_inference_guard(model_id): ...``.
-
-    PRE: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb. POST (also when
-    the body raises): synchronize the default stream, mlx-lm's
-    ``generation_stream`` and every stream in ``streams`` **before**
-    ``mx.clear_cache()``, then a ``SUBPROC_POST`` breadcrumb. Releasing
-    buffers while a command buffer is still in flight is the race this closes.
-
-    Wrap the generate call in the thread that runs it (mlx-lm's stream may be
-    thread-local). Works around ``stream_generate`` loops, nested, from many
-    threads, and as a decorator of a function that returns its result (for a
-    generator, put the ``with`` around the loop instead). Without MLX only the
-    breadcrumbs are written.
-    """
-
-    __slots__ = ("model_id", "streams")
-
-    def __init__(self, model_id: object, *, streams: object = None) -> None:
-        self.model_id = model_id
-        # Materialised once, so a generator of streams serves every use of the guard.
-        self.streams: tuple[object, ...] = tuple(_as_stream_list(streams))
-
-    def __enter__(self) -> subprocess_inference_guard:
-        mx = _mlx()
-        if mx is not None:
-            _mlx_step(
-                "clear_cache (pre)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=_WARNING,
-            )
-        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # After a failed body the driver may already be in trouble: step
-        # failures are then expected and logged at DEBUG only.
-        level = _WARNING if exc is None else _DEBUG
-        mx = _mlx()
-        if mx is not None:
-            _synchronize(mx, self.streams, model_id=self.model_id, level=level)
-            _mlx_step(
-                "clear_cache (post)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=level,
-            )
-        _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
-
-    def __call__(self, func: _F) -> _F:
-        import functools
-
-        model_id, streams = self.model_id, self.streams
-
-        @functools.wraps(func)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            with subprocess_inference_guard(model_id, streams=streams):
-                return func(*args, **kwargs)
-
-        return guarded  # type: ignore[return-value]
-
-    def __repr__(self) -> str:
-        return f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r})"
-
-
-_GEMMA4_SLEEP_DEFAULT = 3.0
-_GEMMA4_SLEEP_MAX = 60.0
-
-
-class gemma4_generation_flush:
-    """Settle window before the first forward pass of a fresh gemma-4 worker.
-
-    Call it (``gemma4_generation_flush(model_id, n)``) or use it as a context
-    manager (``with gemma4_generation_flush(model_id, n): generate(...)``):
-    either way the flush happens when the object is created, and leaving the
-    ``with`` does nothing. It acts only when ``generate_call_count == 0``, the
-    model is gemma-4 family, MLX is present and
-    ``METALGUARD_GEMMA4_FIRSTGEN_DISABLED`` is not truthy: breadcrumb
-    ``GEMMA4_FLUSH``, synchronize, ``mx.clear_cache()``, sleep
-    ``METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC`` (default 3, clamped to [0, 60]),
-    breadcrumb ``GEMMA4_FLUSH_DONE``. Never raises. ``flushed`` and
-    ``slept_sec`` say what it did.
-    """
-
-    __slots__ = ("flushed", "generate_call_count", "model_id", "slept_sec")
-
-    def __init__(self, model_id: object, generate_call_count: int) -> None:
-        self.model_id = model_id
-        self.generate_call_count = generate_call_count
-        self.flushed = False
-        self.slept_sec = 0.0
-        try:  # the reference's `count == 0`, for any real number (NumPy scalars too)
-            first_call = _real_arg("generate_call_count", generate_call_count) == 0
-        except TypeError:
-            _log_once(
-                "gemma4-count",
-                _WARNING,
-                "metal_guard: gemma4_generation_flush needs a number as generate_call_count, got %s; no flush",
-                _label(generate_call_count),
-            )
-            return
-        if not first_call or not is_gemma4_family(model_id):
-            return
-        if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
-            return
-        mx = _mlx()
-        if mx is None:
-            return
-        label = _label(model_id)
-        _breadcrumb(f"GEMMA4_FLUSH: {label}")
-        _synchronize(mx, model_id=model_id, level=_DEBUG)
-        _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_DEBUG)
-        sleep_sec = _env_float(
-            "METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC",
-            _GEMMA4_SLEEP_DEFAULT,
-            minimum=0.0,
-            maximum=_GEMMA4_SLEEP_MAX,
-            clamp=True,
-        )
-        if sleep_sec > 0:
-            time.sleep(sleep_sec)
-        self.slept_sec = sleep_sec
-        self.flushed = True
-        _breadcrumb(f"GEMMA4_FLUSH_DONE: {label}")
-
-    def __enter__(self) -> gemma4_generation_flush:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return (
-            f"gemma4_generation_flush({self.model_id!r}, {self.generate_call_count!r}, "
-            f"flushed={self.flushed}, slept_sec={self.slept_sec:g})"
-        )
-
-
-# =============================================================================
-# 7. Cadence — refuse back-to-back model loads, across processes.
+# Facts from public reports, with their sources. An entry is advice, not a ban.
+# Lookups never raise and return copies.
 #
-# The store is the reference's own format (a flat JSON object of model id →
-# epoch seconds of the last load), so old and new versions can share one file;
-# everything we add lives under the reserved key ``"__metal_guard__"``.
-# ``admit`` checks and records in one critical section under the file lock,
-# so of N processes racing for one window exactly one is admitted. The
-# dangerous window follows the *unload*: when one is recorded, intervals
-# count from the later of load and unload.
-# =============================================================================
-
-GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
-_CROSS_MODEL_ENV_VAR = "METALGUARD_CROSS_MODEL_INTERVAL"
-_CADENCE_PATH_DEFAULT: str | None = None
-_CADENCE_RESERVED = "__metal_guard__"
-_CADENCE_SCHEMA = 1
-_CADENCE_KEEP_SEC = 4 * 3600.0
-_CADENCE_CLOCK_SLACK = (
-    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
-)
-_INTERVAL_MAX = 7 * 86400.0
-
-
-def _wait_sec(seconds: float) -> float:
-    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
-    import math
-
-    if not _finite(seconds):
-        return 0.0 if seconds != seconds or seconds < 0 else seconds
-    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
-
-
-_block_crumb_lock = _thread.allocate_lock()
-_block_crumb_last: dict[str, float] = {}  # model → event time of the last CADENCE_BLOCK written
-
-
-@_on_reset
-def _forget_block_crumbs() -> None:
-    with _block_crumb_lock:
-        _block_crumb_last.clear()
-
-
-def _first_block_of_window(canon: str, event_ts: float) -> bool:
-    """True for the first refusal of ``canon`` caused by one event (per process).
-
-    A caller retrying in a tight loop would otherwise write (and fsync) one
-    ``CADENCE_BLOCK`` line per attempt and push useful forensics out of the
-    rotated log.
-    """
-    with _block_crumb_lock:
-        if _block_crumb_last.get(canon) == event_ts:
-            return False
-        _block_crumb_last[canon] = event_ts
-        return True
-
-
-class CadenceViolation(RuntimeError):
-    """A model load now would follow the previous load/unload of the same model too soon."""
-
-    def __init__(
-        self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None
-    ) -> None:
-        now = time.time() if now is None else now
-        self.model_id = model_id
-        self.last_ts = float(last_ts)
-        self.min_interval = float(min_interval)
-        self.delta = max(0.0, now - self.last_ts)
-        self.remaining_sec = max(0.0, self.min_interval - self.delta)
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        return (
-            f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
-            f"the minimum interval between loads is {self.min_interval:g} s. "
-            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading it again."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_exception, (type(self), self.__dict__))
-
-
-class CrossModelCadenceViolation(CadenceViolation):
-    """A model load now would follow another model's load/unload too soon."""
-
-    def __init__(
-        self,
-        model_id: str,
-        last_model: str,
-        last_ts: float,
-        cross_model_interval: float,
-        *,
-        now: float | None = None,
-    ) -> None:
-        self.last_model = last_model
-        self.cross_model_interval = float(cross_model_interval)
-        super().__init__(model_id, last_ts, cross_model_interval, now=now)
-
-    def _message(self) -> str:
-        return (
-            f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
-            f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
-            f"interval is {self.cross_model_interval:g} s. "
-            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading {self.model_id!r}."
-        )
-
-
-class CadenceStoreError(RuntimeError):
-    """A strict ``CadenceGuard`` could not use its store (unwritable, locked, a symlink...)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(
-            f"cadence store {path!r} cannot be used: {reason}. Fix the file or its folder "
-            "(METALGUARD_HOME), or build the guard without strict=True to fail open."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.reason))
-
-
-def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseException:
-    """Unpickle an exception with exactly the attributes it was raised with."""
-    exc = cls.__new__(cls)
-    exc.__dict__.update(state)
-    exc.args = (exc._message(),) if hasattr(exc, "_message") else ()
-    return exc
-
-
-def _interval_arg(name: str, value: object) -> float:
-    """A cadence interval: seconds up to a week; negative means 0 (the reference's rule)."""
-    return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
-
-
-def _number(value: object) -> float | None:
-    """A finite float from a store value; ``None`` for anything else (booleans too)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    if not _finite(number):
-        return None
-    return number
-
-
-class _CadenceEvents:
-    """What a cadence store says, keyed by case-folded canonical id."""
-
-    def __init__(self, data: dict[str, Any], now: float) -> None:
-        self.now = now
-        self.names: dict[str, str] = {}
-        self.loads: dict[str, float] = {}
-        self.unloads: dict[str, float] = {}
-        self.pids: dict[str, int] = {}
-        for key, value in data.items():
-            ts = _number(value)
-            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
-            if ts is None or canon is None:
-                continue
-            fold = canon.casefold()
-            if ts >= self.loads.get(fold, float("-inf")):
-                self.loads[fold], self.names[fold] = ts, canon
-        reserved = data.get(_CADENCE_RESERVED)
-        if isinstance(reserved, dict):
-            self._read_reserved(reserved)
-
-    def _read_reserved(self, reserved: dict[str, Any]) -> None:
-        unloads = reserved.get("unloads")
-        for key, value in unloads.items() if isinstance(unloads, dict) else ():
-            ts, canon = _number(value), _lenient_model_id(key)
-            if ts is not None and canon is not None:
-                fold = canon.casefold()
-                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
-                self.names.setdefault(fold, canon)
-        pids = reserved.get("pids")
-        for key, value in pids.items() if isinstance(pids, dict) else ():
-            canon = _lenient_model_id(key)
-            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
-                self.pids[canon.casefold()] = value
-
-    def last_event(self, fold: str) -> float | None:
-        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
-        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
-        return min(max(times), self.now) if times else None
-
-    def latest_other(self, fold: str) -> tuple[str, float] | None:
-        best: tuple[str, float] | None = None
-        for other in self.names:
-            if other == fold:
-                continue
-            ts = self.last_event(other)
-            if ts is not None and (best is None or ts > best[1]):
-                best = (self.names[other], ts)
-        return best
-
-
-def _cadence_path(path: StrPath | None) -> str:
-    if path is not None:
-        return _path_arg("path", path)
-    if _CADENCE_PATH_DEFAULT:
-        return _path_arg("_CADENCE_PATH_DEFAULT", _CADENCE_PATH_DEFAULT)
-    return _state_file("cadence.json")
-
-
-class CadenceGuard:
-    """Refuse model loads that follow the previous one too closely.
-
-    Same-model rule: a model loaded/unloaded less than ``min_interval_sec``
-    ago → ``CadenceViolation``. Cross-model rule: any *other* model
-    loaded/unloaded less than the effective cross interval ago →
-    ``CrossModelCadenceViolation``; the effective interval is
-    ``cross_model_interval_sec``, raised to at least 90 s when the model
-    being loaded is gemma-4 family (even when the base is 0).
-
-    Use ``admit`` (atomic check + record) or ``scope`` (admit, then record
-    the unload on exit). An unusable store never blocks inference: one
-    WARNING and the call proceeds, unless ``strict=True``.
-    """
-
-    def __init__(
-        self,
-        path: StrPath | None = None,
-        *,
-        min_interval_sec: float = 180.0,
-        cross_model_interval_sec: float = 0.0,
-        strict: bool = False,
-        lock_timeout: float = 10.0,
-    ) -> None:
-        self._path = _cadence_path(path)
-        self._min_interval = _interval_arg("min_interval_sec", min_interval_sec)
-        self._cross_interval = _interval_arg("cross_model_interval_sec", cross_model_interval_sec)
-        self.strict = bool(strict)
-        self.lock_timeout = _interval_arg("lock_timeout", lock_timeout)
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def min_interval_sec(self) -> float:
-        return self._min_interval
-
-    @property
-    def cross_model_interval_sec(self) -> float:
-        return self._cross_interval
-
-    def effective_cross_interval(self, model_id: object) -> float:
-        """The cross-model interval that applies when loading ``model_id``."""
-        if is_gemma4_family(model_id):
-            return max(self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
-        return self._cross_interval
-
-    # -- store access -------------------------------------------------------
-
-    def _read(self) -> dict[str, Any]:
-        """The store for a read-only decision; an unreadable store fails open (or strict raises)."""
-        try:
-            return _load_json_object(self._path)
-        except _CorruptFile:
-            return {}  # quarantined by the next write
-        except OSError as exc:
-            self._store_failed(exc)
-            return {}
-
-    def _update(self, mutate: Callable[[dict[str, Any]], _T]) -> tuple[bool, _T | None]:
-        """Locked read-modify-write; ``(False, None)`` when the store is unusable (fail-open)."""
-        try:
-            return True, _update_json(self._path, mutate, timeout=self.lock_timeout)
-        except (OSError, StateLockTimeout) as exc:
-            self._store_failed(exc)
-            return False, None
-
-    def _store_failed(self, exc: BaseException) -> None:
-        if self.strict:
-            raise CadenceStoreError(self._path, str(exc)) from exc
-        _log_once(
-            "cadence-store:" + self._path,
-            _WARNING,
-            "metal_guard: cadence store %s is unusable (%s); loads are NOT being spaced until this is fixed",
-            self._path,
-            exc,
-        )
-
-    def _prune(self, data: dict[str, Any], now: float) -> dict[str, Any]:
-        """Drop stale entries, pull future-dated ones back to now; return the reserved object."""
-        keep = max(
-            _CADENCE_KEEP_SEC,
-            self._min_interval,
-            self._cross_interval,
-            GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
-        )
-        for key in list(data):
-            if key == _CADENCE_RESERVED:
-                continue
-            ts = _number(data[key])
-            if ts is None:
-                continue  # not ours to judge; the reference ignores such values too
-            if ts < now - keep:
-                del data[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                data[key] = now
-        reserved = data.get(_CADENCE_RESERVED)
-        if not isinstance(reserved, dict):
-            reserved = data[_CADENCE_RESERVED] = {}
-        reserved["schema"] = _CADENCE_SCHEMA
-        unloads = reserved.get("unloads")
-        if not isinstance(unloads, dict):
-            unloads = reserved["unloads"] = {}
-        for key in list(unloads):
-            ts = _number(unloads[key])
-            if ts is None or ts < now - keep:
-                del unloads[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                unloads[key] = now
-        pids = reserved.get("pids")
-        if not isinstance(pids, dict):
-            pids = reserved["pids"] = {}
-        for key in list(pids):
-            if key not in data and key not in unloads:
-                del pids[key]
-        return reserved
-
-    @staticmethod
-    def _spellings(mapping: dict[str, Any], canon: str) -> list[str]:
-        """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
-        fold = canon.casefold()
-        return [
-            key
-            for key in mapping
-            if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
-        ]
-
-    def _violation(
-        self, canon: str, cross: float, events: _CadenceEvents
-    ) -> CadenceViolation | None:
-        """The rule ``events`` break for a load of ``canon`` (``cross``: its cross interval)."""
-        fold = canon.casefold()
-        last = events.last_event(fold)
-        if last is not None and events.now - last < self._min_interval:
-            return CadenceViolation(canon, last, self._min_interval, now=events.now)
-        if cross > 0:
-            other = events.latest_other(fold)
-            if other is not None and events.now - other[1] < cross:
-                return CrossModelCadenceViolation(canon, other[0], other[1], cross, now=events.now)
-        return None
-
-    def _record(self, data: dict[str, Any], canon: str, ts: float, *, unload: bool) -> None:
-        reserved = self._prune(data, time.time())
-        mapping = reserved["unloads"] if unload else data
-        spellings = self._spellings(mapping, canon)
-        # Never move a record backwards: a late or stale mark (another process's
-        # delayed unload, a backdated ``ts``) must not shorten anyone's window.
-        ts = max([ts, *(t for key in spellings if (t := _number(mapping[key])) is not None)])
-        for key in spellings:
-            if key == canon:
-                continue
-            if unload:  # our own key: one spelling is enough
-                del mapping[key]
-            elif _number(mapping[key]) is not None:
-                # A process of the reference looks its model up by the exact string
-                # it was given: keep its spelling current instead of dropping it.
-                mapping[key] = ts
-        mapping[canon] = ts
-        reserved["pids"][canon] = os.getpid()
-
-    def _repair_clock(self) -> None:
-        """Pull future-dated entries back to now, so a clock step costs at most one interval.
-
-        Best effort and silent even for a strict guard: ``check`` only looks, and
-        the next ``admit`` repairs the store anyway.
-        """
-
-        def repair(data: dict[str, Any]) -> None:
-            self._prune(data, time.time())
-
-        try:
-            _update_json(self._path, repair, timeout=self.lock_timeout)
-        except (OSError, StateLockTimeout) as exc:
-            _log().debug("metal_guard: cannot repair %s: %s", self._path, exc)
-
-    # -- public API ---------------------------------------------------------
-
-    def check(self, model_id: StrPath) -> None:
-        """Raise ``CadenceViolation`` if loading ``model_id`` now is too soon; records nothing."""
-        canon = canonical_model_id(model_id)
-        data = self._read()
-        now = time.time()
-        events = _CadenceEvents(data, now)
-        if any(
-            t > now + _CADENCE_CLOCK_SLACK
-            for t in [*events.loads.values(), *events.unloads.values()]
-        ):
-            self._repair_clock()
-        violation = self._violation(canon, self.effective_cross_interval(model_id), events)
-        if violation is not None:
-            raise violation
-
-    def admit(self, model_id: StrPath) -> None:
-        """Check and record a load in one critical section (atomic across processes).
-
-        Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
-        soon; otherwise the load is recorded and the caller may load.
-        """
-        canon = canonical_model_id(model_id)
-        # Family detection may stat the folder and read its config.json: do it before
-        # taking the store's lock, not while every other process waits for it.
-        cross = self.effective_cross_interval(model_id)
-
-        def decide(data: dict[str, Any]) -> CadenceViolation | None:
-            now = time.time()
-            self._prune(data, now)
-            violation = self._violation(canon, cross, _CadenceEvents(data, now))
-            if violation is None:
-                self._record(data, canon, now, unload=False)
-            return violation
-
-        stored, violation = self._update(decide)
-        if violation is not None:
-            if _first_block_of_window(canon, violation.last_ts):
-                _breadcrumb(
-                    f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})"
-                )
-            raise violation
-        _breadcrumb(
-            f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
-        )
-
-    def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
-        """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
-
-        A record never moves backwards: an older ``ts`` than the one stored is ignored.
-        """
-        self._mark(model_id, ts, unload=False)
-
-    def mark_unload(self, model_id: StrPath, *, ts: float | None = None) -> None:
-        """Record that ``model_id`` was unloaded now (or at ``ts``): intervals count from here.
-
-        A record never moves backwards: an older ``ts`` than the one stored is ignored.
-        """
-        self._mark(model_id, ts, unload=True)
-
-    def _mark(self, model_id: StrPath, ts: float | None, *, unload: bool) -> None:
-        canon = canonical_model_id(model_id)
-        stamp = time.time() if ts is None else _epoch_arg("ts", ts)
-        self._update(lambda data: self._record(data, canon, stamp, unload=unload))
-
-    def last_ts(self, model_id: StrPath) -> float | None:
-        """Epoch seconds the intervals count from: the later of last load and last unload."""
-        canon = canonical_model_id(model_id)
-        return _CadenceEvents(self._read(), time.time()).last_event(canon.casefold())
-
-    def scope(self, model_id: StrPath) -> _CadenceScope:
-        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload."""
-        canonical_model_id(model_id)
-        return _CadenceScope(self, model_id)
-
-    def status(self, *, now: float | None = None) -> dict[str, Any]:
-        """What the store says and what is blocked now, for how long (never writes or raises)."""
-        now = time.time() if now is None else now
-        try:
-            data = _load_json_object(self._path)
-            problem = None
-        except (_CorruptFile, OSError) as exc:
-            data, problem = {}, str(exc)
-        events = _CadenceEvents(data, now)
-        rows: list[dict[str, Any]] = []
-        for fold, name in events.names.items():
-            last = events.last_event(fold)
-            if last is None:
-                continue
-            age = max(0.0, now - last)
-            rows.append(
-                {
-                    "model_id": name,
-                    "last_load": events.loads.get(fold),
-                    "last_unload": events.unloads.get(fold),
-                    "last_event": last,
-                    "age_sec": age,
-                    "pid": events.pids.get(fold),
-                    "same_model_blocked_sec": max(0.0, self._min_interval - age),
-                }
-            )
-        rows.sort(key=lambda row: row["last_event"], reverse=True)
-        latest_age = rows[0]["age_sec"] if rows else None
-        gemma_cross = max(self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
-        return {
-            "path": self._path,
-            "problem": problem,
-            "min_interval_sec": self._min_interval,
-            "cross_model_interval_sec": self._cross_interval,
-            "gemma4_cross_model_interval_sec": gemma_cross,
-            "events": rows,
-            "last_model": rows[0]["model_id"] if rows else None,
-            "other_models_blocked_sec": 0.0
-            if latest_age is None
-            else max(0.0, self._cross_interval - latest_age),
-            "gemma4_models_blocked_sec": 0.0
-            if latest_age is None
-            else max(0.0, gemma_cross - latest_age),
-        }
-
-    def clear(self, model_id: StrPath | None = None) -> int:
-        """Forget every entry (or one model's); returns how many models were removed."""
-        fold = None if model_id is None else canonical_model_id(model_id).casefold()
-
-        def remove(data: dict[str, Any]) -> int:
-            removed: set[str] = set()
-            reserved = data.get(_CADENCE_RESERVED)
-            maps: list[dict[str, Any]] = [data]
-            if isinstance(reserved, dict):
-                maps += [
-                    m
-                    for m in (reserved.get("unloads"), reserved.get("pids"))
-                    if isinstance(m, dict)
-                ]
-            for mapping in maps:
-                for key in list(mapping):
-                    canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
-                    if canon is not None and (fold is None or canon.casefold() == fold):
-                        del mapping[key]
-                        removed.add(canon.casefold())
-            return len(removed)
-
-        return self._update(remove)[1] or 0
-
-    def __repr__(self) -> str:
-        return (
-            f"CadenceGuard({self._path!r}, min_interval_sec={self._min_interval:g}, "
-            f"cross_model_interval_sec={self._cross_interval:g}, strict={self.strict})"
-        )
-
-
-class _CadenceScope:
-    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit."""
-
-    __slots__ = ("guard", "model_id")
-
-    def __init__(self, guard: CadenceGuard, model_id: StrPath) -> None:
-        self.guard = guard
-        self.model_id = model_id
-
-    def __enter__(self) -> CadenceGuard:
-        self.guard.admit(self.model_id)
-        return self.guard
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.guard.mark_unload(self.model_id)
-        except CadenceStoreError as err:  # strict guard: never mask the body's exception
-            if exc[1] is None:
-                raise
-            _log().warning("metal_guard: %s", err)
-
-
-def _resolve_cross_model_interval(explicit: float | None = None) -> float:
-    """The reference's resolution order: explicit, then the env variable, then 60 s."""
-    if explicit is not None:
-        try:
-            return _interval_arg("cross_model_interval_sec", explicit)
-        except (TypeError, ValueError) as exc:
-            _log().warning("metal_guard: %s; using 60 s", exc)
-            return 60.0
-    return _env_float(_CROSS_MODEL_ENV_VAR, 60.0, minimum=0.0, maximum=_INTERVAL_MAX, clamp=True)
-
-
-def _default_guard(min_interval_sec: float, cross_model_interval_sec: float) -> CadenceGuard:
-    """The guard ``require_cadence_clear`` builds: argument when > 0, else env, else 0."""
-    base = _interval_arg("cross_model_interval_sec", cross_model_interval_sec)
-    if base <= 0:
-        base = _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
-    return CadenceGuard(min_interval_sec=min_interval_sec, cross_model_interval_sec=base)
-
-
-def require_cadence_clear(
-    model_id: StrPath,
-    *,
-    min_interval_sec: float = 180.0,
-    cross_model_interval_sec: float = 0.0,
-    guard: CadenceGuard | None = None,
-) -> None:
-    """Call right before ``mlx_lm.load``: raises ``CadenceViolation`` or records the load.
-
-    With ``guard`` its own intervals apply. Without, a default-path guard is
-    built whose cross-model base is the argument when > 0, else
-    ``METALGUARD_CROSS_MODEL_INTERVAL``, else 0 (gemma-4 targets still get
-    the 90 s floor).
-    """
-    if guard is None:
-        guard = _default_guard(min_interval_sec, cross_model_interval_sec)
-    elif not isinstance(guard, CadenceGuard):
-        raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    guard.admit(model_id)
-
-
-def cadence_scope(
-    model_id: StrPath,
-    *,
-    min_interval_sec: float = 180.0,
-    cross_model_interval_sec: float = 0.0,
-    guard: CadenceGuard | None = None,
-) -> _CadenceScope:
-    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload."""
-    if guard is None:
-        guard = _default_guard(min_interval_sec, cross_model_interval_sec)
-    elif not isinstance(guard, CadenceGuard):
-        raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    return guard.scope(model_id)
-
-
-# =============================================================================
-# 8. Registry — models that kernel-panicked with defences engaged.
-#
-# Facts from public reports, with their sources. An entry is advice, not a
-# ban: the same family can be one user's panic and another's safe choice at
-# a different context length. Lookups never raise and return copies.
+# Provides: KNOWN_PANIC_MODELS, check_known_panic_model, warn_if_known_panic_model
+# Uses: Prelude, Model identity
 # =============================================================================
 
 _UPSTREAM_3186 = "https://github.com/ml-explore/mlx/issues/3186"
@@ -2457,7 +1720,8 @@ def warn_if_known_panic_model(model_id: object) -> bool:
         warned.add(key)
     if first:
         _log().warning(
-            "metal_guard: %r is a known kernel-panic model (%s tier; signature: %s). %s",
+            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
+            "signature: %s). %s",
             key,
             entry["tier"],
             entry["panic_signature"],
@@ -2467,15 +1731,17 @@ def warn_if_known_panic_model(model_id: object) -> bool:
 
 
 # =============================================================================
-# 9. Panic reports & circuit breaker — forensics after the reboot.
+# 3.3 Panic signatures — what a panic or error text says happened.
 #
-# After a kernel panic macOS writes a report to /Library/Logs/DiagnosticReports
-# (a one-line JSON header, then a JSON body whose ``panicString`` holds the
-# text log). ``parse_panic_reports`` reads them (bounded reads, never through
-# a symlink, cached by file identity so re-scans cost a ``stat`` per file),
-# ``ingest_panics_jsonl`` archives new ones in ``$METALGUARD_HOME/panics.jsonl``
-# and ``CircuitBreaker`` refuses MLX work for a cooldown after repeated IOGPU
-# kernel panics. Nothing here needs MLX.
+# Kernel panics are tried before process-level errors; patterns are bounded
+# so a huge text stays linear, and run only when a cheap substring matches.
+#
+# Provides: detect_panic_signature, _BREAKER_CLOCK_SLACK, _BREAKER_SCHEMA, _BREAKER_SECONDS_MAX,
+#   _IOGPU, _IPS_HEAD_MAX, _PANIC_ARCHIVE_MAX_RECORDS, _PANIC_ARCHIVE_READ_MAX, _PANIC_BUG_TYPE,
+#   _PANIC_CACHE_MAX, _PANIC_DIR_ENV_VAR, _PANIC_FIELD_MAX, _PANIC_READ_MAX, _PANIC_REPORT_DIR,
+#   _PROCESS, _detect, _panic_archive_cache, _panic_ingest_memo, _panic_lock, _panic_report_cache,
+#   _signature_kind
+# Uses: Prelude, Model identity
 # =============================================================================
 
 _PANIC_REPORT_DIR = "/Library/Logs/DiagnosticReports"
@@ -2486,7 +1752,6 @@ _PANIC_BUG_TYPE = "210"  # bug_type of kernel panics in Apple's diagnostic repor
 _PANIC_CACHE_MAX = 20_000
 _PANIC_FIELD_MAX = 500
 _PANIC_ARCHIVE_MAX_RECORDS = 1000
-_PANIC_ARCHIVE_MAX_AGE_SEC = 180 * 86400.0
 _PANIC_ARCHIVE_READ_MAX = 64 << 20
 _BREAKER_SCHEMA = 1
 _BREAKER_SECONDS_MAX = 366 * 86400.0
@@ -2557,7 +1822,7 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
         "ctxstore_timeout",
         _IOGPU,
         ("store",),
-        r"ctx[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
+        r"(?:ctx|context)[\s_-]?store\w{0,40}.{0,200}?time(?:d)?[\s_-]?out",
         "GPU driver kernel panic: context-store timeout, the GPU did not save or restore a "
         "context in time",
         "Often seen under heavy GPU memory pressure. " + _ADVICE_IOGPU,
@@ -2741,6 +2006,16 @@ def detect_panic_signature(text: object) -> tuple[str | None, str | None]:
         return None, None
     return found[0], found[2]
 
+
+# =============================================================================
+# 3.4 Panic reports — reading macOS panic reports after the reboot.
+#
+# Reports are read with bounded reads, never through a symlink, and cached
+# by file identity so a re-scan costs one ``stat`` per file.
+#
+# Provides: parse_panic_reports, _report_dir
+# Uses: Prelude, Files, Model identity, Panic signatures
+# =============================================================================
 
 # -- reading one report -------------------------------------------------------
 
@@ -3059,536 +2334,13 @@ def parse_panic_reports(
     (``None`` where the report does not say). A missing folder gives ``[]``.
     """
     folder = _report_dir(directory)
-    since = None if since_ts is None else _epoch_arg("since_ts", since_ts)
+    since = None if since_ts is None else _real_arg("since_ts", since_ts)
     records: list[dict[str, Any]] = []
     _scan_report_folder(folder, records, retired=True)
     if since is not None:
         records = [r for r in records if r["ts"] >= since]
     records.sort(key=lambda r: (r["ts"], r["source_file"]))
     return records
-
-
-# -- the archive ----------------------------------------------------------------
-
-
-def _file_identity(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _archive_record(value: object) -> dict[str, Any] | None:
-    """A valid archived record (a JSON object with a finite ``ts``), else ``None``."""
-    if not isinstance(value, dict):
-        return None
-    ts = _number(value.get("ts"))
-    if ts is None:
-        return None
-    value["ts"] = ts
-    return value
-
-
-def _load_archive(path: str) -> tuple[list[dict[str, Any]], bool]:
-    """Valid records of the archive in file order, and whether it ends with a newline.
-
-    Corrupt lines are skipped; a missing file is empty. Raises ``OSError`` for
-    an unreadable one (a directory in its place, a symlink, no permission).
-    """
-    import json
-
-    key = _file_identity(path)
-    with _panic_lock:
-        hit = _panic_archive_cache.get(path)
-    if key is not None and hit is not None and hit[0] == key:
-        return [dict(r) for r in hit[1]], True
-    try:
-        raw = _read_bounded(path, _PANIC_ARCHIVE_READ_MAX + 1)
-    except FileNotFoundError:
-        return [], True
-    if len(raw) > _PANIC_ARCHIVE_READ_MAX:
-        _log_once(
-            "archive-size:" + path,
-            _WARNING,
-            "metal_guard: %s is larger than %d bytes; reading only its start",
-            path,
-            _PANIC_ARCHIVE_READ_MAX,
-        )
-        raw = raw[: raw.rfind(b"\n", 0, _PANIC_ARCHIVE_READ_MAX) + 1]
-    records: list[dict[str, Any]] = []
-    bad = 0
-    for line in raw.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = _archive_record(json.loads(line.decode("utf-8")))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            record = None
-        if record is None:
-            bad += 1
-        else:
-            records.append(record)
-    if bad:
-        _log_once(
-            "archive-bad:" + path, _DEBUG, "metal_guard: skipped %d corrupt lines in %s", bad, path
-        )
-    clean = not raw or raw.endswith(b"\n")
-    if key is not None and clean:
-        with _panic_lock:
-            if len(_panic_archive_cache) >= 64:
-                _panic_archive_cache.clear()
-            _panic_archive_cache[path] = (key, records)
-        records = [dict(r) for r in records]
-    return records, clean
-
-
-def _archive_path(jsonl_path: object) -> str:
-    return (
-        _state_file("panics.jsonl") if jsonl_path is None else _path_arg("jsonl_path", jsonl_path)
-    )
-
-
-def read_panic_archive(path: StrPath | None = None) -> list[dict[str, Any]]:
-    """The archived panic records (``$METALGUARD_HOME/panics.jsonl``), oldest first.
-
-    Corrupt lines are skipped; a missing or unreadable archive gives ``[]``
-    (logged at DEBUG). Never writes.
-    """
-    target = _archive_path(path)
-    try:
-        records, _ = _load_archive(target)
-    except OSError as exc:
-        _log_once("archive-read:" + target, _DEBUG, "metal_guard: cannot read %s: %s", target, exc)
-        return []
-    records.sort(key=lambda r: r["ts"])
-    return records
-
-
-def _dedupe_key(record: dict[str, Any]) -> tuple[int, object]:
-    """Same panic in two files (panic-full/panic-base, moved to Retired/): same second, same pid."""
-    return int(record["ts"]), record.get("pid")
-
-
-def _bound_archive(records: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    """The records to keep: not older than 180 days, the newest 1,000, sorted by time."""
-    horizon = now - _PANIC_ARCHIVE_MAX_AGE_SEC
-    kept = sorted((r for r in records if r["ts"] >= horizon), key=lambda r: r["ts"])
-    return kept[-_PANIC_ARCHIVE_MAX_RECORDS:]
-
-
-def _archive_line(record: dict[str, Any]) -> bytes:
-
-    import json
-
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
-    return text.encode("utf-8") + b"\n"
-
-
-def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
-    sources = frozenset(r["source_file"] for r in records)
-    with _panic_lock:
-        memo = _panic_ingest_memo.get(path)
-    if memo is not None and memo[0] == _file_identity(path) and sources <= memo[1]:
-        return 0  # nothing new since this process last looked, and nobody else wrote
-    with _FileLock(path + ".lock"):
-        existing, clean = _load_archive(path)
-        seen_sources = {r.get("source_file") for r in existing}
-        seen_keys = {_dedupe_key(r) for r in existing}
-        fresh: list[dict[str, Any]] = []
-        for record in records:
-            key = _dedupe_key(record)
-            if record["source_file"] in seen_sources or key in seen_keys:
-                continue
-            seen_sources.add(record["source_file"])
-            seen_keys.add(key)
-            fresh.append(record)
-        kept = _bound_archive(existing + fresh, now)
-        kept_ids = {id(r) for r in kept}
-        appended = [r for r in fresh if id(r) in kept_ids]
-        if len(kept) - len(appended) < len(existing):  # over a bound: rewrite
-            _atomic_write_bytes(path, b"".join(_archive_line(r) for r in kept))
-        elif appended:
-            data = b"".join(_archive_line(r) for r in appended)
-            _append_bytes(path, data if clean else b"\n" + data)  # a torn last line stays alone
-        handled = frozenset(s for s in seen_sources if isinstance(s, str)) | sources
-        identity = _file_identity(path)
-    with _panic_lock:
-        if len(_panic_ingest_memo) >= 64:
-            _panic_ingest_memo.clear()
-        _panic_ingest_memo[path] = (identity, handled)
-    return len(appended)
-
-
-def ingest_panics_jsonl(
-    *, report_dir: StrPath | None = None, jsonl_path: StrPath | None = None
-) -> int:
-    """Append new kernel-panic reports to the archive; returns how many were added.
-
-    The archive is ``$METALGUARD_HOME/panics.jsonl`` (one JSON record per
-    line). A report already archived — same source file, or same second and
-    pid (a copy in ``Retired/``, panic-full and panic-base) — is not added
-    again. Runs under the archive's file lock; the archive keeps the newest
-    1,000 records of the last 180 days. Raises ``OSError`` or
-    ``StateLockTimeout`` when the archive cannot be written.
-    """
-    path = _archive_path(jsonl_path)
-    records = parse_panic_reports(report_dir)
-    if not records:
-        return 0  # nothing to archive: create no file
-    return _ingest(path, records, time.time())
-
-
-# -- the circuit breaker ------------------------------------------------------
-
-
-def _local_time(ts: float) -> str:
-    """``2026-04-24 03:14:15 +0200`` for epoch seconds (local time)."""
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts))
-    except (OverflowError, OSError, ValueError):
-        return f"{ts:.0f} (epoch seconds)"
-
-
-def _duration(seconds: float) -> str:
-    """``45 s``, ``12 min 5 s``, ``2 h 3 min``, ``3 d 4 h``."""
-    if not _finite(seconds):
-        return "forever" if seconds > 0 else "0 s"
-    total = max(0, int(seconds + 0.999))
-    if total < 60:
-        return f"{total} s"
-    minutes, sec = divmod(total, 60)
-    if minutes < 60:
-        return f"{minutes} min {sec} s" if sec else f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
-
-
-class MLXCooldownActive(RuntimeError):
-    """Repeated IOGPU kernel panics tripped the circuit breaker: MLX work must wait."""
-
-    def __init__(
-        self,
-        panic_count: int,
-        window_sec: float,
-        cooldown_until: float,
-        *,
-        now: float | None = None,
-    ) -> None:
-        now = time.time() if now is None else now
-        self.panic_count = int(panic_count)
-        self.window_sec = float(window_sec)
-        self.cooldown_until = float(cooldown_until)
-        self.remaining_sec = max(0.0, self.cooldown_until - now)
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        return (
-            f"MLX cooldown active: {self.panic_count} IOGPU kernel panic(s) within "
-            f"{_duration(self.window_sec)} tripped the circuit breaker; MLX work is refused until "
-            f"{_local_time(self.cooldown_until)} local time ({_duration(self.remaining_sec)} from "
-            "now). Let the machine settle and find the trigger (`metal-guard panics`); if the "
-            "cause is fixed, run `metal-guard breaker clear`."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_exception, (type(self), self.__dict__))
-
-
-def _merge_panics(
-    archived: list[dict[str, Any]], parsed: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Archived records plus parsed ones not archived yet, without duplicates, by time."""
-    sources = {r.get("source_file") for r in archived}
-    keys = {_dedupe_key(r) for r in archived}
-    merged = list(archived)
-    for record in parsed:
-        key = _dedupe_key(record)
-        if record["source_file"] not in sources and key not in keys:
-            sources.add(record["source_file"])
-            keys.add(key)
-            merged.append(record)
-    merged.sort(key=lambda r: r["ts"])
-    return merged
-
-
-class CircuitBreaker:
-    """Refuse MLX work for a cooldown after repeated IOGPU kernel panics.
-
-    ``check()`` archives new panic reports (cheaply: unchanged reports are
-    not read again), then raises ``MLXCooldownActive`` while a cooldown runs,
-    and trips one when ``panic_threshold`` IOGPU kernel panics fall within
-    ``window_sec`` (watchdog panics, process-level aborts and duplicate
-    reports do not count). The cooldown lives in ``breaker.json`` (written
-    atomically under its file lock), so it survives restarts and reboots and
-    all processes see the same trip. ``clear()`` ends it and forgets the
-    panics seen so far. ``report_dir`` defaults to the system report folder.
-    """
-
-    def __init__(
-        self,
-        *,
-        jsonl_path: StrPath | None = None,
-        state_path: StrPath | None = None,
-        window_sec: float = 3600,
-        panic_threshold: int = 2,
-        cooldown_sec: float = 3600,
-        report_dir: StrPath | None = None,
-    ) -> None:
-        self._jsonl_path = _archive_path(jsonl_path)
-        self._state_path = (
-            _state_file("breaker.json")
-            if state_path is None
-            else _path_arg("state_path", state_path)
-        )
-        self._report_dir = None if report_dir is None else _path_arg("report_dir", report_dir)
-        self._window = _seconds_arg(
-            "window_sec", window_sec, maximum=_BREAKER_SECONDS_MAX, allow_zero=False
-        )
-        self._cooldown = _seconds_arg("cooldown_sec", cooldown_sec, maximum=_BREAKER_SECONDS_MAX)
-        panic_threshold = _int_arg("panic_threshold", panic_threshold)
-        if not 1 <= panic_threshold <= 1000:
-            raise ValueError(f"panic_threshold must be between 1 and 1000, got {panic_threshold}")
-        self._threshold = panic_threshold
-
-    @property
-    def jsonl_path(self) -> str:
-        return self._jsonl_path
-
-    @property
-    def state_path(self) -> str:
-        return self._state_path
-
-    @property
-    def report_dir(self) -> str:
-        return _report_dir(self._report_dir)
-
-    @property
-    def window_sec(self) -> float:
-        return self._window
-
-    @property
-    def panic_threshold(self) -> int:
-        return self._threshold
-
-    @property
-    def cooldown_sec(self) -> float:
-        return self._cooldown
-
-    # -- internals ------------------------------------------------------------
-
-    @staticmethod
-    def _cooldown_until(state: dict[str, Any], now: float) -> float | None:
-        """End of the running cooldown, or ``None``; a clock stepped back never lengthens it."""
-        until = _number(state.get("cooldown_until"))
-        if until is None or until <= now:
-            return None
-        length = _number(state.get("cooldown_sec"))
-        if length is not None and length >= 0 and until - now > length + _BREAKER_CLOCK_SLACK:
-            until = now + length
-        return until
-
-    def _evidence(
-        self, panics: list[dict[str, Any]], state: dict[str, Any], now: float
-    ) -> list[float]:
-        """Times of the IOGPU kernel panics that count now (window, after the last clear)."""
-        cleared = _number(state.get("cleared_at"))
-        floor = now - self._window
-        if cleared is not None:
-            floor = max(floor, cleared + 1e-6)
-        return sorted(
-            r["ts"]
-            for r in panics
-            if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= floor
-        )
-
-    def _would_trip(self, evidence: list[float], state: dict[str, Any]) -> bool:
-        """Enough panics in the window, at least one newer than what tripped last time."""
-        if len(evidence) < self._threshold:
-            return False
-        acted_on = _number(state.get("last_trip_panic_ts"))
-        return acted_on is None or evidence[-1] > acted_on
-
-    def _panics(self, *, ingest: bool) -> list[dict[str, Any]]:
-        """Archived panics, plus reports not archived yet (when the archive is unusable)."""
-        parsed = parse_panic_reports(self._report_dir)
-        if ingest and parsed:
-            try:
-                _ingest(self._jsonl_path, parsed, time.time())
-            except (OSError, StateLockTimeout) as exc:
-                _log_once(
-                    "breaker-ingest:" + self._jsonl_path,
-                    _WARNING,
-                    "metal_guard: cannot archive panic reports in %s (%s); the breaker uses the "
-                    "reports it can still see",
-                    self._jsonl_path,
-                    exc,
-                )
-        return _merge_panics(read_panic_archive(self._jsonl_path), parsed)
-
-    def _exception(self, state: dict[str, Any], until: float, now: float) -> MLXCooldownActive:
-        count = state.get("panic_count")
-        window = _number(state.get("window_sec"))
-        return MLXCooldownActive(
-            count if isinstance(count, int) and not isinstance(count, bool) else self._threshold,
-            window if window is not None else self._window,
-            until,
-            now=now,
-        )
-
-    def _repair_clock(self, now: float) -> None:
-        """A trip dated in the future (clock stepped back): restart its cooldown from now."""
-
-        def repair(data: dict[str, Any]) -> None:
-            tripped, until = _number(data.get("tripped_at")), _number(data.get("cooldown_until"))
-            if tripped is not None and until is not None and tripped > now + _BREAKER_CLOCK_SLACK:
-                data["cooldown_until"] = now + max(0.0, until - tripped)
-                data["tripped_at"] = now
-
-        try:
-            _update_json(self._state_path, repair)
-        except (OSError, StateLockTimeout) as exc:
-            _log().debug("metal_guard: cannot repair %s: %s", self._state_path, exc)
-
-    # -- public API -----------------------------------------------------------
-
-    def check(self, *, now: float | None = None) -> None:
-        """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
-        now = time.time() if now is None else _epoch_arg("now", now)
-        panics = self._panics(ingest=True)
-        state = _read_json_state(self._state_path)
-        tripped = _number(state.get("tripped_at"))
-        if tripped is not None and tripped > now + _BREAKER_CLOCK_SLACK:
-            self._repair_clock(now)
-            state = _read_json_state(self._state_path)
-        until = self._cooldown_until(state, now)
-        if until is not None:
-            raise self._exception(state, until, now)
-        evidence = self._evidence(panics, state, now)
-        if not self._would_trip(evidence, state):
-            return
-        threshold, window, cooldown = self._threshold, self._window, self._cooldown
-
-        def trip(data: dict[str, Any]) -> bool:
-            # Decide again inside the lock: another process may have tripped or cleared.
-            if self._cooldown_until(data, now) is not None:
-                return False
-            counted = self._evidence(panics, data, now)
-            if not self._would_trip(counted, data):
-                return False
-            data.update(
-                schema=_BREAKER_SCHEMA,
-                tripped_at=now,
-                cooldown_until=now + cooldown,
-                cooldown_sec=cooldown,
-                panic_count=len(counted),
-                window_sec=window,
-                panic_threshold=threshold,
-                panic_ts=counted[-50:],
-                last_trip_panic_ts=counted[-1],
-                pid=os.getpid(),
-            )
-            return True
-
-        try:
-            won = _update_json(self._state_path, trip)
-            state = _read_json_state(self._state_path)
-        except (OSError, StateLockTimeout) as exc:
-            _log_once(
-                "breaker-state:" + self._state_path,
-                _WARNING,
-                "metal_guard: cannot record the breaker trip in %s (%s); the cooldown will not "
-                "survive this process",
-                self._state_path,
-                exc,
-            )
-            raise MLXCooldownActive(len(evidence), window, now + cooldown, now=now) from None
-        until = self._cooldown_until(state, now)
-        if won:
-            _breadcrumb(
-                f"BREAKER_TRIP: {len(evidence)} IOGPU kernel panics in {window:g}s; "
-                f"cooldown until {_local_time(now + cooldown)}"
-            )
-        if until is not None:
-            raise self._exception(state, until, now)
-
-    def status(self, *, now: float | None = None) -> dict[str, Any]:
-        """What the breaker would decide now, and why (never raises, never writes)."""
-        doc: dict[str, Any] = {
-            "state_path": self._state_path,
-            "jsonl_path": self._jsonl_path,
-            "report_dir": self.report_dir,
-            "window_sec": self._window,
-            "panic_threshold": self._threshold,
-            "cooldown_sec": self._cooldown,
-            "cooling_down": False,
-            "cooldown_until": None,
-            "remaining_sec": 0.0,
-            "tripped_at": None,
-            "trip_panic_count": None,
-            "cleared_at": None,
-            "panics_in_window": 0,
-            "would_trip": False,
-            "archived_panics": 0,
-            "recent_panics": [],
-            "problem": None,
-        }
-        try:
-            when = time.time() if now is None else _epoch_arg("now", now)
-            try:
-                state = _load_json_object(self._state_path)
-            except (_CorruptFile, OSError) as exc:
-                state, doc["problem"] = {}, f"breaker state unreadable: {exc}"
-            archived = read_panic_archive(self._jsonl_path)
-            panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
-            until = self._cooldown_until(state, when)
-            evidence = self._evidence(panics, state, when)
-            count = state.get("panic_count")
-            doc.update(
-                cooling_down=until is not None,
-                cooldown_until=until,
-                remaining_sec=0.0 if until is None else until - when,
-                tripped_at=_number(state.get("tripped_at")),
-                trip_panic_count=count if isinstance(count, int) else None,
-                cleared_at=_number(state.get("cleared_at")),
-                panics_in_window=len(evidence),
-                would_trip=until is None and self._would_trip(evidence, state),
-                archived_panics=len(archived),
-                recent_panics=panics[-10:],
-            )
-        except Exception as exc:  # a status display must never fail
-            doc["problem"] = f"{type(exc).__name__}: {exc}"
-        return doc
-
-    def clear(self) -> bool:
-        """End the cooldown and forget the panics seen so far; True if one was running.
-
-        Raises ``OSError`` / ``StateLockTimeout`` when the state cannot be written.
-        """
-        now = time.time()
-
-        def wipe(data: dict[str, Any]) -> bool:
-            active = self._cooldown_until(data, now) is not None
-            last = _number(data.get("last_trip_panic_ts"))
-            data.clear()
-            data.update(schema=_BREAKER_SCHEMA, cleared_at=now, cleared_by_pid=os.getpid())
-            if last is not None:
-                data["last_trip_panic_ts"] = last
-            return active
-
-        active = _update_json(self._state_path, wipe)
-        _breadcrumb("BREAKER_CLEAR" + (": cooldown ended early" if active else ""))
-        return active
-
-    def __repr__(self) -> str:
-        return (
-            f"CircuitBreaker(jsonl_path={self._jsonl_path!r}, state_path={self._state_path!r}, "
-            f"window_sec={self._window:g}, panic_threshold={self._threshold}, "
-            f"cooldown_sec={self._cooldown:g}, report_dir={self._report_dir!r})"
-        )
 
 
 # =============================================================================
@@ -4220,7 +2972,7 @@ def describe_prefill_plan(
     ``dims`` wins over ``model_id``, which is looked up with ``lookup_dims``.
     """
     plan: dict[str, Any] = {
-        "model_id": model_id if model_id is None or isinstance(model_id, str) else _label(model_id),
+        "model_id": model_id if model_id is None or isinstance(model_id, str) else None,
         "context_tokens": None,
         "dims_known": False,
         "peak_alloc_gb": None,
@@ -4230,6 +2982,8 @@ def describe_prefill_plan(
         "advisory": None,
     }
     try:
+        if plan["model_id"] is None and model_id is not None:
+            plan["model_id"] = _label(model_id)
         tokens = _context_arg(context_tokens)
         plan["context_tokens"] = tokens
         if dims is not None:
@@ -4262,7 +3016,11 @@ def describe_prefill_plan(
                 "memory first or use a shorter context."
             )
     except Exception as exc:  # bad input or a broken object: say so, never raise
-        plan["advisory"] = f"Cannot plan this prefill: {type(exc).__name__}: {_label(exc)}"
+        try:
+            detail = _label(exc)
+        except Exception:
+            detail = "(unprintable)"
+        plan["advisory"] = f"Cannot plan this prefill: {type(exc).__name__}: {detail}"
     return plan
 
 
@@ -4423,6 +3181,1168 @@ def format_panic_for_apple_feedback(
 
 
 # =============================================================================
+# 4.1 Cadence — refuse back-to-back model loads, across processes.
+#
+# The store is the original metal-guard's format (a flat JSON object of model
+# id → epoch seconds of the last load); our additions live under the reserved key
+# ``"__metal_guard__"``. ``admit`` checks and records in one critical section
+# under the file lock, so of N racing processes exactly one is admitted. The
+# dangerous window follows the unload: intervals count from the later of the two.
+#
+# Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
+#   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
+#   _default_guard, _number, _rebuild_exception
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Model identity
+# =============================================================================
+
+GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
+_CROSS_MODEL_ENV_VAR = "METALGUARD_CROSS_MODEL_INTERVAL"
+_CADENCE_PATH_DEFAULT: str | None = None
+_CADENCE_RESERVED = "__metal_guard__"
+_CADENCE_SCHEMA = 1
+_CADENCE_KEEP_SEC = 4 * 3600.0
+_CADENCE_CLOCK_SLACK = (
+    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+)
+_INTERVAL_MAX = 7 * 86400.0
+
+
+def _wait_sec(seconds: float) -> float:
+    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
+    import math
+
+    if not _finite(seconds):
+        return 0.0 if seconds != seconds or seconds < 0 else seconds
+    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
+
+
+_block_crumb_lock = _thread.allocate_lock()
+_block_crumb_last: dict[str, float] = {}  # model → event time of the last CADENCE_BLOCK written
+
+
+@_on_reset
+def _forget_block_crumbs() -> None:
+    with _block_crumb_lock:
+        _block_crumb_last.clear()
+
+
+def _first_block_of_window(canon: str, event_ts: float) -> bool:
+    """True for the first refusal of ``canon`` caused by one event (per process).
+
+    A caller retrying in a tight loop would otherwise write (and fsync) one
+    ``CADENCE_BLOCK`` line per attempt and push useful forensics out of the
+    rotated log.
+    """
+    with _block_crumb_lock:
+        if _block_crumb_last.get(canon) == event_ts:
+            return False
+        _block_crumb_last[canon] = event_ts
+        return True
+
+
+class CadenceViolation(RuntimeError):
+    """A model load now would follow the previous load/unload of the same model too soon."""
+
+    def __init__(
+        self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None
+    ) -> None:
+        now = time.time() if now is None else now
+        self.model_id = model_id
+        self.last_ts = float(last_ts)
+        self.min_interval = float(min_interval)
+        self.delta = max(0.0, now - self.last_ts)
+        self.remaining_sec = max(0.0, self.min_interval - self.delta)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
+            f"the minimum interval between loads is {self.min_interval:g} s. "
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading it again."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_exception, (type(self), self.__dict__))
+
+
+class CrossModelCadenceViolation(CadenceViolation):
+    """A model load now would follow another model's load/unload too soon."""
+
+    def __init__(
+        self,
+        model_id: str,
+        last_model: str,
+        last_ts: float,
+        cross_model_interval: float,
+        *,
+        now: float | None = None,
+    ) -> None:
+        self.last_model = last_model
+        self.cross_model_interval = float(cross_model_interval)
+        super().__init__(model_id, last_ts, cross_model_interval, now=now)
+
+    def _message(self) -> str:
+        return (
+            f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
+            f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
+            f"interval is {self.cross_model_interval:g} s. "
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading {self.model_id!r}."
+        )
+
+
+class CadenceStoreError(RuntimeError):
+    """A strict ``CadenceGuard`` could not use its store (unwritable, locked, a symlink...)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cadence store {path!r} cannot be used: {reason}. Fix the file or its folder "
+            "(METALGUARD_HOME), or build the guard without strict=True to fail open."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseException:
+    """Unpickle an exception with exactly the attributes it was raised with."""
+    exc = cls.__new__(cls)
+    exc.__dict__.update(state)
+    exc.args = (exc._message(),) if hasattr(exc, "_message") else ()
+    return exc
+
+
+def _interval_arg(name: str, value: object) -> float:
+    """A cadence interval: seconds up to a week; negative means 0 (the original metal-guard's rule)."""
+    return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
+
+
+def _number(value: object) -> float | None:
+    """A finite float from a store value; ``None`` for anything else (booleans too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    if not _finite(number):
+        return None
+    return number
+
+
+class _CadenceEvents:
+    """What a cadence store says, keyed by case-folded canonical id."""
+
+    def __init__(self, data: dict[str, Any], now: float) -> None:
+        self.now = now
+        self.names: dict[str, str] = {}
+        self.loads: dict[str, float] = {}
+        self.unloads: dict[str, float] = {}
+        self.pids: dict[str, int] = {}
+        for key, value in data.items():
+            ts = _number(value)
+            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+            if ts is None or canon is None:
+                continue
+            fold = canon.casefold()
+            if ts >= self.loads.get(fold, float("-inf")):
+                self.loads[fold], self.names[fold] = ts, canon
+        reserved = data.get(_CADENCE_RESERVED)
+        if isinstance(reserved, dict):
+            self._read_reserved(reserved)
+
+    def _read_reserved(self, reserved: dict[str, Any]) -> None:
+        unloads = reserved.get("unloads")
+        for key, value in unloads.items() if isinstance(unloads, dict) else ():
+            ts, canon = _number(value), _lenient_model_id(key)
+            if ts is not None and canon is not None:
+                fold = canon.casefold()
+                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
+                self.names.setdefault(fold, canon)
+        pids = reserved.get("pids")
+        for key, value in pids.items() if isinstance(pids, dict) else ():
+            canon = _lenient_model_id(key)
+            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
+                self.pids[canon.casefold()] = value
+
+    def last_event(self, fold: str) -> float | None:
+        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
+        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
+        return min(max(times), self.now) if times else None
+
+    def latest_other(self, fold: str) -> tuple[str, float] | None:
+        best: tuple[str, float] | None = None
+        for other in self.names:
+            if other == fold:
+                continue
+            ts = self.last_event(other)
+            if ts is not None and (best is None or ts > best[1]):
+                best = (self.names[other], ts)
+        return best
+
+
+def _cadence_path(path: StrPath | None) -> str:
+    if path is not None:
+        return _path_arg("path", path)
+    if _CADENCE_PATH_DEFAULT:
+        return _path_arg("_CADENCE_PATH_DEFAULT", _CADENCE_PATH_DEFAULT)
+    return _state_file("cadence.json")
+
+
+class CadenceGuard:
+    """Refuse model loads that follow the previous one too closely.
+
+    Same-model rule: a model loaded/unloaded less than ``min_interval_sec``
+    ago → ``CadenceViolation``. Cross-model rule: any *other* model
+    loaded/unloaded less than the effective cross interval ago →
+    ``CrossModelCadenceViolation``; the effective interval is
+    ``cross_model_interval_sec``, raised to at least 90 s when the model
+    being loaded is gemma-4 family (even when the base is 0).
+
+    Use ``admit`` (atomic check + record) or ``scope`` (admit, then record
+    the unload on exit). An unusable store never blocks inference: one
+    WARNING and the call proceeds, unless ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        path: StrPath | None = None,
+        *,
+        min_interval_sec: float = 180.0,
+        cross_model_interval_sec: float = 0.0,
+        strict: bool = False,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        self._path = _cadence_path(path)
+        self._min_interval = _interval_arg("min_interval_sec", min_interval_sec)
+        self._cross_interval = _interval_arg("cross_model_interval_sec", cross_model_interval_sec)
+        self.strict = bool(strict)
+        self.lock_timeout = _interval_arg("lock_timeout", lock_timeout)
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def _store(self) -> _JsonFile:
+        # Not fsynced: the store spaces the loads of running processes, which share
+        # the page cache; a kernel panic ends them all. The CADENCE_ADMIT breadcrumb
+        # (fsynced) is what tells which load preceded a panic.
+        return _JsonFile(self._path, durable=False, lock_timeout=self.lock_timeout)
+
+    @property
+    def min_interval_sec(self) -> float:
+        return self._min_interval
+
+    @property
+    def cross_model_interval_sec(self) -> float:
+        return self._cross_interval
+
+    def effective_cross_interval(self, model_id: object) -> float:
+        """The cross-model interval that applies when loading ``model_id``."""
+        if is_gemma4_family(model_id):
+            return max(self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
+        return self._cross_interval
+
+    # -- store access -------------------------------------------------------
+
+    def _read(self) -> dict[str, Any]:
+        """The store for a read-only decision; an unreadable store fails open (or strict raises)."""
+        try:
+            return self._store.load()
+        except _CorruptFile:
+            return {}  # quarantined by the next write
+        except OSError as exc:
+            self._store_failed(exc)
+            return {}
+
+    def _update(self, mutate: Callable[[dict[str, Any]], _T]) -> tuple[bool, _T | None]:
+        """Locked read-modify-write; ``(False, None)`` when the store is unusable (fail-open)."""
+        try:
+            return True, self._store.update(mutate)
+        except (OSError, StateLockTimeout) as exc:
+            self._store_failed(exc)
+            return False, None
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self.strict:
+            raise CadenceStoreError(self._path, str(exc)) from exc
+        _log_once(
+            "cadence-store:" + self._path,
+            _WARNING,
+            "metal_guard: cadence store %s is unusable (%s); loads are NOT being spaced until this is fixed",
+            self._path,
+            exc,
+        )
+
+    def _prune(self, data: dict[str, Any], now: float) -> dict[str, Any]:
+        """Drop stale entries, pull future-dated ones back to now; return the reserved object."""
+        keep = max(
+            _CADENCE_KEEP_SEC,
+            self._min_interval,
+            self._cross_interval,
+            GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
+        )
+        for key in list(data):
+            if key == _CADENCE_RESERVED:
+                continue
+            ts = _number(data[key])
+            if ts is None:
+                continue  # not ours to judge; the original metal-guard ignores such values too
+            if ts < now - keep:
+                del data[key]
+            elif ts > now + _CADENCE_CLOCK_SLACK:
+                data[key] = now
+        reserved = data.get(_CADENCE_RESERVED)
+        if not isinstance(reserved, dict):
+            reserved = data[_CADENCE_RESERVED] = {}
+        reserved["schema"] = _CADENCE_SCHEMA
+        unloads = reserved.get("unloads")
+        if not isinstance(unloads, dict):
+            unloads = reserved["unloads"] = {}
+        for key in list(unloads):
+            ts = _number(unloads[key])
+            if ts is None or ts < now - keep:
+                del unloads[key]
+            elif ts > now + _CADENCE_CLOCK_SLACK:
+                unloads[key] = now
+        pids = reserved.get("pids")
+        if not isinstance(pids, dict):
+            pids = reserved["pids"] = {}
+        for key in list(pids):
+            if key not in data and key not in unloads:
+                del pids[key]
+        return reserved
+
+    @staticmethod
+    def _spellings(mapping: dict[str, Any], canon: str) -> list[str]:
+        """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
+        fold = canon.casefold()
+        return [
+            key
+            for key in mapping
+            if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
+        ]
+
+    def _violation(
+        self, canon: str, cross: float, events: _CadenceEvents
+    ) -> CadenceViolation | None:
+        """The rule ``events`` break for a load of ``canon`` (``cross``: its cross interval)."""
+        fold = canon.casefold()
+        last = events.last_event(fold)
+        if last is not None and events.now - last < self._min_interval:
+            return CadenceViolation(canon, last, self._min_interval, now=events.now)
+        if cross > 0:
+            other = events.latest_other(fold)
+            if other is not None and events.now - other[1] < cross:
+                return CrossModelCadenceViolation(canon, other[0], other[1], cross, now=events.now)
+        return None
+
+    def _record(self, data: dict[str, Any], canon: str, ts: float, *, unload: bool) -> None:
+        reserved = self._prune(data, time.time())
+        mapping = reserved["unloads"] if unload else data
+        spellings = self._spellings(mapping, canon)
+        # Never move a record backwards: a late or stale mark (another process's
+        # delayed unload, a backdated ``ts``) must not shorten anyone's window.
+        ts = max([ts, *(t for key in spellings if (t := _number(mapping[key])) is not None)])
+        for key in spellings:
+            if key == canon:
+                continue
+            if unload:  # our own key: one spelling is enough
+                del mapping[key]
+            elif _number(mapping[key]) is not None:
+                # A process of the original metal-guard looks its model up by the exact string
+                # it was given: keep its spelling current instead of dropping it.
+                mapping[key] = ts
+        mapping[canon] = ts
+        reserved["pids"][canon] = os.getpid()
+
+    # -- public API ---------------------------------------------------------
+
+    def check(self, model_id: StrPath) -> None:
+        """Raise ``CadenceViolation`` if loading ``model_id`` now is too soon; records nothing."""
+        canon = canonical_model_id(model_id)
+        # A future-dated record (the clock stepped back) counts as now; the next
+        # admit or mark rewrites it, so a check never writes.
+        events = _CadenceEvents(self._read(), time.time())
+        violation = self._violation(canon, self.effective_cross_interval(model_id), events)
+        if violation is not None:
+            raise violation
+
+    def admit(self, model_id: StrPath) -> None:
+        """Check and record a load in one critical section (atomic across processes).
+
+        Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
+        soon; otherwise the load is recorded and the caller may load.
+        """
+        canon = canonical_model_id(model_id)
+        # Family detection may stat the folder and read its config.json: do it before
+        # taking the store's lock, not while every other process waits for it.
+        cross = self.effective_cross_interval(model_id)
+
+        def decide(data: dict[str, Any]) -> CadenceViolation | None:
+            now = time.time()
+            self._prune(data, now)
+            violation = self._violation(canon, cross, _CadenceEvents(data, now))
+            if violation is None:
+                self._record(data, canon, now, unload=False)
+            return violation
+
+        stored, violation = self._update(decide)
+        if violation is not None:
+            if _first_block_of_window(canon, violation.last_ts):
+                _breadcrumb(
+                    f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})"
+                )
+            raise violation
+        _breadcrumb(
+            f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
+        )
+
+    def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
+        """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
+
+        A record never moves backwards: an older ``ts`` than the one stored is ignored.
+        """
+        self._mark(model_id, ts, unload=False)
+
+    def mark_unload(self, model_id: StrPath, *, ts: float | None = None) -> None:
+        """Record that ``model_id`` was unloaded now (or at ``ts``): intervals count from here.
+
+        A record never moves backwards: an older ``ts`` than the one stored is ignored.
+        """
+        self._mark(model_id, ts, unload=True)
+
+    def _mark(self, model_id: StrPath, ts: float | None, *, unload: bool) -> None:
+        canon = canonical_model_id(model_id)
+        stamp = time.time() if ts is None else _real_arg("ts", ts)
+        self._update(lambda data: self._record(data, canon, stamp, unload=unload))
+
+    def last_ts(self, model_id: StrPath) -> float | None:
+        """Epoch seconds the intervals count from: the later of last load and last unload."""
+        canon = canonical_model_id(model_id)
+        return _CadenceEvents(self._read(), time.time()).last_event(canon.casefold())
+
+    def scope(self, model_id: StrPath) -> _CadenceScope:
+        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload."""
+        canonical_model_id(model_id)
+        return _CadenceScope(self, model_id)
+
+    def status(self, *, now: float | None = None) -> dict[str, Any]:
+        """What the store says and what is blocked now, for how long (never writes).
+
+        A bad ``now`` is the caller's bug (``TypeError``/``ValueError``).
+        """
+        now = time.time() if now is None else _real_arg("now", now)
+        data, problem = self._store.read()
+        events = _CadenceEvents(data, now)
+        rows: list[dict[str, Any]] = []
+        for fold, name in events.names.items():
+            last = events.last_event(fold)
+            if last is None:
+                continue
+            age = max(0.0, now - last)
+            rows.append(
+                {
+                    "model_id": name,
+                    "last_load": events.loads.get(fold),
+                    "last_unload": events.unloads.get(fold),
+                    "last_event": last,
+                    "age_sec": age,
+                    "pid": events.pids.get(fold),
+                    "same_model_blocked_sec": max(0.0, self._min_interval - age),
+                }
+            )
+        rows.sort(key=lambda row: row["last_event"], reverse=True)
+        latest_age = rows[0]["age_sec"] if rows else None
+        gemma_cross = max(self._cross_interval, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC)
+        return {
+            "path": self._path,
+            "problem": problem,
+            "min_interval_sec": self._min_interval,
+            "cross_model_interval_sec": self._cross_interval,
+            "gemma4_cross_model_interval_sec": gemma_cross,
+            "events": rows,
+            "last_model": rows[0]["model_id"] if rows else None,
+            "other_models_blocked_sec": 0.0
+            if latest_age is None
+            else max(0.0, self._cross_interval - latest_age),
+            "gemma4_models_blocked_sec": 0.0
+            if latest_age is None
+            else max(0.0, gemma_cross - latest_age),
+        }
+
+    def clear(self, model_id: StrPath | None = None) -> int:
+        """Forget every entry (or one model's); returns how many models were removed."""
+        fold = None if model_id is None else canonical_model_id(model_id).casefold()
+
+        def remove(data: dict[str, Any]) -> int:
+            removed: set[str] = set()
+            reserved = data.get(_CADENCE_RESERVED)
+            maps: list[dict[str, Any]] = [data]
+            if isinstance(reserved, dict):
+                maps += [
+                    m
+                    for m in (reserved.get("unloads"), reserved.get("pids"))
+                    if isinstance(m, dict)
+                ]
+            for mapping in maps:
+                for key in list(mapping):
+                    canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+                    if canon is not None and (fold is None or canon.casefold() == fold):
+                        del mapping[key]
+                        removed.add(canon.casefold())
+            return len(removed)
+
+        return self._update(remove)[1] or 0
+
+    def __repr__(self) -> str:
+        return (
+            f"CadenceGuard({self._path!r}, min_interval_sec={self._min_interval:g}, "
+            f"cross_model_interval_sec={self._cross_interval:g}, strict={self.strict})"
+        )
+
+
+class _CadenceScope:
+    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit."""
+
+    __slots__ = ("guard", "model_id")
+
+    def __init__(self, guard: CadenceGuard, model_id: StrPath) -> None:
+        self.guard = guard
+        self.model_id = model_id
+
+    def __enter__(self) -> CadenceGuard:
+        self.guard.admit(self.model_id)
+        return self.guard
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.guard.mark_unload(self.model_id)
+        except CadenceStoreError as err:  # strict guard: never mask the body's exception
+            if exc[1] is None:
+                raise
+            _log().warning("metal_guard: %s", err)
+
+
+def _cross_model_interval(explicit: object = 0.0) -> float:
+    """The one resolver of the cross-model base interval.
+
+    ``explicit`` when > 0, else ``METALGUARD_CROSS_MODEL_INTERVAL`` (unset or
+    empty: 0; a bad value: one WARNING and 0), else 0. gemma-4 targets still
+    get their 90 s floor from the guard.
+    """
+    base = _interval_arg("cross_model_interval_sec", explicit)
+    if base > 0:
+        return base
+    return _env_float(_CROSS_MODEL_ENV_VAR, 0.0, minimum=0.0, maximum=_INTERVAL_MAX)
+
+
+# The original metal-guard's private name (its test suites call it); one resolver now.
+_resolve_cross_model_interval = _cross_model_interval
+
+
+def _default_guard(min_interval_sec: float, cross_model_interval_sec: float) -> CadenceGuard:
+    """The guard ``require_cadence_clear`` builds at the default path."""
+    return CadenceGuard(
+        min_interval_sec=min_interval_sec,
+        cross_model_interval_sec=_cross_model_interval(cross_model_interval_sec),
+    )
+
+
+def require_cadence_clear(
+    model_id: StrPath,
+    *,
+    min_interval_sec: float = 180.0,
+    cross_model_interval_sec: float = 0.0,
+    guard: CadenceGuard | None = None,
+) -> None:
+    """Call right before ``mlx_lm.load``: raises ``CadenceViolation`` or records the load.
+
+    With ``guard`` its own intervals apply. Without, a default-path guard is
+    built whose cross-model base is the argument when > 0, else
+    ``METALGUARD_CROSS_MODEL_INTERVAL``, else 0 (gemma-4 targets still get
+    the 90 s floor).
+    """
+    if guard is None:
+        guard = _default_guard(min_interval_sec, cross_model_interval_sec)
+    elif not isinstance(guard, CadenceGuard):
+        raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
+    guard.admit(model_id)
+
+
+def cadence_scope(
+    model_id: StrPath,
+    *,
+    min_interval_sec: float = 180.0,
+    cross_model_interval_sec: float = 0.0,
+    guard: CadenceGuard | None = None,
+) -> _CadenceScope:
+    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload."""
+    if guard is None:
+        guard = _default_guard(min_interval_sec, cross_model_interval_sec)
+    elif not isinstance(guard, CadenceGuard):
+        raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
+    return guard.scope(model_id)
+
+
+# =============================================================================
+# 4.2 Panic archive — ``panics.jsonl``: the user's panic history.
+#
+# New reports are appended under the archive's lock, deduplicated by source
+# file and (second, pid); the archive is capped by count, never by age.
+#
+# Provides: ingest_panics_jsonl, read_panic_archive, _archive_path, _dedupe_key, _ingest
+# Uses: Prelude, Files, Locks, Panic signatures, Panic reports, Cadence
+# =============================================================================
+
+# -- the archive ----------------------------------------------------------------
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _archive_record(value: object) -> dict[str, Any] | None:
+    """A valid archived record (a JSON object with a finite ``ts``), else ``None``."""
+    if not isinstance(value, dict):
+        return None
+    ts = _number(value.get("ts"))
+    if ts is None:
+        return None
+    value["ts"] = ts
+    return value
+
+
+def _load_archive(path: str) -> tuple[list[dict[str, Any]], bool]:
+    """Valid records of the archive in file order, and whether it ends with a newline.
+
+    Corrupt lines are skipped; a missing file is empty. Raises ``OSError`` for
+    an unreadable one (a directory in its place, a symlink, no permission).
+    """
+    import json
+
+    key = _file_identity(path)
+    with _panic_lock:
+        hit = _panic_archive_cache.get(path)
+    if key is not None and hit is not None and hit[0] == key:
+        return [dict(r) for r in hit[1]], True
+    try:
+        raw = _read_bounded(path, _PANIC_ARCHIVE_READ_MAX + 1)
+    except FileNotFoundError:
+        return [], True
+    if len(raw) > _PANIC_ARCHIVE_READ_MAX:
+        _log_once(
+            "archive-size:" + path,
+            _WARNING,
+            "metal_guard: %s is larger than %d bytes; reading only its start",
+            path,
+            _PANIC_ARCHIVE_READ_MAX,
+        )
+        raw = raw[: raw.rfind(b"\n", 0, _PANIC_ARCHIVE_READ_MAX) + 1]
+    records: list[dict[str, Any]] = []
+    bad = 0
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = _archive_record(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record = None
+        if record is None:
+            bad += 1
+        else:
+            records.append(record)
+    if bad:
+        _log_once(
+            "archive-bad:" + path, _DEBUG, "metal_guard: skipped %d corrupt lines in %s", bad, path
+        )
+    clean = not raw or raw.endswith(b"\n")
+    if key is not None and clean:
+        with _panic_lock:
+            if len(_panic_archive_cache) >= 64:
+                _panic_archive_cache.clear()
+            _panic_archive_cache[path] = (key, records)
+        records = [dict(r) for r in records]
+    return records, clean
+
+
+def _archive_path(jsonl_path: object) -> str:
+    return (
+        _state_file("panics.jsonl") if jsonl_path is None else _path_arg("jsonl_path", jsonl_path)
+    )
+
+
+def read_panic_archive(path: StrPath | None = None) -> list[dict[str, Any]]:
+    """The archived panic records (``$METALGUARD_HOME/panics.jsonl``), oldest first.
+
+    Corrupt lines are skipped; a missing or unreadable archive gives ``[]``
+    (logged at DEBUG). Never writes.
+    """
+    target = _archive_path(path)
+    try:
+        records, _ = _load_archive(target)
+    except OSError as exc:
+        _log_once("archive-read:" + target, _DEBUG, "metal_guard: cannot read %s: %s", target, exc)
+        return []
+    records.sort(key=lambda r: r["ts"])
+    return records
+
+
+def _dedupe_key(record: dict[str, Any]) -> tuple[int, object]:
+    """Same panic in two files (panic-full/panic-base, moved to Retired/): same second, same pid."""
+    return int(record["ts"]), record.get("pid")
+
+
+def _bound_archive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records to keep: the newest 1,000, sorted by time.
+
+    Never dropped for their age: ``metal-guard panics`` is the user's history
+    (the breaker looks only at its own window anyway).
+    """
+    return sorted(records, key=lambda r: r["ts"])[-_PANIC_ARCHIVE_MAX_RECORDS:]
+
+
+def _archive_line(record: dict[str, Any]) -> bytes:
+
+    import json
+
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return text.encode("utf-8") + b"\n"
+
+
+def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
+    sources = frozenset(r["source_file"] for r in records)
+    with _panic_lock:
+        memo = _panic_ingest_memo.get(path)
+    if memo is not None and memo[0] == _file_identity(path) and sources <= memo[1]:
+        return 0  # nothing new since this process last looked, and nobody else wrote
+    with _FileLock(path + ".lock"):
+        existing, clean = _load_archive(path)
+        seen_sources = {r.get("source_file") for r in existing}
+        seen_keys = {_dedupe_key(r) for r in existing}
+        fresh: list[dict[str, Any]] = []
+        for record in records:
+            key = _dedupe_key(record)
+            if record["source_file"] in seen_sources or key in seen_keys:
+                continue
+            seen_sources.add(record["source_file"])
+            seen_keys.add(key)
+            fresh.append(record)
+        kept = _bound_archive(existing + fresh)
+        kept_ids = {id(r) for r in kept}
+        appended = [r for r in fresh if id(r) in kept_ids]
+        if len(kept) - len(appended) < len(existing):  # over a bound: rewrite
+            _atomic_write_bytes(path, b"".join(_archive_line(r) for r in kept))
+        elif appended:
+            data = b"".join(_archive_line(r) for r in appended)
+            _append_bytes(path, data if clean else b"\n" + data)  # a torn last line stays alone
+        handled = frozenset(s for s in seen_sources if isinstance(s, str)) | sources
+        identity = _file_identity(path)
+    with _panic_lock:
+        if len(_panic_ingest_memo) >= 64:
+            _panic_ingest_memo.clear()
+        _panic_ingest_memo[path] = (identity, handled)
+    return len(appended)
+
+
+def ingest_panics_jsonl(
+    *, report_dir: StrPath | None = None, jsonl_path: StrPath | None = None
+) -> int:
+    """Append new kernel-panic reports to the archive; returns how many were added.
+
+    The archive is ``$METALGUARD_HOME/panics.jsonl`` (one JSON record per
+    line). A report already archived — same source file, or same second and
+    pid (a copy in ``Retired/``, panic-full and panic-base) — is not added
+    again. Runs under the archive's file lock; the archive keeps the newest
+    1,000 records (never dropped for their age). Raises ``OSError`` or
+    ``StateLockTimeout`` when the archive cannot be written.
+    """
+    path = _archive_path(jsonl_path)
+    records = parse_panic_reports(report_dir)
+    if not records:
+        return 0  # nothing to archive: create no file
+    return _ingest(path, records, time.time())
+
+
+# =============================================================================
+# 4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
+#
+# The cooldown lives in ``breaker.json`` (fsynced, locked), so it survives
+# restarts and reboots and every process sees the same trip.
+#
+# Provides: CircuitBreaker, MLXCooldownActive, _duration, _local_time
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Panic signatures, Panic reports,
+#   Cadence, Panic archive
+# =============================================================================
+
+# -- the circuit breaker ------------------------------------------------------
+
+
+def _local_time(ts: float) -> str:
+    """``2026-04-24 03:14:15 +0200`` for epoch seconds (local time)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:.0f} (epoch seconds)"
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min 5 s``, ``2 h 3 min``, ``3 d 4 h``."""
+    if not _finite(seconds):
+        return "forever" if seconds > 0 else "0 s"
+    total = max(0, int(seconds + 0.999))
+    if total < 60:
+        return f"{total} s"
+    minutes, sec = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes} min {sec} s" if sec else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+class MLXCooldownActive(RuntimeError):
+    """Repeated IOGPU kernel panics tripped the circuit breaker: MLX work must wait."""
+
+    def __init__(
+        self,
+        panic_count: int,
+        window_sec: float,
+        cooldown_until: float,
+        *,
+        now: float | None = None,
+    ) -> None:
+        now = time.time() if now is None else now
+        self.panic_count = int(panic_count)
+        self.window_sec = float(window_sec)
+        self.cooldown_until = float(cooldown_until)
+        self.remaining_sec = max(0.0, self.cooldown_until - now)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"MLX cooldown active: {self.panic_count} IOGPU kernel panic(s) within "
+            f"{_duration(self.window_sec)} tripped the circuit breaker; MLX work is refused until "
+            f"{_local_time(self.cooldown_until)} local time ({_duration(self.remaining_sec)} from "
+            "now). Let the machine settle and find the trigger (`metal-guard panics`); if the "
+            "cause is fixed, run `metal-guard breaker clear`."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_exception, (type(self), self.__dict__))
+
+
+def _merge_panics(
+    archived: list[dict[str, Any]], parsed: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Archived records plus parsed ones not archived yet, without duplicates, by time."""
+    sources = {r.get("source_file") for r in archived}
+    keys = {_dedupe_key(r) for r in archived}
+    merged = list(archived)
+    for record in parsed:
+        key = _dedupe_key(record)
+        if record["source_file"] not in sources and key not in keys:
+            sources.add(record["source_file"])
+            keys.add(key)
+            merged.append(record)
+    merged.sort(key=lambda r: r["ts"])
+    return merged
+
+
+class CircuitBreaker:
+    """Refuse MLX work for a cooldown after repeated IOGPU kernel panics.
+
+    ``check()`` archives new panic reports (cheaply: unchanged reports are
+    not read again), then raises ``MLXCooldownActive`` while a cooldown runs,
+    and trips one when ``panic_threshold`` IOGPU kernel panics fall within
+    ``window_sec`` (watchdog panics, process-level aborts and duplicate
+    reports do not count). The cooldown lives in ``breaker.json`` (written
+    atomically under its file lock), so it survives restarts and reboots and
+    all processes see the same trip. ``clear()`` ends it and forgets the
+    panics seen so far. ``report_dir`` defaults to the system report folder.
+    """
+
+    def __init__(
+        self,
+        *,
+        jsonl_path: StrPath | None = None,
+        state_path: StrPath | None = None,
+        window_sec: float = 3600,
+        panic_threshold: int = 2,
+        cooldown_sec: float = 3600,
+        report_dir: StrPath | None = None,
+    ) -> None:
+        self._jsonl_path = _archive_path(jsonl_path)
+        self._state_path = (
+            _state_file("breaker.json")
+            if state_path is None
+            else _path_arg("state_path", state_path)
+        )
+        self._report_dir = None if report_dir is None else _path_arg("report_dir", report_dir)
+        self._window = _seconds_arg(
+            "window_sec", window_sec, maximum=_BREAKER_SECONDS_MAX, allow_zero=False
+        )
+        self._cooldown = _seconds_arg("cooldown_sec", cooldown_sec, maximum=_BREAKER_SECONDS_MAX)
+        panic_threshold = _int_arg("panic_threshold", panic_threshold)
+        if not 1 <= panic_threshold <= 1000:
+            raise ValueError(f"panic_threshold must be between 1 and 1000, got {panic_threshold}")
+        self._threshold = panic_threshold
+
+    @property
+    def jsonl_path(self) -> str:
+        return self._jsonl_path
+
+    @property
+    def state_path(self) -> str:
+        return self._state_path
+
+    @property
+    def _state(self) -> _JsonFile:
+        # fsynced: a trip must survive the kernel panic that may follow it.
+        return _JsonFile(self._state_path, durable=True)
+
+    @property
+    def report_dir(self) -> str:
+        return _report_dir(self._report_dir)
+
+    @property
+    def window_sec(self) -> float:
+        return self._window
+
+    @property
+    def panic_threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def cooldown_sec(self) -> float:
+        return self._cooldown
+
+    # -- internals ------------------------------------------------------------
+
+    @staticmethod
+    def _cooldown_until(state: dict[str, Any], now: float) -> float | None:
+        """End of the running cooldown, or ``None``; a clock stepped back never lengthens it."""
+        until = _number(state.get("cooldown_until"))
+        if until is None or until <= now:
+            return None
+        length = _number(state.get("cooldown_sec"))
+        if length is not None and length >= 0 and until - now > length + _BREAKER_CLOCK_SLACK:
+            until = now + length
+        return until
+
+    def _evidence(
+        self, panics: list[dict[str, Any]], state: dict[str, Any], now: float
+    ) -> list[float]:
+        """Times of the IOGPU kernel panics that count now (window, after the last clear)."""
+        cleared = _number(state.get("cleared_at"))
+        floor = now - self._window
+        if cleared is not None:
+            floor = max(floor, cleared + 1e-6)
+        return sorted(
+            r["ts"]
+            for r in panics
+            if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= floor
+        )
+
+    def _would_trip(self, evidence: list[float], state: dict[str, Any]) -> bool:
+        """Enough panics in the window, at least one newer than what tripped last time."""
+        if len(evidence) < self._threshold:
+            return False
+        acted_on = _number(state.get("last_trip_panic_ts"))
+        return acted_on is None or evidence[-1] > acted_on
+
+    def _panics(self, *, ingest: bool) -> list[dict[str, Any]]:
+        """Archived panics, plus reports not archived yet (when the archive is unusable)."""
+        parsed = parse_panic_reports(self._report_dir)
+        if ingest and parsed:
+            try:
+                _ingest(self._jsonl_path, parsed, time.time())
+            except (OSError, StateLockTimeout) as exc:
+                _log_once(
+                    "breaker-ingest:" + self._jsonl_path,
+                    _WARNING,
+                    "metal_guard: cannot archive panic reports in %s (%s); the breaker uses the "
+                    "reports it can still see",
+                    self._jsonl_path,
+                    exc,
+                )
+        return _merge_panics(read_panic_archive(self._jsonl_path), parsed)
+
+    def _exception(self, state: dict[str, Any], until: float, now: float) -> MLXCooldownActive:
+        count = state.get("panic_count")
+        window = _number(state.get("window_sec"))
+        return MLXCooldownActive(
+            count if isinstance(count, int) and not isinstance(count, bool) else self._threshold,
+            window if window is not None else self._window,
+            until,
+            now=now,
+        )
+
+    def _repair_clock(self, now: float) -> None:
+        """A trip dated in the future (clock stepped back): restart its cooldown from now."""
+
+        def repair(data: dict[str, Any]) -> None:
+            tripped, until = _number(data.get("tripped_at")), _number(data.get("cooldown_until"))
+            if tripped is not None and until is not None and tripped > now + _BREAKER_CLOCK_SLACK:
+                data["cooldown_until"] = now + max(0.0, until - tripped)
+                data["tripped_at"] = now
+
+        try:
+            self._state.update(repair)
+        except (OSError, StateLockTimeout) as exc:
+            _log().debug("metal_guard: cannot repair %s: %s", self._state_path, exc)
+
+    # -- public API -----------------------------------------------------------
+
+    def check(self, *, now: float | None = None) -> None:
+        """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
+        now = time.time() if now is None else _real_arg("now", now)
+        panics = self._panics(ingest=True)
+        state = self._state.read()[0]
+        tripped = _number(state.get("tripped_at"))
+        if tripped is not None and tripped > now + _BREAKER_CLOCK_SLACK:
+            self._repair_clock(now)
+            state = self._state.read()[0]
+        until = self._cooldown_until(state, now)
+        if until is not None:
+            raise self._exception(state, until, now)
+        evidence = self._evidence(panics, state, now)
+        if not self._would_trip(evidence, state):
+            return
+        threshold, window, cooldown = self._threshold, self._window, self._cooldown
+
+        def trip(data: dict[str, Any]) -> bool:
+            # Decide again inside the lock: another process may have tripped or cleared.
+            if self._cooldown_until(data, now) is not None:
+                return False
+            counted = self._evidence(panics, data, now)
+            if not self._would_trip(counted, data):
+                return False
+            data.update(
+                schema=_BREAKER_SCHEMA,
+                tripped_at=now,
+                cooldown_until=now + cooldown,
+                cooldown_sec=cooldown,
+                panic_count=len(counted),
+                window_sec=window,
+                panic_threshold=threshold,
+                panic_ts=counted[-50:],
+                last_trip_panic_ts=counted[-1],
+                pid=os.getpid(),
+            )
+            return True
+
+        try:
+            won = self._state.update(trip)
+            state = self._state.read()[0]
+        except (OSError, StateLockTimeout) as exc:
+            _log_once(
+                "breaker-state:" + self._state_path,
+                _WARNING,
+                "metal_guard: cannot record the breaker trip in %s (%s); the cooldown will not "
+                "survive this process",
+                self._state_path,
+                exc,
+            )
+            raise MLXCooldownActive(len(evidence), window, now + cooldown, now=now) from None
+        until = self._cooldown_until(state, now)
+        if won:
+            _breadcrumb(
+                f"BREAKER_TRIP: {len(evidence)} IOGPU kernel panics in {window:g}s; "
+                f"cooldown until {_local_time(now + cooldown)}"
+            )
+        if until is not None:
+            raise self._exception(state, until, now)
+
+    def status(self, *, now: float | None = None) -> dict[str, Any]:
+        """What the breaker would decide now, and why (never raises, never writes)."""
+        doc: dict[str, Any] = {
+            "state_path": self._state_path,
+            "jsonl_path": self._jsonl_path,
+            "report_dir": self.report_dir,
+            "window_sec": self._window,
+            "panic_threshold": self._threshold,
+            "cooldown_sec": self._cooldown,
+            "cooling_down": False,
+            "cooldown_until": None,
+            "remaining_sec": 0.0,
+            "tripped_at": None,
+            "trip_panic_count": None,
+            "cleared_at": None,
+            "panics_in_window": 0,
+            "would_trip": False,
+            "archived_panics": 0,
+            "recent_panics": [],
+            "problem": None,
+            "in_cooldown": False,
+            "cooldown_remaining_sec": 0.0,
+            "recent_panic_count": 0,
+        }
+        try:
+            when = time.time() if now is None else _real_arg("now", now)
+            state, problem = self._state.read()
+            if problem is not None:
+                doc["problem"] = f"breaker state unreadable: {problem}"
+            archived = read_panic_archive(self._jsonl_path)
+            panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
+            until = self._cooldown_until(state, when)
+            evidence = self._evidence(panics, state, when)
+            count = state.get("panic_count")
+            doc.update(
+                cooling_down=until is not None,
+                cooldown_until=until,
+                remaining_sec=0.0 if until is None else until - when,
+                tripped_at=_number(state.get("tripped_at")),
+                trip_panic_count=count if isinstance(count, int) else None,
+                cleared_at=_number(state.get("cleared_at")),
+                panics_in_window=len(evidence),
+                would_trip=until is None and self._would_trip(evidence, state),
+                archived_panics=len(archived),
+                recent_panics=panics[-10:],
+            )
+            doc.update(  # the original metal-guard's keys, with its meanings
+                in_cooldown=doc["cooling_down"],
+                cooldown_remaining_sec=doc["remaining_sec"],
+                recent_panic_count=doc["panics_in_window"],
+            )
+        except Exception as exc:  # a status display must never fail
+            doc["problem"] = f"{type(exc).__name__}: {exc}"
+        return doc
+
+    def clear(self) -> bool:
+        """End the cooldown and forget the panics seen so far; True if one was running.
+
+        Raises ``OSError`` / ``StateLockTimeout`` when the state cannot be written.
+        """
+        now = time.time()
+
+        def wipe(data: dict[str, Any]) -> bool:
+            active = self._cooldown_until(data, now) is not None
+            last = _number(data.get("last_trip_panic_ts"))
+            data.clear()
+            data.update(schema=_BREAKER_SCHEMA, cleared_at=now, cleared_by_pid=os.getpid())
+            if last is not None:
+                data["last_trip_panic_ts"] = last
+            return active
+
+        active = self._state.update(wipe)
+        _breadcrumb("BREAKER_CLEAR" + (": cooldown ended early" if active else ""))
+        return active
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(jsonl_path={self._jsonl_path!r}, state_path={self._state_path!r}, "
+            f"window_sec={self._window:g}, panic_threshold={self._threshold}, "
+            f"cooldown_sec={self._cooldown:g}, report_dir={self._report_dir!r})"
+        )
+
+
+# =============================================================================
 # 4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
 #
 # The caller reports the bytes each decoding step added; crossing the
@@ -4572,6 +4492,179 @@ class KVGrowthTracker:
 
 
 kv_tracker = KVGrowthTracker()
+
+
+# =============================================================================
+# 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
+#
+# Both are best-effort: a failing MLX step logs and carries on, and the body's
+# own exception always propagates unchanged.
+#
+# Provides: gemma4_generation_flush, subprocess_inference_guard
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity
+# =============================================================================
+
+
+class subprocess_inference_guard:
+    """Flush MLX around one generate call: ``with subprocess_inference_guard(model_id): ...``.
+
+    PRE: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb. POST (also when
+    the body raises): synchronize the default stream, mlx-lm's
+    ``generation_stream`` and every stream in ``streams`` **before**
+    ``mx.clear_cache()``, then a ``SUBPROC_POST`` breadcrumb. Releasing
+    buffers while a command buffer is still in flight is the race this closes.
+
+    Wrap the generate call in the thread that runs it (mlx-lm's stream may be
+    thread-local). Works around ``stream_generate`` loops, nested, from many
+    threads, and as a decorator of a function that returns its result (for a
+    generator, put the ``with`` around the loop instead). Without MLX only the
+    breadcrumbs are written.
+    """
+
+    __slots__ = ("model_id", "streams")
+
+    def __init__(self, model_id: object, *, streams: object = None) -> None:
+        self.model_id = model_id
+        # Materialised once, so a generator of streams serves every use of the guard.
+        self.streams: tuple[object, ...] = tuple(_as_stream_list(streams))
+
+    def __enter__(self) -> subprocess_inference_guard:
+        mx = _mlx()
+        if mx is not None:
+            _mlx_step(
+                "clear_cache (pre)",
+                _mlx_fn(mx, "clear_cache"),
+                model_id=self.model_id,
+                level=_WARNING,
+            )
+        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # After a failed body the driver may already be in trouble: step
+        # failures are then expected and logged at DEBUG only.
+        level = _WARNING if exc is None else _DEBUG
+        mx = _mlx()
+        if mx is not None:
+            _synchronize(mx, self.streams, model_id=self.model_id, level=level)
+            _mlx_step(
+                "clear_cache (post)",
+                _mlx_fn(mx, "clear_cache"),
+                model_id=self.model_id,
+                level=level,
+            )
+        _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+
+    def __call__(self, func: _F) -> _F:
+        import functools
+
+        model_id, streams = self.model_id, self.streams
+
+        @functools.wraps(func)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with subprocess_inference_guard(model_id, streams=streams):
+                return func(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r})"
+
+
+_GEMMA4_SLEEP_DEFAULT = 3.0
+_GEMMA4_SLEEP_MAX = 60.0
+
+
+class gemma4_generation_flush:
+    """Settle window before the first forward pass of a fresh gemma-4 worker.
+
+    Call it (``gemma4_generation_flush(model_id, n)``) or use it as a context
+    manager (``with gemma4_generation_flush(model_id, n): generate(...)``):
+    either way the flush happens when the object is created, and leaving the
+    ``with`` does nothing. It acts only when ``generate_call_count == 0``, the
+    model is gemma-4 family, MLX is present and
+    ``METALGUARD_GEMMA4_FIRSTGEN_DISABLED`` is not truthy: breadcrumb
+    ``GEMMA4_FLUSH``, synchronize, ``mx.clear_cache()``, sleep
+    ``METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC`` (default 3, clamped to [0, 60]),
+    breadcrumb ``GEMMA4_FLUSH_DONE``. Never raises. ``flushed`` and
+    ``slept_sec`` say what it did.
+    """
+
+    __slots__ = ("flushed", "generate_call_count", "model_id", "slept_sec")
+
+    def __init__(self, model_id: object, generate_call_count: int) -> None:
+        self.model_id = model_id
+        self.generate_call_count = generate_call_count
+        self.flushed = False
+        self.slept_sec = 0.0
+        try:  # the original's `count == 0`, for any real number (NumPy scalars too)
+            first_call = _real_arg("generate_call_count", generate_call_count) == 0
+        except (TypeError, ValueError):  # a best-effort guard: say so, never raise
+            _log_once(
+                "gemma4-count",
+                _WARNING,
+                "metal_guard: gemma4_generation_flush needs a finite number as "
+                "generate_call_count, got %s; no flush",
+                _label(generate_call_count),
+            )
+            return
+        if not first_call or not is_gemma4_family(model_id):
+            return
+        if _env_bool("METALGUARD_GEMMA4_FIRSTGEN_DISABLED"):
+            return
+        mx = _mlx()
+        if mx is None:
+            return
+        label = _label(model_id)
+        _breadcrumb(f"GEMMA4_FLUSH: {label}")
+        _synchronize(mx, model_id=model_id, level=_DEBUG)
+        _mlx_step("clear_cache", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_DEBUG)
+        sleep_sec = _env_float(
+            "METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC",
+            _GEMMA4_SLEEP_DEFAULT,
+            minimum=0.0,
+            maximum=_GEMMA4_SLEEP_MAX,
+            clamp=True,
+        )
+        if sleep_sec > 0:
+            time.sleep(sleep_sec)
+        self.slept_sec = sleep_sec
+        self.flushed = True
+        _breadcrumb(f"GEMMA4_FLUSH_DONE: {label}")
+
+    def __enter__(self) -> gemma4_generation_flush:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"gemma4_generation_flush({self.model_id!r}, {self.generate_call_count!r}, "
+            f"flushed={self.flushed}, slept_sec={self.slept_sec:g})"
+        )
+
+
+# =============================================================================
+# 5.2 Guard object — ``MetalGuard`` and the ``metal_guard`` singleton.
+#
+# Building the singleton costs nothing: no files, threads or MLX calls.
+#
+# Provides: MetalGuard, metal_guard
+# Uses: Breadcrumbs
+# =============================================================================
+
+
+class MetalGuard(_BreadcrumbLog):
+    """Process-wide guard object (the memory layers build on it)."""
+
+
+metal_guard = MetalGuard()
 
 
 # =============================================================================
@@ -5265,15 +5358,16 @@ def log_system_audit_at_startup() -> dict[str, Any]:
 
 
 # =============================================================================
-# 10. Command line — ``metal-guard`` and ``python -m metal_guard``.
+# 6.1 Command line — the ``metal-guard`` parser and output helpers.
 #
-# Exit codes: 0 go, 2 blocked/refused (breaker cooldown, cadence, a known
-# panic model with --refuse-known), 1 error, 64 usage error (argparse's own 2
-# would read as "blocked" to a shell wrapper). Every command takes --json and
-# then prints exactly one JSON document on stdout. Showing state never writes
-# it: only ``check --admit``, ``breaker clear``, ``cadence clear`` and
-# ``check`` (which archives new panic reports, like ``CircuitBreaker.check``)
-# change files.
+# Exit codes: 0 go, 2 blocked/refused (``check``: breaker cooldown, cadence, a
+# known panic model with --refuse-known), 1 error, 64 usage error (argparse's own
+# 2 would read as "blocked" to a shell wrapper). Every command takes --json and
+# then prints exactly one JSON document on stdout, usage errors included.
+#
+# Provides: NoReturn, argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO,
+#   _EXIT_USAGE, _UsageError, _ago, _cli_parser, _pairs, _show, _table
+# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -5291,6 +5385,14 @@ class _CLIError(Exception):
     def __init__(self, message: str, code: int = _EXIT_ERROR) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _UsageError(Exception):
+    """A usage error found by ``parser`` (exit 64); ``main`` reports it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
 def _cli_arg(text: str, check: Callable[[str], _T], what: str) -> _T:
@@ -5313,7 +5415,9 @@ def _nonnegative_seconds(text: str) -> float:
 
 def _nonnegative_hours(text: str) -> float:
     return _cli_arg(
-        text, lambda t: _seconds_arg("hours", float(t), maximum=1e6), "a number of hours >= 0"
+        text,
+        lambda t: _seconds_arg("hours", float(t), maximum=1e6, unit="h"),
+        "a number of hours >= 0",
     )
 
 
@@ -5344,8 +5448,7 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         """Usage errors exit 64 (EX_USAGE) with the usage line, never a traceback."""
 
         def error(self, message: str) -> NoReturn:
-            self.print_usage(sys.stderr)
-            self.exit(_EXIT_USAGE, f"{self.prog}: error: {message}\n")
+            raise _UsageError(self, message)
 
     parser = Parser(
         prog="metal-guard",
@@ -5416,7 +5519,7 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         nargs="?",
         type=_model_arg,
         metavar="MODEL",
-        help="with clear: forget only this model",
+        help="show only this model (with clear: forget only this model)",
     )
     models = commands.add_parser("models", parents=[json_flag], help="known panic models")
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
@@ -5462,6 +5565,19 @@ def _pairs(items: list[tuple[str, object]], indent: str = "  ") -> list[str]:
 def _ago(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
 
+
+# =============================================================================
+# 6.2 Commands — each subcommand calls public functions; wiring only.
+#
+# Showing state never writes it: only ``check`` (which archives new panic
+# reports, like ``CircuitBreaker.check``), ``check --admit``, ``breaker clear``
+# and ``cadence clear`` change files.
+#
+# Provides: main
+# Uses: Prelude, Files, Breadcrumbs, MLX access, Registry, Panic signatures, Panic reports,
+#   Cadence, Panic archive, Circuit breaker, Guard object, Command line, Version advisories,
+#   Wired-limit control, System audits
+# =============================================================================
 
 # -- commands -------------------------------------------------------------------
 
@@ -5612,6 +5728,14 @@ def _cadence_lines(doc: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+def _folder_note(path: str) -> str:
+    if os.path.isdir(path):
+        return ""
+    if os.path.lexists(path):
+        return " (NOT a folder: something else is in its place; state cannot be kept)"
+    return " (not created yet)"
+
+
 def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     import platform
 
@@ -5646,7 +5770,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
             ("python", f"{doc['python']} ({sys.executable})"),
             ("platform", doc["platform"]),
             ("MLX", mlx_text),
-            ("state folder", home + ("" if doc["state_folder_exists"] else " (not created yet)")),
+            ("state folder", home + _folder_note(home)),
         ]
     )
     lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
@@ -5729,7 +5853,13 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
         items.append(("note", "the load was not recorded (blocked)"))
     lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
     lines += _pairs(items)
-    return (_EXIT_BLOCKED if blocked else _EXIT_GO), doc, lines
+    if blocked:
+        return _EXIT_BLOCKED, doc, lines
+    if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
+        doc["decision"] = "error"
+        doc["error"] = "the load could not be recorded (cadence store unusable)"
+        return _EXIT_ERROR, doc, lines
+    return _EXIT_GO, doc, lines
 
 
 def _cmd_panics(args: argparse.Namespace) -> _CLIResult:
@@ -5754,9 +5884,8 @@ def _cmd_panics(args: argparse.Namespace) -> _CLIResult:
     if records:
         lines += _table(_PANIC_HEADERS, _panic_rows(records))
         counted = sum(1 for r in records if _signature_kind(r.get("signature")) == _IOGPU)
-        lines.append(
-            f"  {counted} of them are IOGPU kernel panics (the circuit breaker counts these)"
-        )
+        verb = "is an IOGPU kernel panic" if counted == 1 else "are IOGPU kernel panics"
+        lines.append(f"  {counted} of them {verb} (the circuit breaker counts these)")
     return _EXIT_GO, doc, lines
 
 
@@ -5774,21 +5903,43 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
 
 
+def _usable_store_folder(path: str) -> None:
+    """``_CLIError`` (exit 1) when something other than a folder sits where the store's is."""
+    folder = os.path.dirname(path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise _CLIError(f"cannot use the cadence store {path}: {folder} is not a folder")
+
+
 def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
-        guard.strict = (
-            True  # `clear` was asked for: failing open would claim a clear that did not happen
-        )
-        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
+        _usable_store_folder(guard.path)
+        # `clear` was asked for: failing open would claim a clear that did not happen
+        guard.strict = True
+        try:
+            removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
+        except CadenceStoreError as exc:
+            raise _CLIError(f"cannot use the cadence store {exc.path}: {exc.reason}") from None
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
         return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
-    if args.model is not None:
-        raise _CLIError("MODEL is only used with `cadence clear`", _EXIT_USAGE)
     status = guard.status(now=now)
-    return _EXIT_GO, status, ["Cadence", *_cadence_lines(status, now)]
+    if args.model is None:
+        return _EXIT_GO, status, ["Cadence", *_cadence_lines(status, now)]
+    fold = args.model.casefold()
+    status["model_events"] = [e for e in status["events"] if e["model_id"].casefold() == fold]
+    status["model_id"] = args.model
+    status["cross_model_interval_sec"] = guard.effective_cross_interval(args.model)
+    try:
+        guard.check(args.model)
+        status["blocked"], status["remaining_sec"] = False, 0.0
+        verdict = "may load now"
+    except CadenceViolation as exc:
+        status["blocked"], status["remaining_sec"] = True, exc.remaining_sec
+        verdict = f"BLOCKED: {exc}"
+    lines = [f"Cadence of {_show(args.model)}: {verdict}", *_cadence_lines(status, now)]
+    return _EXIT_GO, status, lines
 
 
 def _cmd_models(args: argparse.Namespace) -> _CLIResult:
@@ -5977,6 +6128,22 @@ def _emit(text: str, stream: Any) -> None:
             pass
 
 
+def _usage_error(
+    parser: argparse.ArgumentParser, message: str, as_json: bool, command: str | None = None
+) -> int:
+    """Usage line and message on stderr (and, with --json, one JSON document); exit 64."""
+    import json
+
+    parser.print_usage(sys.stderr)
+    _emit(f"{parser.prog}: error: {message}\n", sys.stderr)
+    if as_json:
+        if command is None and " " in parser.prog:  # "metal-guard check" → "check"
+            command = parser.prog.split(" ", 1)[1]
+        doc = {"command": command, "exit_code": _EXIT_USAGE, "error": message}
+        _emit(json.dumps(doc, indent=2) + "\n", sys.stdout)
+    return _EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``metal-guard`` / ``python -m metal_guard``; returns the exit code.
 
@@ -5985,18 +6152,25 @@ def main(argv: list[str] | None = None) -> int:
     """
     import json
 
+    if isinstance(argv, str):  # main("check m") would parse one letter per word
+        raise TypeError("argv must be a list of str (command-line words), not one str")
     arguments = sys.argv[1:] if argv is None else list(argv)
     if not all(isinstance(arg, str) for arg in arguments):
         raise TypeError("argv must be a list of str (command-line words)")
-    arguments = [str.__str__(arg) for arg in arguments]  # plain str, whatever a subclass does
     parser, subparsers = _cli_parser()
+    as_json = "--json" in arguments
     try:
         args = parser.parse_args(arguments)
-    except SystemExit as exc:  # --help (0) or a usage error (64)
+    except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
+    except _UsageError as exc:
+        return _usage_error(exc.parser, str(exc), as_json)
     if args.version:
-        doc = {"version": __version__}
-        _emit(json.dumps(doc) + "\n" if args.json else f"metal-guard {__version__}\n", sys.stdout)
+        if args.json:
+            doc = {"command": "version", "exit_code": _EXIT_GO, "version": __version__}
+            _emit(json.dumps(doc, indent=2) + "\n", sys.stdout)
+        else:
+            _emit(f"metal-guard {__version__}\n", sys.stdout)
         return _EXIT_GO
     command = args.command or "status"
     warnings = _cli_warnings_to_stderr()
@@ -6004,10 +6178,7 @@ def main(argv: list[str] | None = None) -> int:
         code, doc, lines = _COMMANDS[command](args)
     except _CLIError as exc:
         if exc.code == _EXIT_USAGE:
-            try:
-                subparsers[command].error(str(exc))  # usage line + message, exit 64
-            except SystemExit as stop:
-                return stop.code if isinstance(stop.code, int) else _EXIT_USAGE
+            return _usage_error(subparsers[command], str(exc), as_json, command)
         code, doc, lines = exc.code, {"error": str(exc)}, []
         _emit(f"metal-guard {command}: error: {exc}\n", sys.stderr)
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """Cadence: ``CadenceGuard.admit`` latency and the multi-process contention run.
 
-Results: README "Benchmarks" → "Cadence".
+Results: docs/benchmarks.md → "Cadence".
 
 Part A — single process, ``--n`` calls each, latency p50/p99:
 
@@ -9,6 +9,9 @@ Part A — single process, ``--n`` calls each, latency p50/p99:
 * ``admit`` refused (``CadenceViolation``: the violation path, which writes nothing but a
   breadcrumb);
 * ``check`` (read-only) against the N-id store;
+* the original metal-guard's way, re-created: a separate check, then a mark that rewrites
+  the file through a fixed-name temp file with ``fsync`` (not atomic across processes) —
+  side by side with ``admit`` in the same run;
 
 with breadcrumbs off (the store alone) and, for the first and third, on (one more
 ``O_APPEND`` write + ``fsync``).
@@ -18,7 +21,7 @@ with interval I (breadcrumbs off, no sleep between attempts). A correct guard ad
 ``floor(S / I) + 1`` times, never two admissions closer than I. Each admitted worker reads
 back the timestamp and pid the guard recorded (exact while the guard is correct; a pid
 that is not its own marks the read as unverified). Violations = admissions closer than I
-to the previous one. The reference's separate check-then-mark admitted 279 times for 25
+to the previous one. The original metal-guard's separate check-then-mark admitted 279 times for 25
 slots at (8, 6 s, 0.25 s) and 13 for 7 at (2, 7 s, 1 s).
 
     python bench/bench_cadence.py [--n 500] [--contention 2x7x1,8x6x0.25]
@@ -61,6 +64,53 @@ def _import_metal_guard() -> Any:
 
 
 # -- part A -------------------------------------------------------------------------
+
+
+class OriginalStyleCadence:
+    """The original metal-guard's way of admitting a load, re-created for comparison.
+
+    Not its code: the same file operations as its documented behaviour — a flat JSON
+    object, a separate ``check`` (read) and ``mark_load`` (read, then write a fixed-name
+    temp file, ``fsync`` it, ``os.replace``), guarded only by an in-process lock. It is
+    not atomic across processes (two processes can both pass ``check``); this row shows
+    what that costs when nothing else runs.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.0) -> None:
+        import threading
+
+        self.path = path
+        self.interval = interval
+        self.lock = threading.Lock()
+
+    def _read(self) -> dict[str, float]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def check(self, model: str) -> None:
+        with self.lock:
+            last = self._read().get(model)
+        if last is not None and time.time() - last < self.interval:
+            raise RuntimeError("too soon")
+
+    def mark_load(self, model: str) -> None:
+        with self.lock:
+            data = self._read()
+            data[model] = time.time()
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    def check_then_mark(self, model: str) -> None:
+        self.check(model)
+        self.mark_load(model)
 
 
 def timed_calls(fn: Callable[[int], None], n: int) -> list[float]:
@@ -116,6 +166,10 @@ def part_a(n: int, tmp: Path) -> dict[str, Any]:
 
         return call
 
+    def original_check_then_mark(store: Path) -> Callable[[int], None]:
+        recreation = OriginalStyleCadence(store)
+        return lambda i: recreation.check_then_mark("bench/model")
+
     def check_big(store: Path) -> Callable[[int], None]:
         guard = mg.CadenceGuard(store, min_interval_sec=180)
         for i in range(n):
@@ -123,6 +177,7 @@ def part_a(n: int, tmp: Path) -> dict[str, Any]:
         return lambda i: guard.check("bench/other-model")
 
     run("admit, same id, 0 s interval", False, admit_same)
+    run("original-style check + mark (not atomic), same id", False, original_check_then_mark)
     run("admit, fresh id each (store grows to N)", False, admit_fresh)
     run("admit refused (CadenceViolation)", False, refused)
     run("check, N-id store", False, check_big)
@@ -143,6 +198,13 @@ def part_a(n: int, tmp: Path) -> dict[str, Any]:
         for r in results.values()
     ]
     print(md_table(["call", "breadcrumbs", "p50 µs", "p99 µs", "mean µs", "max µs"], rows))
+    ours = results["admit, same id, 0 s interval; breadcrumbs off"]["p50_us"]
+    theirs = results["original-style check + mark (not atomic), same id; breadcrumbs off"]["p50_us"]
+    results["admit_vs_original_p50_ratio"] = ours / theirs
+    print(
+        f"\nadmit p50 / original-style check+mark p50 = {ours:.0f} / {theirs:.0f} µs "
+        f"= {ours / theirs:.2f} (below 1: admit is faster, while also atomic across processes)"
+    )
     return results
 
 

@@ -1,6 +1,6 @@
 """Overhead of ``subprocess_inference_guard``.
 
-Results: README "Benchmarks" → "Per-inference guard on CPU".
+Results: docs/benchmarks.md → "Per-inference guard on CPU".
 
 Part A — per-call cost with an empty body, in fresh child interpreters:
 
@@ -19,7 +19,7 @@ in rotating order, for
 
 * ``plain``     — ``mlx_lm.generate`` alone;
 * ``bare``      — ``mx.clear_cache()`` before; ``mx.synchronize()`` + ``mx.clear_cache()``
-  after (the reference's flush pattern: it does not wait for mlx-lm's generation stream);
+  after (the original metal-guard's flush pattern: it does not wait for mlx-lm's generation stream);
 * ``bare-gs``   — the same plus ``mx.synchronize(generation_stream)`` before the final
   ``clear_cache``: exactly the MLX calls the guard makes, written inline;
 * ``guarded``   — inside ``subprocess_inference_guard`` (breadcrumbs on, the default);

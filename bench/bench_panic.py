@@ -1,6 +1,6 @@
 """Benchmark: scanning 1,000 kernel-panic reports, cold and unchanged.
 
-Results: README "Benchmarks" → "Panic-report scan".
+Results: docs/benchmarks.md → "Panic-report scan".
 
 Generates 1,000 realistic two-document reports (the tests' builder, synthetic ids)
 in a temp folder: 900 in the folder, 100 in ``Retired/``, a mix of every signature.
@@ -32,9 +32,8 @@ from common import REPO, machine_info, md_table, median, print_machine, write_re
 
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
-
 import metal_guard as mg  # noqa: E402
+from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
 
 
 def _generate(folder: Path, count: int) -> None:

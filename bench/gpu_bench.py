@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU benchmark for ``subprocess_inference_guard`` on a real MLX device.
 
-What it measures (README "Benchmarks" → "Per-inference guard on a GPU"; CHANGELOG
+What it measures (docs/benchmarks.md → "Per-inference guard on a GPU"; CHANGELOG
 "Stream-aware synchronize"):
 
 1. Overhead of the per-inference guard around mlx-lm generation. Random-weight llama
@@ -11,7 +11,7 @@ What it measures (README "Benchmarks" → "Per-inference guard on a GPU"; CHANGE
 
    * ``plain``      -- the generation loop alone;
    * ``bare_flush`` -- ``mx.clear_cache()`` before, ``mx.synchronize()`` and
-     ``mx.clear_cache()`` after (the pattern the reference library uses);
+     ``mx.clear_cache()`` after (the pattern the original metal-guard uses);
    * ``guarded``    -- the loop inside ``metal_guard.subprocess_inference_guard``.
 
    Each variant runs as a block of ``--block`` consecutive calls and only the calls after

@@ -7,6 +7,9 @@ Fixtures (keep these names; tests across the suite rely on them):
 - ``tiny_llama_path`` / ``tiny_gemma4_path`` (session): folders holding tiny
   random-weight models that ``mlx_lm.load`` reads offline (see ``tiny_models.py``).
 - ``tiny_llama`` / ``tiny_gemma4`` (session): ``(model, tokenizer)`` loaded from them.
+- ``real_mx``: the real ``mlx.core`` (the test skips without MLX).
+- ``mx_calls``: an ``MlxCalls`` log of every ``synchronize`` / ``clear_cache`` call made on
+  the real ``mlx.core`` during the test (the real functions still run).
 
 Markers (registered in ``pyproject.toml``): ``mlx`` and ``mlx_lm`` skip the test where
 MLX / mlx-lm are absent, like the ``requires_mlx`` / ``requires_mlx_lm`` decorators in
@@ -29,9 +32,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import HAS_MLX, HAS_MLX_LM
-
-_NO_MLX_LM = "MLX and mlx-lm are not installed in this environment (no-MLX suite)"
+from helpers import HAS_MLX, HAS_MLX_LM, NO_MLX_LM_REASON, NO_MLX_REASON, MlxCalls
 
 
 def _dist_version(name: str) -> str | None:
@@ -50,8 +51,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_mlx = pytest.mark.skip(reason="MLX is not installed in this environment (no-MLX suite)")
-    skip_lm = pytest.mark.skip(reason=_NO_MLX_LM)
+    skip_mlx = pytest.mark.skip(reason=NO_MLX_REASON)
+    skip_lm = pytest.mark.skip(reason=NO_MLX_LM_REASON)
     for item in items:
         if not HAS_MLX and item.get_closest_marker("mlx") is not None:
             item.add_marker(skip_mlx)
@@ -85,9 +86,28 @@ def mg_home(
     _reset_library_state()
 
 
+@pytest.fixture
+def real_mx() -> Any:
+    """The real ``mlx.core``; the test skips where MLX is not installed."""
+    if not HAS_MLX:
+        pytest.skip(NO_MLX_REASON)
+    import mlx.core
+
+    return mlx.core
+
+
+@pytest.fixture
+def mx_calls(real_mx: Any, monkeypatch: pytest.MonkeyPatch) -> MlxCalls:
+    """Every ``synchronize`` / ``clear_cache`` call on the real ``mlx.core``, in order."""
+    calls = MlxCalls()
+    monkeypatch.setattr(real_mx, "synchronize", calls.wrap(real_mx.synchronize, "synchronize"))
+    monkeypatch.setattr(real_mx, "clear_cache", calls.wrap(real_mx.clear_cache, "clear_cache"))
+    return calls
+
+
 def _build(tmp_path_factory: pytest.TempPathFactory, arch: str) -> str:
     if not HAS_MLX_LM:
-        pytest.skip(_NO_MLX_LM)
+        pytest.skip(NO_MLX_LM_REASON)
     from tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp(f"tiny_{arch}"), arch)

@@ -1,33 +1,57 @@
-"""Shared test helpers: what this environment has, and skip decorators.
+"""Shared test helpers: what this environment has, skip decorators, and the small tools
+several test files need (child processes, log and breadcrumb readers, spies).
 
 The suite runs twice: with real MLX + mlx-lm and without MLX. Tests that need MLX use
-these decorators and skip cleanly (with a reason) in the no-MLX run::
+these decorators (or the ``mlx`` / ``mlx_lm`` markers) and skip cleanly with a reason::
 
     from helpers import HAS_MLX, requires_mlx, requires_mlx_lm
 
 ``tests/`` is on ``sys.path`` through the pytest configuration in ``pyproject.toml``.
+Fixtures (``mg_home``, ``real_mx``, ``mx_calls``, the tiny models) live in ``conftest.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import json
+import logging
 import os
+import subprocess
+import sys
+import types
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 __all__ = [
     "HAS_MLX",
     "HAS_MLX_LM",
+    "NO_MLX_LM_REASON",
+    "NO_MLX_REASON",
     "REPO",
+    "MlxCalls",
+    "breadcrumb_messages",
     "child_env",
     "has_module",
+    "holding_lock_in_child",
+    "read_json",
     "requires_mlx",
     "requires_mlx_lm",
+    "spawn_python",
+    "spy_file_locks",
+    "spy_report_reads",
+    "stub_mx",
+    "warnings_from",
 ]
 
 REPO = str(Path(__file__).resolve().parents[1])
+
+
+# -- the environment --------------------------------------------------------------------
 
 
 def child_env(**overrides: str) -> dict[str, str]:
@@ -65,10 +89,167 @@ HAS_MLX: bool = _mlx_works()
 # builder uses) is enough to decide; the fixtures that need it import it.
 HAS_MLX_LM: bool = HAS_MLX and has_module("mlx_lm") and has_module("tokenizers")
 
-requires_mlx = pytest.mark.skipif(
-    not HAS_MLX, reason="MLX is not installed in this environment (no-MLX suite)"
-)
-requires_mlx_lm = pytest.mark.skipif(
-    not HAS_MLX_LM,
-    reason="MLX and mlx-lm are not installed in this environment (no-MLX suite)",
-)
+NO_MLX_REASON = "MLX is not installed in this environment (no-MLX suite)"
+NO_MLX_LM_REASON = "MLX and mlx-lm are not installed in this environment (no-MLX suite)"
+
+requires_mlx = pytest.mark.skipif(not HAS_MLX, reason=NO_MLX_REASON)
+requires_mlx_lm = pytest.mark.skipif(not HAS_MLX_LM, reason=NO_MLX_LM_REASON)
+
+
+# -- child processes --------------------------------------------------------------------
+
+
+def spawn_python(code: str, *args: str, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    """A fresh interpreter running ``code`` (argv ``args``) that imports the working copy.
+
+    ``env`` defaults to :func:`child_env`; other keyword arguments go to ``Popen``.
+    """
+    popen_kwargs.setdefault("env", child_env())
+    return subprocess.Popen([sys.executable, "-c", code, *args], **popen_kwargs)
+
+
+_HOLD_LOCK = """
+import sys, time, metal_guard as mg
+with mg._FileLock(sys.argv[1], timeout=5):
+    sys.stdout.write("held\\n"); sys.stdout.flush()
+    time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def holding_lock_in_child(lock_path: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process holds the library's file lock on ``lock_path`` inside the block.
+
+    The child is killed on exit, so the OS releases the lock with it.
+    """
+    holder = spawn_python(_HOLD_LOCK, lock_path, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+
+
+# -- what the library wrote ------------------------------------------------------------
+
+
+def read_json(path: Path | str) -> Any:
+    """The JSON document in ``path``."""
+    return json.loads(Path(path).read_text("utf-8"))
+
+
+def warnings_from(
+    caplog: pytest.LogCaptureFixture, containing: str | None = None
+) -> list[logging.LogRecord]:
+    """The library's WARNING (and worse) records, optionally only those whose message
+    contains ``containing``."""
+    return [
+        r
+        for r in caplog.records
+        if r.name == "metal_guard"
+        and r.levelno >= logging.WARNING
+        and (containing is None or containing in r.getMessage())
+    ]
+
+
+def breadcrumb_messages(home: Path | str, name: str = "breadcrumbs.log") -> list[str]:
+    """The message of each line of ``home/name`` (``<time> pid=<n> <message>``), or ``[]``."""
+    path = Path(home) / name
+    if not path.exists():
+        return []
+    return [line.split(" ", 2)[2] for line in path.read_text("utf-8").splitlines()]
+
+
+# -- spies ----------------------------------------------------------------------------
+
+
+def spy_file_locks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every library file lock built from now on (the lock still works)."""
+    import metal_guard as mg
+
+    paths: list[str] = []
+    real = mg._FileLock
+
+    class SpyLock(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path: str, timeout: float = 10.0) -> None:
+            paths.append(path)
+            super().__init__(path, timeout)
+
+    monkeypatch.setattr(mg, "_FileLock", SpyLock)
+    return paths
+
+
+def spy_report_reads(
+    monkeypatch: pytest.MonkeyPatch, deny: Callable[[str], bool] = lambda path: False
+) -> list[tuple[str, int]]:
+    """Record ``(path, limit)`` of every bounded file read of the panic scanner.
+
+    Paths for which ``deny(path)`` is true fail with ``PermissionError`` instead.
+    """
+    import metal_guard as mg
+
+    reads: list[tuple[str, int]] = []
+    real = mg._read_bounded
+
+    def spy(path: str, limit: int) -> bytes:
+        reads.append((path, limit))
+        if deny(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, limit)
+
+    monkeypatch.setattr(mg, "_read_bounded", spy)
+    return reads
+
+
+class MlxCalls:
+    """An ordered log of MLX calls: wrapped functions append ``(name, args)``; a test
+    appends its own markers with :meth:`mark`."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def wrap(self, real: Callable[..., Any], name: str, *, fail: bool = False) -> Any:
+        def wrapper(*args: Any) -> Any:
+            self.events.append((name, args))
+            if fail:
+                raise RuntimeError(f"{name} failed: the driver is unhappy")
+            return real(*args)
+
+        return wrapper
+
+    def mark(self, label: str) -> None:
+        self.events.append((label, ()))
+
+    def names(self) -> list[str]:
+        """Call names; a call with arguments (a stream) shows as ``name(stream)``."""
+        return [name if not args else f"{name}(stream)" for name, args in self.events]
+
+    def after(self, label: str) -> list[tuple[str, tuple[Any, ...]]]:
+        """The events after the last ``label`` marker."""
+        index = max(i for i, (name, _) in enumerate(self.events) if name == label)
+        return self.events[index + 1 :]
+
+
+def stub_mx(
+    monkeypatch: pytest.MonkeyPatch, calls: MlxCalls, *, failing: Iterable[str] = ()
+) -> types.ModuleType:
+    """Install a stand-in ``mlx.core`` whose ``clear_cache`` / ``synchronize`` log to
+    ``calls`` and raise when named in ``failing``.
+
+    Only for what the CPU build cannot do: make Metal itself fail. mlx-lm's generate
+    module is hidden too, so only the stub's default stream exists.
+    """
+    failing = set(failing)
+    monkeypatch.delitem(sys.modules, "mlx_lm.generate", raising=False)
+    stub = types.ModuleType("mlx.core")
+    stub.clear_cache = calls.wrap(  # type: ignore[attr-defined]
+        lambda: None, "clear_cache", fail="clear_cache" in failing
+    )
+    stub.synchronize = calls.wrap(  # type: ignore[attr-defined]
+        lambda *a: None, "synchronize", fail="synchronize" in failing
+    )
+    monkeypatch.setitem(sys.modules, "mlx.core", stub)
+    return stub

@@ -1,27 +1,24 @@
-"""Section 9b: MLXCooldownActive and CircuitBreaker.
-
-See README "Panic reports and the circuit breaker".
-"""
+"""Circuit breaker section: ``MLXCooldownActive`` and ``CircuitBreaker``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import pickle
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from panic_fixtures import Panic, write_legacy, write_panic
 
 import metal_guard as mg
-from helpers import child_env
+from helpers import child_env, spawn_python, spy_file_locks, spy_report_reads
+from panic_fixtures import Panic, write_legacy, write_panic
 
 
 def _breaker(tmp_path: Path, **kwargs: Any) -> mg.CircuitBreaker:
@@ -69,33 +66,35 @@ def test_cooldown_exception_pickles_with_every_attribute() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
+    ("kwargs", "error", "message"),
     [
-        ({"window_sec": 0}, ValueError),
-        ({"window_sec": -1}, ValueError),
-        ({"window_sec": math.nan}, ValueError),
-        ({"window_sec": math.inf}, ValueError),
-        ({"window_sec": "3600"}, TypeError),
-        ({"window_sec": True}, TypeError),
-        ({"window_sec": None}, TypeError),
-        ({"window_sec": 10**9}, ValueError),
-        ({"cooldown_sec": -0.5}, ValueError),
-        ({"cooldown_sec": [1]}, TypeError),
-        ({"panic_threshold": 0}, ValueError),
-        ({"panic_threshold": 1.5}, TypeError),
-        ({"panic_threshold": True}, TypeError),
-        ({"panic_threshold": "2"}, TypeError),
-        ({"panic_threshold": 10**6}, ValueError),
-        ({"jsonl_path": 12}, TypeError),
-        ({"state_path": ""}, ValueError),
-        ({"state_path": b"/tmp/x"}, TypeError),
-        ({"report_dir": 1.0}, TypeError),
+        ({"window_sec": 0}, ValueError, "window_sec must be > 0, got 0"),
+        ({"window_sec": -1}, ValueError, "window_sec must be > 0, got -1"),
+        ({"window_sec": math.nan}, ValueError, "window_sec must be a finite number"),
+        ({"window_sec": math.inf}, ValueError, "window_sec must be a finite number"),
+        ({"window_sec": "3600"}, TypeError, "window_sec must be a number, not str"),
+        ({"window_sec": True}, TypeError, "window_sec must be a number, not bool"),
+        ({"window_sec": None}, TypeError, "window_sec must be a number, not NoneType"),
+        ({"window_sec": 10**9}, ValueError, "is more than the maximum"),
+        ({"cooldown_sec": -0.5}, ValueError, "cooldown_sec must be >= 0, got -0.5"),
+        ({"cooldown_sec": [1]}, TypeError, "cooldown_sec must be a number, not list"),
+        ({"panic_threshold": 0}, ValueError, "panic_threshold must be between 1 and 1000"),
+        ({"panic_threshold": 1.5}, TypeError, "panic_threshold must be an int, not float"),
+        ({"panic_threshold": True}, TypeError, "panic_threshold must be an int, not bool"),
+        ({"panic_threshold": "2"}, TypeError, "panic_threshold must be an int, not str"),
+        ({"panic_threshold": 10**6}, ValueError, "panic_threshold must be between 1 and 1000"),
+        ({"jsonl_path": 12}, TypeError, "jsonl_path must be a str or os.PathLike"),
+        ({"state_path": ""}, ValueError, "state_path must be a non-empty path"),
+        ({"state_path": b"/tmp/x"}, TypeError, "state_path must be a str or os.PathLike"),
+        ({"report_dir": 1.0}, TypeError, "report_dir must be a str or os.PathLike"),
     ],
 )
-def test_constructor_validation(kwargs: dict[str, Any], error: type[Exception]) -> None:
+def test_constructor_validation(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
     with pytest.raises(error) as info:
         mg.CircuitBreaker(**kwargs)
-    assert str(info.value)  # a message that names the problem
+    assert message in str(info.value)
 
 
 def test_constructor_defaults(mg_home: str) -> None:
@@ -148,14 +147,18 @@ def test_threshold_and_explicit_now(tmp_path: Path) -> None:
     for i in range(3):
         _panic(tmp_path, f"{i}.panic", ago=100 * (i + 1), pid=i)
     _breaker(tmp_path, panic_threshold=4, state_path=tmp_path / "s4.json").check()
+    # seen from two hours later, the panics have left the one-hour window
+    later = time.time() + 7200
+    _breaker(tmp_path, panic_threshold=3, state_path=tmp_path / "late.json").check(now=later)
     # seen from a moment long before the panics: they are "in the future" and count
-    with pytest.raises(mg.MLXCooldownActive):
-        _breaker(tmp_path, panic_threshold=3, state_path=tmp_path / "s3.json").check(
-            now=time.time()
-        )
-    with pytest.raises(TypeError):
+    earlier = time.time() - 7200
+    with pytest.raises(mg.MLXCooldownActive) as info:
+        _breaker(tmp_path, panic_threshold=3, state_path=tmp_path / "s3.json").check(now=earlier)
+    assert info.value.panic_count == 3
+    assert info.value.cooldown_until == pytest.approx(earlier + 3600)
+    with pytest.raises(TypeError, match="now must be a number, not str"):
         _breaker(tmp_path).check(now="now")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="now must be a finite number"):
         _breaker(tmp_path).check(now=math.nan)
 
 
@@ -193,6 +196,7 @@ def test_process_level_aborts_do_not_trip(tmp_path: Path) -> None:
             + "\n"
         )
     breaker.check()
+    assert breaker.status()["panics_in_window"] == 0
 
 
 def test_duplicate_reports_count_once(tmp_path: Path) -> None:
@@ -260,7 +264,7 @@ def test_clear_forgets_panics_seen_so_far(tmp_path: Path) -> None:
 
 def test_clear_propagates_environment_faults(tmp_path: Path) -> None:
     (tmp_path / "state").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         _breaker(tmp_path, state_path=tmp_path / "state").clear()
 
 
@@ -307,8 +311,10 @@ def test_status_never_raises(tmp_path: Path) -> None:
     (tmp_path / "state").mkdir()
     breaker = _breaker(tmp_path, state_path=tmp_path / "state")
     status = breaker.status()
-    assert status["problem"] and status["cooling_down"] is False
-    assert _breaker(tmp_path).status(now="bad")["problem"]  # type: ignore[arg-type]
+    assert status["cooling_down"] is False
+    assert status["problem"] == "breaker state unreadable: [Errno 21] Is a directory"
+    status = _breaker(tmp_path).status(now="bad")  # type: ignore[arg-type]
+    assert status["problem"] == "TypeError: now must be a number, not str"
 
 
 def test_clock_stepped_back_never_lengthens_the_cooldown(tmp_path: Path) -> None:
@@ -350,15 +356,17 @@ def test_symlinked_state_is_never_followed(tmp_path: Path) -> None:
     (tmp_path / "state.json").symlink_to(target)
     breaker = _breaker(tmp_path, state_path=tmp_path / "state.json")
     status = breaker.status()
-    assert status["cooling_down"] is False and status["problem"]  # not read through the link
+    assert status["cooling_down"] is False  # not read through the link ...
+    assert "breaker state unreadable" in status["problem"]  # ... and said so
     _panic(tmp_path, "a.panic", ago=30, pid=1)
     _panic(tmp_path, "b.panic", ago=20, pid=2)
     with pytest.raises(mg.MLXCooldownActive):  # the trip still blocks this process
         breaker.check()
     assert json.loads(target.read_text())["cooldown_sec"] == 3600  # not written through it
     assert (tmp_path / "state.json").is_symlink()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         breaker.clear()
+    assert info.value.errno == errno.ELOOP
 
 
 def test_unwritable_archive_still_counts_reports(
@@ -383,25 +391,12 @@ def test_check_is_cheap_when_nothing_changed(
         _panic(tmp_path, f"{i}.panic", ago=10_000 + i, pid=i)
     breaker = _breaker(tmp_path)
     breaker.check()
-    reads: list[str] = []
-    locks: list[str] = []
-    real_read, real_lock = mg._read_bounded, mg._FileLock
-
-    def spy_read(path: str, limit: int) -> bytes:
-        reads.append(path)
-        return real_read(path, limit)
-
-    class SpyLock(real_lock):  # type: ignore[misc, valid-type]
-        def __init__(self, path: str, timeout: float = 10.0) -> None:
-            locks.append(path)
-            super().__init__(path, timeout)
-
-    monkeypatch.setattr(mg, "_read_bounded", spy_read)
-    monkeypatch.setattr(mg, "_FileLock", SpyLock)
+    reads = spy_report_reads(monkeypatch)
+    locks = spy_file_locks(monkeypatch)
     for _ in range(3):
         breaker.check()
     assert locks == []  # no archive lock taken
-    assert all(not r.endswith(".panic") for r in reads)  # no report read again
+    assert [path for path, _ in reads if path.endswith(".panic")] == []  # no report read again
 
 
 # -- across processes ------------------------------------------------------------
@@ -428,8 +423,10 @@ def _run_workers(
     env = child_env(METALGUARD_HOME=mg_home)
     start = time.time() + delay
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _CHECK_WORKER, str(start), str(report_dir)],
+        spawn_python(
+            _CHECK_WORKER,
+            str(start),
+            str(report_dir),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

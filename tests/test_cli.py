@@ -1,7 +1,4 @@
-"""Section 10: the ``metal-guard`` command line, run as real subprocesses.
-
-See README "Command line".
-"""
+"""Command-line section: ``metal-guard``, run as real subprocesses (and ``main`` in process)."""
 
 from __future__ import annotations
 
@@ -14,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from panic_fixtures import Panic, write_panic
 
 import metal_guard as mg
-from helpers import HAS_MLX, child_env
+from helpers import HAS_MLX, REPO, child_env
+from panic_fixtures import Panic, write_panic
 
-REPO = Path(__file__).resolve().parent.parent
 GEMMA_PANIC = "mlx-community/gemma-4-31b-it-8bit"
 
 
@@ -34,14 +30,12 @@ def run(
     home: str, *args: str, reports: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m metal_guard ARGS`` with its own state folder and report folder."""
-    full_env = {
-        **os.environ,
-        "METALGUARD_HOME": home,
-        "PYTHONPATH": str(REPO),
+    full_env = child_env(
+        METALGUARD_HOME=home,
         # never the real /Library/Logs/DiagnosticReports of a Mac running the tests
-        "METALGUARD_PANIC_REPORT_DIR": str(reports or Path(home) / "no-reports"),
+        METALGUARD_PANIC_REPORT_DIR=str(reports or Path(home) / "no-reports"),
         **(env or {}),
-    }
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "metal_guard", *args],
         cwd=REPO,
@@ -59,6 +53,16 @@ def run_json(home: str, *args: str, **kw: Any) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
+def _field(out: str, label: str) -> str:
+    """The value of ``check``'s ``  <label>   <value>`` line (the column layout may change)."""
+    (value,) = [
+        line.strip()[len(label) :].strip()
+        for line in out.splitlines()
+        if line.strip().startswith(label + " ")
+    ]
+    return value
+
+
 def _two_recent_panics(folder: Path) -> None:
     write_panic(folder, Panic(kind="492", pid=11, ts=time.time() - 120), name="a.panic")
     write_panic(folder, Panic(kind="219", pid=12, ts=time.time() - 60), name="b.panic")
@@ -71,7 +75,11 @@ def test_version(mg_home: str) -> None:
     for flag in ("--version", "-V"):
         proc = run(mg_home, flag)
         assert (proc.returncode, proc.stdout) == (0, f"metal-guard {mg.__version__}\n")
-    assert run_json(mg_home, "--version") == (0, {"version": mg.__version__})
+    # the same keys as every other command
+    assert run_json(mg_home, "--version") == (
+        0,
+        {"command": "version", "exit_code": 0, "version": mg.__version__},
+    )
 
 
 def test_help(mg_home: str) -> None:
@@ -181,8 +189,8 @@ def test_check_cadence(mg_home: str) -> None:
 def test_check_known_panic_model(mg_home: str) -> None:
     proc = run(mg_home, "check", GEMMA_PANIC)
     assert proc.returncode == 0  # advisory by default
-    assert "known panic model  YES" in proc.stdout
-    assert "safer alternative" in proc.stdout and "gemma-4-26b-a4b-it-4bit" in proc.stdout
+    assert _field(proc.stdout, "known panic model").startswith("YES")
+    assert _field(proc.stdout, "safer alternative") == "mlx-community/gemma-4-26b-a4b-it-4bit"
     code, doc = run_json(mg_home, "check", GEMMA_PANIC)
     assert code == 0 and doc["known_panic_model"]["tier"] == "panic"
     assert doc["known_panic_model"]["model_id"] == GEMMA_PANIC
@@ -197,7 +205,7 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     _two_recent_panics(reports)
     proc = run(mg_home, "check", "org/model", "--admit", reports=reports)
     assert proc.returncode == 2
-    assert "circuit breaker    BLOCKED: MLX cooldown active" in proc.stdout
+    assert _field(proc.stdout, "circuit breaker").startswith("BLOCKED")
     assert "metal-guard breaker clear" in proc.stdout
     assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # not admitted
     code, doc = run_json(mg_home, "check", "org/model", reports=reports)
@@ -234,7 +242,8 @@ def test_panics(mg_home: str, reports: Path, tmp_path: Path) -> None:
     assert "gpu_watchdog" in lines[2] and "old.panic" in lines[2]
     assert "prepare_count_underflow" in lines[3] and "IOGPUMemory.cpp:550" in lines[3]
     assert "25E253" in lines[3]
-    assert "1 of them are IOGPU kernel panics" in proc.stdout
+    (summary,) = [line for line in lines if "of them" in line]
+    assert "1 of them" in summary and "IOGPU" in summary
     code, doc = run_json(mg_home, "panics", "--since", "24", reports=reports)
     assert code == 0 and [r["pid"] for r in doc["panics"]] == [7]
     assert doc["panics"][0]["signature"] == "prepare_count_underflow"
@@ -285,8 +294,43 @@ def test_cadence_clear_that_cannot_touch_the_store_is_an_error(
     target.write_text('{"org/a": 1.0}')
     (Path(mg_home) / "cadence.json").symlink_to(target)
     proc = run(mg_home, "cadence", "clear")
-    assert proc.returncode == 1 and "cannot be used" in proc.stderr
+    assert proc.returncode == 1 and "cannot use the cadence store" in proc.stderr
+    assert "strict=True" not in proc.stderr  # no library advice to a shell user
     assert target.read_text() == '{"org/a": 1.0}'  # untouched, and not claimed as cleared
+
+
+def test_cadence_clear_with_a_file_where_the_folder_should_be(tmp_path: Path) -> None:
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    proc = run(str(home), "cadence", "clear")
+    assert proc.returncode == 1
+    assert f"{home} is not a folder" in proc.stderr
+    assert home.read_text() == ""
+
+
+def test_status_says_when_a_file_sits_where_the_folder_should_be(tmp_path: Path) -> None:
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    proc = run(str(home), "status")
+    assert proc.returncode == 0
+    (line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("state folder")]
+    assert "NOT a folder" in line and "not created yet" not in line
+
+
+def test_cadence_show_model(mg_home: str) -> None:
+    mg.CadenceGuard(min_interval_sec=180).mark_load("org/a")
+    mg.CadenceGuard(min_interval_sec=180).mark_load("org/b")
+    code, doc = run_json(mg_home, "cadence", "show", "org/a")
+    assert code == 0 and doc["model_id"] == "org/a" and doc["blocked"] is True
+    assert [e["model_id"] for e in doc["model_events"]] == ["org/a"]
+    assert {e["model_id"] for e in doc["events"]} == {"org/a", "org/b"}
+    assert 170 < doc["remaining_sec"] <= 180
+    proc = run(mg_home, "cadence", "show", "org/c")
+    assert proc.returncode == 0 and "org/c: may load now" in proc.stdout
+    # blocked only by another model's load: the verdict and the table agree
+    gemma = "mlx-community/gemma-4-e4b-it-4bit"
+    proc = run(mg_home, "cadence", "show", gemma)
+    assert "BLOCKED" in proc.stdout and "nothing is blocked" not in proc.stdout
 
 
 def test_models(mg_home: str) -> None:
@@ -347,54 +391,86 @@ def test_json_flag_before_or_after_the_command(mg_home: str, args: list[str]) ->
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "names"),
     [
-        ["check"],
-        ["bogus"],
-        ["check", "m", "--min-interval", "abc"],
-        ["check", "m", "--min-interval", "-1"],
-        ["check", "m", "--min-interval", "nan"],
-        ["check", "m", "--cross-model-interval", "inf"],
-        ["check", "m", "--min-interval", "1e12"],
-        ["check", ""],
-        ["check", "   "],
-        ["check", "x" * 5000],
-        ["check", "a", "b"],
-        ["panics", "--since", "-2"],
-        ["panics", "--since", "soon"],
-        ["breadcrumbs", "-n", "-3"],
-        ["breadcrumbs", "-n", "1.5"],
-        ["breaker", "reset"],
-        ["cadence", "show", "org/m"],
-        ["cadence", "wipe"],
-        ["--json", "check"],
-        ["status", "extra"],
-        ["models", "a", "b"],
-        ["--no-such-flag"],
+        (["check"], "MODEL"),
+        (["bogus"], "COMMAND"),
+        (["check", "m", "--min-interval", "abc"], "--min-interval"),
+        (["check", "m", "--min-interval", "-1"], "--min-interval"),
+        (["check", "m", "--min-interval", "nan"], "--min-interval"),
+        (["check", "m", "--cross-model-interval", "inf"], "--cross-model-interval"),
+        (["check", "m", "--min-interval", "1e12"], "--min-interval"),
+        (["check", ""], "MODEL"),
+        (["check", "   "], "MODEL"),
+        (["check", "x" * 5000], "MODEL"),
+        (["check", "a", "b"], "unrecognized arguments: b"),
+        (["panics", "--since", "-2"], "--since"),
+        (["panics", "--since", "soon"], "--since"),
+        (["breadcrumbs", "-n", "-3"], "-n"),
+        (["breadcrumbs", "-n", "1.5"], "-n"),
+        (["breaker", "reset"], "'reset'"),
+        (["cadence", "wipe"], "'wipe'"),
+        (["status", "extra"], "unrecognized arguments: extra"),
+        (["models", "a", "b"], "unrecognized arguments: b"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
+    ids=lambda v: " ".join(v)[:40] if isinstance(v, list) else None,
 )
-def test_usage_errors_exit_64(mg_home: str, args: list[str]) -> None:
+def test_usage_errors_exit_64(mg_home: str, args: list[str], names: str) -> None:
     proc = run(mg_home, *args)
     assert proc.returncode == 64
-    assert "usage: metal-guard" in proc.stderr and "error:" in proc.stderr
+    assert proc.stderr.startswith("usage: metal-guard")
+    (error,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert names in error  # the message names what is wrong
     assert proc.stdout == ""
     assert os.listdir(mg_home) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--json", "check"], "MODEL"),
+        (["check", "--json", "m", "-n"], "-n"),
+        (["--json", "bogus"], "bogus"),
+    ],
+)
+def test_usage_errors_with_json_print_one_document(
+    mg_home: str, args: list[str], names: str
+) -> None:
+    proc = run(mg_home, *args)
+    assert proc.returncode == 64
+    assert proc.stderr.startswith("usage: metal-guard")
+    doc = json.loads(proc.stdout)  # exactly one JSON document
+    assert doc["exit_code"] == 64 and names in doc["error"]
+    assert set(doc) == {"command", "exit_code", "error"}
+
+
+def test_panics_since_message_speaks_in_hours(mg_home: str) -> None:
+    proc = run(mg_home, "panics", "--since", "-1")
+    assert proc.returncode == 64
+    assert "hours must be >= 0" in proc.stderr and "seconds" not in proc.stderr
 
 
 def test_environment_errors_exit_1(tmp_path: Path) -> None:
     home = tmp_path / "home-is-a-file"
     home.write_text("")
     proc = run(str(home), "breaker", "clear")
-    assert proc.returncode == 1 and "metal-guard breaker: error:" in proc.stderr
+    assert proc.returncode == 1
+    assert "metal-guard breaker: error: NotADirectoryError" in proc.stderr
+    assert "state folder is not a directory" in proc.stderr
     code, doc = run_json(str(home), "breaker", "clear")
-    assert code == 1 and doc["exit_code"] == 1 and doc["error"]
+    assert code == 1 and doc["exit_code"] == 1
+    assert "state folder is not a directory" in doc["error"]
     assert run(str(home), "status").returncode == 0  # showing state still works
+    proc = run(str(home), "check", "org/m")
+    assert proc.returncode == 0  # a check without --admit records nothing: it may go
     proc = run(str(home), "check", "org/m", "--admit")
-    assert proc.returncode == 0  # cadence fails open ...
-    assert "WARNING: metal_guard: cadence store" in proc.stderr  # ... and says so
+    # the load could not be recorded: a shell wrapper must be able to tell (exit 1)
+    assert proc.returncode == 1
+    assert "WARNING: metal_guard: cadence store" in proc.stderr
     assert "could NOT be recorded" in proc.stdout
     code, doc = run_json(str(home), "check", "org/m", "--admit")
-    assert code == 0 and doc["cadence"]["admitted"] is False
+    assert code == 1 and doc["cadence"]["admitted"] is False and doc["decision"] == "error"
 
 
 def test_control_characters_are_escaped_in_human_output(mg_home: str) -> None:
@@ -405,7 +481,7 @@ def test_control_characters_are_escaped_in_human_output(mg_home: str) -> None:
 
 def test_running_the_file_directly(mg_home: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "metal_guard.py"), "--version"],
+        [sys.executable, os.path.join(REPO, "metal_guard.py"), "--version"],
         capture_output=True,
         text=True,
         env={**os.environ, "METALGUARD_HOME": mg_home},

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from panic_fixtures import Panic, write_panic
 
 import metal_guard as mg
+from panic_fixtures import Panic, write_panic
 
 SECTIONS = [
     "**Panic string:**",

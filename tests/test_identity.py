@@ -1,4 +1,4 @@
-"""Section 5 — model identity: canonical ids and gemma-4 family detection."""
+"""Model identity section: canonical ids and gemma-4 family detection."""
 
 from __future__ import annotations
 
@@ -71,7 +71,6 @@ NOT_GEMMA4 = [
 @pytest.mark.parametrize("model_id", GEMMA4)
 def test_gemma4_family_members(model_id: str) -> None:
     assert mg.is_gemma4_family(model_id) is True
-    assert mg._is_gemma4_family(model_id) is True
 
 
 @pytest.mark.parametrize("model_id", NOT_GEMMA4)
@@ -79,8 +78,9 @@ def test_gemma4_family_near_misses(model_id: str) -> None:
     assert mg.is_gemma4_family(model_id) is False
 
 
-def test_table_is_big_enough() -> None:
-    assert len(GEMMA4) + len(NOT_GEMMA4) >= 40
+def test_the_original_private_name_answers_the_same() -> None:
+    assert mg._is_gemma4_family("google/gemma-4-31B-it") is True
+    assert mg._is_gemma4_family("google/gemma-3-4b-it") is False
 
 
 @pytest.mark.parametrize("junk", [None, 42, 3.5, b"gemma-4-31b", ["gemma-4-31b"], object()])

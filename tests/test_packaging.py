@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import has_module
+from helpers import REPO, has_module
 
-REPO = Path(__file__).resolve().parents[1]
 _MISSING = [m for m in ("build", "hatchling", "mypy") if not has_module(m)]
 
 pytestmark = [
@@ -62,7 +61,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-isolation",
             "--outdir",
             str(out),
-            str(REPO),
+            REPO,
         ],
         cwd=out,
     )
@@ -115,7 +114,7 @@ def test_wheel_holds_exactly_the_package(wheel: Path) -> None:
     assert names - dist_info == PACKAGE_FILES
     assert {n.split("/", 1)[1] for n in dist_info} >= {"METADATA", "WHEEL", "RECORD"}
     # The package's __init__ is the single-file module, byte for byte.
-    assert init == (REPO / "metal_guard.py").read_bytes()
+    assert init == (Path(REPO) / "metal_guard.py").read_bytes()
     assert b"metal-guard = metal_guard:main" in entry_points
     assert "Requires-Python: >=3.10" in metadata
     # No runtime dependencies: every Requires-Dist line belongs to an extra.

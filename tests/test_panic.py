@@ -1,21 +1,21 @@
-"""Section 9a: panic signatures, report parsing and the panic archive.
-
-See README "Panic reports and the circuit breaker".
-"""
+"""Panic reports section: signatures, report parsing and the panic archive."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+import metal_guard as mg
+from helpers import spawn_python, spy_file_locks, spy_report_reads
 from panic_fixtures import (
     COMMAND_BUFFER_OOM_TEXT,
     KINDS,
@@ -29,21 +29,9 @@ from panic_fixtures import (
     write_truncated,
 )
 
-import metal_guard as mg
-from helpers import child_env
-
 T0 = 1_776_900_000.0  # 2026-04-22, a fixed "panic time" for records
 
 # -- detect_panic_signature ------------------------------------------------------
-
-KERNEL_SIGNATURES = [
-    "prepare_count_underflow",
-    "pending_memory_set",
-    "remove_memory_object",
-    "pending_in_non_pending_hash",
-    "ctxstore_timeout",
-    "gpu_watchdog",
-]
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if KINDS[k][1] is not None])
@@ -51,10 +39,12 @@ def test_detect_names_every_fixture_kind_and_its_location(kind: str) -> None:
     text = panic_text(Panic(kind=kind))
     name, explanation = mg.detect_panic_signature(text)
     assert name == KINDS[kind][1]
-    assert isinstance(explanation, str) and len(explanation) > 40
+    assert explanation is not None
     location = KINDS[kind][2]
     if location is not None:
         assert location in explanation
+    else:
+        assert ".cpp:" not in explanation
 
 
 @pytest.mark.parametrize(
@@ -97,11 +87,51 @@ def test_detect_matches_across_line_breaks_and_case() -> None:
     assert mg.detect_panic_signature("Insufficient\r\nMemory")[0] == "metal_oom"
 
 
-def test_kernel_signatures_win_over_process_level_ones() -> None:
-    text = COMMAND_BUFFER_OOM_TEXT + "\n" + panic_text(Panic(kind="492"))
-    assert mg.detect_panic_signature(text)[0] == "prepare_count_underflow"
-    text = RESOURCE_LIMIT_TEXT + "\nwatchdog timeout: no checkins from watchdogd"
-    assert mg.detect_panic_signature(text)[0] == "gpu_watchdog"
+KERNEL_TEXTS = {
+    "prepare_count_underflow": "completeMemory() prepare count underflow @IOGPUMemory.cpp:550",
+    "pending_memory_set": "fPendingMemorySet is not empty @IOGPUGroupMemory.cpp:219",
+    "remove_memory_object": "remove_memory_object(): memory not in group",
+    "pending_in_non_pending_hash": "pending in non-pending hash @IOGPUGroupMemory.cpp:528",
+    "ctxstore_timeout": "IOGPU ctxstore timeout on channel 3",
+    "gpu_watchdog": "watchdog timeout: no checkins from watchdogd in 90 seconds",
+}
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_TEXTS))
+@pytest.mark.parametrize(
+    "process_text", [COMMAND_BUFFER_OOM_TEXT, RESOURCE_LIMIT_TEXT], ids=["metal_oom", "limit"]
+)
+def test_kernel_signatures_win_over_process_level_ones(kernel: str, process_text: str) -> None:
+    text = process_text + "\n" + KERNEL_TEXTS[kernel]
+    assert mg.detect_panic_signature(text)[0] == kernel
+
+
+@pytest.mark.parametrize(
+    ("message", "signature", "kernel_panic", "iogpu_panic"),
+    [
+        (KERNEL_TEXTS["prepare_count_underflow"], "prepare_count_underflow", True, True),
+        (KERNEL_TEXTS["pending_memory_set"], "pending_memory_set", True, True),
+        (KERNEL_TEXTS["remove_memory_object"], "remove_memory_object", True, True),
+        (KERNEL_TEXTS["pending_in_non_pending_hash"], "pending_in_non_pending_hash", True, True),
+        (KERNEL_TEXTS["ctxstore_timeout"], "ctxstore_timeout", True, True),
+        (KERNEL_TEXTS["gpu_watchdog"], "gpu_watchdog", True, False),
+        ('"AppleSomeDriver: unexpected state" @AppleSomeDriver.cpp:77', None, True, False),
+        (COMMAND_BUFFER_OOM_TEXT, "metal_oom", False, False),
+        (RESOURCE_LIMIT_TEXT, "resource_limit", False, False),
+    ],
+    ids=[*KERNEL_TEXTS, "unknown", "metal_oom", "resource_limit"],
+)
+def test_which_reports_are_kernel_and_iogpu_panics(
+    tmp_path: Path, message: str, signature: str | None, kernel_panic: bool, iogpu_panic: bool
+) -> None:
+    # Only IOGPU driver panics are what the circuit breaker counts.
+    (tmp_path / "r.panic").write_text(f"panic(cpu 0 caller 0x1): {message}\n")
+    (record,) = mg.parse_panic_reports(tmp_path)
+    assert (record["signature"], record["kernel_panic"], record["iogpu_panic"]) == (
+        signature,
+        kernel_panic,
+        iogpu_panic,
+    )
 
 
 def test_explanation_names_the_location_and_what_to_do() -> None:
@@ -113,21 +143,6 @@ def test_explanation_names_the_location_and_what_to_do() -> None:
     assert bare is not None and ".cpp:" not in bare  # nothing invented
     _, watchdog = mg.detect_panic_signature("watchdog timeout: no checkins from watchdogd")
     assert watchdog is not None and "not the IOGPU" in watchdog
-
-
-def test_signature_table_flags() -> None:
-    kinds = {name: kind for name, kind, *_ in mg._PANIC_SIGNATURES}
-    assert set(kinds) >= {*KERNEL_SIGNATURES, "metal_oom", "resource_limit"}
-    assert {n for n, k in kinds.items() if k == "iogpu"} == set(KERNEL_SIGNATURES) - {
-        "gpu_watchdog"
-    }
-    assert kinds["gpu_watchdog"] == "kernel"
-    assert kinds["metal_oom"] == kinds["resource_limit"] == "process"
-    for _, _, needles, *_ in mg._PANIC_SIGNATURES:  # the pre-filter compares lower case
-        assert needles and all(n == n.lower() for n in needles)
-    order = [name for name, *_ in mg._PANIC_SIGNATURES]
-    last_kernel = max(order.index(n) for n in KERNEL_SIGNATURES)
-    assert all(order.index(n) > last_kernel for n in ("metal_oom", "resource_limit"))
 
 
 @pytest.mark.parametrize(
@@ -305,17 +320,10 @@ def test_huge_file_reads_a_bounded_prefix(tmp_path: Path, monkeypatch: pytest.Mo
     path = write_panic(tmp_path, Panic(kind="492"))
     with path.open("ab") as f:
         f.write(b"\n" + b"z" * (12 << 20))
-    limits: list[int] = []
-    real = mg._read_bounded
-
-    def spy(p: str, limit: int) -> bytes:
-        limits.append(limit)
-        return real(p, limit)
-
-    monkeypatch.setattr(mg, "_read_bounded", spy)
+    reads = spy_report_reads(monkeypatch)
     (record,) = mg.parse_panic_reports(tmp_path)
     assert record["signature"] == "prepare_count_underflow"
-    assert limits and max(limits) <= 4 << 20
+    assert reads and max(limit for _, limit in reads) <= 4 << 20
 
 
 def test_unreadable_and_odd_entries_are_skipped(
@@ -325,16 +333,10 @@ def test_unreadable_and_odd_entries_are_skipped(
     bad = write_panic(tmp_path, Panic(pid=2, ts=T0 + 1), name="bad.panic")
     (tmp_path / "dir.panic").mkdir()
     os.mkfifo(tmp_path / "fifo.panic")
-    real = mg._read_bounded
-
-    def deny(p: str, limit: int) -> bytes:
-        if p == str(bad):
-            raise PermissionError(13, "Permission denied", p)
-        return real(p, limit)
-
-    monkeypatch.setattr(mg, "_read_bounded", deny)
+    denied = True
+    spy_report_reads(monkeypatch, deny=lambda path: denied and path == str(bad))
     assert [r["source_file"] for r in mg.parse_panic_reports(tmp_path)] == [str(good)]
-    monkeypatch.setattr(mg, "_read_bounded", real)
+    denied = False
     # not cached as "no panic": once readable, it is found
     assert len(mg.parse_panic_reports(tmp_path)) == 2
 
@@ -379,64 +381,55 @@ def test_default_folder_comes_from_the_environment(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
+    ("kwargs", "error", "message"),
     [
-        ({"directory": 123}, TypeError),
-        ({"directory": b"/tmp"}, TypeError),
-        ({"directory": ""}, ValueError),
-        ({"directory": "a\x00b"}, ValueError),
-        ({"since_ts": "yesterday"}, TypeError),
-        ({"since_ts": True}, TypeError),
-        ({"since_ts": math.nan}, ValueError),
-        ({"since_ts": math.inf}, ValueError),
+        ({"directory": 123}, TypeError, "directory must be a str or os.PathLike"),
+        ({"directory": b"/tmp"}, TypeError, "directory must be a str or os.PathLike"),
+        ({"directory": ""}, ValueError, "directory must be a non-empty path"),
+        ({"directory": "a\x00b"}, ValueError, "without NUL characters"),
+        ({"since_ts": "yesterday"}, TypeError, "since_ts must be a number"),
+        ({"since_ts": True}, TypeError, "since_ts must be a number"),
+        ({"since_ts": math.nan}, ValueError, "since_ts must be a finite number"),
+        ({"since_ts": math.inf}, ValueError, "since_ts must be a finite number"),
     ],
 )
-def test_parse_bad_arguments(kwargs: dict[str, Any], error: type[Exception]) -> None:
-    with pytest.raises(error):
+def test_parse_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as info:
         mg.parse_panic_reports(**kwargs)
+    assert message in str(info.value)
 
 
 # -- parse_panic_reports: the re-scan cache ----------------------------------------
-
-
-def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    reads: list[str] = []
-    real = mg._read_bounded
-
-    def spy(path: str, limit: int) -> bytes:
-        reads.append(path)
-        return real(path, limit)
-
-    monkeypatch.setattr(mg, "_read_bounded", spy)
-    return reads
 
 
 def test_rescan_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = [write_panic(tmp_path, Panic(pid=i, ts=T0 + i), name=f"p{i}.panic") for i in range(6)]
     write_non_panic_ips(tmp_path)
     write_binary(tmp_path)
-    reads = _count_reads(monkeypatch)
+    log = spy_report_reads(monkeypatch)
     first = mg.parse_panic_reports(tmp_path)
-    assert len(first) == 6 and len(reads) == 8
-    reads.clear()
+    assert len(first) == 6 and len(log) == 8
+    log.clear()
     assert mg.parse_panic_reports(tmp_path) == first
-    assert reads == []  # unchanged files (and known non-panics) are not read again
+    assert [
+        path for path, _ in log
+    ] == []  # unchanged files (and known non-panics) are not read again
     # a new modification time → read again (same size)
     st = paths[2].stat()
     os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     mg.parse_panic_reports(tmp_path)
-    assert reads == [str(paths[2])]
-    reads.clear()
+    assert [path for path, _ in log] == [str(paths[2])]
+    log.clear()
     # a new size → read again, and the new content is seen
     write_panic(tmp_path, Panic(kind="watchdog", pid=3, ts=T0 + 3), name="p3.panic")
     records = mg.parse_panic_reports(tmp_path)
-    assert reads == [str(paths[3])]
+    assert [path for path, _ in log] == [str(paths[3])]
     assert records[3]["signature"] == "gpu_watchdog"
-    reads.clear()
+    log.clear()
     # a new file → only it is read
     write_panic(tmp_path, Panic(pid=99, ts=T0 + 99), name="new.panic")
     assert len(mg.parse_panic_reports(tmp_path)) == 7
-    assert reads == [str(tmp_path / "new.panic")]
+    assert [path for path, _ in log] == [str(tmp_path / "new.panic")]
 
 
 def test_threads_scanning_at_once(tmp_path: Path) -> None:
@@ -564,16 +557,19 @@ def test_archive_is_bounded_by_count(tmp_path: Path) -> None:
     assert len(archive.read_text().splitlines()) == 1000
 
 
-def test_archive_is_bounded_by_age_and_old_reports_stay_out(tmp_path: Path) -> None:
+def test_archive_keeps_old_records_and_is_capped_by_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     now = time.time()
     archive = tmp_path / "a.jsonl"
-    stale = {"ts": now - 200 * 86400, "pid": 1, "source_file": "/x/stale"}
+    stale = {"ts": now - 400 * 86400, "pid": 1, "source_file": "/x/stale"}
     archive.write_text(json.dumps(stale) + "\n")
     reports = tmp_path / "reports"
     write_panic(reports, Panic(pid=2, ts=now - 60), name="new.panic")
     write_panic(reports, Panic(pid=3, ts=now - 190 * 86400), name="ancient.panic")
-    assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 1
-    assert [r["pid"] for r in mg.read_panic_archive(archive)] == [2]
+    assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 2
+    # a record is never dropped for its age: the archive is the user's history
+    assert [r["pid"] for r in mg.read_panic_archive(archive)] == [1, 3, 2]
     before = archive.stat()
     mg._reset_panic_caches()  # even without this process's memo: no rewrite, no re-add
     assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 0
@@ -583,6 +579,11 @@ def test_archive_is_bounded_by_age_and_old_reports_stay_out(tmp_path: Path) -> N
         after.st_size,
         after.st_mtime_ns,
     )
+    # past the count cap the oldest go first
+    monkeypatch.setattr(mg, "_PANIC_ARCHIVE_MAX_RECORDS", 2)
+    write_panic(reports, Panic(pid=4, ts=now - 30), name="newer.panic")
+    assert mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive) == 1
+    assert [r["pid"] for r in mg.read_panic_archive(archive)] == [2, 4]
 
 
 def test_ingest_sees_other_writers(tmp_path: Path) -> None:
@@ -601,9 +602,9 @@ def test_read_panic_archive_bad_input(tmp_path: Path) -> None:
     assert mg.read_panic_archive(tmp_path / "dir.jsonl") == []
     (tmp_path / "bin.jsonl").write_bytes(os.urandom(4096))
     assert mg.read_panic_archive(tmp_path / "bin.jsonl") == []
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"jsonl_path must be a str or os\.PathLike"):
         mg.read_panic_archive(42)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="jsonl_path must be a non-empty path"):
         mg.read_panic_archive("")
 
 
@@ -611,17 +612,18 @@ def test_ingest_refuses_unusable_archives(tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     write_panic(reports, Panic(ts=time.time() - 5))
     (tmp_path / "dir.jsonl").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=tmp_path / "dir.jsonl")
     target = tmp_path / "target.jsonl"
     target.write_text("")
     (tmp_path / "link.jsonl").symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=tmp_path / "link.jsonl")
+    assert info.value.errno == errno.ELOOP
     assert target.read_text() == ""  # never written through a symlink
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"jsonl_path must be a str or os\.PathLike"):
         mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=3.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"directory must be a str or os\.PathLike"):
         mg.ingest_panics_jsonl(report_dir=object())  # type: ignore[arg-type]
 
 
@@ -629,15 +631,7 @@ def test_ingest_uses_the_archive_lock(tmp_path: Path, monkeypatch: pytest.Monkey
     reports = tmp_path / "reports"
     write_panic(reports, Panic(ts=time.time() - 5))
     archive = tmp_path / "a.jsonl"
-    locks: list[str] = []
-    real = mg._FileLock
-
-    class Spy(real):  # type: ignore[misc, valid-type]
-        def __init__(self, path: str, timeout: float = 10.0) -> None:
-            locks.append(path)
-            super().__init__(path, timeout)
-
-    monkeypatch.setattr(mg, "_FileLock", Spy)
+    locks = spy_file_locks(monkeypatch)
     mg.ingest_panics_jsonl(report_dir=reports, jsonl_path=archive)
     assert locks == [str(archive) + ".lock"]
 
@@ -669,21 +663,15 @@ def test_concurrent_ingest_from_real_processes(tmp_path: Path) -> None:
             write_panic(b, p, name=f"copy-{i}.panic")
     archive = tmp_path / "panics.jsonl"
     start = time.time() + 1.5
-    env = child_env()
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _INGEST_WORKER,
-                str(start),
-                str(a if n % 2 else b),
-                str(archive),
-            ],
+        spawn_python(
+            _INGEST_WORKER,
+            str(start),
+            str(a if n % 2 else b),
+            str(archive),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
         )
         for n in range(8)
     ]
@@ -721,15 +709,10 @@ def test_sigkill_during_ingest_leaves_a_valid_archive(tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     for i in range(200):
         write_panic(reports, Panic(pid=i, ts=now - 5000 + i * 10), name=f"{i}.panic")
-    env = child_env()
     rng = random.Random(1234)
     for round_ in range(6):
         archive = tmp_path / f"panics-{round_}.jsonl"
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _KILLED_WORKER, str(reports), str(archive)],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        proc = spawn_python(_KILLED_WORKER, str(reports), str(archive), stdout=subprocess.PIPE)
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
         time.sleep(rng.uniform(0.0, 0.08))
         proc.send_signal(signal.SIGKILL)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import metal_guard as mg
 from panic_fixtures import (
     COMMAND_BUFFER_OOM_TEXT,
     GPU_TIMEOUT_TEXT,
@@ -22,8 +24,6 @@ from panic_fixtures import (
     panic_text,
     write_panic,
 )
-
-import metal_guard as mg
 
 NEW = {
     "impacting_interactivity": "process",

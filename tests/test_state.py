@@ -1,4 +1,4 @@
-"""Section 2 — state files: locks, locked JSON read-modify-write, atomic writes, appends.
+"""State files section: locks, locked JSON read-modify-write, atomic writes, appends.
 
 Everything here uses real files, real ``flock`` locks and real processes.
 """
@@ -13,23 +13,21 @@ import pickle
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import metal_guard as mg
-from helpers import child_env
+from helpers import holding_lock_in_child, spawn_python, warnings_from
 
 INCREMENT_CODE = """
 import sys, metal_guard as mg
 path, n = sys.argv[1], int(sys.argv[2])
 def bump(data):
     data["count"] = data.get("count", 0) + 1
-    data.setdefault("pids", []).append(0)
 for _ in range(n):
-    mg._update_json(path, bump, timeout=60)
+    mg._JsonFile(path, durable=True, lock_timeout=60).update(bump)
 """
 
 
@@ -37,14 +35,10 @@ for _ in range(n):
 def test_eight_processes_increment_exactly(tmp_path: Path) -> None:
     path = str(tmp_path / "counter.json")
     for _round in range(2):  # "every time": the exact total twice in a row
-        procs = [
-            subprocess.Popen([sys.executable, "-c", INCREMENT_CODE, path, "200"], env=child_env())
-            for _ in range(8)
-        ]
+        procs = [spawn_python(INCREMENT_CODE, path, "200") for _ in range(8)]
         assert [p.wait(timeout=300) for p in procs] == [0] * 8
     data = json.loads(Path(path).read_text())
-    assert data["count"] == 2 * 8 * 200
-    assert len(data["pids"]) == 2 * 8 * 200
+    assert data == {"count": 2 * 8 * 200}
     # the lock file stays (never deleted); no temp files are left behind
     assert (tmp_path / "counter.json.lock").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter.json", "counter.json.lock"]
@@ -58,7 +52,7 @@ def bump(data):
     data["blob"] = "x" * (data["count"] % 5000)
 sys.stdout.write("ready\\n"); sys.stdout.flush()
 while True:
-    mg._update_json(path, bump, timeout=60)
+    mg._JsonFile(path, durable=True, lock_timeout=60).update(bump)
 """
 
 
@@ -71,14 +65,7 @@ def test_sigkilled_writers_never_corrupt_or_hold_the_lock(tmp_path: Path) -> Non
     last_count = 0
     # Two writers at a time, killed at random moments; 200+ kills in all.
     while kills < 200:
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", HAMMER_CODE, path],
-                env=child_env(),
-                stdout=subprocess.PIPE,
-            )
-            for _ in range(2)
-        ]
+        procs = [spawn_python(HAMMER_CODE, path, stdout=subprocess.PIPE) for _ in range(2)]
         for proc in procs:
             assert proc.stdout is not None
             assert proc.stdout.readline() == b"ready\n"
@@ -100,25 +87,25 @@ def test_sigkilled_writers_never_corrupt_or_hold_the_lock(tmp_path: Path) -> Non
             pass
     assert last_count > 0
     # A later write sweeps the temp files that killed writers left behind.
-    mg._update_json(path, lambda d: d.update(final=True))
+    mg._JsonFile(path, durable=True).update(lambda d: d.update(final=True))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
 
 
 def test_update_json_returns_result_and_writes_only_on_change(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    assert mg._update_json(str(path), lambda d: d.setdefault("a", 1)) == 1
+    assert mg._JsonFile(str(path), durable=True).update(lambda d: d.setdefault("a", 1)) == 1
     assert json.loads(path.read_text()) == {"a": 1}
     mtime = path.stat().st_mtime_ns
     inode = path.stat().st_ino
-    assert mg._update_json(str(path), lambda d: d["a"]) == 1
+    assert mg._JsonFile(str(path), durable=True).update(lambda d: d["a"]) == 1
     assert path.stat().st_ino == inode and path.stat().st_mtime_ns == mtime  # unchanged → no write
 
 
 def test_state_folder_and_file_modes(tmp_path: Path) -> None:
     folder = tmp_path / "deep" / "home"
     path = folder / "s.json"
-    mg._update_json(str(path), lambda d: d.update(x=1))
+    mg._JsonFile(str(path), durable=True).update(lambda d: d.update(x=1))
     assert (folder.stat().st_mode & 0o777) == 0o700
     assert (path.stat().st_mode & 0o777) == 0o600
     assert ((folder / "s.json.lock").stat().st_mode & 0o777) == 0o600
@@ -134,20 +121,21 @@ def test_corrupt_file_is_quarantined_with_one_warning(
     path = tmp_path / "s.json"
     path.write_bytes(garbage)
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
-        mg._update_json(str(path), lambda d: d.update(ok=True))
+        mg._JsonFile(str(path), durable=True).update(lambda d: d.update(ok=True))
     assert json.loads(path.read_text()) == {"ok": True}
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("s.json.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == garbage  # nothing lost: kept aside
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "moved it to" in warnings[0].getMessage()
+    (warning,) = warnings_from(caplog)
+    assert "moved it to" in warning.getMessage() and aside[0].name in warning.getMessage()
 
 
-def test_read_json_state_never_writes(tmp_path: Path) -> None:
+def test_read_never_writes_and_names_the_problem(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_bytes(b"garbage")
-    assert mg._read_json_state(str(path)) == {}
+    data, problem = mg._JsonFile(str(path), durable=True).read()
+    assert data == {} and problem is not None and "not valid JSON" in problem
     assert path.read_bytes() == b"garbage"
-    assert mg._read_json_state(str(tmp_path / "missing.json")) == {}
+    assert mg._JsonFile(str(tmp_path / "missing.json"), durable=True).read() == ({}, None)
     assert not (tmp_path / "missing.json").exists()
 
 
@@ -157,11 +145,12 @@ def test_symlinked_store_is_never_written_through(tmp_path: Path) -> None:
     link = tmp_path / "s.json"
     link.symlink_to(target)
     with pytest.raises(OSError) as info:
-        mg._update_json(str(link), lambda d: d.update(x=1))
+        mg._JsonFile(str(link), durable=True).update(lambda d: d.update(x=1))
     assert info.value.errno == errno.ELOOP
     assert target.read_text() == "keep me" and link.is_symlink()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         mg._append_bytes(str(link), b"line\n")
+    assert info.value.errno == errno.ELOOP
     assert target.read_text() == "keep me"
 
 
@@ -169,22 +158,25 @@ def test_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.write_text("")
     (tmp_path / "s.json.lock").symlink_to(target)
-    with pytest.raises(OSError):
-        mg._update_json(str(tmp_path / "s.json"), lambda d: d.update(x=1))
+    with pytest.raises(OSError) as info:
+        mg._JsonFile(str(tmp_path / "s.json"), durable=True).update(lambda d: d.update(x=1))
+    assert info.value.errno == errno.ELOOP
     assert not (tmp_path / "s.json").exists()
 
 
 def test_directory_where_a_file_should_be(tmp_path: Path) -> None:
     (tmp_path / "s.json").mkdir()
-    with pytest.raises(OSError):
-        mg._update_json(str(tmp_path / "s.json"), lambda d: d.update(x=1))
+    with pytest.raises(IsADirectoryError):
+        mg._JsonFile(str(tmp_path / "s.json"), durable=True).update(lambda d: d.update(x=1))
     assert (tmp_path / "s.json").is_dir()
 
 
 def test_file_where_the_state_folder_should_be(tmp_path: Path) -> None:
     (tmp_path / "home").write_text("not a folder")
-    with pytest.raises(OSError):
-        mg._update_json(str(tmp_path / "home" / "s.json"), lambda d: d.update(x=1))
+    with pytest.raises(NotADirectoryError, match="state folder is not a directory"):
+        mg._JsonFile(str(tmp_path / "home" / "s.json"), durable=True).update(
+            lambda d: d.update(x=1)
+        )
     assert (tmp_path / "home").read_text() == "not a folder"
 
 
@@ -194,28 +186,16 @@ def test_no_permission_raises_oserror(tmp_path: Path) -> None:
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(OSError):
-            mg._update_json(str(folder / "s.json"), lambda d: d.update(x=1))
+        with pytest.raises(PermissionError):
+            mg._JsonFile(str(folder / "s.json"), durable=True).update(lambda d: d.update(x=1))
     finally:
         folder.chmod(0o700)
-
-
-HOLD_CODE = """
-import sys, time, metal_guard as mg
-with mg._FileLock(sys.argv[1], timeout=5):
-    sys.stdout.write("held\\n"); sys.stdout.flush()
-    time.sleep(30)
-"""
 
 
 @pytest.mark.multiprocess
 def test_lock_timeout_is_a_clear_picklable_error(tmp_path: Path) -> None:
     lock = str(tmp_path / "s.json.lock")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_CODE, lock], env=child_env(), stdout=subprocess.PIPE
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    with holding_lock_in_child(lock):
         with pytest.raises(mg.StateLockTimeout) as info:
             mg._FileLock(lock, timeout=0.2).acquire()
         err = info.value
@@ -228,11 +208,6 @@ def test_lock_timeout_is_a_clear_picklable_error(tmp_path: Path) -> None:
             err.timeout,
             str(err),
         )
-    finally:
-        holder.kill()
-        holder.wait()
-        assert holder.stdout is not None
-        holder.stdout.close()
     with mg._FileLock(lock, timeout=2):  # released when the holder died
         pass
 
@@ -251,10 +226,10 @@ def test_flock_unsupported_fails_open_with_one_warning(
     path = str(tmp_path / "s.json")
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
         for _ in range(3):
-            mg._update_json(path, lambda d: d.update(n=d.get("n", 0) + 1))
+            mg._JsonFile(path, durable=True).update(lambda d: d.update(n=d.get("n", 0) + 1))
     assert json.loads(Path(path).read_text()) == {"n": 3}
-    warnings = [r for r in caplog.records if "cannot lock" in r.getMessage()]
-    assert len(warnings) == 1
+    (warning,) = warnings_from(caplog)
+    assert "cannot lock" in warning.getMessage()
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:

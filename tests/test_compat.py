@@ -1,0 +1,64 @@
+"""Compatibility with the original metal-guard: keys, texts and words its users rely on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+import metal_guard as mg
+from panic_fixtures import Panic, panic_text, write_panic
+
+
+def test_breaker_status_carries_the_original_keys(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    breaker = mg.CircuitBreaker(report_dir=reports, cooldown_sec=600)
+    calm = breaker.status()
+    assert (calm["in_cooldown"], calm["cooldown_remaining_sec"], calm["recent_panic_count"]) == (
+        False,
+        0.0,
+        0,
+    )
+    now = time.time()
+    write_panic(reports, Panic(pid=1, ts=now - 120), name="a.panic")
+    write_panic(reports, Panic(pid=2, ts=now - 60), name="b.panic")
+    with pytest.raises(mg.MLXCooldownActive):
+        breaker.check(now=now)
+    tripped = breaker.status(now=now + 100)
+    assert tripped["in_cooldown"] is True
+    assert tripped["cooldown_remaining_sec"] == pytest.approx(500.0)
+    assert tripped["recent_panic_count"] == 2
+    assert tripped["in_cooldown"] == tripped["cooling_down"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "IOGPU: context store timeout on channel 3",
+        "AGX: ctxstore timed out waiting for the firmware",
+    ],
+)
+def test_ctxstore_timeout_matches_both_spellings(message: str) -> None:
+    name, explanation = mg.detect_panic_signature(f"panic(cpu 2 caller 0x1): {message}")
+    assert name == "ctxstore_timeout"
+    assert explanation is not None and "context-store timeout" in explanation
+
+
+def test_calendar_time_is_read_outside_an_epoch_block(tmp_path: Path) -> None:
+    ts = 1_776_900_000
+    text = panic_text(Panic(ts=ts)).replace("Epoch Time:        sec       usec\n", "")
+    assert "Epoch Time" not in text and f"Calendar: 0x{ts:08x}" in text
+    assert mg._panic_time(text) == pytest.approx(ts, abs=1e-3)
+    # with the block present, its Calendar wins over a stray one earlier in the text
+    stray = f"Calendar: 0x{ts - 999:08x} 0x00000000\n" + panic_text(Panic(ts=ts))
+    assert mg._panic_time(stray) == pytest.approx(ts, abs=1e-3)
+
+
+def test_known_panic_warning_names_the_registry(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="metal_guard")
+    model = next(iter(mg.KNOWN_PANIC_MODELS))
+    assert mg.warn_if_known_panic_model(model) is True
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "KNOWN_PANIC_MODELS" in record.getMessage()

@@ -16,6 +16,7 @@ each section opening with a banner that says what it provides and which
 earlier sections it uses (``tests/test_structure.py`` keeps that true):
 
 0.1 Prelude — logging, environment variables, argument checks, process state.
+0.2 Processes — the platform, a bounded command, stopping a process gracefully.
 1.1 Files — the state folder, atomic replacement, appends, bounded reads.
 1.2 Locks — the one lock: a reentrant ``flock`` on a lock file never deleted.
 1.3 JSON state files — the one locked-JSON-file primitive.
@@ -28,18 +29,27 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.4 Panic reports — reading macOS panic reports after the reboot.
 3.5 Size and hardware tables — a model's size guessed from its name, and the
     hardware tiers of ``recommended_config``.
+3.6 Version advisories — MLX, mlx-lm and mlx-vlm releases with known panic- or
+    crash-class bugs, and the small PEP 440 matcher that decides which apply.
+3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
+3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
 4.1 Cadence — refuse back-to-back model loads, across processes.
 4.2 Panic archive — ``panics.jsonl``: the user's panic history.
 4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
+4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
-5.2 Release barrier — wait until MLX memory actually dropped, bounded.
-5.3 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup, Metal
+5.2 Wired-limit control — keep MLX from wiring the recommended working set.
+5.3 Upstream patches — defects of installed MLX packages fixed in place.
+5.4 System audits — the machine's wired-memory setting, the GPU driver version
+    and MLX settings known to wedge the GPU.
+5.5 Release barrier — wait until MLX memory actually dropped, bounded.
+5.6 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup, Metal
     out-of-memory recovery, the pre-load fit check.
-5.4 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
+5.7 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
     monitor, as three independent daemon threads.
-5.5 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware detection,
+5.8 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware detection,
     and the ``metal_guard`` singleton.
-5.6 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
+5.9 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
 
@@ -110,6 +120,26 @@ __all__ = [
     "bench_scoped_load",
     "kv_cache_clear_on_pressure",
     "wait_for_release",
+    # 3.5-3.7 Version advisories, Estimators, Apple Feedback; 4.4 KV growth tracker;
+    # 5.3-5.5 Wired-limit control, Upstream patches, System audits
+    "KNOWN_MODELS",
+    "KVGrowthTracker",
+    "ModelDims",
+    "audit_wired_limit",
+    "check_version_advisories",
+    "describe_prefill_plan",
+    "describe_wired_limit",
+    "estimate_prefill_peak_alloc_gb",
+    "format_panic_for_apple_feedback",
+    "install_upstream_defensive_patches",
+    "kv_tracker",
+    "limit_wired_memory",
+    "log_system_audit_at_startup",
+    "lookup_dims",
+    "read_gpu_driver_version",
+    "recommend_chunk_size",
+    "require_prefill_fit",
+    "restore_wired_memory",
     # 10. Command line
     "main",
 ]
@@ -125,9 +155,9 @@ __all__ = [
 # json, re and dataclasses are imported on first use: importing them here would
 # more than double the cost of ``import metal_guard``.
 #
-# Provides: _DEBUG, _INF, _WARNING, _dataclass, _env_bool, _env_float, _env_int, _env_path,
-#   _finite, _first_time, _int_arg, _label, _log, _log_once, _on_reset, _path_arg, _real_arg,
-#   _seconds_arg, _str_path
+# Provides: _DEBUG, _INF, _TRUE_WORDS, _WARNING, _dataclass, _env_bad, _env_bool, _env_float,
+#   _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg, _label, _log, _log_once,
+#   _on_reset, _path_arg, _real_arg, _seconds_arg, _str_path
 # Uses: nothing
 # =============================================================================
 
@@ -359,6 +389,18 @@ def _seconds_arg(
     return seconds + 0.0  # -0.0 → 0.0
 
 
+_GB_MAX = 1e6  # a million GB: anything larger is a unit mistake
+
+
+def _gb_arg(name: str, value: object, *, allow_zero: bool = True) -> float:
+    """A size in decimal GB: a finite number in ``[0, 1e6]`` (``> 0`` unless ``allow_zero``)."""
+    gb = _real_arg(name, value)
+    if gb < 0 or gb > _GB_MAX or (gb == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a number of GB {bound} and <= {_GB_MAX:g}, got {gb:g}")
+    return gb
+
+
 def _label(value: object) -> str:
     """A printable label for logs and breadcrumbs: ``str`` as is, a path as its text,
     an exception as its message, anything else as its ``repr``."""
@@ -435,6 +477,84 @@ def _reset_process_state() -> None:
 def _forget_warnings() -> None:
     with _once_lock:
         _once_keys.clear()
+
+
+# =============================================================================
+# 0.2 Processes — the platform, a bounded command, stopping a process gracefully.
+#
+# A process that holds Metal memory and is killed with SIGKILL can leave
+# memory wired until reboot, so every stop here is SIGTERM first, a grace
+# period to exit and be reaped, and SIGKILL only after it.
+#
+# Provides: _on_macos, _platform, _run_bounded
+# Uses: Prelude
+# =============================================================================
+
+_SUBPROCESS_OUTPUT_MAX = 1 << 20
+
+
+def _platform() -> str:
+    """``sys.platform``, read at call time (tests fake macOS through it)."""
+    return sys.platform
+
+
+def _on_macos() -> bool:
+    return _platform() == "darwin"
+
+
+def _stop_process(proc: Any) -> None:
+    """SIGTERM, half a second to exit, SIGKILL only then; reaped either way.
+
+    Waits for the process, not for its output: a grandchild that inherited the
+    pipe could otherwise hold us until it exits.
+    """
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _run_bounded(argv: list[str], timeout: float) -> str | None:
+    """``argv``'s standard output if it exits 0 within ``timeout`` seconds, else ``None``.
+
+    Never raises. A command that overruns gets SIGTERM, then SIGKILL only if
+    it is still running half a second later.
+    """
+    if timeout <= 0:
+        return None
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+    except (OSError, ValueError) as exc:
+        _log().debug("metal_guard: cannot run %s: %r", argv[0], exc)
+        return None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_process(proc)
+        _log().debug("metal_guard: %s did not answer within %.1f s", argv[0], timeout)
+        return None
+    except BaseException:  # KeyboardInterrupt: do not leave the child behind
+        _stop_process(proc)
+        raise
+    if proc.returncode != 0:
+        _log().debug("metal_guard: %s exited with %s", argv[0], proc.returncode)
+        return None
+    return out[:_SUBPROCESS_OUTPUT_MAX].decode("utf-8", "replace")
 
 
 # =============================================================================
@@ -1358,9 +1478,9 @@ class MetalOOMError(RuntimeError):
 # (cadence ``admit``/``mark_load``, ``bench_scoped_load``); the release barrier
 # waits for memory to come back to it.
 #
-# Provides: ReleaseStats, _load_baseline_bytes, _platform, _read_memory_stats,
-#   _remember_load_baseline
-# Uses: Prelude, Files, MLX access
+# Provides: ReleaseStats, _load_baseline_bytes, _read_memory_stats, _remember_load_baseline,
+#   _total_memory_bytes
+# Uses: Prelude, Processes, Files, MLX access
 # =============================================================================
 
 _RUSAGE_INFO_V0 = 0  # <sys/resource.h>: the oldest flavour already has ri_phys_footprint
@@ -1432,9 +1552,21 @@ def _linux_rss() -> int:
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _platform() -> str:
-    """``sys.platform``, read at call time (tests fake macOS through it)."""
-    return sys.platform
+def _total_memory_bytes() -> int:
+    """Physical memory: Metal's ``memory_size``, else pages × page size; 0 when unknown."""
+    mx = _mlx()
+    device_info = None if mx is None else _mlx_fn(mx, "device_info")
+    if device_info is not None:
+        try:
+            size = device_info().get("memory_size")
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                return size
+        except Exception as exc:
+            _log().debug("metal_guard: device_info() failed: %r", exc)
+    try:
+        return max(0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _read_footprint_bytes() -> int:
@@ -1530,8 +1662,8 @@ class ReleaseStats(MemoryStats):
 # ``os.PathLike`` objects. ``canonical_model_id`` is strict (cadence keys on
 # it); the lookups built on ``_lenient_model_id`` answer False/None for junk.
 #
-# Provides: canonical_model_id, is_gemma4_family, _hf_cache_id, _lenient_model_id, _model_name,
-#   _regex
+# Provides: canonical_model_id, is_gemma4_family, _CONFIG_MAX_BYTES, _hf_cache_id,
+#   _lenient_model_id, _model_name, _regex
 # Uses: Prelude, Files
 # =============================================================================
 
@@ -2006,6 +2138,17 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
         "or fewer concurrent workers, and watch swap usage.",
     ),
     (
+        "cpt_mapcnt_overflow",
+        _KERNEL,
+        ("cpt_mapcnt_inc",),
+        r"cpt_mapcnt_inc\W{0,8}refcnt\s+overflow",
+        "Kernel panic: cpt_mapcnt_inc: refcnt overflow, a page-table mapping count in the "
+        "kernel's virtual memory system overflowed. This is not the IOGPU driver bug and the "
+        "circuit breaker does not count it",
+        "Keep the report and file it with Apple (format_panic_for_apple_feedback); note what "
+        "was running from the breadcrumbs, and whether it repeats with the same workload.",
+    ),
+    (
         "metal_oom",
         _PROCESS,
         ("outofmemory", "insufficient"),
@@ -2017,6 +2160,30 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
         "size, or free other GPU users; the circuit breaker does not count it.",
     ),
     (
+        "impacting_interactivity",
+        _PROCESS,
+        ("interactivity",),
+        r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity|Impacting\s+Interactivity",
+        "Metal command buffer killed by the GPU watchdog "
+        "(kIOGPUCommandBufferCallbackErrorImpactingInteractivity): one GPU job ran so long that "
+        "it stalled the display; the process failed, the Mac did not panic",
+        "It happened 4 of 4 times with the display on and 0 of 4 with it off "
+        "(ml-explore/mlx#3267): run long jobs with the display asleep or headless, or split the "
+        "work into shorter GPU jobs (smaller prefill chunks: recommend_chunk_size). Retrying the "
+        "same work as it is will likely fail again; the circuit breaker does not count it.",
+    ),
+    (
+        "gpu_timeout",
+        _PROCESS,
+        ("timeout",),
+        r"kIOGPUCommandBufferCallbackErrorTimeout\b|Caused\s+GPU\s+Timeout",
+        "Metal command buffer timed out on the GPU (kIOGPUCommandBufferCallbackErrorTimeout): "
+        "the process failed, the Mac did not panic",
+        "Split the work into shorter GPU jobs (smaller prefill chunks or batches) and leave the "
+        "GPU to one process at a time; restart the process if later GPU work is refused "
+        "(submissions_ignored). The circuit breaker does not count it.",
+    ),
+    (
         "resource_limit",
         _PROCESS,
         ("exceeded",),
@@ -2025,6 +2192,18 @@ _PANIC_SIGNATURES: tuple[_SignatureEntry, ...] = (
         "failed, the Mac did not panic",
         "Too many arrays are alive at once (an unbounded cache or lists of arrays): release "
         "them, call mx.clear_cache() between requests or restart the worker periodically.",
+    ),
+    (
+        "submissions_ignored",
+        _PROCESS,
+        ("submissionsignored", "prior/excessive"),
+        r"kIOGPUCommandBufferCallbackErrorSubmissionsIgnored|SubmissionsIgnored"
+        r"|Ignored\s+\(for\s+causing\s+prior/excessive\s+GPU\s+errors\)",
+        "Metal refused this process's GPU work (kIOGPUCommandBufferCallbackErrorSubmissionsIgnored) "
+        "after earlier GPU errors: the process's GPU context is degraded; the Mac did not panic",
+        "Restart the process: its GPU context does not recover. Look for the first GPU error "
+        "before this one (timeout, watchdog, out of memory) and fix that; the circuit breaker "
+        "does not count it.",
     ),
 )
 _PANIC_SIGNATURE_KINDS: dict[str, str] = {entry[0]: entry[1] for entry in _PANIC_SIGNATURES}
@@ -2108,10 +2287,12 @@ def detect_panic_signature(text: object) -> tuple[str | None, str | None]:
 
     Kernel-panic signatures (``prepare_count_underflow``, ``pending_memory_set``,
     ``remove_memory_object``, ``pending_in_non_pending_hash``,
-    ``ctxstore_timeout``, ``gpu_watchdog``) are tried before process-level ones
-    (``metal_oom``, ``resource_limit``). The explanation names the
-    ``File.cpp:LINE`` the text reports and says what to do. Anything that is
-    not a ``str``, or matches nothing, gives ``(None, None)``; never raises.
+    ``ctxstore_timeout``, ``gpu_watchdog``, ``cpt_mapcnt_overflow``) are tried
+    before process-level ones (``metal_oom``, ``impacting_interactivity``,
+    ``gpu_timeout``, ``resource_limit``, ``submissions_ignored``). The
+    explanation names the ``File.cpp:LINE`` the text reports and says what to
+    do. Anything that is not a ``str``, or matches nothing, gives
+    ``(None, None)``; never raises.
     """
     if not isinstance(text, str) or not text:
         return None, None
@@ -2573,6 +2754,832 @@ def _hardware_tier(memory_gib: float) -> str:
     if memory_gib <= 16:
         return "low"
     return "mid" if memory_gib <= 64 else "high"
+
+
+# =============================================================================
+# 3.6 Version advisories — MLX, mlx-lm and mlx-vlm releases with known panic- or
+# crash-class bugs, and the small PEP 440 matcher that decides which apply.
+#
+# Installed versions come from package metadata (``importlib.metadata``), never
+# from importing the packages: ``import mlx.core`` initialises Metal. Matching
+# is our own subset of PEP 440 (``==``, ``!=``, ``<``, ``<=``, ``>``, ``>=``,
+# ``~=``, ``==X.Y.*``, comma-joined; epochs, pre-, post-, dev- and local
+# versions ordered as PEP 440), so ``packaging`` is never imported. A pre- or
+# dev-release inside an affected range counts as affected, exactly as
+# ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
+# ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
+#
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version
+# Uses: Prelude, Model identity
+# =============================================================================
+
+_SEVERITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "medium": 2, "info": 3}
+_UNVERIFIED_SYMPTOM = (
+    "A {severity}-severity defect reported against {package} {affected}{where}. "
+    "The upstream issue describes the trigger and the fix."
+)
+_UNVERIFIED_MITIGATION = (
+    "Use a {package} release outside {affected} (read the upstream issue for the first fixed "
+    "release){scope_advice}."
+)
+
+
+def _advisory(
+    package: str,
+    spec: str,
+    issue: str,
+    severity: str,
+    title: str,
+    symptom: str | None = None,
+    mitigation: str | None = None,
+    scope: str | None = None,
+) -> tuple[str, str, dict[str, str]]:
+    """One ``(package, spec, advisory)`` entry; ``issue`` is ``repo#number`` under ml-explore."""
+    repo, number = issue.split("#")
+    affected = spec.replace(",", ", ")
+    where = f" (when running {scope})" if scope else ""
+    entry = {
+        "issue": issue,
+        "severity": severity,
+        "title": title,
+        "url": f"https://github.com/ml-explore/{repo}/issues/{number}",
+        "symptom": symptom
+        or _UNVERIFIED_SYMPTOM.format(
+            severity=severity, package=package, affected=affected, where=where
+        ),
+        "mitigation": mitigation
+        or _UNVERIFIED_MITIGATION.format(
+            package=package,
+            affected=affected,
+            scope_advice=f", or avoid {scope} on an affected release" if scope else "",
+        ),
+    }
+    if scope:
+        entry["scope"] = scope
+    return package, spec, entry
+
+
+# (package, PEP 440 spec, advisory). Entries without a symptom of their own carry
+# the upstream issue, range and severity; their text says only what is known.
+_VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
+    _advisory(
+        "mlx-lm",
+        "==0.31.2",
+        "mlx-lm#1128",
+        "high",
+        "TokenizerWrapper.think_start_id raises TypeError for tokenizers without thinking tokens",
+        "In mlx-lm 0.31.2 the property calls len() on the think-start token list even when the "
+        "tokenizer has none (the list is None), so code that reads it to test for thinking "
+        "support fails with TypeError instead of getting None.",
+        "Call install_upstream_defensive_patches() at start-up (it patches the property in "
+        "place on 0.31.2), or use another mlx-lm release (0.32 returns None).",
+    ),
+    _advisory("mlx-lm", "==0.31.2", "mlx-lm#1139", "high", "mlx-lm 0.31.2: high-severity defect"),
+    _advisory(
+        "mlx-lm", "==0.31.2", "mlx-lm#1081", "medium", "mlx-lm 0.31.2: medium-severity defect"
+    ),
+    _advisory(
+        "mlx",
+        "<0.31.2",
+        "mlx#3348",
+        "info",
+        "MLX before 0.31.2: upstream issue worth knowing about",
+        "Reported against MLX releases before 0.31.2 (informational); it is one of the upstream "
+        "issues related to the IOGPU kernel panic that format_panic_for_apple_feedback lists.",
+        "Nothing to do urgently; upgrading MLX picks up the upstream change.",
+    ),
+    _advisory(
+        "mlx-vlm", "<0.4.5", "mlx-vlm#967", "critical", "mlx-vlm before 0.4.5: critical defect"
+    ),
+    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"),
+    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"),
+    _advisory(
+        "mlx-vlm",
+        "==0.4.4",
+        "mlx-vlm#943",
+        "critical",
+        "mlx-vlm 0.4.4 with gemma-4-26b-a4b-it-4bit: critical defect",
+        scope="gemma-4-26b-a4b-it-4bit through mlx-vlm",
+    ),
+    _advisory("mlx", "<=0.31.1", "mlx#3384", "critical", "MLX 0.31.1 and earlier: critical defect"),
+    _advisory(
+        "mlx-lm",
+        ">=0.31.0,<=0.31.2",
+        "mlx-lm#897",
+        "high",
+        "mlx_lm.server 0.31.0-0.31.2: high-severity defect",
+        scope="mlx_lm.server",
+    ),
+    _advisory(
+        "mlx-vlm",
+        "==0.4.4",
+        "mlx-vlm#999",
+        "high",
+        "mlx_vlm.server 0.4.4: high-severity defect",
+        scope="mlx_vlm.server",
+    ),
+    _advisory(
+        "mlx", "<=0.31.2", "mlx#3350", "high", "MLX 0.31.2 and earlier: high-severity defect"
+    ),
+    _advisory(
+        "mlx", "<=0.31.2", "mlx#3390", "high", "MLX 0.31.2 and earlier: high-severity defect"
+    ),
+    _advisory(
+        "mlx",
+        "==0.31.2",
+        "mlx#3450",
+        "critical",
+        "MLX 0.31.2: mx.clear_cache() can crash the process with SIGSEGV (regression)",
+        "On MLX 0.31.2 mx.clear_cache() can crash the process with a segmentation fault. "
+        "metal-guard's flushes call mx.clear_cache(), so on this release they can trigger it too.",
+        "Use another MLX release (0.31.1, or a later release with the fix).",
+    ),
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    # epoch, release, pre (rank, number), post, dev, local
+    _Version = tuple[
+        int, tuple[int, ...], tuple[int, int] | None, int | None, int | None, tuple[Any, ...] | None
+    ]
+    _Clause = tuple[str, _Version, bool]
+
+_PRE_RANK = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "c": 2, "rc": 2, "pre": 2, "preview": 2}
+# PEP 440 "public version" with the normalisations it allows (case, separators,
+# implicit numbers, "-N" post-releases, a leading "v"), plus a local label.
+_VERSION_PATTERN = (
+    r"(?i)\s*v?(?:([0-9]+)!)?([0-9]+(?:\.[0-9]+)*)"
+    r"(?:[-_.]?(alpha|a|beta|b|preview|pre|c|rc)[-_.]?([0-9]+)?)?"
+    r"(?:-([0-9]+)|[-_.]?(post|rev|r)[-_.]?([0-9]+)?)?"
+    r"(?:[-_.]?(dev)[-_.]?([0-9]+)?)?"
+    r"(?:\+([a-z0-9]+(?:[-_.][a-z0-9]+)*))?\s*"
+)
+_SPEC_CACHE_MAX = 256
+_spec_cache: dict[str, tuple[_Clause, ...]] = {}
+_on_reset(_spec_cache.clear)
+
+
+def _parse_version(text: str) -> _Version:
+    """A PEP 440 version as ``(epoch, release, pre, post, dev, local)``; ``ValueError`` if invalid."""
+    found = _regex("pep440", _VERSION_PATTERN).fullmatch(text)
+    if found is None:
+        raise ValueError(f"not a PEP 440 version: {text!r}")
+    g = found.groups()
+    pre = None if g[2] is None else (_PRE_RANK[g[2].lower()], int(g[3] or 0))
+    post = int(g[4]) if g[4] is not None else int(g[6] or 0) if g[5] is not None else None
+    dev = int(g[8] or 0) if g[7] is not None else None
+    local = None
+    if g[9] is not None:
+        parts = _regex("pep440-local", r"[-_.]").split(g[9].lower())
+        local = tuple(int(p) if p.isdigit() else p for p in parts)
+    release = tuple(int(p) for p in g[1].split("."))
+    return int(g[0] or 0), release, pre, post, dev, local
+
+
+def _version_key(v: _Version) -> tuple[Any, ...]:
+    """PEP 440 ordering: trailing zeros ignored, dev < pre < final < post, local last."""
+    epoch, release, pre, post, dev, local = v
+    end = len(release)
+    while end and release[end - 1] == 0:
+        end -= 1
+    pre_key = ((-1, 0) if post is None and dev is not None else (3, 0)) if pre is None else pre
+    local_key: tuple[Any, ...] = (0,)
+    if local is not None:  # numbers sort after words, words alphabetically
+        local_key = (1, *((1, p, "") if isinstance(p, int) else (0, 0, p) for p in local))
+    return (
+        epoch,
+        release[:end],
+        pre_key,
+        -1 if post is None else post,
+        (1, 0) if dev is None else (0, dev),
+        local_key,
+    )
+
+
+def _public(v: _Version) -> _Version:
+    return v[0], v[1], v[2], v[3], v[4], None
+
+
+def _base_key(v: _Version) -> tuple[Any, ...]:
+    return _version_key((v[0], v[1], None, None, None, None))
+
+
+def _release_prefix_matches(candidate: _Version, prefix: tuple[int, ...], epoch: int) -> bool:
+    """``==<epoch>!<prefix>.*``: the candidate's release, zero-padded, starts with ``prefix``."""
+    release = candidate[1] + (0,) * max(0, len(prefix) - len(candidate[1]))
+    return candidate[0] == epoch and release[: len(prefix)] == prefix
+
+
+def _parse_spec(spec: str) -> tuple[_Clause, ...]:
+    """Comma-joined clauses as ``(operator, version, wildcard)``; ``ValueError`` if invalid."""
+    cached = _spec_cache.get(spec)
+    if cached is not None:
+        return cached
+    clauses: list[_Clause] = []
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        found = _regex("pep440-spec", r"\s*(~=|===|==|!=|<=|>=|<|>)\s*(\S+?)\s*").fullmatch(item)
+        if found is None:
+            raise ValueError(f"not a version specifier: {item.strip()!r} (in {spec!r})")
+        op, text = found.groups()
+        if op == "===":
+            raise ValueError(f"arbitrary equality (===) is not supported: {spec!r}")
+        wildcard = text.endswith(".*")
+        version = _parse_version(text[:-2] if wildcard else text)
+        if wildcard and (op not in ("==", "!=") or version[2:] != (None, None, None, None)):
+            raise ValueError(f"a .* prefix needs == or != and a plain release: {item.strip()!r}")
+        if version[5] is not None and (op not in ("==", "!=") or wildcard):
+            raise ValueError(f"a local version (+...) is only allowed with == and !=: {item!r}")
+        if op == "~=" and len(version[1]) < 2:
+            raise ValueError(f"~= needs at least two release numbers: {item.strip()!r}")
+        clauses.append((op, version, wildcard))
+    result = tuple(clauses)
+    if len(_spec_cache) >= _SPEC_CACHE_MAX:
+        _spec_cache.clear()
+    _spec_cache[spec] = result
+    return result
+
+
+def _clause_matches(op: str, spec: _Version, wildcard: bool, candidate: _Version) -> bool:
+    if op in ("==", "!="):
+        if wildcard:
+            equal = _release_prefix_matches(candidate, spec[1], spec[0])
+        else:  # a spec without a local label ignores the candidate's
+            compared = candidate if spec[5] is not None else _public(candidate)
+            equal = _version_key(compared) == _version_key(spec)
+        return equal if op == "==" else not equal
+    public, wanted = _version_key(_public(candidate)), _version_key(spec)
+    if op == "<=":
+        return public <= wanted
+    if op == ">=":
+        return public >= wanted
+    if op == "~=":
+        return public >= wanted and _release_prefix_matches(candidate, spec[1][:-1], spec[0])
+    key = _version_key(candidate)
+    epoch, release, pre, post, dev, _ = spec
+    if op == "<":  # <V admits no pre-release of V itself unless V is one: below V.dev0
+        bound = (
+            spec if pre is not None or dev is not None else (epoch, release, None, post, 0, None)
+        )
+        return key < _version_key(bound)
+    # >V admits none of V's own later versions: V+local, and the post-releases of a
+    # final or pre-release V (those share V's epoch, release and pre segment).
+    if dev is not None:
+        return key >= _version_key((epoch, release, pre, post, dev + 1, None))
+    if post is not None:
+        return key >= _version_key((epoch, release, pre, post + 1, 0, None))
+    same_family = _base_key(candidate) == _base_key(spec) and candidate[2] == pre
+    return key > wanted and not same_family
+
+
+def _spec_matches(spec: str, version: str) -> bool:
+    """True when ``version`` satisfies every clause of ``spec`` (pre-releases included).
+
+    ``ValueError`` when either does not parse. An empty spec matches everything.
+    """
+    clauses = _parse_spec(spec)
+    candidate = _parse_version(version)
+    return all(_clause_matches(op, v, wildcard, candidate) for op, v, wildcard in clauses)
+
+
+def _dist_key(name: str) -> str:
+    """A distribution name normalised as PEP 503 does (``MLX_LM`` → ``mlx-lm``)."""
+    key: str = _regex("dist-name", r"[-_.]+").sub("-", name)
+    return key.lower()
+
+
+def _installed_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` from its metadata, else ``None``."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(name)
+    except Exception as exc:  # not installed, or broken metadata
+        _log().debug("metal_guard: no version for %s: %r", name, exc)
+        return None
+    return version if isinstance(version, str) and version.strip() else None
+
+
+def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Advisories that apply to the installed (or given) MLX, mlx-lm and mlx-vlm versions.
+
+    ``packages`` maps distribution names to versions and replaces the
+    installed ones (a package it leaves out is skipped); otherwise versions
+    come from package metadata, and packages that are not installed are
+    skipped. Each result is a copy of the advisory (``issue``, ``severity``
+    — ``critical``/``high``/``medium``/``info`` —, ``title``, ``url``,
+    ``symptom``, ``mitigation``, optional ``scope``) plus ``package``,
+    ``installed_version`` and ``affected_spec``, in table order. A version
+    that is not PEP 440 is skipped (DEBUG). Never imports MLX.
+    """
+    given: dict[str, str] | None = None
+    if packages is not None:
+        if not hasattr(packages, "items"):
+            raise TypeError(
+                f"packages must be a dict of name → version, not {type(packages).__name__}"
+            )
+        given = {_dist_key(str(k)): str(v) for k, v in packages.items()}
+    versions: dict[str, str | None] = {}
+    found: list[dict[str, Any]] = []
+    for package, spec, advisory in _VERSION_ADVISORIES:
+        if package not in versions:
+            versions[package] = (
+                given.get(_dist_key(package)) if given is not None else _installed_version(package)
+            )
+        installed = versions[package]
+        if installed is None:
+            continue
+        try:
+            matches = _spec_matches(spec, installed)
+        except ValueError as exc:
+            _log().debug("metal_guard: cannot compare %s %r: %s", package, installed, exc)
+            continue
+        if matches:
+            found.append(
+                {
+                    **advisory,
+                    "package": package,
+                    "installed_version": installed,
+                    "affected_spec": spec,
+                }
+            )
+    return found
+
+
+# =============================================================================
+# 3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
+#
+# The formulas are the original metal-guard's (they are the contract): the
+# larger of the attention-score matrix (heads × ctx² × dtype) and the whole
+# KV cache (2 × layers × kv_heads × ctx × head_dim × dtype), in decimal GB.
+# They over-estimate the score term (fused attention never materialises it)
+# and ignore weights, activations and sliding-window layers; they are a
+# planning aid. Nothing in the library refuses work on them by itself.
+#
+# Provides: KNOWN_MODELS, ModelDims, describe_prefill_plan, estimate_prefill_peak_alloc_gb,
+#   lookup_dims, recommend_chunk_size, require_prefill_fit
+# Uses: Prelude, Files, MLX access, Model identity
+# =============================================================================
+
+
+@_dataclass(frozen=True)
+class ModelDims:
+    """The dimensions the prefill and KV estimates need (``dtype_bytes``: 2 for fp16/bf16)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+
+# name → (n_layers, n_heads, n_kv_heads, head_dim); all fp16/bf16 KV caches.
+_KNOWN_MODEL_DIMS: tuple[tuple[str, int, int, int, int], ...] = (
+    ("gemma-4-26b-a4b-it-4bit", 62, 16, 16, 256),
+    ("gemma-4-e2b-it-4bit", 30, 8, 4, 256),
+    ("gemma-4-e4b-it-4bit", 34, 16, 8, 256),
+    ("gemma-4-31b-it-8bit", 48, 32, 16, 256),
+    ("Mistral-Small-3.2-24B", 56, 32, 8, 128),
+    ("pixtral-12b-4bit", 40, 32, 8, 128),
+    ("Hermes-3-Llama-3.1-8B-4bit", 32, 32, 8, 128),
+    ("LFM2-VL-3B-4bit", 24, 16, 16, 128),
+)
+_PREFILL_CEILING_GB = 5.0  # describe_prefill_plan's single-allocation ceiling
+_PREFILL_HEADROOM_FRACTION = 0.70  # describe_prefill_plan: peak must fit in 70 % of available
+_QUANT_SUFFIX = (
+    r"(?i)(?:[-_](?:\d+-?bits?|bf16|fp16|f16|fp32|f32|fp8|mxfp[48]|nvfp4|q[2-8](?:_k)?|dwq|awq"
+    r"|gptq|mlx))+\Z"
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    KNOWN_MODELS: dict[str, ModelDims]
+
+
+def _known_models() -> dict[str, ModelDims]:
+    """``KNOWN_MODELS``, built on first use (a dataclass instance at import would cost ms)."""
+    table: dict[str, ModelDims] | None = globals().get("KNOWN_MODELS")
+    if table is None:
+        built = {name: ModelDims(*dims) for name, *dims in _KNOWN_MODEL_DIMS}
+        table = globals().setdefault("KNOWN_MODELS", built)
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    """Module attributes built on first access (PEP 562): ``KNOWN_MODELS``."""
+    if name == "KNOWN_MODELS":
+        return _known_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _read_model_config(folder: str) -> dict[str, Any] | None:
+    """``folder/config.json`` as a dict, or ``None`` (missing, too big, not JSON, not an object)."""
+    import json
+
+    try:
+        raw = _read_bounded(
+            os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1, follow_symlinks=True
+        )
+        if len(raw) > _CONFIG_MAX_BYTES:
+            return None
+        config = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _positive_int(config: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _dims_from_config(config: dict[str, Any]) -> ModelDims | None:
+    """Dims from a Hugging Face ``config.json`` (the text model's, for VLMs); ``None`` if absent."""
+    text = config.get("text_config")
+    layers_keys = ("num_hidden_layers", "n_layer", "num_layers")
+    if isinstance(text, dict) and _positive_int(config, *layers_keys) is None:
+        config = text
+    layers = _positive_int(config, *layers_keys)
+    heads = _positive_int(config, "num_attention_heads", "n_head")
+    if layers is None or heads is None:
+        return None
+    kv_heads = _positive_int(config, "num_key_value_heads", "num_kv_heads") or heads
+    head_dim = _positive_int(config, "head_dim")
+    if head_dim is None:
+        hidden = _positive_int(config, "hidden_size", "n_embd")
+        head_dim = hidden // heads if hidden is not None and hidden >= heads else None
+    if head_dim is None:
+        return None
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "").lower()
+    return ModelDims(layers, heads, kv_heads, head_dim, 4 if dtype in ("float32", "fp32") else 2)
+
+
+def _dims_base(name: str) -> str:
+    """A model name without its quantisation suffix, lower case (``X-4bit`` → ``x``)."""
+    base: str = _regex("quant-suffix", _QUANT_SUFFIX).sub("", name)
+    return base.lower()
+
+
+def lookup_dims(model_id: StrPath) -> ModelDims | None:
+    """The dims of a model: its local ``config.json``, else the ``KNOWN_MODELS`` table.
+
+    For a local folder (or Hugging Face cache folder) with a ``config.json``,
+    the dims come from it. Otherwise, as the original: an exact match of the
+    name after the last ``/``, then the first table key contained in the id;
+    then, beyond the original, the same name ignoring case and quantisation
+    suffixes (``gemma-4-31b-it-4bit`` has the dims of ``gemma-4-31b-it-8bit``).
+    Junk input gives ``None``; never raises.
+    """
+    canonical = _lenient_model_id(model_id)
+    if canonical is None:
+        return None
+    raw = _str_path("model_id", model_id).strip()
+    try:
+        if os.path.isdir(raw):
+            config = _read_model_config(raw)
+            dims = _dims_from_config(config) if config is not None else None
+            if dims is not None:
+                return dims
+    except (OSError, ValueError):
+        pass
+    table = _known_models()
+    name = _model_name(canonical)
+    if name in table:
+        return table[name]
+    for key, dims in table.items():
+        if key in canonical:
+            return dims
+    base = _dims_base(name)
+    lowered = canonical.lower()
+    for key, dims in table.items():
+        if _dims_base(key) == base:
+            return dims
+    for key, dims in table.items():
+        if _dims_base(key) in lowered:
+            return dims
+    return None
+
+
+def _context_arg(value: object) -> int:
+    tokens = _int_arg("context_tokens", value)
+    if tokens < 0:
+        raise ValueError(f"context_tokens must be >= 0, got {tokens}")
+    return tokens
+
+
+def _dims_arg(value: object) -> ModelDims:
+    if not isinstance(value, ModelDims):
+        raise TypeError(f"dims must be a ModelDims, not {type(value).__name__}")
+    return value
+
+
+def _prefill_peak_gb(context_tokens: int, dims: ModelDims) -> float:
+    scores = dims.n_heads * context_tokens * context_tokens * dims.dtype_bytes
+    kv_cache = (
+        2 * dims.n_layers * dims.n_kv_heads * context_tokens * dims.head_dim * dims.dtype_bytes
+    )
+    return max(scores, kv_cache) / 1e9
+
+
+def estimate_prefill_peak_alloc_gb(*, context_tokens: int, dims: ModelDims) -> float:
+    """Estimated largest single allocation of a prefill of ``context_tokens`` tokens (GB, 1e9)."""
+    return _prefill_peak_gb(_context_arg(context_tokens), _dims_arg(dims))
+
+
+def require_prefill_fit(
+    *,
+    context_tokens: int,
+    dims: ModelDims,
+    available_gb: float,
+    single_alloc_ceiling_gb: float = 5.0,
+    headroom_pct: float = 0.30,
+) -> None:
+    """Raise ``MetalOOMError`` when the estimated prefill peak is too big to attempt.
+
+    Too big: above ``single_alloc_ceiling_gb``, or above ``available_gb``
+    minus ``headroom_pct`` of it. The message says by how much and the chunk
+    size that would fit.
+    """
+    tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
+    available = _gb_arg("available_gb", available_gb)
+    ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
+    headroom = _real_arg("headroom_pct", headroom_pct)
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom_pct must be in [0, 1), got {headroom_pct!r}")
+    peak = _prefill_peak_gb(tokens, shape)
+    if peak > ceiling:
+        chunk = recommend_chunk_size(
+            context_tokens=tokens, dims=shape, single_alloc_ceiling_gb=ceiling
+        )
+        raise MetalOOMError(
+            f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB in one allocation, "
+            f"above the {ceiling:g} GB single-allocation ceiling; prefill in chunks of at most "
+            f"{chunk} tokens"
+        )
+    usable = available * (1.0 - headroom)
+    if peak > usable:
+        raise MetalOOMError(
+            f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB but only {usable:.2f} GB "
+            f"of the {available:.2f} GB available may be used ({headroom:.0%} kept as headroom)"
+        )
+    _log().debug("metal_guard: prefill of %d tokens fits (%.3f GB estimated)", tokens, peak)
+
+
+def recommend_chunk_size(
+    *,
+    context_tokens: int,
+    dims: ModelDims,
+    single_alloc_ceiling_gb: float = 4.0,
+    min_chunk: int = 512,
+) -> int:
+    """The largest prefill chunk (tokens) whose estimate stays under the ceiling.
+
+    The whole context when it fits; otherwise a bisection between
+    ``min_chunk`` and the context length, to within ``min_chunk`` tokens. The
+    result never exceeds the context and is ``min_chunk`` (or the context,
+    if shorter) when even that does not fit.
+    """
+    tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
+    ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
+    smallest = _int_arg("min_chunk", min_chunk)
+    if smallest < 1:
+        raise ValueError(f"min_chunk must be >= 1, got {smallest}")
+    if _prefill_peak_gb(tokens, shape) <= ceiling:
+        return tokens
+    low, high = smallest, tokens
+    while high - low > smallest:
+        middle = (low + high) // 2
+        if _prefill_peak_gb(middle, shape) <= ceiling:
+            low = middle
+        else:
+            high = middle
+    return min(low, tokens)
+
+
+def describe_prefill_plan(
+    *,
+    context_tokens: int,
+    model_id: str | None = None,
+    dims: ModelDims | None = None,
+    available_gb: float | None = None,
+) -> dict[str, Any]:
+    """A prefill plan as a dict; never raises (bad input is named in ``advisory``).
+
+    Keys: ``model_id``, ``context_tokens``, ``dims_known``, ``peak_alloc_gb``
+    (3 decimals), ``fits_ceiling`` (5 GB), ``fits_headroom`` (peak ≤ 70 % of
+    ``available_gb``; ``None`` without it), ``recommended_chunk_size`` (only
+    over the ceiling, for a 4 GB ceiling) and ``advisory`` (text or ``None``).
+    ``dims`` wins over ``model_id``, which is looked up with ``lookup_dims``.
+    """
+    plan: dict[str, Any] = {
+        "model_id": model_id if model_id is None or isinstance(model_id, str) else None,
+        "context_tokens": None,
+        "dims_known": False,
+        "peak_alloc_gb": None,
+        "fits_ceiling": None,
+        "fits_headroom": None,
+        "recommended_chunk_size": None,
+        "advisory": None,
+    }
+    try:
+        if plan["model_id"] is None and model_id is not None:
+            plan["model_id"] = _label(model_id)
+        tokens = _context_arg(context_tokens)
+        plan["context_tokens"] = tokens
+        if dims is not None:
+            shape: ModelDims | None = _dims_arg(dims)
+        else:
+            shape = lookup_dims(model_id) if model_id is not None else None
+        if shape is None:
+            plan["advisory"] = (
+                f"Unknown dimensions for model {plan['model_id']!r}: pass dims=ModelDims(...), "
+                "a local model folder with a config.json, or add it to KNOWN_MODELS."
+            )
+            return plan
+        available = None if available_gb is None else _gb_arg("available_gb", available_gb)
+        peak = _prefill_peak_gb(tokens, shape)
+        fits = peak <= _PREFILL_CEILING_GB
+        plan.update(dims_known=True, peak_alloc_gb=round(peak, 3), fits_ceiling=fits)
+        if available is not None:
+            plan["fits_headroom"] = peak <= _PREFILL_HEADROOM_FRACTION * available
+        if not fits:
+            chunk = recommend_chunk_size(context_tokens=tokens, dims=shape)
+            plan["recommended_chunk_size"] = chunk
+            plan["advisory"] = (
+                f"The estimated peak of {peak:.2f} GB is above the {_PREFILL_CEILING_GB:g} GB "
+                f"single-allocation ceiling: prefill in chunks of {chunk} tokens."
+            )
+        elif plan["fits_headroom"] is False:
+            plan["advisory"] = (
+                f"The estimated peak of {peak:.2f} GB is more than "
+                f"{_PREFILL_HEADROOM_FRACTION:.0%} of the {available:g} GB available: free "
+                "memory first or use a shorter context."
+            )
+    except Exception as exc:  # bad input or a broken object: say so, never raise
+        try:
+            detail = _label(exc)
+        except Exception:
+            detail = "(unprintable)"
+        plan["advisory"] = f"Cannot plan this prefill: {type(exc).__name__}: {detail}"
+    return plan
+
+
+# =============================================================================
+# 3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
+#
+# Pure text formatting, no I/O: the caller collects the facts (a record from
+# ``parse_panic_reports``, ``read_breadcrumbs``, ``check_version_advisories``,
+# the guards it enabled) and gets Markdown to paste. The "what was active"
+# section states only what the ``guards`` entry says.
+#
+# Provides: format_panic_for_apple_feedback
+# Uses: Prelude, Breadcrumbs, Model identity
+# =============================================================================
+
+_FEEDBACK_RELATED_ISSUES = (
+    ("ml-explore/mlx#3186", "IOGPU kernel panics with MLX (prepare count underflow)"),
+    ("ml-explore/mlx#3348", "related MLX issue"),
+    ("ml-explore/mlx#3346", "IOGPU panics on M3 Ultra (IOGPUMemory.cpp:550, fPendingMemorySet)"),
+    ("ml-explore/mlx-lm#1047", "related mlx-lm issue"),
+)
+
+
+def _one_line(value: object, default: str = "unknown") -> str:
+    """``value`` as one line of text (``default`` when missing or empty)."""
+    if value is None or value == "" or value == [] or value == {}:
+        return default
+    return " ".join(_label(value).split()) or default
+
+
+def _md_code(text: str) -> str:
+    """``text`` as an inline code span that its own backticks cannot close."""
+    longest = max((len(run) for run in _regex("backticks", r"`+").findall(text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _feedback_time(value: object) -> str:
+    """A panic time: epoch seconds become local ISO time; text is kept as given."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(float(value)):
+        import datetime
+
+        try:
+            moment = datetime.datetime.fromtimestamp(float(value)).astimezone()
+            return moment.isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            pass
+    return _one_line(value)
+
+
+def _guard_lines(guards: object) -> list[str]:
+    """What the ``guards`` entry says, one bullet per guard, nothing added."""
+    if guards is None:
+        return [
+            "The forensics do not say which metal-guard defences were active (no `guards` "
+            "entry), so this report makes no claim about them."
+        ]
+    if isinstance(guards, dict):
+        items = list(guards.items())
+        if not items:
+            return ["The forensics list no active metal-guard defences (empty `guards`)."]
+        lines = []
+        for name, state in items:
+            if state is True:
+                text = "active"
+            elif state is False or state is None:
+                text = "not active"
+            else:
+                text = _one_line(state)
+            lines.append(f"- {_one_line(name)}: {text}")
+        return ["Defences as recorded in the forensics:", *lines]
+    if isinstance(guards, (list, tuple, set, frozenset)):
+        names = (
+            sorted(_one_line(g) for g in guards)
+            if isinstance(guards, (set, frozenset))
+            else [_one_line(g) for g in guards]
+        )
+        if not names:
+            return ["The forensics list no active metal-guard defences (empty `guards`)."]
+        return ["Defences recorded as active in the forensics:", *(f"- {n}" for n in names)]
+    return [f"Defences as recorded in the forensics: {_one_line(guards)}"]
+
+
+def format_panic_for_apple_feedback(
+    forensics: dict[str, Any],
+    *,
+    include_breadcrumb: bool = True,
+    max_breadcrumb_lines: int = 60,
+) -> str:
+    """A Feedback Assistant report (Markdown) for one kernel panic; pure, no I/O.
+
+    Optional ``forensics`` keys: ``panic_string``, ``panic_time`` (text or
+    epoch seconds), ``hardware`` (``chip``, ``gpu_memory_gb``), ``gpu_driver``,
+    ``os_version``, ``kernel_version``, ``mlx_versions`` (name → version),
+    ``repro_steps`` (list), ``breadcrumbs`` (list of lines), ``advisories``
+    (from ``check_version_advisories``) and ``guards`` (a dict name → state
+    or a list of active names). Missing facts read ``unknown`` / ``?``. The
+    "What MetalGuard observed" section reports ``guards`` and nothing else.
+    """
+    if not isinstance(forensics, dict):
+        raise TypeError(f"forensics must be a dict, not {type(forensics).__name__}")
+    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines)
+    if keep < 0:
+        raise ValueError(f"max_breadcrumb_lines must be >= 0, got {keep}")
+    hardware = forensics.get("hardware")
+    hardware = hardware if isinstance(hardware, dict) else {}
+    memory = hardware.get("gpu_memory_gb")
+    lines = [
+        f"**Panic string:** {_md_code(_one_line(forensics.get('panic_string')))}",
+        f"**Panic time:** {_feedback_time(forensics.get('panic_time'))}",
+        "",
+        "## System",
+        "",
+        f"- Hardware: {_one_line(hardware.get('chip'))} ({_one_line(memory, '?')} GB GPU memory)",
+        f"- macOS: {_one_line(forensics.get('os_version'))}",
+        f"- Kernel: {_one_line(forensics.get('kernel_version'))}",
+        f"- IOGPUFamily kext: {_one_line(forensics.get('gpu_driver'))}",
+    ]
+    versions = forensics.get("mlx_versions")
+    if isinstance(versions, dict) and versions:
+        stack = ", ".join(
+            f"{_one_line(k)} {_one_line(v, '?')}" for k, v in sorted(versions.items(), key=str)
+        )
+    else:
+        stack = "unknown"
+    lines += [f"- MLX stack: {stack}", "", "## Reproducer", ""]
+    steps = forensics.get("repro_steps")
+    if isinstance(steps, (list, tuple)) and steps:
+        lines += [f"{i}. {_one_line(step)}" for i, step in enumerate(steps, 1)]
+    else:
+        lines.append("_Steps to reproduce: describe the workload that was running._")
+    advisories = forensics.get("advisories")
+    if isinstance(advisories, (list, tuple)) and advisories:
+        lines += ["", "## Active advisories at panic time", ""]
+        for advisory in advisories:
+            entry = advisory if isinstance(advisory, dict) else {}
+            lines.append(
+                f"- [{_one_line(entry.get('severity'), '?')}] "
+                f"{_one_line(entry.get('package'), '?')} "
+                f"{_one_line(entry.get('installed_version'), '?')} — "
+                f"{_one_line(entry.get('title'), _one_line(advisory))} "
+                f"({_one_line(entry.get('url'), 'no link')})"
+            )
+    crumbs = forensics.get("breadcrumbs")
+    if include_breadcrumb and keep and isinstance(crumbs, (list, tuple)) and crumbs:
+        tail = [_escape_line(_label(line)) for line in crumbs[-keep:]]
+        runs = _regex("backticks", r"`+").findall("\n".join(tail))
+        fence = "`" * max(3, 1 + max((len(run) for run in runs), default=0))
+        lines += ["", f"## Breadcrumb tail (last {len(tail)} lines)", "", fence, *tail, fence]
+    lines += ["", "## What MetalGuard observed", "", *_guard_lines(forensics.get("guards"))]
+    lines += ["", "## Related upstream issues", ""]
+    lines += [
+        f"- https://github.com/{repo.replace('#', '/issues/')} — {what}"
+        for repo, what in _FEEDBACK_RELATED_ISSUES
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # =============================================================================
@@ -3740,6 +4747,158 @@ class CircuitBreaker:
 
 
 # =============================================================================
+# 4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
+#
+# The caller reports the bytes each decoding step added; crossing the
+# request's ceiling aborts the request with ``MetalOOMError`` before the KV
+# cache grows into a Metal allocation failure. Records idle for an hour are
+# dropped, so requests that never call ``finalize`` cannot pile up. The
+# shared ``kv_tracker`` costs one dict and one lock at import.
+#
+# Provides: KVGrowthTracker, kv_tracker
+# Uses: Prelude, Breadcrumbs, MLX access
+# =============================================================================
+
+_KV_IDLE_EXPIRY_SEC = 3600.0
+
+
+class _KVRecord:
+    __slots__ = ("aborted", "ceiling_bytes", "cumulative_bytes", "step_count", "touched")
+
+    def __init__(self, ceiling_bytes: int, now: float) -> None:
+        self.ceiling_bytes = ceiling_bytes
+        self.cumulative_bytes = 0
+        self.step_count = 0
+        self.aborted = False
+        self.touched = now
+
+    def as_dict(self, request_id: str) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "cumulative_gb": round(self.cumulative_bytes / 1e9, 3),
+            "ceiling_gb": round(self.ceiling_bytes / 1e9, 3),
+            "step_count": self.step_count,
+            "aborted": self.aborted,
+        }
+
+
+class KVGrowthTracker:
+    """Track the KV-cache bytes each request adds and abort it past its ceiling.
+
+    ``start(request_id, ceiling_gb=20.0)`` opens (or reopens) a record;
+    ``add_bytes(request_id, n)`` adds one step's bytes and raises
+    ``MetalOOMError`` when the total crosses the ceiling (and on every later
+    call for that request); ``finalize(request_id)`` closes it and returns its
+    summary; ``snapshot()`` lists the open ones. Thread-safe. Records not
+    touched for ``idle_expiry_sec`` (an hour) are dropped.
+    """
+
+    def __init__(self, *, idle_expiry_sec: float = _KV_IDLE_EXPIRY_SEC) -> None:
+        if idle_expiry_sec is not _KV_IDLE_EXPIRY_SEC:  # the default needs no check (no import)
+            idle_expiry_sec = _seconds_arg(
+                "idle_expiry_sec", idle_expiry_sec, maximum=366 * 86400.0, allow_zero=False
+            )
+        self.idle_expiry_sec = idle_expiry_sec
+        self._records: dict[str, _KVRecord] = {}
+        self._lock = _thread.allocate_lock()
+        self._last_sweep = 0.0
+
+    def _sweep(self, now: float) -> None:
+        """Drop idle records (at most once per minute, or per expiry if that is shorter)."""
+        if now - self._last_sweep < min(60.0, self.idle_expiry_sec):
+            return
+        self._last_sweep = now
+        idle = [rid for rid, r in self._records.items() if now - r.touched >= self.idle_expiry_sec]
+        for rid in idle:
+            del self._records[rid]
+        if idle:
+            _log().debug("metal_guard: KV tracker dropped %d idle request(s)", len(idle))
+
+    def start(self, request_id: str, *, ceiling_gb: float = 20.0) -> None:
+        """Open a record for ``request_id`` (a fresh one if it exists); ``ValueError`` if ceiling ≤ 0."""
+        ceiling = _real_arg("ceiling_gb", ceiling_gb)
+        if not _finite(ceiling) or ceiling <= 0:
+            raise ValueError(f"ceiling_gb must be a finite number > 0, got {ceiling_gb!r}")
+        rid = str(request_id)
+        now = time.monotonic()
+        with self._lock:
+            self._sweep(now)
+            self._records[rid] = _KVRecord(int(ceiling * 1e9), now)
+        _log().debug("metal_guard: KV tracker started %s (ceiling %.3f GB)", rid, ceiling)
+
+    def add_bytes(self, request_id: str, bytes_added: int) -> int:
+        """Add one step's bytes; the request's running total (0 for an unknown request).
+
+        ``ValueError`` for a negative or non-finite count; ``MetalOOMError`` when
+        this step crosses the ceiling or the request was already aborted.
+        """
+        added = _real_arg("bytes_added", bytes_added)
+        if not _finite(added) or added < 0:
+            raise ValueError(f"bytes_added must be a finite number >= 0, got {bytes_added!r}")
+        rid = str(request_id)
+        now = time.monotonic()
+        with self._lock:
+            self._sweep(now)
+            record = self._records.get(rid)
+            if record is None:
+                return 0
+            record.touched = now
+            if record.aborted:
+                summary, crossed = record.as_dict(rid), False
+            else:
+                record.cumulative_bytes += int(added)
+                record.step_count += 1
+                if record.cumulative_bytes <= record.ceiling_bytes:
+                    return record.cumulative_bytes
+                record.aborted = True
+                summary, crossed = record.as_dict(rid), True
+        if crossed:
+            _breadcrumb(
+                f"KV_TRACKER: ABORT request={rid} cumulative={summary['cumulative_gb']}GB "
+                f"ceiling={summary['ceiling_gb']}GB steps={summary['step_count']}"
+            )
+            _log().warning(
+                "metal_guard: request %s crossed its KV ceiling (%.3f GB > %.3f GB after %d "
+                "steps); aborting it",
+                rid,
+                summary["cumulative_gb"],
+                summary["ceiling_gb"],
+                summary["step_count"],
+            )
+            raise MetalOOMError(
+                f"KV cache of request {rid} grew to {summary['cumulative_gb']} GB, above its "
+                f"{summary['ceiling_gb']} GB ceiling, after {summary['step_count']} steps"
+            )
+        raise MetalOOMError(
+            f"request {rid} was already aborted: its KV cache crossed the "
+            f"{summary['ceiling_gb']} GB ceiling"
+        )
+
+    def finalize(self, request_id: str) -> dict[str, Any] | None:
+        """Close the record and return its summary (``None`` for an unknown request)."""
+        rid = str(request_id)
+        with self._lock:
+            record = self._records.pop(rid, None)
+        if record is None:
+            return None
+        summary = record.as_dict(rid)
+        _log().debug("metal_guard: KV tracker finalized %s: %s", rid, summary)
+        return summary
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Summaries of the open records (``request_id``, ``cumulative_gb``, ...), oldest first."""
+        with self._lock:
+            self._sweep(time.monotonic())
+            return [record.as_dict(rid) for rid, record in self._records.items()]
+
+    def __repr__(self) -> str:
+        return f"KVGrowthTracker({len(self._records)} open request(s))"
+
+
+kv_tracker = KVGrowthTracker()
+
+
+# =============================================================================
 # 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 #
 # Both are best-effort: a failing MLX step logs and carries on, and the body's
@@ -3896,7 +5055,619 @@ class gemma4_generation_flush:
 
 
 # =============================================================================
-# 5.2 Release barrier — wait until MLX memory actually dropped, bounded.
+# 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
+#
+# mlx-lm wires the device's recommended working set around every generate
+# (``wired_limit`` in mlx_lm.generate) and ``mlx_lm.server`` does so at start.
+# With ``mx.set_wired_limit`` never called, a workload that panicked 3 of 3
+# times ran 10 of 10 times clean for 4.2 hours, and a production follow-up
+# ran 663 requests over 3 days without a panic (ml-explore/mlx#3186).
+# ``limit_wired_memory`` wraps ``mlx.core.set_wired_limit`` (and the older
+# ``mlx.core.metal.set_wired_limit``) process-wide, so every caller that looks
+# it up through the module gets the policy: ``off`` turns every request into
+# 0, ``cap`` clamps to RAM minus max(35 %, 8 GiB), ``cap:<GiB>`` to a size.
+# Nothing is installed unless it is called.
+#
+# Provides: describe_wired_limit, limit_wired_memory, restore_wired_memory
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers
+# =============================================================================
+
+_WIRED_ENV_VAR = "METALGUARD_WIRED_LIMIT"
+_WIRED_DEFAULT_POLICY = "cap"
+_GIB = 1 << 30
+_WIRED_RESERVE_FRACTION = 0.35
+_WIRED_RESERVE_MIN_BYTES = 8 << 30
+_WIRED_SEEN_MAX = 256
+_WIRED_MARK = "_metal_guard_wired_original"
+
+
+class _WiredPolicy:
+    """The policy in force (replaced, never mutated: the wrappers read it without a lock)."""
+
+    __slots__ = ("cap_bytes", "name", "source", "total_bytes")
+
+    def __init__(self, name: str, cap_bytes: int, total_bytes: int | None, source: str) -> None:
+        self.name = name
+        self.cap_bytes = cap_bytes
+        self.total_bytes = total_bytes
+        self.source = source
+
+
+_wired_lock = _thread.allocate_lock()
+_wired_policy: _WiredPolicy | None = None
+# (owner module, attribute, label, original function, our wrapper)
+_wired_installs: list[tuple[Any, str, str, Callable[..., Any], Callable[..., Any]]] = []
+_wired_seen: set[tuple[int, int]] = set()  # (requested, applied) pairs already breadcrumbed
+_wired_counts = [0, 0]  # requests seen, requests clamped
+
+
+@_on_reset
+def _forget_wired_clamps() -> None:
+    with _wired_lock:
+        _wired_seen.clear()
+
+
+def _parse_wired_policy(text: str) -> tuple[str, float | None]:
+    """``off`` / ``cap`` / ``cap:<GiB>`` (any case) → (canonical name, GiB or ``None``)."""
+    word = text.strip().lower()
+    if word in ("off", "cap"):
+        return word, None
+    if word.startswith("cap:"):
+        number = word[4:].strip().removesuffix("gib").removesuffix("g").strip()
+        try:
+            gib = float(number)
+        except ValueError:
+            gib = -1.0
+        if _finite(gib) and gib >= 0:
+            return f"cap:{gib:g}", gib
+    raise ValueError(
+        f"unknown wired-limit policy {text!r}: expected 'off', 'cap' or 'cap:<GiB>' (e.g. 'cap:24')"
+    )
+
+
+def _wired_policy_from_env() -> tuple[str, float | None, str]:
+    """The policy ``METALGUARD_WIRED_LIMIT`` asks for, and where it came from."""
+    raw = os.environ.get(_WIRED_ENV_VAR)
+    if raw is None or not raw.strip():
+        return _WIRED_DEFAULT_POLICY, None, "default"
+    try:
+        name, gib = _parse_wired_policy(raw)
+    except ValueError:
+        _env_bad(_WIRED_ENV_VAR, raw, "expected off, cap or cap:<GiB>", _WIRED_DEFAULT_POLICY)
+        return _WIRED_DEFAULT_POLICY, None, "default"
+    return name, gib, _WIRED_ENV_VAR
+
+
+def _wired_cap(name: str, gib: float | None, total: int | None) -> int:
+    if name == "off":
+        return 0
+    if gib is not None:
+        return int(gib * _GIB)
+    if total is None:
+        _log_once(
+            "wired-cap-unknown",
+            _WARNING,
+            "metal_guard: total memory is unknown, so wired-limit policy 'cap' never wires "
+            "(as 'off'); set %s=cap:<GiB> to choose a size",
+            _WIRED_ENV_VAR,
+        )
+        return 0
+    reserve = max(int(total * _WIRED_RESERVE_FRACTION), _WIRED_RESERVE_MIN_BYTES)
+    return max(0, total - reserve)
+
+
+def _wired_request(limit: Any) -> Any:
+    """What a ``set_wired_limit(limit)`` call actually passes to MLX under the policy."""
+    policy = _wired_policy
+    if policy is None or isinstance(limit, bool):
+        return limit
+    try:
+        requested = int(limit.__index__())
+    except Exception:  # not an integer: let MLX raise its own error
+        return limit
+    clamp = requested > policy.cap_bytes
+    with _wired_lock:
+        _wired_counts[0] += 1
+        _wired_counts[1] += clamp
+        first = clamp and (requested, policy.cap_bytes) not in _wired_seen
+        if first and len(_wired_seen) < _WIRED_SEEN_MAX:
+            _wired_seen.add((requested, policy.cap_bytes))
+    if not clamp:
+        return limit
+    if first:
+        applied = policy.cap_bytes
+        _breadcrumb(
+            f"WIRED_LIMIT: requested={requested} ({requested / _GIB:.2f} GiB) "
+            f"applied={applied} ({applied / _GIB:.2f} GiB) policy={policy.name}"
+        )
+        _log().info(
+            "metal_guard: set_wired_limit(%d) clamped to %d by wired-limit policy %s",
+            requested,
+            applied,
+            policy.name,
+        )
+    return policy.cap_bytes
+
+
+def _wired_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    def set_wired_limit(limit: Any) -> Any:
+        return original(_wired_request(limit))
+
+    set_wired_limit.__doc__ = getattr(original, "__doc__", None)
+    set_wired_limit.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(set_wired_limit, _WIRED_MARK, original)
+    return set_wired_limit
+
+
+def _wired_targets(mx: ModuleType) -> list[tuple[Any, str, str]]:
+    return [
+        (owner, "set_wired_limit", label)
+        for owner, label in (
+            (mx, "mlx.core.set_wired_limit"),
+            (getattr(mx, "metal", None), "mlx.core.metal.set_wired_limit"),
+        )
+        if owner is not None and callable(getattr(owner, "set_wired_limit", None))
+    ]
+
+
+def _install_wrappers(mx: ModuleType) -> list[str]:
+    """Wrap every ``set_wired_limit`` of ``mx`` not wrapped yet; the labels now covered."""
+    covered = []
+    for owner, attr, label in _wired_targets(mx):
+        current = getattr(owner, attr)
+        if any(i[0] is owner and i[1] == attr and i[4] is current for i in _wired_installs):
+            covered.append(label)
+            continue
+        wrapper = _wired_wrapper(current)
+        try:
+            setattr(owner, attr, wrapper)
+        except Exception as exc:
+            _log_once(
+                "wired-setattr:" + label,
+                _WARNING,
+                "metal_guard: cannot replace %s (%r); the wired-limit policy does not cover it",
+                label,
+                exc,
+            )
+            continue
+        _wired_installs.append((owner, attr, label, current, wrapper))
+        covered.append(label)
+    return covered
+
+
+if TYPE_CHECKING:
+    _DictBase = dict[str, Any]
+else:
+    _DictBase = dict
+
+
+class _WiredLimitHandle(_DictBase):
+    """What ``limit_wired_memory`` installed (a dict); as a context manager it undoes it."""
+
+    def __init__(self, info: dict[str, Any], previous: str | None) -> None:
+        super().__init__(info)
+        self._previous = previous
+
+    def __enter__(self) -> _WiredLimitHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.get("installed"):
+            return
+        if self._previous is None:
+            restore_wired_memory()
+        else:  # a policy was in force before this block: put it back
+            limit_wired_memory(self._previous)
+
+
+def limit_wired_memory(policy: str | None = None) -> dict[str, Any]:
+    """Install a process-wide wired-memory policy on ``mx.set_wired_limit``.
+
+    ``"off"``: every request becomes 0 (never wire). ``"cap"``: requests are
+    clamped to total RAM minus max(35 % of it, 8 GiB). ``"cap:<GiB>"``:
+    clamped to that size. ``None`` reads ``METALGUARD_WIRED_LIMIT`` (default
+    ``"cap"``; a bad value warns once and uses the default). Requests at or
+    under the limit pass unchanged. The first clamp of each size writes a
+    ``WIRED_LIMIT: requested=… applied=…`` breadcrumb.
+
+    Idempotent: calling it again changes the policy, never wraps twice. The
+    returned dict says what was installed (``policy``, ``source``,
+    ``installed``, ``cap_bytes``, ``total_memory_bytes``, ``targets``,
+    ``reason``); used as a context manager, it undoes itself on exit.
+    ``restore_wired_memory()`` puts the original functions back. Install it
+    before the first generate: a limit MLX already wired stays until the
+    next ``set_wired_limit`` call.
+    """
+    global _wired_policy
+    if policy is None:
+        name, gib, source = _wired_policy_from_env()
+    elif isinstance(policy, str):
+        name, gib = _parse_wired_policy(policy)
+        source = "argument"
+    else:
+        raise TypeError(f"policy must be a str or None, not {type(policy).__name__}")
+    info: dict[str, Any] = {
+        "policy": name,
+        "source": source,
+        "installed": False,
+        "cap_bytes": None,
+        "total_memory_bytes": None,
+        "targets": [],
+        "reason": None,
+    }
+    mx = _mlx()
+    if mx is None:
+        info["reason"] = "MLX is not installed: there is no wired limit to control"
+        return _WiredLimitHandle(info, None)
+    total = _total_memory_bytes() or None
+    cap = _wired_cap(name, gib, total)
+    info.update(cap_bytes=cap, total_memory_bytes=total)
+    with _wired_lock:
+        previous = _wired_policy.name if _wired_policy is not None and _wired_installs else None
+        targets = _install_wrappers(mx)
+        if targets:
+            _wired_policy = _WiredPolicy(name, cap, total, source)
+    if not targets:
+        info["reason"] = "this MLX has no set_wired_limit to wrap"
+        return _WiredLimitHandle(info, None)
+    info.update(installed=True, targets=targets)
+    _log().info(
+        "metal_guard: wired-limit policy %s installed (limit %.2f GiB) on %s",
+        name,
+        cap / _GIB,
+        ", ".join(targets),
+    )
+    return _WiredLimitHandle(info, previous)
+
+
+def restore_wired_memory() -> bool:
+    """Remove the wired-limit policy: the original ``set_wired_limit`` functions go back.
+
+    Returns True when a policy was installed. A wrapper that someone else has
+    replaced since is left alone (and stops clamping). The wired limit MLX
+    holds now is not changed (mlx-lm restores its own after each generate).
+    """
+    global _wired_policy
+    with _wired_lock:
+        installs = list(_wired_installs)
+        _wired_installs.clear()
+        was_installed = _wired_policy is not None or bool(installs)
+        _wired_policy = None
+        for owner, attr, label, original, wrapper in installs:
+            if getattr(owner, attr, None) is wrapper:
+                setattr(owner, attr, original)
+            else:
+                _log().debug("metal_guard: %s was replaced since; left as it is", label)
+    if was_installed:
+        _log().info("metal_guard: wired-limit policy removed")
+    return was_installed
+
+
+def describe_wired_limit() -> dict[str, Any]:
+    """The wired-limit policy in force in this process, and what the environment asks for."""
+    env_name, _, env_source = _wired_policy_from_env()
+    with _wired_lock:
+        policy = _wired_policy
+        installed = policy is not None and bool(_wired_installs)
+        targets = [i[2] for i in _wired_installs]
+        seen, clamped = _wired_counts
+    raw = os.environ.get(_WIRED_ENV_VAR)
+    return {
+        "installed": installed,
+        "policy": policy.name if installed and policy else None,
+        "source": policy.source if installed and policy else None,
+        "cap_bytes": policy.cap_bytes if installed and policy else None,
+        "total_memory_bytes": policy.total_bytes if installed and policy else None,
+        "targets": targets,
+        "requests_seen": seen,
+        "requests_clamped": clamped,
+        "env_var": _WIRED_ENV_VAR,
+        "env_value": raw if raw is not None and raw.strip() else None,
+        "env_policy": env_name,
+        "env_policy_source": env_source,
+    }
+
+
+# =============================================================================
+# 5.3 Upstream patches — defects of installed MLX packages fixed in place.
+#
+# Each patch is gated on the exact release that has the defect (``force=True``
+# applies it anyway), is idempotent (a marker on the replacement), never
+# raises, and logs one WARNING naming what it patched.
+#
+# Provides: install_upstream_defensive_patches
+# Uses: Prelude, Version advisories
+# =============================================================================
+
+_PATCH_MARK = "_metal_guard_safe"
+_MLX_LM_1128_VERSION = "0.31.2"
+
+
+def _mlx_lm_version() -> str | None:
+    """The running mlx-lm's version: an imported ``mlx_lm.__version__``, else its metadata."""
+    module = sys.modules.get("mlx_lm")
+    version = getattr(module, "__version__", None) if module is not None else None
+    if isinstance(version, str) and version.strip():
+        return version.strip()
+    return _installed_version("mlx-lm")
+
+
+def _safe_think_start_id(self: Any) -> Any:
+    """``think_start_id`` that answers ``None`` for tokenizers without thinking tokens."""
+    tokens = getattr(self, "_think_start_tokens", None)
+    if not tokens:
+        return None
+    if len(tokens) > 1:
+        raise ValueError("The start thinking sequence is more than 1 token")
+    return tokens[0]
+
+
+setattr(_safe_think_start_id, _PATCH_MARK, True)
+
+
+def _patch_mlx_lm_1128(*, force: bool = False) -> bool:
+    """Patch ``TokenizerWrapper.think_start_id`` of mlx-lm 0.31.2 (ml-explore/mlx-lm#1128).
+
+    On 0.31.2 the property calls ``len(None)`` for tokenizers without a
+    think-start sequence. True when the patch was applied by this call.
+    """
+    version = _mlx_lm_version()
+    if version is None:
+        _log().debug("metal_guard: mlx-lm is not installed; patch mlx_lm_1128 not needed")
+        return False
+    if not force and version != _MLX_LM_1128_VERSION:
+        _log().debug("metal_guard: mlx-lm %s does not need patch mlx_lm_1128", version)
+        return False
+    module = sys.modules.get("mlx_lm.tokenizer_utils")
+    if module is None:
+        import importlib
+
+        try:
+            module = importlib.import_module("mlx_lm.tokenizer_utils")
+        except Exception as exc:  # ImportError, or a broken install
+            _log().debug("metal_guard: cannot import mlx_lm.tokenizer_utils: %r", exc)
+            return False
+    wrapper_cls: Any = getattr(module, "TokenizerWrapper", None)
+    current = getattr(wrapper_cls, "__dict__", {}).get("think_start_id")
+    if not isinstance(current, property) or current.fget is None:
+        _log().debug("metal_guard: TokenizerWrapper.think_start_id is not a property; not patched")
+        return False
+    if getattr(current.fget, _PATCH_MARK, False):
+        return False
+    wrapper_cls.think_start_id = property(_safe_think_start_id, doc=current.__doc__)
+    _log().warning(
+        "metal_guard: patched mlx-lm %s TokenizerWrapper.think_start_id (ml-explore/mlx-lm#1128): "
+        "it now returns None for tokenizers without thinking tokens instead of raising TypeError",
+        version,
+    )
+    return True
+
+
+def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool]:
+    """Apply the in-place fixes for defects of the installed MLX packages; never raises.
+
+    ``{"mlx_lm_1128_think_start_id": applied}``: True only when this call
+    patched it (already patched, mlx-lm absent, another release → False).
+    ``force=True`` patches whatever mlx-lm release is installed.
+    """
+    try:
+        applied = _patch_mlx_lm_1128(force=bool(force))
+    except Exception as exc:  # a patch must never break start-up
+        _log_once(
+            "patch-1128",
+            _WARNING,
+            "metal_guard: patch mlx_lm_1128_think_start_id failed: %s: %s",
+            type(exc).__name__,
+            _label(exc),
+        )
+        applied = False
+    return {"mlx_lm_1128_think_start_id": applied}
+
+
+# =============================================================================
+# 5.4 System audits — the machine's wired-memory setting, the GPU driver
+# version and MLX settings known to wedge the GPU.
+#
+# The macOS facts come from ``sysctl``, the IOGPUFamily kext's Info.plist,
+# ``kextstat`` and ``ioreg``. Every subprocess runs with a time bound (it is
+# asked to stop with SIGTERM, killed only if it ignores that), nothing here
+# raises on an environment fault, and off macOS nothing is run at all: the
+# answers are "unknown" / ``None``.
+#
+# Provides: audit_wired_limit, log_system_audit_at_startup, read_gpu_driver_version,
+#   _FAST_SYNCH_ENV_VAR, _fast_synch_value
+# Uses: Prelude, Processes, Files, Model identity
+# =============================================================================
+
+_WIRED_LIMIT_WARN_RATIO = 0.85
+_SYSCTL_BUDGET_SEC = 2.0
+_IOGPU_BUNDLE = "com.apple.iokit.IOGPUFamily"
+_IOGPU_PLIST = "/System/Library/Extensions/IOGPUFamily.kext/Contents/Info.plist"
+_FAST_SYNCH_ENV_VAR = "MLX_METAL_FAST_SYNCH"
+
+
+def _sysctl(name: str, *, timeout: float = _SYSCTL_BUDGET_SEC) -> str | None:
+    """``sysctl -n name`` on macOS (stripped, ``None`` if empty or failed); ``None`` elsewhere."""
+    if not _on_macos():
+        return None
+    out = _run_bounded(["sysctl", "-n", name], timeout)
+    text = out.strip() if out is not None else ""
+    return text or None
+
+
+def _nonnegative_int(text: str | None) -> int | None:
+    if text is None or not _regex("digits", r"\s*[0-9]{1,20}\s*").fullmatch(text):
+        return None
+    return int(text)
+
+
+def _wired_limit_report(limit_text: str | None, memsize_text: str | None) -> dict[str, Any]:
+    """``audit_wired_limit``'s dict from the two ``sysctl`` outputs."""
+    limit_mb = _nonnegative_int(limit_text)
+    total_bytes = _nonnegative_int(memsize_text) or None
+    total_gb = total_bytes / (1 << 30) if total_bytes else None
+    report: dict[str, Any] = {
+        "limit_mb": limit_mb,
+        "total_gb": round(total_gb, 2) if total_gb is not None else None,
+        "ratio": 0.0,
+        "mode": "unknown",
+        "advisory": None,
+    }
+    if limit_mb is None:
+        return report
+    if limit_mb == 0:
+        report["mode"] = "default"
+        return report
+    report["mode"] = "override"
+    if total_gb is None:
+        return report
+    ratio = (limit_mb / 1024) / total_gb
+    report["ratio"] = round(ratio, 3)
+    if ratio > _WIRED_LIMIT_WARN_RATIO:
+        ceiling_mb = int(total_gb * 1024 * _WIRED_LIMIT_WARN_RATIO)
+        report["advisory"] = (
+            f"iogpu.wired_limit_mb={limit_mb} lets the GPU wire {ratio:.0%} of the "
+            f"{total_gb:.0f} GiB of RAM, leaving macOS too little; reset it with "
+            f"`sudo sysctl iogpu.wired_limit_mb=0` or keep it below {ceiling_mb} MB "
+            f"({_WIRED_LIMIT_WARN_RATIO:.0%} of RAM)"
+        )
+    return report
+
+
+def audit_wired_limit() -> dict[str, Any]:
+    """The machine's ``iogpu.wired_limit_mb`` against its RAM; never raises.
+
+    Keys: ``limit_mb``, ``total_gb`` (GiB), ``ratio`` (limit / RAM),
+    ``mode`` (``default`` for 0, ``override``, or ``unknown`` when unreadable,
+    e.g. off macOS) and ``advisory`` (text when the limit is above 85 % of
+    RAM, else ``None``). Both ``sysctl`` calls share a 2 s bound.
+    """
+    try:
+        deadline = time.monotonic() + _SYSCTL_BUDGET_SEC
+        limit = _sysctl("iogpu.wired_limit_mb", timeout=_SYSCTL_BUDGET_SEC)
+        memsize = _sysctl("hw.memsize", timeout=deadline - time.monotonic())
+        return _wired_limit_report(limit, memsize)
+    except Exception as exc:
+        _log().debug("metal_guard: wired-limit audit failed: %r", exc)
+        return _wired_limit_report(None, None)
+
+
+def _kextstat_version(text: str) -> str | None:
+    """The IOGPUFamily version in ``kextstat`` output: ``... IOGPUFamily (104.4.2) ...``."""
+    for line in text.splitlines():
+        if _IOGPU_BUNDLE in line:
+            found = _regex("kext-version", r"\(([^()\s]{1,64})\)").search(
+                line.split(_IOGPU_BUNDLE, 1)[1]
+            )
+            if found is not None:
+                return str(found.group(1))
+    return None
+
+
+def _ioreg_version(text: str) -> str | None:
+    """The first ``"CFBundleVersion" = "104.4.2"`` value in ``ioreg`` output."""
+    for line in text.splitlines():
+        if "CFBundleVersion" in line and "=" in line:
+            value = line.split("=", 1)[1].strip().strip('"').strip()
+            if value:
+                return value[:64]
+    return None
+
+
+def _plist_version(path: str) -> str | None:
+    """``CFBundleVersion`` of a kext's ``Info.plist`` (the installed version)."""
+    import plistlib
+
+    try:
+        data = plistlib.loads(_read_bounded(path, 1 << 20, follow_symlinks=True))
+    except Exception as exc:  # missing, unreadable, not a plist
+        _log().debug("metal_guard: cannot read %s: %r", path, exc)
+        return None
+    version = data.get("CFBundleVersion") if isinstance(data, dict) else None
+    if not isinstance(version, str):
+        return None
+    return version.strip()[:64] or None
+
+
+def read_gpu_driver_version(*, timeout: float = 3.0) -> str | None:
+    """The IOGPUFamily kext version (the GPU driver), or ``None``; never raises on faults.
+
+    Tries the kext's ``Info.plist``, then ``kextstat``, then ``ioreg``, all
+    within ``timeout`` seconds together. ``None`` off macOS.
+    """
+    budget = _real_arg("timeout", timeout)
+    if not _finite(budget) or budget <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if not _on_macos():
+        return None
+    try:
+        deadline = time.monotonic() + budget
+        version = _plist_version(_IOGPU_PLIST)
+        if version is None:
+            out = _run_bounded(["kextstat", "-l", "-b", _IOGPU_BUNDLE], deadline - time.monotonic())
+            version = _kextstat_version(out) if out is not None else None
+        if version is None:
+            out = _run_bounded(
+                ["ioreg", "-rc", "IOGPUFamily", "-d", "1"], deadline - time.monotonic()
+            )
+            version = _ioreg_version(out) if out is not None else None
+        return version
+    except Exception as exc:
+        _log().debug("metal_guard: reading the IOGPUFamily version failed: %r", exc)
+        return None
+
+
+def _fast_synch_value() -> str | None:
+    """The value of ``MLX_METAL_FAST_SYNCH`` when it turns fast synchronisation on."""
+    raw = os.environ.get(_FAST_SYNCH_ENV_VAR)
+    if raw is None:
+        return None
+    word = raw.strip().lower()
+    enabled = word in _TRUE_WORDS or (word.isdigit() and int(word) != 0)
+    return raw.strip() if enabled else None
+
+
+def log_system_audit_at_startup() -> dict[str, Any]:
+    """Audit the wired limit, the GPU driver and MLX settings, and log what matters.
+
+    WARNING for a wired limit above 85 % of RAM and for ``MLX_METAL_FAST_SYNCH``
+    set (it can deadlock in a fence wait and wedge the GPU until reboot,
+    ml-explore/mlx#3830); INFO otherwise. Returns ``{"wired_limit": …,
+    "gpu_driver_version": …, "mlx_metal_fast_synch": …}``; never raises.
+    """
+    wired = audit_wired_limit()
+    driver = read_gpu_driver_version()
+    fast_synch = _fast_synch_value()
+    log = _log()
+    if wired["advisory"]:
+        log.warning("metal_guard: %s", wired["advisory"])
+    else:
+        log.info(
+            "metal_guard: wired limit mode=%s limit_mb=%s total_gb=%s",
+            wired["mode"],
+            wired["limit_mb"],
+            wired["total_gb"],
+        )
+    if driver is not None:
+        log.info("metal_guard: IOGPUFamily kext %s", driver)
+    else:
+        log.debug("metal_guard: the IOGPUFamily kext version could not be read")
+    if fast_synch is not None:
+        log.warning(
+            "metal_guard: %s=%s is set: MLX's fast GPU synchronisation can deadlock in a fence "
+            "wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it",
+            _FAST_SYNCH_ENV_VAR,
+            fast_synch,
+        )
+    return {
+        "wired_limit": wired,
+        "gpu_driver_version": driver,
+        "mlx_metal_fast_synch": fast_synch is not None,
+    }
+
+
+# =============================================================================
+# 5.5 Release barrier — wait until MLX memory actually dropped, bounded.
 #
 # Where the original metal-guard slept a fixed time "to let memory settle",
 # this polls the condition with the fixed time as the upper bound:
@@ -4026,7 +5797,7 @@ def _release(
 
 
 # =============================================================================
-# 5.3 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup,
+# 5.6 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup,
 # Metal out-of-memory recovery, the pre-load fit check.
 #
 # The original metal-guard's methods and breadcrumb tags, corrected: one
@@ -4034,7 +5805,7 @@ def _release(
 # is cleared, no cache clearing while registered GPU threads still run, OOM
 # means out-of-memory only, and fit decisions on max(active, footprint).
 #
-# Provides: _ERROR, _MemoryLayers, _gb_arg, _reset_peak_memory
+# Provides: _ERROR, _MemoryLayers, _reset_peak_memory
 # Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Model identity, Size and hardware tables,
 #   Release barrier
 # =============================================================================
@@ -4047,15 +5818,6 @@ _OOM_PATTERN = (
     r"|Command buffer execution failed.*?Insufficient Memory"
 )
 _OOM_TEXT_MAX = 1 << 16
-_GB_MAX = 1e6  # a million GB: anything larger is a unit mistake
-
-
-def _gb_arg(name: str, value: object) -> float:
-    """A size in decimal GB: a finite real number ≥ 0."""
-    number = _real_arg(name, value)
-    if not _finite(number) or not 0 <= number <= _GB_MAX:
-        raise ValueError(f"{name} must be a number of GB between 0 and {_GB_MAX:g}, got {value!r}")
-    return number
 
 
 def _reset_peak_memory() -> None:
@@ -4450,7 +6212,7 @@ class _MemoryLayers(_BreadcrumbLog):
 
 
 # =============================================================================
-# 5.4 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
+# 5.7 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
 # monitor, as three independent daemon threads.
 #
 # Each monitor is one daemon thread waiting on its own stop event: starting
@@ -4740,7 +6502,7 @@ class _MemoryMonitors(_MemoryLayers):
 
 
 # =============================================================================
-# 5.5 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware
+# 5.8 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware
 # detection, and the ``metal_guard`` singleton.
 #
 # ``detect_hardware()`` spends at most about 2 s in subprocesses in total and
@@ -4749,60 +6511,11 @@ class _MemoryMonitors(_MemoryLayers):
 # be removed again.
 #
 # Provides: MetalGuard, metal_guard
-# Uses: Prelude, MLX access, Memory numbers, Size and hardware tables, Release barrier, Monitors
+# Uses: Prelude, Processes, MLX access, Memory numbers, Size and hardware tables, System audits,
+#   Release barrier, Monitors
 # =============================================================================
 
 _HARDWARE_BUDGET_SEC = 2.0
-
-
-def _run_quiet(argv: list[str], timeout: float) -> str | None:
-    """stdout of a short command, or ``None`` (missing, failing, timed out); never raises."""
-    if timeout <= 0:
-        return None
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        _log().debug("metal_guard: %s failed: %r", argv[0], exc)
-        return None
-    if done.returncode != 0:
-        _log().debug("metal_guard: %s exited with %d", argv[0], done.returncode)
-        return None
-    return done.stdout
-
-
-def _gpu_driver_version(timeout: float = 3.0) -> str | None:
-    """The IOGPUFamily kext version (macOS), or ``None``; bounded by ``timeout`` in total."""
-    if _platform() != "darwin":
-        return None
-    deadline = time.monotonic() + timeout
-    out = _run_quiet(["kextstat", "-l", "-b", "com.apple.iokit.IOGPUFamily"], timeout)
-    for line in (out or "").splitlines():
-        if "com.apple.iokit.IOGPUFamily" in line and "(" in line:
-            version = line.split("(", 1)[1].split(")", 1)[0].strip()
-            if version:
-                return version
-    out = _run_quiet(["ioreg", "-rc", "IOGPUFamily", "-d", "1"], deadline - time.monotonic())
-    for line in (out or "").splitlines():
-        if "CFBundleVersion" in line and "=" in line:
-            return line.split("=", 1)[1].strip().strip('"') or None
-    return None
-
-
-def _total_memory_bytes() -> int:
-    """Physical memory from ``sysconf`` (no subprocess); 0 when unknown."""
-    try:
-        return max(0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return 0
 
 
 class MetalGuard(_MemoryMonitors):
@@ -4958,19 +6671,23 @@ class MetalGuard(_MemoryMonitors):
             _log().debug("metal_guard: device_info() failed: %r", exc)
         total = total or _total_memory_bytes()
         if not total:
-            out = _run_quiet(["sysctl", "-n", "hw.memsize"], deadline - time.monotonic())
+            out = _run_bounded(["sysctl", "-n", "hw.memsize"], deadline - time.monotonic())
             total = int(out.strip()) if out and out.strip().isdigit() else 0
         if not recommended and total:
             recommended = int(total * 0.75)
-        chip = _run_quiet(["sysctl", "-n", "machdep.cpu.brand_string"], deadline - time.monotonic())
+        chip = _run_bounded(
+            ["sysctl", "-n", "machdep.cpu.brand_string"], deadline - time.monotonic()
+        )
         gib = total / (1 << 30)
         result.update(
             gpu_memory_gb=round(gib, 1),
             chip=(chip or "").strip() or "unknown",
             recommended_working_set_gb=round(recommended / (1 << 30), 1),
             tier=_hardware_tier(gib),
-            gpu_driver_version=_gpu_driver_version(max(0.0, deadline - time.monotonic())),
         )
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            result["gpu_driver_version"] = read_gpu_driver_version(timeout=remaining)
         return result
 
     @classmethod
@@ -4994,7 +6711,7 @@ metal_guard = MetalGuard()
 
 
 # =============================================================================
-# 5.6 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
+# 5.9 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
 #
 # ``bench_scoped_load`` admits the load through the cadence guard, holds the
 # MLX lock from before the load to after the release (released on every
@@ -5308,6 +7025,12 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
     crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
     crumbs.add_argument("-n", type=_line_count, default=20, metavar="N", help="lines (default 20)")
+    commands.add_parser(
+        "audit",
+        parents=[json_flag],
+        help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
+        "MLX stack, wired-limit policy (never imports MLX)",
+    )
     return parser, dict(commands.choices)
 
 
@@ -5351,8 +7074,9 @@ def _ago(ts: float | None, now: float) -> str:
 # and ``cadence clear`` change files.
 #
 # Provides: main
-# Uses: Prelude, Files, Breadcrumbs, MLX access, Registry, Panic signatures, Panic reports,
-#   Cadence, Panic archive, Circuit breaker, MetalGuard, Command line
+# Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
+#   Panic reports, Version advisories, Cadence, Panic archive, Circuit breaker,
+#   Wired-limit control, System audits, MetalGuard, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -5770,6 +7494,104 @@ def _cmd_breadcrumbs(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, doc, [head, *lines]
 
 
+_MLX_STACK = ("mlx", "mlx-lm", "mlx-vlm")
+
+
+def _wired_limit_text(wired: dict[str, Any]) -> str:
+    if wired["mode"] == "default":
+        return "default (iogpu.wired_limit_mb=0: macOS decides)"
+    if wired["mode"] == "override":
+        share = f", {wired['ratio']:.0%} of RAM" if wired["total_gb"] else ""
+        return f"override: iogpu.wired_limit_mb={wired['limit_mb']}{share}"
+    return "unknown"
+
+
+def _policy_lines(policy: dict[str, Any]) -> list[str]:
+    if policy["installed"]:
+        here = (
+            f"policy {policy['policy']} installed (limit {policy['cap_bytes'] / (1 << 30):.2f} "
+            f"GiB; {policy['requests_clamped']} of {policy['requests_seen']} requests clamped)"
+        )
+    else:
+        here = "not installed (limit_wired_memory() installs it in the process that runs MLX)"
+    env = policy["env_value"]
+    asks = (
+        f"{env!r}: limit_wired_memory() installs {policy['env_policy']!r}"
+        if env is not None and policy["env_policy_source"] != "default"
+        else (f"{env!r} is not a policy; " if env is not None else "unset: ")
+        + f"limit_wired_memory() installs the default {policy['env_policy']!r}"
+    )
+    return _pairs([("this process", here), (policy["env_var"], asks)])
+
+
+def _cmd_audit(args: argparse.Namespace) -> _CLIResult:
+    import platform
+
+    wired = audit_wired_limit()
+    driver = read_gpu_driver_version()
+    fast_synch = _fast_synch_value()
+    packages = {name: _installed_version(name) for name in _MLX_STACK}
+    advisories = check_version_advisories(
+        packages={k: v for k, v in packages.items() if v is not None}
+    )
+    advisories.sort(key=lambda a: _SEVERITY_ORDER.get(a["severity"], len(_SEVERITY_ORDER)))
+    policy = describe_wired_limit()
+    why = (
+        "not macOS"
+        if not _on_macos()
+        else "no answer within the time limit, or an answer that could not be parsed"
+    )
+    unreadable = []
+    if wired["limit_mb"] is None:
+        unreadable.append(f"iogpu.wired_limit_mb (sysctl): {why}")
+    if wired["total_gb"] is None:
+        unreadable.append(f"hw.memsize (sysctl): {why}")
+    if driver is None:
+        unreadable.append(f"IOGPUFamily kext version (Info.plist, kextstat, ioreg): {why}")
+    doc: dict[str, Any] = {
+        "platform": platform.platform(),
+        "wired_limit": wired,
+        "gpu_driver_version": driver,
+        "mlx_metal_fast_synch": fast_synch is not None,
+        "packages": packages,
+        "advisories": advisories,
+        "wired_limit_policy": policy,
+        "unreadable": unreadable,
+    }
+    total = f"{wired['total_gb']:g} GiB" if wired["total_gb"] is not None else "unknown"
+    lines = [f"metal-guard {__version__} audit ({doc['platform']})", "System"]
+    lines += _pairs(
+        [
+            ("wired limit", _wired_limit_text(wired)),
+            ("RAM", total),
+            ("GPU driver", f"IOGPUFamily {driver}" if driver else "unknown"),
+            (
+                _FAST_SYNCH_ENV_VAR,
+                "not set"
+                if fast_synch is None
+                else f"{fast_synch}: can deadlock and wedge the GPU (ml-explore/mlx#3830); unset it",
+            ),
+        ]
+    )
+    if wired["advisory"]:
+        lines.append(f"  ! {wired['advisory']}")
+    lines += ["", "MLX stack (package metadata; MLX is not imported)"]
+    lines += _pairs([(k, v or "not installed") for k, v in packages.items()])
+    if advisories:
+        lines += ["", f"Advisories ({len(advisories)})"]
+        for a in advisories:
+            lines.append(
+                f"  [{a['severity']}] {a['package']} {a['installed_version']}: {a['title']}"
+            )
+            lines += [f"      {a['url']}", f"      what to do: {a['mitigation']}"]
+    else:
+        lines += ["", "Advisories: none for the installed versions"]
+    lines += ["", "Wired-limit control", *_policy_lines(policy)]
+    if unreadable:
+        lines += ["", "Could not read"] + [f"  - {item}" for item in unreadable]
+    return _EXIT_GO, doc, lines
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "status": _cmd_status,
     "check": _cmd_check,
@@ -5778,6 +7600,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "cadence": _cmd_cadence,
     "models": _cmd_models,
     "breadcrumbs": _cmd_breadcrumbs,
+    "audit": _cmd_audit,
 }
 
 

@@ -11,10 +11,12 @@ folder, then runs them one after the other the way a worker should:
 4. ``subprocess_inference_guard`` around every ``mlx_lm.generate`` call and around a
    ``mlx_lm.stream_generate`` loop;
 5. unload marks, so cadence intervals count from the unload;
-6. the memory layers (``MetalGuard``): a fit check before a load, a guarded cleanup, the
+6. the wired-limit control (``limit_wired_memory``): mlx-lm asks to wire the recommended
+   working set around a real generate, and the policy clamps it;
+7. the memory layers (``MetalGuard``): a fit check before a load, a guarded cleanup, the
    release barrier's measured drop, and the watchdog catching a deliberate allocation
    spike of real MLX memory;
-7. the breadcrumb tail (forensics that survive a kernel panic).
+8. the breadcrumb tail (forensics that survive a kernel panic).
 
 Every step checks its own outcome; the run ends with a table of expected vs observed
 behaviour and exits 1 if any step did not behave as stated. The intervals are short so
@@ -66,6 +68,7 @@ from metal_guard import (  # noqa: E402
     check_known_panic_model,
     gemma4_generation_flush,
     is_gemma4_family,
+    limit_wired_memory,
     read_breadcrumbs,
     require_cadence_clear,
     subprocess_inference_guard,
@@ -75,6 +78,7 @@ from metal_guard import (  # noqa: E402
 from metal_guard import metal_guard as guard_singleton  # noqa: E402
 
 PROMPT = "hello world"
+GIB = 1 << 30
 REGISTRY_DEMO_ID = "mlx-community/gemma-4-31b-it-8bit"
 FLOOR = GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC
 
@@ -464,6 +468,7 @@ class Pipeline:
         model, tokenizer = mlx_lm.load(llama)[:2]
         text = self.generate(llama, model, tokenizer)
         r.note(f"generated {text!r}")
+        self.wired_limit(llama, model, tokenizer)
         del model, tokenizer
         gc.collect()
         mx.clear_cache()
@@ -483,7 +488,7 @@ class Pipeline:
 
     def memory_layers(self, guard: CadenceGuard, models_dir: Path) -> None:
         section(
-            "6. Memory layers (MetalGuard): fit check, guarded cleanup, release barrier, watchdog"
+            "7. Memory layers (MetalGuard): fit check, guarded cleanup, release barrier, watchdog"
         )
         r, mx, mlx_lm = self.report, self.mx, self.mlx_lm
         from tiny_models import build_tiny_model
@@ -608,8 +613,82 @@ class Pipeline:
         ]
         self.memory_warnings = len(expected)
 
+    def wired_limit(self, llama: str, model: Any, tokenizer: Any) -> None:
+        """mlx-lm wires the recommended working set around every generate; the policy clamps it."""
+        section(
+            "6. Wired-limit control (limit_wired_memory): mlx-lm asks to wire, the policy clamps"
+        )
+        r, mx = self.report, self.mx
+        r.note(
+            "On a Mac, mlx-lm calls mx.set_wired_limit(<recommended working set>) around every "
+            "generate. On a CPU device_info() reports no such size, so the demo makes it report a "
+            "Metal-like 48 GiB of 64 GiB (only that is faked) and records what reaches the real "
+            "mx.set_wired_limit."
+        )
+        real_info, real_set = mx.device_info, mx.set_wired_limit
+        seen: list[int] = []
+
+        def device_info() -> dict[str, Any]:
+            return {
+                **real_info(),
+                "max_recommended_working_set_size": 48 * GIB,
+                "memory_size": 64 * GIB,
+            }
+
+        def recorder(limit: int) -> int:
+            seen.append(limit)
+            result: int = real_set(limit)
+            return result
+
+        def gib(values: list[int]) -> str:
+            return ", ".join(f"{v / GIB:.1f}" for v in values) + " GiB"
+
+        start = len(read_breadcrumbs(2000))
+        mx.device_info, mx.set_wired_limit = device_info, recorder
+        try:
+            self.generate(llama, model, tokenizer)
+            unguarded = seen[:]
+            seen.clear()
+            with limit_wired_memory("cap") as info:
+                self.generate(llama, model, tokenizer)
+            capped, cap = seen[:], info["cap_bytes"]
+            seen.clear()
+            with limit_wired_memory("off"):
+                self.generate(llama, model, tokenizer)
+            off = seen[:]
+            restored = mx.set_wired_limit is recorder
+        finally:
+            mx.device_info, mx.set_wired_limit = real_info, real_set
+        r.check(
+            "wired limit: no policy",
+            "mlx-lm asks for 48.0 GiB",
+            f"set_wired_limit({gib(unguarded)})",
+            unguarded[:1] == [48 * GIB],
+        )
+        r.check(
+            "wired limit: cap",
+            "clamped to 41.6 GiB (RAM - 35 %)",
+            f"set_wired_limit({gib(capped)})",
+            capped[:1] == [cap] and abs(cap / GIB - 41.6) < 1e-9 and max(capped) <= cap,
+        )
+        r.check(
+            "wired limit: off",
+            "nothing but 0 reaches MLX",
+            f"set_wired_limit({gib(off)})",
+            bool(off) and set(off) == {0},
+        )
+        lines = [line for line in read_breadcrumbs(2000)[start:] if "WIRED_LIMIT:" in line]
+        for line in lines:
+            print("  " + r.short(line))
+        r.check(
+            "wired limit: breadcrumbs, restore",
+            "one WIRED_LIMIT per clamp; original back",
+            f"{len(lines)} WIRED_LIMIT lines; restored {restored}",
+            len(lines) == 2 and restored,
+        )
+
     def breadcrumbs(self, llama: str, gemma: str) -> None:
-        section("7. Breadcrumbs (read_breadcrumbs): the forensic trail of this run")
+        section("8. Breadcrumbs (read_breadcrumbs): the forensic trail of this run")
         r, args = self.report, self.args
         path = guard_singleton.breadcrumb_path
         tag = f" pid={os.getpid()} "

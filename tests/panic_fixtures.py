@@ -21,6 +21,9 @@ from pathlib import Path
 
 __all__ = [
     "COMMAND_BUFFER_OOM_TEXT",
+    "GPU_TIMEOUT_TEXT",
+    "IMPACTING_INTERACTIVITY_TEXT",
+    "SUBMISSIONS_IGNORED_TEXT",
     "KINDS",
     "RESOURCE_LIMIT_TEXT",
     "Panic",
@@ -318,3 +321,28 @@ def write_binary(
     path = Path(folder) / name
     path.write_bytes(os.urandom(size))
     return path
+
+
+# -- signatures of SPEC-2 §7 -------------------------------------------------------------
+# A kernel panic in the VM layer (not the IOGPU driver): its message carries no File:LINE.
+KINDS["mapcnt"] = (
+    "cpt_mapcnt_inc: refcnt overflow, ptd=0xfffffe1a2b3c4d00 refcnt=0xfffe",
+    "cpt_mapcnt_overflow",
+    None,
+)
+
+# What the process prints when Metal fails a command buffer for these reasons (the Mac
+# stays up): MLX turns the MTLCommandBuffer error into a std::runtime_error that aborts.
+_ABORT = "libc++abi: terminating due to uncaught exception of type std::runtime_error: "
+IMPACTING_INTERACTIVITY_TEXT = (
+    _ABORT + "[METAL] Command buffer execution failed: Impacting Interactivity "
+    "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)"
+)
+GPU_TIMEOUT_TEXT = (
+    _ABORT + "[METAL] Command buffer execution failed: Caused GPU Timeout Error "
+    "(00000002:kIOGPUCommandBufferCallbackErrorTimeout)"
+)
+SUBMISSIONS_IGNORED_TEXT = (
+    _ABORT + "[METAL] Command buffer execution failed: Ignored (for causing prior/excessive "
+    "GPU errors) (00000004:kIOGPUCommandBufferCallbackErrorSubmissionsIgnored)"
+)

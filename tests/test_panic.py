@@ -182,7 +182,7 @@ def test_parse_every_field(tmp_path: Path, kind: str) -> None:
     assert record["panic_line"].startswith("panic(cpu 4 caller 0x")
     assert record["location"] == p.location
     assert record["kernel_panic"] is True
-    assert record["iogpu_panic"] is (kind not in ("watchdog", "unknown"))
+    assert record["iogpu_panic"] is (kind not in ("watchdog", "unknown", "mapcnt"))
     if p.signature is None:
         assert record["explanation"] is None
     else:

@@ -436,7 +436,7 @@ else:
                         cls.__dict__["__dataclass_fields__"], _LazyFields
                     ):
                         return
-                    del cls.__init__, cls.__dataclass_fields__
+                    del cls.__init__, cls.__dataclass_fields__, cls.__signature__
                     import dataclasses
 
                     dataclasses.dataclass(frozen=frozen)(cls)
@@ -450,8 +450,16 @@ else:
                     materialize()
                     return owner.__dict__["__dataclass_fields__"]
 
+            class _LazySignature:  # inspect.signature(cls) sees the real fields
+                def __get__(self, obj, owner):
+                    materialize()
+                    import inspect
+
+                    return inspect.signature(owner)
+
             cls.__init__ = __init__
             cls.__dataclass_fields__ = _LazyFields()
+            cls.__signature__ = _LazySignature()
             return cls
 
         return wrap

@@ -203,3 +203,33 @@ def test_no_home_at_all_never_means_the_working_directory(
     assert len(_warnings(caplog, "no home folder")) == 1
     monkeypatch.setenv("METALGUARD_HOME", str(tmp_path / "explicit"))
     assert mg._state_home() == str(tmp_path / "explicit")
+
+
+LAZY_DATACLASS = """
+import dataclasses, inspect, pickle, sys, metal_guard as mg
+fields = [f.name for f in dataclasses.fields(mg.MemoryStats)]  # before any instance
+assert fields == ["active_bytes", "peak_bytes", "limit_bytes", "cache_bytes", "footprint_bytes"]
+assert list(inspect.signature(mg.ModelDims).parameters)[:4] == [
+    "n_layers", "n_heads", "n_kv_heads", "head_dim"]
+stats = mg.MemoryStats(1, 2, 3)
+assert dataclasses.asdict(stats)["limit_bytes"] == 3
+assert dataclasses.replace(stats, active_bytes=9).active_bytes == 9
+assert pickle.loads(pickle.dumps(stats)) == stats and hash(stats) == hash(mg.MemoryStats(1, 2, 3))
+try:
+    stats.active_bytes = 5
+except dataclasses.FrozenInstanceError:
+    print("ok")
+"""
+
+
+def test_lazily_applied_dataclasses_are_real_dataclasses() -> None:
+    """``import dataclasses`` is deferred to first use; after that nothing differs."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_DATACLASS],
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "ok"), out.stderr

@@ -23,6 +23,7 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 1.4 Breadcrumbs — one line per event, durable before the next step runs.
 2.1 MLX access — the only place that touches ``mlx.core``; memory numbers.
 2.2 Memory numbers — what MLX and the operating system say this process uses.
+2.3 Release barrier — wait until MLX memory actually dropped, bounded.
 3.1 Model identity — what a model id means, without loading the model.
 3.2 Registry — models that kernel-panicked with defences engaged.
 3.3 Panic signatures — what a panic or error text says happened.
@@ -33,25 +34,36 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
     crash-class bugs, and the small PEP 440 matcher that decides which apply.
 3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
 3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
-4.1 Cadence — refuse back-to-back model loads, across processes.
-4.2 Panic archive — ``panics.jsonl``: the user's panic history.
-4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
-4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
+3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
+4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
+    reported.
+4.2 Cadence — refuse back-to-back model loads, across processes.
+4.3 Panic archive — ``panics.jsonl``: the user's panic history.
+4.4 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
+4.5 KV growth tracker — per-request KV-cache bytes against a ceiling.
+4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
+4.7 GPU gate — one MLX workload at a time across the threads and processes of
+    the host.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
 5.3 Upstream patches — defects of installed MLX packages fixed in place.
 5.4 System audits — the machine's wired-memory setting, the GPU driver version
     and MLX settings known to wedge the GPU.
-5.5 Release barrier — wait until MLX memory actually dropped, bounded.
-5.6 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup, Metal
+5.5 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup, Metal
     out-of-memory recovery, the pre-load fit check.
-5.7 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
+5.6 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
     monitor, as three independent daemon threads.
-5.8 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware detection,
+5.7 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware detection,
     and the ``metal_guard`` singleton.
-5.9 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
+5.8 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
+5.9 Subprocess worker — (L7, child side) a worker process that guards itself.
+5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
+    gracefully and are reaped.
+5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
+6.3 Entry point — ``main``: parse, run one command, print text or one JSON
+    document.
 
 Importing has no side effects: no files, threads, environment reads or heavy
 imports happen until a function is called.
@@ -71,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at run time
     import threading
     from collections.abc import Callable
     from types import ModuleType, TracebackType
-    from typing import Any, TypeVar
+    from typing import Any, NoReturn, TypeVar
 
     _T = TypeVar("_T")
     _F = TypeVar("_F", bound=Callable[..., Any])
@@ -140,6 +152,30 @@ __all__ = [
     "recommend_chunk_size",
     "require_prefill_fit",
     "restore_wired_memory",
+    # Process mode, modes, MLX lock, GPU gate, subprocess workers
+    "DEFENSIVE",
+    "OBSERVER",
+    "GPUBusy",
+    "MLXLockConflict",
+    "MLXSubprocessRunner",
+    "ProcessMode",
+    "SubprocessCrashError",
+    "SubprocessTimeoutError",
+    "acquire_mlx_lock",
+    "apply_mode_defaults",
+    "call_model_isolated",
+    "current_mode",
+    "describe_mode",
+    "describe_process_mode",
+    "detect_process_mode",
+    "exclusive_gpu",
+    "is_defensive",
+    "is_observer",
+    "mlx_exclusive_lock",
+    "read_gpu_gate",
+    "read_mlx_lock",
+    "release_mlx_lock",
+    "shutdown_all_workers",
     # 10. Command line
     "main",
 ]
@@ -157,7 +193,7 @@ __all__ = [
 #
 # Provides: _DEBUG, _INF, _TRUE_WORDS, _WARNING, _dataclass, _env_bad, _env_bool, _env_float,
 #   _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg, _label, _log, _log_once,
-#   _on_reset, _path_arg, _real_arg, _seconds_arg, _str_path
+#   _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg, _str_path
 # Uses: nothing
 # =============================================================================
 
@@ -494,11 +530,12 @@ def _forget_warnings() -> None:
 # memory wired until reboot, so every stop here is SIGTERM first, a grace
 # period to exit and be reaped, and SIGKILL only after it.
 #
-# Provides: _on_macos, _platform, _run_bounded
+# Provides: _on_macos, _platform, _run_bounded, _stop_process
 # Uses: Prelude
 # =============================================================================
 
 _SUBPROCESS_OUTPUT_MAX = 1 << 20
+_REAP_AFTER_KILL_SEC = 10.0  # a SIGKILLed process is gone at once; this only bounds the wait
 
 
 def _platform() -> str:
@@ -510,23 +547,59 @@ def _on_macos() -> bool:
     return _platform() == "darwin"
 
 
-def _stop_process(proc: Any) -> None:
-    """SIGTERM, half a second to exit, SIGKILL only then; reaped either way.
+def _process_exited(proc: Any) -> bool:
+    """Whether a ``subprocess.Popen`` or ``multiprocessing.Process`` has exited."""
+    if hasattr(proc, "join"):  # multiprocessing: exitcode polls without blocking
+        return proc.exitcode is not None
+    return proc.poll() is not None
 
-    Waits for the process, not for its output: a grandchild that inherited the
-    pipe could otherwise hold us until it exits.
-    """
+
+def _wait_process(proc: Any, timeout: float) -> None:
+    if hasattr(proc, "join"):
+        proc.join(timeout)
+        return
     import subprocess
 
-    proc.terminate()
     try:
-        proc.wait(timeout=0.5)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
+        pass
+
+
+def _stop_process(
+    proc: Any,
+    *,
+    grace: float,
+    why: str,
+    what: str = "process",
+    wait: Callable[[float], object] | None = None,
+) -> bool:
+    """The one way this module stops a process: SIGTERM, ``grace`` s, SIGKILL only then.
+
+    ``proc`` is a ``subprocess.Popen`` or a ``multiprocessing.Process``;
+    ``wait(t)`` waits up to ``t`` s for it (default: its own ``wait``/``join``),
+    so it is reaped before this returns. A SIGKILL comes with a WARNING that
+    says why. Returns True when SIGKILL was needed.
+    """
+    waiter = wait if wait is not None else (lambda t: _wait_process(proc, t))
+    if _process_exited(proc):
+        waiter(0.0)  # reap it
+        return False
+    proc.terminate()
+    waiter(grace)
+    if _process_exited(proc):
+        return False
+    _log().warning(
+        "metal_guard: %s (pid %s) ignored %g s of SIGTERM (stopping because %s); sending "
+        "SIGKILL. Memory it held on the GPU may stay wired until reboot.",
+        what,
+        proc.pid,
+        grace,
+        why,
+    )
+    proc.kill()
+    waiter(_REAP_AFTER_KILL_SEC)
+    return True
 
 
 def _run_bounded(argv: list[str], timeout: float) -> str | None:
@@ -553,12 +626,16 @@ def _run_bounded(argv: list[str], timeout: float) -> str | None:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _stop_process(proc)
-        _log().debug("metal_guard: %s did not answer within %.1f s", argv[0], timeout)
+        why = f"it did not answer within {timeout:.1f} s"
+        _stop_process(proc, grace=0.5, why=why, what=argv[0])
+        _log().debug("metal_guard: %s: %s", argv[0], why)
         return None
     except BaseException:  # KeyboardInterrupt: do not leave the child behind
-        _stop_process(proc)
+        _stop_process(proc, grace=0.5, why="the caller was interrupted", what=argv[0])
         raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
     if proc.returncode != 0:
         _log().debug("metal_guard: %s exited with %s", argv[0], proc.returncode)
         return None
@@ -573,8 +650,8 @@ def _run_bounded(argv: list[str], timeout: float) -> str | None:
 # the file must survive a kernel panic); an append is one ``O_APPEND`` write.
 #
 # Provides: _FLOCK_BUSY, _FLOCK_UNSUPPORTED, _O_CLOEXEC, _O_NOFOLLOW, _append_bytes,
-#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _refuse_symlink, _state_file,
-#   _state_home
+#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _pid_alive, _read_bounded, _refuse_symlink,
+#   _state_file, _state_home
 # Uses: Prelude
 # =============================================================================
 
@@ -751,7 +828,7 @@ def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> by
 # The OS lock is the truth: a holder that dies releases it by dying. A lock
 # whose job is to exclude never runs silently unlocked.
 #
-# Provides: LockUnsupported, StateLockTimeout, _FileLock
+# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state
 # Uses: Prelude, Files
 # =============================================================================
 
@@ -812,6 +889,30 @@ class _LockState:
 
 _lock_states: dict[str, _LockState] = {}
 _lock_states_guard = _thread.allocate_lock()
+
+
+_fork_hook = [False]  # [installed]: the after-fork handler is registered on the first OS lock
+
+
+def _drop_locks_after_fork() -> None:
+    """In a forked child: close its copies of the parent's lock descriptors.
+
+    A forked child shares the parent's open file descriptions, so its copy of
+    a held lock's descriptor would keep the ``flock`` held after the parent
+    released it (or died) for as long as the child lives. Closing the copy
+    (never ``LOCK_UN``, which would release it for the parent too) leaves the
+    parent's hold intact. The guard may have been held by another thread at
+    fork time, so the child starts with a fresh one.
+    """
+    global _lock_states_guard
+    for state in list(_lock_states.values()):
+        if state.fd is not None:
+            try:
+                os.close(state.fd)
+            except OSError:
+                pass
+    _lock_states.clear()
+    _lock_states_guard = _thread.allocate_lock()
 
 
 def _lock_state(path: str) -> _LockState:
@@ -897,6 +998,9 @@ class _FileLock:
             state.acquiring = False
             state.fd, state.count, state.owner = fd, 1, me
             state.cond.notify_all()
+        if not _fork_hook[0] and fd is not None and hasattr(os, "register_at_fork"):
+            _fork_hook[0] = True
+            os.register_at_fork(after_in_child=_drop_locks_after_fork)
         return True
 
     def _os_lock(self, deadline: float | None, wait: float | None) -> int | None:
@@ -906,8 +1010,12 @@ class _FileLock:
         except ImportError:  # not a POSIX system: nothing to lock with
             self._unsupported("fcntl is unavailable")
             return None
-        _ensure_dir(os.path.dirname(self.path) or ".")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC
+        try:  # the folder exists but the first time: no makedirs on the hot path
+            fd = os.open(self.path, flags, 0o600)
+        except (FileNotFoundError, NotADirectoryError):  # no folder, or a file in its place
+            _ensure_dir(os.path.dirname(self.path) or ".")
+            fd = os.open(self.path, flags, 0o600)
         delay = 0.001
         while True:
             try:
@@ -1664,6 +1772,136 @@ class ReleaseStats(MemoryStats):
 
 
 # =============================================================================
+# 2.3 Release barrier — wait until MLX memory actually dropped, bounded.
+#
+# Where the original metal-guard slept a fixed time "to let memory settle",
+# this polls the condition with the fixed time as the upper bound:
+# synchronize, collect, clear the cache, then poll active memory until it is
+# back within ``slack_bytes`` of the baseline or the timeout passes.
+#
+# Provides: wait_for_release, _RELEASE_SLACK_DEFAULT, _RELEASE_TIMEOUT_MAX, _await_memory,
+#   _byte_count, _release
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers
+# =============================================================================
+
+_RELEASE_SLACK_DEFAULT = 64 << 20
+_RELEASE_TIMEOUT_MAX = 3600.0
+_POLL_FIRST_SEC = 0.002
+_POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than polling
+
+
+def _byte_count(name: str, value: object) -> int:
+    """A byte-count argument: a finite real number ≥ 0, as ``int``."""
+    number = _real_arg(name, value)
+    if not _finite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
+    return int(number)
+
+
+def _await_memory(
+    done: Callable[[MemoryStats], bool],
+    timeout: float,
+    read: Callable[[], MemoryStats] = _read_memory_stats,
+) -> tuple[MemoryStats, float, bool]:
+    """Poll ``read()`` until ``done(stats)`` or ``timeout`` s: ``(last stats, waited, done)``."""
+    start = time.monotonic()
+    delay = _POLL_FIRST_SEC
+    while True:
+        stats = read()
+        waited = time.monotonic() - start
+        if done(stats):
+            return stats, waited, True
+        if waited >= timeout:
+            return stats, waited, False
+        time.sleep(min(delay, timeout - waited))
+        delay = min(delay * 2, _POLL_MAX_SEC)
+
+
+def _release_stats(
+    stats: MemoryStats, baseline: int | None, waited: float, released: bool
+) -> ReleaseStats:
+    return ReleaseStats(
+        stats.active_bytes,
+        stats.peak_bytes,
+        stats.limit_bytes,
+        stats.cache_bytes,
+        stats.footprint_bytes,
+        baseline_bytes=baseline,
+        waited_sec=waited,
+        released=released,
+    )
+
+
+def wait_for_release(
+    baseline_bytes: int | None = None,
+    *,
+    timeout: float = 8.0,
+    slack_bytes: int = _RELEASE_SLACK_DEFAULT,
+) -> ReleaseStats:
+    """Wait until MLX's active memory is back near ``baseline_bytes``; return what was seen.
+
+    Synchronizes (default stream, mlx-lm's generation stream), runs
+    ``gc.collect()`` and ``mx.clear_cache()``, then polls
+    ``mx.get_active_memory()`` until it is at most ``baseline_bytes +
+    slack_bytes`` or ``timeout`` seconds passed. The default baseline is the
+    active memory recorded when this process last admitted a load (cadence
+    ``admit``/``mark_load``, ``bench_scoped_load``); with none it only
+    synchronizes, collects and clears. Breadcrumb ``RELEASE: done ...`` or
+    ``RELEASE: TIMEOUT ...`` (with one WARNING: something still references
+    the model). Returns a ``ReleaseStats`` (a ``MemoryStats`` with
+    ``baseline_bytes``, ``waited_sec``, ``released``). Without MLX it returns
+    at once.
+    """
+    wait = _seconds_arg("timeout", timeout, maximum=_RELEASE_TIMEOUT_MAX)
+    slack = _byte_count("slack_bytes", slack_bytes)
+    baseline = (
+        _load_baseline_bytes()
+        if baseline_bytes is None
+        else _byte_count("baseline_bytes", baseline_bytes)
+    )
+    return _release(baseline, wait, slack, _breadcrumb)
+
+
+def _release(
+    baseline: int | None, wait: float, slack: int, crumb: Callable[[str], None]
+) -> ReleaseStats:
+    mx = _mlx()
+    if mx is None:
+        return _release_stats(_read_memory_stats(), baseline, 0.0, True)
+    import gc
+
+    start = time.monotonic()
+    _synchronize(mx)
+    gc.collect()
+    clear_cache = _mlx_fn(mx, "clear_cache")
+    _mlx_step("clear_cache", clear_cache)
+    if baseline is None:
+        stats, released = _read_memory_stats(), True
+    else:
+        limit = baseline + slack
+        stats, _, released = _await_memory(lambda s: s.active_bytes <= limit, wait)
+        if released:
+            _mlx_step("clear_cache", clear_cache)  # what was freed while we polled
+    waited = time.monotonic() - start
+    base = "none" if baseline is None else f"{baseline / 1e9:.2f}GB"
+    if released:
+        crumb(f"RELEASE: done active={stats.active_gb:.2f}GB baseline={base} waited={waited:.2f}s")
+    else:
+        crumb(
+            f"RELEASE: TIMEOUT active={stats.active_gb:.2f}GB baseline={base} "
+            f"slack={slack / 1e9:.2f}GB waited={waited:.2f}s"
+        )
+        _log().warning(
+            "metal_guard: MLX still holds %.2f GB above the %.2f GB baseline after %.1f s: "
+            "something still references the model (drop it, e.g. `del model`, before the wait)",
+            (stats.active_bytes - (baseline or 0)) / 1e9,
+            (baseline or 0) / 1e9,
+            waited,
+        )
+    return _release_stats(stats, baseline, waited, released)
+
+
+# =============================================================================
 # 3.1 Model identity — what a model id means, without loading the model.
 #
 # Ids arrive as repo ids, local folders, Hugging Face cache folders or
@@ -2044,10 +2282,10 @@ def warn_if_known_panic_model(model_id: object) -> bool:
 # so a huge text stays linear, and run only when a cheap substring matches.
 #
 # Provides: detect_panic_signature, _BREAKER_CLOCK_SLACK, _BREAKER_SCHEMA, _BREAKER_SECONDS_MAX,
-#   _IOGPU, _IPS_HEAD_MAX, _PANIC_ARCHIVE_MAX_RECORDS, _PANIC_ARCHIVE_READ_MAX, _PANIC_BUG_TYPE,
-#   _PANIC_CACHE_MAX, _PANIC_DIR_ENV_VAR, _PANIC_FIELD_MAX, _PANIC_READ_MAX, _PANIC_REPORT_DIR,
-#   _PROCESS, _detect, _panic_archive_cache, _panic_ingest_memo, _panic_lock, _panic_report_cache,
-#   _signature_kind
+#   _IOGPU, _IPS_HEAD_MAX, _KERNEL, _PANIC_ARCHIVE_MAX_RECORDS, _PANIC_ARCHIVE_READ_MAX,
+#   _PANIC_BUG_TYPE, _PANIC_CACHE_MAX, _PANIC_DIR_ENV_VAR, _PANIC_FIELD_MAX, _PANIC_READ_MAX,
+#   _PANIC_REPORT_DIR, _PROCESS, _detect, _panic_archive_cache, _panic_ingest_memo, _panic_lock,
+#   _panic_report_cache, _signature_kind
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -3591,7 +3829,214 @@ def format_panic_for_apple_feedback(
 
 
 # =============================================================================
-# 4.1 Cadence — refuse back-to-back model loads, across processes.
+# 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
+#
+# Pure look-ups of ``sys.argv``, ``sys.modules`` and one environment variable;
+# nothing is cached (a process can change its mind, e.g. a notebook importing a
+# server). ``python -m mlx_lm.server`` is recognised from the ``__main__``
+# module's spec, since its ``argv[0]`` is the path of ``server.py``.
+#
+# Provides: ProcessMode, apply_mode_defaults, describe_process_mode, detect_process_mode,
+#   _SUBPROCESS_WORKER_ENV
+# Uses: Prelude
+# =============================================================================
+
+ProcessMode = str
+_SUBPROCESS_WORKER_ENV = "METALGUARD_SUBPROCESS_WORKER"
+_SERVER_MODULES = ("mlx_lm.server", "mlx_vlm.server")
+_SERVER_PACKAGES = ("mlx_lm", "mlx_vlm")  # ``python -m mlx_lm server`` / ``mlx_lm server``
+_SERVER_FRAMEWORKS = ("uvicorn", "gunicorn", "hypercorn", "fastapi")
+
+_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "server": {
+        "generate_timeout_sec": 60,
+        "periodic_flush_interval_sec": 60,
+        "kv_ceiling_gb": 10,
+        "prefill_single_alloc_ceiling_gb": 4.0,
+    },
+    "embedded": {
+        "generate_timeout_sec": 120,
+        "periodic_flush_interval_sec": 120,
+        "kv_ceiling_gb": 15,
+        "prefill_single_alloc_ceiling_gb": 4.5,
+    },
+    "notebook": {
+        "generate_timeout_sec": 600,
+        "periodic_flush_interval_sec": 900,
+        "kv_ceiling_gb": 30,
+        "prefill_single_alloc_ceiling_gb": 5.0,
+    },
+    "cli": {
+        "generate_timeout_sec": 300,
+        "periodic_flush_interval_sec": 300,
+        "kv_ceiling_gb": 20,
+        "prefill_single_alloc_ceiling_gb": 5.0,
+    },
+    "subprocess_worker": {
+        "generate_timeout_sec": 300,
+        "periodic_flush_interval_sec": 300,
+        "kv_ceiling_gb": 20,
+        "prefill_single_alloc_ceiling_gb": 5.0,
+        "skip_process_lock": True,
+    },
+}
+
+
+def _argv() -> list[str]:
+    argv = getattr(sys, "argv", None)
+    return [_label(a) for a in argv] if isinstance(argv, (list, tuple)) else []
+
+
+def _main_module_name() -> str:
+    """The dotted name ``python -m`` ran (``""`` for a script, ``-c`` or an embedded interpreter)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    return name if isinstance(name, str) else ""
+
+
+def _is_mlx_server(argv: list[str]) -> bool:
+    main = _main_module_name()
+    if main.removesuffix(".__main__") in _SERVER_MODULES:
+        return True
+    joined = " ".join(argv)
+    if "mlx_lm.server" in joined or "mlx.server" in joined:  # the original's rule
+        return True
+    argv0 = argv[0].replace("\\", "/") if argv else ""
+    if any(argv0.endswith(f"/{m.replace('.', '/')}.py") for m in _SERVER_MODULES):
+        return True
+    # ``python -m mlx_lm server ...`` and the ``mlx_lm server`` console script
+    package = main.removesuffix(".__main__") or os.path.basename(argv0)
+    return package in _SERVER_PACKAGES and len(argv) > 1 and argv[1] == "server"
+
+
+def detect_process_mode() -> ProcessMode:
+    """``server``, ``notebook``, ``cli``, ``subprocess_worker`` or ``embedded`` (first rule wins).
+
+    A metal-guard worker (``METALGUARD_SUBPROCESS_WORKER=1``); an MLX server
+    (``mlx_lm.server`` however started) or a web server (``uvicorn``,
+    ``gunicorn``, ``hypercorn``, ``fastapi``); a Jupyter kernel; a script,
+    ``python`` or ``pytest``; anything else is ``embedded``.
+    """
+    if os.environ.get(_SUBPROCESS_WORKER_ENV) == "1":
+        return "subprocess_worker"
+    argv = _argv()
+    if _is_mlx_server(argv):
+        return "server"
+    argv0 = argv[0] if argv else ""
+    base = os.path.basename(argv0)
+    if any(name in base or name in argv for name in _SERVER_FRAMEWORKS):
+        return "server"
+    if "ipykernel" in sys.modules or any("ipykernel_launcher" in a for a in argv):
+        return "notebook"
+    if "pytest" in base or argv0.endswith("_pytest"):
+        return "cli"
+    if argv0.endswith(".py") or base == "python" or base.startswith("python"):
+        return "cli"
+    return "embedded"
+
+
+def apply_mode_defaults(mode: ProcessMode | None = None) -> dict[str, Any]:
+    """The advisory defaults of ``mode`` (detected when ``None``) plus ``mode``.
+
+    An unknown mode gets the ``cli`` defaults, with its own name in ``mode``.
+    Advisory only: nothing in the library reads these values.
+    """
+    name = detect_process_mode() if mode is None else _label(mode)
+    defaults = dict(_MODE_DEFAULTS.get(name, _MODE_DEFAULTS["cli"]))
+    defaults["mode"] = name
+    return defaults
+
+
+def describe_process_mode() -> dict[str, Any]:
+    """``mode``, ``argv0``, ``has_ipykernel``, ``subprocess_worker_env`` and ``defaults``."""
+    mode = detect_process_mode()
+    argv = _argv()
+    return {
+        "mode": mode,
+        "argv0": argv[0] if argv else "",
+        "has_ipykernel": "ipykernel" in sys.modules,
+        "subprocess_worker_env": os.environ.get(_SUBPROCESS_WORKER_ENV, ""),
+        "defaults": apply_mode_defaults(mode),
+    }
+
+
+# =============================================================================
+# 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is reported.
+#
+# ``METALGUARD_MODE`` is read on every decision. In ``defensive`` mode (the
+# default) every refusal raises its exception. In ``observer`` mode each refusal
+# (cadence, circuit breaker, GPU-gate timeout, worker spawn) logs a WARNING and
+# writes an ``OBSERVE: would refuse …`` breadcrumb, and the call goes ahead;
+# flushes, breadcrumbs and monitors run as usual. The policies call ``_refuse``
+# at each refusal, so the mode is decided in one place.
+#
+# Provides: DEFENSIVE, OBSERVER, current_mode, describe_mode, is_defensive, is_observer, _refuse
+# Uses: Prelude, Breadcrumbs
+# =============================================================================
+
+DEFENSIVE = "defensive"
+OBSERVER = "observer"
+_MODE_ENV_VAR = "METALGUARD_MODE"
+_MODE_DESCRIPTIONS = {
+    DEFENSIVE: (
+        "Refusals raise: a cadence violation, the circuit breaker's cooldown, a GPU-gate "
+        "timeout, an MLX-lock conflict when a worker starts and a worker's own refusals stop "
+        "the call with their exception."
+    ),
+    OBSERVER: (
+        "Refusals are only reported: each one logs a WARNING and writes an 'OBSERVE: would "
+        "refuse ...' breadcrumb, and the call goes ahead (a cadence-refused load is still "
+        "recorded, a GPU-gate timeout runs the body without the gate). Flushes, breadcrumbs "
+        "and monitors run as usual. Explicit lock calls (acquire_mlx_lock) still raise."
+    ),
+}
+
+
+def current_mode() -> str:
+    """``"defensive"`` or ``"observer"`` from ``METALGUARD_MODE`` (read now; unset → defensive).
+
+    Any other value logs one WARNING per process and means defensive.
+    """
+    raw = os.environ.get(_MODE_ENV_VAR)
+    word = (raw or "").strip().lower()
+    if not word:
+        return DEFENSIVE
+    if word in _MODE_DESCRIPTIONS:
+        return word
+    _env_bad(_MODE_ENV_VAR, raw or "", f"expected {DEFENSIVE!r} or {OBSERVER!r}", DEFENSIVE)
+    return DEFENSIVE
+
+
+def is_defensive() -> bool:
+    return current_mode() == DEFENSIVE
+
+
+def is_observer() -> bool:
+    return current_mode() == OBSERVER
+
+
+def describe_mode() -> dict[str, str]:
+    """``mode``, ``description`` (what the mode does) and ``env_var`` (what the variable says)."""
+    mode = current_mode()
+    raw = os.environ.get(_MODE_ENV_VAR)
+    if raw is None or not raw.strip():
+        env = f"{_MODE_ENV_VAR}=<unset> (default → {DEFENSIVE})"
+    else:
+        env = f"{_MODE_ENV_VAR}={raw!r}"
+    return {"mode": mode, "description": _MODE_DESCRIPTIONS[mode], "env_var": env}
+
+
+def _refuse(exc: BaseException) -> None:
+    """Raise ``exc`` (defensive mode), or report it and return (observer mode)."""
+    if not is_observer():
+        raise exc
+    text = _label(exc)
+    _log().warning("metal_guard: OBSERVE: would refuse (%s): %s", type(exc).__name__, text)
+    _breadcrumb(f"OBSERVE: would refuse {type(exc).__name__}: {text}")
+
+
+# =============================================================================
+# 4.2 Cadence — refuse back-to-back model loads, across processes.
 #
 # The store is the original metal-guard's format (a flat JSON object of model
 # id → epoch seconds of the last load); our additions live under the reserved key
@@ -3602,7 +4047,8 @@ def format_panic_for_apple_feedback(
 # Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
 #   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
 #   _default_guard, _number, _rebuild_exception
-# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity,
+#   Modes (L6)
 # =============================================================================
 
 GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
@@ -3975,7 +4421,7 @@ class CadenceGuard:
         events = _CadenceEvents(self._read(), time.time())
         violation = self._violation(canon, self.effective_cross_interval(model_id), events)
         if violation is not None:
-            raise violation
+            _refuse(violation)
 
     def admit(self, model_id: StrPath) -> None:
         """Check and record a load in one critical section (atomic across processes).
@@ -3987,12 +4433,13 @@ class CadenceGuard:
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
+        observing = is_observer()  # the load goes ahead after a refusal: record it too
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
             self._prune(data, now)
             violation = self._violation(canon, cross, _CadenceEvents(data, now))
-            if violation is None:
+            if violation is None or observing:
                 self._record(data, canon, now, unload=False)
             return violation
 
@@ -4002,7 +4449,9 @@ class CadenceGuard:
                 _breadcrumb(
                     f"CADENCE_BLOCK: {canon} wait={_wait_sec(violation.remaining_sec):.1f}s ({violation})"
                 )
-            raise violation
+            _refuse(violation)  # observer mode: one WARNING, and the load goes ahead
+            _remember_load_baseline()
+            return
         _remember_load_baseline()  # what the release barrier waits for after the unload
         _breadcrumb(
             f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
@@ -4197,7 +4646,7 @@ def cadence_scope(
 
 
 # =============================================================================
-# 4.2 Panic archive — ``panics.jsonl``: the user's panic history.
+# 4.3 Panic archive — ``panics.jsonl``: the user's panic history.
 #
 # New reports are appended under the archive's lock, deduplicated by source
 # file and (second, pid); the archive is capped by count, never by age.
@@ -4380,14 +4829,14 @@ def ingest_panics_jsonl(
 
 
 # =============================================================================
-# 4.3 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
+# 4.4 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
 #
 # The cooldown lives in ``breaker.json`` (fsynced, locked), so it survives
 # restarts and reboots and every process sees the same trip.
 #
 # Provides: CircuitBreaker, MLXCooldownActive, _duration, _local_time
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Panic signatures, Panic reports,
-#   Cadence, Panic archive
+#   Modes (L6), Cadence, Panic archive
 # =============================================================================
 
 # -- the circuit breaker ------------------------------------------------------
@@ -4622,7 +5071,8 @@ class CircuitBreaker:
             state = self._state.read()[0]
         until = self._cooldown_until(state, now)
         if until is not None:
-            raise self._exception(state, until, now)
+            _refuse(self._exception(state, until, now))
+            return
         evidence = self._evidence(panics, state, now)
         if not self._would_trip(evidence, state):
             return
@@ -4661,7 +5111,10 @@ class CircuitBreaker:
                 self._state_path,
                 exc,
             )
-            raise MLXCooldownActive(len(evidence), window, now + cooldown, now=now) from None
+            unrecorded = MLXCooldownActive(len(evidence), window, now + cooldown, now=now)
+            unrecorded.__suppress_context__ = True  # as `raise ... from None`
+            _refuse(unrecorded)
+            return
         until = self._cooldown_until(state, now)
         if won:
             _breadcrumb(
@@ -4669,7 +5122,7 @@ class CircuitBreaker:
                 f"cooldown until {_local_time(now + cooldown)}"
             )
         if until is not None:
-            raise self._exception(state, until, now)
+            _refuse(self._exception(state, until, now))
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
         """What the breaker would decide now, and why (never raises, never writes)."""
@@ -4755,7 +5208,7 @@ class CircuitBreaker:
 
 
 # =============================================================================
-# 4.4 KV growth tracker — per-request KV-cache bytes against a ceiling.
+# 4.5 KV growth tracker — per-request KV-cache bytes against a ceiling.
 #
 # The caller reports the bytes each decoding step added; crossing the
 # request's ceiling aborts the request with ``MetalOOMError`` before the KV
@@ -4907,13 +5360,579 @@ kv_tracker = KVGrowthTracker()
 
 
 # =============================================================================
+# 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
+#
+# ``flock`` on a lock file that is never deleted (``_FileLock``, counted per
+# process): a holder that dies releases it by dying, so there are no stale
+# files and no pid-reuse mistakes after a reboot. The holder's details (pid,
+# label, start time, command line) are written beside it in
+# ``<lock>.holder.json`` while it is held; the OS lock stays the truth, so
+# ``read_mlx_lock`` returns ``None`` whenever nobody holds it, whatever that
+# file says. ``force=True`` sends SIGTERM to a live holder and waits for the
+# lock to come free; it never sends SIGKILL.
+#
+# Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
+#   _HOLDER_LABEL_MAX, _acquire_mlx_lock_at, _cmdline, _foreign_holder, _holder_dict,
+#   _lock_env_path, _mlx_lock_path, _release_mlx_lock_at, _utc_stamp
+# Uses: Prelude, Files, Locks, Breadcrumbs, Release barrier
+# =============================================================================
+
+_MLX_LOCK_ENV_VAR = "MLX_LOCK_PATH"
+_FORCE_WAIT_DEFAULT = 30.0
+_RECLAIM_COOLDOWN_DEFAULT = 8.0
+_FORCE_POLL_INTERVAL_SEC = 0.25  # the original's name; the wait itself polls inside _FileLock
+# A plain acquire waits this long for a holder that is just leaving (and rides
+# out the instant a status probe holds a shared lock) before it reports a conflict.
+_MLX_LOCK_GRACE_SEC = 0.5
+_HOLDER_CMDLINE_MAX = 300
+_HOLDER_LABEL_MAX = 200
+_HOLDER_FILE_MAX = 64 << 10
+
+_mlx_lock_guard = _thread.allocate_lock()
+_mlx_lock_holders: dict[str, dict[str, Any]] = {}  # lock path → this process's holder info
+
+
+def _lock_env_path(env_var: str, default_name: str) -> str:
+    """``env_var`` if set to a path (empty means unset), else ``$METALGUARD_HOME/<default_name>``."""
+    raw = os.environ.get(env_var)
+    path = _env_path(env_var, None) if raw is not None and raw.strip() else None
+    return path or _state_file(default_name)
+
+
+def _mlx_lock_path() -> str:
+    return _lock_env_path(_MLX_LOCK_ENV_VAR, "mlx_exclusive.lock")
+
+
+def _holder_file(lock_path: str) -> str:
+    return lock_path + ".holder.json"
+
+
+def _utc_stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+_cmdline_memo: dict[int, str] = {}  # pid → command line (a holder record is written per call)
+
+
+def _cmdline() -> str:
+    """``sys.argv`` joined by spaces, at most 300 characters (the original's format)."""
+    pid = os.getpid()
+    text = _cmdline_memo.get(pid)
+    if text is None:
+        argv = getattr(sys, "argv", None) or []
+        text = _cmdline_memo[pid] = " ".join(_label(a) for a in argv)[:_HOLDER_CMDLINE_MAX]
+    return text
+
+
+def _lock_probe(path: str) -> bool | None:
+    """Is ``path`` flocked by anyone? ``False`` when free or missing, ``None`` when unknown.
+
+    A non-blocking shared-lock attempt on a descriptor of our own: it fails
+    while an exclusive lock is held on any other open file description,
+    including one of this process. Never creates the file.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return True if exc.errno in _FLOCK_BUSY else None
+    finally:
+        os.close(fd)  # also drops the shared lock, if we got it
+    return False
+
+
+def _holder_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """The four holder keys of the original, from whatever the file held."""
+    pid = data.get("pid")
+    return {
+        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+        "label": _label(data.get("label", "")),
+        "started_at": data.get("started_at") if isinstance(data.get("started_at"), str) else None,
+        "cmdline": _label(data.get("cmdline", "")),
+    }
+
+
+def _foreign_holder(path: str, read: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The holder of a lock another process holds: ``None`` when free, else its details.
+
+    The details come from ``read()``; they may lag the OS lock by the moment a
+    new holder needs to write them (or name a holder that died), so a holder
+    that is not a live other process is read again a few times before the
+    details are reported as unknown (``pid`` ``None``).
+    """
+    for _ in range(10):
+        if not _lock_probe(path):
+            return None
+        info = read()
+        pid = info.get("pid") if info else None
+        if info and isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid):
+            return info
+        time.sleep(0.02)
+    return {"pid": None, "label": "", "started_at": None, "cmdline": ""}
+
+
+def _read_mlx_holder_file(lock_path: str) -> dict[str, Any] | None:
+    import json
+
+    try:
+        raw = _read_bounded(_holder_file(lock_path), _HOLDER_FILE_MAX)
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return _holder_dict(data) if isinstance(data, dict) else None
+
+
+def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None:
+    """Wait at most ``timeout`` s for memory a stopped MLX user held to be given back.
+
+    The memory of a process we took the lock from comes back when it exits, so
+    first wait (bounded) for it to be gone; then the release barrier for this
+    process's own MLX memory, only if MLX is imported here already.
+    """
+    deadline = time.monotonic() + timeout
+    if reclaimed_from is not None:
+        while _pid_alive(reclaimed_from) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    remaining = deadline - time.monotonic()
+    if "mlx.core" in sys.modules and remaining > 0:
+        wait_for_release(timeout=remaining)
+
+
+def _mlx_file_lock(path: str) -> _FileLock:
+    return _FileLock(path, None, per_thread=False, must_exclude=True, env_var=_MLX_LOCK_ENV_VAR)
+
+
+class MLXLockConflict(RuntimeError):
+    """Another process holds the MLX lock (``.holder`` says who).
+
+    After ``force=True`` failed, ``.holder`` also carries ``force_timeout`` or
+    ``force_permission_denied`` (``True``) and a ``message``.
+    """
+
+    def __init__(self, holder: dict[str, Any]) -> None:
+        self.holder: dict[str, Any] = dict(holder) if isinstance(holder, dict) else {}
+        h = self.holder
+        who = (
+            f"{_label(h.get('label') or '?')!r} (pid {h.get('pid') or 'unknown'}, since "
+            f"{h.get('started_at') or 'unknown'}, command line {_label(h.get('cmdline') or '')!r})"
+        )
+        text = f"MLX lock is held by {who}."
+        if h.get("message"):
+            text += f" {_label(h['message'])}"
+        else:
+            text += (
+                " Only one process should drive MLX at a time: wait for it to finish, stop it, "
+                "or acquire with force=True to send it SIGTERM and wait for it to exit "
+                "(MLX_FORCE_WAIT_SEC, default 30 s)."
+            )
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.holder,))
+
+
+def read_mlx_lock() -> dict[str, Any] | None:
+    """Who holds the MLX lock: ``pid``, ``label``, ``started_at``, ``cmdline``; ``None`` if free.
+
+    The OS lock decides (never the info file alone). Never writes; never raises
+    for a missing or unreadable file.
+    """
+    return _read_mlx_lock_at(_mlx_lock_path())
+
+
+def _read_mlx_lock_at(path: str) -> dict[str, Any] | None:
+    with _mlx_lock_guard:
+        if _mlx_file_lock(path).count > 0:
+            mine = _mlx_lock_holders.get(path)
+            return dict(mine) if mine else _new_holder(path, "")
+    return _foreign_holder(path, lambda: _read_mlx_holder_file(path))
+
+
+def _new_holder(path: str, label: str) -> dict[str, Any]:
+    """Record this process as the holder of ``path`` (memory and info file); the info."""
+    info = {
+        "pid": os.getpid(),
+        "label": label[:_HOLDER_LABEL_MAX],
+        "started_at": _utc_stamp(time.time()),
+        "cmdline": _cmdline(),
+    }
+    _mlx_lock_holders[path] = info
+    import json
+
+    try:
+        _atomic_write_bytes(_holder_file(path), json.dumps(info, indent=2).encode("utf-8") + b"\n")
+    except OSError as exc:  # the OS lock is held all the same; only the display suffers
+        _log_once(
+            "mlx-holder:" + path,
+            _WARNING,
+            "metal_guard: cannot write the MLX lock holder file %s (%s); the lock is held",
+            _holder_file(path),
+            exc,
+        )
+    return dict(info)
+
+
+def acquire_mlx_lock(label: str, *, force: bool = False) -> dict[str, Any]:
+    """Take the host's MLX lock for this process; returns the holder info.
+
+    Reentrant: a process that holds it takes one more hold (released by as many
+    ``release_mlx_lock()`` calls) and gets the info of its first hold. A holder
+    that is just leaving is waited for briefly; otherwise ``MLXLockConflict``.
+    With ``force=True`` the live holder gets SIGTERM and this call waits up to
+    ``MLX_FORCE_WAIT_SEC`` (default 30) for the lock, then up to
+    ``MLX_RECLAIM_COOLDOWN_SEC`` (default 8) for the memory to be released.
+    Raises ``LockUnsupported`` where the filesystem cannot ``flock`` (set
+    ``MLX_LOCK_PATH`` to a local disk).
+    """
+    return _acquire_mlx_lock_at(_mlx_lock_path(), _label(label), force=bool(force))
+
+
+def _acquire_mlx_lock_at(path: str, label: str, *, force: bool) -> dict[str, Any]:
+    lock = _mlx_file_lock(path)
+    deadline = time.monotonic() + _MLX_LOCK_GRACE_SEC
+    while True:
+        try:
+            took = lock.acquire(max(0.0, deadline - time.monotonic()))
+            break
+        except StateLockTimeout:
+            holder = _read_mlx_lock_at(path)
+            if holder is None and time.monotonic() < deadline + 5 * _MLX_LOCK_GRACE_SEC:
+                continue  # it came free meanwhile
+            holder = holder or {"pid": None, "label": "", "started_at": None, "cmdline": ""}
+            if not force:
+                raise MLXLockConflict(holder) from None
+            took = _force_acquire(lock, holder, label)
+            break
+    with _mlx_lock_guard:
+        mine = None if took else _mlx_lock_holders.get(path)
+        info = dict(mine) if mine else _new_holder(path, label)
+    if took:
+        _breadcrumb(f"MLX_LOCK: acquired {label} pid={os.getpid()}")
+    return info
+
+
+def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
+    """SIGTERM the live holder, wait for the lock, then for the memory; never SIGKILL."""
+    import signal
+
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+        raise MLXLockConflict(
+            {**holder, "message": "force=True cannot stop it: the holder's pid is unknown."}
+        )
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # exited meanwhile: the lock is free or about to be
+    except PermissionError:
+        raise MLXLockConflict(
+            {
+                **holder,
+                "force_permission_denied": True,
+                "message": f"force=True could not signal pid {pid} (permission denied; another user's process).",
+            }
+        ) from None
+    _breadcrumb(f"MLX_LOCK: FORCE SIGTERM pid={pid} ({_label(holder.get('label'))}) for {label}")
+    wait = _env_float("MLX_FORCE_WAIT_SEC", _FORCE_WAIT_DEFAULT, maximum=3600.0)
+    try:
+        took = lock.acquire(wait)
+    except StateLockTimeout:
+        raise MLXLockConflict(
+            {
+                **holder,
+                "force_timeout": True,
+                "message": (
+                    f"force=True sent SIGTERM to pid {pid}, which still held the lock after "
+                    f"{wait:g} s (MLX_FORCE_WAIT_SEC). It was not killed: SIGKILL can leave its "
+                    "Metal memory wired until reboot. Stop it yourself."
+                ),
+            }
+        ) from None
+    cooldown = _env_float("MLX_RECLAIM_COOLDOWN_SEC", _RECLAIM_COOLDOWN_DEFAULT, maximum=600.0)
+    if cooldown > 0:
+        _log().info(
+            "metal_guard: reclaimed the MLX lock from pid %d; waiting up to %g s for its memory",
+            pid,
+            cooldown,
+        )
+        _await_release(cooldown, reclaimed_from=pid)
+    return took
+
+
+def release_mlx_lock() -> bool:
+    """Drop one hold of this process on the MLX lock; ``False`` when it held none.
+
+    The OS lock (and the holder file) go with the last hold. Never raises.
+    """
+    return _release_mlx_lock_at(_mlx_lock_path())
+
+
+def _release_mlx_lock_at(path: str) -> bool:
+    lock = _mlx_file_lock(path)
+    with _mlx_lock_guard:
+        if lock.count == 0:
+            return False
+        last = lock.count == 1
+        if last:
+            _mlx_lock_holders.pop(path, None)
+            try:  # before the OS lock goes: the next holder's file must not be removed
+                os.unlink(_holder_file(path))
+            except OSError:
+                pass
+        lock.release()
+    if last:
+        _breadcrumb(f"MLX_LOCK: released pid={os.getpid()}")
+    return True
+
+
+class mlx_exclusive_lock:
+    """``with mlx_exclusive_lock(label) as info:`` — acquire, always release on exit."""
+
+    __slots__ = ("_path", "force", "label")
+
+    def __init__(self, label: str, *, force: bool = False) -> None:
+        self.label = _label(label)
+        self.force = bool(force)
+        self._path: str | None = None
+
+    def __enter__(self) -> dict[str, Any]:
+        path = _mlx_lock_path()
+        info = _acquire_mlx_lock_at(path, self.label, force=self.force)
+        self._path = path
+        return info
+
+    def __exit__(self, *exc: object) -> None:
+        path, self._path = self._path, None
+        if path is not None:
+            _release_mlx_lock_at(path)
+
+
+# =============================================================================
+# 4.7 GPU gate — one MLX workload at a time across the threads and processes
+# of the host.
+#
+# Two generation streams at once panicked 3 of 3 cold boots in 102-108 s while
+# the same work run one after the other ran 111 minutes clean (ml-explore/mlx
+# #3186). ``exclusive_gpu`` serialises MLX work: an in-process lock for the
+# threads (reentrant per thread) plus ``flock`` on ``gpu.lock`` for the
+# processes. The holder (pid, thread, label, since) is written into the lock
+# file itself with one ``pwrite`` (no ``fsync``: after a crash the lock is free
+# anyway), so an uncontended gate costs one open + flock + write + close.
+#
+# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _gpu_lock_path
+# Uses: Prelude, Files, Locks, Modes (L6), Cadence, MLX lock (L8)
+# =============================================================================
+
+_GPU_LOCK_ENV_VAR = "METALGUARD_GPU_LOCK_PATH"
+_GPU_WAIT_WARN_SEC = 60.0  # while waiting, one WARNING per this many seconds
+_GPU_HOLDER_BYTES = 2048  # the holder record is padded to this size: one write, no torn tail
+
+_gpu_holders: dict[str, dict[str, Any]] = {}  # lock path → this process's current holder
+
+
+def _gpu_lock_path() -> str:
+    return _lock_env_path(_GPU_LOCK_ENV_VAR, "gpu.lock")
+
+
+def _gpu_lock(path: str) -> _FileLock:
+    return _FileLock(path, None, per_thread=True, must_exclude=True, env_var=_GPU_LOCK_ENV_VAR)
+
+
+def _gpu_holder_record(label: str) -> tuple[dict[str, Any], bytes]:
+    import json
+    import threading
+
+    now = time.time()
+    info: dict[str, Any] = {
+        "pid": os.getpid(),
+        "thread": threading.current_thread().name,
+        "thread_id": _thread.get_ident(),
+        "label": label[:_HOLDER_LABEL_MAX],
+        "since": now,
+        "started_at": _utc_stamp(now),
+        "cmdline": _cmdline(),
+    }
+    data = json.dumps(info).encode("utf-8")
+    if len(data) > _GPU_HOLDER_BYTES:  # a label or command line full of escapes
+        info["cmdline"] = info["cmdline"][:40]
+        info["label"] = info["label"][:40]
+        data = json.dumps(info).encode("utf-8")[:_GPU_HOLDER_BYTES]
+    return info, data.ljust(_GPU_HOLDER_BYTES)
+
+
+def _read_gpu_holder_file(path: str) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(_read_bounded(path, _GPU_HOLDER_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    info = _holder_dict(data)
+    since = _number(data.get("since"))
+    info.update(thread=_label(data.get("thread", "")), since=since)
+    return info
+
+
+def read_gpu_gate() -> dict[str, Any] | None:
+    """Who holds the GPU gate: ``pid``, ``thread``, ``label``, ``since``, ``started_at``,
+    ``cmdline``; ``None`` when free. Never writes.
+    """
+    path = _gpu_lock_path()
+    state = _lock_state(path)
+    for _ in range(20):  # a thread of ours holds it: its record follows within moments
+        if state.count == 0:
+            break
+        mine = _gpu_holders.get(path)
+        if mine is not None:
+            return dict(mine)
+        time.sleep(0.005)
+    return _foreign_holder(path, lambda: _read_gpu_holder_file(path))
+
+
+class GPUBusy(TimeoutError):
+    """The GPU gate stayed busy for ``timeout`` seconds; ``.holder`` says who held it."""
+
+    def __init__(
+        self, holder: dict[str, Any] | None, timeout: float, label: str = "", path: str = ""
+    ) -> None:
+        self.holder = dict(holder) if isinstance(holder, dict) else None
+        self.timeout = float(timeout)
+        self.label = _label(label)
+        self.path = _label(path)
+        h = self.holder or {}
+        who = (
+            f"pid {h.get('pid') or 'unknown'} (label {_label(h.get('label') or '')!r}, thread "
+            f"{_label(h.get('thread') or '?')}, since {h.get('started_at') or 'unknown'}, "
+            f"command line {_label(h.get('cmdline') or '')!r})"
+            if self.holder
+            else "a holder that has just left"
+        )
+        super().__init__(
+            f"GPU gate {self.path or 'gpu.lock'} still busy after {self.timeout:g} s"
+            + (f" for {self.label!r}" if self.label else "")
+            + f": held by {who}."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.holder, self.timeout, self.label, self.path))
+
+
+class exclusive_gpu:
+    """``with exclusive_gpu(label): ...`` — run MLX work as the host's only GPU user.
+
+    Waits for the gate (``timeout`` seconds, ``None`` = forever), logging one
+    WARNING per minute of waiting that names the holder; on expiry raises
+    ``GPUBusy`` (in observer mode: reports it and runs the body without the
+    gate). Reentrant in one thread; other threads and processes wait. The path
+    is ``METALGUARD_GPU_LOCK_PATH`` or ``$METALGUARD_HOME/gpu.lock``; a
+    filesystem that cannot ``flock`` raises ``LockUnsupported``.
+    """
+
+    __slots__ = ("_held", "label", "timeout")
+
+    def __init__(self, label: str = "", *, timeout: float | None = None) -> None:
+        self.label = _label(label)
+        self.timeout = (
+            None if timeout is None else _seconds_arg("timeout", timeout, maximum=_INTERVAL_MAX)
+        )
+        # per thread: a stack of the paths this object holds (None: ran without the gate)
+        self._held: dict[int, list[str | None]] = {}
+
+    def __enter__(self) -> exclusive_gpu:
+        path = _gpu_lock_path()
+        lock = _gpu_lock(path)
+        me = _thread.get_ident()
+        if lock.held_by_me():
+            lock.acquire()
+        elif not self._wait(path, lock):
+            self._held.setdefault(me, []).append(None)
+            return self
+        self._held.setdefault(me, []).append(path)
+        return self
+
+    def _wait(self, path: str, lock: _FileLock) -> bool:
+        """Take the gate; False when it timed out in observer mode (run ungated)."""
+        start = time.monotonic()
+        deadline = None if self.timeout is None else start + self.timeout
+        next_warning = start + _GPU_WAIT_WARN_SEC
+        while True:
+            until = next_warning if deadline is None else min(next_warning, deadline)
+            try:
+                took = lock.acquire(max(0.0, until - time.monotonic()))
+                break
+            except StateLockTimeout:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    _refuse(GPUBusy(read_gpu_gate(), self.timeout or 0.0, self.label, path))
+                    return False
+                if now >= next_warning:
+                    next_warning += _GPU_WAIT_WARN_SEC
+                    _log().warning(
+                        "metal_guard: %s has waited %.0f s for the GPU gate %s, held by %s",
+                        repr(self.label) if self.label else "this thread",
+                        now - start,
+                        path,
+                        _describe_holder(read_gpu_gate()),
+                    )
+        if took:
+            info, record = _gpu_holder_record(self.label)
+            _gpu_holders[path] = info
+            fd = _lock_state(path).fd
+            if fd is not None:
+                try:
+                    os.pwrite(fd, record, 0)
+                except OSError as exc:  # only the display suffers
+                    _log().debug("metal_guard: cannot record the GPU gate holder: %s", exc)
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        stack = self._held.get(_thread.get_ident())
+        path = stack.pop() if stack else None
+        if stack is not None and not stack:
+            del self._held[_thread.get_ident()]
+        if path is None:
+            return
+        lock = _gpu_lock(path)
+        if lock.count == 1:
+            _gpu_holders.pop(path, None)
+        lock.release()
+
+    def __repr__(self) -> str:
+        return f"exclusive_gpu({self.label!r}, timeout={self.timeout!r})"
+
+
+def _describe_holder(holder: dict[str, Any] | None) -> str:
+    """``pid 123 ('label', thread T, since …)`` for logs and the command line."""
+    if not holder:
+        return "nobody"
+    text = f"pid {holder.get('pid') or 'unknown'}"
+    details = [repr(holder["label"])] if holder.get("label") else []
+    if holder.get("thread"):
+        details.append(f"thread {holder['thread']}")
+    if holder.get("started_at"):
+        details.append(f"since {holder['started_at']}")
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+# =============================================================================
 # 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 #
 # Both are best-effort: a failing MLX step logs and carries on, and the body's
 # own exception always propagates unchanged.
 #
 # Provides: gemma4_generation_flush, subprocess_inference_guard
-# Uses: Prelude, Breadcrumbs, MLX access, Model identity
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity, GPU gate
 # =============================================================================
 
 
@@ -4931,16 +5950,47 @@ class subprocess_inference_guard:
     threads, and as a decorator of a function that returns its result (for a
     generator, put the ``with`` around the loop instead). Without MLX only the
     breadcrumbs are written.
+
+    ``exclusive=True`` (or ``None`` with ``METALGUARD_EXCLUSIVE_GPU`` true) also
+    holds the GPU gate (``exclusive_gpu``) around PRE, body and POST, so only
+    one guarded generate runs at a time on the host.
     """
 
-    __slots__ = ("model_id", "streams")
+    __slots__ = ("_gates", "exclusive", "model_id", "streams")
 
-    def __init__(self, model_id: object, *, streams: object = None) -> None:
+    def __init__(
+        self, model_id: object, *, streams: object = None, exclusive: bool | None = None
+    ) -> None:
         self.model_id = model_id
         # Materialised once, so a generator of streams serves every use of the guard.
         self.streams: tuple[object, ...] = tuple(_as_stream_list(streams))
+        self.exclusive = None if exclusive is None else bool(exclusive)
+        # per thread: the GPU gates this guard entered (None: not exclusive), innermost last
+        self._gates: dict[int, list[exclusive_gpu | None]] = {}
 
     def __enter__(self) -> subprocess_inference_guard:
+        gate = None
+        if self.exclusive or (self.exclusive is None and _env_bool("METALGUARD_EXCLUSIVE_GPU")):
+            gate = exclusive_gpu(f"subprocess_inference_guard:{_label(self.model_id)}")
+            gate.__enter__()
+        self._gates.setdefault(_thread.get_ident(), []).append(gate)
+        try:
+            self._pre()
+        except BaseException:  # KeyboardInterrupt during PRE: do not keep the gate
+            self._leave_gate()
+            raise
+        return self
+
+    def _leave_gate(self) -> None:
+        me = _thread.get_ident()
+        stack = self._gates.get(me)
+        gate = stack.pop() if stack else None
+        if stack is not None and not stack:
+            del self._gates[me]
+        if gate is not None:
+            gate.__exit__(None, None, None)
+
+    def _pre(self) -> None:
         mx = _mlx()
         if mx is not None:
             _mlx_step(
@@ -4950,7 +6000,6 @@ class subprocess_inference_guard:
                 level=_WARNING,
             )
         _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
-        return self
 
     def __exit__(
         self,
@@ -4961,31 +6010,37 @@ class subprocess_inference_guard:
         # After a failed body the driver may already be in trouble: step
         # failures are then expected and logged at DEBUG only.
         level = _WARNING if exc is None else _DEBUG
-        mx = _mlx()
-        if mx is not None:
-            _synchronize(mx, self.streams, model_id=self.model_id, level=level)
-            _mlx_step(
-                "clear_cache (post)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=level,
-            )
-        _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+        try:
+            mx = _mlx()
+            if mx is not None:
+                _synchronize(mx, self.streams, model_id=self.model_id, level=level)
+                _mlx_step(
+                    "clear_cache (post)",
+                    _mlx_fn(mx, "clear_cache"),
+                    model_id=self.model_id,
+                    level=level,
+                )
+            _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+        finally:
+            self._leave_gate()
 
     def __call__(self, func: _F) -> _F:
         import functools
 
-        model_id, streams = self.model_id, self.streams
+        model_id, streams, exclusive = self.model_id, self.streams, self.exclusive
 
         @functools.wraps(func)
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            with subprocess_inference_guard(model_id, streams=streams):
+            with subprocess_inference_guard(model_id, streams=streams, exclusive=exclusive):
                 return func(*args, **kwargs)
 
         return guarded  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r})"
+        return (
+            f"subprocess_inference_guard({self.model_id!r}, streams={self.streams!r}, "
+            f"exclusive={self.exclusive!r})"
+        )
 
 
 _GEMMA4_SLEEP_DEFAULT = 3.0
@@ -5675,137 +6730,7 @@ def log_system_audit_at_startup() -> dict[str, Any]:
 
 
 # =============================================================================
-# 5.5 Release barrier — wait until MLX memory actually dropped, bounded.
-#
-# Where the original metal-guard slept a fixed time "to let memory settle",
-# this polls the condition with the fixed time as the upper bound:
-# synchronize, collect, clear the cache, then poll active memory until it is
-# back within ``slack_bytes`` of the baseline or the timeout passes.
-#
-# Provides: wait_for_release, _RELEASE_SLACK_DEFAULT, _RELEASE_TIMEOUT_MAX, _await_memory,
-#   _byte_count, _release
-# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers
-# =============================================================================
-
-_RELEASE_SLACK_DEFAULT = 64 << 20
-_RELEASE_TIMEOUT_MAX = 3600.0
-_POLL_FIRST_SEC = 0.002
-_POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than polling
-
-
-def _byte_count(name: str, value: object) -> int:
-    """A byte-count argument: a finite real number ≥ 0, as ``int``."""
-    number = _real_arg(name, value)
-    if not _finite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
-    return int(number)
-
-
-def _await_memory(
-    done: Callable[[MemoryStats], bool],
-    timeout: float,
-    read: Callable[[], MemoryStats] = _read_memory_stats,
-) -> tuple[MemoryStats, float, bool]:
-    """Poll ``read()`` until ``done(stats)`` or ``timeout`` s: ``(last stats, waited, done)``."""
-    start = time.monotonic()
-    delay = _POLL_FIRST_SEC
-    while True:
-        stats = read()
-        waited = time.monotonic() - start
-        if done(stats):
-            return stats, waited, True
-        if waited >= timeout:
-            return stats, waited, False
-        time.sleep(min(delay, timeout - waited))
-        delay = min(delay * 2, _POLL_MAX_SEC)
-
-
-def _release_stats(
-    stats: MemoryStats, baseline: int | None, waited: float, released: bool
-) -> ReleaseStats:
-    return ReleaseStats(
-        stats.active_bytes,
-        stats.peak_bytes,
-        stats.limit_bytes,
-        stats.cache_bytes,
-        stats.footprint_bytes,
-        baseline_bytes=baseline,
-        waited_sec=waited,
-        released=released,
-    )
-
-
-def wait_for_release(
-    baseline_bytes: int | None = None,
-    *,
-    timeout: float = 8.0,
-    slack_bytes: int = _RELEASE_SLACK_DEFAULT,
-) -> ReleaseStats:
-    """Wait until MLX's active memory is back near ``baseline_bytes``; return what was seen.
-
-    Synchronizes (default stream, mlx-lm's generation stream), runs
-    ``gc.collect()`` and ``mx.clear_cache()``, then polls
-    ``mx.get_active_memory()`` until it is at most ``baseline_bytes +
-    slack_bytes`` or ``timeout`` seconds passed. The default baseline is the
-    active memory recorded when this process last admitted a load (cadence
-    ``admit``/``mark_load``, ``bench_scoped_load``); with none it only
-    synchronizes, collects and clears. Breadcrumb ``RELEASE: done ...`` or
-    ``RELEASE: TIMEOUT ...`` (with one WARNING: something still references
-    the model). Returns a ``ReleaseStats`` (a ``MemoryStats`` with
-    ``baseline_bytes``, ``waited_sec``, ``released``). Without MLX it returns
-    at once.
-    """
-    wait = _seconds_arg("timeout", timeout, maximum=_RELEASE_TIMEOUT_MAX)
-    slack = _byte_count("slack_bytes", slack_bytes)
-    baseline = (
-        _load_baseline_bytes()
-        if baseline_bytes is None
-        else _byte_count("baseline_bytes", baseline_bytes)
-    )
-    return _release(baseline, wait, slack, _breadcrumb)
-
-
-def _release(
-    baseline: int | None, wait: float, slack: int, crumb: Callable[[str], None]
-) -> ReleaseStats:
-    mx = _mlx()
-    if mx is None:
-        return _release_stats(_read_memory_stats(), baseline, 0.0, True)
-    import gc
-
-    start = time.monotonic()
-    _synchronize(mx)
-    gc.collect()
-    clear_cache = _mlx_fn(mx, "clear_cache")
-    _mlx_step("clear_cache", clear_cache)
-    if baseline is None:
-        stats, released = _read_memory_stats(), True
-    else:
-        limit = baseline + slack
-        stats, _, released = _await_memory(lambda s: s.active_bytes <= limit, wait)
-        if released:
-            _mlx_step("clear_cache", clear_cache)  # what was freed while we polled
-    waited = time.monotonic() - start
-    base = "none" if baseline is None else f"{baseline / 1e9:.2f}GB"
-    if released:
-        crumb(f"RELEASE: done active={stats.active_gb:.2f}GB baseline={base} waited={waited:.2f}s")
-    else:
-        crumb(
-            f"RELEASE: TIMEOUT active={stats.active_gb:.2f}GB baseline={base} "
-            f"slack={slack / 1e9:.2f}GB waited={waited:.2f}s"
-        )
-        _log().warning(
-            "metal_guard: MLX still holds %.2f GB above the %.2f GB baseline after %.1f s: "
-            "something still references the model (drop it, e.g. `del model`, before the wait)",
-            (stats.active_bytes - (baseline or 0)) / 1e9,
-            (baseline or 0) / 1e9,
-            waited,
-        )
-    return _release_stats(stats, baseline, waited, released)
-
-
-# =============================================================================
-# 5.6 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup,
+# 5.5 Memory layers — MetalGuard L1-L4: GPU-thread registry, safe cleanup,
 # Metal out-of-memory recovery, the pre-load fit check.
 #
 # The original metal-guard's methods and breadcrumb tags, corrected: one
@@ -5814,8 +6739,8 @@ def _release(
 # means out-of-memory only, and fit decisions on max(active, footprint).
 #
 # Provides: _ERROR, _MemoryLayers, _reset_peak_memory
-# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Model identity, Size and hardware tables,
-#   Release barrier
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Release barrier, Model identity,
+#   Size and hardware tables
 # =============================================================================
 
 _ERROR = 40
@@ -6220,7 +7145,7 @@ class _MemoryLayers(_BreadcrumbLog):
 
 
 # =============================================================================
-# 5.7 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
+# 5.6 Monitors — MetalGuard L5: periodic flush, memory watchdog, KV-cache
 # monitor, as three independent daemon threads.
 #
 # Each monitor is one daemon thread waiting on its own stop event: starting
@@ -6510,7 +7435,7 @@ class _MemoryMonitors(_MemoryLayers):
 
 
 # =============================================================================
-# 5.8 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware
+# 5.7 MetalGuard — the health probe, the SIGABRT breadcrumb, hardware
 # detection, and the ``metal_guard`` singleton.
 #
 # ``detect_hardware()`` spends at most about 2 s in subprocesses in total and
@@ -6519,8 +7444,8 @@ class _MemoryMonitors(_MemoryLayers):
 # be removed again.
 #
 # Provides: MetalGuard, metal_guard
-# Uses: Prelude, Processes, MLX access, Memory numbers, Size and hardware tables, System audits,
-#   Release barrier, Monitors
+# Uses: Prelude, Processes, MLX access, Memory numbers, Release barrier, Size and hardware tables,
+#   System audits, Monitors
 # =============================================================================
 
 _HARDWARE_BUDGET_SEC = 2.0
@@ -6719,7 +7644,7 @@ metal_guard = MetalGuard()
 
 
 # =============================================================================
-# 5.9 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
+# 5.8 Scoped loads — ``bench_scoped_load`` and the KV-pressure callback.
 #
 # ``bench_scoped_load`` admits the load through the cadence guard, holds the
 # MLX lock from before the load to after the release (released on every
@@ -6727,40 +7652,13 @@ metal_guard = MetalGuard()
 # back instead of sleeping a fixed 8 s.
 #
 # Provides: bench_scoped_load, kv_cache_clear_on_pressure
-# Uses: Prelude, Files, Locks, Breadcrumbs, MLX access, Memory numbers, Model identity, Cadence,
-#   Release barrier, Memory layers, MetalGuard
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Release barrier, Model identity, Cadence,
+#   MLX lock (L8), Memory layers, MetalGuard
 # =============================================================================
 
 _BENCH_BACKENDS = {"mlx": "mlx_lm", "mlx-lm": "mlx_lm", "mlx-vlm": "mlx_vlm"}
 _BENCH_RELEASE_TIMEOUT_SEC = 8.0  # the original's fixed sleep, now an upper bound
 _BENCH_ACTIVE_NOTE_BYTES = 4e9
-
-
-class _BenchLock:
-    """Stand-in for ``mlx_exclusive_lock("bench_scoped_load")`` (the MLX lock, L8).
-
-    The same lock file and semantics (a process-wide, reentrant flock that
-    must exclude); it fails at once when another process holds it.
-    """
-
-    def __init__(self) -> None:
-        path = _env_path("MLX_LOCK_PATH", None) or _state_file("mlx_exclusive.lock")
-        self.lock = _FileLock(
-            path, None, per_thread=False, must_exclude=True, env_var="MLX_LOCK_PATH"
-        )
-
-    def __enter__(self) -> _BenchLock:
-        self.lock.acquire(timeout=0.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
-
-
-def _bench_lock() -> _BenchLock:
-    # TODO(merge): replace with mlx_exclusive_lock("bench_scoped_load") once the MLX
-    # lock section is in; bench_scoped_load only needs a context manager.
-    return _BenchLock()
 
 
 class bench_scoped_load:
@@ -6791,7 +7689,7 @@ class bench_scoped_load:
         label = _label(self.model_id)
         _breadcrumb(f"BENCH_SCOPED_LOAD: ENTER {label} backend={self.backend}")
         _log().info("metal_guard: bench_scoped_load %s (backend %s)", label, self.backend)
-        lock = _bench_lock()
+        lock = mlx_exclusive_lock("bench_scoped_load")
         lock.__enter__()
         admitted = False
         try:
@@ -6866,6 +7764,926 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 
 
 # =============================================================================
+# 5.9 Subprocess worker — (L7, child side) a worker process that guards itself.
+#
+# ``_worker_main`` runs in a ``spawn``ed child (never ``fork``: a forked child
+# would inherit a process that may have touched Metal). Before the load: the
+# known-panic advisory, the circuit breaker and cadence admission (a refusal is
+# sent to the parent, which raises the same exception). Every generate: the
+# gemma-4 first-generate flush (first one only) and
+# ``subprocess_inference_guard``; ``temperature`` goes to mlx-lm's sampler and
+# ``system`` into the chat template. On shutdown (a message, end of the pipe,
+# SIGTERM or idleness): drop the model, wait for the memory, mark the unload.
+#
+# Message protocol (dicts over two one-way pipes), the original's plus
+# ``refused``: parent → child ``{"type": "generate", "prompt", "max_tokens",
+# "temperature", "system"}`` or ``{"type": "shutdown"}``; child → parent
+# ``ready`` (``model_id``, ``pid``), ``result`` (``text``), ``error``
+# (``error``), ``refused`` (``error``, ``exception``) and ``shutdown_ack``.
+#
+# Provides: Connection, _BACKENDS, _REFUSALS, _worker_main
+# Uses: Prelude, Breadcrumbs, Release barrier, Registry, Process mode (R6), Cadence,
+#   Circuit breaker, MLX lock (L8), GPU gate, Flush guards
+# =============================================================================
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from multiprocessing.connection import Connection
+
+_BACKENDS = {"mlx": "mlx_lm", "mlx-lm": "mlx_lm", "mlx_lm": "mlx_lm", "mlx-vlm": "mlx_vlm"}
+_WORKER_IDLE_SEC = 600.0  # a worker with no request for this long stops by itself
+_WORKER_EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped gracefully after a SIGTERM
+_REFUSALS: tuple[type[BaseException], ...] = (
+    CadenceViolation,
+    MLXCooldownActive,
+    MLXLockConflict,
+    GPUBusy,
+)
+
+
+class _WorkerStop(BaseException):
+    """Raised in the worker by its SIGTERM handler, to unwind into the shutdown sequence."""
+
+
+def _worker_main(
+    model_id: str,
+    backend: str,
+    recv_conn: Connection,
+    send_conn: Connection,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Body of a worker process (a ``spawn`` target; exits with the worker's code)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ[_SUBPROCESS_WORKER_ENV] = "1"
+    code = _Worker(model_id, backend, recv_conn, send_conn, options or {}).run()
+    if code:
+        sys.exit(code)
+
+
+class _Worker:
+    def __init__(
+        self,
+        model_id: str,
+        backend: str,
+        requests: Connection,
+        replies: Connection,
+        options: dict[str, Any],
+    ) -> None:
+        self.model_id = model_id
+        self.label = _label(model_id)
+        self.module = _BACKENDS.get(backend, "")
+        self.requests = requests
+        self.replies = replies
+        cadence, breaker = options.get("cadence"), options.get("breaker")
+        self.cadence = cadence if isinstance(cadence, CadenceGuard) else None
+        self.breaker = breaker if isinstance(breaker, CircuitBreaker) else None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.generate_calls = 0
+        self.admitted = False
+        self.stopping = False
+        self.sigterm_seen = False
+
+    # -- life cycle -------------------------------------------------------------
+
+    def run(self) -> int:
+        import signal
+
+        # Ctrl-C reaches the whole process group: the parent decides when workers stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        reason, code = "shutdown requested", 0
+        try:
+            if self._start():
+                reason = self._serve()
+            else:
+                reason, code = "did not start", 1
+        except _WorkerStop:
+            reason, code = "SIGTERM", _WORKER_EXIT_SIGTERM
+        except Exception as exc:  # a bug here must still stop the worker cleanly
+            reason, code = f"{type(exc).__name__}: {_label(exc)}", 1
+        self._shutdown(reason)
+        return code
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        first = not self.sigterm_seen
+        self.sigterm_seen = True
+        if first:
+            _breadcrumb(f"SUBPROCESS_WORKER: SIGTERM received, pid={os.getpid()} ({self.label})")
+        if not self.stopping:
+            self.stopping = True
+            raise _WorkerStop
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.replies.send(message)
+        except (OSError, ValueError):  # the parent is gone
+            pass
+        except Exception:  # an exception that will not pickle: send its text only
+            message.pop("exception", None)
+            try:
+                self.replies.send(message)
+            except Exception:
+                pass
+
+    def _start(self) -> bool:
+        """Guards, then the load; True when ready (the parent was told either way)."""
+        _breadcrumb(f"SUBPROCESS_WORKER: starting {self.label}, pid={os.getpid()}")
+        if not self.module:
+            self._send({"type": "error", "error": "ValueError: unsupported backend"})
+            return False
+        try:
+            warn_if_known_panic_model(self.model_id)
+            (self.breaker or CircuitBreaker()).check()
+            require_cadence_clear(self.model_id, guard=self.cadence)
+            self.admitted = True
+        except _REFUSALS as exc:
+            _breadcrumb(f"SUBPROCESS_WORKER: {self.label} refused: {type(exc).__name__}")
+            self._send(
+                {"type": "refused", "error": f"{type(exc).__name__}: {exc}", "exception": exc}
+            )
+            return False
+        except Exception as exc:  # e.g. a strict cadence store that cannot be used
+            self._send({"type": "error", "error": f"{type(exc).__name__}: {_label(exc)}"})
+            return False
+        _breadcrumb(f"SUBPROCESS_WORKER: loading {self.label}")
+        try:
+            self.model, self.tokenizer = self._load()
+        except Exception as exc:
+            self._send({"type": "error", "error": f"{type(exc).__name__}: {_label(exc)}"})
+            return False
+        self._send({"type": "ready", "model_id": self.model_id, "pid": os.getpid()})
+        _breadcrumb(f"SUBPROCESS_WORKER: {self.label} ready, pid={os.getpid()}")
+        return True
+
+    def _load(self) -> tuple[Any, Any]:
+        import importlib
+
+        loaded = importlib.import_module(self.module).load(self.model_id)
+        return loaded[0], loaded[1]
+
+    def _serve(self) -> str:
+        """Answer requests until told to stop; the reason it stopped."""
+        while True:
+            if not self.requests.poll(_WORKER_IDLE_SEC):
+                return f"idle for {_WORKER_IDLE_SEC:g} s"
+            try:
+                message = self.requests.recv()
+            except (EOFError, OSError):
+                return "the parent closed the pipe"
+            if message is None or (isinstance(message, dict) and message.get("type") == "shutdown"):
+                return "shutdown requested"
+            if not isinstance(message, dict) or message.get("type", "generate") != "generate":
+                self._send({"type": "error", "error": f"ValueError: unknown request {message!r}"})
+                continue
+            self._send(self._generate(message))
+
+    def _shutdown(self, reason: str) -> None:
+        """Drop the model, wait for its memory, mark the unload; SIGTERM no longer interrupts."""
+        self.stopping = True
+        try:
+            self.model = self.tokenizer = None
+            wait_for_release(timeout=5.0)
+            if self.admitted:
+                (self.cadence or CadenceGuard()).mark_unload(self.model_id)
+        except Exception as exc:
+            _log().warning("metal_guard: worker shutdown of %s: %s", self.label, _label(exc))
+        _breadcrumb(f"SUBPROCESS_WORKER: {self.label} stopped ({reason}), pid={os.getpid()}")
+        self._send({"type": "shutdown_ack"})
+
+    # -- one request ------------------------------------------------------------
+
+    def _generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            prompt = _label(request.get("prompt", ""))
+            system = _label(request.get("system") or "")
+            max_tokens = int(request.get("max_tokens", 4096))
+            temperature = float(request.get("temperature", 0.3))
+            text = self._format(prompt, system)
+            gemma4_generation_flush(self.model_id, self.generate_calls)
+            self.generate_calls += 1
+            with subprocess_inference_guard(self.model_id):
+                return {"type": "result", "text": self._run(text, max_tokens, temperature)}
+        except _REFUSALS as exc:
+            return {"type": "refused", "error": f"{type(exc).__name__}: {exc}", "exception": exc}
+        except Exception as exc:
+            return {"type": "error", "error": f"{type(exc).__name__}: {_label(exc)}"}
+
+    def _format(self, prompt: str, system: str) -> str:
+        """The prompt through the model's chat template (system message first, if any)."""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        apply = getattr(self.tokenizer, "apply_chat_template", None)
+        if callable(apply):
+            attempts = [messages]
+            if system:  # a template without a system role: fold it into the user turn
+                attempts.append([{"role": "user", "content": f"{system}\n\n{prompt}"}])
+            for attempt in attempts:
+                try:
+                    text = apply(attempt, tokenize=False, add_generation_prompt=True)
+                except Exception:
+                    continue
+                if isinstance(text, str):
+                    return text
+        # No usable template: the original's hand-written ones, chosen by name.
+        body = f"{system}\n\n{prompt}" if system else prompt
+        name = self.label.lower()
+        if "gemma" in name:
+            return f"<start_of_turn>user\n{body}<end_of_turn>\n<start_of_turn>model\n"
+        if "mistral" in name:
+            return f"[INST] {body} [/INST]"
+        if "phi" in name:
+            return f"<|user|>\n{body}<|end|>\n<|assistant|>\n"
+        return body
+
+    def _run(self, prompt: str, max_tokens: int, temperature: float) -> str:
+        import importlib
+
+        backend = importlib.import_module(self.module)
+        if self.module == "mlx_vlm":
+            result = backend.generate(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                verbose=False,
+            )
+        else:
+            kwargs: dict[str, Any] = {"max_tokens": max_tokens, "verbose": False}
+            try:
+                from mlx_lm.sample_utils import make_sampler
+            except ImportError:  # mlx-lm before samplers: a temperature argument
+                kwargs["temp"] = temperature
+            else:
+                kwargs["sampler"] = make_sampler(temp=temperature)
+            result = backend.generate(self.model, self.tokenizer, prompt=prompt, **kwargs)
+        return result if isinstance(result, str) else _label(getattr(result, "text", result))
+
+
+# =============================================================================
+# 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
+# gracefully and are reaped.
+#
+# A runner holds the MLX lock (one hold per runner, counted per process) for
+# its worker's life. Stopping is always: shutdown message → wait → SIGTERM →
+# wait → SIGKILL only then, with a WARNING that says why (SIGKILL can leave
+# hundreds of GiB of Metal memory wired until reboot). The parent reaps the
+# child before returning, so the next load starts after the OS reclaimed it.
+# ``multiprocessing`` is imported on first use: importing it at module import
+# would cost time and pin the start method of the application.
+#
+# Provides: BaseProcess, MLXSubprocessRunner, SubprocessCrashError, SubprocessTimeoutError,
+#   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
+#   _timeout_arg
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Panic signatures, Modes (L6), Cadence,
+#   Circuit breaker, MLX lock (L8), Subprocess worker
+# =============================================================================
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from multiprocessing.process import BaseProcess
+
+_DEFAULT_LOAD_TIMEOUT = 120.0
+_DEFAULT_GENERATE_TIMEOUT = 300.0
+_TIMEOUT_MAX = 7 * 86400.0
+_TERM_GRACE_SEC = 10.0  # after SIGTERM, before SIGKILL
+_BUSY_MESSAGE_GRACE_SEC = 1.0  # a worker stuck in a generate cannot read the shutdown message
+_POOL_RESTART_CAP = 3  # replacements of a dead worker per model ...
+_POOL_RESTART_WINDOW_SEC = 60.0  # ... within this many seconds
+
+
+class SubprocessCrashError(RuntimeError):
+    """An MLX worker process died (``exitcode`` negative: killed by that signal)."""
+
+    def __init__(self, model_id: str, exitcode: int | None, detail: str = "") -> None:
+        self.model_id = _label(model_id)
+        self.exitcode = exitcode
+        self.detail = _label(detail)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        code = self.exitcode
+        if code is None:
+            how = "is not running"
+        elif code < 0:
+            how = f"was killed by signal {-code} ({_signal_name(-code)})"
+        else:
+            how = f"exited with code {code}"
+        text = f"MLX worker for {self.model_id!r} {how}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.model_id, self.exitcode, self.detail))
+
+
+class SubprocessTimeoutError(TimeoutError):
+    """An MLX worker did not load or answer in time; it was stopped (SIGTERM first) and reaped."""
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _is_fatal_worker_error(error: str) -> bool:
+    """A Metal out-of-memory or a kernel-panic-class failure: the worker must not be restarted."""
+    if error.startswith("MetalOOMError"):
+        return True
+    name, _ = detect_panic_signature(error)
+    return name == "metal_oom" or _signature_kind(name) in (_IOGPU, _KERNEL)
+
+
+_runner_release_guard = _thread.allocate_lock()
+
+
+class _NoReply(Exception):
+    """The worker sent nothing within the time allowed."""
+
+
+class MLXSubprocessRunner:
+    """One model in its own ``spawn``ed, self-guarding worker process.
+
+    The constructor takes a hold on the MLX lock (``MLXLockConflict`` when
+    another process holds it; in observer mode a warning), starts the worker
+    and waits ``load_timeout`` for it: a refusal inside the worker
+    (``CadenceViolation``, ``MLXCooldownActive``...) is raised here as the
+    same exception; a load error is a ``RuntimeError``; no answer is a
+    ``SubprocessTimeoutError``; a dead worker a ``SubprocessCrashError``.
+    ``cadence`` / ``breaker`` replace the default ``CadenceGuard()`` /
+    ``CircuitBreaker()`` the worker checks before loading.
+
+    Use it as a context manager or call ``shutdown()``: message, then SIGTERM,
+    then (only if both were ignored) SIGKILL with a WARNING.
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        backend: str = "mlx",
+        load_timeout: float = _DEFAULT_LOAD_TIMEOUT,
+        generate_timeout: float = _DEFAULT_GENERATE_TIMEOUT,
+        cadence: CadenceGuard | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        import threading
+
+        self.model_id = _str_path("model_id", model_id).strip()
+        if not self.model_id:
+            raise ValueError("model_id is empty; pass the repo id or local path to load")
+        self.backend = _label(backend)
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {self.backend!r}")
+        self.load_timeout = _timeout_arg("load_timeout", load_timeout)
+        self.generate_timeout = _timeout_arg("generate_timeout", generate_timeout)
+        if cadence is not None and not isinstance(cadence, CadenceGuard):
+            raise TypeError(f"cadence must be a CadenceGuard, not {type(cadence).__name__}")
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, not {type(breaker).__name__}")
+        self._lock = threading.Lock()  # one request at a time
+        self._process: BaseProcess | None = None
+        self._requests: Connection | None = None
+        self._replies: Connection | None = None
+        self._lock_path: str | None = None
+        self._pid: int | None = None
+        self.fatal_error: str | None = None
+        path = _mlx_lock_path()
+        try:
+            _acquire_mlx_lock_at(path, f"mlx_subprocess_runner:{self.model_id}", force=False)
+            self._lock_path = path
+        except MLXLockConflict as exc:
+            _refuse(exc)  # observer mode: reported, and the worker starts anyway
+        try:
+            self._start_worker({"cadence": cadence, "breaker": breaker})
+        except BaseException:
+            self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="start-up failed")
+            raise
+
+    # -- start-up ----------------------------------------------------------------
+
+    def _start_worker(self, options: dict[str, Any]) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        req_recv, req_send = ctx.Pipe(duplex=False)
+        rep_recv, rep_send = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_worker_main,
+            args=(self.model_id, self.backend, req_recv, rep_send, options),
+            name=f"metal-guard worker {self.model_id}",
+            daemon=True,
+        )
+        self._process, self._requests, self._replies = process, req_send, rep_recv
+        try:
+            process.start()
+        finally:  # the child has its own copies; ours would hide its death (no EOF)
+            req_recv.close()
+            rep_send.close()
+        self._pid = process.pid
+        try:
+            reply = self._reply(self.load_timeout, starting=True)
+        except _NoReply:
+            _log().error(
+                "metal_guard: MLX worker for %s did not load within %g s; stopping it",
+                self.model_id,
+                self.load_timeout,
+            )
+            self._stop(
+                grace=_TERM_GRACE_SEC, message_grace=_BUSY_MESSAGE_GRACE_SEC, why="load timed out"
+            )
+            raise SubprocessTimeoutError(
+                f"MLX worker for {self.model_id!r} did not load within {self.load_timeout:g} s; "
+                "it was stopped (SIGTERM first) and reaped"
+            ) from None
+        kind = reply.get("type")
+        if kind == "ready":
+            return
+        self._stop(grace=_TERM_GRACE_SEC, message_grace=_TERM_GRACE_SEC, why="did not start")
+        self._raise_reply(reply, "load")
+
+    def _raise_reply(self, reply: dict[str, Any], phase: str) -> NoReturn:
+        """Raise what a ``refused`` / ``error`` / unexpected reply means."""
+        exc = reply.get("exception")
+        if reply.get("type") == "refused" and isinstance(exc, BaseException):
+            raise exc
+        error = _label(reply.get("error") or reply)[:2000]
+        if reply.get("type") in ("error", "refused"):
+            if error.startswith("MetalOOMError") or detect_panic_signature(error)[0] == "metal_oom":
+                raise MetalOOMError(f"MLX worker for {self.model_id!r} ({phase}): {error}")
+            raise RuntimeError(f"MLX worker for {self.model_id!r} failed ({phase}): {error}")
+        raise RuntimeError(f"MLX worker for {self.model_id!r} sent an unexpected reply: {error}")
+
+    # -- talking to the worker -----------------------------------------------------
+
+    def _reply(self, timeout: float, *, starting: bool = False) -> dict[str, Any]:
+        """The worker's next message; ``_NoReply`` after ``timeout``; crash error if it died."""
+        from multiprocessing.connection import wait
+
+        process, replies = self._process, self._replies
+        if process is None or replies is None:
+            raise SubprocessCrashError(self.model_id, None, "the worker was stopped")
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _NoReply
+            ready = wait([replies, process.sentinel], remaining)
+            if replies in ready or (ready and replies.poll(0)):
+                try:
+                    message = replies.recv()
+                except (EOFError, OSError):
+                    break
+                if isinstance(message, dict) and message.get("type") != "shutdown_ack":
+                    return message
+                continue  # the worker is stopping: its exit follows
+            if ready:
+                break
+        # Its end of the pipe closed or it exited: let it finish exiting on its own
+        # (a worker that stops after a SIGTERM closes the pipe before it is gone).
+        self._join(_TERM_GRACE_SEC, drain=False)
+        self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="it stopped answering")
+        detail = "the worker process died"
+        if starting:
+            detail += (
+                " while starting (its stderr says why; a spawned worker imports the main "
+                "module again, so a script must guard its entry point with "
+                "`if __name__ == '__main__':`)"
+            )
+        raise SubprocessCrashError(self.model_id, self.exitcode, detail)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 4096,
+        temperature: float = 0.3,
+        system: str = "",
+        timeout: float | None = None,
+    ) -> str:
+        """Generate in the worker; the text.
+
+        ``SubprocessCrashError`` when the worker is dead or dies;
+        ``SubprocessTimeoutError`` after ``timeout`` (default ``generate_timeout``),
+        once the worker was stopped and reaped; ``RuntimeError`` (``MetalOOMError``
+        for an out-of-memory) for an error the worker reports; a refusal inside
+        the worker is raised as its own exception.
+        """
+        request = _generate_request(prompt, max_tokens, temperature, system)
+        wait = self.generate_timeout if timeout is None else _timeout_arg("timeout", timeout)
+        with self._lock:
+            process, requests = self._process, self._requests
+            if process is None or requests is None or not process.is_alive():
+                code = self.exitcode
+                self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="it is not running")
+                raise SubprocessCrashError(self.model_id, code, "the worker is not running")
+            try:
+                requests.send(request)
+            except (OSError, ValueError) as exc:
+                self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="its pipe broke")
+                raise SubprocessCrashError(
+                    self.model_id, self.exitcode, f"sending the request failed: {exc}"
+                ) from None
+            try:
+                reply = self._reply(wait)
+            except _NoReply:
+                _log().error(
+                    "metal_guard: MLX worker for %s (pid %s) did not answer within %g s; stopping it",
+                    self.model_id,
+                    self._pid,
+                    wait,
+                )
+                self._stop(
+                    grace=_TERM_GRACE_SEC,
+                    message_grace=_BUSY_MESSAGE_GRACE_SEC,
+                    why="a generate timed out",
+                )
+                raise SubprocessTimeoutError(
+                    f"MLX worker for {self.model_id!r} did not answer within {wait:g} s; it was "
+                    "stopped (SIGTERM first) and reaped"
+                ) from None
+        if reply.get("type") == "result":
+            return _label(reply.get("text", ""))
+        error = _label(reply.get("error") or "")
+        if reply.get("type") == "error" and _is_fatal_worker_error(error):
+            self.fatal_error = error
+            self.shutdown()  # its Metal state is suspect: never reuse it
+        self._raise_reply(reply, "generate")
+
+    # -- stopping ------------------------------------------------------------------
+
+    def _join(self, timeout: float, *, drain: bool = True) -> bool:
+        """Wait up to ``timeout`` for the worker to exit; True if it did.
+
+        With ``drain`` its replies are read and dropped meanwhile, so a late answer
+        never blocks a worker that is trying to exit (only the thread that owns the
+        request lock may read the pipe).
+        """
+        from multiprocessing.connection import wait
+
+        process = self._process
+        if process is None:
+            return True
+        replies = self._replies if drain else None
+        deadline = time.monotonic() + timeout
+        while process.exitcode is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready = wait([process.sentinel] + ([replies] if replies is not None else []), remaining)
+            if replies is not None and replies in ready:
+                try:
+                    replies.recv()  # a late answer: drained so the worker never blocks on it
+                except (EOFError, OSError):
+                    replies = None
+            elif ready:
+                process.join(1.0)
+        return True
+
+    def _stop(
+        self, *, grace: float, message_grace: float | None, why: str, owner: bool = True
+    ) -> None:
+        """Shutdown message (if ``message_grace``) → SIGTERM → SIGKILL only after ``grace``.
+
+        ``owner``: the caller holds the request lock. Otherwise (another thread is in
+        ``generate``) the pipe is left to that thread, which also cleans up when it
+        sees the worker gone.
+        """
+        process = self._process
+        if process is not None and process.exitcode is None:
+            if message_grace is not None and self._requests is not None:
+                try:
+                    self._requests.send({"type": "shutdown"})
+                except (OSError, ValueError):
+                    pass
+                self._join(message_grace, drain=owner)
+            killed = _stop_process(
+                process,
+                grace=grace,
+                why=why,
+                what=f"MLX worker for {self.model_id}",
+                wait=lambda t: self._join(t, drain=owner),
+            )
+            if killed:
+                _breadcrumb(
+                    f"SUBPROCESS_WORKER: SIGKILL pid={process.pid} ({self.model_id}): {why}"
+                )
+        if owner:
+            self._release()
+
+    def _release(self) -> None:
+        """Close the pipes and drop this runner's MLX-lock hold (once)."""
+        with _runner_release_guard:
+            conns = (self._requests, self._replies)
+            self._requests = self._replies = None
+            path, self._lock_path = self._lock_path, None
+        for conn in conns:
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+        if path is not None:
+            _release_mlx_lock_at(path)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the worker: shutdown message, ``timeout`` s, SIGTERM, ``timeout`` s, SIGKILL."""
+        grace = _seconds_arg("timeout", timeout, maximum=_TIMEOUT_MAX)
+        pid = self._pid
+        owner = self._lock.acquire(timeout=grace)  # a generate in flight gets to finish first
+        try:
+            self._stop(grace=grace, message_grace=grace, why="shutdown() was called", owner=owner)
+        finally:
+            if owner:
+                self._lock.release()
+        _log().info("metal_guard: MLX worker for %s (pid %s) stopped", self.model_id, pid)
+
+    def kill(self) -> None:
+        """Stop the worker without the shutdown message: SIGTERM, 5 s, then SIGKILL."""
+        owner = self._lock.acquire(blocking=False)
+        try:
+            self._stop(grace=5.0, message_grace=None, why="kill() was called", owner=owner)
+        finally:
+            if owner:
+                self._lock.release()
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.exitcode is None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker's pid while it runs, else ``None``."""
+        return self._pid if self.is_alive() else None
+
+    @property
+    def exitcode(self) -> int | None:
+        """The worker's exit code once it exited and was reaped (negative: the signal)."""
+        return None if self._process is None else self._process.exitcode
+
+    def __enter__(self) -> MLXSubprocessRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        # Garbage collection must not block: ask the worker to stop (it also stops
+        # when our pipe ends close) and drop the lock hold; no SIGKILL, no waiting.
+        try:
+            if self.is_alive() and self._requests is not None:
+                self._requests.send({"type": "shutdown"})
+            self._release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = f"pid={self._pid}" if self.is_alive() else f"exitcode={self.exitcode}"
+        return f"MLXSubprocessRunner({self.model_id!r}, backend={self.backend!r}, {state})"
+
+
+def _timeout_arg(name: str, value: object) -> float:
+    return _seconds_arg(name, value, maximum=_TIMEOUT_MAX, allow_zero=False)
+
+
+def _generate_request(
+    prompt: object, max_tokens: object, temperature: object, system: object
+) -> dict[str, Any]:
+    """The request message, after the caller's arguments were checked."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
+    if not isinstance(system, str):
+        raise TypeError(f"system must be a str, not {type(system).__name__}")
+    tokens = _int_arg("max_tokens", max_tokens)
+    if tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {tokens}")
+    temp = _real_arg("temperature", temperature)
+    if not _finite(temp) or temp < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    return {
+        "type": "generate",
+        "prompt": str.__str__(prompt),
+        "max_tokens": tokens,
+        "temperature": temp,
+        "system": str.__str__(system),
+    }
+
+
+# =============================================================================
+# 5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
+#
+# The pool's lock is never held while a worker loads or stops: callers of the
+# same model wait for the one load in progress, other models are not blocked.
+# A dead worker is replaced at most 3 times in 60 s; a Metal out-of-memory or a
+# kernel-panic-class error ends that model's worker for good (until
+# ``shutdown_all_workers()``). Refusals propagate; crashes and timeouts log an
+# ERROR and return ``""`` (the original's contract).
+#
+# Provides: call_model_isolated, shutdown_all_workers
+# Uses: Prelude, MLX access, Subprocess worker, Subprocess runner
+# =============================================================================
+
+
+_runner_pool: dict[str, MLXSubprocessRunner] = {}
+_pool_lock = _thread.allocate_lock()  # never held while a worker loads or stops
+_pool_starting: set[str] = set()  # keys whose worker is loading (other callers wait)
+_pool_failures: dict[str, list[float]] = {}  # key → monotonic times its worker died/failed
+_pool_banned: dict[str, str] = {}  # key → the fatal error that ended its worker
+_pool_generation = 0  # bumped by shutdown_all_workers(): a load that began before is dropped
+_pool_atexit_registered = False
+_pool_condition_box: list[Any] = []
+
+
+def _pool_condition() -> Any:
+    """A ``threading.Condition`` on ``_pool_lock`` (created on first use, not at import)."""
+    if not _pool_condition_box:
+        import threading
+
+        with _once_lock:
+            if not _pool_condition_box:
+                _pool_condition_box.append(threading.Condition(_pool_lock))
+    return _pool_condition_box[0]
+
+
+def _pool_failed(key: str, fatal_error: str | None = None) -> None:
+    """Count a dead or failed worker of ``key`` (with ``_pool_lock`` held)."""
+    _pool_failures.setdefault(key, []).append(time.monotonic())
+    if fatal_error is not None:
+        _pool_banned[key] = fatal_error
+
+
+def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
+    """``(live runner, _)``, or ``(None, generation)`` with ``key`` claimed for starting.
+
+    A dead pooled runner is reaped (outside the lock). Raises
+    ``SubprocessCrashError`` when the worker may not be (re)started.
+    """
+    dead: MLXSubprocessRunner | None = None
+    refusal: SubprocessCrashError | None = None
+    generation = 0
+    condition = _pool_condition()
+    with condition:
+        while True:
+            if key in _pool_banned:
+                refusal = SubprocessCrashError(
+                    model,
+                    None,
+                    f"not restarted after a fatal error ({_pool_banned[key][:300]}); "
+                    "call shutdown_all_workers() to reset the pool",
+                )
+                break
+            runner = _runner_pool.get(key)
+            if runner is not None and runner.is_alive():
+                return runner, _pool_generation
+            if runner is not None:
+                del _runner_pool[key]
+                dead = runner
+                if runner.exitcode == 0:  # it stopped by itself after idling
+                    _log().info("metal_guard: pooled MLX worker for %s had stopped", model)
+                else:
+                    _log().warning(
+                        "metal_guard: %s; replacing it",
+                        SubprocessCrashError(model, runner.exitcode, "pooled worker")._message(),
+                    )
+                    _pool_failed(key)
+            if key not in _pool_starting:
+                break
+            condition.wait()  # another caller is starting this worker
+        if refusal is None:
+            cutoff = time.monotonic() - _POOL_RESTART_WINDOW_SEC
+            recent = [t for t in _pool_failures.get(key, []) if t >= cutoff]
+            _pool_failures[key] = recent
+            if len(recent) > _POOL_RESTART_CAP:
+                refusal = SubprocessCrashError(
+                    model,
+                    dead.exitcode if dead is not None else None,
+                    f"the worker is crash-looping ({len(recent)} failures within "
+                    f"{_POOL_RESTART_WINDOW_SEC:g} s, at most {_POOL_RESTART_CAP} replacements); "
+                    "not restarting it now",
+                )
+            else:
+                _pool_starting.add(key)
+                generation = _pool_generation
+    if dead is not None:
+        dead.kill()  # it is dead already: this reaps it and drops its lock hold
+    if refusal is not None:
+        raise refusal
+    return None, generation
+
+
+def _pool_start(key: str, model: str, backend: str, generation: int) -> MLXSubprocessRunner:
+    """Start the claimed worker (no pool lock held while it loads) and pool it."""
+    global _pool_atexit_registered
+    runner = None
+    keep = False
+    condition = _pool_condition()
+    try:
+        runner = MLXSubprocessRunner(model, backend=backend)
+    finally:
+        with condition:
+            _pool_starting.discard(key)
+            keep = runner is not None and generation == _pool_generation
+            if keep and runner is not None:
+                _runner_pool[key] = runner
+                if not _pool_atexit_registered:
+                    import atexit
+
+                    atexit.register(shutdown_all_workers)
+                    _pool_atexit_registered = True
+            condition.notify_all()
+    if not keep:  # shutdown_all_workers() ran during the load
+        runner.shutdown()
+        raise SubprocessCrashError(model, None, "shutdown_all_workers() was called meanwhile")
+    return runner
+
+
+def call_model_isolated(
+    prompt: str,
+    model: str,
+    *,
+    backend: str = "mlx",
+    max_tokens: int = 4096,
+    temperature: float = 0.3,
+    system: str = "",
+    timeout: float | None = None,
+) -> str:
+    """Generate with ``model`` in a pooled worker process (one per model and backend).
+
+    Refusals propagate (``CadenceViolation``, ``MLXCooldownActive``,
+    ``MLXLockConflict``, ``GPUBusy``): they are decisions, not crashes. A
+    worker that fails to start, crashes or times out is logged at ERROR and
+    ``""`` is returned; the next call replaces it, at most 3 times in 60 s
+    (then ``SubprocessCrashError``: crash-looping). An error the worker
+    reports while generating propagates; after a Metal out-of-memory or a
+    kernel-panic-class error that model's worker is not restarted until
+    ``shutdown_all_workers()``.
+    """
+    request = _generate_request(prompt, max_tokens, temperature, system)
+    model_id = _str_path("model", model).strip()
+    backend = _label(backend)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    wait = None if timeout is None else _timeout_arg("timeout", timeout)
+    key = f"{model_id}:{backend}"
+    runner, generation = _pool_claim(key, model_id)
+    if runner is None:
+        try:
+            runner = _pool_start(key, model_id, backend, generation)
+        except _REFUSALS:
+            raise
+        except (SubprocessTimeoutError, RuntimeError) as exc:  # crashes and load errors
+            fatal = _label(exc) if _is_fatal_worker_error(_label(exc)) else None
+            if isinstance(exc, MetalOOMError):
+                fatal = _label(exc)
+            with _pool_lock:
+                _pool_failed(key, fatal)
+            _log().error("metal_guard: MLX worker for %s could not start: %s", model_id, exc)
+            return ""
+    try:
+        return runner.generate(
+            request["prompt"],
+            max_tokens=request["max_tokens"],
+            temperature=request["temperature"],
+            system=request["system"],
+            timeout=wait,
+        )
+    except (SubprocessCrashError, SubprocessTimeoutError) as exc:
+        _log().error("metal_guard: MLX worker for %s failed: %s", model_id, exc)
+        runner.kill()  # stopped and reaped already; makes sure its lock hold is gone
+        _evict(key, runner)
+        return ""
+    except BaseException:
+        if runner.fatal_error is not None:
+            _evict(key, runner)
+        raise
+
+
+def _evict(key: str, runner: MLXSubprocessRunner) -> None:
+    """Take a failed runner out of the pool and count the failure."""
+    with _pool_lock:
+        if _runner_pool.get(key) is runner:
+            del _runner_pool[key]
+        _pool_failed(key, runner.fatal_error)
+
+
+def shutdown_all_workers() -> None:
+    """Stop every pooled worker gracefully and reset the pool (also run at exit)."""
+    global _pool_generation
+    with _pool_lock:
+        runners = list(_runner_pool.values())
+        _runner_pool.clear()
+        _pool_failures.clear()
+        _pool_banned.clear()
+        _pool_generation += 1
+    for runner in runners:
+        try:
+            runner.shutdown()
+        except Exception as exc:
+            _log().warning("metal_guard: stopping the worker for %s: %s", runner.model_id, exc)
+
+
+# =============================================================================
 # 6.1 Command line — the ``metal-guard`` parser and output helpers.
 #
 # Exit codes: 0 go, 2 blocked/refused (``check``: breaker cooldown, cadence, a
@@ -6873,14 +8691,13 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 # 2 would read as "blocked" to a shell wrapper). Every command takes --json and
 # then prints exactly one JSON document on stdout, usage errors included.
 #
-# Provides: NoReturn, argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO,
-#   _EXIT_USAGE, _UsageError, _ago, _cli_parser, _pairs, _show, _table
+# Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
+#   _UsageError, _ago, _cli_parser, _pairs, _show, _table
 # Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import argparse
-    from typing import NoReturn
 
     _CLIResult = tuple[int, dict[str, Any], list[str]]
 
@@ -7029,6 +8846,9 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         metavar="MODEL",
         help="show only this model (with clear: forget only this model)",
     )
+    commands.add_parser(
+        "lock", parents=[json_flag], help="who holds the MLX lock and the GPU gate, since when"
+    )
     models = commands.add_parser("models", parents=[json_flag], help="known panic models")
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
     crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
@@ -7081,10 +8901,11 @@ def _ago(ts: float | None, now: float) -> str:
 # reports, like ``CircuitBreaker.check``), ``check --admit``, ``breaker clear``
 # and ``cadence clear`` change files.
 #
-# Provides: main
+# Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_check, _cmd_lock,
+#   _cmd_models, _cmd_panics, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
-#   Panic reports, Version advisories, Cadence, Panic archive, Circuit breaker,
-#   Wired-limit control, System audits, MetalGuard, Command line
+#   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
+#   MLX lock (L8), GPU gate, Wired-limit control, System audits, MetalGuard, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -7236,6 +9057,36 @@ def _cadence_lines(doc: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+def _locks_doc() -> dict[str, Any]:
+    """Holders of the MLX lock and the GPU gate (``None`` when free), with their paths."""
+    return {
+        "mode": describe_mode(),
+        "mlx_lock": {"path": _mlx_lock_path(), "holder": read_mlx_lock()},
+        "gpu_gate": {"path": _gpu_lock_path(), "holder": read_gpu_gate()},
+    }
+
+
+def _lock_lines(doc: dict[str, Any], now: float) -> list[str]:
+    items: list[tuple[str, object]] = []
+    for key, name in (("mlx_lock", "MLX lock"), ("gpu_gate", "GPU gate")):
+        holder = doc[key]["holder"]
+        if holder is None:
+            items.append((name, f"free ({doc[key]['path']})"))
+            continue
+        since = _number(holder.get("since"))
+        ago = f" ({_ago(since, now)})" if since is not None else ""
+        items.append((name, f"held by {_describe_holder(holder)}{ago}"))
+        items.append(("  command line", holder.get("cmdline")))
+        items.append(("  lock file", doc[key]["path"]))
+    items.append(("mode", f"{doc['mode']['mode']} ({doc['mode']['env_var']})"))
+    return _pairs(items)
+
+
+def _cmd_lock(args: argparse.Namespace) -> _CLIResult:
+    doc = _locks_doc()
+    return _EXIT_GO, doc, ["Locks", *_lock_lines(doc, time.time())]
+
+
 def _folder_note(path: str) -> str:
     if os.path.isdir(path):
         return ""
@@ -7252,6 +9103,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     mlx = _mlx_info(probe_device=bool(getattr(args, "device", False)))
     cadence = _cadence_guard(args).status(now=now)
     breaker = _breaker().status(now=now)
+    locks = _locks_doc()
     doc: dict[str, Any] = {
         "version": __version__,
         "python": platform.python_version(),
@@ -7262,6 +9114,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "cadence": cadence,
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
+        **locks,
     }
     if mlx["installed"] and mlx["device_probed"]:
         device = mlx["device_info"] or {}
@@ -7281,6 +9134,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
             ("state folder", home + _folder_note(home)),
         ]
     )
+    lines += ["", "Locks", *_lock_lines(locks, now)]
     lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
     lines += _breaker_lines(breaker, now)
     lines += ["", "Recent panics"]
@@ -7600,6 +9454,17 @@ def _cmd_audit(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, doc, lines
 
 
+# =============================================================================
+# 6.3 Entry point — ``main``: parse, run one command, print text or one JSON document.
+#
+# Library WARNINGs (a store failing open...) go to stderr while a command runs;
+# a usage error exits 64 with the usage line (and, with --json, one JSON
+# document); a closed pipe (``metal-guard panics | head``) ends quietly.
+#
+# Provides: main
+# Uses: Prelude, Command line, Commands
+# =============================================================================
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "status": _cmd_status,
     "check": _cmd_check,
@@ -7608,6 +9473,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "cadence": _cmd_cadence,
     "models": _cmd_models,
     "breadcrumbs": _cmd_breadcrumbs,
+    "lock": _cmd_lock,
     "audit": _cmd_audit,
 }
 

@@ -16,7 +16,10 @@ folder, then runs them one after the other the way a worker should:
 7. the memory layers (``MetalGuard``): a fit check before a load, a guarded cleanup, the
    release barrier's measured drop, and the watchdog catching a deliberate allocation
    spike of real MLX memory;
-8. the breadcrumb tail (forensics that survive a kernel panic).
+8. the breadcrumb tail (forensics that survive a kernel panic);
+9. process isolation: the llama in a guarded worker subprocess through
+   ``call_model_isolated`` (its breadcrumbs show its own guards), the GPU gate
+   serialising two processes, and a graceful shutdown of the worker.
 
 Every step checks its own outcome; the run ends with a table of expected vs observed
 behaviour and exits 1 if any step did not behave as stated. The intervals are short so
@@ -38,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
+import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -64,6 +70,7 @@ from metal_guard import (  # noqa: E402
     CadenceViolation,
     CrossModelCadenceViolation,
     MetalGuard,
+    call_model_isolated,
     canonical_model_id,
     check_known_panic_model,
     gemma4_generation_flush,
@@ -71,6 +78,7 @@ from metal_guard import (  # noqa: E402
     limit_wired_memory,
     read_breadcrumbs,
     require_cadence_clear,
+    shutdown_all_workers,
     subprocess_inference_guard,
     wait_for_release,
     warn_if_known_panic_model,
@@ -735,6 +743,138 @@ class Pipeline:
         )
 
 
+# One of the two processes of the GPU-gate step: three 0.2 s bodies under the gate.
+GATE_CHILD = r"""
+import json, sys, time
+import metal_guard as mg
+spans = []
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(3):
+    with mg.exclusive_gpu(f"{sys.argv[1]} body {i + 1}"):
+        start = time.time()
+        time.sleep(0.2)
+        spans.append([start, time.time()])
+print(json.dumps(spans), flush=True)
+"""
+
+
+def isolation(report: Report, llama: str, workdir: Path, max_tokens: int) -> None:
+    """Step 7: a guarded worker subprocess, the GPU gate across processes, a graceful stop."""
+    section("9. Process isolation: a guarded worker, the GPU gate, a graceful shutdown")
+    r = report
+    home = workdir / "isolation"
+    crumbs_path = home / "breadcrumbs.log"
+    saved = {k: os.environ.get(k) for k in ("METALGUARD_HOME", "METALGUARD_BREADCRUMB_PATH")}
+    # Its own state folder: the worker's cadence admission (180 s, the default) must not
+    # meet the loads of the steps above. The worker inherits this environment.
+    os.environ["METALGUARD_HOME"] = str(home)
+    os.environ["METALGUARD_BREADCRUMB_PATH"] = str(crumbs_path)
+    try:
+        print(f"  state for this step: {home}")
+        start = time.perf_counter()
+        first = call_model_isolated(PROMPT, llama, max_tokens=max_tokens, temperature=0)
+        took = time.perf_counter() - start
+        again = call_model_isolated(PROMPT, llama, max_tokens=max_tokens, temperature=0)
+        lines = read_breadcrumbs(200, crumbs_path)
+        worker = next((ln for ln in lines if " ready, pid=" in ln), "")
+        pid = int(worker.rsplit("pid=", 1)[1]) if worker else -1
+        r.note(f"call_model_isolated -> {first!r} (spawn + load + generate {took:.1f} s)")
+        r.check(
+            "worker: call_model_isolated",
+            "text back; greedy repeat identical",
+            f"{len(first)} chars, repeat {'identical' if again == first else 'DIFFERENT'}, "
+            f"worker pid {pid}",
+            bool(first) and again == first and pid not in (-1, os.getpid()),
+        )
+        tag = f" pid={pid} "
+        mine = [ln.split(tag, 1)[1] for ln in lines if tag in ln]
+        print("  the worker's breadcrumbs (its own guards):")
+        for line in mine:
+            print("    " + r.short(line))
+        name = r.short(llama)
+        want = [
+            f"SUBPROCESS_WORKER: starting {name}, pid={pid}",
+            f"CADENCE_ADMIT: {name}",
+            f"SUBPROCESS_WORKER: loading {name}",
+            f"SUBPROCESS_WORKER: {name} ready, pid={pid}",
+        ] + [f"SUBPROC_PRE: {name}", f"SUBPROC_POST: {name}"] * 2
+        r.check(
+            "worker breadcrumbs",
+            "start, admit, load, ready, 2 PRE/POST",
+            f"{len(mine)} lines" + (", as expected" if [r.short(m) for m in mine] == want else ""),
+            [r.short(m) for m in mine] == want,
+        )
+
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        )
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", GATE_CHILD, label],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for label in ("A", "B")
+        ]
+        try:
+            for child in children:
+                assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            for child in children:  # both start at the same moment
+                assert child.stdin is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            spans = sorted(
+                (start, end, label)
+                for label, child in zip("AB", children, strict=True)
+                for start, end in json.loads(child.communicate(timeout=60)[0])
+            )
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        t0 = spans[0][0]
+        print("  two processes, three 0.2 s bodies each, under exclusive_gpu():")
+        print("    " + "  ".join(f"{lb} {a - t0:.2f}-{b - t0:.2f}s" for a, b, lb in spans))
+        overlaps = sum(1 for x, y in itertools.pairwise(spans) if y[0] < x[1])
+        r.check(
+            "GPU gate: 2 processes",
+            "6 bodies, none overlapping",
+            f"{len(spans)} bodies in {spans[-1][1] - t0:.2f} s, {overlaps} overlapping",
+            len(spans) == 6 and overlaps == 0 and spans[-1][1] - t0 >= 1.2,
+        )
+
+        start = time.perf_counter()
+        shutdown_all_workers()
+        took = time.perf_counter() - start
+        mine = [ln.split(tag, 1)[1] for ln in read_breadcrumbs(200, crumbs_path) if tag in ln]
+        try:
+            os.kill(pid, 0)
+            reaped = False
+        except ProcessLookupError:
+            reaped = True
+        r.note(f"shutdown_all_workers() took {took:.2f} s; last worker line: {r.short(mine[-1])}")
+        r.check(
+            "graceful shutdown",
+            "message only (no SIGTERM/SIGKILL), reaped",
+            f"{'stopped on the message' if 'stopped (shutdown requested)' in mine[-1] else mine[-1]}"
+            f", {'reaped' if reaped else 'NOT reaped'}",
+            "stopped (shutdown requested)" in mine[-1]
+            and reaped
+            and not any("SIGTERM" in m or "SIGKILL" in m for m in mine),
+        )
+    finally:
+        shutdown_all_workers()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def positive(limit: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = float(text)
@@ -873,6 +1013,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # report what happened, then the summary (exit 1)
         report.check("pipeline", "runs to the end", f"aborted: {type(exc).__name__}: {exc}", False)
     pipeline.breadcrumbs(llama, gemma)
+    try:
+        isolation(report, llama, workdir, args.max_tokens)
+    except Exception as exc:
+        report.check("isolation", "runs to the end", f"aborted: {type(exc).__name__}: {exc}", False)
     unexpected = len(logs.warnings()) - pipeline.advisory_warnings - pipeline.memory_warnings
     report.check(
         "library warnings",

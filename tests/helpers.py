@@ -38,12 +38,15 @@ __all__ = [
     "child_env",
     "has_module",
     "holding_lock_in_child",
+    "python_child",
     "read_json",
+    "read_line",
     "requires_mlx",
     "requires_mlx_lm",
     "spawn_python",
     "spy_file_locks",
     "spy_report_reads",
+    "stop_child",
     "stub_mx",
     "warnings_from",
 ]
@@ -253,3 +256,47 @@ def stub_mx(
     )
     monkeypatch.setitem(sys.modules, "mlx.core", stub)
     return stub
+
+
+def python_child(code: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    """A fresh interpreter running ``code`` (text mode) that imports the working copy.
+
+    ``env`` overrides go in ``env=...`` as for ``child_env``; other keyword arguments go to
+    ``subprocess.Popen`` (``stdin``/``stdout`` default to pipes, ``stderr`` to a pipe).
+    """
+    env = child_env(**kwargs.pop("env", {}))  # type: ignore[arg-type]
+    options: dict[str, object] = {
+        "stdin": subprocess.PIPE,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "text": True,
+        "cwd": REPO,
+        "env": env,
+    }
+    options.update(kwargs)
+    return subprocess.Popen([sys.executable, "-c", code, *args], **options)  # type: ignore[call-overload]
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
+    """The next stdout line of ``proc`` (stripped); fails the test on EOF or after ``timeout``."""
+    import threading
+
+    stdout = proc.stdout
+    assert stdout is not None
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert got, f"no output from pid {proc.pid} within {timeout} s"
+    line = got[0]
+    if not line:
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        raise AssertionError(f"pid {proc.pid} exited ({proc.wait()}) without output: {err}")
+    return line.strip()
+
+
+def stop_child(proc: subprocess.Popen[str]) -> None:
+    """End a test child (these hold no Metal memory, so SIGKILL is fine) and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=30)

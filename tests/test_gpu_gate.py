@@ -1,0 +1,297 @@
+"""Section 4.8 — the GPU gate: one MLX workload at a time across the threads and
+processes of the host (``exclusive_gpu``, ``subprocess_inference_guard(exclusive=...)``).
+
+Real processes and threads, real ``flock``. Bodies record when they entered and left;
+the intervals must never overlap while the gate is on, and do overlap without it (the
+control run proves the detector sees concurrency when there is some).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import metal_guard as mg
+from helpers import python_child, read_line, stop_child
+
+BODIES = r"""
+import json, sys, threading, time
+import metal_guard as mg
+exclusive = sys.argv[1] == "1"
+records = []
+def work(name):
+    for i in range(20):
+        with mg.subprocess_inference_guard(f"model-{name}", exclusive=exclusive):
+            enter = time.monotonic()
+            time.sleep(0.02)
+            records.append((enter, time.monotonic(), name))
+print("ready", flush=True)
+sys.stdin.readline()
+threads = [threading.Thread(target=work, args=(f"{i}",)) for i in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(records), flush=True)
+"""
+
+HOLDER = r"""
+import sys, time
+import metal_guard as mg
+with mg.exclusive_gpu(sys.argv[1]):
+    print("inside", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _run_bodies(exclusive: bool) -> list[tuple[float, float, str]]:
+    procs = [
+        python_child(BODIES, "1" if exclusive else "0", env={"METALGUARD_BREADCRUMB_PATH": ""})
+        for _ in range(4)
+    ]
+    try:
+        for proc in procs:
+            assert read_line(proc) == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        records = []
+        for index, proc in enumerate(procs):
+            for enter, leave, name in json.loads(read_line(proc, timeout=120)):
+                records.append((enter, leave, f"{index}/{name}"))
+    finally:
+        for proc in procs:
+            stop_child(proc)
+    assert len(records) == 4 * 2 * 20
+    return sorted(records)
+
+
+def _overlaps(records: list[tuple[float, float, str]]) -> list[Any]:
+    return [(a, b) for a, b in itertools.pairwise(records) if b[0] < a[1]]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_four_processes_two_threads_each_never_overlap_with_the_gate(mg_home: str) -> None:
+    gated = _run_bodies(exclusive=True)
+    assert _overlaps(gated) == []
+    # 160 bodies of 20 ms one after the other take at least 3.2 s
+    assert gated[-1][1] - gated[0][0] >= 160 * 0.02
+    free = _run_bodies(exclusive=False)
+    assert len(_overlaps(free)) > 20  # without the gate they run concurrently
+
+
+@pytest.mark.multiprocess
+def test_timeout_raises_gpubusy_naming_the_holder(mg_home: str) -> None:
+    proc = python_child(HOLDER, "batch-generate")
+    try:
+        assert read_line(proc) == "inside"
+        holder = mg.read_gpu_gate()
+        assert holder is not None
+        assert (holder["pid"], holder["label"], holder["thread"]) == (
+            proc.pid,
+            "batch-generate",
+            "MainThread",
+        )
+        started = time.monotonic()
+        with pytest.raises(mg.GPUBusy) as info, mg.exclusive_gpu("waiter", timeout=0.3):
+            pytest.fail("the body must not run")
+        assert 0.3 <= time.monotonic() - started < 5
+        exc = info.value
+        assert isinstance(exc, TimeoutError)
+        assert exc.holder is not None and exc.holder["pid"] == proc.pid
+        assert exc.timeout == 0.3 and exc.label == "waiter"
+        for part in (f"pid {proc.pid}", "'batch-generate'", "0.3 s", "'waiter'", "gpu.lock"):
+            assert part in str(exc)
+        copy = pickle.loads(pickle.dumps(exc))
+        assert type(copy) is mg.GPUBusy and copy.holder == exc.holder and str(copy) == str(exc)
+    finally:
+        stop_child(proc)
+
+
+@pytest.mark.multiprocess
+def test_a_holder_killed_mid_body_frees_the_gate(mg_home: str) -> None:
+    proc = python_child(HOLDER, "doomed")
+    assert read_line(proc) == "inside"
+    assert mg.read_gpu_gate() is not None
+    proc.kill()
+    proc.wait(timeout=30)
+    stop_child(proc)
+    assert mg.read_gpu_gate() is None
+    started = time.monotonic()
+    with mg.exclusive_gpu("next", timeout=2):
+        assert time.monotonic() - started < 1.0
+        mine = mg.read_gpu_gate()
+        assert mine is not None and (mine["pid"], mine["label"]) == (os.getpid(), "next")
+    assert mg.read_gpu_gate() is None
+
+
+def test_reentrant_in_one_thread_other_threads_wait(mg_home: str) -> None:
+    events: list[str] = []
+
+    def other() -> None:
+        with mg.exclusive_gpu("other thread"):
+            events.append("other in")
+
+    with mg.exclusive_gpu("outer"):
+        with mg.exclusive_gpu("inner"), mg.subprocess_inference_guard("m", exclusive=True):
+            events.append("nested in")
+            assert mg.read_gpu_gate()["label"] == "outer"  # type: ignore[index]
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive()  # waiting: the outer hold is still ours
+        events.append("outer out")
+    thread.join(10)
+    assert events == ["nested in", "outer out", "other in"]
+    assert mg.read_gpu_gate() is None
+
+
+def test_waiting_logs_one_warning_per_interval_naming_the_holder(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(mg, "_GPU_WAIT_WARN_SEC", 0.2)
+    caplog.set_level(logging.WARNING, logger="metal_guard")
+    inside = threading.Event()
+
+    def waiting_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+
+    def holder() -> None:
+        with mg.exclusive_gpu("slow holder"):
+            inside.set()
+            deadline = time.monotonic() + 20
+            while len(waiting_warnings()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=holder, name="holder-thread")
+    thread.start()
+    assert inside.wait(10)
+    started = time.monotonic()
+    with mg.exclusive_gpu("patient"):
+        waited = time.monotonic() - started
+    thread.join(10)
+    warnings = waiting_warnings()
+    assert 3 <= len(warnings) <= waited / 0.2 + 1, (len(warnings), waited)
+    assert all("'slow holder'" in w and "holder-thread" in w for w in warnings)
+    assert "'patient' has waited" in warnings[0]
+
+
+def test_guard_takes_the_gate_from_the_environment_when_exclusive_is_none(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def holder_inside(**kwargs: Any) -> dict[str, Any] | None:
+        with mg.subprocess_inference_guard("org/model", **kwargs):
+            return mg.read_gpu_gate()
+
+    assert holder_inside() is None
+    monkeypatch.setenv("METALGUARD_EXCLUSIVE_GPU", "yes")
+    seen = holder_inside()
+    assert seen is not None and seen["label"] == "subprocess_inference_guard:org/model"
+    assert holder_inside(exclusive=False) is None
+    monkeypatch.setenv("METALGUARD_EXCLUSIVE_GPU", "0")
+    assert holder_inside() is None
+    assert holder_inside(exclusive=True) is not None
+    assert mg.read_gpu_gate() is None
+
+
+def test_guard_releases_the_gate_when_the_body_raises_and_as_a_decorator(mg_home: str) -> None:
+    with pytest.raises(KeyError), mg.subprocess_inference_guard("m", exclusive=True):
+        raise KeyError("boom")
+    assert mg.read_gpu_gate() is None
+
+    @mg.subprocess_inference_guard("m", exclusive=True)
+    def generate() -> dict[str, Any] | None:
+        return mg.read_gpu_gate()
+
+    seen = generate()
+    assert seen is not None and seen["label"] == "subprocess_inference_guard:m"
+    assert mg.read_gpu_gate() is None
+    assert "exclusive=True" in repr(mg.subprocess_inference_guard("m", exclusive=True))
+
+
+def test_gate_path_from_the_environment_and_unsupported_filesystems(
+    mg_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fakes only what cannot run here: a filesystem whose flock fails with ENOLCK."""
+    moved = tmp_path / "shared" / "gate.lock"
+    monkeypatch.setenv("METALGUARD_GPU_LOCK_PATH", str(moved))
+    with mg.exclusive_gpu("moved"):
+        assert json.loads(moved.read_bytes())["label"] == "moved"
+    assert not (Path(mg_home) / "gpu.lock").exists()
+
+    import fcntl
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(mg.LockUnsupported) as info, mg.exclusive_gpu("x"):
+        pytest.fail("must not run unlocked")
+    assert "METALGUARD_GPU_LOCK_PATH" in str(info.value) and str(moved) in str(info.value)
+
+
+def test_bad_timeout_is_a_caller_error() -> None:
+    with pytest.raises(TypeError):
+        mg.exclusive_gpu(timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        mg.exclusive_gpu(timeout=-1)
+
+
+# -- the command line shows both holders ---------------------------------------------
+
+BOTH = r"""
+import sys
+import metal_guard as mg
+mg.acquire_mlx_lock("cli-demo")
+with mg.exclusive_gpu("cli-gate"):
+    print("inside", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.multiprocess
+def test_lock_and_status_commands_show_the_holders(
+    mg_home: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc = python_child(BOTH)
+    try:
+        assert read_line(proc) == "inside"
+        assert mg.main(["lock", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["command"] == "lock"
+        assert doc["mlx_lock"]["holder"]["pid"] == proc.pid
+        assert doc["mlx_lock"]["holder"]["label"] == "cli-demo"
+        assert doc["gpu_gate"]["holder"]["label"] == "cli-gate"
+        assert doc["gpu_gate"]["path"] == str(Path(mg_home) / "gpu.lock")
+        assert mg.main(["lock"]) == 0
+        text = capsys.readouterr().out
+        assert f"held by pid {proc.pid} ('cli-demo'" in text
+        assert f"held by pid {proc.pid} ('cli-gate', thread MainThread" in text
+        assert mg.main(["status", "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["mlx_lock"]["holder"]["pid"] == proc.pid
+        assert status["gpu_gate"]["holder"]["label"] == "cli-gate"
+    finally:
+        stop_child(proc)
+    assert mg.main(["lock"]) == 0
+    text = capsys.readouterr().out
+    assert "MLX lock  free" in text and "GPU gate  free" in text
+    # the killed holder's details are still on disk; the OS locks say nobody holds them
+    assert (Path(mg_home) / "mlx_exclusive.lock.holder.json").exists()
+
+
+def test_status_never_creates_lock_files(mg_home: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mg.main(["lock", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["mlx_lock"]["holder"] is None and doc["gpu_gate"]["holder"] is None
+    assert list(Path(mg_home).iterdir()) == []

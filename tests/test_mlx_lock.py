@@ -1,0 +1,370 @@
+"""Section 4.7 — the MLX lock: an OS lock (``flock``) that excludes, never goes stale,
+counts holds per process and never SIGKILLs.
+
+Real processes, real ``flock``. The racers are 16 persistent interpreters that each run
+40 trials, released together through their stdin pipes; every holder records when it
+entered and left, and the intervals must never overlap.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import metal_guard as mg
+from helpers import child_env, python_child, read_line, stop_child
+
+RACER = r"""
+import json, os, sys, time
+import metal_guard as mg
+print("ready", flush=True)
+for line in sys.stdin:
+    trial = int(line)
+    try:
+        info = mg.acquire_mlx_lock(f"racer-{os.getpid()}-{trial}")
+    except mg.MLXLockConflict as exc:
+        print(json.dumps({"trial": trial, "held": False, "holder": exc.holder.get("pid")}), flush=True)
+        continue
+    enter = time.monotonic()
+    seen = mg.read_mlx_lock()
+    time.sleep(0.002)
+    leave = time.monotonic()
+    mg.release_mlx_lock()
+    print(json.dumps({"trial": trial, "held": True, "enter": enter, "leave": leave,
+                      "info_pid": info["pid"], "seen_pid": seen and seen["pid"]}), flush=True)
+"""
+
+HOLDER = r"""
+import os, signal, sys, time
+import metal_guard as mg
+if sys.argv[1] == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+mg.acquire_mlx_lock("holder " + sys.argv[1])
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _lock_path(home: str) -> Path:
+    return Path(home) / "mlx_exclusive.lock"
+
+
+def _holder_file(home: str) -> Path:
+    return Path(home) / "mlx_exclusive.lock.holder.json"
+
+
+def _start_holder(mode: str = "plain") -> subprocess.Popen[str]:
+    proc = python_child(HOLDER, mode)
+    assert read_line(proc) == "held"
+    return proc
+
+
+def _other_process_sees() -> dict[str, object] | None:
+    """What another process reads (and whether it could take the lock)."""
+    code = (
+        "import json, metal_guard as mg\n"
+        "seen = mg.read_mlx_lock()\n"
+        "try:\n"
+        "    mg.acquire_mlx_lock('probe'); took = True; mg.release_mlx_lock()\n"
+        "except mg.MLXLockConflict:\n"
+        "    took = False\n"
+        "print(json.dumps({'seen': seen, 'took': took}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _no_holds_left() -> object:
+    yield
+    while mg.release_mlx_lock():
+        pass
+
+
+# -- exclusion across processes ------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sixteen_processes_forty_trials_never_two_holders(mg_home: str) -> None:
+    racers = [python_child(RACER) for _ in range(16)]
+    try:
+        for proc in racers:
+            assert read_line(proc) == "ready"
+        intervals: list[tuple[float, float, int]] = []
+        conflicts = 0
+        for trial in range(40):
+            for proc in racers:  # release all 16 at (nearly) the same instant
+                assert proc.stdin is not None
+                proc.stdin.write(f"{trial}\n")
+                proc.stdin.flush()
+            results = [json.loads(read_line(proc)) for proc in racers]
+            assert {r["trial"] for r in results} == {trial}
+            held = [r for r, p in zip(results, racers, strict=True) if r["held"]]
+            assert held, f"trial {trial}: nobody got the lock"
+            for r, proc in zip(results, racers, strict=True):
+                if r["held"]:
+                    assert r["info_pid"] == r["seen_pid"] == proc.pid
+                    intervals.append((r["enter"], r["leave"], proc.pid))
+                else:
+                    conflicts += 1
+                    assert r["holder"] in {p.pid for p in racers} | {None}
+        intervals.sort()
+        overlaps = [(a, b) for a, b in itertools.pairwise(intervals) if b[0] < a[1]]
+        assert overlaps == [], overlaps[:3]
+        assert len(intervals) + conflicts == 16 * 40
+        assert len(intervals) >= 40
+    finally:
+        for proc in racers:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in racers:
+            proc.wait(timeout=60)
+    assert [p.returncode for p in racers] == [0] * 16
+    assert mg.read_mlx_lock() is None
+
+
+@pytest.mark.multiprocess
+def test_holder_killed_with_sigkill_frees_the_lock_at_once(mg_home: str) -> None:
+    proc = _start_holder()
+    holder = mg.read_mlx_lock()
+    assert holder is not None and holder["pid"] == proc.pid
+    assert holder["label"] == "holder plain"
+    with pytest.raises(mg.MLXLockConflict) as info:
+        mg.acquire_mlx_lock("me")
+    assert info.value.holder["pid"] == proc.pid
+    proc.kill()
+    proc.wait(timeout=30)
+    stop_child(proc)
+    # the dead holder's details are still on disk, but the OS lock says nobody holds it
+    assert json.loads(_holder_file(mg_home).read_text())["pid"] == proc.pid
+    assert mg.read_mlx_lock() is None
+    info_now = mg.acquire_mlx_lock("after the kill")
+    assert info_now["pid"] == os.getpid() and info_now["label"] == "after the kill"
+    assert json.loads(_holder_file(mg_home).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.multiprocess
+def test_info_file_naming_a_live_unrelated_pid_does_not_block(mg_home: str) -> None:
+    """After a reboot the pid in a leftover info file may belong to anything."""
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_path(mg_home).write_text("")
+        _holder_file(mg_home).write_text(
+            json.dumps(
+                {
+                    "pid": unrelated.pid,
+                    "label": "before the reboot",
+                    "started_at": "x",
+                    "cmdline": "",
+                }
+            )
+        )
+        assert mg.read_mlx_lock() is None
+        info = mg.acquire_mlx_lock("fresh", force=True)
+        assert info["pid"] == os.getpid()
+        assert unrelated.poll() is None  # force=True did not signal it: it held nothing
+        assert mg.read_mlx_lock() == info
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+@pytest.mark.multiprocess
+def test_nested_holds_keep_the_lock_until_the_last_release(mg_home: str) -> None:
+    first = mg.acquire_mlx_lock("outer")
+    second = mg.acquire_mlx_lock("inner")
+    assert second == first  # re-entry: the first hold's details
+    with mg.mlx_exclusive_lock("innermost") as third:
+        assert third == first
+    assert mg.release_mlx_lock() is True
+    seen = _other_process_sees()
+    assert seen is not None and seen["took"] is False
+    assert seen["seen"] == first
+    assert mg.release_mlx_lock() is True
+    seen = _other_process_sees()
+    assert seen is not None and seen == {"seen": None, "took": True}
+    assert mg.release_mlx_lock() is False
+    assert not _holder_file(mg_home).exists()
+
+
+def test_threads_of_one_process_share_the_hold(mg_home: str) -> None:
+    import threading
+
+    mg.acquire_mlx_lock("main thread")
+    results: list[dict[str, object]] = []
+    thread = threading.Thread(target=lambda: results.append(mg.acquire_mlx_lock("thread")))
+    thread.start()
+    thread.join(10)
+    assert results and results[0]["label"] == "main thread"
+    assert mg.release_mlx_lock() and mg.release_mlx_lock()
+    assert mg.read_mlx_lock() is None
+
+
+# -- force -----------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+def test_force_against_a_holder_that_ignores_sigterm_times_out_and_never_kills(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLX_FORCE_WAIT_SEC", "1")
+    proc = _start_holder("ignore-term")
+    try:
+        started = time.monotonic()
+        with pytest.raises(mg.MLXLockConflict) as info:
+            mg.acquire_mlx_lock("forcer", force=True)
+        waited = time.monotonic() - started
+        holder = info.value.holder
+        assert holder["force_timeout"] is True and holder["pid"] == proc.pid
+        assert "not killed" in holder["message"] and "MLX_FORCE_WAIT_SEC" in str(info.value)
+        assert 1.0 <= waited < 10.0
+        assert proc.poll() is None  # still alive: SIGTERM was ignored and nothing else was sent
+        assert mg.read_mlx_lock() is not None and mg.read_mlx_lock()["pid"] == proc.pid  # type: ignore[index]
+        copy = pickle.loads(pickle.dumps(info.value))
+        assert type(copy) is mg.MLXLockConflict and copy.holder == holder
+    finally:
+        stop_child(proc)
+
+
+@pytest.mark.multiprocess
+def test_force_sigterms_the_holder_and_takes_the_lock(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLX_FORCE_WAIT_SEC", "20")
+    monkeypatch.setenv("MLX_RECLAIM_COOLDOWN_SEC", "0")
+    proc = _start_holder()
+    try:
+        info = mg.acquire_mlx_lock("forcer", force=True)
+        assert info["pid"] == os.getpid()
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        stop_child(proc)
+    crumbs = (Path(mg_home) / "breadcrumbs.log").read_text()
+    assert f"MLX_LOCK: FORCE SIGTERM pid={proc.pid} (holder plain) for forcer" in crumbs
+
+
+def test_force_refuses_when_the_holder_pid_is_unknown(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another open file description of this process holds the flock but no info says who."""
+    import fcntl
+
+    path = _lock_path(mg_home)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(mg.MLXLockConflict) as info:
+            mg.acquire_mlx_lock("forcer", force=True)
+        assert info.value.holder["pid"] is None
+        assert "pid is unknown" in str(info.value)
+    finally:
+        os.close(fd)
+
+
+# -- paths, environment, unsupported filesystems -----------------------------------------
+
+
+def test_lock_path_is_read_at_call_time(
+    mg_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moved = tmp_path / "elsewhere" / "mlx.lock"
+    monkeypatch.setenv("MLX_LOCK_PATH", str(moved))
+    mg.acquire_mlx_lock("moved")
+    assert moved.exists() and Path(str(moved) + ".holder.json").exists()
+    assert not _lock_path(mg_home).exists()
+    monkeypatch.setenv("MLX_LOCK_PATH", "  ")  # empty means unset
+    assert mg.read_mlx_lock() is None  # the default path is free
+    monkeypatch.setenv("MLX_LOCK_PATH", str(moved))
+    assert mg.release_mlx_lock() is True
+    assert not Path(str(moved) + ".holder.json").exists()
+
+
+def test_unsupported_filesystem_raises_instead_of_running_unlocked(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fakes only what cannot run here: a filesystem whose flock fails with ENOLCK."""
+    import fcntl
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(mg.LockUnsupported) as info:
+        mg.acquire_mlx_lock("x")
+    assert "MLX_LOCK_PATH" in str(info.value) and str(_lock_path(mg_home)) in str(info.value)
+    assert mg.release_mlx_lock() is False
+
+
+def test_conflict_message_and_pickling() -> None:
+    holder = {
+        "pid": 4242,
+        "label": "batch job",
+        "started_at": "2026-01-02T03:04:05Z",
+        "cmdline": "python job.py",
+    }
+    exc = mg.MLXLockConflict(holder)
+    assert isinstance(exc, RuntimeError) and exc.holder == holder
+    text = str(exc)
+    for part in (
+        "'batch job'",
+        "pid 4242",
+        "2026-01-02T03:04:05Z",
+        "'python job.py'",
+        "force=True",
+    ):
+        assert part in text
+    copy = pickle.loads(pickle.dumps(exc))
+    assert copy.holder == holder and str(copy) == text
+
+
+# -- forked children do not keep the lock (fixed in _FileLock) ----------------------------
+
+FORKER = r"""
+import os, sys, time
+import metal_guard as mg
+mg.acquire_mlx_lock("forker")
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+mg.release_mlx_lock()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_forked_child_does_not_keep_the_lock_after_the_parent_released(mg_home: str) -> None:
+    proc = python_child(FORKER)
+    grandchild = int(read_line(proc))
+    try:
+        assert read_line(proc) == "released"
+        assert os.kill(grandchild, 0) is None  # the forked child is alive ...
+        assert mg.read_mlx_lock() is None  # ... and holds nothing
+        assert mg.acquire_mlx_lock("next")["pid"] == os.getpid()
+    finally:
+        try:
+            os.kill(grandchild, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stop_child(proc)

@@ -93,90 +93,107 @@ __version__ = "0.9.0"
 
 __all__ = [
     "__version__",
-    # 2. State files
+    # 1.2 Locks
     "LockUnsupported",
     "StateLockTimeout",
-    # 4. Breadcrumbs
-    "MemoryStats",
-    "MetalGuard",
-    "MetalOOMError",
-    "metal_guard",
+    # 1.4 Breadcrumbs
     "read_breadcrumbs",
-    # 5. Model identity
+    # 2.1 MLX access
+    "MemoryStats",
+    "MetalOOMError",
+    # 2.2 Memory numbers
+    "ReleaseStats",
+    # 2.3 Release barrier
+    "wait_for_release",
+    # 3.1 Model identity
     "canonical_model_id",
     "is_gemma4_family",
-    # 6. Flush guards
-    "gemma4_generation_flush",
-    "subprocess_inference_guard",
-    # 7. Cadence
-    "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
+    # 3.2 Registry
+    "KNOWN_PANIC_MODELS",
+    "check_known_panic_model",
+    "warn_if_known_panic_model",
+    # 3.3 Panic signatures
+    "detect_panic_signature",
+    # 3.4 Panic reports
+    "parse_panic_reports",
+    # 3.6 Version advisories
+    "check_version_advisories",
+    # 3.7 Estimators
+    "KNOWN_MODELS",
+    "ModelDims",
+    "describe_prefill_plan",
+    "estimate_prefill_peak_alloc_gb",
+    "lookup_dims",
+    "recommend_chunk_size",
+    "require_prefill_fit",
+    # 3.8 Apple Feedback
+    "format_panic_for_apple_feedback",
+    # 3.9 Process mode (R6)
+    "ProcessMode",
+    "apply_mode_defaults",
+    "describe_process_mode",
+    "detect_process_mode",
+    # 4.1 Modes (L6)
+    "DEFENSIVE",
+    "OBSERVER",
+    "current_mode",
+    "describe_mode",
+    "is_defensive",
+    "is_observer",
+    # 4.2 Cadence
     "CadenceGuard",
     "CadenceStoreError",
     "CadenceViolation",
     "CrossModelCadenceViolation",
+    "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
     "cadence_scope",
     "require_cadence_clear",
-    # 8. Registry
-    "KNOWN_PANIC_MODELS",
-    "check_known_panic_model",
-    "warn_if_known_panic_model",
-    # 9. Panic reports & circuit breaker
+    # 4.3 Panic archive
+    "ingest_panics_jsonl",
+    "read_panic_archive",
+    # 4.4 Circuit breaker
     "CircuitBreaker",
     "MLXCooldownActive",
-    "detect_panic_signature",
-    "ingest_panics_jsonl",
-    "parse_panic_reports",
-    "read_panic_archive",
-    # 5.2-5.6 Release barrier, memory layers, monitors, scoped loads
-    "ReleaseStats",
-    "bench_scoped_load",
-    "kv_cache_clear_on_pressure",
-    "wait_for_release",
-    # 3.5-3.7 Version advisories, Estimators, Apple Feedback; 4.4 KV growth tracker;
-    # 5.3-5.5 Wired-limit control, Upstream patches, System audits
-    "KNOWN_MODELS",
+    # 4.5 KV growth tracker
     "KVGrowthTracker",
-    "ModelDims",
-    "audit_wired_limit",
-    "check_version_advisories",
-    "describe_prefill_plan",
-    "describe_wired_limit",
-    "estimate_prefill_peak_alloc_gb",
-    "format_panic_for_apple_feedback",
-    "install_upstream_defensive_patches",
     "kv_tracker",
-    "limit_wired_memory",
-    "log_system_audit_at_startup",
-    "lookup_dims",
-    "read_gpu_driver_version",
-    "recommend_chunk_size",
-    "require_prefill_fit",
-    "restore_wired_memory",
-    # Process mode, modes, MLX lock, GPU gate, subprocess workers
-    "DEFENSIVE",
-    "OBSERVER",
-    "GPUBusy",
+    # 4.6 MLX lock (L8)
     "MLXLockConflict",
-    "MLXSubprocessRunner",
-    "ProcessMode",
-    "SubprocessCrashError",
-    "SubprocessTimeoutError",
     "acquire_mlx_lock",
-    "apply_mode_defaults",
-    "call_model_isolated",
-    "current_mode",
-    "describe_mode",
-    "describe_process_mode",
-    "detect_process_mode",
-    "exclusive_gpu",
-    "is_defensive",
-    "is_observer",
     "mlx_exclusive_lock",
-    "read_gpu_gate",
     "read_mlx_lock",
     "release_mlx_lock",
+    # 4.7 GPU gate
+    "GPUBusy",
+    "exclusive_gpu",
+    "read_gpu_gate",
+    # 5.1 Flush guards
+    "gemma4_generation_flush",
+    "subprocess_inference_guard",
+    # 5.2 Wired-limit control
+    "describe_wired_limit",
+    "limit_wired_memory",
+    "restore_wired_memory",
+    # 5.3 Upstream patches
+    "install_upstream_defensive_patches",
+    # 5.4 System audits
+    "audit_wired_limit",
+    "log_system_audit_at_startup",
+    "read_gpu_driver_version",
+    # 5.7 MetalGuard
+    "MetalGuard",
+    "metal_guard",
+    # 5.8 Scoped loads
+    "bench_scoped_load",
+    "kv_cache_clear_on_pressure",
+    # 5.10 Subprocess runner
+    "MLXSubprocessRunner",
+    "SubprocessCrashError",
+    "SubprocessTimeoutError",
+    # 5.11 Worker pool
+    "call_model_isolated",
     "shutdown_all_workers",
-    # 10. Command line
+    # 6.3 Entry point
     "main",
 ]
 
@@ -191,9 +208,9 @@ __all__ = [
 # json, re and dataclasses are imported on first use: importing them here would
 # more than double the cost of ``import metal_guard``.
 #
-# Provides: _DEBUG, _INF, _TRUE_WORDS, _WARNING, _dataclass, _env_bad, _env_bool, _env_float,
-#   _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg, _label, _log, _log_once,
-#   _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg, _str_path
+# Provides: _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass, _env_bad, _env_bool,
+#   _env_float, _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg, _label, _log,
+#   _log_once, _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg, _str_path
 # Uses: nothing
 # =============================================================================
 
@@ -499,6 +516,29 @@ else:
             return cls
 
         return wrap
+
+
+# Module attributes built on first access (PEP 562): building them at import
+# would import ``logging``/``typing``/``dataclasses``. Sections register theirs.
+_LAZY_ATTRIBUTES: dict[str, Callable[[], Any]] = {}
+
+
+def __getattr__(name: str) -> Any:
+    build = _LAZY_ATTRIBUTES.get(name)
+    if build is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return build()
+
+
+def _type_var_t() -> Any:
+    from typing import TypeVar
+
+    return globals().setdefault("T", TypeVar("T"))
+
+
+# The original metal-guard's incidental public names: its logger and its TypeVar.
+_LAZY_ATTRIBUTES["log"] = lambda: _log()
+_LAZY_ATTRIBUTES["T"] = _type_var_t
 
 
 def _on_reset(reset: Callable[[], None]) -> Callable[[], None]:
@@ -3410,11 +3450,7 @@ def _known_models() -> dict[str, ModelDims]:
     return table
 
 
-def __getattr__(name: str) -> Any:
-    """Module attributes built on first access (PEP 562): ``KNOWN_MODELS``."""
-    if name == "KNOWN_MODELS":
-        return _known_models()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_LAZY_ATTRIBUTES["KNOWN_MODELS"] = _known_models
 
 
 def _read_model_config(folder: str) -> dict[str, Any] | None:

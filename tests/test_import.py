@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import metal_guard as mg
 from helpers import REPO
 
@@ -119,3 +121,14 @@ def test_logger_is_quiet_by_default() -> None:
     mg._log()
     logger = logging.getLogger("metal_guard")
     assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)
+
+
+def test_the_original_incidental_names_are_reachable_lazily() -> None:
+    """The original metal-guard exposed ``log`` (its logger) and ``T`` (a TypeVar)."""
+    from metal_guard import T, log
+
+    assert log is logging.getLogger("metal_guard")
+    assert T is mg.T and type(T).__name__ == "TypeVar"
+    assert mg.KNOWN_MODELS is mg.KNOWN_MODELS  # built once, then an ordinary dict
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        mg.no_such_name  # noqa: B018

@@ -95,7 +95,11 @@ def _assigned_names(node: ast.stmt) -> set[str]:
     elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         for target in targets:
-            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+            names |= {
+                n.id
+                for n in ast.walk(target)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+            }
     elif isinstance(node, (ast.Import, ast.ImportFrom)):
         names |= {(a.asname or a.name).split(".")[0] for a in node.names}
     elif isinstance(node, (ast.If, ast.Try)):

@@ -1819,8 +1819,7 @@ class ReleaseStats(MemoryStats):
 # synchronize, collect, clear the cache, then poll active memory until it is
 # back within ``slack_bytes`` of the baseline or the timeout passes.
 #
-# Provides: wait_for_release, _RELEASE_SLACK_DEFAULT, _RELEASE_TIMEOUT_MAX, _await_memory,
-#   _byte_count, _release
+# Provides: wait_for_release, _RELEASE_SLACK_DEFAULT, _await_memory, _release, _release_args
 # Uses: Prelude, Breadcrumbs, MLX access, Memory numbers
 # =============================================================================
 
@@ -1892,6 +1891,13 @@ def wait_for_release(
     ``baseline_bytes``, ``waited_sec``, ``released``). Without MLX it returns
     at once.
     """
+    return _release(*_release_args(baseline_bytes, timeout, slack_bytes), _breadcrumb)
+
+
+def _release_args(
+    baseline_bytes: object, timeout: object, slack_bytes: object
+) -> tuple[int | None, float, int]:
+    """``wait_for_release``'s arguments checked: (baseline, timeout, slack)."""
     wait = _seconds_arg("timeout", timeout, maximum=_RELEASE_TIMEOUT_MAX)
     slack = _byte_count("slack_bytes", slack_bytes)
     baseline = (
@@ -1899,7 +1905,7 @@ def wait_for_release(
         if baseline_bytes is None
         else _byte_count("baseline_bytes", baseline_bytes)
     )
-    return _release(baseline, wait, slack, _breadcrumb)
+    return baseline, wait, slack
 
 
 def _release(
@@ -1948,8 +1954,8 @@ def _release(
 # ``os.PathLike`` objects. ``canonical_model_id`` is strict (cadence keys on
 # it); the lookups built on ``_lenient_model_id`` answer False/None for junk.
 #
-# Provides: canonical_model_id, is_gemma4_family, _CONFIG_MAX_BYTES, _hf_cache_id,
-#   _lenient_model_id, _model_name, _regex
+# Provides: canonical_model_id, is_gemma4_family, _hf_cache_id, _lenient_model_id, _model_name,
+#   _read_model_config, _regex
 # Uses: Prelude, Files
 # =============================================================================
 
@@ -2039,11 +2045,8 @@ _GEMMA4_MODEL_TYPES = frozenset({"gemma4", "gemma4_text", "gemma4_unified"})
 _CONFIG_MAX_BYTES = 1 << 20
 
 
-def _config_model_types(folder: str) -> list[str] | None:
-    """``model_type`` values in ``folder/config.json`` (top level and ``text_config``).
-
-    ``None`` when there is no readable, valid config (callers fall back to the name).
-    """
+def _read_model_config(folder: str) -> dict[str, Any] | None:
+    """``folder/config.json`` as a dict, or ``None`` (missing, too big, not JSON, not an object)."""
     import json
 
     try:
@@ -2057,7 +2060,16 @@ def _config_model_types(folder: str) -> list[str] | None:
         config = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(config, dict):
+    return config if isinstance(config, dict) else None
+
+
+def _config_model_types(folder: str) -> list[str] | None:
+    """``model_type`` values in ``folder/config.json`` (top level and ``text_config``).
+
+    ``None`` when there is no readable, valid config (callers fall back to the name).
+    """
+    config = _read_model_config(folder)
+    if config is None:
         return None
     types = [config.get("model_type")]
     text_config = config.get("text_config")
@@ -3404,7 +3416,7 @@ def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[
 #
 # Provides: KNOWN_MODELS, ModelDims, describe_prefill_plan, estimate_prefill_peak_alloc_gb,
 #   lookup_dims, recommend_chunk_size, require_prefill_fit
-# Uses: Prelude, Files, MLX access, Model identity
+# Uses: Prelude, MLX access, Model identity
 # =============================================================================
 
 
@@ -3451,22 +3463,6 @@ def _known_models() -> dict[str, ModelDims]:
 
 
 _LAZY_ATTRIBUTES["KNOWN_MODELS"] = _known_models
-
-
-def _read_model_config(folder: str) -> dict[str, Any] | None:
-    """``folder/config.json`` as a dict, or ``None`` (missing, too big, not JSON, not an object)."""
-    import json
-
-    try:
-        raw = _read_bounded(
-            os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1, follow_symlinks=True
-        )
-        if len(raw) > _CONFIG_MAX_BYTES:
-            return None
-        config = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return config if isinstance(config, dict) else None
 
 
 def _positive_int(config: dict[str, Any], *keys: str) -> int | None:
@@ -7506,14 +7502,7 @@ class MetalGuard(_MemoryMonitors):
         slack_bytes: int = _RELEASE_SLACK_DEFAULT,
     ) -> ReleaseStats:
         """``wait_for_release`` with this guard's breadcrumbs (see the module function)."""
-        wait = _seconds_arg("timeout", timeout, maximum=_RELEASE_TIMEOUT_MAX)
-        slack = _byte_count("slack_bytes", slack_bytes)
-        baseline = (
-            _load_baseline_bytes()
-            if baseline_bytes is None
-            else _byte_count("baseline_bytes", baseline_bytes)
-        )
-        return _release(baseline, wait, slack, self._crumb)
+        return _release(*_release_args(baseline_bytes, timeout, slack_bytes), self._crumb)
 
     def probe_metal_health(self) -> bool:
         """Evaluate a 1-element array and synchronize: True when MLX answers; never raises."""

@@ -381,11 +381,15 @@ def _finite(value: float) -> bool:
 
 def _real_arg(name: str, value: object) -> float:
     """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``."""
-    import numbers
+    if type(value) is not float and type(value) is not int:  # the common cases skip ``numbers``
+        import numbers
 
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    number = float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = _INF
     if not _finite(number):
         raise ValueError(f"{name} must be a finite number, got {number!r}")
     return number

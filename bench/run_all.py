@@ -3,8 +3,9 @@
 Each script runs in its own interpreter (the same one running this file), from the
 repository root, and writes its results JSON under ``bench/results/`` itself (most as
 ``<name>.json``; ``bench_panic.py`` as ``panic_scan.json``). Its printed report (the machine
-and Markdown tables) is kept as ``bench/results/<name>.md``, and all of them together as
-``bench/results/SUMMARY.md``. Exits non-zero when any script fails.
+and Markdown tables) is kept as ``bench/results/<name>.md``, and the latest report of every
+script together as ``bench/results/SUMMARY.md`` (also after a filtered run). Exits
+non-zero when any script fails.
 
     make bench            # or: .venv/bin/python bench/run_all.py [NAME_FILTER ...]
 """
@@ -87,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         report = f"## {script.stem}\n\n{_as_markdown(output)}"
         (RESULTS / f"{script.stem}.md").write_text(report)
         reports.append(report)
-    if reports and not filters:
+    if reports:  # every script's latest report, also those not run this time
+        latest = [
+            (RESULTS / f"{script.stem}.md").read_text()
+            for script in sorted(HERE.glob("bench_*.py"))
+            if (RESULTS / f"{script.stem}.md").exists()
+        ]
         (RESULTS / "SUMMARY.md").write_text(
-            "# Benchmark results\n\nWritten by `make bench` (bench/run_all.py).\n\n"
-            + "\n".join(reports)
+            "# Benchmark results\n\nWritten by `make bench` (bench/run_all.py): the latest "
+            "report of each script.\n\n" + "\n".join(latest)
         )
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Process isolation: the GPU gate's cost per guarded call, and a worker's life cycle.
 
-Results: README "Benchmarks" → "Process isolation".
+Results: docs/benchmarks.md → "Process isolation".
 
 Part A — uncontended GPU gate, in this process (breadcrumbs off), ``--n`` calls per row in
 interleaved blocks so drift hits every row alike:

@@ -1,6 +1,6 @@
 """Knowledge: what version advisories, the system audit and the wired-limit policy cost.
 
-Results: README "Benchmarks" → "Knowledge"; docs/knowledge.md.
+Results: docs/benchmarks.md → "Knowledge"; docs/knowledge.md.
 
 Part A — in-process latency (median and p99 of ``--n`` calls, µs):
 

@@ -1,7 +1,7 @@
 """Memory layers: the cost of reading memory numbers and flushing, and how long the release
 barrier waits.
 
-Results: README "Benchmarks" → "Memory layers".
+Results: docs/benchmarks.md → "Memory layers".
 
 Part A — ``MetalGuard.memory_stats()`` per call (µs), with the parts it is made of: the
 footprint read alone (Linux ``/proc/self/status`` ``VmRSS``; macOS ``proc_pid_rusage``), the

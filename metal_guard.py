@@ -574,7 +574,7 @@ def _forget_warnings() -> None:
 # memory wired until reboot, so every stop here is SIGTERM first, a grace
 # period to exit and be reaped, and SIGKILL only after it.
 #
-# Provides: _on_macos, _platform, _run_bounded, _stop_process
+# Provides: _on_macos, _pid_alive, _pid_running, _platform, _run_bounded, _stop_process
 # Uses: Prelude
 # =============================================================================
 
@@ -686,6 +686,32 @@ def _run_bounded(argv: list[str], timeout: float) -> str | None:
     return out[:_SUBPROCESS_OUTPUT_MAX].decode("utf-8", "replace")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _pid_running(pid: int) -> bool:
+    """Alive and not a zombie (exited, not yet reaped by its parent: its memory is freed)."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:  # Linux: "pid (name) S ..."
+            stat = stat_file.read()
+        end = stat.rindex(b")")
+        return stat[end + 2 : end + 3] != b"Z"
+    except (OSError, ValueError):
+        pass
+    if _on_macos():
+        return not (_run_bounded(["ps", "-o", "state=", "-p", str(pid)], 1.0) or "").startswith("Z")
+    return True
+
+
 # =============================================================================
 # 1.1 Files — the state folder, atomic replacement, appends, bounded reads.
 #
@@ -694,9 +720,9 @@ def _run_bounded(argv: list[str], timeout: float) -> str | None:
 # the file must survive a kernel panic); an append is one ``O_APPEND`` write.
 #
 # Provides: _FLOCK_BUSY, _FLOCK_UNSUPPORTED, _O_CLOEXEC, _O_NOFOLLOW, _append_bytes,
-#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _pid_alive, _read_bounded, _refuse_symlink,
-#   _state_file, _state_home
-# Uses: Prelude
+#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _refuse_symlink, _state_file,
+#   _state_home
+# Uses: Prelude, Processes
 # =============================================================================
 
 
@@ -766,16 +792,6 @@ def _fsync_dir(path: str) -> None:
 def _refuse_symlink(path: str) -> None:
     if os.path.islink(path):
         raise OSError(errno.ELOOP, "refusing to replace a symbolic link", path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _sweep_stale_temps(path: str) -> None:
@@ -5410,7 +5426,7 @@ kv_tracker = KVGrowthTracker()
 # Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
 #   _HOLDER_LABEL_MAX, _acquire_mlx_lock_at, _cmdline, _foreign_holder, _holder_dict,
 #   _lock_env_path, _mlx_lock_path, _release_mlx_lock_at, _utc_stamp
-# Uses: Prelude, Files, Locks, Breadcrumbs, Release barrier
+# Uses: Prelude, Processes, Files, Locks, Breadcrumbs, Release barrier
 # =============================================================================
 
 _MLX_LOCK_ENV_VAR = "MLX_LOCK_PATH"
@@ -5536,8 +5552,8 @@ def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None
     """
     deadline = time.monotonic() + timeout
     if reclaimed_from is not None:
-        while _pid_alive(reclaimed_from) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while _pid_running(reclaimed_from) and time.monotonic() < deadline:
+            time.sleep(0.1)
     remaining = deadline - time.monotonic()
     if "mlx.core" in sys.modules and remaining > 0:
         wait_for_release(timeout=remaining)

@@ -147,3 +147,23 @@ def test_cadence_store_is_not_fsynced_but_breaker_state_is(
     assert (tmp_path / "c.json").exists() and synced == []
     mg._JsonFile(str(tmp_path / "b.json"), durable=True).update(lambda d: d.update(x=1))
     assert len(synced) == 2  # the file and its folder
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the zombie")
+def test_an_exited_unreaped_child_counts_as_gone(tmp_path: Path) -> None:
+    """A zombie's memory is freed already: the reclaim wait must not run to its bound."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(200):  # until it has exited (still unreaped: a zombie)
+        if Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.01)
+    try:
+        assert mg._pid_alive(child.pid) is True  # kill(pid, 0) still sees it
+        assert mg._pid_running(child.pid) is False
+        started = time.monotonic()
+        mg._await_release(5.0, reclaimed_from=child.pid)
+        assert time.monotonic() - started < 2.5  # not the 5 s bound
+    finally:
+        child.wait()
+    assert mg._pid_running(child.pid) is False

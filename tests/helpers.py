@@ -258,23 +258,22 @@ def stub_mx(
     return stub
 
 
-def python_child(code: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
-    """A fresh interpreter running ``code`` (text mode) that imports the working copy.
+def python_child(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    """:func:`spawn_python` in text mode with stdin/stdout/stderr piped and ``cwd`` the repo.
 
-    ``env`` overrides go in ``env=...`` as for ``child_env``; other keyword arguments go to
-    ``subprocess.Popen`` (``stdin``/``stdout`` default to pipes, ``stderr`` to a pipe).
+    ``env`` overrides go in ``env=...`` as for :func:`child_env`.
     """
-    env = child_env(**kwargs.pop("env", {}))  # type: ignore[arg-type]
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "stdin": subprocess.PIPE,
         "stdout": subprocess.PIPE,
         "stderr": subprocess.PIPE,
         "text": True,
         "cwd": REPO,
-        "env": env,
     }
     options.update(kwargs)
-    return subprocess.Popen([sys.executable, "-c", code, *args], **options)  # type: ignore[call-overload]
+    options["env"] = child_env(**kwargs.get("env", {}))
+    child: subprocess.Popen[str] = spawn_python(code, *args, **options)
+    return child
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:

@@ -208,9 +208,9 @@ __all__ = [
 # json, re and dataclasses are imported on first use: importing them here would
 # more than double the cost of ``import metal_guard``.
 #
-# Provides: _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass, _env_bad, _env_bool,
-#   _env_float, _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg, _label, _log,
-#   _log_once, _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg, _str_path
+# Provides: _ContextDecorator, _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass,
+#   _env_bad, _env_bool, _env_float, _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg,
+#   _label, _log, _log_once, _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg, _str_path
 # Uses: nothing
 # =============================================================================
 
@@ -520,6 +520,30 @@ else:
             return cls
 
         return wrap
+
+
+class _ContextDecorator:
+    """Lets a context-manager class decorate a function, as ``@contextmanager`` objects can.
+
+    ``@guard.guarded_cleanup()`` on a function runs every call inside a fresh
+    instance (``_recreate``), like ``contextlib.ContextDecorator`` (whose import
+    this avoids).
+    """
+
+    __slots__ = ()
+
+    def _recreate(self) -> Any:
+        return self
+
+    def __call__(self, fn: _F) -> _F:
+        import functools
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self._recreate():
+                return fn(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
 
 
 # Module attributes built on first access (PEP 562): building them at import
@@ -4468,18 +4492,52 @@ class CadenceGuard:
     def check(self, model_id: StrPath) -> None:
         """Raise ``CadenceViolation`` if loading ``model_id`` now is too soon; records nothing."""
         canon = canonical_model_id(model_id)
-        # A future-dated record (the clock stepped back) counts as now; the next
-        # admit or mark rewrites it, so a check never writes.
-        events = _CadenceEvents(self._read(), time.time())
+        now = time.time()
+        events = _CadenceEvents(self._without_future_records(self._read(), now), now)
         violation = self._violation(canon, self.effective_cross_interval(model_id), events)
         if violation is not None:
             _refuse(violation)
 
-    def admit(self, model_id: StrPath) -> None:
+    def _without_future_records(self, data: dict[str, Any], now: float) -> dict[str, Any]:
+        """``data`` minus records dated in the future (the clock stepped back), with a WARNING.
+
+        Their age is unknown, and a check never writes, so it cannot repair them:
+        counting them as "now" would block every check until the clock catches
+        up (hours). The next ``admit`` or mark repairs them (pulled back to now,
+        so that admission waits at most one interval).
+        """
+        horizon = now + _CADENCE_CLOCK_SLACK
+        future = [k for k, v in data.items() if (ts := _number(v)) is not None and ts > horizon]
+        reserved = data.get(_CADENCE_RESERVED)
+        unloads = reserved.get("unloads") if isinstance(reserved, dict) else None
+        future_unloads = [
+            k
+            for k, v in (unloads.items() if isinstance(unloads, dict) else ())
+            if (ts := _number(v)) is not None and ts > horizon
+        ]
+        if not future and not future_unloads:
+            return data
+        _log_once(
+            "cadence-future:" + self._path,
+            _WARNING,
+            "metal_guard: cadence store %s has records dated in the future (%s; the clock "
+            "stepped back?); check ignores them, the next admit repairs them",
+            self._path,
+            ", ".join(sorted({*future, *future_unloads})[:5]),
+        )
+        trimmed = {k: v for k, v in data.items() if k not in future}
+        if future_unloads and isinstance(reserved, dict) and isinstance(unloads, dict):
+            kept = {k: v for k, v in unloads.items() if k not in future_unloads}
+            trimmed[_CADENCE_RESERVED] = {**reserved, "unloads": kept}
+        return trimmed
+
+    def admit(self, model_id: StrPath) -> bool:
         """Check and record a load in one critical section (atomic across processes).
 
         Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
-        soon; otherwise the load is recorded and the caller may load.
+        soon; otherwise the caller may load. Returns whether the load was
+        recorded: ``False`` when the store is unusable (it fails open with one
+        WARNING; a ``strict`` guard raises instead).
         """
         canon = canonical_model_id(model_id)
         # Family detection may stat the folder and read its config.json: do it before
@@ -4503,11 +4561,12 @@ class CadenceGuard:
                 )
             _refuse(violation)  # observer mode: one WARNING, and the load goes ahead
             _remember_load_baseline()
-            return
+            return stored
         _remember_load_baseline()  # what the release barrier waits for after the unload
         _breadcrumb(
             f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
         )
+        return stored
 
     def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
         """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
@@ -5746,8 +5805,12 @@ def _release_mlx_lock_at(path: str) -> bool:
     return True
 
 
-class mlx_exclusive_lock:
-    """``with mlx_exclusive_lock(label) as info:`` — acquire, always release on exit."""
+class mlx_exclusive_lock(_ContextDecorator):
+    """``with mlx_exclusive_lock(label) as info:`` — acquire, always release on exit.
+
+    Also a decorator (``@mlx_exclusive_lock("job")``), as the original's
+    ``@contextmanager`` was.
+    """
 
     __slots__ = ("_path", "force", "label")
 
@@ -5755,6 +5818,9 @@ class mlx_exclusive_lock:
         self.label = _label(label)
         self.force = bool(force)
         self._path: str | None = None
+
+    def _recreate(self) -> mlx_exclusive_lock:
+        return type(self)(self.label, force=self.force)
 
     def __enter__(self) -> dict[str, Any]:
         path = _mlx_lock_path()
@@ -6811,7 +6877,7 @@ def _reset_peak_memory() -> None:
         _mlx_step("reset_peak_memory", _mlx_fn(mx, "reset_peak_memory"))
 
 
-class _GuardedCleanup:
+class _GuardedCleanup(_ContextDecorator):
     """``with guard.guarded_cleanup():`` — ``safe_cleanup()`` after the body, also on errors."""
 
     __slots__ = ("guard",)
@@ -6826,7 +6892,7 @@ class _GuardedCleanup:
         self.guard.safe_cleanup()
 
 
-class _OOMContext:
+class _OOMContext(_ContextDecorator):
     """``with guard.oom_protected_context():`` — a Metal OOM becomes ``MetalOOMError`` after cleanup."""
 
     __slots__ = ("guard",)
@@ -8817,6 +8883,10 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     class Parser(argparse.ArgumentParser):
         """Usage errors exit 64 (EX_USAGE) with the usage line, never a traceback."""
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("allow_abbrev", False)  # "--js" is a usage error, not --json
+            super().__init__(*args, **kwargs)
+
         def error(self, message: str) -> NoReturn:
             raise _UsageError(self, message)
 
@@ -8889,7 +8959,7 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         nargs="?",
         type=_model_arg,
         metavar="MODEL",
-        help="show only this model (with clear: forget only this model)",
+        help="show whether this model may load now (with clear: forget only this model)",
     )
     commands.add_parser(
         "lock", parents=[json_flag], help="who holds the MLX lock and the GPU gate, since when"
@@ -9231,8 +9301,8 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     }
     try:
         if args.admit and not blocked:
-            guard.admit(model)  # an unusable store fails open: admitted but not recorded
-            cadence["admitted"] = guard.last_ts(model) is not None
+            # an unusable store fails open: admitted, but not recorded
+            cadence["admitted"] = guard.admit(model)
             recorded = (
                 "; load recorded"
                 if cadence["admitted"]

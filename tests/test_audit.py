@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import child_env
+from helpers import REPO, child_env
 
-REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 MEMSIZE_64 = "68719476736\n"
 UNKNOWN = {"limit_mb": None, "total_gb": None, "ratio": 0.0, "mode": "unknown", "advisory": None}

@@ -243,7 +243,7 @@ def test_panics(mg_home: str, reports: Path, tmp_path: Path) -> None:
     assert "prepare_count_underflow" in lines[3] and "IOGPUMemory.cpp:550" in lines[3]
     assert "25E253" in lines[3]
     (summary,) = [line for line in lines if "of them" in line]
-    assert "1 of them" in summary and "IOGPU" in summary
+    assert "1 of them is an IOGPU kernel panic" in summary
     code, doc = run_json(mg_home, "panics", "--since", "24", reports=reports)
     assert code == 0 and [r["pid"] for r in doc["panics"]] == [7]
     assert doc["panics"][0]["signature"] == "prepare_count_underflow"
@@ -520,3 +520,29 @@ def test_main_reports_unexpected_failures(
     assert mg.main(["models"]) == 1
     err = capsys.readouterr().err
     assert "metal-guard models: error: RuntimeError: disk on fire" in err
+
+
+def test_check_admit_with_an_older_record_and_an_unusable_store_exits_1(
+    mg_home: str, tmp_path: Path
+) -> None:
+    """An older record must not pass for "recorded" when this load could not be written."""
+    mg.CadenceGuard().mark_load("org/old", ts=time.time() - 1000)
+    lock = Path(mg_home) / "cadence.json.lock"
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")  # the lock is refused: the store fails open
+    proc = run(mg_home, "check", "org/old", "--admit", "--min-interval", "60")
+    assert proc.returncode == 1
+    assert "could NOT be recorded" in proc.stdout and "load recorded" not in proc.stdout
+
+
+def test_admit_says_whether_it_recorded(mg_home: str, tmp_path: Path) -> None:
+    guard = mg.CadenceGuard(min_interval_sec=0)
+    assert guard.admit("org/a") is True
+    (Path(mg_home) / "cadence.json.lock").unlink()
+    (Path(mg_home) / "cadence.json.lock").symlink_to(tmp_path / "elsewhere")
+    assert guard.admit("org/a") is False  # failed open: admitted, not recorded
+
+
+def test_abbreviated_options_are_usage_errors(mg_home: str) -> None:
+    proc = run(mg_home, "models", "--js")  # not silently --json
+    assert proc.returncode == 64 and "unrecognized arguments: --js" in proc.stderr

@@ -62,3 +62,37 @@ def test_known_panic_warning_names_the_registry(caplog: pytest.LogCaptureFixture
     assert mg.warn_if_known_panic_model(model) is True
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "KNOWN_PANIC_MODELS" in record.getMessage()
+
+
+def test_context_managers_also_decorate_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original's ``@contextmanager`` objects worked as decorators; these do too."""
+    guard = mg.MetalGuard(cooldown_secs=0.0, breadcrumb_path=None)
+    cleanups: list[str] = []
+    monkeypatch.setattr(guard, "safe_cleanup", lambda: cleanups.append("cleanup"))
+
+    @guard.guarded_cleanup()
+    def work(x: int) -> int:
+        """Doubles."""
+        cleanups.append("body")
+        return 2 * x
+
+    assert (work(3), work(4)) == (6, 8)
+    assert cleanups == ["body", "cleanup", "body", "cleanup"]
+    assert work.__doc__ == "Doubles." and work.__name__ == "work"
+
+    @guard.oom_protected_context()
+    def out_of_memory() -> None:
+        raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory")
+
+    with pytest.raises(mg.MetalOOMError):
+        out_of_memory()
+    assert cleanups[-1] == "cleanup"
+
+    @mg.mlx_exclusive_lock("decorated job")
+    def locked() -> dict[str, object] | None:
+        return mg.read_mlx_lock()
+
+    holder = locked()
+    assert holder is not None and holder["label"] == "decorated job"
+    assert locked() is not None  # a fresh hold per call
+    assert mg.read_mlx_lock() is None  # released after each call

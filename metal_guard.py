@@ -9226,6 +9226,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "mlx": mlx,
         "state_folder": home,
         "state_folder_exists": os.path.isdir(home),
+        "state_folder_note": _folder_note(home).strip(" ()") or None,
         "cadence": cadence,
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],

@@ -315,6 +315,8 @@ def test_status_says_when_a_file_sits_where_the_folder_should_be(tmp_path: Path)
     assert proc.returncode == 0
     (line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("state folder")]
     assert "NOT a folder" in line and "not created yet" not in line
+    code, doc = run_json(str(home), "status")
+    assert doc["state_folder_exists"] is False and "NOT a folder" in doc["state_folder_note"]
 
 
 def test_cadence_show_model(mg_home: str) -> None:

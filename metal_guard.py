@@ -3597,11 +3597,13 @@ def require_prefill_fit(
     """Raise ``MetalOOMError`` when the estimated prefill peak is too big to attempt.
 
     Too big: above ``single_alloc_ceiling_gb``, or above ``available_gb``
-    minus ``headroom_pct`` of it. The message says by how much and the chunk
+    minus ``headroom_pct`` of it. ``available_gb`` is any finite number: at or
+    below 0 (``MemoryStats.available_gb`` over the limit) nothing is available,
+    so any prefill is refused. The message says by how much and the chunk
     size that would fit.
     """
     tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
-    available = _gb_arg("available_gb", available_gb)
+    available = _real_arg("available_gb", available_gb)
     ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
     headroom = _real_arg("headroom_pct", headroom_pct)
     if not 0 <= headroom < 1:
@@ -3616,7 +3618,12 @@ def require_prefill_fit(
             f"above the {ceiling:g} GB single-allocation ceiling; prefill in chunks of at most "
             f"{chunk} tokens"
         )
-    usable = available * (1.0 - headroom)
+    usable = max(available, 0.0) * (1.0 - headroom)
+    if peak > usable and available <= 0:
+        raise MetalOOMError(
+            f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB but no memory is "
+            f"available (available_gb={available:.2f}: active memory is at or over the limit)"
+        )
     if peak > usable:
         raise MetalOOMError(
             f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB but only {usable:.2f} GB "
@@ -3667,7 +3674,8 @@ def describe_prefill_plan(
 
     Keys: ``model_id``, ``context_tokens``, ``dims_known``, ``peak_alloc_gb``
     (3 decimals), ``fits_ceiling`` (5 GB), ``fits_headroom`` (peak ≤ 70 % of
-    ``available_gb``; ``None`` without it), ``recommended_chunk_size`` (only
+    ``available_gb``; ``None`` without it; ``False`` when ``available_gb`` is
+    at or below 0, i.e. over the limit), ``recommended_chunk_size`` (only
     over the ceiling, for a 4 GB ceiling) and ``advisory`` (text or ``None``).
     ``dims`` wins over ``model_id``, which is looked up with ``lookup_dims``.
     """
@@ -3696,18 +3704,24 @@ def describe_prefill_plan(
                 "a local model folder with a config.json, or add it to KNOWN_MODELS."
             )
             return plan
-        available = None if available_gb is None else _gb_arg("available_gb", available_gb)
+        available = None if available_gb is None else _real_arg("available_gb", available_gb)
         peak = _prefill_peak_gb(tokens, shape)
         fits = peak <= _PREFILL_CEILING_GB
         plan.update(dims_known=True, peak_alloc_gb=round(peak, 3), fits_ceiling=fits)
         if available is not None:
-            plan["fits_headroom"] = peak <= _PREFILL_HEADROOM_FRACTION * available
+            plan["fits_headroom"] = peak <= _PREFILL_HEADROOM_FRACTION * max(available, 0.0)
         if not fits:
             chunk = recommend_chunk_size(context_tokens=tokens, dims=shape)
             plan["recommended_chunk_size"] = chunk
             plan["advisory"] = (
                 f"The estimated peak of {peak:.2f} GB is above the {_PREFILL_CEILING_GB:g} GB "
                 f"single-allocation ceiling: prefill in chunks of {chunk} tokens."
+            )
+        elif plan["fits_headroom"] is False and available is not None and available <= 0:
+            plan["advisory"] = (
+                f"The estimated peak of {peak:.2f} GB does not fit: no memory is available "
+                f"(available_gb={available:g}: active memory is at or over the limit). Free "
+                "memory first."
             )
         elif plan["fits_headroom"] is False:
             plan["advisory"] = (

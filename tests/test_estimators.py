@@ -1,4 +1,4 @@
-"""Section 3.8: ``ModelDims``, ``KNOWN_MODELS``, ``lookup_dims`` and the prefill estimators.
+"""Section 3.7: ``ModelDims``, ``KNOWN_MODELS``, ``lookup_dims`` and the prefill estimators.
 
 The formulas are the original metal-guard's; the expected values here are computed
 independently from the formula as written in the reference (and the largest contexts

@@ -1,4 +1,4 @@
-"""Section 4.7 — the MLX lock: an OS lock (``flock``) that excludes, never goes stale,
+"""Section 4.6 — the MLX lock: an OS lock (``flock``) that excludes, never goes stale,
 counts holds per process and never SIGKILLs.
 
 Real processes, real ``flock``. The racers are 16 persistent interpreters that each run

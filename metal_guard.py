@@ -3621,11 +3621,13 @@ def require_prefill_fit(
     """Raise ``MetalOOMError`` when the estimated prefill peak is too big to attempt.
 
     Too big: above ``single_alloc_ceiling_gb``, or above ``available_gb``
-    minus ``headroom_pct`` of it. The message says by how much and the chunk
+    minus ``headroom_pct`` of it. ``available_gb`` is any finite number: at or
+    below 0 (``MemoryStats.available_gb`` over the limit) nothing is available,
+    so any prefill is refused. The message says by how much and the chunk
     size that would fit.
     """
     tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
-    available = _gb_arg("available_gb", available_gb)
+    available = _real_arg("available_gb", available_gb)
     ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
     headroom = _real_arg("headroom_pct", headroom_pct)
     if not 0 <= headroom < 1:
@@ -3640,7 +3642,12 @@ def require_prefill_fit(
             f"above the {ceiling:g} GB single-allocation ceiling; prefill in chunks of at most "
             f"{chunk} tokens"
         )
-    usable = available * (1.0 - headroom)
+    usable = max(available, 0.0) * (1.0 - headroom)
+    if peak > usable and available <= 0:
+        raise MetalOOMError(
+            f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB but no memory is "
+            f"available (available_gb={available:.2f}: active memory is at or over the limit)"
+        )
     if peak > usable:
         raise MetalOOMError(
             f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB but only {usable:.2f} GB "
@@ -3691,7 +3698,8 @@ def describe_prefill_plan(
 
     Keys: ``model_id``, ``context_tokens``, ``dims_known``, ``peak_alloc_gb``
     (3 decimals), ``fits_ceiling`` (5 GB), ``fits_headroom`` (peak ≤ 70 % of
-    ``available_gb``; ``None`` without it), ``recommended_chunk_size`` (only
+    ``available_gb``; ``None`` without it; ``False`` when ``available_gb`` is
+    at or below 0, i.e. over the limit), ``recommended_chunk_size`` (only
     over the ceiling, for a 4 GB ceiling) and ``advisory`` (text or ``None``).
     ``dims`` wins over ``model_id``, which is looked up with ``lookup_dims``.
     """
@@ -3720,18 +3728,24 @@ def describe_prefill_plan(
                 "a local model folder with a config.json, or add it to KNOWN_MODELS."
             )
             return plan
-        available = None if available_gb is None else _gb_arg("available_gb", available_gb)
+        available = None if available_gb is None else _real_arg("available_gb", available_gb)
         peak = _prefill_peak_gb(tokens, shape)
         fits = peak <= _PREFILL_CEILING_GB
         plan.update(dims_known=True, peak_alloc_gb=round(peak, 3), fits_ceiling=fits)
         if available is not None:
-            plan["fits_headroom"] = peak <= _PREFILL_HEADROOM_FRACTION * available
+            plan["fits_headroom"] = peak <= _PREFILL_HEADROOM_FRACTION * max(available, 0.0)
         if not fits:
             chunk = recommend_chunk_size(context_tokens=tokens, dims=shape)
             plan["recommended_chunk_size"] = chunk
             plan["advisory"] = (
                 f"The estimated peak of {peak:.2f} GB is above the {_PREFILL_CEILING_GB:g} GB "
                 f"single-allocation ceiling: prefill in chunks of {chunk} tokens."
+            )
+        elif plan["fits_headroom"] is False and available is not None and available <= 0:
+            plan["advisory"] = (
+                f"The estimated peak of {peak:.2f} GB does not fit: no memory is available "
+                f"(available_gb={available:g}: active memory is at or over the limit). Free "
+                "memory first."
             )
         elif plan["fits_headroom"] is False:
             plan["advisory"] = (
@@ -5535,27 +5549,32 @@ def _cmdline() -> str:
     return text
 
 
-def _lock_probe(path: str) -> bool | None:
-    """Is ``path`` flocked by anyone? ``False`` when free or missing, ``None`` when unknown.
+def _lock_probe(path: str) -> bool | str:
+    """Is ``path`` flocked by anyone? ``False`` when free or missing; why not, when unknown.
 
     A non-blocking shared-lock attempt on a descriptor of our own: it fails
     while an exclusive lock is held on any other open file description,
-    including one of this process. Never creates the file.
+    including one of this process. Never creates the file. A string says why
+    it cannot tell (a lock file another user owns, no ``fcntl``, a filesystem
+    without ``flock``).
     """
     try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock file: nobody can hold it
         return False
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
-        return True if exc.errno in _FLOCK_BUSY else None
+        return f"cannot open {path}: {exc.strerror or exc}"
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            return "fcntl is unavailable"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _FLOCK_BUSY:
+                return True
+            return f"cannot flock {path}: {exc.strerror or exc}"
     finally:
         os.close(fd)  # also drops the shared lock, if we got it
     return False
@@ -5572,23 +5591,52 @@ def _holder_dict(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _foreign_holder(path: str, read: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+def _unknown_holder(note: str, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """A holder whose details are unknown: the original's keys, ``pid`` ``None``, and a note."""
+    return {
+        "pid": None,
+        "label": "",
+        "started_at": None,
+        "cmdline": "",
+        **(extra or {}),
+        "note": note,
+    }
+
+
+def _foreign_holder(
+    path: str,
+    read: Callable[[], dict[str, Any] | None],
+    *,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """The holder of a lock another process holds: ``None`` when free, else its details.
 
     The details come from ``read()``; they may lag the OS lock by the moment a
     new holder needs to write them (or name a holder that died), so a holder
     that is not a live other process is read again a few times before the
-    details are reported as unknown (``pid`` ``None``).
+    details are reported as unknown (``pid`` ``None``, with a ``note``). When
+    the probe cannot tell, the lock reads as held by an unknown holder, never
+    as free. ``extra``: more keys (and their unknown values) for that case.
     """
     for _ in range(10):
-        if not _lock_probe(path):
+        probe = _lock_probe(path)
+        if probe is False:
             return None
+        if isinstance(probe, str):
+            return _unknown_holder(
+                f"Cannot tell whether it is held ({probe}): reported as held by an unknown "
+                "process.",
+                extra,
+            )
         info = read()
         pid = info.get("pid") if info else None
         if info and isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid):
             return info
         time.sleep(0.02)
-    return {"pid": None, "label": "", "started_at": None, "cmdline": ""}
+    return _unknown_holder(
+        "Held, but the holder's details are not written yet or name a process that has exited.",
+        extra,
+    )
 
 
 def _read_mlx_holder_file(lock_path: str) -> dict[str, Any] | None:
@@ -5637,6 +5685,8 @@ class MLXLockConflict(RuntimeError):
             f"{h.get('started_at') or 'unknown'}, command line {_label(h.get('cmdline') or '')!r})"
         )
         text = f"MLX lock is held by {who}."
+        if h.get("note"):
+            text += f" {_label(h['note'])}"
         if h.get("message"):
             text += f" {_label(h['message'])}"
         else:
@@ -5661,11 +5711,24 @@ def read_mlx_lock() -> dict[str, Any] | None:
 
 
 def _read_mlx_lock_at(path: str) -> dict[str, Any] | None:
-    with _mlx_lock_guard:
-        if _mlx_file_lock(path).count > 0:
-            mine = _mlx_lock_holders.get(path)
-            return dict(mine) if mine else _new_holder(path, "")
-    return _foreign_holder(path, lambda: _read_mlx_holder_file(path))
+    for _ in range(20):  # a thread here took the OS lock: its details follow within moments
+        with _mlx_lock_guard:
+            held_here = _mlx_file_lock(path).count > 0
+            mine = _mlx_lock_holders.get(path) if held_here else None
+        if not held_here:
+            return _foreign_holder(path, lambda: _read_mlx_holder_file(path))
+        if mine:
+            return dict(mine)
+        time.sleep(0.005)
+    # still between that thread's OS acquire and its record (a forced acquire waits for the
+    # old holder's memory first): say so from memory; reading never writes the holder file
+    return {
+        "pid": os.getpid(),
+        "label": "",
+        "started_at": None,
+        "cmdline": _cmdline(),
+        "note": "This process is taking the lock; its details are not recorded yet.",
+    }
 
 
 def _new_holder(path: str, label: str) -> dict[str, Any]:
@@ -5915,7 +5978,9 @@ def read_gpu_gate() -> dict[str, Any] | None:
         if mine is not None:
             return dict(mine)
         time.sleep(0.005)
-    return _foreign_holder(path, lambda: _read_gpu_holder_file(path))
+    return _foreign_holder(
+        path, lambda: _read_gpu_holder_file(path), extra={"thread": "", "since": None}
+    )
 
 
 class GPUBusy(TimeoutError):

@@ -1,4 +1,4 @@
-"""Section 3.8: ``ModelDims``, ``KNOWN_MODELS``, ``lookup_dims`` and the prefill estimators.
+"""Section 3.7: ``ModelDims``, ``KNOWN_MODELS``, ``lookup_dims`` and the prefill estimators.
 
 The formulas are the original metal-guard's; the expected values here are computed
 independently from the formula as written in the reference (and the largest contexts
@@ -297,15 +297,36 @@ def test_require_prefill_fit_over_the_available_memory() -> None:
     with pytest.raises(mg.MetalOOMError, match=r"only 3\.50 GB of the 5\.00 GB available"):
         mg.require_prefill_fit(context_tokens=4000, dims=dims, available_gb=5.0)
     mg.require_prefill_fit(context_tokens=4000, dims=dims, available_gb=5.0, headroom_pct=0.0)
-    with pytest.raises(mg.MetalOOMError, match="may be used"):
+    with pytest.raises(mg.MetalOOMError, match="no memory is available"):
         mg.require_prefill_fit(context_tokens=4000, dims=dims, available_gb=0.0)
+
+
+def test_require_prefill_fit_refuses_when_memory_is_over_the_limit() -> None:
+    """``MemoryStats.available_gb`` goes negative over the limit: that is a refusal
+    (``MetalOOMError``, as the original metal-guard), not a caller error."""
+    dims = mg.KNOWN_MODELS[GEMMA26]
+    over = mg.MemoryStats(active_bytes=30 * 10**9, limit_bytes=28 * 10**9)
+    assert over.available_gb == pytest.approx(-2.0)
+    with pytest.raises(mg.MetalOOMError) as info:
+        mg.require_prefill_fit(context_tokens=1000, dims=dims, available_gb=over.available_gb)
+    message = str(info.value)
+    assert "1000 tokens" in message and "no memory is available" in message
+    assert "available_gb=-2.00" in message
+    with pytest.raises(mg.MetalOOMError, match="no memory is available"):
+        mg.require_prefill_fit(context_tokens=1, dims=dims, available_gb=-1e12)
+    # a prefill of nothing needs nothing, even then
+    assert mg.require_prefill_fit(context_tokens=0, dims=dims, available_gb=-2.0) is None
+    # any finite number is a size: a large one is not a caller error
+    assert mg.require_prefill_fit(context_tokens=1000, dims=dims, available_gb=1e7) is None
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"available_gb": -1.0}, ValueError),
         ({"available_gb": math.nan}, ValueError),
+        ({"available_gb": math.inf}, ValueError),
+        ({"available_gb": -math.inf}, ValueError),
+        ({"available_gb": True}, TypeError),
         ({"available_gb": "8"}, TypeError),
         ({"single_alloc_ceiling_gb": 0}, ValueError),
         ({"single_alloc_ceiling_gb": math.inf}, ValueError),
@@ -398,6 +419,25 @@ def test_plan_over_the_ceiling_and_headroom() -> None:
     assert "70%" in tight["advisory"]
     roomy = mg.describe_prefill_plan(context_tokens=4000, model_id=GEMMA26, available_gb=64)
     assert roomy["fits_headroom"] is True and roomy["advisory"] is None
+
+
+def test_plan_under_memory_pressure_keeps_the_estimate() -> None:
+    """A negative ``available_gb`` (over the limit) is a plan that does not fit, not bad input."""
+    over = mg.MemoryStats(active_bytes=30 * 10**9, limit_bytes=28 * 10**9)
+    plan = mg.describe_prefill_plan(
+        context_tokens=2048, model_id=GEMMA26, available_gb=over.available_gb
+    )
+    assert plan["dims_known"] is True
+    assert plan["peak_alloc_gb"] == round(reference_peak(2048, *DIMS[GEMMA26], 2), 3)
+    assert plan["fits_ceiling"] is True and plan["fits_headroom"] is False
+    assert "no memory is available" in plan["advisory"]
+    assert "Cannot plan" not in plan["advisory"]
+    over_ceiling = mg.describe_prefill_plan(context_tokens=16384, model_id=GEMMA26, available_gb=0)
+    assert over_ceiling["fits_ceiling"] is False and over_ceiling["fits_headroom"] is False
+    assert over_ceiling["recommended_chunk_size"] is not None
+    for bad in (math.nan, math.inf, True, "8"):
+        refused = mg.describe_prefill_plan(context_tokens=2048, model_id=GEMMA26, available_gb=bad)
+        assert refused["advisory"].startswith("Cannot plan this prefill")
 
 
 def test_plan_with_explicit_dims_wins_over_the_model_id() -> None:

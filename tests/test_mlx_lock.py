@@ -1,4 +1,4 @@
-"""Section 4.7 — the MLX lock: an OS lock (``flock``) that excludes, never goes stale,
+"""Section 4.6 — the MLX lock: an OS lock (``flock``) that excludes, never goes stale,
 counts holds per process and never SIGKILLs.
 
 Real processes, real ``flock``. The racers are 16 persistent interpreters that each run
@@ -368,3 +368,120 @@ def test_a_forked_child_does_not_keep_the_lock_after_the_parent_released(mg_home
         except ProcessLookupError:
             pass
         stop_child(proc)
+
+
+# -- reading when the probe cannot tell, and reading never writes ----------------------
+
+ORIGINAL_HOLDER_KEYS = {"pid", "label", "started_at", "cmdline"}
+
+
+def _fake_probe_failure(fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fakes what cannot be produced here (the tests run as root, on a local disk with
+    ``flock``): a lock file another user owns (mode 0600: ``EACCES`` on open), a system without
+    ``fcntl``, and a filesystem whose ``flock`` fails with ``ENOLCK``."""
+    if fault == "eacces":
+        real_open = os.open
+
+        def no_read(path: object, flags: int, *args: object) -> int:
+            reading = not flags & (os.O_WRONLY | os.O_RDWR)
+            if str(path).endswith(".lock") and reading and os.path.exists(path):  # type: ignore[arg-type]
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", no_read)
+    elif fault == "no-fcntl":
+        monkeypatch.setitem(sys.modules, "fcntl", None)  # ``import fcntl`` raises ImportError
+    else:
+        import fcntl
+
+        def no_locks(fd: int, op: int) -> None:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+
+
+@pytest.mark.parametrize("fault", ["eacces", "no-fcntl", "enolck"])
+def test_a_lock_that_cannot_be_probed_reads_as_held_by_an_unknown_holder(
+    fault: str, mg_home: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe failure is faked (see ``_fake_probe_failure``): "cannot tell" must read as
+    held, never as free."""
+    _lock_path(mg_home).write_text("")
+    (Path(mg_home) / "gpu.lock").write_text("")
+    _fake_probe_failure(fault, monkeypatch)
+    holder = mg.read_mlx_lock()
+    assert holder is not None and set(holder) >= ORIGINAL_HOLDER_KEYS
+    assert holder["pid"] is None and holder["label"] == "" and holder["started_at"] is None
+    assert "Cannot tell whether it is held" in holder["note"]
+    assert {"eacces": "Permission denied", "no-fcntl": "fcntl", "enolck": "No locks"}[
+        fault
+    ] in holder["note"]
+    gate = mg.read_gpu_gate()
+    assert gate is not None and gate["pid"] is None
+    assert set(gate) >= ORIGINAL_HOLDER_KEYS | {"thread", "since"}
+    assert "Cannot tell whether it is held" in gate["note"]
+    assert "Cannot tell whether it is held" in str(mg.MLXLockConflict(holder))
+    assert mg.main(["lock", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["mlx_lock"]["holder"]["note"] == holder["note"]
+    assert doc["gpu_gate"]["holder"]["pid"] is None
+    assert mg.main(["lock"]) == 0
+    text = capsys.readouterr().out
+    assert "free" not in text and text.count("held by pid unknown") == 2
+
+
+@pytest.mark.parametrize("fault", ["eacces", "no-fcntl", "enolck"])
+def test_a_missing_lock_file_is_free_whatever_the_probe_fault(
+    fault: str, mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same faked faults; nobody can hold a lock file that does not exist."""
+    _fake_probe_failure(fault, monkeypatch)
+    assert mg.read_mlx_lock() is None and mg.read_gpu_gate() is None
+    assert list(Path(mg_home).iterdir()) == []
+
+
+def test_reading_while_another_thread_takes_the_lock_writes_nothing(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between another thread's OS acquire and its holder record is opened on
+    purpose: that thread's lock object is wrapped to pause right after the real ``flock``."""
+    import threading
+
+    real_file_lock = mg._mlx_file_lock
+    taken, go_on = threading.Event(), threading.Event()
+
+    class PausedAfterAcquire:
+        def __init__(self, lock: object) -> None:
+            self._lock = lock
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._lock, name)
+
+        def acquire(self, wait: float | None = None) -> bool:
+            took: bool = self._lock.acquire(wait)  # type: ignore[attr-defined]
+            taken.set()
+            go_on.wait(30)
+            return took
+
+    def file_lock(path: str) -> object:
+        lock = real_file_lock(path)
+        return PausedAfterAcquire(lock) if threading.current_thread().name == "taker" else lock
+
+    monkeypatch.setattr(mg, "_mlx_file_lock", file_lock)
+    results: list[dict[str, object]] = []
+    taker = threading.Thread(
+        target=lambda: results.append(mg.acquire_mlx_lock("taker")), name="taker"
+    )
+    taker.start()
+    try:
+        assert taken.wait(30)
+        seen = mg.read_mlx_lock()
+        assert seen is not None and seen["pid"] == os.getpid() and seen["label"] == ""
+        assert set(seen) >= ORIGINAL_HOLDER_KEYS
+        assert not _holder_file(mg_home).exists()  # read wrote nothing
+    finally:
+        go_on.set()
+        taker.join(30)
+    assert results and results[0]["label"] == "taker"
+    assert json.loads(_holder_file(mg_home).read_text())["label"] == "taker"
+    assert mg.read_mlx_lock() == results[0]

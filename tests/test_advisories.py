@@ -1,8 +1,8 @@
-"""Section 3.7: version advisories and the PEP 440 subset matcher.
+"""Section 3.6: version advisories and the PEP 440 subset matcher.
 
 The matcher is compared with ``packaging.specifiers.SpecifierSet(spec, prereleases=True)``
-on a generated table of (spec, version) pairs when ``packaging`` is importable (it comes
-with pytest); the library itself never imports it.
+on a generated table of (spec, version) pairs (``packaging`` is in the test extra); the
+library itself never imports it.
 """
 
 from __future__ import annotations

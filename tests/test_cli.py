@@ -316,6 +316,7 @@ def test_status_says_when_a_file_sits_where_the_folder_should_be(tmp_path: Path)
     (line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("state folder")]
     assert "NOT a folder" in line and "not created yet" not in line
     code, doc = run_json(str(home), "status")
+    assert code == 0
     assert doc["state_folder_exists"] is False and "NOT a folder" in doc["state_folder_note"]
 
 

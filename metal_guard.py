@@ -4058,9 +4058,11 @@ def describe_process_mode() -> dict[str, Any]:
 # (cadence, circuit breaker, GPU-gate timeout, worker spawn) logs a WARNING and
 # writes an ``OBSERVE: would refuse …`` breadcrumb, and the call goes ahead;
 # flushes, breadcrumbs and monitors run as usual. The policies call ``_refuse``
-# at each refusal, so the mode is decided in one place.
+# at each refusal, so the mode is decided in one place; ``_ObservedRefusals``
+# lets a caller (``metal-guard check``) see what was reported instead of raised.
 #
-# Provides: DEFENSIVE, OBSERVER, current_mode, describe_mode, is_defensive, is_observer, _refuse
+# Provides: DEFENSIVE, OBSERVER, current_mode, describe_mode, is_defensive, is_observer,
+#   _ObservedRefusals, _refuse
 # Uses: Prelude, Breadcrumbs
 # =============================================================================
 
@@ -4077,9 +4079,13 @@ _MODE_DESCRIPTIONS = {
         "Refusals are only reported: each one logs a WARNING and writes an 'OBSERVE: would "
         "refuse ...' breadcrumb, and the call goes ahead (a cadence-refused load is still "
         "recorded, a GPU-gate timeout runs the body without the gate). Flushes, breadcrumbs "
-        "and monitors run as usual. Explicit lock calls (acquire_mlx_lock) still raise."
+        "and monitors run as usual. Not refusals, so they raise in both modes: explicit "
+        "MLX-lock calls (acquire_mlx_lock, mlx_exclusive_lock and bench_scoped_load's lock) "
+        "and a strict CadenceGuard whose store cannot be used (CadenceStoreError)."
     ),
 }
+# thread id → the refusals ``_refuse`` reported in that thread while a caller collects them
+_observed_refusals: dict[int, list[BaseException]] = {}
 
 
 def current_mode() -> str:
@@ -4123,6 +4129,32 @@ def _refuse(exc: BaseException) -> None:
     text = _label(exc)
     _log().warning("metal_guard: OBSERVE: would refuse (%s): %s", type(exc).__name__, text)
     _breadcrumb(f"OBSERVE: would refuse {type(exc).__name__}: {text}")
+    collected = _observed_refusals.get(_thread.get_ident())
+    if collected is not None:
+        collected.append(exc)
+
+
+class _ObservedRefusals:
+    """``with _ObservedRefusals() as seen:`` — ``seen`` lists the refusals reported
+    (observer mode) by this thread inside the block; they were not raised.
+    """
+
+    def __init__(self) -> None:
+        self._outer: list[BaseException] | None = None
+
+    def __enter__(self) -> list[BaseException]:
+        me = _thread.get_ident()
+        self._outer = _observed_refusals.get(me)
+        seen: list[BaseException] = []
+        _observed_refusals[me] = seen
+        return seen
+
+    def __exit__(self, *exc: object) -> None:
+        me = _thread.get_ident()
+        if self._outer is None:
+            _observed_refusals.pop(me, None)
+        else:
+            _observed_refusals[me] = self._outer
 
 
 # =============================================================================
@@ -5909,7 +5941,8 @@ class mlx_exclusive_lock(_ContextDecorator):
 # file itself with one ``pwrite`` (no ``fsync``: after a crash the lock is free
 # anyway), so an uncontended gate costs one open + flock + write + close.
 #
-# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _gpu_lock_path
+# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _gpu_gate_held_here,
+#   _gpu_lock_path
 # Uses: Prelude, Files, Locks, Modes (L6), Cadence, MLX lock (L8)
 # =============================================================================
 
@@ -6093,6 +6126,11 @@ class exclusive_gpu:
 
     def __repr__(self) -> str:
         return f"exclusive_gpu({self.label!r}, timeout={self.timeout!r})"
+
+
+def _gpu_gate_held_here() -> bool:
+    """True when the calling thread holds the GPU gate (a worker it waits for must not take it)."""
+    return _gpu_lock(_gpu_lock_path()).held_by_me()
 
 
 def _describe_holder(holder: dict[str, Any] | None) -> str:
@@ -7956,6 +7994,9 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 # "temperature", "system"}`` or ``{"type": "shutdown"}``; child → parent
 # ``ready`` (``model_id``, ``pid``), ``result`` (``text``), ``error``
 # (``error``), ``refused`` (``error``, ``exception``) and ``shutdown_ack``.
+# A generate request carries ``"parent_holds_gpu_gate": True`` when the
+# parent's calling thread holds the GPU gate: the parent waits for this very
+# generate, so the worker's guard must not wait for the gate too.
 #
 # Provides: Connection, _BACKENDS, _REFUSALS, _worker_main
 # Uses: Prelude, Breadcrumbs, Release barrier, Registry, Process mode (R6), Cadence,
@@ -8137,7 +8178,10 @@ class _Worker:
             text = self._format(prompt, system)
             gemma4_generation_flush(self.model_id, self.generate_calls)
             self.generate_calls += 1
-            with subprocess_inference_guard(self.model_id):
+            # The parent holds the gate for us (METALGUARD_EXCLUSIVE_GPU is inherited):
+            # waiting for it here would wait for ourselves.
+            exclusive = False if request.get("parent_holds_gpu_gate") else None
+            with subprocess_inference_guard(self.model_id, exclusive=exclusive):
                 return {"type": "result", "text": self._run(text, max_tokens, temperature)}
         except _REFUSALS as exc:
             return {"type": "refused", "error": f"{type(exc).__name__}: {exc}", "exception": exc}
@@ -8205,6 +8249,10 @@ class _Worker:
 # wait → SIGKILL only then, with a WARNING that says why (SIGKILL can leave
 # hundreds of GiB of Metal memory wired until reboot). The parent reaps the
 # child before returning, so the next load starts after the OS reclaimed it.
+# Replies are read only by the thread that holds the request lock; a wait it
+# leaves by an exception stops the worker (a late answer would be read as the
+# next request's), and a stop begun by another thread leaves the final release
+# to that reader.
 # ``multiprocessing`` is imported on first use: importing it at module import
 # would cost time and pin the start method of the application.
 #
@@ -8212,7 +8260,7 @@ class _Worker:
 #   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
 #   _timeout_arg
 # Uses: Prelude, Processes, Breadcrumbs, MLX access, Panic signatures, Modes (L6), Cadence,
-#   Circuit breaker, MLX lock (L8), Subprocess worker
+#   Circuit breaker, MLX lock (L8), GPU gate, Subprocess worker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -8325,6 +8373,7 @@ class MLXSubprocessRunner:
         self._replies: Connection | None = None
         self._lock_path: str | None = None
         self._pid: int | None = None
+        self._stopping = False  # shutdown()/kill() began while another thread was generating
         self.fatal_error: str | None = None
         path = _mlx_lock_path()
         try:
@@ -8445,41 +8494,20 @@ class MLXSubprocessRunner:
         ``SubprocessTimeoutError`` after ``timeout`` (default ``generate_timeout``),
         once the worker was stopped and reaped; ``RuntimeError`` (``MetalOOMError``
         for an out-of-memory) for an error the worker reports; a refusal inside
-        the worker is raised as its own exception.
+        the worker is raised as its own exception. A wait interrupted by an
+        exception (``KeyboardInterrupt``...) stops the worker gracefully before
+        the exception goes on: its late answer must not become the next call's.
         """
         request = _generate_request(prompt, max_tokens, temperature, system)
         wait = self.generate_timeout if timeout is None else _timeout_arg("timeout", timeout)
+        if _gpu_gate_held_here():  # the worker must not wait for a gate we hold for it
+            request["parent_holds_gpu_gate"] = True
         with self._lock:
-            process, requests = self._process, self._requests
-            if process is None or requests is None or not process.is_alive():
-                code = self.exitcode
-                self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="it is not running")
-                raise SubprocessCrashError(self.model_id, code, "the worker is not running")
             try:
-                requests.send(request)
-            except (OSError, ValueError) as exc:
-                self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="its pipe broke")
-                raise SubprocessCrashError(
-                    self.model_id, self.exitcode, f"sending the request failed: {exc}"
-                ) from None
-            try:
-                reply = self._reply(wait)
-            except _NoReply:
-                _log().error(
-                    "metal_guard: MLX worker for %s (pid %s) did not answer within %g s; stopping it",
-                    self.model_id,
-                    self._pid,
-                    wait,
-                )
-                self._stop(
-                    grace=_TERM_GRACE_SEC,
-                    message_grace=_BUSY_MESSAGE_GRACE_SEC,
-                    why="a generate timed out",
-                )
-                raise SubprocessTimeoutError(
-                    f"MLX worker for {self.model_id!r} did not answer within {wait:g} s; it was "
-                    "stopped (SIGTERM first) and reaped"
-                ) from None
+                reply = self._exchange(request, wait)
+            finally:
+                if self._stopping and not self.is_alive():
+                    self._release()  # shutdown() came from another thread: we own the pipe
         if reply.get("type") == "result":
             return _label(reply.get("text", ""))
         error = _label(reply.get("error") or "")
@@ -8487,6 +8515,71 @@ class MLXSubprocessRunner:
             self.fatal_error = error
             self.shutdown()  # its Metal state is suspect: never reuse it
         self._raise_reply(reply, "generate")
+
+    def _exchange(self, request: dict[str, Any], wait: float) -> dict[str, Any]:
+        """Send one request and return its reply (the caller holds the request lock)."""
+        process, requests = self._process, self._requests
+        if self._stopping or process is None or requests is None or not process.is_alive():
+            code = self.exitcode
+            if not self._stopping:  # else the stopping thread is at it
+                self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="it is not running")
+            detail = "shutdown() was called" if self._stopping else "the worker is not running"
+            raise SubprocessCrashError(self.model_id, code, detail)
+        try:
+            requests.send(request)
+        except (OSError, ValueError) as exc:
+            self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="its pipe broke")
+            raise SubprocessCrashError(
+                self.model_id, self.exitcode, f"sending the request failed: {exc}"
+            ) from None
+        except BaseException as exc:  # the request may have gone out: as below
+            self._stop_interrupted(exc)
+            raise
+        try:
+            return self._reply(wait)
+        except _NoReply:
+            _log().error(
+                "metal_guard: MLX worker for %s (pid %s) did not answer within %g s; stopping it",
+                self.model_id,
+                self._pid,
+                wait,
+            )
+            self._stop(
+                grace=_TERM_GRACE_SEC,
+                message_grace=_BUSY_MESSAGE_GRACE_SEC,
+                why="a generate timed out",
+            )
+            raise SubprocessTimeoutError(
+                f"MLX worker for {self.model_id!r} did not answer within {wait:g} s; it was "
+                "stopped (SIGTERM first) and reaped"
+            ) from None
+        except SubprocessCrashError:
+            raise  # the worker died; it was reaped already
+        except BaseException as exc:
+            self._stop_interrupted(exc)
+            raise
+
+    def _stop_interrupted(self, exc: BaseException) -> None:
+        """Stop the worker after ``exc`` interrupted a generate (the caller re-raises it).
+
+        Its answer would arrive late and be read as the next request's; a worker busy
+        generating cannot be told to drop one request, so it is stopped.
+        """
+        _log().warning(
+            "metal_guard: a generate on the MLX worker for %s (pid %s) was interrupted "
+            "(%s); stopping the worker",
+            self.model_id,
+            self._pid,
+            type(exc).__name__,
+        )
+        try:
+            self._stop(
+                grace=_TERM_GRACE_SEC,
+                message_grace=_BUSY_MESSAGE_GRACE_SEC,
+                why=f"a generate was interrupted ({type(exc).__name__})",
+            )
+        finally:
+            self._release()  # also if a second interrupt cut the stop short
 
     # -- stopping ------------------------------------------------------------------
 
@@ -8565,24 +8658,40 @@ class MLXSubprocessRunner:
             _release_mlx_lock_at(path)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the worker: shutdown message, ``timeout`` s, SIGTERM, ``timeout`` s, SIGKILL."""
+        """Stop the worker: shutdown message, ``timeout`` s, SIGTERM, ``timeout`` s, SIGKILL.
+
+        Returns once the worker is reaped and this runner's MLX-lock hold and pipes are
+        gone, also when a generate was in flight in another thread.
+        """
         grace = _seconds_arg("timeout", timeout, maximum=_TIMEOUT_MAX)
         pid = self._pid
         owner = self._lock.acquire(timeout=grace)  # a generate in flight gets to finish first
-        try:
-            self._stop(grace=grace, message_grace=grace, why="shutdown() was called", owner=owner)
-        finally:
-            if owner:
-                self._lock.release()
+        self._stop_as(owner, grace=grace, message_grace=grace, why="shutdown() was called")
         _log().info("metal_guard: MLX worker for %s (pid %s) stopped", self.model_id, pid)
 
     def kill(self) -> None:
         """Stop the worker without the shutdown message: SIGTERM, 5 s, then SIGKILL."""
         owner = self._lock.acquire(blocking=False)
+        self._stop_as(owner, grace=5.0, message_grace=None, why="kill() was called")
+
+    def _stop_as(self, owner: bool, *, grace: float, message_grace: float | None, why: str) -> None:
+        """``_stop``, then release the request lock (``owner``) or, when a generate in
+        another thread owns the pipe, wait for it to return and drop what it left.
+        """
+        if not owner:
+            self._stopping = True  # that generate releases once the worker is gone
         try:
-            self._stop(grace=5.0, message_grace=None, why="kill() was called", owner=owner)
+            self._stop(grace=grace, message_grace=message_grace, why=why, owner=owner)
         finally:
             if owner:
+                self._lock.release()
+        if owner:
+            return
+        # The worker is reaped: the generating thread sees its answer or its end at once.
+        if self._lock.acquire(timeout=_TERM_GRACE_SEC):
+            try:
+                self._release()
+            finally:
                 self._lock.release()
 
     def is_alive(self) -> bool:
@@ -8654,7 +8763,8 @@ def _generate_request(
 # A dead worker is replaced at most 3 times in 60 s; a Metal out-of-memory or a
 # kernel-panic-class error ends that model's worker for good (until
 # ``shutdown_all_workers()``). Refusals propagate; crashes and timeouts log an
-# ERROR and return ``""`` (the original's contract).
+# ERROR and return ``""`` (the original's contract). A call interrupted while it
+# waits (Ctrl-C) stopped its worker: that worker leaves the pool, uncounted.
 #
 # Provides: call_model_isolated, shutdown_all_workers
 # Uses: Prelude, MLX access, Subprocess worker, Subprocess runner
@@ -8787,8 +8897,9 @@ def call_model_isolated(
     """Generate with ``model`` in a pooled worker process (one per model and backend).
 
     Refusals propagate (``CadenceViolation``, ``MLXCooldownActive``,
-    ``MLXLockConflict``, ``GPUBusy``): they are decisions, not crashes. A
-    worker that fails to start, crashes or times out is logged at ERROR and
+    ``MLXLockConflict``, ``GPUBusy``): they are decisions, not crashes. An
+    exception that interrupts the wait (Ctrl-C) stops the worker and propagates.
+    A worker that fails to start, crashes or times out is logged at ERROR and
     ``""`` is returned; the next call replaces it, at most 3 times in 60 s
     (then ``SubprocessCrashError``: crash-looping). An error the worker
     reports while generating propagates; after a Metal out-of-memory or a
@@ -8832,15 +8943,18 @@ def call_model_isolated(
     except BaseException:
         if runner.fatal_error is not None:
             _evict(key, runner)
+        elif not runner.is_alive():  # stopped after an interrupted generate: not a crash
+            _evict(key, runner, failed=False)
         raise
 
 
-def _evict(key: str, runner: MLXSubprocessRunner) -> None:
-    """Take a failed runner out of the pool and count the failure."""
+def _evict(key: str, runner: MLXSubprocessRunner, *, failed: bool = True) -> None:
+    """Take a runner out of the pool; a ``failed`` one counts towards the restart cap."""
     with _pool_lock:
         if _runner_pool.get(key) is runner:
             del _runner_pool[key]
-        _pool_failed(key, runner.fatal_error)
+        if failed:
+            _pool_failed(key, runner.fatal_error)
 
 
 def shutdown_all_workers() -> None:
@@ -9343,21 +9457,35 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             items.append(("safer alternative", known["safer_alternative"]))
         if args.refuse_known:
             blocked.append("known panic model (--refuse-known)")
-    try:
-        _breaker().check(now=now)
+    # Observer mode: the library reports a refusal instead of raising it; show it anyway.
+    would_refuse: list[str] = []
+    observed = "would refuse (observer mode): "
+    cooldown: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _breaker().check(now=now)
+        except MLXCooldownActive as refusal:
+            cooldown = refusal
+    cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    if cooling is None:
         doc["breaker"] = {"blocked": False}
         items.append(("circuit breaker", "clear"))
-    except MLXCooldownActive as exc:
+    else:
         doc["breaker"] = {
-            "blocked": True,
-            "message": str(exc),
-            "panic_count": exc.panic_count,
-            "window_sec": exc.window_sec,
-            "cooldown_until": exc.cooldown_until,
-            "remaining_sec": exc.remaining_sec,
+            "blocked": cooldown is not None,
+            "message": str(cooling),
+            "panic_count": cooling.panic_count,
+            "window_sec": cooling.window_sec,
+            "cooldown_until": cooling.cooldown_until,
+            "remaining_sec": cooling.remaining_sec,
         }
-        items.append(("circuit breaker", f"BLOCKED: {exc}"))
-        blocked.append("circuit breaker cooldown")
+        if cooldown is not None:
+            items.append(("circuit breaker", f"BLOCKED: {cooling}"))
+            blocked.append("circuit breaker cooldown")
+        else:
+            doc["breaker"]["would_refuse"] = True
+            items.append(("circuit breaker", observed + str(cooling)))
+            would_refuse.append("circuit breaker cooldown")
     guard = _cadence_guard(args)
     cadence: dict[str, Any] = {
         "path": guard.path,
@@ -9365,36 +9493,54 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
         "cross_model_interval_sec": guard.effective_cross_interval(model),
         "admitted": False,
     }
-    try:
-        if args.admit and not blocked:
-            # an unusable store fails open: admitted, but not recorded
-            cadence["admitted"] = guard.admit(model)
-            recorded = (
-                "; load recorded"
-                if cadence["admitted"]
-                else ("; the load could NOT be recorded (cadence store unusable, see the warning)")
-            )
-        else:
-            guard.check(model)
-            recorded = ""
+    violation: CadenceViolation | None = None
+    recorded = ""
+    with _ObservedRefusals() as seen:
+        try:
+            if args.admit and not blocked:
+                # an unusable store fails open: admitted, but not recorded
+                cadence["admitted"] = guard.admit(model)
+                recorded = (
+                    "; load recorded"
+                    if cadence["admitted"]
+                    else (
+                        "; the load could NOT be recorded (cadence store unusable, see the warning)"
+                    )
+                )
+            else:
+                guard.check(model)
+        except CadenceViolation as refused:
+            violation = refused
+    exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
+    if exc_seen is None:
         cadence["blocked"] = False
         items.append(("cadence", "clear" + recorded))
-    except CadenceViolation as exc:
+    else:
         cadence.update(
-            blocked=True,
-            message=str(exc),
-            remaining_sec=exc.remaining_sec,
-            last_model=getattr(exc, "last_model", exc.model_id),
-            last_ts=exc.last_ts,
+            blocked=violation is not None,
+            message=str(exc_seen),
+            remaining_sec=exc_seen.remaining_sec,
+            last_model=getattr(exc_seen, "last_model", exc_seen.model_id),
+            last_ts=exc_seen.last_ts,
         )
-        items.append(("cadence", f"BLOCKED: {exc}"))
-        blocked.append("cadence")
+        if violation is not None:
+            items.append(("cadence", f"BLOCKED: {exc_seen}"))
+            blocked.append("cadence")
+        else:
+            cadence["would_refuse"] = True
+            items.append(("cadence", observed + str(exc_seen)))
+            if recorded:
+                items.append(("note", recorded.removeprefix("; ")))
+            would_refuse.append("cadence")
     doc["cadence"] = cadence
     doc["decision"] = "blocked" if blocked else "go"
     doc["blocked_by"] = blocked
+    doc["would_refuse_by"] = would_refuse
     if args.admit and blocked and not cadence["admitted"]:
         items.append(("note", "the load was not recorded (blocked)"))
     lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
+    if would_refuse and not blocked:
+        lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
     lines += _pairs(items)
     if blocked:
         return _EXIT_BLOCKED, doc, lines

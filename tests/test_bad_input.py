@@ -79,10 +79,15 @@ def test_model_ids(name: str, mg_home: str) -> None:
     junk, expected = JUNK[name], CANONICAL[name]
     assert _outcome(lambda: mg.canonical_model_id(junk)) == expected
     guard = mg.CadenceGuard(min_interval_sec=0)
-    # every cadence entry point decides the same way (None from a recording call)
-    for call in (guard.check, guard.admit, guard.mark_load, guard.mark_unload):
+    # every cadence entry point decides the same way (admit says it recorded the load)
+    for call, result in (
+        (guard.check, None),
+        (guard.admit, True),
+        (guard.mark_load, None),
+        (guard.mark_unload, None),
+    ):
         outcome = _outcome(lambda call=call: call(junk))
-        assert outcome == (("ok", None) if isinstance(expected, tuple) else expected)
+        assert outcome == (("ok", result) if isinstance(expected, tuple) else expected)
     if not isinstance(expected, tuple):
         with pytest.raises(expected):
             mg.require_cadence_clear(junk, min_interval_sec=0)

@@ -295,3 +295,45 @@ def test_status_never_creates_lock_files(mg_home: str, capsys: pytest.CaptureFix
     doc = json.loads(capsys.readouterr().out)
     assert doc["mlx_lock"]["holder"] is None and doc["gpu_gate"]["holder"] is None
     assert list(Path(mg_home).iterdir()) == []
+
+
+@pytest.mark.mlx_lm
+def test_a_worker_does_not_wait_for_the_gate_its_caller_holds_for_it(
+    tiny_llama_path: str, mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``METALGUARD_EXCLUSIVE_GPU`` on (the worker inherits it): a generate wrapped in the
+    caller's own guard runs instead of the worker waiting for the gate its parent holds
+    for it. A gate held by another thread of the parent still makes the worker wait."""
+    monkeypatch.setenv("METALGUARD_EXCLUSIVE_GPU", "1")
+    prompt = "hello world"
+    try:
+        with mg.subprocess_inference_guard(tiny_llama_path):
+            holder = mg.read_gpu_gate()
+            text = mg.call_model_isolated(
+                prompt, tiny_llama_path, max_tokens=4, temperature=0, timeout=20
+            )
+        assert holder is not None and holder["pid"] == os.getpid()
+        assert text  # not "" (a worker that waited for the gate timed out)
+        runner = mg._runner_pool[f"{tiny_llama_path}:mlx"]
+        with mg.exclusive_gpu("caller"):
+            assert runner.generate(prompt, max_tokens=4, temperature=0, timeout=20) == text
+        assert mg.read_gpu_gate() is None
+        inside, leave = threading.Event(), threading.Event()
+
+        def other_thread() -> None:
+            with mg.exclusive_gpu("another thread"):
+                inside.set()
+                leave.wait(60)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        try:
+            assert inside.wait(10)
+            with pytest.raises(mg.SubprocessTimeoutError, match="did not answer within 2 s"):
+                runner.generate(prompt, max_tokens=4, temperature=0, timeout=2)
+        finally:
+            leave.set()
+            thread.join(10)
+    finally:
+        mg.shutdown_all_workers()
+    assert mg.read_gpu_gate() is None and mg.read_mlx_lock() is None

@@ -206,6 +206,77 @@ def test_observer_worker_spawn_refusals_are_reported(
     assert f"SUBPROCESS_WORKER: loading {model}" in crumbs
 
 
+def _check_rows(out: str) -> dict[str, str]:
+    """``metal-guard check``'s ``  <label>  <value>`` rows by label (the layout may change)."""
+    rows = {}
+    for line in out.splitlines()[1:]:
+        label, _, value = line.strip().partition("  ")
+        rows[label] = value.strip()
+    return rows
+
+
+def test_observer_check_command_says_what_it_would_refuse(
+    observer: None,
+    mg_home: str,
+    reports: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mg.CadenceGuard().mark_load(MODEL)
+    _cooling_down(mg_home)
+    assert mg.main(["check", MODEL]) == 0  # observer mode: the load would go ahead
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        f"check {MODEL}: GO (observer mode; would refuse: circuit breaker cooldown, cadence)"
+    )
+    rows = _check_rows(out)
+    assert rows["circuit breaker"].startswith("would refuse (observer mode): MLX cooldown active")
+    assert rows["cadence"].startswith("would refuse (observer mode): Cadence violation")
+    assert "clear" not in (rows["circuit breaker"], rows["cadence"])
+    assert mg.main(["--json", "check", MODEL]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["decision"] == "go" and doc["blocked_by"] == []
+    assert doc["would_refuse_by"] == ["circuit breaker cooldown", "cadence"]
+    assert doc["breaker"]["would_refuse"] is True and doc["breaker"]["blocked"] is False
+    assert doc["breaker"]["panic_count"] == 2
+    assert doc["cadence"]["would_refuse"] is True and doc["cadence"]["blocked"] is False
+    assert 170 < doc["cadence"]["remaining_sec"] <= 180
+    assert mg.main(["check", MODEL, "--admit"]) == 0  # observed, so the load is recorded
+    assert _check_rows(capsys.readouterr().out)["note"] == "load recorded"
+    monkeypatch.setenv("METALGUARD_MODE", "defensive")
+    assert mg.main(["check", MODEL]) == 2
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"check {MODEL}: BLOCKED by circuit breaker cooldown, cadence"
+    )
+
+
+@pytest.mark.multiprocess
+def test_observer_still_raises_what_is_not_a_refusal(
+    observer: None, mg_home: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A strict cadence store that cannot be used is an environment fault, and the MLX lock
+    that bench_scoped_load takes is an explicit lock: both raise in observer mode too, and
+    describe_mode() says so."""
+    description = mg.describe_mode()["description"]
+    assert "CadenceStoreError" in description and "bench_scoped_load" in description
+    store = tmp_path / "cadence.json"
+    store.mkdir()  # a folder where the store should be
+    strict = mg.CadenceGuard(str(store), strict=True)
+    with pytest.raises(mg.CadenceStoreError):
+        strict.admit(MODEL)
+    holder = python_child(
+        "import sys, metal_guard as mg\nmg.acquire_mlx_lock('other app')\n"
+        "print('held', flush=True)\nsys.stdin.readline()\n"
+    )
+    try:
+        assert read_line(holder) == "held"
+        with pytest.raises(mg.MLXLockConflict), mg.bench_scoped_load(MODEL):
+            pytest.fail("the load must not happen")
+    finally:
+        stop_child(holder)
+    assert _observed(caplog) == []
+
+
 # -- defensive: the same refusals raise -------------------------------------------------------
 
 

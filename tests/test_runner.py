@@ -241,6 +241,143 @@ def test_shutdown_from_another_thread_during_a_long_generate(
     assert mg.read_mlx_lock() is None and mg.release_mlx_lock() is False
 
 
+class _WatchedPipe:
+    """The runner's real request pipe; records which messages went through (a spy)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.generate_sent = threading.Event()
+        self.shutdown_sent = threading.Event()
+
+    def send(self, message: Any) -> None:
+        self.conn.send(message)
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "generate":
+            self.generate_sent.set()
+        elif kind == "shutdown":
+            self.shutdown_sent.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+GATE_HOLDER = (
+    "import sys, metal_guard as mg\nwith mg.exclusive_gpu('test holder'):\n"
+    "    print('inside', flush=True)\n    sys.stdin.readline()\n"
+)
+
+
+@pytest.mark.mlx_lm
+@pytest.mark.multiprocess
+def test_shutdown_during_a_generate_that_then_completes_drops_the_lock_hold_and_pipes(
+    tiny_llama_path: str, mg_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shutdown() gives up waiting for a generate in flight and asks the worker to stop;
+    the generate then completes (the worker was waiting for the GPU gate, held by another
+    process until the shutdown message is sent). The generating thread owns the pipe, yet
+    shutdown() returns only once the MLX-lock hold and the pipes are gone."""
+    monkeypatch.setenv("METALGUARD_EXCLUSIVE_GPU", "1")  # the worker inherits it
+    holder = python_child(GATE_HOLDER)
+    try:
+        assert read_line(holder) == "inside"
+        runner = mg.MLXSubprocessRunner(tiny_llama_path)
+        pipe = _WatchedPipe(runner._requests)
+        runner._requests = pipe
+        generated: list[object] = []
+        after_shutdown: list[object] = []
+
+        def generate() -> None:
+            try:
+                generated.append(runner.generate(PROMPT, max_tokens=4, temperature=0, timeout=120))
+            except BaseException as exc:
+                generated.append(exc)
+
+        def shutdown() -> None:
+            runner.shutdown(timeout=5)
+            after_shutdown.extend([mg.read_mlx_lock(), runner._requests, runner._replies])
+
+        generating = threading.Thread(target=generate)
+        generating.start()
+        assert pipe.generate_sent.wait(30)
+        stopping = threading.Thread(target=shutdown)
+        stopping.start()
+        assert pipe.shutdown_sent.wait(30)  # shutdown() gave up on the request lock
+        assert holder.stdin is not None
+        holder.stdin.write("\n")  # the worker gets the gate and completes the generate
+        holder.stdin.flush()
+        stopping.join(60)
+        generating.join(60)
+    finally:
+        stop_child(holder)
+    assert len(generated) == 1 and isinstance(generated[0], str) and generated[0]
+    assert runner.exitcode == 0  # it read the shutdown message after answering
+    assert after_shutdown == [None, None, None]  # no hold, no pipes when shutdown() returned
+    assert pipe.conn.closed
+    assert mg.release_mlx_lock() is False
+
+
+class _Interrupt:
+    """Raise ``KeyboardInterrupt`` in the main thread after ``seconds`` (SIGALRM), as a
+    Ctrl-C would; cancelled when the block ends, so it can only fire inside it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        self.previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+@pytest.mark.mlx_lm
+def test_an_interrupted_generate_stops_the_worker_so_its_late_answer_is_never_read(
+    tiny_llama_path: str, mg_home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="metal_guard")
+    runner = mg.MLXSubprocessRunner(tiny_llama_path)
+    pid = runner.worker_pid
+    try:
+        with pytest.raises(KeyboardInterrupt), _Interrupt(0.5):
+            runner.generate(PROMPT, max_tokens=1_000_000, temperature=0)
+        assert not runner.is_alive() and runner.exitcode == 143  # SIGTERM, handled
+        assert mg.read_mlx_lock() is None and runner._replies is None
+        # the next call cannot be answered with the interrupted prompt's text
+        with pytest.raises(mg.SubprocessCrashError, match="the worker is not running"):
+            runner.generate(PROMPT, max_tokens=2, temperature=0)
+    finally:
+        runner.kill()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "was interrupted (KeyboardInterrupt); stopping the worker" in warnings[0]
+    assert _crumbs(mg_home, pid)[-1] == (
+        f"SUBPROCESS_WORKER: {tiny_llama_path} stopped (SIGTERM), pid={pid}"
+    )
+
+
+@pytest.mark.mlx_lm
+def test_an_interrupted_pooled_call_takes_its_worker_out_of_the_pool(
+    tiny_llama_path: str, mg_home: str
+) -> None:
+    key = f"{tiny_llama_path}:mlx"
+    first = mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=4, temperature=0)
+    runner = mg._runner_pool[key]
+    with pytest.raises(KeyboardInterrupt), _Interrupt(0.5):
+        mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=1_000_000, temperature=0)
+    assert key not in mg._runner_pool and not runner.is_alive() and _no_live_workers()
+    assert mg.read_mlx_lock() is None
+    assert mg._pool_failures.get(key, []) == []  # an interrupt is not a crash
+    mg.CadenceGuard().clear()  # the same-model cadence would refuse the new worker
+    assert mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=4, temperature=0) == first
+    assert mg._runner_pool[key] is not runner
+
+
 @pytest.mark.mlx_lm
 @pytest.mark.slow
 def test_pool_stops_replacing_a_crash_looping_worker(

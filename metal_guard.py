@@ -6143,6 +6143,8 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
         details.append(f"thread {holder['thread']}")
     if holder.get("started_at"):
         details.append(f"since {holder['started_at']}")
+    if holder.get("note"):  # e.g. a lock that cannot be probed: held, by someone unknown
+        details.append(str(holder["note"]))
     return text + (f" ({', '.join(details)})" if details else "")
 
 

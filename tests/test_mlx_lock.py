@@ -428,6 +428,7 @@ def test_a_lock_that_cannot_be_probed_reads_as_held_by_an_unknown_holder(
     assert mg.main(["lock"]) == 0
     text = capsys.readouterr().out
     assert "free" not in text and text.count("held by pid unknown") == 2
+    assert text.count("Cannot tell whether it is held") == 2  # the text says why, too
 
 
 @pytest.mark.parametrize("fault", ["eacces", "no-fcntl", "enolck"])

@@ -43,6 +43,7 @@ from common import (
     median,
     percentile,
     print_machine,
+    timed_calls,
     write_results,
 )
 
@@ -62,15 +63,8 @@ def _import_metal_guard() -> Any:
 
 
 def timed(fn: Callable[[], object], n: int) -> list[float]:
-    """Per-call latency in µs of ``fn()``, ``n`` times (after one untimed warm-up call)."""
-    fn()
-    out = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t0 = clock()
-        fn()
-        out.append((clock() - t0) * 1e6)
-    return out
+    """Per-call latency in µs of ``fn()`` over ``n`` calls (after 1 untimed call)."""
+    return timed_calls(fn, n, warmup=1)
 
 
 def row(name: str, lat: list[float]) -> dict[str, Any]:

@@ -35,23 +35,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine_info, md_table, median, percentile, print_machine, write_results
+from common import (
+    REPO,
+    machine_info,
+    md_table,
+    median,
+    percentile,
+    print_machine,
+    timed_calls,
+    write_results,
+)
 
 sys.path.insert(0, str(REPO))
 import metal_guard as mg
 
 
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    """Per-call latency in µs of ``fn()`` over ``n`` calls (after 20 warm-up calls)."""
-    for _ in range(20):
-        fn()
-    out = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t0 = clock()
-        fn()
-        out.append((clock() - t0) * 1e6)
-    return out
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    """Per-call latency in µs of ``fn()`` over ``n`` calls (after 20 untimed calls)."""
+    return timed_calls(fn, n, warmup=20)
 
 
 def interleaved(

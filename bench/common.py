@@ -16,7 +16,8 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+def timed_calls(fn: Callable[[], object], n: int, *, warmup: int = 1) -> list[float]:
+    """Per-call latency in µs of ``fn()``, ``n`` times, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t0 = clock()
+        fn()
+        out.append((clock() - t0) * 1e6)
+    return out
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -36,11 +36,13 @@ __all__ = [
     "MlxCalls",
     "breadcrumb_messages",
     "child_env",
+    "gpu_gate_held_by_another_thread",
     "has_module",
     "holding_lock_in_child",
     "python_child",
     "read_json",
     "read_line",
+    "run_python",
     "requires_mlx",
     "requires_mlx_lm",
     "spawn_python",
@@ -100,6 +102,43 @@ requires_mlx_lm = pytest.mark.skipif(not HAS_MLX_LM, reason=NO_MLX_LM_REASON)
 
 
 # -- child processes --------------------------------------------------------------------
+
+
+def run_python(code: str, *args: str, **run_kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports the working copy; text output captured.
+
+    ``env`` defaults to :func:`child_env`, ``timeout`` to 60 s; other keyword arguments go to
+    ``subprocess.run`` (``check=True`` to fail on a non-zero exit).
+    """
+    run_kwargs.setdefault("env", child_env())
+    run_kwargs.setdefault("timeout", 60)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, **run_kwargs
+    )
+
+
+@contextlib.contextmanager
+def gpu_gate_held_by_another_thread(label: str = "holder") -> Iterator[None]:
+    """Another thread of this process holds the GPU gate for the ``with`` body."""
+    import threading
+
+    import metal_guard as mg
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with mg.exclusive_gpu(label):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        assert inside.wait(10), "the holder thread never got the gate"
+        yield
+    finally:
+        leave.set()
+        thread.join(10)
 
 
 def spawn_python(code: str, *args: str, **popen_kwargs: Any) -> subprocess.Popen[Any]:

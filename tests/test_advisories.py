@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import child_env
+from helpers import run_python
 
 # The original metal-guard's 13 entries (package, spec, issue, severity), plus SPEC-2 §7's.
 ORIGINAL = [
@@ -180,9 +179,7 @@ def test_installed_version_reads_real_metadata(tmp_path: Path) -> None:
         "print(mg._installed_version('mlx-vlm'), ','.join(found))\n"
         "print('mlx.core' in sys.modules, 'mlx_vlm' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60
-    )
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.splitlines()
     assert first == "0.4.4 mlx-vlm#967,mlx-vlm#1016,mlx-vlm#1011,mlx-vlm#943,mlx-vlm#999"
@@ -437,13 +434,7 @@ def test_the_library_never_imports_packaging() -> None:
         "mg.check_version_advisories()\n"
         "print('packaging' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=os.path.dirname(sys.executable),  # keep the repository's packaging/ off sys.path
-    )
+    # the cwd keeps the repository's packaging/ folder off sys.path
+    out = run_python(code, cwd=os.path.dirname(sys.executable))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -11,15 +11,13 @@ import dataclasses
 import json
 import math
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import metal_guard as mg
-from helpers import child_env
+from helpers import run_python
 
 DIMS = {
     "gemma-4-26b-a4b-it-4bit": (62, 16, 16, 256),
@@ -76,9 +74,7 @@ def test_known_models_is_built_on_first_access_only() -> None:
         "print('KNOWN_MODELS' in vars(mg), len(KNOWN_MODELS), mg.KNOWN_MODELS is KNOWN_MODELS)\n"
         "print(hasattr(mg, 'NO_SUCH_NAME'))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60
-    )
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["False False", "True 8 True", "False"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import python_child, read_line, stop_child
+from helpers import gpu_gate_held_by_another_thread, python_child, read_line, stop_child
 
 BODIES = r"""
 import json, sys, threading, time
@@ -318,22 +318,11 @@ def test_a_worker_does_not_wait_for_the_gate_its_caller_holds_for_it(
         with mg.exclusive_gpu("caller"):
             assert runner.generate(prompt, max_tokens=4, temperature=0, timeout=20) == text
         assert mg.read_gpu_gate() is None
-        inside, leave = threading.Event(), threading.Event()
-
-        def other_thread() -> None:
-            with mg.exclusive_gpu("another thread"):
-                inside.set()
-                leave.wait(60)
-
-        thread = threading.Thread(target=other_thread)
-        thread.start()
-        try:
-            assert inside.wait(10)
-            with pytest.raises(mg.SubprocessTimeoutError, match="did not answer within 2 s"):
-                runner.generate(prompt, max_tokens=4, temperature=0, timeout=2)
-        finally:
-            leave.set()
-            thread.join(10)
+        with (
+            gpu_gate_held_by_another_thread("another thread"),
+            pytest.raises(mg.SubprocessTimeoutError, match="did not answer within 2 s"),
+        ):
+            runner.generate(prompt, max_tokens=4, temperature=0, timeout=2)
     finally:
         mg.shutdown_all_workers()
     assert mg.read_gpu_gate() is None and mg.read_mlx_lock() is None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-from helpers import child_env
+from helpers import run_python
 
 PROBE_CODE = """
 import fcntl, os, sys
@@ -30,14 +30,7 @@ except BlockingIOError:
 
 
 def _seen_from_another_process(lock: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE_CODE, lock],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    out = run_python(PROBE_CODE, lock, check=True)
     return out.stdout.strip()
 
 

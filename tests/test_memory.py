@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import requires_mlx
+from helpers import requires_mlx, run_python
 
 GB = 1_000_000_000
 
@@ -895,19 +895,9 @@ print("still alive")
 @pytest.mark.parametrize("mode", ["default", "chain"])
 def test_abort_handler_in_a_real_process(tmp_path: Path, mode: str) -> None:
     import signal
-    import subprocess
-
-    from helpers import child_env
 
     log = tmp_path / "crumbs.log"
-    done = subprocess.run(
-        [sys.executable, "-c", ABORT_CHILD, str(log), mode],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(ABORT_CHILD, str(log), mode)
     messages = crumbs(log)
     assert messages[0] == "SIGABRT handler installed"
     assert messages[1].startswith("SIGABRT: process ") and "aborting" in messages[1]

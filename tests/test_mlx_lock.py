@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-from helpers import child_env, python_child, read_line, stop_child
+from helpers import python_child, read_line, run_python, stop_child
 
 RACER = r"""
 import json, os, sys, time
@@ -80,14 +80,7 @@ def _other_process_sees() -> dict[str, object] | None:
         "    took = False\n"
         "print(json.dumps({'seen': seen, 'took': took}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    out = run_python(code, check=True)
     result: dict[str, object] = json.loads(out.stdout)
     return result
 

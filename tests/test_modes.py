@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import types
 from collections.abc import Iterator
@@ -23,7 +22,14 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-from helpers import REPO, child_env, python_child, read_line, stop_child
+from helpers import (
+    REPO,
+    child_env,
+    gpu_gate_held_by_another_thread,
+    python_child,
+    read_line,
+    stop_child,
+)
 from panic_fixtures import Panic, write_panic
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
@@ -152,26 +158,13 @@ def test_observer_breaker_reports_a_running_cooldown_and_a_fresh_trip(
 def test_observer_gate_timeout_runs_the_body_without_the_gate(
     observer: None, mg_home: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    inside, leave = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with mg.exclusive_gpu("holder"):
-            inside.set()
-            leave.wait(10)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert inside.wait(10)
+    with gpu_gate_held_by_another_thread("holder"):
         ran = False
         with mg.exclusive_gpu("observed", timeout=0.2):
             ran = True
             assert mg.read_gpu_gate()["label"] == "holder"  # type: ignore[index]
         assert ran
         assert mg.read_gpu_gate()["label"] == "holder"  # type: ignore[index]  # untouched
-    finally:
-        leave.set()
-        thread.join(10)
     assert mg.read_gpu_gate() is None
     observed = _observed(caplog)
     assert len(observed) == 1 and "(GPUBusy)" in observed[0] and "'holder'" in observed[0]
@@ -293,22 +286,12 @@ def test_defensive_refusals_raise(
     _cooling_down(mg_home)
     with pytest.raises(mg.MLXCooldownActive):
         mg.CircuitBreaker().check()
-    inside, leave = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with mg.exclusive_gpu("holder"):
-            inside.set()
-            leave.wait(10)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert inside.wait(10)
-        with pytest.raises(mg.GPUBusy), mg.exclusive_gpu("refused", timeout=0.1):
-            pytest.fail("the body must not run")
-    finally:
-        leave.set()
-        thread.join(10)
+    with (
+        gpu_gate_held_by_another_thread("holder"),
+        pytest.raises(mg.GPUBusy),
+        mg.exclusive_gpu("refused", timeout=0.1),
+    ):
+        pytest.fail("the body must not run")
     assert _observed(caplog) == []
     assert not any(c.startswith("OBSERVE") for c in _crumbs(mg_home))
 

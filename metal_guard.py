@@ -209,8 +209,9 @@ __all__ = [
 # more than double the cost of ``import metal_guard``.
 #
 # Provides: _ContextDecorator, _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass,
-#   _env_bad, _env_bool, _env_float, _env_int, _env_path, _finite, _first_time, _gb_arg, _int_arg,
-#   _label, _log, _log_once, _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg, _str_path
+#   _env_bool, _env_float, _env_int, _env_parsed, _env_path, _finite, _first_time, _gb_arg,
+#   _int_arg, _label, _log, _log_once, _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg,
+#   _str_path
 # Uses: nothing
 # =============================================================================
 
@@ -337,18 +338,38 @@ _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
-def _env_bool(name: str, default: bool = False) -> bool:
-    """Read ``1/true/yes/on`` or ``0/false/no/off`` (any case) from ``name``."""
+def _env_parsed(
+    name: str, parse: Callable[[str], _T], *, expected: str, default: object
+) -> _T | None:
+    """``parse`` of ``name``'s stripped value; ``None`` when unset, empty or bad.
+
+    ``parse`` raises ``ValueError`` for a bad value, which logs one WARNING per
+    variable per process (``expected`` says what was expected, ``default``
+    what is used instead).
+    """
     raw = os.environ.get(name)
     if raw is None or not raw.strip():  # empty counts as unset
-        return default
-    word = raw.strip().lower()
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
-    _env_bad(name, raw, "expected 1/true/yes/on or 0/false/no/off", default)
-    return default
+        return None
+    try:
+        return parse(raw.strip())
+    except ValueError:
+        _env_bad(name, raw, expected, default)
+        return None
+
+
+def _bool_word(text: str) -> bool:
+    word = text.lower()
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise ValueError(text)
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    """Read ``1/true/yes/on`` or ``0/false/no/off`` (any case) from ``name``."""
+    value = _env_parsed(
+        name, _bool_word, expected="expected 1/true/yes/on or 0/false/no/off", default=default
+    )
+    return default if value is None else value
 
 
 def _env_path(name: str, default: str | None, *, empty_disables: bool = False) -> str | None:
@@ -1876,7 +1897,7 @@ _POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than poll
 def _byte_count(name: str, value: object) -> int:
     """A byte-count argument: a finite real number ≥ 0, as ``int``."""
     number = _real_arg(name, value)
-    if not _finite(number) or number < 0:
+    if number < 0:
         raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
     return int(number)
 
@@ -4093,14 +4114,20 @@ def current_mode() -> str:
 
     Any other value logs one WARNING per process and means defensive.
     """
-    raw = os.environ.get(_MODE_ENV_VAR)
-    word = (raw or "").strip().lower()
-    if not word:
-        return DEFENSIVE
-    if word in _MODE_DESCRIPTIONS:
-        return word
-    _env_bad(_MODE_ENV_VAR, raw or "", f"expected {DEFENSIVE!r} or {OBSERVER!r}", DEFENSIVE)
-    return DEFENSIVE
+    mode = _env_parsed(
+        _MODE_ENV_VAR,
+        _mode_word,
+        expected=f"expected {DEFENSIVE!r} or {OBSERVER!r}",
+        default=DEFENSIVE,
+    )
+    return mode or DEFENSIVE
+
+
+def _mode_word(text: str) -> str:
+    word = text.lower()
+    if word not in _MODE_DESCRIPTIONS:
+        raise ValueError(text)
+    return word
 
 
 def is_defensive() -> bool:
@@ -5435,7 +5462,7 @@ class KVGrowthTracker:
     def start(self, request_id: str, *, ceiling_gb: float = 20.0) -> None:
         """Open a record for ``request_id`` (a fresh one if it exists); ``ValueError`` if ceiling ≤ 0."""
         ceiling = _real_arg("ceiling_gb", ceiling_gb)
-        if not _finite(ceiling) or ceiling <= 0:
+        if ceiling <= 0:
             raise ValueError(f"ceiling_gb must be a finite number > 0, got {ceiling_gb!r}")
         rid = str(request_id)
         now = time.monotonic()
@@ -5451,7 +5478,7 @@ class KVGrowthTracker:
         this step crosses the ceiling or the request was already aborted.
         """
         added = _real_arg("bytes_added", bytes_added)
-        if not _finite(added) or added < 0:
+        if added < 0:
             raise ValueError(f"bytes_added must be a finite number >= 0, got {bytes_added!r}")
         rid = str(request_id)
         now = time.monotonic()
@@ -5551,9 +5578,7 @@ _mlx_lock_holders: dict[str, dict[str, Any]] = {}  # lock path → this process'
 
 def _lock_env_path(env_var: str, default_name: str) -> str:
     """``env_var`` if set to a path (empty means unset), else ``$METALGUARD_HOME/<default_name>``."""
-    raw = os.environ.get(env_var)
-    path = _env_path(env_var, None) if raw is not None and raw.strip() else None
-    return path or _state_file(default_name)
+    return _env_path(env_var, None) or _state_file(default_name)
 
 
 def _mlx_lock_path() -> str:
@@ -6413,15 +6438,15 @@ def _parse_wired_policy(text: str) -> tuple[str, float | None]:
 
 def _wired_policy_from_env() -> tuple[str, float | None, str]:
     """The policy ``METALGUARD_WIRED_LIMIT`` asks for, and where it came from."""
-    raw = os.environ.get(_WIRED_ENV_VAR)
-    if raw is None or not raw.strip():
+    parsed = _env_parsed(
+        _WIRED_ENV_VAR,
+        _parse_wired_policy,
+        expected="expected off, cap or cap:<GiB>",
+        default=_WIRED_DEFAULT_POLICY,
+    )
+    if parsed is None:
         return _WIRED_DEFAULT_POLICY, None, "default"
-    try:
-        name, gib = _parse_wired_policy(raw)
-    except ValueError:
-        _env_bad(_WIRED_ENV_VAR, raw, "expected off, cap or cap:<GiB>", _WIRED_DEFAULT_POLICY)
-        return _WIRED_DEFAULT_POLICY, None, "default"
-    return name, gib, _WIRED_ENV_VAR
+    return (*parsed, _WIRED_ENV_VAR)
 
 
 def _wired_cap(name: str, gib: float | None, total: int | None) -> int:
@@ -6882,7 +6907,7 @@ def read_gpu_driver_version(*, timeout: float = 3.0) -> str | None:
     within ``timeout`` seconds together. ``None`` off macOS.
     """
     budget = _real_arg("timeout", timeout)
-    if not _finite(budget) or budget <= 0:
+    if budget <= 0:
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     if not _on_macos():
         return None
@@ -7504,7 +7529,7 @@ class _MemoryMonitors(_MemoryLayers):
         interval = _interval_secs(interval_secs)
         warn = _real_arg("warn_pct", warn_pct)
         critical = _real_arg("critical_pct", critical_pct)
-        if not (_finite(warn) and _finite(critical) and 0 < warn <= critical):
+        if not 0 < warn <= critical:
             raise ValueError(
                 f"need 0 < warn_pct <= critical_pct (finite), got {warn_pct!r} and {critical_pct!r}"
             )
@@ -8746,7 +8771,7 @@ def _generate_request(
     if tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {tokens}")
     temp = _real_arg("temperature", temperature)
-    if not _finite(temp) or temp < 0:
+    if temp < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     return {
         "type": "generate",

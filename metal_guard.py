@@ -765,8 +765,8 @@ def _pid_running(pid: int) -> bool:
 # the file must survive a kernel panic); an append is one ``O_APPEND`` write.
 #
 # Provides: _FLOCK_BUSY, _FLOCK_UNSUPPORTED, _O_CLOEXEC, _O_NOFOLLOW, _append_bytes,
-#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _refuse_symlink, _state_file,
-#   _state_home
+#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _read_json_object,
+#   _refuse_symlink, _state_file, _state_home
 # Uses: Prelude, Processes
 # =============================================================================
 
@@ -924,6 +924,24 @@ def _read_bounded(path: str, limit: int, *, follow_symlinks: bool = False) -> by
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _read_json_object(
+    path: str, limit: int, *, follow_symlinks: bool = False
+) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` (missing, unreadable, over ``limit`` bytes,
+    not JSON, not an object). For files that are only displayed or consulted; state
+    files go through ``_JsonFile``."""
+    import json
+
+    try:
+        raw = _read_bounded(path, limit + 1, follow_symlinks=follow_symlinks)
+        if len(raw) > limit:
+            return None
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # =============================================================================
@@ -2112,20 +2130,11 @@ _CONFIG_MAX_BYTES = 1 << 20
 
 def _read_model_config(folder: str) -> dict[str, Any] | None:
     """``folder/config.json`` as a dict, or ``None`` (missing, too big, not JSON, not an object)."""
-    import json
-
-    try:
-        # Hugging Face snapshots hold config.json as a symlink into blobs/: follow it
-        # (this is a read of someone else's file, never a write).
-        raw = _read_bounded(
-            os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES + 1, follow_symlinks=True
-        )
-        if len(raw) > _CONFIG_MAX_BYTES:
-            return None
-        config = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return config if isinstance(config, dict) else None
+    # Hugging Face snapshots hold config.json as a symlink into blobs/: follow it
+    # (this is a read of someone else's file, never a write).
+    return _read_json_object(
+        os.path.join(folder, "config.json"), _CONFIG_MAX_BYTES, follow_symlinks=True
+    )
 
 
 def _config_model_types(folder: str) -> list[str] | None:
@@ -5556,8 +5565,8 @@ kv_tracker = KVGrowthTracker()
 # lock to come free; it never sends SIGKILL.
 #
 # Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
-#   _HOLDER_LABEL_MAX, _acquire_mlx_lock_at, _cmdline, _foreign_holder, _holder_dict,
-#   _lock_env_path, _mlx_lock_path, _release_mlx_lock_at, _utc_stamp
+#   _acquire_mlx_lock_at, _foreign_holder, _holder_dict, _holder_info, _lock_env_path,
+#   _mlx_lock_path, _release_mlx_lock_at
 # Uses: Prelude, Processes, Files, Locks, Breadcrumbs, Release barrier
 # =============================================================================
 
@@ -5697,14 +5706,8 @@ def _foreign_holder(
 
 
 def _read_mlx_holder_file(lock_path: str) -> dict[str, Any] | None:
-    import json
-
-    try:
-        raw = _read_bounded(_holder_file(lock_path), _HOLDER_FILE_MAX)
-        data = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return _holder_dict(data) if isinstance(data, dict) else None
+    data = _read_json_object(_holder_file(lock_path), _HOLDER_FILE_MAX)
+    return None if data is None else _holder_dict(data)
 
 
 def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None:
@@ -5788,14 +5791,19 @@ def _read_mlx_lock_at(path: str) -> dict[str, Any] | None:
     }
 
 
-def _new_holder(path: str, label: str) -> dict[str, Any]:
-    """Record this process as the holder of ``path`` (memory and info file); the info."""
-    info = {
+def _holder_info(label: str, now: float) -> dict[str, Any]:
+    """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
+    return {
         "pid": os.getpid(),
         "label": label[:_HOLDER_LABEL_MAX],
-        "started_at": _utc_stamp(time.time()),
+        "started_at": _utc_stamp(now),
         "cmdline": _cmdline(),
     }
+
+
+def _new_holder(path: str, label: str) -> dict[str, Any]:
+    """Record this process as the holder of ``path`` (memory and info file); the info."""
+    info = _holder_info(label, time.time())
     _mlx_lock_holders[path] = info
     import json
 
@@ -5991,15 +5999,8 @@ def _gpu_holder_record(label: str) -> tuple[dict[str, Any], bytes]:
     import threading
 
     now = time.time()
-    info: dict[str, Any] = {
-        "pid": os.getpid(),
-        "thread": threading.current_thread().name,
-        "thread_id": _thread.get_ident(),
-        "label": label[:_HOLDER_LABEL_MAX],
-        "since": now,
-        "started_at": _utc_stamp(now),
-        "cmdline": _cmdline(),
-    }
+    info = _holder_info(label, now)
+    info.update(thread=threading.current_thread().name, thread_id=_thread.get_ident(), since=now)
     data = json.dumps(info).encode("utf-8")
     if len(data) > _GPU_HOLDER_BYTES:  # a label or command line full of escapes
         info["cmdline"] = info["cmdline"][:40]
@@ -6009,13 +6010,8 @@ def _gpu_holder_record(label: str) -> tuple[dict[str, Any], bytes]:
 
 
 def _read_gpu_holder_file(path: str) -> dict[str, Any] | None:
-    import json
-
-    try:
-        data = json.loads(_read_bounded(path, _GPU_HOLDER_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    data = _read_json_object(path, _GPU_HOLDER_BYTES)
+    if data is None:
         return None
     info = _holder_dict(data)
     since = _number(data.get("since"))
@@ -9249,20 +9245,18 @@ def _mlx_info(*, probe_device: bool) -> dict[str, Any]:
     check right after a panic (during a cooldown) should not do; so the
     device is probed only with ``probe_device`` (``status --device``).
     """
-    import importlib.metadata
     import importlib.util
 
     info: dict[str, Any] = {
         "installed": False,
-        "version": None,
+        "version": _installed_version("mlx"),
         "default_device": None,
         "device_info": None,
         "device_probed": probe_device,
     }
     try:
         info["installed"] = importlib.util.find_spec("mlx.core") is not None
-        info["version"] = importlib.metadata.version("mlx")
-    except Exception:  # not installed, or metadata missing/broken
+    except Exception:  # a broken install: find_spec imports the parent package
         pass
     mx = _mlx() if probe_device else None
     if mx is None:

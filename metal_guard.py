@@ -210,8 +210,8 @@ __all__ = [
 #
 # Provides: _ContextDecorator, _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass,
 #   _env_bool, _env_float, _env_int, _env_parsed, _env_path, _finite, _first_time, _gb_arg,
-#   _int_arg, _label, _log, _log_once, _on_reset, _once_lock, _path_arg, _real_arg, _seconds_arg,
-#   _str_path
+#   _int_arg, _label, _log, _log_once, _number, _on_reset, _once_lock, _path_arg, _real_arg,
+#   _seconds_arg, _str_path
 # Uses: nothing
 # =============================================================================
 
@@ -414,6 +414,21 @@ def _real_arg(name: str, value: object) -> float:
     if not _finite(number):
         raise ValueError(f"{name} must be a finite number, got {number!r}")
     return number
+
+
+def _number(value: object) -> float | None:
+    """A finite float from a stored or given value; ``None`` for anything else.
+
+    Booleans are not numbers here, and neither is an int too large for a float
+    (a corrupt file can hold one: it must be ignored, not crash a guard).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if _finite(number) else None
 
 
 def _int_arg(name: str, value: object) -> int:
@@ -3829,11 +3844,12 @@ def _md_code(text: str) -> str:
 
 def _feedback_time(value: object) -> str:
     """A panic time: epoch seconds become local ISO time; text is kept as given."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(float(value)):
+    seconds = _number(value)
+    if seconds is not None:
         import datetime
 
         try:
-            moment = datetime.datetime.fromtimestamp(float(value)).astimezone()
+            moment = datetime.datetime.fromtimestamp(seconds).astimezone()
             return moment.isoformat(timespec="seconds")
         except (OverflowError, OSError, ValueError):
             pass
@@ -4204,7 +4220,7 @@ class _ObservedRefusals:
 #
 # Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
 #   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
-#   _default_guard, _number, _rebuild_exception
+#   _default_guard, _rebuild_exception
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity,
 #   Modes (L6)
 # =============================================================================
@@ -4330,16 +4346,6 @@ def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseE
 def _interval_arg(name: str, value: object) -> float:
     """A cadence interval: seconds up to a week; negative means 0 (the original metal-guard's rule)."""
     return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
-
-
-def _number(value: object) -> float | None:
-    """A finite float from a store value; ``None`` for anything else (booleans too)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    if not _finite(number):
-        return None
-    return number
 
 
 class _CadenceEvents:
@@ -4845,7 +4851,7 @@ def cadence_scope(
 # file and (second, pid); the archive is capped by count, never by age.
 #
 # Provides: ingest_panics_jsonl, read_panic_archive, _archive_path, _dedupe_key, _ingest
-# Uses: Prelude, Files, Locks, Panic signatures, Panic reports, Cadence
+# Uses: Prelude, Files, Locks, Panic signatures, Panic reports
 # =============================================================================
 
 # -- the archive ----------------------------------------------------------------

@@ -96,3 +96,24 @@ def test_context_managers_also_decorate_functions(monkeypatch: pytest.MonkeyPatc
     assert holder is not None and holder["label"] == "decorated job"
     assert locked() is not None  # a fresh hold per call
     assert mg.read_mlx_lock() is None  # released after each call
+
+
+def test_a_huge_integer_in_a_state_file_is_ignored_not_a_crash(tmp_path: Path) -> None:
+    """JSON holds integers of any size; ``float()`` of a 400-digit one overflows."""
+    import json
+
+    huge = 10**400
+    store = tmp_path / "cadence.json"
+    store.write_text(json.dumps({"org/a": huge, "org/b": time.time() - 10}))
+    guard = mg.CadenceGuard(store, min_interval_sec=60)
+    guard.check("org/a")  # the huge record is no time at all: nothing blocks org/a
+    with pytest.raises(mg.CadenceViolation):
+        guard.check("org/b")
+    assert [e["model_id"] for e in guard.status()["events"]] == ["org/b"]
+    state = tmp_path / "breaker.json"
+    state.write_text(json.dumps({"cooldown_until": huge, "tripped_at": huge}))
+    breaker = mg.CircuitBreaker(state_path=state, report_dir=tmp_path / "reports")
+    breaker.check()  # an unreadable cooldown is no cooldown
+    assert breaker.status()["cooling_down"] is False
+    text = mg.format_panic_for_apple_feedback({"panic_time": huge})
+    assert str(huge)[:20] in text  # shown as given, not as a time

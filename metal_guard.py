@@ -4351,8 +4351,11 @@ def _interval_arg(name: str, value: object) -> float:
 class _CadenceEvents:
     """What a cadence store says, keyed by case-folded canonical id."""
 
-    def __init__(self, data: dict[str, Any], now: float) -> None:
+    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
+        """``horizon``: skip records dated after it, listing their keys in ``future``."""
         self.now = now
+        self.horizon = _INF if horizon is None else horizon
+        self.future: set[str] = set()
         self.names: dict[str, str] = {}
         self.loads: dict[str, float] = {}
         self.unloads: dict[str, float] = {}
@@ -4361,6 +4364,9 @@ class _CadenceEvents:
             ts = _number(value)
             canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
             if ts is None or canon is None:
+                continue
+            if ts > self.horizon:
+                self.future.add(key)
                 continue
             fold = canon.casefold()
             if ts >= self.loads.get(fold, float("-inf")):
@@ -4373,7 +4379,9 @@ class _CadenceEvents:
         unloads = reserved.get("unloads")
         for key, value in unloads.items() if isinstance(unloads, dict) else ():
             ts, canon = _number(value), _lenient_model_id(key)
-            if ts is not None and canon is not None:
+            if ts is not None and ts > self.horizon:
+                self.future.add(key)
+            elif ts is not None and canon is not None:
                 fold = canon.casefold()
                 self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
                 self.names.setdefault(fold, canon)
@@ -4556,8 +4564,18 @@ class CadenceGuard:
                 return CrossModelCadenceViolation(canon, other[0], other[1], cross, now=events.now)
         return None
 
-    def _record(self, data: dict[str, Any], canon: str, ts: float, *, unload: bool) -> None:
-        reserved = self._prune(data, time.time())
+    def _record(
+        self,
+        data: dict[str, Any],
+        canon: str,
+        ts: float,
+        *,
+        unload: bool,
+        reserved: dict[str, Any] | None = None,
+    ) -> None:
+        """Record ``canon`` at ``ts``; ``reserved`` is ``_prune``'s result when already pruned."""
+        if reserved is None:
+            reserved = self._prune(data, time.time())
         mapping = reserved["unloads"] if unload else data
         spellings = self._spellings(mapping, canon)
         # Never move a record backwards: a late or stale mark (another process's
@@ -4581,43 +4599,23 @@ class CadenceGuard:
         """Raise ``CadenceViolation`` if loading ``model_id`` now is too soon; records nothing."""
         canon = canonical_model_id(model_id)
         now = time.time()
-        events = _CadenceEvents(self._without_future_records(self._read(), now), now)
+        # A record dated in the future (the clock stepped back) has no knowable age, and a
+        # check never writes, so it cannot repair it: counting it as "now" would block
+        # every check until the clock caught up (hours). It is skipped, with a WARNING;
+        # the next admit or mark repairs it (so that admission waits one interval).
+        events = _CadenceEvents(self._read(), now, horizon=now + _CADENCE_CLOCK_SLACK)
+        if events.future:
+            _log_once(
+                "cadence-future:" + self._path,
+                _WARNING,
+                "metal_guard: cadence store %s has records dated in the future (%s; the clock "
+                "stepped back?); check ignores them, the next admit repairs them",
+                self._path,
+                ", ".join(sorted(events.future)[:5]),
+            )
         violation = self._violation(canon, self.effective_cross_interval(model_id), events)
         if violation is not None:
             _refuse(violation)
-
-    def _without_future_records(self, data: dict[str, Any], now: float) -> dict[str, Any]:
-        """``data`` minus records dated in the future (the clock stepped back), with a WARNING.
-
-        Their age is unknown, and a check never writes, so it cannot repair them:
-        counting them as "now" would block every check until the clock catches
-        up (hours). The next ``admit`` or mark repairs them (pulled back to now,
-        so that admission waits at most one interval).
-        """
-        horizon = now + _CADENCE_CLOCK_SLACK
-        future = [k for k, v in data.items() if (ts := _number(v)) is not None and ts > horizon]
-        reserved = data.get(_CADENCE_RESERVED)
-        unloads = reserved.get("unloads") if isinstance(reserved, dict) else None
-        future_unloads = [
-            k
-            for k, v in (unloads.items() if isinstance(unloads, dict) else ())
-            if (ts := _number(v)) is not None and ts > horizon
-        ]
-        if not future and not future_unloads:
-            return data
-        _log_once(
-            "cadence-future:" + self._path,
-            _WARNING,
-            "metal_guard: cadence store %s has records dated in the future (%s; the clock "
-            "stepped back?); check ignores them, the next admit repairs them",
-            self._path,
-            ", ".join(sorted({*future, *future_unloads})[:5]),
-        )
-        trimmed = {k: v for k, v in data.items() if k not in future}
-        if future_unloads and isinstance(reserved, dict) and isinstance(unloads, dict):
-            kept = {k: v for k, v in unloads.items() if k not in future_unloads}
-            trimmed[_CADENCE_RESERVED] = {**reserved, "unloads": kept}
-        return trimmed
 
     def admit(self, model_id: StrPath) -> bool:
         """Check and record a load in one critical section (atomic across processes).
@@ -4635,10 +4633,10 @@ class CadenceGuard:
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
-            self._prune(data, now)
+            reserved = self._prune(data, now)
             violation = self._violation(canon, cross, _CadenceEvents(data, now))
             if violation is None or observing:
-                self._record(data, canon, now, unload=False)
+                self._record(data, canon, now, unload=False, reserved=reserved)
             return violation
 
         stored, violation = self._update(decide)

@@ -780,7 +780,7 @@ def _pid_running(pid: int) -> bool:
 # the file must survive a kernel panic); an append is one ``O_APPEND`` write.
 #
 # Provides: _FLOCK_BUSY, _FLOCK_UNSUPPORTED, _O_CLOEXEC, _O_NOFOLLOW, _append_bytes,
-#   _atomic_write_bytes, _ensure_dir, _fsync_dir, _read_bounded, _read_json_object,
+#   _atomic_write_bytes, _fsync_dir, _open_creating, _read_bounded, _read_json_object,
 #   _refuse_symlink, _state_file, _state_home
 # Uses: Prelude, Processes
 # =============================================================================
@@ -835,6 +835,22 @@ def _ensure_dir(path: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", path) from None
 
 
+def _open_creating(path: str, flags: int) -> int:
+    """``os.open`` of ``path`` (created 0600, never through a symlink) with ``flags``.
+
+    The folder is created only when the open finds it missing: the file is
+    opened first, so ``makedirs`` stays off the hot paths (a breadcrumb per
+    inference, a lock per admission). A file where the folder should be raises
+    the clear ``NotADirectoryError`` of ``_ensure_dir``.
+    """
+    flags |= os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except (FileNotFoundError, NotADirectoryError):  # no folder, or a file in its place
+        _ensure_dir(os.path.dirname(path) or ".")
+        return os.open(path, flags, 0o600)
+
+
 def _fsync_dir(path: str) -> None:
     """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
     try:
@@ -883,11 +899,10 @@ def _atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None
     fsynced (milliseconds on some disks, so files that need not survive skip it).
     """
     folder = os.path.dirname(path) or "."
-    _ensure_dir(folder)
     _refuse_symlink(path)
     _sweep_stale_temps(path)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    fd = _open_creating(tmp, os.O_WRONLY | os.O_EXCL)
     try:
         try:
             view = memoryview(data)
@@ -910,8 +925,7 @@ def _atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None
 
 def _append_bytes(path: str, data: bytes) -> int:
     """Append ``data`` in one ``O_APPEND`` write + ``fsync``; return the file's new size."""
-    _ensure_dir(os.path.dirname(path) or ".")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    fd = _open_creating(path, os.O_WRONLY | os.O_APPEND)
     try:
         written = os.write(fd, data)
         if written != len(data):  # only on a full disk or a signal; finish the line
@@ -1148,12 +1162,7 @@ class _FileLock:
         except ImportError:  # not a POSIX system: nothing to lock with
             self._unsupported("fcntl is unavailable")
             return None
-        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC
-        try:  # the folder exists but the first time: no makedirs on the hot path
-            fd = os.open(self.path, flags, 0o600)
-        except (FileNotFoundError, NotADirectoryError):  # no folder, or a file in its place
-            _ensure_dir(os.path.dirname(self.path) or ".")
-            fd = os.open(self.path, flags, 0o600)
+        fd = _open_creating(self.path, os.O_RDWR)
         delay = 0.001
         while True:
             try:

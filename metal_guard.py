@@ -8195,7 +8195,8 @@ class _Worker:
         self.stopping = True
         try:
             self.model = self.tokenizer = None
-            wait_for_release(timeout=5.0)
+            if "mlx.core" in sys.modules:  # a worker refused before its load never touched
+                wait_for_release(timeout=5.0)  # Metal: importing MLX now would initialise it
             if self.admitted:
                 (self.cadence or CadenceGuard()).mark_unload(self.model_id)
         except Exception as exc:

@@ -477,6 +477,8 @@ def test_a_cadence_refusal_in_the_worker_raises_cadence_violation_in_the_parent(
     crumbs = _crumbs(mg_home)
     assert crumbs.count(f"SUBPROCESS_WORKER: {model} refused: CadenceViolation") == 2
     assert not any(c.startswith("SUBPROCESS_WORKER: loading") for c in crumbs)
+    # a worker refused before its load never imports MLX (that would initialise Metal)
+    assert not any(c.startswith("RELEASE:") for c in crumbs)
 
 
 def test_a_breaker_cooldown_in_the_worker_raises_mlx_cooldown_active(

@@ -6103,9 +6103,7 @@ class exclusive_gpu:
         path = _gpu_lock_path()
         lock = _gpu_lock(path)
         me = _thread.get_ident()
-        if lock.held_by_me():
-            lock.acquire()
-        elif not self._wait(path, lock):
+        if not self._wait(path, lock):  # re-entry by this thread returns at once
             self._held.setdefault(me, []).append(None)
             return self
         self._held.setdefault(me, []).append(path)
@@ -6193,7 +6191,7 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 # =============================================================================
 
 
-class subprocess_inference_guard:
+class subprocess_inference_guard(_ContextDecorator):
     """Flush MLX around one generate call: ``with subprocess_inference_guard(model_id): ...``.
 
     PRE: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb. POST (also when
@@ -6281,17 +6279,11 @@ class subprocess_inference_guard:
         finally:
             self._leave_gate()
 
-    def __call__(self, func: _F) -> _F:
-        import functools
-
-        model_id, streams, exclusive = self.model_id, self.streams, self.exclusive
-
-        @functools.wraps(func)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            with subprocess_inference_guard(model_id, streams=streams, exclusive=exclusive):
-                return func(*args, **kwargs)
-
-        return guarded  # type: ignore[return-value]
+    def _recreate(self) -> subprocess_inference_guard:
+        # as a decorator: a fresh guard per call, so concurrent calls never share one
+        return subprocess_inference_guard(
+            self.model_id, streams=self.streams, exclusive=self.exclusive
+        )
 
     def __repr__(self) -> str:
         return (
@@ -6795,7 +6787,7 @@ def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool
 # answers are "unknown" / ``None``.
 #
 # Provides: audit_wired_limit, log_system_audit_at_startup, read_gpu_driver_version,
-#   _FAST_SYNCH_ENV_VAR, _fast_synch_value
+#   _FAST_SYNCH_ENV_VAR, _fast_synch_value, _nonnegative_int, _sysctl
 # Uses: Prelude, Processes, Files, Model identity
 # =============================================================================
 
@@ -7854,17 +7846,15 @@ class MetalGuard(_MemoryMonitors):
             _log().debug("metal_guard: device_info() failed: %r", exc)
         total = total or _total_memory_bytes()
         if not total:
-            out = _run_bounded(["sysctl", "-n", "hw.memsize"], deadline - time.monotonic())
-            total = int(out.strip()) if out and out.strip().isdigit() else 0
+            memsize = _sysctl("hw.memsize", timeout=deadline - time.monotonic())
+            total = _nonnegative_int(memsize) or 0
         if not recommended and total:
             recommended = int(total * 0.75)
-        chip = _run_bounded(
-            ["sysctl", "-n", "machdep.cpu.brand_string"], deadline - time.monotonic()
-        )
+        chip = _sysctl("machdep.cpu.brand_string", timeout=deadline - time.monotonic())
         gib = total / (1 << 30)
         result.update(
             gpu_memory_gb=round(gib, 1),
-            chip=(chip or "").strip() or "unknown",
+            chip=chip or "unknown",
             recommended_working_set_gb=round(recommended / (1 << 30), 1),
             tier=_hardware_tier(gib),
         )

@@ -4857,7 +4857,7 @@ def cadence_scope(
 # New reports are appended under the archive's lock, deduplicated by source
 # file and (second, pid); the archive is capped by count, never by age.
 #
-# Provides: ingest_panics_jsonl, read_panic_archive, _archive_path, _dedupe_key, _ingest
+# Provides: ingest_panics_jsonl, read_panic_archive, _archive_path, _ingest, _unseen
 # Uses: Prelude, Files, Locks, Panic signatures, Panic reports
 # =============================================================================
 
@@ -4980,7 +4980,23 @@ def _archive_line(record: dict[str, Any]) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
-def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
+def _unseen(existing: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` that ``existing`` does not have (same source file, or same second and
+    pid), each once."""
+    seen_sources = {r.get("source_file") for r in existing}
+    seen_keys = {_dedupe_key(r) for r in existing}
+    fresh: list[dict[str, Any]] = []
+    for record in records:
+        key = _dedupe_key(record)
+        if record["source_file"] in seen_sources or key in seen_keys:
+            continue
+        seen_sources.add(record["source_file"])
+        seen_keys.add(key)
+        fresh.append(record)
+    return fresh
+
+
+def _ingest(path: str, records: list[dict[str, Any]]) -> int:
     sources = frozenset(r["source_file"] for r in records)
     with _panic_lock:
         memo = _panic_ingest_memo.get(path)
@@ -4988,16 +5004,7 @@ def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
         return 0  # nothing new since this process last looked, and nobody else wrote
     with _FileLock(path + ".lock"):
         existing, clean = _load_archive(path)
-        seen_sources = {r.get("source_file") for r in existing}
-        seen_keys = {_dedupe_key(r) for r in existing}
-        fresh: list[dict[str, Any]] = []
-        for record in records:
-            key = _dedupe_key(record)
-            if record["source_file"] in seen_sources or key in seen_keys:
-                continue
-            seen_sources.add(record["source_file"])
-            seen_keys.add(key)
-            fresh.append(record)
+        fresh = _unseen(existing, records)
         kept = _bound_archive(existing + fresh)
         kept_ids = {id(r) for r in kept}
         appended = [r for r in fresh if id(r) in kept_ids]
@@ -5006,7 +5013,8 @@ def _ingest(path: str, records: list[dict[str, Any]], now: float) -> int:
         elif appended:
             data = b"".join(_archive_line(r) for r in appended)
             _append_bytes(path, data if clean else b"\n" + data)  # a torn last line stays alone
-        handled = frozenset(s for s in seen_sources if isinstance(s, str)) | sources
+        known = (r.get("source_file") for r in existing)
+        handled = frozenset(s for s in known if isinstance(s, str)) | sources
         identity = _file_identity(path)
     with _panic_lock:
         if len(_panic_ingest_memo) >= 64:
@@ -5031,7 +5039,7 @@ def ingest_panics_jsonl(
     records = parse_panic_reports(report_dir)
     if not records:
         return 0  # nothing to archive: create no file
-    return _ingest(path, records, time.time())
+    return _ingest(path, records)
 
 
 # =============================================================================
@@ -5108,17 +5116,7 @@ def _merge_panics(
     archived: list[dict[str, Any]], parsed: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Archived records plus parsed ones not archived yet, without duplicates, by time."""
-    sources = {r.get("source_file") for r in archived}
-    keys = {_dedupe_key(r) for r in archived}
-    merged = list(archived)
-    for record in parsed:
-        key = _dedupe_key(record)
-        if record["source_file"] not in sources and key not in keys:
-            sources.add(record["source_file"])
-            keys.add(key)
-            merged.append(record)
-    merged.sort(key=lambda r: r["ts"])
-    return merged
+    return sorted(archived + _unseen(archived, parsed), key=lambda r: r["ts"])
 
 
 class CircuitBreaker:
@@ -5223,12 +5221,12 @@ class CircuitBreaker:
         acted_on = _number(state.get("last_trip_panic_ts"))
         return acted_on is None or evidence[-1] > acted_on
 
-    def _panics(self, *, ingest: bool) -> list[dict[str, Any]]:
-        """Archived panics, plus reports not archived yet (when the archive is unusable)."""
+    def _panics(self) -> list[dict[str, Any]]:
+        """New reports archived; archived panics plus reports not archived yet (if it failed)."""
         parsed = parse_panic_reports(self._report_dir)
-        if ingest and parsed:
+        if parsed:
             try:
-                _ingest(self._jsonl_path, parsed, time.time())
+                _ingest(self._jsonl_path, parsed)
             except (OSError, StateLockTimeout) as exc:
                 _log_once(
                     "breaker-ingest:" + self._jsonl_path,
@@ -5269,7 +5267,7 @@ class CircuitBreaker:
     def check(self, *, now: float | None = None) -> None:
         """Raise ``MLXCooldownActive`` while cooling down, or when this check trips the breaker."""
         now = time.time() if now is None else _real_arg("now", now)
-        panics = self._panics(ingest=True)
+        panics = self._panics()
         state = self._state.read()[0]
         tripped = _number(state.get("tripped_at"))
         if tripped is not None and tripped > now + _BREAKER_CLOCK_SLACK:

@@ -2061,8 +2061,8 @@ def _release(
 # ``os.PathLike`` objects. ``canonical_model_id`` is strict (cadence keys on
 # it); the lookups built on ``_lenient_model_id`` answer False/None for junk.
 #
-# Provides: canonical_model_id, is_gemma4_family, _hf_cache_id, _lenient_model_id, _model_name,
-#   _read_model_config, _regex
+# Provides: canonical_model_id, is_gemma4_family, _hf_cache_id, _lenient_model_id, _local_config,
+#   _model_name, _regex
 # Uses: Prelude, Files
 # =============================================================================
 
@@ -2161,12 +2161,20 @@ def _read_model_config(folder: str) -> dict[str, Any] | None:
     )
 
 
-def _config_model_types(folder: str) -> list[str] | None:
-    """``model_type`` values in ``folder/config.json`` (top level and ``text_config``).
+def _local_config(model_id: object) -> dict[str, Any] | None:
+    """The ``config.json`` of the local model folder ``model_id`` names, else ``None``.
 
-    ``None`` when there is no readable, valid config (callers fall back to the name).
+    A repo id (no such folder) or junk reads as ``None``: the open fails, no
+    ``isdir`` first. ``model_id`` must be one ``canonical_model_id`` accepts.
     """
-    config = _read_model_config(folder)
+    return _read_model_config(_str_path("model_id", model_id).strip())
+
+
+def _config_model_types(model_id: object) -> list[str] | None:
+    """``model_type`` values in the local model's ``config.json`` (top level and
+    ``text_config``); ``None`` when there is no readable, valid config (callers fall
+    back to the name)."""
+    config = _local_config(model_id)
     if config is None:
         return None
     types = [config.get("model_type")]
@@ -2187,14 +2195,9 @@ def is_gemma4_family(model_id: object) -> bool:
     canonical = _lenient_model_id(model_id)
     if canonical is None:
         return False
-    raw = _str_path("model_id", model_id).strip()  # cannot fail: canonical_model_id accepted it
-    try:
-        if os.path.isdir(raw):
-            types = _config_model_types(raw)
-            if types is not None:
-                return any(t.lower() in _GEMMA4_MODEL_TYPES for t in types)
-    except (OSError, ValueError):
-        pass
+    types = _config_model_types(model_id)
+    if types is not None:
+        return any(t.lower() in _GEMMA4_MODEL_TYPES for t in types)
     return bool(
         _regex("gemma4", r"(?i)gemma-4-(?:\d+|e\d+)b(?:-.+)?").fullmatch(_model_name(canonical))
     )
@@ -3611,15 +3614,10 @@ def lookup_dims(model_id: StrPath) -> ModelDims | None:
     canonical = _lenient_model_id(model_id)
     if canonical is None:
         return None
-    raw = _str_path("model_id", model_id).strip()
-    try:
-        if os.path.isdir(raw):
-            config = _read_model_config(raw)
-            dims = _dims_from_config(config) if config is not None else None
-            if dims is not None:
-                return dims
-    except (OSError, ValueError):
-        pass
+    config = _local_config(model_id)
+    dims = _dims_from_config(config) if config is not None else None
+    if dims is not None:
+        return dims
     table = _known_models()
     name = _model_name(canonical)
     if name in table:

@@ -5457,11 +5457,9 @@ class KVGrowthTracker:
     """
 
     def __init__(self, *, idle_expiry_sec: float = _KV_IDLE_EXPIRY_SEC) -> None:
-        if idle_expiry_sec is not _KV_IDLE_EXPIRY_SEC:  # the default needs no check (no import)
-            idle_expiry_sec = _seconds_arg(
-                "idle_expiry_sec", idle_expiry_sec, maximum=366 * 86400.0, allow_zero=False
-            )
-        self.idle_expiry_sec = idle_expiry_sec
+        self.idle_expiry_sec = _seconds_arg(
+            "idle_expiry_sec", idle_expiry_sec, maximum=366 * 86400.0, allow_zero=False
+        )
         self._records: dict[str, _KVRecord] = {}
         self._lock = _thread.allocate_lock()
         self._last_sweep = 0.0
@@ -5855,7 +5853,7 @@ def _acquire_mlx_lock_at(path: str, label: str, *, force: bool) -> dict[str, Any
             holder = _read_mlx_lock_at(path)
             if holder is None and time.monotonic() < deadline + 5 * _MLX_LOCK_GRACE_SEC:
                 continue  # it came free meanwhile
-            holder = holder or {"pid": None, "label": "", "started_at": None, "cmdline": ""}
+            holder = holder or _holder_dict({})
             if not force:
                 raise MLXLockConflict(holder) from None
             took = _force_acquire(lock, holder, label)

@@ -197,12 +197,18 @@ def warnings_from(
     ]
 
 
-def breadcrumb_messages(home: Path | str, name: str = "breadcrumbs.log") -> list[str]:
-    """The message of each line of ``home/name`` (``<time> pid=<n> <message>``), or ``[]``."""
+def breadcrumb_messages(
+    home: Path | str, name: str = "breadcrumbs.log", *, pid: int | None = None
+) -> list[str]:
+    """The message of each line of ``home/name`` (``<time> pid=<n> <message>``), or ``[]``;
+    with ``pid``, only that process's lines."""
     path = Path(home) / name
     if not path.exists():
         return []
-    return [line.split(" ", 2)[2] for line in path.read_text("utf-8").splitlines()]
+    lines = path.read_text("utf-8").splitlines()
+    if pid is not None:
+        lines = [line for line in lines if f" pid={pid} " in line]
+    return [line.split(" ", 2)[2] for line in lines]
 
 
 # -- spies ----------------------------------------------------------------------------

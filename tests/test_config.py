@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-from helpers import REPO
+from helpers import REPO, warnings_from
 
 GARBAGE = ["banana", "nan", "NaN", "inf", "-inf", "-5", "1e999", "9" * 400, "☃", "1,5"]
 EMPTY = ["", "   ", "\t\n"]
-
-
-def _warnings(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.levelno == logging.WARNING and name in r.getMessage()]
 
 
 @pytest.mark.parametrize("raw", GARBAGE)
@@ -29,7 +25,7 @@ def test_env_float_garbage_gives_default_and_one_warning(
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
         values = [mg._env_float("METALGUARD_TEST_FLOAT", 3.0, maximum=60.0) for _ in range(3)]
     assert values == [3.0, 3.0, 3.0]
-    assert len(_warnings(caplog, "METALGUARD_TEST_FLOAT")) == 1
+    assert len(warnings_from(caplog, "METALGUARD_TEST_FLOAT")) == 1
 
 
 @pytest.mark.parametrize("raw", EMPTY)
@@ -43,7 +39,7 @@ def test_empty_counts_as_unset_for_every_helper(
         assert mg._env_bool("METALGUARD_TEST_VAR", True) is True
         assert mg._env_path("METALGUARD_TEST_VAR", "/default") == "/default"
         assert mg._env_path("METALGUARD_TEST_VAR", "/default", empty_disables=True) is None
-    assert _warnings(caplog, "METALGUARD_TEST_VAR") == []
+    assert warnings_from(caplog, "METALGUARD_TEST_VAR") == []
 
 
 def test_env_float_valid_values_and_whitespace(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +57,7 @@ def test_env_float_clamps_when_asked(
     monkeypatch.setenv("METALGUARD_TEST_FLOAT", "1000")
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
         assert mg._env_float("METALGUARD_TEST_FLOAT", 3.0, maximum=60.0, clamp=True) == 60.0
-    assert len(_warnings(caplog, "METALGUARD_TEST_FLOAT")) == 1
+    assert len(warnings_from(caplog, "METALGUARD_TEST_FLOAT")) == 1
     monkeypatch.setenv("METALGUARD_TEST_FLOAT", "nan")  # NaN is never clamped into range
     assert mg._env_float("METALGUARD_TEST_FLOAT", 3.0, maximum=60.0, clamp=True) == 3.0
 
@@ -81,7 +77,7 @@ def test_env_int_garbage(
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
         assert mg._env_int("METALGUARD_TEST_INT", 42, maximum=10**9) == 42
         assert mg._env_int("METALGUARD_TEST_INT", 42, maximum=10**9) == 42
-    assert len(_warnings(caplog, "METALGUARD_TEST_INT")) == 1
+    assert len(warnings_from(caplog, "METALGUARD_TEST_INT")) == 1
 
 
 @pytest.mark.parametrize(
@@ -110,7 +106,7 @@ def test_env_bool_garbage(
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
         assert mg._env_bool("METALGUARD_TEST_BOOL", False) is False
         assert mg._env_bool("METALGUARD_TEST_BOOL", True) is True
-    assert len(_warnings(caplog, "METALGUARD_TEST_BOOL")) == 1
+    assert len(warnings_from(caplog, "METALGUARD_TEST_BOOL")) == 1
 
 
 def test_state_home_default_and_env(
@@ -125,7 +121,7 @@ def test_state_home_default_and_env(
         for empty in EMPTY:  # empty counts as unset: the default, silently
             monkeypatch.setenv("METALGUARD_HOME", empty)
             assert mg._state_home() == str(tmp_path / ".cache" / "metal-guard")
-    assert _warnings(caplog, "METALGUARD_HOME") == []
+    assert warnings_from(caplog, "METALGUARD_HOME") == []
     assert not (tmp_path / ".cache").exists()  # resolving never creates the folder
 
 
@@ -200,7 +196,7 @@ def test_no_home_at_all_never_means_the_working_directory(
         home = mg._state_home()
         assert mg._state_home() == home
     assert os.path.isabs(home) and home.startswith(str(tmp_path))
-    assert len(_warnings(caplog, "no home folder")) == 1
+    assert len(warnings_from(caplog, "no home folder")) == 1
     monkeypatch.setenv("METALGUARD_HOME", str(tmp_path / "explicit"))
     assert mg._state_home() == str(tmp_path / "explicit")
 

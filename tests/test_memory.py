@@ -28,16 +28,14 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import requires_mlx, run_python
+from helpers import breadcrumb_messages, requires_mlx, run_python
 
 GB = 1_000_000_000
 
 
 def crumbs(path: Path) -> list[str]:
     """Breadcrumb messages (without time and pid) written to ``path``."""
-    if not path.exists():
-        return []
-    return [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
+    return breadcrumb_messages(path.parent, path.name)
 
 
 class FakeMx(types.ModuleType):

@@ -24,29 +24,21 @@ import pytest
 import metal_guard as mg
 from helpers import (
     REPO,
+    breadcrumb_messages,
     child_env,
     gpu_gate_held_by_another_thread,
     python_child,
     read_line,
     stop_child,
+    warnings_from,
 )
 from panic_fixtures import Panic, write_panic
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 
 
-def _crumbs(home: str) -> list[str]:
-    path = Path(home) / "breadcrumbs.log"
-    lines = path.read_text("utf-8").splitlines() if path.exists() else []
-    return [line.split(" ", 2)[2] for line in lines]
-
-
 def _observed(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.WARNING and "OBSERVE: would refuse" in r.getMessage()
-    ]
+    return [r.getMessage() for r in warnings_from(caplog, "OBSERVE: would refuse")]
 
 
 @pytest.fixture
@@ -130,7 +122,7 @@ def test_observer_cadence_check_and_admit_report_instead_of_raising(
     assert after is not None and after > before + 5  # ... and is recorded
     observed = _observed(caplog)
     assert len(observed) == 2 and all("(CadenceViolation)" in o for o in observed)
-    crumbs = _crumbs(mg_home)
+    crumbs = breadcrumb_messages(mg_home)
     assert sum(c.startswith("OBSERVE: would refuse CadenceViolation: ") for c in crumbs) == 2
     assert sum(c.startswith("CADENCE_BLOCK: ") for c in crumbs) == 1
     assert not any(c.startswith("CADENCE_ADMIT: ") for c in crumbs)
@@ -150,7 +142,7 @@ def test_observer_breaker_reports_a_running_cooldown_and_a_fresh_trip(
     assert state["cooldown_until"] > now  # the trip itself was recorded as usual
     observed = _observed(caplog)
     assert len(observed) == 2 and all("(MLXCooldownActive)" in o for o in observed)
-    crumbs = _crumbs(mg_home)
+    crumbs = breadcrumb_messages(mg_home)
     assert any(c.startswith("BREAKER_TRIP: 2 IOGPU kernel panics") for c in crumbs)
     assert sum(c.startswith("OBSERVE: would refuse MLXCooldownActive: ") for c in crumbs) == 2
 
@@ -168,7 +160,9 @@ def test_observer_gate_timeout_runs_the_body_without_the_gate(
     assert mg.read_gpu_gate() is None
     observed = _observed(caplog)
     assert len(observed) == 1 and "(GPUBusy)" in observed[0] and "'holder'" in observed[0]
-    assert any(c.startswith("OBSERVE: would refuse GPUBusy: ") for c in _crumbs(mg_home))
+    assert any(
+        c.startswith("OBSERVE: would refuse GPUBusy: ") for c in breadcrumb_messages(mg_home)
+    )
 
 
 @pytest.mark.multiprocess
@@ -192,7 +186,7 @@ def test_observer_worker_spawn_refusals_are_reported(
         stop_child(holder)
     observed = _observed(caplog)
     assert len(observed) == 1 and "(MLXLockConflict)" in observed[0]
-    crumbs = _crumbs(mg_home)
+    crumbs = breadcrumb_messages(mg_home)
     assert any(c.startswith("OBSERVE: would refuse MLXLockConflict: ") for c in crumbs)
     # inside the worker (same environment, so also observing): the cadence refusal
     assert any(c.startswith("OBSERVE: would refuse CadenceViolation: ") for c in crumbs)
@@ -293,7 +287,7 @@ def test_defensive_refusals_raise(
     ):
         pytest.fail("the body must not run")
     assert _observed(caplog) == []
-    assert not any(c.startswith("OBSERVE") for c in _crumbs(mg_home))
+    assert not any(c.startswith("OBSERVE") for c in breadcrumb_messages(mg_home))
 
 
 # -- process mode (R6) ----------------------------------------------------------------------

@@ -19,16 +19,15 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import requires_mlx
+from helpers import breadcrumb_messages, requires_mlx
 
 GB = 1_000_000_000
 FAST = 0.01  # monitor interval in these tests
 
 
 def crumbs(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
+    """Breadcrumb messages (without time and pid) written to ``path``."""
+    return breadcrumb_messages(path.parent, path.name)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:

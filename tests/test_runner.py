@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import python_child, read_line, stop_child
+from helpers import breadcrumb_messages, python_child, read_line, stop_child
 
 PROMPT = "hello world"
 SYSTEM = "the quick brown fox"
@@ -35,15 +35,6 @@ CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}"
     "{%- else -%}{{ messages[-1]['content'] }}{%- endif -%}"
 )
-
-
-def _crumbs(home: str | Path, pid: int | None = None) -> list[str]:
-    path = Path(home) / "breadcrumbs.log"
-    lines = path.read_text("utf-8").splitlines() if path.exists() else []
-    if pid is None:
-        return [line.split(" ", 2)[2] for line in lines]
-    tag = f" pid={pid} "
-    return [line.split(tag, 1)[1] for line in lines if tag in line]
 
 
 def _no_live_workers() -> bool:
@@ -123,7 +114,7 @@ def test_worker_breadcrumbs_show_its_guards(
     shared.generate(PROMPT, max_tokens=4, temperature=0)
     pid = shared.worker_pid
     assert pid is not None
-    mine = _crumbs(worker_home, pid)
+    mine = breadcrumb_messages(worker_home, pid=pid)
     assert mine[:4] == [
         f"SUBPROCESS_WORKER: starting {chat_model}, pid={pid}",
         f"CADENCE_ADMIT: {chat_model}",
@@ -135,7 +126,7 @@ def test_worker_breadcrumbs_show_its_guards(
     assert guarded == [f"SUBPROC_PRE: {chat_model}", f"SUBPROC_POST: {chat_model}"] * (
         len(guarded) // 2
     )
-    parent = _crumbs(worker_home, os.getpid())
+    parent = breadcrumb_messages(worker_home, pid=os.getpid())
     assert f"MLX_LOCK: acquired mlx_subprocess_runner:{chat_model} pid={os.getpid()}" in parent
 
 
@@ -153,7 +144,7 @@ def test_shared_worker_shuts_down_gracefully_and_is_reaped(
     assert shared.exitcode == 0 and not shared.is_alive() and shared.worker_pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped, not a zombie
-    mine = _crumbs(worker_home, pid)
+    mine = breadcrumb_messages(worker_home, pid=pid)
     assert mine[-1] == f"SUBPROCESS_WORKER: {chat_model} stopped (shutdown requested), pid={pid}"
     assert not any("SIGTERM" in line or "SIGKILL" in line for line in mine)
     store = json.loads((Path(worker_home) / "cadence.json").read_text())
@@ -200,7 +191,7 @@ def test_generate_timeout_sends_sigterm_first_and_reaps(
     assert runner.exitcode == 143  # exited by itself after handling SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    mine = _crumbs(mg_home, pid)
+    mine = breadcrumb_messages(mg_home, pid=pid)
     assert f"SUBPROCESS_WORKER: SIGTERM received, pid={pid} ({tiny_llama_path})" in mine
     assert mine[-1] == f"SUBPROCESS_WORKER: {tiny_llama_path} stopped (SIGTERM), pid={pid}"
     assert mine.count(f"SUBPROC_PRE: {tiny_llama_path}") == mine.count(
@@ -356,7 +347,7 @@ def test_an_interrupted_generate_stops_the_worker_so_its_late_answer_is_never_re
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "was interrupted (KeyboardInterrupt); stopping the worker" in warnings[0]
-    assert _crumbs(mg_home, pid)[-1] == (
+    assert breadcrumb_messages(mg_home, pid=pid)[-1] == (
         f"SUBPROCESS_WORKER: {tiny_llama_path} stopped (SIGTERM), pid={pid}"
     )
 
@@ -474,7 +465,7 @@ def test_a_cadence_refusal_in_the_worker_raises_cadence_violation_in_the_parent(
     with pytest.raises(mg.CadenceViolation):
         mg.call_model_isolated(PROMPT, model)  # a refusal is not a crash: no "" here
     assert _no_live_workers() and mg.read_mlx_lock() is None
-    crumbs = _crumbs(mg_home)
+    crumbs = breadcrumb_messages(mg_home)
     assert crumbs.count(f"SUBPROCESS_WORKER: {model} refused: CadenceViolation") == 2
     assert not any(c.startswith("SUBPROCESS_WORKER: loading") for c in crumbs)
     # a worker refused before its load never imports MLX (that would initialise Metal)

@@ -8333,12 +8333,19 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _worker_error_kind(error: str) -> str | None:
+    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class) or ``None``."""
+    if error.startswith("MetalOOMError"):
+        return "oom"
+    name, _ = detect_panic_signature(error)
+    if name == "metal_oom":
+        return "oom"
+    return "panic" if _signature_kind(name) in (_IOGPU, _KERNEL) else None
+
+
 def _is_fatal_worker_error(error: str) -> bool:
     """A Metal out-of-memory or a kernel-panic-class failure: the worker must not be restarted."""
-    if error.startswith("MetalOOMError"):
-        return True
-    name, _ = detect_panic_signature(error)
-    return name == "metal_oom" or _signature_kind(name) in (_IOGPU, _KERNEL)
+    return _worker_error_kind(error) is not None
 
 
 _runner_release_guard = _thread.allocate_lock()
@@ -8457,7 +8464,7 @@ class MLXSubprocessRunner:
             raise exc
         error = _label(reply.get("error") or reply)[:2000]
         if reply.get("type") in ("error", "refused"):
-            if error.startswith("MetalOOMError") or detect_panic_signature(error)[0] == "metal_oom":
+            if _worker_error_kind(error) == "oom":
                 raise MetalOOMError(f"MLX worker for {self.model_id!r} ({phase}): {error}")
             raise RuntimeError(f"MLX worker for {self.model_id!r} failed ({phase}): {error}")
         raise RuntimeError(f"MLX worker for {self.model_id!r} sent an unexpected reply: {error}")

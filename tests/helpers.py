@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = [
     "stop_child",
     "stub_mx",
     "warnings_from",
+    "write_breaker_cooldown",
 ]
 
 REPO = str(Path(__file__).resolve().parents[1])
@@ -195,6 +197,20 @@ def warnings_from(
         and r.levelno >= logging.WARNING
         and (containing is None or containing in r.getMessage())
     ]
+
+
+def write_breaker_cooldown(home: Path | str) -> None:
+    """A ``breaker.json`` under ``home`` saying a one-hour cooldown started now (2 panics)."""
+    now = time.time()
+    state = {
+        "schema": 1,
+        "tripped_at": now,
+        "cooldown_until": now + 3600,
+        "cooldown_sec": 3600,
+        "panic_count": 2,
+        "window_sec": 3600,
+    }
+    (Path(home) / "breaker.json").write_text(json.dumps(state))
 
 
 def breadcrumb_messages(

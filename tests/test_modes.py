@@ -31,6 +31,7 @@ from helpers import (
     read_line,
     stop_child,
     warnings_from,
+    write_breaker_cooldown,
 )
 from panic_fixtures import Panic, write_panic
 
@@ -54,19 +55,6 @@ def reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("METALGUARD_PANIC_REPORT_DIR", str(folder))
     return folder
-
-
-def _cooling_down(home: str) -> None:
-    now = time.time()
-    state = {
-        "schema": 1,
-        "tripped_at": now,
-        "cooldown_until": now + 3600,
-        "cooldown_sec": 3600,
-        "panic_count": 2,
-        "window_sec": 3600,
-    }
-    (Path(home) / "breaker.json").write_text(json.dumps(state))
 
 
 # -- the mode itself ---------------------------------------------------------------------
@@ -131,7 +119,7 @@ def test_observer_cadence_check_and_admit_report_instead_of_raising(
 def test_observer_breaker_reports_a_running_cooldown_and_a_fresh_trip(
     observer: None, mg_home: str, reports: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _cooling_down(mg_home)
+    write_breaker_cooldown(mg_home)
     assert mg.CircuitBreaker().check() is None
     (Path(mg_home) / "breaker.json").unlink()
     now = time.time()
@@ -210,7 +198,7 @@ def test_observer_check_command_says_what_it_would_refuse(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     mg.CadenceGuard().mark_load(MODEL)
-    _cooling_down(mg_home)
+    write_breaker_cooldown(mg_home)
     assert mg.main(["check", MODEL]) == 0  # observer mode: the load would go ahead
     out = capsys.readouterr().out
     assert out.splitlines()[0] == (
@@ -277,7 +265,7 @@ def test_defensive_refusals_raise(
         guard.check(MODEL)
     with pytest.raises(mg.CadenceViolation):
         mg.require_cadence_clear(MODEL)
-    _cooling_down(mg_home)
+    write_breaker_cooldown(mg_home)
     with pytest.raises(mg.MLXCooldownActive):
         mg.CircuitBreaker().check()
     with (

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import breadcrumb_messages, python_child, read_line, stop_child
+from helpers import breadcrumb_messages, python_child, read_line, stop_child, write_breaker_cooldown
 
 PROMPT = "hello world"
 SYSTEM = "the quick brown fox"
@@ -478,19 +478,7 @@ def test_a_breaker_cooldown_in_the_worker_raises_mlx_cooldown_active(
     reports = tmp_path / "reports"
     reports.mkdir()
     monkeypatch.setenv("METALGUARD_PANIC_REPORT_DIR", str(reports))
-    now = time.time()
-    (Path(mg_home) / "breaker.json").write_text(
-        json.dumps(
-            {
-                "schema": 1,
-                "tripped_at": now,
-                "cooldown_until": now + 3600,
-                "cooldown_sec": 3600,
-                "panic_count": 2,
-                "window_sec": 3600,
-            }
-        )
-    )
+    write_breaker_cooldown(mg_home)
     with pytest.raises(mg.MLXCooldownActive) as info:
         mg.MLXSubprocessRunner("org/model")
     assert info.value.panic_count == 2 and info.value.remaining_sec > 3500

@@ -1526,7 +1526,8 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
 # every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
 # carries on, because a broken guard must never make inference worse than none.
 #
-# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _synchronize
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _generation_stream, _mlx, _mlx_fn,
+#   _mlx_step, _synchronize
 # Uses: Prelude
 # =============================================================================
 
@@ -9207,8 +9208,8 @@ def shutdown_all_workers() -> None:
 # target this version lacks is named once on stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap, _run_note_gate_wait
-# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Model identity, Registry, Cadence,
-#   GPU gate, Flush guards, Wired-limit control
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Cadence, GPU gate,
+#   Flush guards, Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
@@ -9233,6 +9234,7 @@ _RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
     ("mlx_lm.generate", "generate", "request", "all"),
     ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
     ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
     ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
     ("mlx_vlm.utils", "load", "load", "all"),
     ("mlx_vlm.generate", "generate_step", "step", "all"),
@@ -9471,8 +9473,10 @@ class _GpuTurn:
             return
         try:
             mx = sys.modules.get("mlx.core")
-            if mx is not None:
-                _synchronize(mx, self.streams, level=_DEBUG)
+            if mx is not None:  # the step's own streams (one sync costs tens of µs)
+                sync = _mlx_fn(mx, "synchronize")
+                for stream in self.streams or (_generation_stream(),):
+                    _mlx_step("synchronize(step)", sync, *([] if stream is None else [stream]))
             if _run.gate_log:
                 _run_log_turn(self.start, time.monotonic())
         finally:
@@ -9521,21 +9525,21 @@ def _run_refuse_exit(text: str) -> NoReturn:
     os._exit(_EXIT_REFUSED)
 
 
-def _run_admit(model_id: str) -> bool:
-    """Cadence admission that waits for the interval (or refuses with METALGUARD_RUN_WAIT=0)."""
+def _run_admit(model_id: str) -> _CadenceScope:
+    """Cadence admission that waits for the interval (``METALGUARD_RUN_WAIT=0``: refuse, exit 2)."""
     guard = _default_guard(180.0, 0.0)
-    said = False
-    while True:
+    wait = False
+    while True:  # a wait that another process's load outran waits again
+        scope = guard.scope(model_id, wait=wait)
         try:
-            return guard.admit(model_id)
+            scope.__enter__()
+            return scope
         except CadenceViolation as violation:
             if not _env_bool("METALGUARD_RUN_WAIT", True):
                 _run_refuse_exit(str(violation))
-            if not said:
-                said = True
-                _log().warning("metal_guard: waiting for the cadence: %s", violation)
+            if not wait:
                 _run_say(f"waiting {violation.remaining_sec:.1f} s: {violation}")
-            time.sleep(violation.remaining_sec + _RUN_CADENCE_SLACK_SEC)
+            wait = True
 
 
 def _run_record_unloads() -> None:
@@ -9581,25 +9585,14 @@ def _run_wrap_load(fn: Callable[..., Any]) -> Callable[..., Any]:
         local = _run_local()
         if model_id is None or getattr(local, "loading", False):
             return fn(*args, **kwargs)
-        _run_critical_enter()
-        try:
-            _run_record_unloads()
-            warn_if_known_panic_model(model_id)
-            recorded = _run_admit(model_id)
-        finally:
-            interrupt = _run_critical_leave()
-        if interrupt:
-            raise KeyboardInterrupt
-        mx = sys.modules.get("mlx.core")
-        before = _mlx_number(mx, "get_active_memory") if mx is not None else 0
+        _run_record_unloads()
+        warn_if_known_panic_model(model_id)
+        scope = _run_admit(model_id)  # a wait here stays interruptible (SIGTERM, Ctrl-C)
         local.loading = True
         try:
             result = fn(*args, **kwargs)
-        except BaseException:
-            after = _mlx_number(mx, "get_active_memory") if mx is not None else 0
-            if recorded and after <= before:  # nothing allocated: the load does not count
-                _default_guard(180.0, 0.0).clear(model_id)
-                _breadcrumb(f"RUN_LOAD_FAILED: {_label(model_id)} (not counted)")
+        except BaseException as exc:  # nothing allocated yet: the scope does not count it
+            scope.__exit__(type(exc), exc, exc.__traceback__)
             raise
         finally:
             local.loading = False
@@ -9726,9 +9719,15 @@ def _run_wrap_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_wrap_batch_insert(fn: Callable[..., Any]) -> Callable[..., Any]:
     def insert(self: Any, *args: Any, **kwargs: Any) -> Any:
-        label = _run_first_generate(getattr(self, "model", None))
-        _inference_flush_pre(label)
-        return fn(self, *args, **kwargs)
+        local = _run_local()
+        if getattr(local, "inserting", False):  # insert → insert_segments: one PRE
+            return fn(self, *args, **kwargs)
+        _inference_flush_pre(_run_first_generate(getattr(self, "model", None)))
+        local.inserting = True
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            local.inserting = False
 
     return insert
 
@@ -9773,8 +9772,8 @@ def _run_hook_package(name: str) -> None:
     for module_name, path, kind, _versions in _RUN_HOOKS:
         if module_name not in modules:
             continue
-        if kind in ("step", "batch") and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
-            continue
+        if kind == "step" and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
+            continue  # the batch hook stays: it also flushes each finished request
         try:
             module = importlib.import_module(module_name)
         except Exception:

@@ -10,6 +10,8 @@ spy adds it, so mlx-lm asks for the recommended working set as it does on a Mac)
 
 from __future__ import annotations
 
+import ast
+import itertools
 import json
 import os
 import signal
@@ -25,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers import REPO, breadcrumb_messages, child_env, requires_mlx_lm
 
 # The bootstrap of a guarded child. With MG_TEST_WIRED_SPY set it first puts a spy
 # under mlx.core.set_wired_limit (what reaches MLX is written to that file) and adds the
 # Metal-only max_recommended_working_set_size (8 GiB) to mx.device_info().
-_SITECUSTOMIZE = '''
+_SITECUSTOMIZE = """
 import os, sys
 _spy = os.environ.get("MG_TEST_WIRED_SPY")
 if _spy:
@@ -65,7 +68,7 @@ if _spy:
     sys.meta_path.insert(0, _SpyFinder())
 import metal_guard
 metal_guard._child_bootstrap()
-'''
+"""
 
 GIB8 = 8 << 30
 
@@ -99,7 +102,9 @@ def bare_env(**extra: str) -> dict[str, str]:
     return child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
 
 
-def run_child(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_child(
+    code: str, env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -132,8 +137,10 @@ def test_program_without_mlx_is_unchanged(boot: str, mg_home: str) -> None:
     assert guarded.returncode == 0 and bare.returncode == 0, guarded.stderr
     g_mods, g_sig = guarded.stdout.splitlines()
     b_mods, b_sig = bare.stdout.splitlines()
-    extra = set(eval(g_mods)) - set(eval(b_mods))  # noqa: S307 - our own child's repr of a list
-    assert extra <= {"metal_guard", "sitecustomize", "__future__", "errno"}, extra  # its own imports
+    extra = set(ast.literal_eval(g_mods)) - set(ast.literal_eval(b_mods))
+    assert extra <= {"metal_guard", "sitecustomize", "__future__", "errno"}, (
+        extra
+    )  # its own imports
     assert g_sig == b_sig == "True"
     assert os.listdir(mg_home) == []  # no files written
     assert guarded.stderr == ""
@@ -183,7 +190,10 @@ def test_second_load_too_soon_waits_then_loads(
     env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="4")
     done = subprocess.run(
         [sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     second = float(done.stdout.split()[-1])
@@ -201,7 +211,10 @@ def test_no_wait_refuses_with_exit_2_before_the_load(
     env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="60", METALGUARD_RUN_WAIT="0")
     done = subprocess.run(
         [sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 2, done.stderr
     assert done.stdout.splitlines() == ["loaded first"]
@@ -234,14 +247,17 @@ def test_load_failed_on_missing_files_does_not_delay_the_next(
     env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="120")
     done = subprocess.run(
         [sys.executable, "-c", _FAILED_THEN_REAL, str(missing), tiny_llama_path],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("failed:"), done.stdout
     assert float(done.stdout.split()[-1]) < 60  # not the 120 s interval
     assert metal_guard_lines(done.stderr) == []
     crumbs = breadcrumb_messages(mg_home)
-    assert f"RUN_LOAD_FAILED: {missing} (not counted)" in crumbs
+    assert any(m.startswith(f"CADENCE_UNCOUNTED: {missing} ") for m in crumbs), crumbs
 
 
 _REPLACE = """
@@ -260,7 +276,10 @@ def test_unloads_recorded_on_replacement_and_at_exit(
 ) -> None:
     done = subprocess.run(
         [sys.executable, "-c", _REPLACE, tiny_llama_path],
-        env=guarded_env(boot), capture_output=True, text=True, timeout=180,
+        env=guarded_env(boot),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     assert f"RUN_UNLOAD: {tiny_llama_path}" in breadcrumb_messages(mg_home)
@@ -271,27 +290,29 @@ def test_unloads_recorded_on_replacement_and_at_exit(
 # -- hooks missing in another mlx-lm shape --------------------------------------------
 
 
-def test_missing_hook_target_is_named_once_and_skipped(boot: str, mg_home: str, tmp_path: Path) -> None:
+def test_missing_hook_target_is_named_once_and_skipped(
+    boot: str, mg_home: str, tmp_path: Path
+) -> None:
     fake = tmp_path / "fake" / "mlx_lm"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
         '__version__ = "0.0.1"\nfrom .utils import load\nfrom .generate import generate\n'
     )
     (fake / "utils.py").write_text("def load(path):\n    return ('model', 'tokenizer')\n")
-    (fake / "generate.py").write_text("def generate(model, tokenizer, prompt):\n    return 'text'\n")
+    (fake / "generate.py").write_text(
+        "def generate(model, tokenizer, prompt):\n    return 'text'\n"
+    )
     env = guarded_env(boot)
     env["PYTHONPATH"] = os.pathsep.join([boot, str(fake.parent), env["PYTHONPATH"]])
-    code = (
-        "import mlx_lm\n"
-        "m, t = mlx_lm.load('some/model')\n"
-        "print(mlx_lm.generate(m, t, 'hi'))\n"
-    )
+    code = "import mlx_lm\nm, t = mlx_lm.load('some/model')\nprint(mlx_lm.generate(m, t, 'hi'))\n"
     done = run_child(code, env)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "text\n"
     lines = metal_guard_lines(done.stderr)
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("metal-guard: mlx-lm 0.0.1: not hooked (not found in this version): ")
+    assert lines[0].startswith(
+        "metal-guard: mlx-lm 0.0.1: not hooked (not found in this version): "
+    )
     assert "mlx_lm.generate.BatchGenerator._next" in lines[0]
     assert "mlx_lm.generate.stream_generate" in lines[0]
     assert "mlx_lm.utils.load," not in lines[0]  # found, so hooked
@@ -334,7 +355,7 @@ def _intervals(path: Path) -> list[tuple[int, float, float]]:
 def _overlaps(rows: list[tuple[int, float, float]]) -> int:
     by_start = sorted(rows, key=lambda r: r[1])
     count = 0
-    for i, (pid, start, end) in enumerate(by_start):
+    for i, (pid, _start, end) in enumerate(by_start):
         for other, o_start, _ in by_start[i + 1 :]:
             if o_start >= end:
                 break
@@ -349,7 +370,10 @@ def _run_pair(env: dict[str, str], models: list[str], tmp: Path, log: Path) -> l
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _GENERATOR, model, str(go), str(log)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for model in models
     ]
@@ -370,7 +394,7 @@ def _run_pair(env: dict[str, str], models: list[str], tmp: Path, log: Path) -> l
 
 def _handovers(rows: list[tuple[int, float, float]]) -> int:
     pids = [pid for pid, _, _ in sorted(rows, key=lambda r: r[1])]
-    return sum(1 for a, b in zip(pids, pids[1:]) if a != b)
+    return sum(1 for a, b in itertools.pairwise(pids) if a != b)
 
 
 @requires_mlx_lm
@@ -424,7 +448,9 @@ def _complete(port: int, results: list[Any], max_tokens: int = 8) -> None:
 
 
 @pytest.fixture
-def server(boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str) -> Iterator[dict[str, Any]]:
+def server(
+    boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+) -> Iterator[dict[str, Any]]:
     port = _free_port()
     spy = tmp_path / "wired.txt"
     env = guarded_env(
@@ -432,7 +458,10 @@ def server(boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str) -> Ite
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm", "server", "--model", tiny_llama_path, "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     info = {"proc": proc, "port": port, "spy": spy, "gate_log": tmp_path / "gate.log"}
     try:
@@ -469,10 +498,10 @@ def test_guarded_server_serves_flushes_and_stops_on_sigterm(
     wired = [int(x) for x in server["spy"].read_text().split()]
     assert wired and set(wired) == {0}, wired
     # its forward passes ran under the gate, many turns (not one for its lifetime)
-    assert len(_intervals(server["gate_log"])) >= 4 * 8
+    assert len(_intervals(server["gate_log"])) >= 8  # one turn per batch step
 
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "RUN_UNLOAD: " + proc.args[5] in breadcrumb_messages(mg_home, pid=proc.pid)
@@ -480,8 +509,8 @@ def test_guarded_server_serves_flushes_and_stops_on_sigterm(
 
 _DYING_SERVER = """
 import sys
-import mlx_lm.generate as g
 from mlx_lm.server import main
+g = sys.modules["mlx_lm.generate"]  # the attribute mlx_lm.generate is the function
 
 def out_of_memory(*args, **kwargs):
     raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
@@ -501,7 +530,10 @@ def test_generation_thread_death_ends_the_server_with_70(
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", _DYING_SERVER, tiny_llama_path, str(port)],
-        env=guarded_env(boot), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=guarded_env(boot),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120

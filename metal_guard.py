@@ -3198,7 +3198,7 @@ def _hardware_tier(memory_gib: float) -> str:
 # ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
 # ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
-# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _spec_matches
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -9208,8 +9208,8 @@ def shutdown_all_workers() -> None:
 # target this version lacks is named once on stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap, _run_note_gate_wait
-# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Cadence, GPU gate,
-#   Flush guards, Wired-limit control
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories, Cadence,
+#   GPU gate, Flush guards, Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
@@ -9222,24 +9222,29 @@ _RUN_CADENCE_SLACK_SEC = 0.05
 _RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
 _RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
 
-# (module, attribute path, kind, versions written against)
+# (module, attribute path, kind, versions where it is expected; "" = every version).
+# Outside its range a hook still applies when its target is there; only a target
+# missing inside its range (or in a version that does not parse) is named.
 _RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
-    ("mlx_lm.utils", "load", "load", "all"),
-    ("mlx_lm.utils", "load_model", "load", "all"),
+    ("mlx_lm.utils", "load", "load", ""),
+    ("mlx_lm.utils", "load_model", "load", ""),
     ("mlx_lm.utils", "sharded_load", "load", ">=0.30"),
     ("mlx_lm.utils", "pipeline_load", "load", ">=0.29"),
-    ("mlx_lm.generate", "generate_step", "step", "all"),
-    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.21"),
-    ("mlx_lm.generate", "stream_generate", "request", "all"),
-    ("mlx_lm.generate", "generate", "request", "all"),
+    ("mlx_lm.utils", "generate_step", "step", "<0.23"),
+    ("mlx_lm.utils", "stream_generate", "request", "<0.23"),
+    ("mlx_lm.utils", "generate", "request", "<0.23"),
+    ("mlx_lm.generate", "generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "stream_generate", "request", ">=0.23"),
+    ("mlx_lm.generate", "generate", "request", ">=0.23"),
     ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
     ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
     ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
     ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
-    ("mlx_vlm.utils", "load", "load", "all"),
-    ("mlx_vlm.generate", "generate_step", "step", "all"),
-    ("mlx_vlm.generate", "stream_generate", "request", "all"),
-    ("mlx_vlm.generate", "generate", "request", "all"),
+    ("mlx_vlm.utils", "load", "load", ""),
+    ("mlx_vlm.generate", "generate_step", "step", ""),
+    ("mlx_vlm.generate", "stream_generate", "request", ""),
+    ("mlx_vlm.generate", "generate", "request", ""),
 )
 _RUN_REBIND = {
     "mlx_lm": ("mlx_lm.utils", "mlx_lm.generate"),
@@ -9769,15 +9774,19 @@ def _run_hook_package(name: str) -> None:
     version = _label(getattr(sys.modules.get(top), "__version__", "unknown"))
     missing: list[str] = []
     swapped: dict[int, Callable[..., Any]] = {}  # id(original) → wrapper
-    for module_name, path, kind, _versions in _RUN_HOOKS:
+    for module_name, path, kind, versions in _RUN_HOOKS:
         if module_name not in modules:
             continue
+        try:
+            expected = _spec_matches(versions, version)
+        except ValueError:  # a version we cannot read: every hook is expected
+            expected = True
         if kind == "step" and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
             continue  # the batch hook stays: it also flushes each finished request
         try:
             module = importlib.import_module(module_name)
         except Exception:
-            missing.append(f"{module_name}.{path}")
+            missing += [f"{module_name}.{path}"] if expected else []
             continue
         *owners, attr = path.split(".")
         owner: Any = module
@@ -9785,13 +9794,13 @@ def _run_hook_package(name: str) -> None:
             owner = getattr(owner, part, None)
         current = getattr(owner, attr, None) if owner is not None else None
         if not callable(current):
-            missing.append(f"{module_name}.{path}")
+            missing += [f"{module_name}.{path}"] if expected else []
             continue
         if getattr(current, _RUN_MARK, None) is not None:
             continue  # hooked already
         wrapper = _RUN_WRAPPERS[kind](current)
         if wrapper is None:
-            missing.append(f"{module_name}.{path}")
+            missing += [f"{module_name}.{path}"] if expected else []
             continue
         wrapper.__name__ = getattr(current, "__name__", attr)
         wrapper.__doc__ = getattr(current, "__doc__", None)

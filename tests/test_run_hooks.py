@@ -296,7 +296,7 @@ def test_missing_hook_target_is_named_once_and_skipped(
     fake = tmp_path / "fake" / "mlx_lm"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
-        '__version__ = "0.0.1"\nfrom .utils import load\nfrom .generate import generate\n'
+        '__version__ = "0.99.0"\nfrom .utils import load\nfrom .generate import generate\n'
     )
     (fake / "utils.py").write_text("def load(path):\n    return ('model', 'tokenizer')\n")
     (fake / "generate.py").write_text(
@@ -311,11 +311,12 @@ def test_missing_hook_target_is_named_once_and_skipped(
     lines = metal_guard_lines(done.stderr)
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(
-        "metal-guard: mlx-lm 0.0.1: not hooked (not found in this version): "
+        "metal-guard: mlx-lm 0.99.0: not hooked (not found in this version): "
     )
     assert "mlx_lm.generate.BatchGenerator._next" in lines[0]
     assert "mlx_lm.generate.stream_generate" in lines[0]
     assert "mlx_lm.utils.load," not in lines[0]  # found, so hooked
+    assert "mlx_lm.utils.generate_step" not in lines[0]  # where mlx-lm < 0.23 had it
     assert "CADENCE_ADMIT: some/model" in breadcrumb_messages(mg_home)
     assert "SUBPROC_POST: some/model" in breadcrumb_messages(mg_home)
 

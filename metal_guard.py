@@ -6461,7 +6461,11 @@ def _run_record(*, child_pid: int | None, argv: list[str], restarts: int, since:
 
 def _run_forget() -> None:
     """Remove this supervisor's entry (at its exit)."""
-    _runs_update(lambda data: data.pop(str(os.getpid()), None) and None)
+
+    def drop(data: dict[str, Any]) -> None:
+        data.pop(str(os.getpid()), None)
+
+    _runs_update(drop)
 
 
 def _run_note_gate_wait(seconds: float) -> None:
@@ -10217,10 +10221,11 @@ def _run_child_env(
 def _preflight_refusal() -> str | None:
     """Why the program may not start now (exit 2), or ``None``; before every start.
 
-    The post-panic gate (section 4.8) plugs in here, before the circuit breaker.
     Observer mode reports a cooldown instead of refusing (``_refuse``).
     """
     try:
+        # The post-panic gate (section 4.8, its ``_require_post_panic_clear()``, which
+        # raises MLXCooldownActive through ``_refuse``) is called here, before the breaker.
         CircuitBreaker().check()
     except MLXCooldownActive as exc:
         return str(exc)
@@ -10433,6 +10438,9 @@ class _Supervisor:
             if refusal is not None:
                 _say(f"refused, {self.label} was not started: {refusal}")
                 return _RUN_EXIT_REFUSED
+            if self.signals.received:  # asked to stop before the program started
+                self.stop = self.signals.take()[0]
+                return 128 + self.stop
             try:
                 proc = subprocess.Popen(self.argv, executable=executable, env=env)
             except OSError as exc:

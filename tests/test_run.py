@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import metal_guard as mg
-from helpers import REPO, child_env, read_line, write_breaker_cooldown
+from helpers import REPO, child_env, read_line, requires_mlx_lm, write_breaker_cooldown
 
 RUN = [sys.executable, "-m", "metal_guard", "run"]
 NOTE = "is not a Python program: pre-flight, supervision and graceful stop only"
@@ -112,6 +116,25 @@ def test_on_failure_restart_rules(
     assert (done.returncode, starts(counter)) == (expected_exit, expected_starts), done.stderr
     if code == 71:
         assert "not restarted" in done.stderr and "reboot" in done.stderr
+
+
+def test_a_restart_waits_for_the_cadence_of_the_model_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    model = "example-org/tiny-model"
+    loaded = time.time() - 177.0  # the same-model interval (180 s) ends in about 3 s
+    mg.CadenceGuard().mark_load(model, ts=loaded)
+    counter = tmp_path / "starts"
+    program = f"import time; open({str(counter)!r}, 'a').write(f'{{time.time()}}\\n'); exit(1)"
+    done = run(
+        "--restart", "on-failure", "--max-restarts", "1", "--restart-delay", "0.5", "--",
+        sys.executable, "-c", program, "--model", model,
+    )  # fmt: skip
+    assert done.returncode == 69, done.stderr
+    first, second = (float(t) for t in counter.read_text().split())
+    assert f"for the cadence of {model}" in done.stderr
+    assert second >= loaded + 180.0 - 0.1  # the reload came only after the interval
+    assert second > first
 
 
 def test_never_is_the_default_and_passes_the_code_through(tmp_path: Path) -> None:
@@ -539,3 +562,66 @@ def test_gate_wait_outside_run_is_a_no_op(mg_home: str) -> None:
     assert not Path(mg_home, "runs.json").exists()
     with pytest.raises(TypeError):
         mg._run_note_gate_wait("2")  # type: ignore[arg-type]
+
+
+# -- a real mlx_lm.server under run -----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(port: int, path: str, body: dict[str, Any] | None = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            reply.read()
+            return int(reply.status)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+@requires_mlx_lm
+def test_mlx_lm_server_under_run_serves_and_stops_gracefully(tiny_llama_path: str) -> None:
+    port = _free_port()
+    proc = start(
+        "--grace", "30", "--", sys.executable, "-m", "mlx_lm", "server",
+        "--model", tiny_llama_path, "--port", str(port),
+        env=child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while _http(port, "/health") != 200:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the server never answered /health"
+            time.sleep(0.3)
+        (entry,) = mg._read_runs()
+        server_pid = entry["pid"]
+        statuses: list[int] = []
+        body = {"prompt": "hello there", "max_tokens": 8}
+        threads = [
+            threading.Thread(target=lambda: statuses.append(_http(port, "/v1/completions", body)))
+            for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert statuses == [200, 200, 200]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - sent < 30  # within the grace
+    assert code == 0, err  # the server shut down as after Ctrl-C, and exited 0
+    assert "SIGKILL" not in err and "Traceback" not in err
+    assert not mg._pid_alive(server_pid)
+    assert mg._read_runs() == []

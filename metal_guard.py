@@ -10349,7 +10349,11 @@ class _Signals:
             self._pipe = None
 
     def take(self) -> list[int]:
-        taken, self.received[:] = list(self.received), []
+        """The signals recorded so far, oldest first (one ``pop`` at a time: a handler may
+        run between any two bytecodes, and nothing it records is lost)."""
+        taken = []
+        while self.received:
+            taken.append(self.received.pop(0))
         return taken
 
     def wait(self, proc: Any, seconds: float) -> None:
@@ -10414,7 +10418,9 @@ class _Supervisor:
                 "stop only (no guards inside it)"
             )
         else:
-            skipped = _python_skips_site(python[1] + self.argv[1:])
+            # an interpreter's own options come first on its command line; a script's, on its #!
+            direct = python[0] == executable
+            skipped = _python_skips_site(self.argv[1:] if direct else python[1])
             if skipped is not None:
                 _say(f"{skipped} keeps Python from running the bootstrap: guards not installed")
             try:

@@ -343,6 +343,11 @@ def test_scripts_whose_shebang_names_python_are_python_programs(tmp_path: Path) 
     code, out, err = finish(start("--", "shell-tool", env=env))
     assert (code, out) == (0, "none\n")
     assert err.count(NOTE) == 1
+    # a script's own arguments are not interpreter options
+    proc = start("--", "direct-tool", "-I", env=env)
+    code, out, err = finish(proc)
+    assert (code, out) == (0, f"{proc.pid}\n")
+    assert "keeps Python from running the bootstrap" not in err
 
 
 def test_python_detection(tmp_path: Path) -> None:

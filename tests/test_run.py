@@ -159,6 +159,15 @@ def test_a_tripped_breaker_refuses_and_the_child_never_starts(mg_home: str, tmp_
     assert "was not started" in refusals[0]
 
 
+def test_observer_mode_reports_the_cooldown_and_starts(mg_home: str, tmp_path: Path) -> None:
+    write_breaker_cooldown(mg_home)
+    counter = tmp_path / "starts"
+    done = run("--", *counting_program(counter, 0), env=child_env(METALGUARD_MODE="observer"))
+    assert (done.returncode, starts(counter)) == (0, 1), done.stderr
+    assert "OBSERVE: would refuse (MLXCooldownActive)" in done.stderr
+    assert "was not started" not in done.stderr
+
+
 def test_a_restart_repeats_the_pre_flight(mg_home: str, tmp_path: Path) -> None:
     counter = tmp_path / "starts"
     now = time.time()

@@ -325,6 +325,21 @@ def test_options_reach_the_child_environment() -> None:
     assert defaults["METALGUARD_RUN_GPU_GATE"] == "1"
 
 
+def test_child_pythonpath_rules() -> None:
+    options = mg._RunOptions()
+    alone = mg._run_child_env({}, "/boot", options, supervisor=7)
+    assert alone["PYTHONPATH"] == "/boot" and alone["METALGUARD_RUN_SUPERVISOR"] == "7"
+    empty = mg._run_child_env({"PYTHONPATH": ""}, "/boot", options, supervisor=7)
+    assert empty["PYTHONPATH"] == "/boot"
+    kept = mg._run_child_env({"PYTHONPATH": "/a::/b"}, "/boot", options, supervisor=7)
+    assert kept["PYTHONPATH"] == "/boot:/a::/b"  # unchanged after the folder, empty entry too
+    # run under run: the outer run's bootstrap folder is not kept behind the inner one
+    outer = {"PYTHONPATH": "/outer:/a", "METALGUARD_RUN_BOOTSTRAP": "/outer", "X": "1"}
+    nested = mg._run_child_env(outer, "/boot", options, supervisor=7)
+    assert (nested["PYTHONPATH"], nested["METALGUARD_RUN_BOOTSTRAP"]) == ("/boot:/a", "/boot")
+    assert nested["X"] == "1" and outer["PYTHONPATH"] == "/outer:/a"  # the base is not changed
+
+
 # -- what counts as a Python program ---------------------------------------------------------
 
 

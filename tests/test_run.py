@@ -522,6 +522,56 @@ def test_sigint_and_sighup_are_passed_on(signum: int) -> None:
     assert "SIGKILL" not in err
 
 
+COUNT_SIGINTS = """
+import signal, sys, time
+seen = []
+signal.signal(signal.SIGINT, lambda *a: seen.append(1))
+print("ready", flush=True)
+while not seen:
+    time.sleep(0.05)
+time.sleep(1.0)  # a second SIGINT (one passed on by run) would arrive in this time
+print("SIGINTs:", len(seen), flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_program_once() -> None:
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:  # in run's process: the pty becomes its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [*RUN, "--grace", "20", "--", sys.executable, "-c", COUNT_SIGINTS],
+        stdin=slave, stdout=slave, stderr=slave, env=child_env(), cwd=REPO,
+        start_new_session=True, preexec_fn=controlling_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready" not in output and time.monotonic() < deadline:
+            output += os.read(master, 4096)
+        os.write(master, b"\x03")  # Ctrl-C: the terminal signals its foreground group
+        code = proc.wait(timeout=30)
+        try:
+            while chunk := os.read(master, 4096):
+                output += chunk
+        except OSError:  # EIO: every process left the terminal
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = output.decode(errors="replace")
+    assert code == 0, text
+    assert "SIGINTs: 1" in text  # from the terminal only: run did not send a second one
+    assert "SIGINT: the terminal sent it to" in text
+
+
 def test_a_stop_during_the_restart_pause_ends_run_at_once(tmp_path: Path) -> None:
     counter = tmp_path / "starts"
     proc = start(

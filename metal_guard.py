@@ -46,6 +46,7 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
 4.7 GPU gate — one MLX workload at a time across the threads and processes of
     the host.
+4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
 5.3 Upstream patches — defects of installed MLX packages fixed in place.
@@ -64,6 +65,8 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
 5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
     under ``metal-guard run``.
+5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+    passed on with a grace period, restarts and exit codes.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
 6.3 Entry point — ``main``: parse, run one command, print text or one JSON
@@ -681,28 +684,36 @@ def _stop_process(
     why: str,
     what: str = "process",
     wait: Callable[[float], object] | None = None,
+    signum: int | None = None,
+    signal_name: str = "SIGTERM",
 ) -> bool:
     """The one way this module stops a process: SIGTERM, ``grace`` s, SIGKILL only then.
 
     ``proc`` is a ``subprocess.Popen`` or a ``multiprocessing.Process``;
     ``wait(t)`` waits up to ``t`` s for it (default: its own ``wait``/``join``),
     so it is reaped before this returns. A SIGKILL comes with a WARNING that
-    says why. Returns True when SIGKILL was needed.
+    says why. Returns True when SIGKILL was needed. ``signum`` sends another
+    first signal instead of SIGTERM (``signal_name`` names it in the WARNING;
+    ``0`` sends none: the process already got it, e.g. from the terminal).
     """
     waiter = wait if wait is not None else (lambda t: _wait_process(proc, t))
     if _process_exited(proc):
         waiter(0.0)  # reap it
         return False
-    proc.terminate()
+    if signum is None:
+        proc.terminate()
+    elif signum:
+        os.kill(proc.pid, signum)
     waiter(grace)
     if _process_exited(proc):
         return False
     _log().warning(
-        "metal_guard: %s (pid %s) ignored %g s of SIGTERM (stopping because %s); sending "
+        "metal_guard: %s (pid %s) ignored %g s of %s (stopping because %s); sending "
         "SIGKILL. Memory it held on the GPU may stay wired until reboot.",
         what,
         proc.pid,
         grace,
+        signal_name,
         why,
     )
     proc.kill()
@@ -6364,6 +6375,149 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 
 
 # =============================================================================
+# 4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
+#
+# One entry per supervisor in ``runs.json`` (the locked-JSON-file primitive, not
+# fsynced: it only describes running processes). The supervisor writes its entry
+# when a child starts and removes it when it ends; a guarded child adds the time
+# it waited for the GPU gate (``_run_note_gate_wait``, found through
+# ``METALGUARD_RUN_SUPERVISOR``). Entries whose supervisor is gone are ignored on
+# read and dropped on the next write, so a supervisor killed with SIGKILL leaves
+# nothing behind that ``status`` shows.
+#
+# Provides: _read_runs, _run_forget, _run_note_gate_wait, _run_record, _RUN_SUPERVISOR_ENV_VAR
+# Uses: Prelude, Processes, Files, Locks, JSON state files
+# =============================================================================
+
+_RUN_SUPERVISOR_ENV_VAR = "METALGUARD_RUN_SUPERVISOR"
+_RUNS_LOCK_TIMEOUT_SEC = 2.0  # a child never waits long to add its gate time
+_RUN_ARGV_MAX_WORDS, _RUN_ARGV_MAX_CHARS = 64, 300
+
+
+def _runs_file() -> _JsonFile:
+    return _JsonFile(_state_file("runs.json"), durable=False, lock_timeout=_RUNS_LOCK_TIMEOUT_SEC)
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def _run_entry_live(key: str, entry: object, host: str) -> bool:
+    """Whether ``entry`` (keyed by its supervisor's pid) belongs to a running supervisor.
+
+    Entries of other hosts (a state folder on a shared home) are kept but never
+    judged: their pids mean nothing here.
+    """
+    if not isinstance(entry, dict) or not key.isdigit():
+        return False
+    if entry.get("host") != host:
+        return True
+    return _pid_running(int(key))
+
+
+def _runs_update(mutate: Callable[[dict[str, Any]], None]) -> None:
+    """``mutate`` the runs of this host's live supervisors; one WARNING per process on failure."""
+    host = _host()
+
+    def change(data: dict[str, Any]) -> None:
+        for key in [k for k, v in data.items() if not _run_entry_live(k, v, host)]:
+            del data[key]
+        mutate(data)
+
+    try:
+        _runs_file().update(change)
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "runs-registry",
+            _WARNING,
+            "metal_guard: cannot update the runs registry %s (%s); `metal-guard status` will not "
+            "list this program",
+            _state_file("runs.json"),
+            exc,
+        )
+
+
+def _run_record(*, child_pid: int | None, argv: list[str], restarts: int, since: float) -> None:
+    """The supervisor's (this process's) entry: its child now, the command, restarts so far."""
+    words = [w[:_RUN_ARGV_MAX_CHARS] for w in argv[:_RUN_ARGV_MAX_WORDS]]
+    now = time.time()
+
+    def put(data: dict[str, Any]) -> None:
+        entry = data.get(str(os.getpid()))
+        entry = entry if isinstance(entry, dict) else {}
+        entry.update(
+            host=_host(),
+            supervisor_pid=os.getpid(),
+            pid=child_pid,
+            argv=words,
+            since=since,
+            child_since=now if child_pid is not None else None,
+            restarts=restarts,
+        )
+        entry.setdefault("gate_wait_sec", 0.0)
+        data[str(os.getpid())] = entry
+
+    _runs_update(put)
+
+
+def _run_forget() -> None:
+    """Remove this supervisor's entry (at its exit)."""
+
+    def drop(data: dict[str, Any]) -> None:
+        data.pop(str(os.getpid()), None)
+
+    _runs_update(drop)
+
+
+def _run_note_gate_wait(seconds: float) -> None:
+    """Add ``seconds`` waited for the GPU gate to this program's supervisor entry.
+
+    Child side; a no-op when the process does not run under ``metal-guard run``.
+    Call it once per request or every few seconds, never per step (it takes a
+    file lock). Never raises for environment faults.
+    """
+    waited = _real_arg("seconds", seconds)
+    supervisor = _env_int(_RUN_SUPERVISOR_ENV_VAR, 0, minimum=1)
+    if supervisor <= 0 or waited <= 0:
+        return
+
+    def add(data: dict[str, Any]) -> None:
+        entry = data.get(str(supervisor))
+        if isinstance(entry, dict):
+            entry["gate_wait_sec"] = (_number(entry.get("gate_wait_sec")) or 0.0) + waited
+
+    _runs_update(add)
+
+
+def _read_runs() -> list[dict[str, Any]]:
+    """This host's programs under run, oldest first (never writes, never raises)."""
+    data, problem = _runs_file().read()
+    if problem is not None:
+        _log().debug("metal_guard: runs registry unreadable: %s", problem)
+    host = _host()
+    runs: list[dict[str, Any]] = []
+    for key, entry in data.items():
+        if not isinstance(entry, dict) or entry.get("host") != host:
+            continue
+        if not _run_entry_live(key, entry, host):
+            continue
+        argv = entry.get("argv")
+        runs.append(
+            {
+                "pid": entry.get("pid") if isinstance(entry.get("pid"), int) else None,
+                "supervisor_pid": int(key),
+                "argv": [str(w) for w in argv] if isinstance(argv, list) else [],
+                "since": _number(entry.get("since")),
+                "child_since": _number(entry.get("child_since")),
+                "restarts": entry.get("restarts") if isinstance(entry.get("restarts"), int) else 0,
+                "gate_wait_sec": _number(entry.get("gate_wait_sec")) or 0.0,
+            }
+        )
+    runs.sort(key=lambda r: r["since"] or 0.0)
+    return runs
+
+
+# =============================================================================
 # 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 #
 # Both are best-effort: a failing MLX step logs and carries on, and the body's
@@ -9207,9 +9361,9 @@ def shutdown_all_workers() -> None:
 # while the main thread is inside a lock step), unloads recorded. A hook whose
 # target this version lacks is named once on stderr and skipped.
 #
-# Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap, _run_note_gate_wait
+# Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
 # Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories, Cadence,
-#   GPU gate, Flush guards, Wired-limit control
+#   GPU gate, Runs registry, Flush guards, Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
@@ -9275,11 +9429,6 @@ class _RunState:
 
 
 _run = _RunState()
-
-
-def _run_note_gate_wait(seconds: float) -> None:
-    """Placeholder for the runs registry of ``metal-guard run``: time spent waiting for the gate."""
-    return None
 
 
 class _RunFinder:
@@ -9836,6 +9985,607 @@ def _run_at_exit() -> None:
 
 
 # =============================================================================
+# 5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+# passed on with a grace period, restarts and exit codes.
+#
+# A Python program (an interpreter, or a script whose ``#!`` line names one)
+# starts with a bootstrap folder first on ``PYTHONPATH``: its ``sitecustomize``
+# runs the user's own, then loads this very file (``METALGUARD_RUN_MODULE``) and
+# calls ``_child_bootstrap``. Any other program gets the pre-flight, supervision
+# and a graceful stop only. Signal handlers only record the signal (a wake-up pipe
+# ends the wait at once); the loop passes it on and stops the child through
+# ``_stop_process`` (the grace, then SIGKILL with a WARNING). The child stays in
+# run's process group, so job control and a terminal's Ctrl-C work as without run
+# (Ctrl-C reaches the child from the terminal and is not sent a second time).
+#
+# Provides: _RUN_EXIT_GAVE_UP, _RUN_EXIT_REFUSED, _RUN_RESTART_POLICIES, _RUN_SITECUSTOMIZE,
+#   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
+#   _run_child_env, _run_supervised
+# Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence, Circuit breaker,
+#   Runs registry, System audits, Child hooks
+# =============================================================================
+
+_RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
+_RUN_EXIT_GAVE_UP = 69  # EX_UNAVAILABLE: gave up restarting
+_RUN_EXIT_CANNOT_EXECUTE, _RUN_EXIT_NOT_FOUND = 126, 127  # as a shell reports them
+_RUN_RESTART_POLICIES = ("never", "on-failure", "always")
+_RUN_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_RUN_VERSIONS_TIMEOUT_SEC = 5.0
+_RUN_VERSIONS_CODE = (
+    "import importlib.metadata as m, json\nv = {}\nfor n in %r:\n    try:\n"
+    "        v[n] = m.version(n)\n    except Exception:\n        pass\nprint(json.dumps(v))\n"
+)
+
+# The bootstrap folder's only file. Python runs it at start-up because the folder
+# is first on PYTHONPATH; the program's own subprocesses inherit the variable.
+_RUN_SITECUSTOMIZE = r'''"""Written by `metal-guard run` (rewritten when it differs): runs the sitecustomize
+that would have run without this folder, then installs metal-guard's guards."""
+
+
+def _report(exc):
+    import sys
+
+    if sys.flags.verbose:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    else:  # as Python's site module reports a failing sitecustomize
+        sys.stderr.write(
+            "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+            f"{type(exc).__name__}: {exc}\n"
+        )
+
+
+def _metal_guard_run_bootstrap():
+    import os
+    import sys
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if not p or os.path.abspath(p) != folder]
+    this = sys.modules.pop("sitecustomize", None)
+    try:
+        import sitecustomize  # noqa: F401 - the user's own, if there is one
+    except ImportError as exc:
+        if exc.name != "sitecustomize":
+            _report(exc)
+    except Exception as exc:
+        _report(exc)
+    if this is not None:  # none of the user's: the import system expects this module back
+        sys.modules.setdefault("sitecustomize", this)
+    try:
+        path = os.environ["METALGUARD_RUN_MODULE"]
+        module = sys.modules.get("metal_guard")
+        if module is None or os.path.abspath(getattr(module, "__file__", None) or "") != path:
+            # importlib.machinery, not importlib.util: the latter costs ~5 ms more to import
+            from importlib.machinery import ModuleSpec, SourceFileLoader
+
+            loader = SourceFileLoader("metal_guard", path)
+            spec = ModuleSpec("metal_guard", loader, origin=path)
+            spec.has_location = True
+            module = type(sys)("metal_guard")
+            module.__file__, module.__loader__, module.__spec__ = path, loader, spec
+            sys.modules["metal_guard"] = module
+            try:
+                loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop("metal_guard", None)
+                raise
+        module._child_bootstrap()
+    except Exception as exc:
+        sys.stderr.write(f"metal-guard: guards not installed: {type(exc).__name__}: {exc}\n")
+
+
+_metal_guard_run_bootstrap()
+'''
+
+
+@_dataclass(frozen=True)
+class _RunOptions:
+    """``metal-guard run``'s options (checked by the command line)."""
+
+    grace: float = 30.0
+    restart: str = "never"
+    max_restarts: int = 3
+    restart_window: float = 600.0
+    restart_delay: float | None = None  # None: the cadence's same-model interval
+    wired: str = "off"
+    wait: bool = True
+    gpu_gate: bool = True
+
+
+def _say(text: str) -> None:
+    """One line of run's own on stderr (the child's output is never touched)."""
+    try:
+        sys.stderr.write(f"metal-guard run: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+# -- what the command is -------------------------------------------------------------
+
+
+def _is_python_name(name: str) -> bool:
+    """``python``, ``python3``, ``python3.12`` (a free-threaded ``t`` build too)."""
+    if not name.startswith("python"):
+        return False
+    rest = name[6:].removesuffix("t")
+    return not rest or (rest[0].isdigit() and all(c.isdigit() or c == "." for c in rest))
+
+
+def _shebang_words(path: str) -> list[str] | None:
+    """The interpreter words of ``path``'s ``#!`` line (pip's ``/bin/sh`` trampoline
+    for long paths included), or ``None``."""
+    import shlex
+
+    try:
+        head = _read_bounded(path, 1024, follow_symlinks=True)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    lines = head[2:].decode("utf-8", "replace").splitlines()
+    words = lines[0].split() if lines else []
+    if words[:1] == ["/bin/sh"] and len(lines) > 1 and lines[1].startswith("'''exec' "):
+        try:
+            return shlex.split(lines[1])[1:2]
+        except ValueError:
+            return None
+    if words and os.path.basename(words[0]) == "env":  # #!/usr/bin/env [-S] python3
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+    return words or None
+
+
+def _python_interpreter(executable: str) -> tuple[str, list[str]] | None:
+    """``(interpreter, its options)`` when ``executable`` runs Python, else ``None``.
+
+    ``executable`` is a resolved path: an interpreter itself, or a script whose
+    ``#!`` line names one (console scripts such as ``mlx_lm.server``).
+    """
+    import shutil
+
+    if _is_python_name(os.path.basename(executable)):
+        return executable, []
+    words = _shebang_words(executable)
+    if not words or not _is_python_name(os.path.basename(words[0])):
+        return None
+    found = words[0] if os.sep in words[0] else shutil.which(words[0])
+    return (found, words[1:]) if found else None
+
+
+def _python_skips_site(options: list[str]) -> str | None:
+    """The interpreter option (``-I``, ``-E``, ``-S``) that keeps the bootstrap from running."""
+    for word in options:
+        if word in ("-c", "-m", "-", "--") or not word.startswith("-") or word.startswith("--"):
+            break
+        for letter in word[1:]:
+            if letter in "IES":
+                return f"-{letter}"
+            if letter in "WXcm":  # the rest of the word is that option's value
+                break
+    return None
+
+
+def _command_models(argv: list[str]) -> list[str]:
+    """The values of ``--model X`` / ``--model=X`` in a command line."""
+    models = []
+    for i, word in enumerate(argv):
+        if word == "--model" and i + 1 < len(argv):
+            models.append(argv[i + 1])
+        elif word.startswith("--model="):
+            models.append(word[len("--model=") :])
+    return [m for m in models if m.strip()]
+
+
+# -- the child's environment -----------------------------------------------------------
+
+
+def _run_bootstrap_folder() -> str:
+    """The folder holding the bootstrap ``sitecustomize.py`` (written when missing or stale).
+
+    It lives in the state folder, named after its content, and is never
+    deleted: a program's own subprocesses may start long after run ended.
+    """
+    import zlib
+
+    content = _RUN_SITECUSTOMIZE.encode("utf-8")
+    folder = _state_file(f"run-bootstrap-{zlib.crc32(content):08x}")
+    path = os.path.join(folder, "sitecustomize.py")
+    try:
+        current = _read_bounded(path, len(content) + 1)
+    except OSError:
+        current = b""
+    if current != content:
+        _atomic_write_bytes(path, content, durable=False)
+    return folder
+
+
+def _run_child_env(
+    base: dict[str, str], bootstrap: str, options: _RunOptions, *, supervisor: int
+) -> dict[str, str]:
+    """``base`` plus the bootstrap folder first on ``PYTHONPATH`` and the ``METALGUARD_RUN_*``
+    variables; the user's ``PYTHONPATH`` follows unchanged (a bootstrap folder inherited
+    from an outer run is left out)."""
+    env = dict(base)
+    user = env.get("PYTHONPATH", "")
+    outer = env.get("METALGUARD_RUN_BOOTSTRAP")
+    if outer and user:
+        user = os.pathsep.join(p for p in user.split(os.pathsep) if p != outer)
+    env["PYTHONPATH"] = bootstrap + (os.pathsep + user if user else "")
+    env.update(
+        {
+            _RUN_SUPERVISOR_ENV_VAR: str(supervisor),
+            "METALGUARD_RUN_MODULE": os.path.abspath(__file__),
+            "METALGUARD_RUN_BOOTSTRAP": bootstrap,
+            "METALGUARD_RUN_WIRED": options.wired,
+            "METALGUARD_RUN_WAIT": "1" if options.wait else "0",
+            "METALGUARD_RUN_GPU_GATE": "1" if options.gpu_gate else "0",
+        }
+    )
+    return env
+
+
+# -- pre-flight --------------------------------------------------------------------------
+
+
+def _preflight_refusal() -> str | None:
+    """Why the program may not start now (exit 2), or ``None``; before every start.
+
+    Observer mode reports a cooldown instead of refusing (``_refuse``).
+    """
+    try:
+        # The post-panic gate (section 4.8, its ``_require_post_panic_clear()``, which
+        # raises MLXCooldownActive through ``_refuse``) is called here, before the breaker.
+        CircuitBreaker().check()
+    except MLXCooldownActive as exc:
+        return str(exc)
+    except (OSError, StateLockTimeout) as exc:
+        _log().warning("metal_guard: run: the circuit breaker could not be checked: %s", exc)
+    return None
+
+
+def _interpreter_versions(interpreter: str) -> dict[str, str] | None:
+    """Installed versions of the MLX stack for ``interpreter`` (package metadata only)."""
+    import json
+
+    names = tuple(sorted({package for package, _, _ in _VERSION_ADVISORIES}))
+    if os.path.abspath(interpreter) == os.path.abspath(sys.executable):
+        return {n: v for n in names if (v := _installed_version(n)) is not None}
+    out = _run_bounded(
+        [interpreter, "-c", _RUN_VERSIONS_CODE % (names,)], _RUN_VERSIONS_TIMEOUT_SEC
+    )
+    try:  # the last line: a sitecustomize may print too
+        found = json.loads(out.strip().splitlines()[-1]) if out and out.strip() else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        return None
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def _preflight_warnings(argv: list[str], interpreter: str | None) -> None:
+    """Known-panic models named on the command line, the advisories of the child's MLX
+    stack (critical ones by name) and the system audit's warnings; on stderr."""
+    for model in _command_models(argv):
+        try:
+            warn_if_known_panic_model(model)
+        except (TypeError, ValueError):
+            pass
+    if interpreter is not None:
+        versions = _interpreter_versions(interpreter)
+        if versions is None:
+            _say(f"could not read the MLX versions installed for {interpreter}")
+        else:
+            found = check_version_advisories(packages=versions)
+            for a in (a for a in found if a["severity"] == "critical"):
+                _say(
+                    f"CRITICAL advisory for {a['package']} {a['installed_version']} "
+                    f"({interpreter}): {a['title']} ({a['url']}); {a['mitigation']}"
+                )
+            others = [a for a in found if a["severity"] != "critical"]
+            if others:
+                _say(
+                    f"{len(others)} more advisory(ies) for the MLX stack of {interpreter} "
+                    "(`metal-guard audit` run with that interpreter lists them)"
+                )
+    log_system_audit_at_startup()
+
+
+# -- supervision ---------------------------------------------------------------------------
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: its code, or 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _exit_text(code: int) -> str:
+    import signal
+
+    if code > 128:
+        try:
+            return f"died from {signal.Signals(code - 128).name} (exit {code})"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+class _Signals:
+    """Stop signals recorded by handlers that do nothing else; a wake-up pipe (also
+    written on SIGCHLD) ends a wait at once. A signal ignored when run started
+    (``nohup``) stays ignored, for the child too."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
+
+    def __enter__(self) -> _Signals:
+        import signal
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        try:
+            self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: handlers cannot be set, waits poll
+            os.close(read_fd)
+            os.close(write_fd)
+            return self
+        self._pipe = (read_fd, write_fd)
+        child = getattr(signal, "SIGCHLD", None)
+        for name in (*_RUN_STOP_SIGNALS, "SIGCHLD"):
+            signum = getattr(signal, name, None)
+            if signum is None or signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(
+                signum, (lambda *_: None) if signum == child else self._record
+            )
+        return self
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    def take(self) -> list[int]:
+        """The signals recorded so far, oldest first (one ``pop`` at a time: a handler may
+        run between any two bytecodes, and nothing it records is lost)."""
+        taken = []
+        while self.received:
+            taken.append(self.received.pop(0))
+        return taken
+
+    def wait(self, proc: Any, seconds: float) -> None:
+        """Until ``proc`` (if any) exits, a stop signal comes or ``seconds`` pass."""
+        import select
+
+        deadline = time.monotonic() + seconds
+        while not self.received and (proc is None or proc.poll() is None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._pipe is None:
+                time.sleep(min(left, 0.05))
+                continue
+            if select.select([self._pipe[0]], [], [], min(left, 1.0))[0]:
+                try:
+                    while os.read(self._pipe[0], 512):
+                        pass
+                except BlockingIOError:
+                    pass
+
+
+def _terminal_delivered(signum: int) -> bool:
+    """Whether a terminal sent ``signum`` (Ctrl-C, hang-up) to the child too: run and the
+    child are the foreground process group of a terminal."""
+    import signal
+
+    if signum not in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        return False
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class _Supervisor:
+    """One ``metal-guard run``: starts, watches, stops and restarts the command."""
+
+    def __init__(self, argv: list[str], options: _RunOptions) -> None:
+        self.argv = argv
+        self.options = options
+        self.label = f"`{os.path.basename(argv[0])}`"
+        self.signals = _Signals()
+        self.stop: int | None = None
+        self.since = time.time()
+
+    def run(self) -> int:
+        import shutil
+
+        executable = shutil.which(self.argv[0])
+        if executable is None:
+            _say(f"{self.argv[0]}: command not found (or not executable)")
+            return _RUN_EXIT_NOT_FOUND
+        python = _python_interpreter(executable)
+        env = None
+        if python is None:
+            _say(
+                f"{self.label} is not a Python program: pre-flight, supervision and graceful "
+                "stop only (no guards inside it)"
+            )
+        else:
+            # an interpreter's own options come first on its command line; a script's, on its #!
+            direct = python[0] == executable
+            skipped = _python_skips_site(self.argv[1:] if direct else python[1])
+            if skipped is not None:
+                _say(f"{skipped} keeps Python from running the bootstrap: guards not installed")
+            try:
+                folder = _run_bootstrap_folder()
+                env = _run_child_env(dict(os.environ), folder, self.options, supervisor=os.getpid())
+            except OSError as exc:
+                _say(f"cannot write the bootstrap folder ({exc}): the program runs unguarded")
+        _preflight_warnings(self.argv, None if python is None else python[0])
+        with self.signals:
+            try:
+                return self._loop(executable, env)
+            finally:
+                _run_forget()
+
+    def _loop(self, executable: str, env: dict[str, str] | None) -> int:
+        import subprocess
+
+        restarts: list[float] = []
+        while True:
+            refusal = _preflight_refusal()
+            if refusal is not None:
+                _say(f"refused, {self.label} was not started: {refusal}")
+                return _RUN_EXIT_REFUSED
+            if self.signals.received:  # asked to stop before the program started
+                self.stop = self.signals.take()[0]
+                return 128 + self.stop
+            try:
+                proc = subprocess.Popen(self.argv, executable=executable, env=env)
+            except OSError as exc:
+                _say(f"cannot start {self.label}: {exc}")
+                missing = isinstance(exc, FileNotFoundError)
+                return _RUN_EXIT_NOT_FOUND if missing else _RUN_EXIT_CANNOT_EXECUTE
+            _run_record(
+                child_pid=proc.pid, argv=self.argv, restarts=len(restarts), since=self.since
+            )
+            code = self._watch(proc)
+            if self.stop is not None:
+                return code
+            why_not = self._no_restart(code)
+            if why_not is not None:
+                if self.options.restart != "never":
+                    _say(f"{self.label} {_exit_text(code)}; not restarted: {why_not}")
+                return code
+            now = time.monotonic()
+            recent = [t for t in restarts if now - t < self.options.restart_window]
+            if len(recent) >= self.options.max_restarts:
+                _say(
+                    f"gave up: {self.label} {_exit_text(code)} after {len(recent)} restart(s) "
+                    f"within {_duration(self.options.restart_window)} (--max-restarts "
+                    f"{self.options.max_restarts}); not restarting (exit {_RUN_EXIT_GAVE_UP})"
+                )
+                return _RUN_EXIT_GAVE_UP
+            _run_record(child_pid=None, argv=self.argv, restarts=len(restarts), since=self.since)
+            if not self._pause(code, len(recent) + 1):
+                return 128 + (self.stop or 0)
+            restarts.append(time.monotonic())
+
+    def _no_restart(self, code: int) -> str | None:
+        """Why the child is not restarted after exiting with ``code``, or ``None``."""
+        policy = self.options.restart
+        if policy == "never":
+            return "--restart never"
+        if code == _EXIT_GPU_STUCK:
+            return (
+                f"exit {_EXIT_GPU_STUCK} means stuck GPU work: reboot before running MLX again "
+                "(wired memory may be stranded)"
+            )
+        if code == _RUN_EXIT_REFUSED:
+            return "exit 2 means a guard refused (see its message)"
+        if code == 0 and policy == "on-failure":
+            return "it succeeded (--restart on-failure)"
+        return None
+
+    def _watch(self, proc: Any) -> int:
+        """Wait for the child; a stop signal stops it gracefully. Its exit code."""
+        while proc.poll() is None:
+            self.signals.wait(proc, 3600.0)
+            received = self.signals.take()
+            if received and proc.poll() is None:
+                self._stop_child(proc, received[0])
+        return _exit_code(proc.returncode)
+
+    def _stop_child(self, proc: Any, signum: int) -> None:
+        import signal
+
+        self.stop = signum
+        name = signal.Signals(signum).name
+        grace = self.options.grace
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while proc.poll() is None and deadline > time.monotonic():
+                self.signals.wait(proc, deadline - time.monotonic())
+                for again in self.signals.take():  # asked again: passed on again
+                    if not _terminal_delivered(again):
+                        proc.send_signal(again)
+
+        delivered = _terminal_delivered(signum)
+        _say(
+            f"{name}: {'the terminal sent it to' if delivered else 'passed on to'} {self.label} "
+            f"(pid {proc.pid}); waiting up to {_duration(grace)} for it to exit"
+        )
+        _stop_process(
+            proc,
+            grace=grace,
+            why=f"metal-guard run received {name}",
+            what=f"{self.label} under metal-guard run",
+            wait=wait,
+            signum=0 if delivered else signum,
+            signal_name=name,
+        )
+
+    def _pause(self, code: int, attempt: int) -> bool:
+        """The pause before restart ``attempt``: the delay, then the cadence of a model named
+        on the command line. False when a stop signal came meanwhile."""
+        guard = CadenceGuard(cross_model_interval_sec=_cross_model_interval())
+        delay = self.options.restart_delay
+        delay = guard.min_interval_sec if delay is None else delay
+        _say(
+            f"{self.label} {_exit_text(code)}; restart {attempt} of at most "
+            f"{self.options.max_restarts} in {_duration(delay)}"
+        )
+        if not self._sleep(delay):
+            return False
+        for model in _command_models(self.argv)[:1]:
+            while True:
+                try:
+                    guard.check(model)
+                    break
+                except CadenceViolation as exc:
+                    _say(f"waiting {_duration(exc.remaining_sec)} for the cadence of {model}")
+                    if not self._sleep(exc.remaining_sec + 0.05):
+                        return False
+                except (TypeError, ValueError):
+                    break
+        return True
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, unless a stop signal comes (then False)."""
+        self.signals.wait(None, seconds)
+        received = self.signals.take()
+        if received:
+            self.stop = received[0]
+            return False
+        return True
+
+
+def _run_supervised(argv: list[str], options: _RunOptions) -> int:
+    """Run ``argv`` under supervision (``metal-guard run``); the exit code run ends with."""
+    if not argv or not all(isinstance(word, str) for word in argv):
+        raise TypeError("argv must be a non-empty list of str")
+    if not isinstance(options, _RunOptions):
+        raise TypeError(f"options must be _RunOptions, not {type(options).__name__}")
+    return _Supervisor(list(argv), options).run()
+
+
+# =============================================================================
 # 6.1 Command line — the ``metal-guard`` parser and output helpers.
 #
 # Exit codes: 0 go, 2 blocked/refused (``check``: breaker cooldown, cadence, a
@@ -9845,7 +10595,8 @@ def _run_at_exit() -> None:
 #
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
 #   _UsageError, _ago, _cli_parser, _pairs, _show, _table
-# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
+# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker, Wired-limit control,
+#   Supervisor
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -10015,7 +10766,124 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
     )
+    _add_run_parser(commands)
     return parser, dict(commands.choices)
+
+
+# -- run ---------------------------------------------------------------------------
+
+_RUN_EXIT_CODES = (
+    "exit codes: the program's own code when it exits; 128+N when it died from signal N; "
+    f"{_RUN_EXIT_REFUSED} pre-flight refused (the program was not started); "
+    f"{_RUN_EXIT_GAVE_UP} gave up restarting (--max-restarts within --restart-window); "
+    "64 usage error; 1 run's own error; 126/127 the command cannot be run / was not found. "
+    "The program's exit codes 2 (a guard refused) and 71 (stuck GPU work) are never restarted."
+)
+
+
+def _positive_seconds(text: str) -> float:
+    return _cli_arg(
+        text,
+        lambda t: _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX, allow_zero=False),
+        "a number of seconds > 0",
+    )
+
+
+def _restart_delay(text: str) -> float:
+    def check(t: str) -> float:
+        seconds = _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX)
+        if seconds < 0.5:
+            raise ValueError("less than 0.5 s would restart in a tight loop")
+        return seconds
+
+    return _cli_arg(text, check, "a number of seconds >= 0.5")
+
+
+def _restart_count(text: str) -> int:
+    def check(t: str) -> int:
+        count = int(t, 10)
+        if not 0 <= count <= 1000:
+            raise ValueError("out of range")
+        return count
+
+    return _cli_arg(text, check, "a whole number 0..1000")
+
+
+def _run_wired_arg(text: str) -> str:
+    return _cli_arg(
+        text,
+        lambda t: "keep" if t.lower() == "keep" else _parse_wired_policy(t)[0],
+        "off, cap, cap:<GiB> or keep",
+    )
+
+
+def _add_run_parser(commands: Any) -> None:
+    """``metal-guard run [options] -- COMMAND [ARGS...]`` (the work is section 5.13's)."""
+    import argparse
+
+    run = commands.add_parser(
+        "run",
+        help="run a program guarded: pre-flight, graceful stop, restarts, guards inside Python",
+        description="Run COMMAND under supervision: pre-flight (breaker, known-panic models, "
+        "advisories, audit), signals passed on with a grace period (SIGKILL only after it), "
+        "restarts; a Python program also gets the guards inside it.",
+        epilog=_RUN_EXIT_CODES,
+        usage="metal-guard run [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument(
+        "--grace",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SEC",
+        help="after passing a stop signal on, wait this long before SIGKILL (default 30)",
+    )
+    run.add_argument(
+        "--restart",
+        choices=_RUN_RESTART_POLICIES,
+        default="never",
+        help="restart the program when it exits (default never)",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=_restart_count,
+        default=3,
+        metavar="N",
+        help=f"give up (exit {_RUN_EXIT_GAVE_UP}) after N restarts within --restart-window "
+        "(default 3)",
+    )
+    run.add_argument(
+        "--restart-window",
+        type=_positive_seconds,
+        default=600.0,
+        metavar="SEC",
+        help="the window --max-restarts counts in (default 600)",
+    )
+    run.add_argument(
+        "--restart-delay",
+        type=_restart_delay,
+        default=None,
+        metavar="SEC",
+        help="pause before a restart (default: the cadence's same-model interval, 180 s; a "
+        "model named by --model in the command also waits for its cadence)",
+    )
+    run.add_argument(
+        "--wired",
+        type=_run_wired_arg,
+        default="off",
+        metavar="POLICY",
+        help="wired-limit policy inside a Python program: off, cap, cap:<GiB>, keep (default off)",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="a model load that comes too soon is refused (the program exits 2) instead of waiting",
+    )
+    run.add_argument(
+        "--no-gpu-gate", action="store_true", help="do not serialise GPU work across programs"
+    )
+    run.add_argument(
+        "program", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the program"
+    )
 
 
 # -- output helpers ------------------------------------------------------------
@@ -10058,10 +10926,11 @@ def _ago(ts: float | None, now: float) -> str:
 # and ``cadence clear`` change files.
 #
 # Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_check, _cmd_lock,
-#   _cmd_models, _cmd_panics, _cmd_status
+#   _cmd_models, _cmd_panics, _cmd_run, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
-#   MLX lock (L8), GPU gate, Wired-limit control, System audits, MetalGuard, Command line
+#   MLX lock (L8), GPU gate, Runs registry, Wired-limit control, System audits, MetalGuard,
+#   Supervisor, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -10258,6 +11127,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     cadence = _cadence_guard(args).status(now=now)
     breaker = _breaker().status(now=now)
     locks = _locks_doc()
+    runs = _read_runs()
     doc: dict[str, Any] = {
         "version": __version__,
         "python": platform.python_version(),
@@ -10270,6 +11140,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
         **locks,
+        "runs": runs,
     }
     if mlx["installed"] and mlx["device_probed"]:
         device = mlx["device_info"] or {}
@@ -10295,6 +11166,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     lines += ["", "Recent panics"]
     recent = breaker["recent_panics"][-5:]
     lines += _table(_PANIC_HEADERS, _panic_rows(recent)) if recent else ["  none found"]
+    lines += ["", "Programs under `metal-guard run` on this host", *_runs_lines(runs, now)]
     return _EXIT_GO, doc, lines
 
 
@@ -10641,6 +11513,54 @@ def _cmd_audit(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, doc, lines
 
 
+# -- run -------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> _CLIResult:
+    command = list(args.program)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise _CLIError(
+            "a command is required: metal-guard run [options] -- COMMAND [ARGS...]", _EXIT_USAGE
+        )
+    if args.json:
+        raise _CLIError("--json does not apply to run (the output is the program's)", _EXIT_USAGE)
+    options = _RunOptions(
+        grace=args.grace,
+        restart=args.restart,
+        max_restarts=args.max_restarts,
+        restart_window=args.restart_window,
+        restart_delay=args.restart_delay,
+        wired=args.wired,
+        wait=not args.no_wait,
+        gpu_gate=not args.no_gpu_gate,
+    )
+    return _run_supervised(command, options), {}, []
+
+
+def _runs_lines(runs: list[dict[str, Any]], now: float) -> list[str]:
+    """``status``'s table of the programs under run."""
+    import shlex
+
+    if not runs:
+        return ["  none"]
+    rows: list[list[object]] = []
+    for r in runs:
+        command = shlex.join(r["argv"])
+        rows.append(
+            [
+                r["pid"] if r["pid"] is not None else "(restarting)",
+                r["supervisor_pid"],
+                _ago(r["since"], now),
+                r["restarts"],
+                f"{r['gate_wait_sec']:.1f} s",
+                command if len(command) <= 80 else command[:77] + "...",
+            ]
+        )
+    return _table(["PID", "RUN PID", "SINCE", "RESTARTS", "GPU GATE WAIT", "COMMAND"], rows)
+
+
 # =============================================================================
 # 6.3 Entry point — ``main``: parse, run one command, print text or one JSON document.
 #
@@ -10662,6 +11582,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "breadcrumbs": _cmd_breadcrumbs,
     "lock": _cmd_lock,
     "audit": _cmd_audit,
+    "run": _cmd_run,
 }
 
 
@@ -10719,7 +11640,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(isinstance(arg, str) for arg in arguments):
         raise TypeError("argv must be a list of str (command-line words)")
     parser, subparsers = _cli_parser()
-    as_json = "--json" in arguments
+    as_json = "--json" in arguments[: arguments.index("--") if "--" in arguments else None]
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help

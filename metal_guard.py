@@ -9593,14 +9593,14 @@ class _GpuTurn:
         self.start = 0.0
 
     def __enter__(self) -> _GpuTurn:
-        gate = _run.gate
-        if not _run.gate_on or gate is None or _gpu_gate_held_here():
-            return self
+        gate, local = _run.gate, _run_local()
+        if not _run.gate_on or gate is None or getattr(local, "turn", False):
+            return self  # nested in a turn of this thread: that one synchronizes and releases
         _run_critical_enter()
         try:
             asked = time.monotonic()
             gate.__enter__()
-            self.gate = gate
+            self.gate, local.turn = gate, True
             self.start = time.monotonic()
             _run.gate_wait += self.start - asked
         finally:
@@ -9625,6 +9625,7 @@ class _GpuTurn:
         gate, self.gate = self.gate, None
         if gate is None:
             return
+        _run_local().turn = False
         try:
             mx = sys.modules.get("mlx.core")
             if mx is not None:  # the step's own streams (one sync costs tens of µs)

@@ -6691,7 +6691,7 @@ def _post_panic_status(*, now: float | None = None) -> dict[str, Any]:
 # registered with ``_on_stuck`` (under ``run``: tell the supervisor and stop;
 # in a worker: stop gracefully, no restart).
 #
-# Provides: _on_stuck, _stuck_limit, _stuck_watch
+# Provides: _GPU_STUCK_ERROR, _on_stuck, _stuck_limit, _stuck_watch
 # Uses: Prelude, Breadcrumbs
 # =============================================================================
 
@@ -6699,6 +6699,7 @@ _STUCK_ENV = "METALGUARD_STUCK_SEC"
 _STUCK_DEFAULT_SEC = 1800.0
 _STUCK_MAX_SEC = 7 * 86400.0
 _STUCK_POLL_SEC = 1.0
+_GPU_STUCK_ERROR = "GPUStuck"  # how a worker's stuck report starts (never restarted)
 
 _stuck_lock = _thread.allocate_lock()
 _stuck_steps: dict[int, list[Any]] = {}  # token → [label, start (monotonic), limit, reported]
@@ -8658,7 +8659,7 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 #
 # Provides: Connection, _BACKENDS, _REFUSALS, _worker_main
 # Uses: Prelude, Breadcrumbs, Release barrier, Registry, Process mode (R6), Cadence,
-#   Circuit breaker, MLX lock (L8), GPU gate, Flush guards
+#   Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -8726,6 +8727,7 @@ class _Worker:
         # Ctrl-C reaches the whole process group: the parent decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        _on_stuck(self._stuck)  # a wedged generate: the parent stops us and never restarts us
         reason, code = "shutdown requested", 0
         try:
             if self._start():
@@ -8747,6 +8749,11 @@ class _Worker:
         if not self.stopping:
             self.stopping = True
             raise _WorkerStop
+
+    def _stuck(self, label: str, seconds: float) -> None:
+        # on the watcher thread; the main thread is stuck in the generate, so it is not sending
+        error = f"{_GPU_STUCK_ERROR}: {label} has run for {seconds:.0f} s: the GPU looks wedged"
+        self._send({"type": "error", "error": error + "; reboot the Mac before using MLX again"})
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -8840,7 +8847,8 @@ class _Worker:
             # The parent holds the gate for us (METALGUARD_EXCLUSIVE_GPU is inherited):
             # waiting for it here would wait for ourselves.
             exclusive = False if request.get("parent_holds_gpu_gate") else None
-            with subprocess_inference_guard(self.model_id, exclusive=exclusive):
+            watch = _stuck_watch(f"generate {self.label}")  # past METALGUARD_STUCK_SEC: _stuck
+            with watch, subprocess_inference_guard(self.model_id, exclusive=exclusive):
                 return {"type": "result", "text": self._run(text, max_tokens, temperature)}
         except _REFUSALS as exc:
             return {"type": "refused", "error": f"{type(exc).__name__}: {exc}", "exception": exc}
@@ -8919,7 +8927,7 @@ class _Worker:
 #   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
 #   _timeout_arg
 # Uses: Prelude, Processes, Breadcrumbs, MLX access, Panic signatures, Modes (L6), Cadence,
-#   Circuit breaker, MLX lock (L8), GPU gate, Subprocess worker
+#   Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Subprocess worker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -8972,7 +8980,9 @@ def _signal_name(number: int) -> str:
 
 
 def _worker_error_kind(error: str) -> str | None:
-    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class) or ``None``."""
+    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class), ``"stuck"`` or ``None``."""
+    if error.startswith(_GPU_STUCK_ERROR):
+        return "stuck"
     if error.startswith("MetalOOMError"):
         return "oom"
     name, _ = detect_panic_signature(error)

@@ -616,3 +616,43 @@ def test_help_lists_the_after_panic_commands(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert all(name in out for name in ("diagnose", "ack", "postmortem"))
     assert mg.main(["ack", "--note"]) == 64
+
+
+@pytest.mark.mlx_lm
+@pytest.mark.multiprocess
+def test_a_stuck_worker_generate_is_reported_stopped_with_term_and_not_restarted(
+    tiny_llama_path: str,
+    mg_home: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A generate that does not finish (a million tokens stands in for a GPU wedge, which
+    cannot happen on Linux) runs past METALGUARD_STUCK_SEC inside a pooled worker."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="metal_guard")
+    monkeypatch.setenv("METALGUARD_STUCK_SEC", "1")  # the spawned worker inherits it
+    key = f"{tiny_llama_path}:mlx"
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"GPUStuck: generate .* the GPU looks wedged"):
+            mg.call_model_isolated(
+                "hello world", tiny_llama_path, max_tokens=1_000_000, temperature=0
+            )
+        assert time.monotonic() - started < 60
+        assert key not in mg._runner_pool  # taken out of the pool
+        with pytest.raises(RuntimeError, match="not restarted after a fatal error"):
+            mg.call_model_isolated("hello world", tiny_llama_path, max_tokens=4)
+    finally:
+        mg.shutdown_all_workers()
+    messages = breadcrumb_messages(mg_home)
+    [stuck] = [m for m in messages if m.startswith("GPU_STUCK: ")]
+    assert stuck.startswith(f"GPU_STUCK: generate {tiny_llama_path} running for")
+    worker = [m for m in messages if m.startswith("SUBPROCESS_WORKER: SIGTERM received")]
+    assert len(worker) == 1  # stopped with SIGTERM, once: no replacement was started
+    assert any(
+        m.startswith(f"SUBPROCESS_WORKER: {tiny_llama_path} stopped (SIGTERM)") for m in messages
+    )
+    assert not [r for r in caplog.records if "SIGKILL" in r.getMessage()]
+    assert sum(m.startswith("SUBPROCESS_WORKER: starting") for m in messages) == 1
+    assert mg.read_mlx_lock() is None

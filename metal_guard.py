@@ -6405,7 +6405,8 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 # worker start, ``check``, ``run``) archives the new report; then MLX work is
 # refused until the panic time plus ``METALGUARD_PANIC_COOLDOWN`` seconds
 # (default 600), and ``METALGUARD_PANIC_LOCKOUT`` (default 2; 0 is off) IOGPU
-# panics within 24 h refuse it until a person runs ``metal-guard ack``. The
+# panics within 24 h refuse it until a person runs ``metal-guard ack`` (panics of
+# the last 7 days are remembered for that). The
 # refusal is ``MLXCooldownActive`` through the modes (observer mode warns). A
 # check costs one small state-file read and two ``stat`` calls while the report
 # folder is unchanged; only a changed folder is scanned again. The breaker's own
@@ -6422,6 +6423,7 @@ _PANIC_LOCKOUT_ENV = "METALGUARD_PANIC_LOCKOUT"
 _PANIC_COOLDOWN_DEFAULT = 600.0
 _PANIC_LOCKOUT_DEFAULT = 2
 _LOCKOUT_WINDOW_SEC = 86400.0
+_POST_PANIC_MEMORY_SEC = 7 * 86400.0  # a lockout lasts until ack, for panics of the last week
 _POST_PANIC_SCHEMA = 1
 _POST_PANIC_KEEP = 50
 
@@ -6484,7 +6486,7 @@ def _post_panic_state(now: float, *, record: bool = True) -> dict[str, Any]:
     recent = [
         _panic_summary(r)
         for r in _merge_panics(read_panic_archive(archive), parsed)
-        if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= now - _LOCKOUT_WINDOW_SEC
+        if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= now - _POST_PANIC_MEMORY_SEC
     ][-_POST_PANIC_KEEP:]
     if not record:
         return {**state, "panics": recent}
@@ -6566,11 +6568,13 @@ def _post_panic_decision(
     if not unacked:
         return None
     newest = unacked[-1]
-    recent = [p for p in unacked if p["ts"] >= now - _LOCKOUT_WINDOW_SEC]
-    if lockout and len(recent) >= lockout:
-        return _PostPanicRefusal(
-            newest, len(recent), _LOCKOUT_WINDOW_SEC, _INF, lockout=lockout, now=now
-        )
+    times = [float(p["ts"]) for p in unacked if p["ts"] >= now - _POST_PANIC_MEMORY_SEC]
+    # ``lockout`` panics within some 24 h: refused until ``ack``, however long ago that was
+    burst = max(
+        (sum(1 for u in times if t <= u < t + _LOCKOUT_WINDOW_SEC) for t in times), default=0
+    )
+    if lockout and burst >= lockout:
+        return _PostPanicRefusal(newest, burst, _LOCKOUT_WINDOW_SEC, _INF, lockout=lockout, now=now)
     # a clock stepped back never lengthens the cooldown past ``now + cooldown``
     until = min(float(newest["ts"]) + cooldown, now + cooldown)
     if cooldown > 0 and until > now:
@@ -10639,7 +10643,7 @@ def _cmd_overview(args: argparse.Namespace) -> _CLIResult:
     if unacked:
         newest = unacked[-1]
         lines.append(
-            f"  {len(unacked)} unacknowledged IOGPU kernel panic(s) in the last 24 h, the newest "
+            f"  {len(unacked)} unacknowledged IOGPU kernel panic(s) in the last 7 days, the newest "
             f"at {_local_time(newest['ts'])}: run `metal-guard diagnose`"
         )
     else:

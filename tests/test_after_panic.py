@@ -179,6 +179,28 @@ def test_two_panics_in_a_day_lock_out_until_ack(
         mg.require_cadence_clear("org/next")
 
 
+@pytest.mark.parametrize(
+    ("ages_h", "locked"),
+    [
+        ((30, 29), True),  # a day ago and more: still locked until ack
+        ((150, 140), True),
+        ((72, 1.5), False),  # two panics, but not within 24 h of each other
+        ((200, 190), False),  # older than the 7 days the gate remembers
+    ],
+)
+def test_a_lockout_lasts_until_ack(
+    mg_home: str, reports: Path, ages_h: tuple[float, float], locked: bool
+) -> None:
+    for age in ages_h:
+        panic_ago(reports, age * 3600)
+    refusal = mg._post_panic_refusal()
+    assert (refusal is not None) == locked
+    if locked:
+        assert refusal is not None and "metal-guard ack" in str(refusal)
+        mg._acknowledge_panics()
+        assert mg._post_panic_refusal() is None
+
+
 def test_lockout_zero_turns_it_off(
     mg_home: str, reports: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -519,6 +541,19 @@ def test_postmortem_archive_is_complete_and_anonymous(
     assert json.loads(members["diagnose.json"])["panics"][0]["triggers"]
     assert "**Panic string:**" in members["apple-feedback.md"].decode()
     assert json.loads(members["versions.json"])["metal-guard"] == mg.__version__
+
+
+@pytest.mark.parametrize(
+    ("text", "home", "user", "expected"),
+    [
+        ("/Users/ann/x and /Users/ann", "/Users/ann", "ann", "~/x and ~"),
+        ("Ann's model annotated by ANN", None, "ann", "<user>'s model <user>otated by <user>"),
+        ("jo, jones and jo.txt", None, "jo", "<user>, jones and <user>.txt"),  # 2 letters: words
+        ("nothing to hide", "/", "x", "nothing to hide"),  # "/" and one letter: left alone
+    ],
+)
+def test_redaction(text: str, home: str | None, user: str, expected: str) -> None:
+    assert mg._redact(text, home, user) == expected
 
 
 def test_postmortem_as_zip(

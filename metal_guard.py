@@ -4241,11 +4241,11 @@ def _likely_triggers(
                 )
             )
             break
-    spans = _generation_spans([(e[0], e[1], e[2], e[3]) for e in events])
+    import itertools
+
+    spans = _generation_spans(events)
     times = {e[3]: e[0] for e in events}
-    for (pid_a, pre_a, post_a), (pid_b, pre_b, post_b) in (
-        (a, b) for i, a in enumerate(spans) for b in spans[i + 1 :]
-    ):
+    for (pid_a, pre_a, post_a), (pid_b, pre_b, post_b) in itertools.combinations(spans, 2):
         end_a = times[post_a] if post_a else panic_ts
         end_b = times[post_b] if post_b else panic_ts
         if pid_a != pid_b and times[pre_a] < end_b and times[pre_b] < end_a:

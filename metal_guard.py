@@ -93,6 +93,8 @@ __version__ = "0.9.0"
 
 __all__ = [
     "__version__",
+    # 0.1 Prelude
+    "MetalGuardWarning",
     # 1.2 Locks
     "LockUnsupported",
     "StateLockTimeout",
@@ -206,12 +208,15 @@ __all__ = [
 # empty value counts as unset. Caller bugs get a clear TypeError/ValueError from
 # one family of checks (os.fspath for paths, one finite-number check). Logging,
 # json, re and dataclasses are imported on first use: importing them here would
-# more than double the cost of ``import metal_guard``.
+# more than double the cost of ``import metal_guard``. Advisories people must see
+# also go through ``warnings.warn`` as a ``MetalGuardWarning`` (imported on first
+# use too: it is not loaded at interpreter start).
 #
 # Provides: _ContextDecorator, _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass,
 #   _env_bool, _env_float, _env_int, _env_parsed, _env_path, _finite, _first_time, _gb_arg,
 #   _int_arg, _label, _log, _log_once, _number, _on_reset, _once_lock, _path_arg, _real_arg,
-#   _seconds_arg, _str_path
+#   _seconds_arg, _str_path,
+#   MetalGuardWarning, _warn
 # Uses: nothing
 # =============================================================================
 
@@ -249,6 +254,26 @@ def _log_once(key: str, level: int, msg: str, *args: object) -> None:
     """Log ``msg`` at ``level`` the first time ``key`` is seen in this process."""
     if _first_time(key):
         _log().log(level, msg, *args)
+
+
+class MetalGuardWarning(UserWarning):
+    """A startup advisory people must see: a known-panic model, a critical defect.
+
+    Issued with ``warnings.warn`` besides the log record, so that a program
+    that never configured logging still shows it (once per place, by Python's
+    default filter). Silence it with
+    ``warnings.simplefilter("ignore", metal_guard.MetalGuardWarning)``.
+    """
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn(message, MetalGuardWarning)`` attributed to the first caller outside this module."""
+    import warnings
+
+    level, frame = 1, sys._getframe(0)
+    while frame.f_globals.get("__name__") == __name__ and frame.f_back is not None:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, MetalGuardWarning, stacklevel=level)
 
 
 def _env_bad(name: str, raw: str, why: str, default: object) -> None:
@@ -1522,7 +1547,8 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
 # every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
 # carries on, because a broken guard must never make inference worse than none.
 #
-# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _synchronize
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _stats_line,
+#   _synchronize
 # Uses: Prelude
 # =============================================================================
 
@@ -1710,12 +1736,18 @@ class MemoryStats:
         return 100.0 * self.peak_bytes / self.limit_bytes if self.limit_bytes else 0.0
 
     def __str__(self) -> str:
+        """The original's one line, exactly (code parses it): ``active=1.0GB peak=2.0GB
+        limit=48GB avail=47.0GB (active 2% / peak 4%)``."""
         return (
-            f"active={self.active_gb:.2f}GB peak={self.peak_gb:.2f}GB "
-            f"limit={self.limit_gb:.2f}GB available={self.available_gb:.2f}GB "
-            f"({self.active_pct:.1f}% active, {self.peak_pct:.1f}% peak) "
-            f"cache={self.cache_gb:.2f}GB footprint={self.footprint_gb:.2f}GB"
+            f"active={self.active_gb:.1f}GB peak={self.peak_gb:.1f}GB "
+            f"limit={self.limit_gb:.0f}GB avail={self.available_gb:.1f}GB "
+            f"(active {self.active_pct:.0f}% / peak {self.peak_pct:.0f}%)"
         )
+
+
+def _stats_line(stats: MemoryStats) -> str:
+    """``str(stats)`` plus the two numbers the original did not have, for log lines."""
+    return f"{stats} cache={stats.cache_gb:.2f}GB footprint={stats.footprint_gb:.2f}GB"
 
 
 class MetalOOMError(RuntimeError):
@@ -2407,7 +2439,11 @@ def check_known_panic_model(model_id: object) -> dict[str, Any] | None:
 
 
 def warn_if_known_panic_model(model_id: object) -> bool:
-    """True if ``model_id`` is a known panic model; the first call per model per process warns once."""
+    """True if ``model_id`` is a known panic model; the first call per model per process warns once.
+
+    The warning is a WARNING log record and a ``MetalGuardWarning`` (``warnings.warn``,
+    attributed to the caller), so it shows on stderr even without logging configured.
+    """
     entry = check_known_panic_model(model_id)
     if entry is None:
         return False
@@ -2417,14 +2453,13 @@ def warn_if_known_panic_model(model_id: object) -> bool:
         first = key not in warned
         warned.add(key)
     if first:
-        _log().warning(
-            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
-            "signature: %s). %s",
-            key,
-            entry["tier"],
-            entry["panic_signature"],
-            entry["recommendation"],
+        message = (
+            f"{key!r} is in KNOWN_PANIC_MODELS: a known kernel-panic model "
+            f"({entry['tier']} tier; signature: {entry['panic_signature']}). "
+            f"{entry['recommendation']}"
         )
+        _log().warning("metal_guard: %s", message)
+        _warn(message)
     return True
 
 
@@ -3193,7 +3228,7 @@ def _advisory(
     mitigation: str | None = None,
     scope: str | None = None,
 ) -> tuple[str, str, dict[str, str]]:
-    """One ``(package, spec, advisory)`` entry; ``issue`` is ``repo#number`` under ml-explore."""
+    """One ``(package, spec, advisory)`` entry; ``issue`` is the full ``owner/repo#number``."""
     repo, number = issue.split("#")
     affected = spec.replace(",", ", ")
     where = f" (when running {scope})" if scope else ""
@@ -3201,7 +3236,7 @@ def _advisory(
         "issue": issue,
         "severity": severity,
         "title": title,
-        "url": f"https://github.com/ml-explore/{repo}/issues/{number}",
+        "url": f"https://github.com/{repo}/issues/{number}",
         "symptom": symptom
         or _UNVERIFIED_SYMPTOM.format(
             severity=severity, package=package, affected=affected, where=where
@@ -3224,7 +3259,7 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
     _advisory(
         "mlx-lm",
         "==0.31.2",
-        "mlx-lm#1128",
+        "ml-explore/mlx-lm#1128",
         "high",
         "TokenizerWrapper.think_start_id raises TypeError for tokenizers without thinking tokens",
         "In mlx-lm 0.31.2 the property calls len() on the think-start token list even when the "
@@ -3233,14 +3268,24 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
         "Call install_upstream_defensive_patches() at start-up (it patches the property in "
         "place on 0.31.2), or use another mlx-lm release (0.32 returns None).",
     ),
-    _advisory("mlx-lm", "==0.31.2", "mlx-lm#1139", "high", "mlx-lm 0.31.2: high-severity defect"),
     _advisory(
-        "mlx-lm", "==0.31.2", "mlx-lm#1081", "medium", "mlx-lm 0.31.2: medium-severity defect"
+        "mlx-lm",
+        "==0.31.2",
+        "ml-explore/mlx-lm#1139",
+        "high",
+        "mlx-lm 0.31.2: high-severity defect",
+    ),
+    _advisory(
+        "mlx-lm",
+        "==0.31.2",
+        "ml-explore/mlx-lm#1081",
+        "medium",
+        "mlx-lm 0.31.2: medium-severity defect",
     ),
     _advisory(
         "mlx",
         "<0.31.2",
-        "mlx#3348",
+        "ml-explore/mlx#3348",
         "info",
         "MLX before 0.31.2: upstream issue worth knowing about",
         "Reported against MLX releases before 0.31.2 (informational); it is one of the upstream "
@@ -3248,23 +3293,37 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
         "Nothing to do urgently; upgrading MLX picks up the upstream change.",
     ),
     _advisory(
-        "mlx-vlm", "<0.4.5", "mlx-vlm#967", "critical", "mlx-vlm before 0.4.5: critical defect"
+        "mlx-vlm",
+        "<0.4.5",
+        "Blaizzy/mlx-vlm#967",
+        "critical",
+        "mlx-vlm before 0.4.5: critical defect",
     ),
-    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"),
-    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"),
+    _advisory(
+        "mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"
+    ),
+    _advisory(
+        "mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"
+    ),
     _advisory(
         "mlx-vlm",
         "==0.4.4",
-        "mlx-vlm#943",
+        "Blaizzy/mlx-vlm#943",
         "critical",
         "mlx-vlm 0.4.4 with gemma-4-26b-a4b-it-4bit: critical defect",
         scope="gemma-4-26b-a4b-it-4bit through mlx-vlm",
     ),
-    _advisory("mlx", "<=0.31.1", "mlx#3384", "critical", "MLX 0.31.1 and earlier: critical defect"),
+    _advisory(
+        "mlx",
+        "<=0.31.1",
+        "ml-explore/mlx#3384",
+        "critical",
+        "MLX 0.31.1 and earlier: critical defect",
+    ),
     _advisory(
         "mlx-lm",
         ">=0.31.0,<=0.31.2",
-        "mlx-lm#897",
+        "ml-explore/mlx-lm#897",
         "high",
         "mlx_lm.server 0.31.0-0.31.2: high-severity defect",
         scope="mlx_lm.server",
@@ -3272,21 +3331,38 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
     _advisory(
         "mlx-vlm",
         "==0.4.4",
-        "mlx-vlm#999",
+        "Blaizzy/mlx-vlm#999",
         "high",
         "mlx_vlm.server 0.4.4: high-severity defect",
         scope="mlx_vlm.server",
     ),
     _advisory(
-        "mlx", "<=0.31.2", "mlx#3350", "high", "MLX 0.31.2 and earlier: high-severity defect"
+        "mlx",
+        "<=0.31.2",
+        "ml-explore/mlx#3350",
+        "high",
+        "MLX 0.31.2 and earlier: high-severity defect",
     ),
     _advisory(
-        "mlx", "<=0.31.2", "mlx#3390", "high", "MLX 0.31.2 and earlier: high-severity defect"
+        "mlx",
+        "<=0.31.2",
+        "ml-explore/mlx#3390",
+        "high",
+        "A Metal command-buffer error aborts the process (uncatchable SIGABRT)",
+        "When the GPU reports a command-buffer error (a timeout, memory pressure), MLX's "
+        "check_error throws from a Metal completion handler running on a system dispatch "
+        "queue; the exception reaches std::terminate and the process aborts with SIGABRT. "
+        "A try/except around mx.eval() never sees it.",
+        "Run MLX work in a worker process (MLXSubprocessRunner, call_model_isolated) so the "
+        "abort ends only the worker. The original metal-guard set "
+        "AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 at import as a stop-gap against the GPU timeouts "
+        "that trigger it; this library sets no environment variables: export it yourself "
+        "before Python starts if you want it (its effect is not measured).",
     ),
     _advisory(
         "mlx",
         "==0.31.2",
-        "mlx#3450",
+        "ml-explore/mlx#3450",
         "critical",
         "MLX 0.31.2: mx.clear_cache() can crash the process with SIGSEGV (regression)",
         "On MLX 0.31.2 mx.clear_cache() can crash the process with a segmentation fault. "
@@ -3691,7 +3767,7 @@ def require_prefill_fit(
         )
         raise MetalOOMError(
             f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB in one allocation, "
-            f"above the {ceiling:g} GB single-allocation ceiling; prefill in chunks of at most "
+            f"above the {ceiling:g} GB single-alloc ceiling; prefill in chunks of at most "
             f"{chunk} tokens"
         )
     usable = max(available, 0.0) * (1.0 - headroom)
@@ -3791,7 +3867,7 @@ def describe_prefill_plan(
             plan["recommended_chunk_size"] = chunk
             plan["advisory"] = (
                 f"The estimated peak of {peak:.2f} GB is above the {_PREFILL_CEILING_GB:g} GB "
-                f"single-allocation ceiling: prefill in chunks of {chunk} tokens."
+                f"single-alloc ceiling: prefill in chunks of {chunk} tokens."
             )
         elif plan["fits_headroom"] is False and available is not None and available <= 0:
             plan["advisory"] = (
@@ -3826,11 +3902,12 @@ def describe_prefill_plan(
 # Uses: Prelude, Breadcrumbs, Model identity
 # =============================================================================
 
+# The original's list, its words first (reports and scripts match them), then the link.
 _FEEDBACK_RELATED_ISSUES = (
-    ("ml-explore/mlx#3186", "IOGPU kernel panics with MLX (prepare count underflow)"),
-    ("ml-explore/mlx#3348", "related MLX issue"),
-    ("ml-explore/mlx#3346", "IOGPU panics on M3 Ultra (IOGPUMemory.cpp:550, fPendingMemorySet)"),
-    ("ml-explore/mlx-lm#1047", "related mlx-lm issue"),
+    ("mlx#3186 (canonical IOGPUFamily panic)", "https://github.com/ml-explore/mlx/issues/3186"),
+    ("mlx#3348 (CommandEncoder thread-local)", "https://github.com/ml-explore/mlx/pull/3348"),
+    ("mlx#3346 (merged into #3186)", "https://github.com/ml-explore/mlx/issues/3346"),
+    ("mlx-lm#1047 (wired_limit correlation)", "https://github.com/ml-explore/mlx-lm/issues/1047"),
 )
 
 
@@ -3910,7 +3987,10 @@ def format_panic_for_apple_feedback(
     ``repro_steps`` (list), ``breadcrumbs`` (list of lines), ``advisories``
     (from ``check_version_advisories``) and ``guards`` (a dict name → state
     or a list of active names). Missing facts read ``unknown`` / ``?``. The
-    "What MetalGuard observed" section reports ``guards`` and nothing else.
+    sections carry the original's headers (``**PANIC STRING:**``, ``**TIME:**``,
+    ``## System`` … ``## Related upstream issues`` with mlx#3186, mlx#3348,
+    mlx#3346, mlx-lm#1047); "What MetalGuard observed" reports ``guards`` and
+    nothing else.
     """
     if not isinstance(forensics, dict):
         raise TypeError(f"forensics must be a dict, not {type(forensics).__name__}")
@@ -3921,8 +4001,8 @@ def format_panic_for_apple_feedback(
     hardware = hardware if isinstance(hardware, dict) else {}
     memory = hardware.get("gpu_memory_gb")
     lines = [
-        f"**Panic string:** {_md_code(_one_line(forensics.get('panic_string')))}",
-        f"**Panic time:** {_feedback_time(forensics.get('panic_time'))}",
+        f"**PANIC STRING:** {_md_code(_one_line(forensics.get('panic_string')))}",
+        f"**TIME:** {_feedback_time(forensics.get('panic_time'))}",
         "",
         "## System",
         "",
@@ -3964,10 +4044,7 @@ def format_panic_for_apple_feedback(
         lines += ["", f"## Breadcrumb tail (last {len(tail)} lines)", "", fence, *tail, fence]
     lines += ["", "## What MetalGuard observed", "", *_guard_lines(forensics.get("guards"))]
     lines += ["", "## Related upstream issues", ""]
-    lines += [
-        f"- https://github.com/{repo.replace('#', '/issues/')} — {what}"
-        for repo, what in _FEEDBACK_RELATED_ISSUES
-    ]
+    lines += [f"- {what} — {url}" for what, url in _FEEDBACK_RELATED_ISSUES]
     return "\n".join(lines) + "\n"
 
 
@@ -6782,7 +6859,7 @@ def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool
 #
 # Provides: audit_wired_limit, log_system_audit_at_startup, read_gpu_driver_version,
 #   _FAST_SYNCH_ENV_VAR, _fast_synch_value, _nonnegative_int, _sysctl
-# Uses: Prelude, Processes, Files, Model identity
+# Uses: Prelude, Processes, Files, Model identity, Version advisories
 # =============================================================================
 
 _WIRED_LIMIT_WARN_RATIO = 0.85
@@ -6833,7 +6910,8 @@ def _wired_limit_report(limit_text: str | None, memsize_text: str | None) -> dic
         ceiling_mb = int(total_gb * 1024 * _WIRED_LIMIT_WARN_RATIO)
         report["advisory"] = (
             f"iogpu.wired_limit_mb={limit_mb} lets the GPU wire {ratio:.0%} of the "
-            f"{total_gb:.0f} GiB of RAM, leaving macOS too little; reset it with "
+            f"{total_gb:.0f} GiB of RAM, leaving macOS too little (overrides this high are "
+            f"correlated with IOGPUFamily kernel panics, ml-explore/mlx-lm#1047); reset it with "
             f"`sudo sysctl iogpu.wired_limit_mb=0` or keep it below {ceiling_mb} MB "
             f"({_WIRED_LIMIT_WARN_RATIO:.0%} of RAM)"
         )
@@ -6936,17 +7014,26 @@ def _fast_synch_value() -> str | None:
 def log_system_audit_at_startup() -> dict[str, Any]:
     """Audit the wired limit, the GPU driver and MLX settings, and log what matters.
 
-    WARNING for a wired limit above 85 % of RAM and for ``MLX_METAL_FAST_SYNCH``
+    The critical findings — a wired limit above 85 % of RAM, ``MLX_METAL_FAST_SYNCH``
     set (it can deadlock in a fence wait and wedge the GPU until reboot,
-    ml-explore/mlx#3830); INFO otherwise. Returns ``{"wired_limit": …,
-    "gpu_driver_version": …, "mlx_metal_fast_synch": …}``; never raises.
+    ml-explore/mlx#3830) and each ``critical`` version advisory of the installed
+    MLX stack — are logged at WARNING and issued as a ``MetalGuardWarning``
+    (shown even without logging configured); the rest at INFO. Returns
+    ``{"wired_limit": …, "gpu_driver_version": …, "mlx_metal_fast_synch": …,
+    "critical_advisories": [...]}``; never raises.
     """
     wired = audit_wired_limit()
     driver = read_gpu_driver_version()
     fast_synch = _fast_synch_value()
+    try:
+        critical = [a for a in check_version_advisories() if a["severity"] == "critical"]
+    except Exception as exc:  # broken package metadata must not break the audit
+        _log().debug("metal_guard: version advisories unavailable: %r", exc)
+        critical = []
     log = _log()
     if wired["advisory"]:
         log.warning("metal_guard: %s", wired["advisory"])
+        _warn(wired["advisory"])
     else:
         log.info(
             "metal_guard: wired limit mode=%s limit_mb=%s total_gb=%s",
@@ -6959,16 +7046,25 @@ def log_system_audit_at_startup() -> dict[str, Any]:
     else:
         log.debug("metal_guard: the IOGPUFamily kext version could not be read")
     if fast_synch is not None:
-        log.warning(
-            "metal_guard: %s=%s is set: MLX's fast GPU synchronisation can deadlock in a fence "
-            "wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it",
-            _FAST_SYNCH_ENV_VAR,
-            fast_synch,
+        message = (
+            f"{_FAST_SYNCH_ENV_VAR}={fast_synch} is set: MLX's fast GPU synchronisation can "
+            "deadlock in a fence wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it"
         )
+        log.warning("metal_guard: %s", message)
+        _warn(message)
+    for advisory in critical:
+        message = (
+            f"critical advisory {advisory['issue']} for {advisory['package']} "
+            f"{advisory['installed_version']}: {advisory['title']}. {advisory['mitigation']} "
+            f"({advisory['url']})"
+        )
+        log.warning("metal_guard: %s", message)
+        _warn(message)
     return {
         "wired_limit": wired,
         "gpu_driver_version": driver,
         "mlx_metal_fast_synch": fast_synch is not None,
+        "critical_advisories": critical,
     }
 
 
@@ -7038,7 +7134,7 @@ class _OOMContext(_ContextDecorator):
         if exc is None or isinstance(exc, MetalOOMError) or not guard.is_metal_oom(exc):
             return  # not ours: propagates unchanged
         stats = guard.memory_stats()
-        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), stats)
+        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), _stats_line(stats))
         guard._crumb("OOM_RECOVERY: context manager cleanup")
         guard.safe_cleanup()
         raise MetalOOMError(f"Metal out of memory ({stats}): {_label(exc)}", stats) from exc
@@ -7223,7 +7319,7 @@ class _MemoryLayers(_BreadcrumbLog):
                 attempt,
                 attempts,
                 _label(last),
-                stats,
+                _stats_line(stats),
             )
             self._crumb(f"OOM_RECOVERY: attempt {attempt}, cleaning up")
             self.safe_cleanup()
@@ -7367,7 +7463,7 @@ class _MemoryLayers(_BreadcrumbLog):
             pct,
             threshold,
             f" ({_label(model_name)})" if model_name else "",
-            stats,
+            _stats_line(stats),
         )
         return True
 
@@ -7383,7 +7479,7 @@ class _MemoryLayers(_BreadcrumbLog):
             "metal_guard: [%s]%s %s",
             _label(label),
             f" {_label(model_name)}" if model_name else "",
-            self.memory_stats(),
+            _stats_line(self.memory_stats()),
         )
 
 
@@ -7394,8 +7490,10 @@ class _MemoryLayers(_BreadcrumbLog):
 # Each monitor is one daemon thread waiting on its own stop event: starting
 # one twice replaces the first (never two chains), ``stop_*`` is final even
 # during a tick and joins the thread, and no tick calls a callback once its
-# monitor was stopped. Ticks skip while registered GPU threads are alive, and
-# the watchdog and KV monitor stay silent while the memory limit is unknown.
+# monitor was stopped. ``stop_periodic_flush`` also stops the watchdog (the
+# original's only way to stop it); ``stop_watchdog`` stops the watchdog alone.
+# Ticks skip while registered GPU threads are alive, and the watchdog and KV
+# monitor stay silent while the memory limit is unknown.
 #
 # Provides: _MemoryMonitors
 # Uses: Prelude, MLX access, Memory layers
@@ -7493,16 +7591,24 @@ class _MemoryMonitors(_MemoryLayers):
         _log().info("metal_guard: periodic flush every %g s", interval)
 
     def stop_periodic_flush(self) -> None:
-        """Stop the periodic flush (final, also during a tick); no-op when not running."""
+        """Stop the periodic flush **and the watchdog** (final, also during a tick).
+
+        As in the original, where one timer served both and this was the only way
+        to stop the watchdog: code written for it must not leave a watchdog thread
+        running. ``stop_watchdog()`` stops the watchdog alone. No-op for a monitor
+        that is not running; the KV-cache monitor is not touched.
+        """
         if self._stop_monitor("flush"):
             _log().info("metal_guard: periodic flush stopped")
+        if self._stop_monitor("watchdog"):
+            _log().info("metal_guard: watchdog stopped (stop_periodic_flush stops both)")
 
     def _flush_tick(self, monitor: _Monitor) -> None:
         if self._gpu_busy(monitor):
             return
         stats = self.memory_stats()
         if (stats.active_bytes > 0 or stats.peak_pct > 50) and not monitor.stopped.is_set():
-            _log().info("metal_guard: periodic flush: %s", stats)
+            _log().info("metal_guard: periodic flush: %s", _stats_line(stats))
             self.flush_gpu()
 
     # -- watchdog -------------------------------------------------------------
@@ -7565,7 +7671,7 @@ class _MemoryMonitors(_MemoryLayers):
                 pct,
                 state["critical"],
                 drift_gb,
-                stats,
+                _stats_line(stats),
             )
             self._crumb(f"WATCHDOG: CRITICAL active={pct:.1f}% drift={drift_gb:+.1f}GB")
             self.safe_cleanup()
@@ -7581,7 +7687,7 @@ class _MemoryMonitors(_MemoryLayers):
                 "metal_guard: watchdog: %.1f%% of the limit in use (> %g%%): %s",
                 pct,
                 state["warn"],
-                stats,
+                _stats_line(stats),
             )
             self.flush_gpu()
         elif stats.active_bytes > 0 or stats.peak_pct > 50:
@@ -7966,7 +8072,7 @@ class bench_scoped_load:
                 )
             CadenceGuard().mark_unload(self.model_id)
             _breadcrumb(f"BENCH_SCOPED_LOAD: EXIT {label} done, active={stats.active_gb:.1f}GB")
-            _log().info("metal_guard: bench_scoped_load %s done: %s", label, stats)
+            _log().info("metal_guard: bench_scoped_load %s done: %s", label, _stats_line(stats))
         except Exception as exc:
             _log().warning("metal_guard: bench_scoped_load cleanup of %s failed: %r", label, exc)
         finally:

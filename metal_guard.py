@@ -2307,8 +2307,9 @@ KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
         "upstream": [_UPSTREAM_3186],
         "recommendation": (
             "A prompt-cache byte limit is not enough on a 32 GB machine. For long-running servers, "
-            "consider llama.cpp or Ollama; if you stay on MLX, do not raise the wired limit (see "
-            "'When metal-guard is not enough') and keep the per-inference flush on."
+            "consider llama.cpp or Ollama; if you stay on MLX, never wire memory "
+            "(limit_wired_memory(), policy 'off'; leave iogpu.wired_limit_mb at 0) and keep the "
+            "per-inference flush on."
         ),
         "hardware": [{"chip": "M4", "memory_gb": 32, "os": "macOS 26.4.1 (25E253)"}],
         "safer_alternative": None,
@@ -2355,7 +2356,8 @@ KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
         "upstream": [_UPSTREAM_883],
         "recommendation": (
             "Workload-dependent: the panic came with a long, growing context. Bound the context "
-            "length, keep the wired limit at its default, and watch KV growth in long sessions."
+            "length, never wire memory (limit_wired_memory(), policy 'off'; leave "
+            "iogpu.wired_limit_mb at 0), and watch KV growth in long sessions."
         ),
         "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": None}],
         "safer_alternative": None,
@@ -6447,8 +6449,10 @@ class gemma4_generation_flush:
 # ran 663 requests over 3 days without a panic (ml-explore/mlx#3186).
 # ``limit_wired_memory`` wraps ``mlx.core.set_wired_limit`` (and the older
 # ``mlx.core.metal.set_wired_limit``) process-wide, so every caller that looks
-# it up through the module gets the policy: ``off`` turns every request into
-# 0, ``cap`` clamps to RAM minus max(35 %, 8 GiB), ``cap:<GiB>`` to a size.
+# it up through the module gets the policy: ``off`` (the default, what that
+# evidence supports) turns every request into 0; ``cap`` clamps to RAM minus
+# max(35 %, 8 GiB) and ``cap:<GiB>`` to a size — the throughput compromise for
+# workloads that measurably need wired memory, not measured against panics.
 # Nothing is installed unless it is called.
 #
 # Provides: describe_wired_limit, limit_wired_memory, restore_wired_memory
@@ -6456,7 +6460,7 @@ class gemma4_generation_flush:
 # =============================================================================
 
 _WIRED_ENV_VAR = "METALGUARD_WIRED_LIMIT"
-_WIRED_DEFAULT_POLICY = "cap"
+_WIRED_DEFAULT_POLICY = "off"
 _GIB = 1 << 30
 _WIRED_RESERVE_FRACTION = 0.35
 _WIRED_RESERVE_MIN_BYTES = 8 << 30
@@ -6646,12 +6650,16 @@ class _WiredLimitHandle(_DictBase):
 def limit_wired_memory(policy: str | None = None) -> dict[str, Any]:
     """Install a process-wide wired-memory policy on ``mx.set_wired_limit``.
 
-    ``"off"``: every request becomes 0 (never wire). ``"cap"``: requests are
-    clamped to total RAM minus max(35 % of it, 8 GiB). ``"cap:<GiB>"``:
-    clamped to that size. ``None`` reads ``METALGUARD_WIRED_LIMIT`` (default
-    ``"cap"``; a bad value warns once and uses the default). Requests at or
-    under the limit pass unchanged. The first clamp of each size writes a
-    ``WIRED_LIMIT: requested=… applied=…`` breadcrumb.
+    ``"off"`` (the recommended default): every request becomes 0, so MLX never
+    wires memory — the setting that ran clean where wiring the recommended
+    working set panicked (ml-explore/mlx#3186). ``"cap"``: requests are
+    clamped to total RAM minus max(35 % of it, 8 GiB); ``"cap:<GiB>"``: to
+    that size — the throughput compromise for a workload that measurably
+    needs wired memory; not shown to prevent panics. ``None`` reads
+    ``METALGUARD_WIRED_LIMIT`` (default ``"off"``; a bad value warns once and
+    uses the default). Requests at or under the limit pass unchanged. The
+    first clamp of each size writes a ``WIRED_LIMIT: requested=… applied=…``
+    breadcrumb.
 
     Idempotent: calling it again changes the policy, never wraps twice. The
     returned dict says what was installed (``policy``, ``source``,

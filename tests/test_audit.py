@@ -380,7 +380,7 @@ def test_audit_json_says_what_it_could_not_read(mg_home: str) -> None:
     assert any(item.startswith("iogpu.wired_limit_mb") for item in doc["unreadable"])
     assert doc["packages"] == {n: _dist_version(n) for n in ("mlx", "mlx-lm", "mlx-vlm")}
     policy = doc["wired_limit_policy"]
-    assert policy["installed"] is False and policy["env_policy"] == "cap"
+    assert policy["installed"] is False and policy["env_policy"] == "off"
     assert os.listdir(mg_home) == []  # an audit writes nothing
 
 
@@ -394,7 +394,7 @@ def test_audit_human_output(mg_home: str) -> None:
         "wired limit",
         "MLX stack (package metadata; MLX is not imported)",
         "Wired-limit control",
-        "METALGUARD_WIRED_LIMIT  unset: limit_wired_memory() installs the default 'cap'",
+        "METALGUARD_WIRED_LIMIT  unset: limit_wired_memory() installs the default 'off'",
         "Could not read",
         "  - hw.memsize (sysctl): not macOS",
     ):

@@ -5532,6 +5532,7 @@ class CircuitBreaker:
             "archived_panics": 0,
             "recent_panics": [],
             "problem": None,
+            "state_problem": None,  # why breaker.json cannot be read, if it cannot
             "in_cooldown": False,
             "cooldown_remaining_sec": 0.0,
             "recent_panic_count": 0,
@@ -5540,6 +5541,7 @@ class CircuitBreaker:
             when = time.time() if now is None else _real_arg("now", now)
             state, problem = self._state.read()
             if problem is not None:
+                doc["state_problem"] = problem
                 doc["problem"] = f"breaker state unreadable: {problem}"
             archived = read_panic_archive(self._jsonl_path)
             panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
@@ -9196,8 +9198,9 @@ def shutdown_all_workers() -> None:
 # then prints exactly one JSON document on stdout, usage errors included.
 #
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
-#   _UsageError, _ago, _cli_parser, _pairs, _show, _table
-# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
+#   _UsageError, _ago, _cli_parser, _fault_message, _pairs, _require_state_folder, _show, _table,
+#   _unreadable_state, _unreadable_text
+# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9260,6 +9263,11 @@ def _line_count(text: str) -> int:
     return _cli_arg(text, check, "a whole number 0..1000000")
 
 
+def _exit_codes(codes: str, error: str = "1 error") -> str:
+    """A subcommand's help epilog: its exit codes (``codes`` for 0 and 2, then 1 and 64)."""
+    return f"Exit codes: {codes}, {error}, 64 usage error."
+
+
 def _model_arg(text: str) -> str:
     import argparse
 
@@ -9313,27 +9321,58 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         "else 0; gemma-4 models always get at least 90)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    status = commands.add_parser(
-        "status", parents=[json_flag], help="version, MLX, state, cadence, breaker, recent panics"
+
+    def command(
+        name: str, summary: str, codes: str = "0 shown", error: str = "1 error", **kwargs: Any
+    ) -> Any:
+        """A subcommand whose --help opens with ``summary`` and ends with its exit codes."""
+        description = summary[0].upper() + summary[1:] + "."
+        epilog = _exit_codes(codes, error)
+        return commands.add_parser(
+            name, help=summary, description=description, epilog=epilog, **kwargs
+        )
+
+    status = command(
+        "status",
+        "version, MLX, state, cadence, breaker, recent panics (never writes)",
+        parents=[json_flag],
     )
     status.add_argument(
         "--device",
         action="store_true",
         help="also import mlx.core to show the device (initialises Metal: avoid during a cooldown)",
     )
-    check = commands.add_parser(
+    check = command(
         "check",
+        "pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
+        "0 go, 2 blocked (breaker cooldown, cadence, --refuse-known)",
+        "1 error (a state file is unreadable, or --admit could not record the load)",
         parents=[json_flag, intervals],
-        help="pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
     )
     check.add_argument("model", type=_model_arg, metavar="MODEL", help="repo id or local path")
     check.add_argument("--admit", action="store_true", help="record the load when it may go")
+    check.add_argument(
+        "--wait",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_nonnegative_seconds,
+        metavar="SEC",
+        help="with --admit: wait for the cadence instead of exiting 2 (at most the interval, "
+        "or at most SEC seconds with --wait=SEC)",
+    )
     check.add_argument(
         "--refuse-known",
         action="store_true",
         help="exit 2 for a model in the known-panic registry (default: advisory, exit 0)",
     )
-    panics = commands.add_parser("panics", parents=[json_flag], help="kernel-panic reports")
+    panics = command(
+        "panics",
+        "kernel-panic reports (or the archive), newest last",
+        "0 shown",
+        "1 error (no such --dir folder)",
+        parents=[json_flag],
+    )
     panics.add_argument("--dir", metavar="D", help="report folder (default: the system's)")
     panics.add_argument(
         "--since", type=_nonnegative_hours, metavar="HOURS", help="only the last HOURS hours"
@@ -9341,12 +9380,33 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     panics.add_argument(
         "--archive", action="store_true", help="show the archive (panics.jsonl) instead"
     )
-    breaker = commands.add_parser("breaker", parents=[json_flag], help="circuit breaker")
-    breaker.add_argument("action", nargs="?", choices=("status", "clear"), default="status")
-    cadence = commands.add_parser(
-        "cadence", parents=[json_flag, intervals], help="recent model loads, what is blocked"
+    breaker = command(
+        "breaker",
+        "the circuit breaker that refuses MLX work after repeated IOGPU kernel panics",
+        "0 shown or cleared",
+        parents=[json_flag],
     )
-    cadence.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    breaker.add_argument(
+        "action",
+        nargs="?",
+        choices=("status", "clear"),
+        default="status",
+        help="status (default): the state, recent panics, whether a cooldown runs; "
+        "clear: end a cooldown and forget the panics seen so far",
+    )
+    cadence = command(
+        "cadence",
+        "recent model loads and what the cadence blocks now",
+        "0 shown or cleared (show exits 0 even when blocked: use check)",
+        parents=[json_flag, intervals],
+    )
+    cadence.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "clear"),
+        default="show",
+        help="show (default): loads, unloads and what is blocked; clear: forget them",
+    )
     cadence.add_argument(
         "model",
         nargs="?",
@@ -9354,18 +9414,16 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         metavar="MODEL",
         help="show whether this model may load now (with clear: forget only this model)",
     )
-    commands.add_parser(
-        "lock", parents=[json_flag], help="who holds the MLX lock and the GPU gate, since when"
-    )
-    models = commands.add_parser("models", parents=[json_flag], help="known panic models")
+    command("lock", "who holds the MLX lock and the GPU gate, since when", parents=[json_flag])
+    models = command("models", "the registry of known panic models", parents=[json_flag])
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
-    crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
+    crumbs = command("breadcrumbs", "the last breadcrumb lines", parents=[json_flag])
     crumbs.add_argument("-n", type=_line_count, default=20, metavar="N", help="lines (default 20)")
-    commands.add_parser(
+    command(
         "audit",
-        parents=[json_flag],
-        help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
+        "system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
+        parents=[json_flag],
     )
     return parser, dict(commands.choices)
 
@@ -9400,6 +9458,66 @@ def _pairs(items: list[tuple[str, object]], indent: str = "  ") -> list[str]:
 
 def _ago(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
+
+
+# -- faults -------------------------------------------------------------------------
+
+
+def _require_state_folder() -> None:
+    """For commands that write state: a file where the state folder should be is the
+    error ``_ensure_dir`` raises, without creating the folder."""
+    home = _state_home()
+    if os.path.lexists(home) and not os.path.isdir(home):
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", home)
+
+
+def _fault_message(exc: BaseException) -> str:
+    """The one wording of an environment fault, whichever command met it."""
+    if isinstance(exc, CadenceStoreError):
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.filename is None:
+            return f"cannot use {exc.path}: {exc.reason}"
+        exc = cause
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return f"{type(exc).__name__}: {exc}"
+    path = os.fspath(exc.filename)
+    text = f"cannot use {path}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOTDIR and path == _state_home():
+        text += " (METALGUARD_HOME must name a folder: move the file aside or point it elsewhere)"
+    return text
+
+
+_UNREADABLE_FIX = {
+    "breaker.json": "move it aside or run `metal-guard breaker clear`",
+    "cadence.json": "move it aside or run `metal-guard cadence clear`",
+}
+
+
+def _unreadable_state(guard: CadenceGuard, now: float) -> dict[str, dict[str, str]]:
+    """State files ``check`` cannot read (the reading ``status`` shows), by file name."""
+    breaker = CircuitBreaker().status(now=now)
+    found = {
+        "breaker.json": (breaker["state_path"], breaker["state_problem"]),
+        "cadence.json": (guard.path, guard.status(now=now)["problem"]),
+    }
+    return {
+        name: {"path": path, "problem": problem, "what_to_do": _UNREADABLE_FIX[name]}
+        for name, (path, problem) in found.items()
+        if problem is not None
+    }
+
+
+def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise: str) -> str:
+    """``check``'s line for state file ``name``: what it cannot read and what to do, if so."""
+    if name not in unreadable:
+        return otherwise
+    entry = unreadable[name]
+    said = (
+        entry["problem"]
+        if entry["path"] in entry["problem"]
+        else f"{entry['path']}: {entry['problem']}"
+    )
+    return f"unreadable: {said}; {entry['what_to_do']}"
 
 
 # =============================================================================
@@ -9652,8 +9770,14 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
 
 def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     model: str = args.model
+    if args.wait is not False and not args.admit:
+        raise _CLIError("--wait needs --admit (only an admission waits)", _EXIT_USAGE)
+    _require_state_folder()  # without it no state can be read, nor the load recorded
     now = time.time()
     known = check_known_panic_model(model)
+    guard = _cadence_guard(args)
+    # read before the checks below, which may move a corrupt file aside
+    unreadable = _unreadable_state(guard, now)
     doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
     lines = [f"check {_show(model)}"]
     items: list[tuple[str, object]] = []
@@ -9681,7 +9805,7 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
     if cooling is None:
         doc["breaker"] = {"blocked": False}
-        items.append(("circuit breaker", "clear"))
+        items.append(("circuit breaker", _unreadable_text(unreadable, "breaker.json", "clear")))
     else:
         doc["breaker"] = {
             "blocked": cooldown is not None,
@@ -9698,7 +9822,6 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             doc["breaker"]["would_refuse"] = True
             items.append(("circuit breaker", observed + str(cooling)))
             would_refuse.append("circuit breaker cooldown")
-    guard = _cadence_guard(args)
     cadence: dict[str, Any] = {
         "path": guard.path,
         "min_interval_sec": guard.min_interval_sec,
@@ -9707,11 +9830,12 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     }
     violation: CadenceViolation | None = None
     recorded = ""
+    started = time.monotonic()
     with _ObservedRefusals() as seen:
         try:
-            if args.admit and not blocked:
+            if args.admit and not blocked and not unreadable:
                 # an unusable store fails open: admitted, but not recorded
-                cadence["admitted"] = guard.admit(model)
+                cadence["admitted"] = guard.admit(model, wait=args.wait)
                 recorded = (
                     "; load recorded"
                     if cadence["admitted"]
@@ -9723,10 +9847,14 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
                 guard.check(model)
         except CadenceViolation as refused:
             violation = refused
+    if args.wait is not False:
+        cadence["waited_sec"] = round(time.monotonic() - started, 3)
+        if recorded and cadence["waited_sec"] >= 0.1:
+            recorded += f" after waiting {cadence['waited_sec']:.1f} s"
     exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
     if exc_seen is None:
         cadence["blocked"] = False
-        items.append(("cadence", "clear" + recorded))
+        items.append(("cadence", _unreadable_text(unreadable, "cadence.json", "clear" + recorded)))
     else:
         cadence.update(
             blocked=violation is not None,
@@ -9745,17 +9873,30 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
                 items.append(("note", recorded.removeprefix("; ")))
             would_refuse.append("cadence")
     doc["cadence"] = cadence
-    doc["decision"] = "blocked" if blocked else "go"
+    doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
     doc["blocked_by"] = blocked
     doc["would_refuse_by"] = would_refuse
-    if args.admit and blocked and not cadence["admitted"]:
-        items.append(("note", "the load was not recorded (blocked)"))
-    lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
+    doc["unreadable"] = unreadable
+    if args.admit and (blocked or unreadable) and not cadence["admitted"]:
+        why = "blocked" if blocked else "state unreadable"
+        items.append(("note", f"the load was not recorded ({why})"))
+    if blocked:
+        lines[0] += ": BLOCKED by " + ", ".join(blocked)
+    elif unreadable:
+        lines[0] += ": UNREADABLE state (" + ", ".join(unreadable) + "): cannot tell"
+    else:
+        lines[0] += ": GO"
     if would_refuse and not blocked:
         lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
     lines += _pairs(items)
     if blocked:
         return _EXIT_BLOCKED, doc, lines
+    if unreadable:
+        doc["error"] = "state unreadable: " + "; ".join(
+            _unreadable_text(unreadable, name, "").removeprefix("unreadable: ")
+            for name in unreadable
+        )
+        return _EXIT_ERROR, doc, lines
     if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
         doc["decision"] = "error"
         doc["error"] = "the load could not be recorded (cadence store unusable)"
@@ -9794,6 +9935,7 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     breaker = _breaker()
     now = time.time()
     if args.action == "clear":
+        _require_state_folder()
         was_active = breaker.clear()
         doc = {"cleared": True, "was_cooling_down": was_active, "state_path": breaker.state_path}
         message = "circuit breaker cleared" + (
@@ -9804,24 +9946,14 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
 
 
-def _usable_store_folder(path: str) -> None:
-    """``_CLIError`` (exit 1) when something other than a folder sits where the store's is."""
-    folder = os.path.dirname(path)
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise _CLIError(f"cannot use the cadence store {path}: {folder} is not a folder")
-
-
 def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
-        _usable_store_folder(guard.path)
+        _require_state_folder()
         # `clear` was asked for: failing open would claim a clear that did not happen
         guard.strict = True
-        try:
-            removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
-        except CadenceStoreError as exc:
-            raise _CLIError(f"cannot use the cadence store {exc.path}: {exc.reason}") from None
+        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
         return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
@@ -10097,8 +10229,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # environment faults (unwritable state, lock timeouts...)
-        code, doc, lines = _EXIT_ERROR, {"error": f"{type(exc).__name__}: {exc}"}, []
-        _emit(f"metal-guard {command}: error: {type(exc).__name__}: {exc}\n", sys.stderr)
+        code, doc, lines = _EXIT_ERROR, {"error": _fault_message(exc)}, []
+        _emit(f"metal-guard {command}: error: {doc['error']}\n", sys.stderr)
     finally:
         _log().removeHandler(warnings)
     if args.json:

@@ -4725,7 +4725,7 @@ class CadenceGuard:
         start = time.monotonic()
         deadline = None if budget is None else start + budget
         admission: list[_Admission] = []
-        waited = False
+        waited = final = False  # final: the last decision (no wait left); observer records
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()

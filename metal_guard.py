@@ -35,7 +35,9 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
 3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
-3.10 Panic triggers — what the breadcrumbs of the minutes before a panic show.
+3.10 Cadence rules — the cadence store's format, read and pruned, and the
+    arithmetic of waiting; pure functions.
+3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
     reported.
 4.2 Cadence — refuse back-to-back model loads, across processes.
@@ -98,6 +100,8 @@ __version__ = "0.9.0"
 
 __all__ = [
     "__version__",
+    # 0.1 Prelude
+    "MetalGuardWarning",
     # 1.2 Locks
     "LockUnsupported",
     "StateLockTimeout",
@@ -211,12 +215,15 @@ __all__ = [
 # empty value counts as unset. Caller bugs get a clear TypeError/ValueError from
 # one family of checks (os.fspath for paths, one finite-number check). Logging,
 # json, re and dataclasses are imported on first use: importing them here would
-# more than double the cost of ``import metal_guard``.
+# more than double the cost of ``import metal_guard``. Advisories people must see
+# also go through ``warnings.warn`` as a ``MetalGuardWarning`` (imported on first
+# use too: it is not loaded at interpreter start).
 #
 # Provides: _ContextDecorator, _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass,
 #   _env_bool, _env_float, _env_int, _env_parsed, _env_path, _finite, _first_time, _gb_arg,
 #   _int_arg, _label, _log, _log_once, _number, _on_reset, _once_lock, _path_arg, _real_arg,
-#   _seconds_arg, _str_path
+#   _seconds_arg, _str_path,
+#   MetalGuardWarning, _warn
 # Uses: nothing
 # =============================================================================
 
@@ -254,6 +261,26 @@ def _log_once(key: str, level: int, msg: str, *args: object) -> None:
     """Log ``msg`` at ``level`` the first time ``key`` is seen in this process."""
     if _first_time(key):
         _log().log(level, msg, *args)
+
+
+class MetalGuardWarning(UserWarning):
+    """A startup advisory people must see: a known-panic model, a critical defect.
+
+    Issued with ``warnings.warn`` besides the log record, so that a program
+    that never configured logging still shows it (once per place, by Python's
+    default filter). Silence it with
+    ``warnings.simplefilter("ignore", metal_guard.MetalGuardWarning)``.
+    """
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn(message, MetalGuardWarning)`` attributed to the first caller outside this module."""
+    import warnings
+
+    level, frame = 1, sys._getframe(0)
+    while frame.f_globals.get("__name__") == __name__ and frame.f_back is not None:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, MetalGuardWarning, stacklevel=level)
 
 
 def _env_bad(name: str, raw: str, why: str, default: object) -> None:
@@ -1527,7 +1554,8 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
 # every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
 # carries on, because a broken guard must never make inference worse than none.
 #
-# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _synchronize
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _stats_line,
+#   _synchronize
 # Uses: Prelude
 # =============================================================================
 
@@ -1715,12 +1743,18 @@ class MemoryStats:
         return 100.0 * self.peak_bytes / self.limit_bytes if self.limit_bytes else 0.0
 
     def __str__(self) -> str:
+        """The original's one line, exactly (code parses it): ``active=1.0GB peak=2.0GB
+        limit=48GB avail=47.0GB (active 2% / peak 4%)``."""
         return (
-            f"active={self.active_gb:.2f}GB peak={self.peak_gb:.2f}GB "
-            f"limit={self.limit_gb:.2f}GB available={self.available_gb:.2f}GB "
-            f"({self.active_pct:.1f}% active, {self.peak_pct:.1f}% peak) "
-            f"cache={self.cache_gb:.2f}GB footprint={self.footprint_gb:.2f}GB"
+            f"active={self.active_gb:.1f}GB peak={self.peak_gb:.1f}GB "
+            f"limit={self.limit_gb:.0f}GB avail={self.available_gb:.1f}GB "
+            f"(active {self.active_pct:.0f}% / peak {self.peak_pct:.0f}%)"
         )
+
+
+def _stats_line(stats: MemoryStats) -> str:
+    """``str(stats)`` plus the two numbers the original did not have, for log lines."""
+    return f"{stats} cache={stats.cache_gb:.2f}GB footprint={stats.footprint_gb:.2f}GB"
 
 
 class MetalOOMError(RuntimeError):
@@ -1746,8 +1780,8 @@ class MetalOOMError(RuntimeError):
 # (cadence ``admit``/``mark_load``, ``bench_scoped_load``); the release barrier
 # waits for memory to come back to it.
 #
-# Provides: ReleaseStats, _load_baseline_bytes, _read_memory_stats, _remember_load_baseline,
-#   _total_memory_bytes
+# Provides: ReleaseStats, _load_baseline_bytes, _mlx_allocation_mark, _mlx_memory_grew,
+#   _read_memory_stats, _remember_load_baseline, _total_memory_bytes
 # Uses: Prelude, Processes, Files, MLX access
 # =============================================================================
 
@@ -1902,6 +1936,31 @@ def _remember_load_baseline() -> int:
 def _load_baseline_bytes() -> int | None:
     """The baseline recorded by the last admitted load of this process, if any."""
     return _load_baseline[0] if _load_baseline else None
+
+
+def _mlx_allocation_mark() -> tuple[int, int] | None:
+    """MLX's ``(active, peak)`` bytes now; ``None`` while ``mlx.core`` is not imported.
+
+    Only looks, like ``_remember_load_baseline``: MLX is never imported here, and a
+    process that has not imported it holds nothing on the GPU. Never raises.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return None
+    return _mlx_number(mx, "get_active_memory"), _mlx_number(mx, "get_peak_memory")
+
+
+_ALLOCATION_NOISE_BYTES = 64 * 1024  # constants a library creates on import are not a model
+
+
+def _mlx_memory_grew(mark: tuple[int, int] | None) -> bool:
+    """Whether MLX allocated since ``mark`` (``_mlx_allocation_mark``): active or peak
+    memory rose by more than 64 KiB (importing mlx-lm alone creates a few bytes)."""
+    now = _mlx_allocation_mark()
+    if now is None:
+        return False
+    before = mark or (0, 0)
+    return max(now[0] - before[0], now[1] - before[1]) > _ALLOCATION_NOISE_BYTES
 
 
 @_dataclass(frozen=True)
@@ -2280,8 +2339,9 @@ KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
         "upstream": [_UPSTREAM_3186],
         "recommendation": (
             "A prompt-cache byte limit is not enough on a 32 GB machine. For long-running servers, "
-            "consider llama.cpp or Ollama; if you stay on MLX, do not raise the wired limit (see "
-            "'When metal-guard is not enough') and keep the per-inference flush on."
+            "consider llama.cpp or Ollama; if you stay on MLX, never wire memory "
+            "(limit_wired_memory(), policy 'off'; leave iogpu.wired_limit_mb at 0) and keep the "
+            "per-inference flush on."
         ),
         "hardware": [{"chip": "M4", "memory_gb": 32, "os": "macOS 26.4.1 (25E253)"}],
         "safer_alternative": None,
@@ -2328,7 +2388,8 @@ KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
         "upstream": [_UPSTREAM_883],
         "recommendation": (
             "Workload-dependent: the panic came with a long, growing context. Bound the context "
-            "length, keep the wired limit at its default, and watch KV growth in long sessions."
+            "length, never wire memory (limit_wired_memory(), policy 'off'; leave "
+            "iogpu.wired_limit_mb at 0), and watch KV growth in long sessions."
         ),
         "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": None}],
         "safer_alternative": None,
@@ -2412,7 +2473,11 @@ def check_known_panic_model(model_id: object) -> dict[str, Any] | None:
 
 
 def warn_if_known_panic_model(model_id: object) -> bool:
-    """True if ``model_id`` is a known panic model; the first call per model per process warns once."""
+    """True if ``model_id`` is a known panic model; the first call per model per process warns once.
+
+    The warning is a WARNING log record and a ``MetalGuardWarning`` (``warnings.warn``,
+    attributed to the caller), so it shows on stderr even without logging configured.
+    """
     entry = check_known_panic_model(model_id)
     if entry is None:
         return False
@@ -2422,14 +2487,13 @@ def warn_if_known_panic_model(model_id: object) -> bool:
         first = key not in warned
         warned.add(key)
     if first:
-        _log().warning(
-            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
-            "signature: %s). %s",
-            key,
-            entry["tier"],
-            entry["panic_signature"],
-            entry["recommendation"],
+        message = (
+            f"{key!r} is in KNOWN_PANIC_MODELS: a known kernel-panic model "
+            f"({entry['tier']} tier; signature: {entry['panic_signature']}). "
+            f"{entry['recommendation']}"
         )
+        _log().warning("metal_guard: %s", message)
+        _warn(message)
     return True
 
 
@@ -3198,7 +3262,7 @@ def _advisory(
     mitigation: str | None = None,
     scope: str | None = None,
 ) -> tuple[str, str, dict[str, str]]:
-    """One ``(package, spec, advisory)`` entry; ``issue`` is ``repo#number`` under ml-explore."""
+    """One ``(package, spec, advisory)`` entry; ``issue`` is the full ``owner/repo#number``."""
     repo, number = issue.split("#")
     affected = spec.replace(",", ", ")
     where = f" (when running {scope})" if scope else ""
@@ -3206,7 +3270,7 @@ def _advisory(
         "issue": issue,
         "severity": severity,
         "title": title,
-        "url": f"https://github.com/ml-explore/{repo}/issues/{number}",
+        "url": f"https://github.com/{repo}/issues/{number}",
         "symptom": symptom
         or _UNVERIFIED_SYMPTOM.format(
             severity=severity, package=package, affected=affected, where=where
@@ -3229,7 +3293,7 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
     _advisory(
         "mlx-lm",
         "==0.31.2",
-        "mlx-lm#1128",
+        "ml-explore/mlx-lm#1128",
         "high",
         "TokenizerWrapper.think_start_id raises TypeError for tokenizers without thinking tokens",
         "In mlx-lm 0.31.2 the property calls len() on the think-start token list even when the "
@@ -3238,14 +3302,24 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
         "Call install_upstream_defensive_patches() at start-up (it patches the property in "
         "place on 0.31.2), or use another mlx-lm release (0.32 returns None).",
     ),
-    _advisory("mlx-lm", "==0.31.2", "mlx-lm#1139", "high", "mlx-lm 0.31.2: high-severity defect"),
     _advisory(
-        "mlx-lm", "==0.31.2", "mlx-lm#1081", "medium", "mlx-lm 0.31.2: medium-severity defect"
+        "mlx-lm",
+        "==0.31.2",
+        "ml-explore/mlx-lm#1139",
+        "high",
+        "mlx-lm 0.31.2: high-severity defect",
+    ),
+    _advisory(
+        "mlx-lm",
+        "==0.31.2",
+        "ml-explore/mlx-lm#1081",
+        "medium",
+        "mlx-lm 0.31.2: medium-severity defect",
     ),
     _advisory(
         "mlx",
         "<0.31.2",
-        "mlx#3348",
+        "ml-explore/mlx#3348",
         "info",
         "MLX before 0.31.2: upstream issue worth knowing about",
         "Reported against MLX releases before 0.31.2 (informational); it is one of the upstream "
@@ -3253,23 +3327,37 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
         "Nothing to do urgently; upgrading MLX picks up the upstream change.",
     ),
     _advisory(
-        "mlx-vlm", "<0.4.5", "mlx-vlm#967", "critical", "mlx-vlm before 0.4.5: critical defect"
+        "mlx-vlm",
+        "<0.4.5",
+        "Blaizzy/mlx-vlm#967",
+        "critical",
+        "mlx-vlm before 0.4.5: critical defect",
     ),
-    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"),
-    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"),
+    _advisory(
+        "mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"
+    ),
+    _advisory(
+        "mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"
+    ),
     _advisory(
         "mlx-vlm",
         "==0.4.4",
-        "mlx-vlm#943",
+        "Blaizzy/mlx-vlm#943",
         "critical",
         "mlx-vlm 0.4.4 with gemma-4-26b-a4b-it-4bit: critical defect",
         scope="gemma-4-26b-a4b-it-4bit through mlx-vlm",
     ),
-    _advisory("mlx", "<=0.31.1", "mlx#3384", "critical", "MLX 0.31.1 and earlier: critical defect"),
+    _advisory(
+        "mlx",
+        "<=0.31.1",
+        "ml-explore/mlx#3384",
+        "critical",
+        "MLX 0.31.1 and earlier: critical defect",
+    ),
     _advisory(
         "mlx-lm",
         ">=0.31.0,<=0.31.2",
-        "mlx-lm#897",
+        "ml-explore/mlx-lm#897",
         "high",
         "mlx_lm.server 0.31.0-0.31.2: high-severity defect",
         scope="mlx_lm.server",
@@ -3277,21 +3365,38 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
     _advisory(
         "mlx-vlm",
         "==0.4.4",
-        "mlx-vlm#999",
+        "Blaizzy/mlx-vlm#999",
         "high",
         "mlx_vlm.server 0.4.4: high-severity defect",
         scope="mlx_vlm.server",
     ),
     _advisory(
-        "mlx", "<=0.31.2", "mlx#3350", "high", "MLX 0.31.2 and earlier: high-severity defect"
+        "mlx",
+        "<=0.31.2",
+        "ml-explore/mlx#3350",
+        "high",
+        "MLX 0.31.2 and earlier: high-severity defect",
     ),
     _advisory(
-        "mlx", "<=0.31.2", "mlx#3390", "high", "MLX 0.31.2 and earlier: high-severity defect"
+        "mlx",
+        "<=0.31.2",
+        "ml-explore/mlx#3390",
+        "high",
+        "A Metal command-buffer error aborts the process (uncatchable SIGABRT)",
+        "When the GPU reports a command-buffer error (a timeout, memory pressure), MLX's "
+        "check_error throws from a Metal completion handler running on a system dispatch "
+        "queue; the exception reaches std::terminate and the process aborts with SIGABRT. "
+        "A try/except around mx.eval() never sees it.",
+        "Run MLX work in a worker process (MLXSubprocessRunner, call_model_isolated) so the "
+        "abort ends only the worker. The original metal-guard set "
+        "AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 at import as a stop-gap against the GPU timeouts "
+        "that trigger it; this library sets no environment variables: export it yourself "
+        "before Python starts if you want it (its effect is not measured).",
     ),
     _advisory(
         "mlx",
         "==0.31.2",
-        "mlx#3450",
+        "ml-explore/mlx#3450",
         "critical",
         "MLX 0.31.2: mx.clear_cache() can crash the process with SIGSEGV (regression)",
         "On MLX 0.31.2 mx.clear_cache() can crash the process with a segmentation fault. "
@@ -3696,7 +3801,7 @@ def require_prefill_fit(
         )
         raise MetalOOMError(
             f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB in one allocation, "
-            f"above the {ceiling:g} GB single-allocation ceiling; prefill in chunks of at most "
+            f"above the {ceiling:g} GB single-alloc ceiling; prefill in chunks of at most "
             f"{chunk} tokens"
         )
     usable = max(available, 0.0) * (1.0 - headroom)
@@ -3796,7 +3901,7 @@ def describe_prefill_plan(
             plan["recommended_chunk_size"] = chunk
             plan["advisory"] = (
                 f"The estimated peak of {peak:.2f} GB is above the {_PREFILL_CEILING_GB:g} GB "
-                f"single-allocation ceiling: prefill in chunks of {chunk} tokens."
+                f"single-alloc ceiling: prefill in chunks of {chunk} tokens."
             )
         elif plan["fits_headroom"] is False and available is not None and available <= 0:
             plan["advisory"] = (
@@ -3831,11 +3936,12 @@ def describe_prefill_plan(
 # Uses: Prelude, Breadcrumbs, Model identity
 # =============================================================================
 
+# The original's list, its words first (reports and scripts match them), then the link.
 _FEEDBACK_RELATED_ISSUES = (
-    ("ml-explore/mlx#3186", "IOGPU kernel panics with MLX (prepare count underflow)"),
-    ("ml-explore/mlx#3348", "related MLX issue"),
-    ("ml-explore/mlx#3346", "IOGPU panics on M3 Ultra (IOGPUMemory.cpp:550, fPendingMemorySet)"),
-    ("ml-explore/mlx-lm#1047", "related mlx-lm issue"),
+    ("mlx#3186 (canonical IOGPUFamily panic)", "https://github.com/ml-explore/mlx/issues/3186"),
+    ("mlx#3348 (CommandEncoder thread-local)", "https://github.com/ml-explore/mlx/pull/3348"),
+    ("mlx#3346 (merged into #3186)", "https://github.com/ml-explore/mlx/issues/3346"),
+    ("mlx-lm#1047 (wired_limit correlation)", "https://github.com/ml-explore/mlx-lm/issues/1047"),
 )
 
 
@@ -3915,7 +4021,10 @@ def format_panic_for_apple_feedback(
     ``repro_steps`` (list), ``breadcrumbs`` (list of lines), ``advisories``
     (from ``check_version_advisories``) and ``guards`` (a dict name → state
     or a list of active names). Missing facts read ``unknown`` / ``?``. The
-    "What MetalGuard observed" section reports ``guards`` and nothing else.
+    sections carry the original's headers (``**PANIC STRING:**``, ``**TIME:**``,
+    ``## System`` … ``## Related upstream issues`` with mlx#3186, mlx#3348,
+    mlx#3346, mlx-lm#1047); "What MetalGuard observed" reports ``guards`` and
+    nothing else.
     """
     if not isinstance(forensics, dict):
         raise TypeError(f"forensics must be a dict, not {type(forensics).__name__}")
@@ -3926,8 +4035,8 @@ def format_panic_for_apple_feedback(
     hardware = hardware if isinstance(hardware, dict) else {}
     memory = hardware.get("gpu_memory_gb")
     lines = [
-        f"**Panic string:** {_md_code(_one_line(forensics.get('panic_string')))}",
-        f"**Panic time:** {_feedback_time(forensics.get('panic_time'))}",
+        f"**PANIC STRING:** {_md_code(_one_line(forensics.get('panic_string')))}",
+        f"**TIME:** {_feedback_time(forensics.get('panic_time'))}",
         "",
         "## System",
         "",
@@ -3969,10 +4078,7 @@ def format_panic_for_apple_feedback(
         lines += ["", f"## Breadcrumb tail (last {len(tail)} lines)", "", fence, *tail, fence]
     lines += ["", "## What MetalGuard observed", "", *_guard_lines(forensics.get("guards"))]
     lines += ["", "## Related upstream issues", ""]
-    lines += [
-        f"- https://github.com/{repo.replace('#', '/issues/')} — {what}"
-        for repo, what in _FEEDBACK_RELATED_ISSUES
-    ]
+    lines += [f"- {what} — {url}" for what, url in _FEEDBACK_RELATED_ISSUES]
     return "\n".join(lines) + "\n"
 
 
@@ -4109,7 +4215,156 @@ def describe_process_mode() -> dict[str, Any]:
 
 
 # =============================================================================
-# 3.10 Panic triggers — what the breadcrumbs of the minutes before a panic show.
+# 3.10 Cadence rules — the cadence store's format, read and pruned, and the
+# arithmetic of waiting; pure functions.
+#
+# The store is the original metal-guard's flat JSON object of model id → epoch
+# seconds of the last load; our additions (unloads, pids) live under the
+# reserved key. What a store says is decided here, without files or locks.
+#
+# Provides: _Admission, _CadenceEvents, _cadence_spellings, _prune_cadence_store, _wait_sec,
+#   _CADENCE_CLOCK_SLACK, _CADENCE_KEEP_SEC, _CADENCE_RESERVED, _CADENCE_SCHEMA,
+#   _CADENCE_WAIT_STEP
+# Uses: Prelude, Model identity
+# =============================================================================
+
+_CADENCE_RESERVED = "__metal_guard__"
+_CADENCE_SCHEMA = 1
+_CADENCE_KEEP_SEC = 4 * 3600.0
+_CADENCE_CLOCK_SLACK = (
+    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+)
+_CADENCE_WAIT_STEP = 0.05  # added to a wait so the decision after it falls past the window
+
+
+def _wait_sec(seconds: float) -> float:
+    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
+    import math
+
+    if not _finite(seconds):
+        return 0.0 if seconds != seconds or seconds < 0 else seconds
+    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
+
+
+class _Admission:
+    """What one ``admit`` wrote, so that a load that never happened can be taken back."""
+
+    __slots__ = ("before", "canon", "pid", "pid_before", "ts")
+
+    def __init__(self, canon: str, ts: float, before: dict[str, Any], pid_before: object) -> None:
+        self.canon = canon
+        self.ts = ts  # the value written under every key in ``before``
+        self.pid = os.getpid()
+        self.before = before  # key → its value before the admission (None: absent)
+        self.pid_before = pid_before
+
+
+class _CadenceEvents:
+    """What a cadence store says, keyed by case-folded canonical id."""
+
+    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
+        """``horizon``: skip records dated after it, listing their keys in ``future``."""
+        self.now = now
+        self.horizon = _INF if horizon is None else horizon
+        self.future: set[str] = set()
+        self.names: dict[str, str] = {}
+        self.loads: dict[str, float] = {}
+        self.unloads: dict[str, float] = {}
+        self.pids: dict[str, int] = {}
+        for key, value in data.items():
+            ts = _number(value)
+            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+            if ts is None or canon is None:
+                continue
+            if ts > self.horizon:
+                self.future.add(key)
+                continue
+            fold = canon.casefold()
+            if ts >= self.loads.get(fold, float("-inf")):
+                self.loads[fold], self.names[fold] = ts, canon
+        reserved = data.get(_CADENCE_RESERVED)
+        if isinstance(reserved, dict):
+            self._read_reserved(reserved)
+
+    def _read_reserved(self, reserved: dict[str, Any]) -> None:
+        unloads = reserved.get("unloads")
+        for key, value in unloads.items() if isinstance(unloads, dict) else ():
+            ts, canon = _number(value), _lenient_model_id(key)
+            if ts is not None and ts > self.horizon:
+                self.future.add(key)
+            elif ts is not None and canon is not None:
+                fold = canon.casefold()
+                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
+                self.names.setdefault(fold, canon)
+        pids = reserved.get("pids")
+        for key, value in pids.items() if isinstance(pids, dict) else ():
+            canon = _lenient_model_id(key)
+            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
+                self.pids[canon.casefold()] = value
+
+    def last_event(self, fold: str) -> float | None:
+        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
+        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
+        return min(max(times), self.now) if times else None
+
+    def latest_other(self, fold: str) -> tuple[str, float] | None:
+        best: tuple[str, float] | None = None
+        for other in self.names:
+            if other == fold:
+                continue
+            ts = self.last_event(other)
+            if ts is not None and (best is None or ts > best[1]):
+                best = (self.names[other], ts)
+        return best
+
+
+def _cadence_spellings(mapping: dict[str, Any], canon: str) -> list[str]:
+    """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
+    fold = canon.casefold()
+    return [
+        key
+        for key in mapping
+        if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
+    ]
+
+
+def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[str, Any]:
+    """Drop entries older than ``keep`` s, pull future-dated ones back to ``now``;
+    return the reserved object (created when missing)."""
+    for key in list(data):
+        if key == _CADENCE_RESERVED:
+            continue
+        ts = _number(data[key])
+        if ts is None:
+            continue  # not ours to judge; the original metal-guard ignores such values too
+        if ts < now - keep:
+            del data[key]
+        elif ts > now + _CADENCE_CLOCK_SLACK:
+            data[key] = now
+    reserved = data.get(_CADENCE_RESERVED)
+    if not isinstance(reserved, dict):
+        reserved = data[_CADENCE_RESERVED] = {}
+    reserved["schema"] = _CADENCE_SCHEMA
+    unloads = reserved.get("unloads")
+    if not isinstance(unloads, dict):
+        unloads = reserved["unloads"] = {}
+    for key in list(unloads):
+        ts = _number(unloads[key])
+        if ts is None or ts < now - keep:
+            del unloads[key]
+        elif ts > now + _CADENCE_CLOCK_SLACK:
+            unloads[key] = now
+    pids = reserved.get("pids")
+    if not isinstance(pids, dict):
+        pids = reserved["pids"] = {}
+    for key in list(pids):
+        if key not in data and key not in unloads:
+            del pids[key]
+    return reserved
+
+
+# =============================================================================
+# 3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
 #
 # Pure functions over breadcrumb text (the log is fsynced line by line, so it
 # survives the reboot): the lines around a panic time, and the likely trigger
@@ -4439,38 +4694,23 @@ class _ObservedRefusals:
 # =============================================================================
 # 4.2 Cadence — refuse back-to-back model loads, across processes.
 #
-# The store is the original metal-guard's format (a flat JSON object of model
-# id → epoch seconds of the last load); our additions live under the reserved key
-# ``"__metal_guard__"``. ``admit`` checks and records in one critical section
+# The store's format is section 3.10's. ``admit`` checks and records in one critical section
 # under the file lock, so of N racing processes exactly one is admitted. The
 # dangerous window follows the unload: intervals count from the later of the two.
+# ``wait=`` sleeps with the lock released, then decides again under it. A load
+# that raised before MLX allocated anything is taken back, record by exact value.
 #
 # Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
 #   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
 #   _default_guard, _rebuild_exception
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity,
-#   Modes (L6)
+#   Cadence rules, Modes (L6)
 # =============================================================================
 
 GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
 _CROSS_MODEL_ENV_VAR = "METALGUARD_CROSS_MODEL_INTERVAL"
 _CADENCE_PATH_DEFAULT: str | None = None
-_CADENCE_RESERVED = "__metal_guard__"
-_CADENCE_SCHEMA = 1
-_CADENCE_KEEP_SEC = 4 * 3600.0
-_CADENCE_CLOCK_SLACK = (
-    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
-)
 _INTERVAL_MAX = 7 * 86400.0
-
-
-def _wait_sec(seconds: float) -> float:
-    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
-    import math
-
-    if not _finite(seconds):
-        return 0.0 if seconds != seconds or seconds < 0 else seconds
-    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
 
 
 _block_crumb_lock = _thread.allocate_lock()
@@ -4575,63 +4815,14 @@ def _interval_arg(name: str, value: object) -> float:
     return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
 
 
-class _CadenceEvents:
-    """What a cadence store says, keyed by case-folded canonical id."""
-
-    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
-        """``horizon``: skip records dated after it, listing their keys in ``future``."""
-        self.now = now
-        self.horizon = _INF if horizon is None else horizon
-        self.future: set[str] = set()
-        self.names: dict[str, str] = {}
-        self.loads: dict[str, float] = {}
-        self.unloads: dict[str, float] = {}
-        self.pids: dict[str, int] = {}
-        for key, value in data.items():
-            ts = _number(value)
-            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
-            if ts is None or canon is None:
-                continue
-            if ts > self.horizon:
-                self.future.add(key)
-                continue
-            fold = canon.casefold()
-            if ts >= self.loads.get(fold, float("-inf")):
-                self.loads[fold], self.names[fold] = ts, canon
-        reserved = data.get(_CADENCE_RESERVED)
-        if isinstance(reserved, dict):
-            self._read_reserved(reserved)
-
-    def _read_reserved(self, reserved: dict[str, Any]) -> None:
-        unloads = reserved.get("unloads")
-        for key, value in unloads.items() if isinstance(unloads, dict) else ():
-            ts, canon = _number(value), _lenient_model_id(key)
-            if ts is not None and ts > self.horizon:
-                self.future.add(key)
-            elif ts is not None and canon is not None:
-                fold = canon.casefold()
-                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
-                self.names.setdefault(fold, canon)
-        pids = reserved.get("pids")
-        for key, value in pids.items() if isinstance(pids, dict) else ():
-            canon = _lenient_model_id(key)
-            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
-                self.pids[canon.casefold()] = value
-
-    def last_event(self, fold: str) -> float | None:
-        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
-        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
-        return min(max(times), self.now) if times else None
-
-    def latest_other(self, fold: str) -> tuple[str, float] | None:
-        best: tuple[str, float] | None = None
-        for other in self.names:
-            if other == fold:
-                continue
-            ts = self.last_event(other)
-            if ts is not None and (best is None or ts > best[1]):
-                best = (self.names[other], ts)
-        return best
+def _wait_arg(value: object) -> float | None:
+    """``wait=``: ``False`` → 0 (refuse at once), ``True`` → ``None`` (up to the interval
+    that applies), else seconds in ``[0, a week]`` (``TypeError``/``ValueError``)."""
+    if value is False:
+        return 0.0
+    if value is True:
+        return None
+    return _seconds_arg("wait", value, maximum=_INTERVAL_MAX)
 
 
 def _cadence_path(path: StrPath | None) -> str:
@@ -4736,46 +4927,7 @@ class CadenceGuard:
             self._cross_interval,
             GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
         )
-        for key in list(data):
-            if key == _CADENCE_RESERVED:
-                continue
-            ts = _number(data[key])
-            if ts is None:
-                continue  # not ours to judge; the original metal-guard ignores such values too
-            if ts < now - keep:
-                del data[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                data[key] = now
-        reserved = data.get(_CADENCE_RESERVED)
-        if not isinstance(reserved, dict):
-            reserved = data[_CADENCE_RESERVED] = {}
-        reserved["schema"] = _CADENCE_SCHEMA
-        unloads = reserved.get("unloads")
-        if not isinstance(unloads, dict):
-            unloads = reserved["unloads"] = {}
-        for key in list(unloads):
-            ts = _number(unloads[key])
-            if ts is None or ts < now - keep:
-                del unloads[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                unloads[key] = now
-        pids = reserved.get("pids")
-        if not isinstance(pids, dict):
-            pids = reserved["pids"] = {}
-        for key in list(pids):
-            if key not in data and key not in unloads:
-                del pids[key]
-        return reserved
-
-    @staticmethod
-    def _spellings(mapping: dict[str, Any], canon: str) -> list[str]:
-        """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
-        fold = canon.casefold()
-        return [
-            key
-            for key in mapping
-            if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
-        ]
+        return _prune_cadence_store(data, now, keep)
 
     def _violation(
         self, canon: str, cross: float, events: _CadenceEvents
@@ -4804,7 +4956,7 @@ class CadenceGuard:
         if reserved is None:
             reserved = self._prune(data, time.time())
         mapping = reserved["unloads"] if unload else data
-        spellings = self._spellings(mapping, canon)
+        spellings = _cadence_spellings(mapping, canon)
         # Never move a record backwards: a late or stale mark (another process's
         # delayed unload, a backdated ``ts``) must not shorten anyone's window.
         ts = max([ts, *(t for key in spellings if (t := _number(mapping[key])) is not None)])
@@ -4844,30 +4996,70 @@ class CadenceGuard:
         if violation is not None:
             _refuse(violation)
 
-    def admit(self, model_id: StrPath) -> bool:
+    def admit(self, model_id: StrPath, *, wait: bool | float = False) -> bool:
         """Check and record a load in one critical section (atomic across processes).
 
         Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
         soon; otherwise the caller may load. Returns whether the load was
         recorded: ``False`` when the store is unusable (it fails open with one
         WARNING; a ``strict`` guard raises instead).
+
+        ``wait=True`` waits until the load is allowed, never longer than the
+        interval that applies (plus a second of clock slack); a number waits at
+        most that many seconds. Each wait sleeps without the store's lock and is
+        followed by a fresh atomic decision; still too soon when the wait is
+        spent → the same exceptions as without it. A call that waits logs one
+        WARNING naming the model and the wait.
         """
+        return self._admit(model_id, wait)[0]
+
+    def _admit(self, model_id: StrPath, wait: object) -> tuple[bool, _Admission | None]:
+        """``admit``; also returns what it recorded (``None``: nothing)."""
+        budget = _wait_arg(wait)
         canon = canonical_model_id(model_id)
         _admission_gate()  # the post-panic gate (4.8) first
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
         observing = is_observer()  # the load goes ahead after a refusal: record it too
+        start = time.monotonic()
+        deadline = None if budget is None else start + budget
+        admission: list[_Admission] = []
+        waited = final = False  # final: the last decision (no wait left); observer records
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
             reserved = self._prune(data, now)
             violation = self._violation(canon, cross, _CadenceEvents(data, now))
-            if violation is None or observing:
+            if violation is None or (observing and final):
+                keys = [*_cadence_spellings(data, canon), canon]
+                before = {key: data.get(key) for key in keys}
+                pid_before = reserved["pids"].get(canon)
                 self._record(data, canon, now, unload=False, reserved=reserved)
+                admission[:] = [_Admission(canon, data[canon], before, pid_before)]
             return violation
 
-        stored, violation = self._update(decide)
+        while True:
+            final = deadline is not None and time.monotonic() >= deadline
+            stored, violation = self._update(decide)
+            if violation is None or final:
+                break
+            if deadline is None:  # wait=True: bounded by the interval that applies
+                deadline = start + violation.min_interval + _CADENCE_CLOCK_SLACK
+            pause = max(
+                0.0, min(violation.remaining_sec + _CADENCE_WAIT_STEP, deadline - time.monotonic())
+            )
+            if not waited:
+                waited = True
+                _log().warning(
+                    "metal_guard: cadence: waiting %.1f s before loading %s (%s)",
+                    pause,
+                    canon,
+                    violation,
+                )
+                _breadcrumb(f"CADENCE_WAIT: {canon} wait={pause:.1f}s")
+            time.sleep(pause)  # without the store's lock: others decide meanwhile
+        recorded = admission[0] if stored and admission else None
         if violation is not None:
             if _first_block_of_window(canon, violation.last_ts):
                 _breadcrumb(
@@ -4875,12 +5067,46 @@ class CadenceGuard:
                 )
             _refuse(violation)  # observer mode: one WARNING, and the load goes ahead
             _remember_load_baseline()
-            return stored
+            return stored, recorded
         _remember_load_baseline()  # what the release barrier waits for after the unload
+        waited_text = f" after waiting {time.monotonic() - start:.1f}s" if waited else ""
         _breadcrumb(
-            f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
+            f"CADENCE_ADMIT: {canon}{waited_text}"
+            + ("" if stored else " (store unusable: not recorded)")
         )
-        return stored
+        return stored, recorded
+
+    def _take_back(self, admission: _Admission) -> bool:
+        """Remove exactly the load record ``admission`` wrote (a load that never happened).
+
+        Under the store's lock: each key still holding our time gets its previous
+        value back; a record another process wrote since (a later load, another
+        pid) stays. Returns whether anything was taken back.
+        """
+
+        def undo(data: dict[str, Any]) -> bool:
+            reserved = data.get(_CADENCE_RESERVED)
+            pids = reserved.get("pids") if isinstance(reserved, dict) else None
+            if (
+                not isinstance(pids, dict)
+                or pids.get(admission.canon) != admission.pid
+                or _number(data.get(admission.canon)) != admission.ts
+            ):
+                return False
+            for key, value in admission.before.items():
+                if _number(data.get(key)) != admission.ts:
+                    continue
+                if value is None:
+                    del data[key]
+                else:
+                    data[key] = value
+            if admission.pid_before is None:
+                del pids[admission.canon]
+            else:
+                pids[admission.canon] = admission.pid_before
+            return True
+
+        return bool(self._update(undo)[1])
 
     def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
         """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
@@ -4901,7 +5127,7 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         stamp = time.time() if ts is None else _real_arg("ts", ts)
         self._update(lambda data: self._record(data, canon, stamp, unload=unload))
-        if unload:  # what the panic triggers (3.10) read: a load soon after an unload
+        if unload:  # what the panic triggers (3.11) read: a load soon after an unload
             _breadcrumb(f"CADENCE_UNLOAD: {canon}")
 
     def last_ts(self, model_id: StrPath) -> float | None:
@@ -4909,10 +5135,15 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         return _CadenceEvents(self._read(), time.time()).last_event(canon.casefold())
 
-    def scope(self, model_id: StrPath) -> _CadenceScope:
-        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload."""
+    def scope(self, model_id: StrPath, *, wait: bool | float = False) -> _CadenceScope:
+        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload.
+
+        ``wait`` as for ``admit``. A body that raises before MLX's memory grew
+        loaded nothing: its load record is taken back and no unload is marked.
+        """
         canonical_model_id(model_id)
-        return _CadenceScope(self, model_id)
+        _wait_arg(wait)
+        return _CadenceScope(self, model_id, wait)
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
         """What the store says and what is blocked now, for how long (never writes).
@@ -4990,25 +5221,51 @@ class CadenceGuard:
 
 
 class _CadenceScope:
-    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit."""
+    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit.
 
-    __slots__ = ("guard", "model_id")
+    A body that raises before MLX's active (or peak) memory grew did not load:
+    its record is taken back instead. Without ``mlx.core`` imported by then,
+    nothing can have reached the GPU, so such a failure is not counted either.
+    """
 
-    def __init__(self, guard: CadenceGuard, model_id: StrPath) -> None:
+    __slots__ = ("_admission", "_mark", "guard", "model_id", "wait")
+
+    def __init__(self, guard: CadenceGuard, model_id: StrPath, wait: object = False) -> None:
         self.guard = guard
         self.model_id = model_id
+        self.wait = wait
+        self._admission: _Admission | None = None
+        self._mark: tuple[int, int] | None = None
 
     def __enter__(self) -> CadenceGuard:
-        self.guard.admit(self.model_id)
+        self._mark = _mlx_allocation_mark()
+        self._admission = self.guard._admit(self.model_id, self.wait)[1]
         return self.guard
 
     def __exit__(self, *exc: object) -> None:
+        admission, self._admission = self._admission, None
+        if exc[1] is not None and admission is not None and not _mlx_memory_grew(self._mark):
+            self._not_counted(admission, exc[1])
+            return
         try:
             self.guard.mark_unload(self.model_id)
         except CadenceStoreError as err:  # strict guard: never mask the body's exception
             if exc[1] is None:
                 raise
             _log().warning("metal_guard: %s", err)
+
+    def _not_counted(self, admission: _Admission, error: object) -> None:
+        why = f"{type(error).__name__} before MLX memory grew"
+        try:
+            taken = self.guard._take_back(admission)
+        except CadenceStoreError as err:  # strict guard: never mask the body's exception
+            _log().warning("metal_guard: %s", err)
+            return
+        if taken:
+            _log().info(
+                "metal_guard: cadence: %s is not counted as a load (%s)", admission.canon, why
+            )
+            _breadcrumb(f"CADENCE_UNCOUNTED: {admission.canon} ({why})")
 
 
 def _cross_model_interval(explicit: object = 0.0) -> float:
@@ -5042,19 +5299,22 @@ def require_cadence_clear(
     min_interval_sec: float = 180.0,
     cross_model_interval_sec: float = 0.0,
     guard: CadenceGuard | None = None,
+    wait: bool | float = False,
 ) -> None:
     """Call right before ``mlx_lm.load``: raises ``CadenceViolation`` or records the load.
 
     With ``guard`` its own intervals apply. Without, a default-path guard is
     built whose cross-model base is the argument when > 0, else
     ``METALGUARD_CROSS_MODEL_INTERVAL``, else 0 (gemma-4 targets still get
-    the 90 s floor).
+    the 90 s floor). ``wait`` as for ``CadenceGuard.admit`` (``True``: wait
+    until the load is allowed, at most the interval; a number: at most that
+    many seconds).
     """
     if guard is None:
         guard = _default_guard(min_interval_sec, cross_model_interval_sec)
     elif not isinstance(guard, CadenceGuard):
         raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    guard.admit(model_id)
+    guard.admit(model_id, wait=wait)
 
 
 def cadence_scope(
@@ -5063,13 +5323,18 @@ def cadence_scope(
     min_interval_sec: float = 180.0,
     cross_model_interval_sec: float = 0.0,
     guard: CadenceGuard | None = None,
+    wait: bool | float = False,
 ) -> _CadenceScope:
-    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload."""
+    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload.
+
+    ``wait`` as for ``CadenceGuard.admit``. A body that raises before MLX's
+    memory grew (a missing folder, no network) is not counted as a load.
+    """
     if guard is None:
         guard = _default_guard(min_interval_sec, cross_model_interval_sec)
     elif not isinstance(guard, CadenceGuard):
         raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    return guard.scope(model_id)
+    return guard.scope(model_id, wait=wait)
 
 
 # =============================================================================
@@ -5569,6 +5834,7 @@ class CircuitBreaker:
             "archived_panics": 0,
             "recent_panics": [],
             "problem": None,
+            "state_problem": None,  # why breaker.json cannot be read, if it cannot
             "in_cooldown": False,
             "cooldown_remaining_sec": 0.0,
             "recent_panic_count": 0,
@@ -5577,6 +5843,7 @@ class CircuitBreaker:
             when = time.time() if now is None else _real_arg("now", now)
             state, problem = self._state.read()
             if problem is not None:
+                doc["state_problem"] = problem
                 doc["problem"] = f"breaker state unreadable: {problem}"
             archived = read_panic_archive(self._jsonl_path)
             panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
@@ -7013,8 +7280,10 @@ class gemma4_generation_flush:
 # ran 663 requests over 3 days without a panic (ml-explore/mlx#3186).
 # ``limit_wired_memory`` wraps ``mlx.core.set_wired_limit`` (and the older
 # ``mlx.core.metal.set_wired_limit``) process-wide, so every caller that looks
-# it up through the module gets the policy: ``off`` turns every request into
-# 0, ``cap`` clamps to RAM minus max(35 %, 8 GiB), ``cap:<GiB>`` to a size.
+# it up through the module gets the policy: ``off`` (the default, what that
+# evidence supports) turns every request into 0; ``cap`` clamps to RAM minus
+# max(35 %, 8 GiB) and ``cap:<GiB>`` to a size — the throughput compromise for
+# workloads that measurably need wired memory, not measured against panics.
 # Nothing is installed unless it is called.
 #
 # Provides: describe_wired_limit, limit_wired_memory, restore_wired_memory
@@ -7022,7 +7291,7 @@ class gemma4_generation_flush:
 # =============================================================================
 
 _WIRED_ENV_VAR = "METALGUARD_WIRED_LIMIT"
-_WIRED_DEFAULT_POLICY = "cap"
+_WIRED_DEFAULT_POLICY = "off"
 _GIB = 1 << 30
 _WIRED_RESERVE_FRACTION = 0.35
 _WIRED_RESERVE_MIN_BYTES = 8 << 30
@@ -7212,12 +7481,16 @@ class _WiredLimitHandle(_DictBase):
 def limit_wired_memory(policy: str | None = None) -> dict[str, Any]:
     """Install a process-wide wired-memory policy on ``mx.set_wired_limit``.
 
-    ``"off"``: every request becomes 0 (never wire). ``"cap"``: requests are
-    clamped to total RAM minus max(35 % of it, 8 GiB). ``"cap:<GiB>"``:
-    clamped to that size. ``None`` reads ``METALGUARD_WIRED_LIMIT`` (default
-    ``"cap"``; a bad value warns once and uses the default). Requests at or
-    under the limit pass unchanged. The first clamp of each size writes a
-    ``WIRED_LIMIT: requested=… applied=…`` breadcrumb.
+    ``"off"`` (the recommended default): every request becomes 0, so MLX never
+    wires memory — the setting that ran clean where wiring the recommended
+    working set panicked (ml-explore/mlx#3186). ``"cap"``: requests are
+    clamped to total RAM minus max(35 % of it, 8 GiB); ``"cap:<GiB>"``: to
+    that size — the throughput compromise for a workload that measurably
+    needs wired memory; not shown to prevent panics. ``None`` reads
+    ``METALGUARD_WIRED_LIMIT`` (default ``"off"``; a bad value warns once and
+    uses the default). Requests at or under the limit pass unchanged. The
+    first clamp of each size writes a ``WIRED_LIMIT: requested=… applied=…``
+    breadcrumb.
 
     Idempotent: calling it again changes the policy, never wraps twice. The
     returned dict says what was installed (``policy``, ``source``,
@@ -7425,7 +7698,7 @@ def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool
 #
 # Provides: audit_wired_limit, log_system_audit_at_startup, read_gpu_driver_version,
 #   _FAST_SYNCH_ENV_VAR, _fast_synch_value, _nonnegative_int, _sysctl
-# Uses: Prelude, Processes, Files, Model identity
+# Uses: Prelude, Processes, Files, Model identity, Version advisories
 # =============================================================================
 
 _WIRED_LIMIT_WARN_RATIO = 0.85
@@ -7476,7 +7749,8 @@ def _wired_limit_report(limit_text: str | None, memsize_text: str | None) -> dic
         ceiling_mb = int(total_gb * 1024 * _WIRED_LIMIT_WARN_RATIO)
         report["advisory"] = (
             f"iogpu.wired_limit_mb={limit_mb} lets the GPU wire {ratio:.0%} of the "
-            f"{total_gb:.0f} GiB of RAM, leaving macOS too little; reset it with "
+            f"{total_gb:.0f} GiB of RAM, leaving macOS too little (overrides this high are "
+            f"correlated with IOGPUFamily kernel panics, ml-explore/mlx-lm#1047); reset it with "
             f"`sudo sysctl iogpu.wired_limit_mb=0` or keep it below {ceiling_mb} MB "
             f"({_WIRED_LIMIT_WARN_RATIO:.0%} of RAM)"
         )
@@ -7579,17 +7853,26 @@ def _fast_synch_value() -> str | None:
 def log_system_audit_at_startup() -> dict[str, Any]:
     """Audit the wired limit, the GPU driver and MLX settings, and log what matters.
 
-    WARNING for a wired limit above 85 % of RAM and for ``MLX_METAL_FAST_SYNCH``
+    The critical findings — a wired limit above 85 % of RAM, ``MLX_METAL_FAST_SYNCH``
     set (it can deadlock in a fence wait and wedge the GPU until reboot,
-    ml-explore/mlx#3830); INFO otherwise. Returns ``{"wired_limit": …,
-    "gpu_driver_version": …, "mlx_metal_fast_synch": …}``; never raises.
+    ml-explore/mlx#3830) and each ``critical`` version advisory of the installed
+    MLX stack — are logged at WARNING and issued as a ``MetalGuardWarning``
+    (shown even without logging configured); the rest at INFO. Returns
+    ``{"wired_limit": …, "gpu_driver_version": …, "mlx_metal_fast_synch": …,
+    "critical_advisories": [...]}``; never raises.
     """
     wired = audit_wired_limit()
     driver = read_gpu_driver_version()
     fast_synch = _fast_synch_value()
+    try:
+        critical = [a for a in check_version_advisories() if a["severity"] == "critical"]
+    except Exception as exc:  # broken package metadata must not break the audit
+        _log().debug("metal_guard: version advisories unavailable: %r", exc)
+        critical = []
     log = _log()
     if wired["advisory"]:
         log.warning("metal_guard: %s", wired["advisory"])
+        _warn(wired["advisory"])
     else:
         log.info(
             "metal_guard: wired limit mode=%s limit_mb=%s total_gb=%s",
@@ -7602,16 +7885,25 @@ def log_system_audit_at_startup() -> dict[str, Any]:
     else:
         log.debug("metal_guard: the IOGPUFamily kext version could not be read")
     if fast_synch is not None:
-        log.warning(
-            "metal_guard: %s=%s is set: MLX's fast GPU synchronisation can deadlock in a fence "
-            "wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it",
-            _FAST_SYNCH_ENV_VAR,
-            fast_synch,
+        message = (
+            f"{_FAST_SYNCH_ENV_VAR}={fast_synch} is set: MLX's fast GPU synchronisation can "
+            "deadlock in a fence wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it"
         )
+        log.warning("metal_guard: %s", message)
+        _warn(message)
+    for advisory in critical:
+        message = (
+            f"critical advisory {advisory['issue']} for {advisory['package']} "
+            f"{advisory['installed_version']}: {advisory['title']}. {advisory['mitigation']} "
+            f"({advisory['url']})"
+        )
+        log.warning("metal_guard: %s", message)
+        _warn(message)
     return {
         "wired_limit": wired,
         "gpu_driver_version": driver,
         "mlx_metal_fast_synch": fast_synch is not None,
+        "critical_advisories": critical,
     }
 
 
@@ -7681,7 +7973,7 @@ class _OOMContext(_ContextDecorator):
         if exc is None or isinstance(exc, MetalOOMError) or not guard.is_metal_oom(exc):
             return  # not ours: propagates unchanged
         stats = guard.memory_stats()
-        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), stats)
+        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), _stats_line(stats))
         guard._crumb("OOM_RECOVERY: context manager cleanup")
         guard.safe_cleanup()
         raise MetalOOMError(f"Metal out of memory ({stats}): {_label(exc)}", stats) from exc
@@ -7866,7 +8158,7 @@ class _MemoryLayers(_BreadcrumbLog):
                 attempt,
                 attempts,
                 _label(last),
-                stats,
+                _stats_line(stats),
             )
             self._crumb(f"OOM_RECOVERY: attempt {attempt}, cleaning up")
             self.safe_cleanup()
@@ -8010,7 +8302,7 @@ class _MemoryLayers(_BreadcrumbLog):
             pct,
             threshold,
             f" ({_label(model_name)})" if model_name else "",
-            stats,
+            _stats_line(stats),
         )
         return True
 
@@ -8026,7 +8318,7 @@ class _MemoryLayers(_BreadcrumbLog):
             "metal_guard: [%s]%s %s",
             _label(label),
             f" {_label(model_name)}" if model_name else "",
-            self.memory_stats(),
+            _stats_line(self.memory_stats()),
         )
 
 
@@ -8037,8 +8329,10 @@ class _MemoryLayers(_BreadcrumbLog):
 # Each monitor is one daemon thread waiting on its own stop event: starting
 # one twice replaces the first (never two chains), ``stop_*`` is final even
 # during a tick and joins the thread, and no tick calls a callback once its
-# monitor was stopped. Ticks skip while registered GPU threads are alive, and
-# the watchdog and KV monitor stay silent while the memory limit is unknown.
+# monitor was stopped. ``stop_periodic_flush`` also stops the watchdog (the
+# original's only way to stop it); ``stop_watchdog`` stops the watchdog alone.
+# Ticks skip while registered GPU threads are alive, and the watchdog and KV
+# monitor stay silent while the memory limit is unknown.
 #
 # Provides: _MemoryMonitors
 # Uses: Prelude, MLX access, Memory layers
@@ -8136,16 +8430,24 @@ class _MemoryMonitors(_MemoryLayers):
         _log().info("metal_guard: periodic flush every %g s", interval)
 
     def stop_periodic_flush(self) -> None:
-        """Stop the periodic flush (final, also during a tick); no-op when not running."""
+        """Stop the periodic flush **and the watchdog** (final, also during a tick).
+
+        As in the original, where one timer served both and this was the only way
+        to stop the watchdog: code written for it must not leave a watchdog thread
+        running. ``stop_watchdog()`` stops the watchdog alone. No-op for a monitor
+        that is not running; the KV-cache monitor is not touched.
+        """
         if self._stop_monitor("flush"):
             _log().info("metal_guard: periodic flush stopped")
+        if self._stop_monitor("watchdog"):
+            _log().info("metal_guard: watchdog stopped (stop_periodic_flush stops both)")
 
     def _flush_tick(self, monitor: _Monitor) -> None:
         if self._gpu_busy(monitor):
             return
         stats = self.memory_stats()
         if (stats.active_bytes > 0 or stats.peak_pct > 50) and not monitor.stopped.is_set():
-            _log().info("metal_guard: periodic flush: %s", stats)
+            _log().info("metal_guard: periodic flush: %s", _stats_line(stats))
             self.flush_gpu()
 
     # -- watchdog -------------------------------------------------------------
@@ -8208,7 +8510,7 @@ class _MemoryMonitors(_MemoryLayers):
                 pct,
                 state["critical"],
                 drift_gb,
-                stats,
+                _stats_line(stats),
             )
             self._crumb(f"WATCHDOG: CRITICAL active={pct:.1f}% drift={drift_gb:+.1f}GB")
             self.safe_cleanup()
@@ -8224,7 +8526,7 @@ class _MemoryMonitors(_MemoryLayers):
                 "metal_guard: watchdog: %.1f%% of the limit in use (> %g%%): %s",
                 pct,
                 state["warn"],
-                stats,
+                _stats_line(stats),
             )
             self.flush_gpu()
         elif stats.active_bytes > 0 or stats.peak_pct > 50:
@@ -8609,7 +8911,7 @@ class bench_scoped_load:
                 )
             CadenceGuard().mark_unload(self.model_id)
             _breadcrumb(f"BENCH_SCOPED_LOAD: EXIT {label} done, active={stats.active_gb:.1f}GB")
-            _log().info("metal_guard: bench_scoped_load %s done: %s", label, stats)
+            _log().info("metal_guard: bench_scoped_load %s done: %s", label, _stats_line(stats))
         except Exception as exc:
             _log().warning("metal_guard: bench_scoped_load cleanup of %s failed: %r", label, exc)
         finally:
@@ -9663,8 +9965,9 @@ def shutdown_all_workers() -> None:
 # then prints exactly one JSON document on stdout, usage errors included.
 #
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
-#   _UsageError, _ago, _cli_parser, _pairs, _show, _table
-# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
+#   _UsageError, _ago, _cli_parser, _fault_message, _pairs, _require_state_folder, _show, _table,
+#   _unreadable_state, _unreadable_text
+# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9727,6 +10030,11 @@ def _line_count(text: str) -> int:
     return _cli_arg(text, check, "a whole number 0..1000000")
 
 
+def _exit_codes(codes: str, error: str = "1 error") -> str:
+    """A subcommand's help epilog: its exit codes (``codes`` for 0 and 2, then 1 and 64)."""
+    return f"Exit codes: {codes}, {error}, 64 usage error."
+
+
 def _model_arg(text: str) -> str:
     import argparse
 
@@ -9780,27 +10088,58 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         "else 0; gemma-4 models always get at least 90)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    status = commands.add_parser(
-        "status", parents=[json_flag], help="version, MLX, state, cadence, breaker, recent panics"
+
+    def command(
+        name: str, summary: str, codes: str = "0 shown", error: str = "1 error", **kwargs: Any
+    ) -> Any:
+        """A subcommand whose --help opens with ``summary`` and ends with its exit codes."""
+        description = summary[0].upper() + summary[1:] + "."
+        epilog = _exit_codes(codes, error)
+        return commands.add_parser(
+            name, help=summary, description=description, epilog=epilog, **kwargs
+        )
+
+    status = command(
+        "status",
+        "version, MLX, state, cadence, breaker, recent panics (never writes)",
+        parents=[json_flag],
     )
     status.add_argument(
         "--device",
         action="store_true",
         help="also import mlx.core to show the device (initialises Metal: avoid during a cooldown)",
     )
-    check = commands.add_parser(
+    check = command(
         "check",
+        "pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
+        "0 go, 2 blocked (breaker cooldown, a recent kernel panic, cadence, --refuse-known)",
+        "1 error (a state file is unreadable, or --admit could not record the load)",
         parents=[json_flag, intervals],
-        help="pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
     )
     check.add_argument("model", type=_model_arg, metavar="MODEL", help="repo id or local path")
     check.add_argument("--admit", action="store_true", help="record the load when it may go")
+    check.add_argument(
+        "--wait",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_nonnegative_seconds,
+        metavar="SEC",
+        help="with --admit: wait for the cadence instead of exiting 2 (at most the interval, "
+        "or at most SEC seconds with --wait=SEC)",
+    )
     check.add_argument(
         "--refuse-known",
         action="store_true",
         help="exit 2 for a model in the known-panic registry (default: advisory, exit 0)",
     )
-    panics = commands.add_parser("panics", parents=[json_flag], help="kernel-panic reports")
+    panics = command(
+        "panics",
+        "kernel-panic reports (or the archive), newest last",
+        "0 shown",
+        "1 error (no such --dir folder)",
+        parents=[json_flag],
+    )
     panics.add_argument("--dir", metavar="D", help="report folder (default: the system's)")
     panics.add_argument(
         "--since", type=_nonnegative_hours, metavar="HOURS", help="only the last HOURS hours"
@@ -9808,12 +10147,33 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     panics.add_argument(
         "--archive", action="store_true", help="show the archive (panics.jsonl) instead"
     )
-    breaker = commands.add_parser("breaker", parents=[json_flag], help="circuit breaker")
-    breaker.add_argument("action", nargs="?", choices=("status", "clear"), default="status")
-    cadence = commands.add_parser(
-        "cadence", parents=[json_flag, intervals], help="recent model loads, what is blocked"
+    breaker = command(
+        "breaker",
+        "the circuit breaker that refuses MLX work after repeated IOGPU kernel panics",
+        "0 shown or cleared",
+        parents=[json_flag],
     )
-    cadence.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    breaker.add_argument(
+        "action",
+        nargs="?",
+        choices=("status", "clear"),
+        default="status",
+        help="status (default): the state, recent panics, whether a cooldown runs; "
+        "clear: end a cooldown and forget the panics seen so far",
+    )
+    cadence = command(
+        "cadence",
+        "recent model loads and what the cadence blocks now",
+        "0 shown or cleared (show exits 0 even when blocked: use check)",
+        parents=[json_flag, intervals],
+    )
+    cadence.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "clear"),
+        default="show",
+        help="show (default): loads, unloads and what is blocked; clear: forget them",
+    )
     cadence.add_argument(
         "model",
         nargs="?",
@@ -9821,32 +10181,35 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         metavar="MODEL",
         help="show whether this model may load now (with clear: forget only this model)",
     )
-    commands.add_parser(
-        "lock", parents=[json_flag], help="who holds the MLX lock and the GPU gate, since when"
-    )
-    models = commands.add_parser("models", parents=[json_flag], help="known panic models")
+    command("lock", "who holds the MLX lock and the GPU gate, since when", parents=[json_flag])
+    models = command("models", "the registry of known panic models", parents=[json_flag])
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
-    crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
+    crumbs = command("breadcrumbs", "the last breadcrumb lines", parents=[json_flag])
     crumbs.add_argument("-n", type=_line_count, default=20, metavar="N", help="lines (default 20)")
-    commands.add_parser(
+    command(
         "audit",
-        parents=[json_flag],
-        help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
+        "system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
-    )
-    commands.add_parser(
-        "diagnose",
         parents=[json_flag],
-        help="after a kernel panic: what happened, the likely trigger, what to do next",
     )
-    ack = commands.add_parser(
-        "ack", parents=[json_flag], help="acknowledge the panics so far: lifts the lockout"
+    command(
+        "diagnose",
+        "after a kernel panic: what happened, the likely trigger, what to do next",
+        parents=[json_flag],
+    )
+    ack = command(
+        "ack",
+        "acknowledge the panics so far: lifts the post-panic lockout",
+        "0 acknowledged",
+        parents=[json_flag],
     )
     ack.add_argument("--note", metavar="TEXT", help="a note kept with the acknowledgement")
-    postmortem = commands.add_parser(
+    postmortem = command(
         "postmortem",
+        "write one archive for a bug report (home folder and user name removed)",
+        "0 written",
+        "1 error (the archive could not be written)",
         parents=[json_flag],
-        help="one archive for a bug report (home folder and user name removed)",
     )
     postmortem.add_argument(
         "-o", "--output", metavar="PATH", help="archive path (.tar.gz, or .zip); default: here"
@@ -9884,6 +10247,66 @@ def _pairs(items: list[tuple[str, object]], indent: str = "  ") -> list[str]:
 
 def _ago(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
+
+
+# -- faults -------------------------------------------------------------------------
+
+
+def _require_state_folder() -> None:
+    """For commands that write state: a file where the state folder should be is the
+    error ``_ensure_dir`` raises, without creating the folder."""
+    home = _state_home()
+    if os.path.lexists(home) and not os.path.isdir(home):
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", home)
+
+
+def _fault_message(exc: BaseException) -> str:
+    """The one wording of an environment fault, whichever command met it."""
+    if isinstance(exc, CadenceStoreError):
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.filename is None:
+            return f"cannot use {exc.path}: {exc.reason}"
+        exc = cause
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return f"{type(exc).__name__}: {exc}"
+    path = os.fspath(exc.filename)
+    text = f"cannot use {path}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOTDIR and path == _state_home():
+        text += " (METALGUARD_HOME must name a folder: move the file aside or point it elsewhere)"
+    return text
+
+
+_UNREADABLE_FIX = {
+    "breaker.json": "move it aside or run `metal-guard breaker clear`",
+    "cadence.json": "move it aside or run `metal-guard cadence clear`",
+}
+
+
+def _unreadable_state(guard: CadenceGuard, now: float) -> dict[str, dict[str, str]]:
+    """State files ``check`` cannot read (the reading ``status`` shows), by file name."""
+    breaker = CircuitBreaker().status(now=now)
+    found = {
+        "breaker.json": (breaker["state_path"], breaker["state_problem"]),
+        "cadence.json": (guard.path, guard.status(now=now)["problem"]),
+    }
+    return {
+        name: {"path": path, "problem": problem, "what_to_do": _UNREADABLE_FIX[name]}
+        for name, (path, problem) in found.items()
+        if problem is not None
+    }
+
+
+def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise: str) -> str:
+    """``check``'s line for state file ``name``: what it cannot read and what to do, if so."""
+    if name not in unreadable:
+        return otherwise
+    entry = unreadable[name]
+    said = (
+        entry["problem"]
+        if entry["path"] in entry["problem"]
+        else f"{entry['path']}: {entry['problem']}"
+    )
+    return f"unreadable: {said}; {entry['what_to_do']}"
 
 
 # =============================================================================
@@ -10136,8 +10559,14 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
 
 def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     model: str = args.model
+    if args.wait is not False and not args.admit:
+        raise _CLIError("--wait needs --admit (only an admission waits)", _EXIT_USAGE)
+    _require_state_folder()  # without it no state can be read, nor the load recorded
     now = time.time()
     known = check_known_panic_model(model)
+    guard = _cadence_guard(args)
+    # read before the checks below, which may move a corrupt file aside
+    unreadable = _unreadable_state(guard, now)
     doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
     lines = [f"check {_show(model)}"]
     items: list[tuple[str, object]] = []
@@ -10166,7 +10595,7 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
     if cooling is None:
         doc["breaker"] = {"blocked": False}
-        items.append(("circuit breaker", "clear"))
+        items.append(("circuit breaker", _unreadable_text(unreadable, "breaker.json", "clear")))
     else:
         doc["breaker"] = {
             "blocked": cooldown is not None,
@@ -10183,7 +10612,6 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             doc["breaker"]["would_refuse"] = True
             items.append(("circuit breaker", observed + str(cooling)))
             would_refuse.append("circuit breaker cooldown")
-    guard = _cadence_guard(args)
     cadence: dict[str, Any] = {
         "path": guard.path,
         "min_interval_sec": guard.min_interval_sec,
@@ -10192,11 +10620,12 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     }
     violation: CadenceViolation | None = None
     recorded = ""
+    started = time.monotonic()
     with _ObservedRefusals() as seen:
         try:
-            if args.admit and not blocked:
+            if args.admit and not blocked and not unreadable:
                 # an unusable store fails open: admitted, but not recorded
-                cadence["admitted"] = guard.admit(model)
+                cadence["admitted"] = guard.admit(model, wait=args.wait)
                 recorded = (
                     "; load recorded"
                     if cadence["admitted"]
@@ -10208,10 +10637,14 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
                 guard.check(model)
         except CadenceViolation as refused:
             violation = refused
+    if args.wait is not False:
+        cadence["waited_sec"] = round(time.monotonic() - started, 3)
+        if recorded and cadence["waited_sec"] >= 0.1:
+            recorded += f" after waiting {cadence['waited_sec']:.1f} s"
     exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
     if exc_seen is None:
         cadence["blocked"] = False
-        items.append(("cadence", "clear" + recorded))
+        items.append(("cadence", _unreadable_text(unreadable, "cadence.json", "clear" + recorded)))
     else:
         cadence.update(
             blocked=violation is not None,
@@ -10230,17 +10663,30 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
                 items.append(("note", recorded.removeprefix("; ")))
             would_refuse.append("cadence")
     doc["cadence"] = cadence
-    doc["decision"] = "blocked" if blocked else "go"
+    doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
     doc["blocked_by"] = blocked
     doc["would_refuse_by"] = would_refuse
-    if args.admit and blocked and not cadence["admitted"]:
-        items.append(("note", "the load was not recorded (blocked)"))
-    lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
+    doc["unreadable"] = unreadable
+    if args.admit and (blocked or unreadable) and not cadence["admitted"]:
+        why = "blocked" if blocked else "state unreadable"
+        items.append(("note", f"the load was not recorded ({why})"))
+    if blocked:
+        lines[0] += ": BLOCKED by " + ", ".join(blocked)
+    elif unreadable:
+        lines[0] += ": UNREADABLE state (" + ", ".join(unreadable) + "): cannot tell"
+    else:
+        lines[0] += ": GO"
     if would_refuse and not blocked:
         lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
     lines += _pairs(items)
     if blocked:
         return _EXIT_BLOCKED, doc, lines
+    if unreadable:
+        doc["error"] = "state unreadable: " + "; ".join(
+            _unreadable_text(unreadable, name, "").removeprefix("unreadable: ")
+            for name in unreadable
+        )
+        return _EXIT_ERROR, doc, lines
     if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
         doc["decision"] = "error"
         doc["error"] = "the load could not be recorded (cadence store unusable)"
@@ -10279,6 +10725,7 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     breaker = _breaker()
     now = time.time()
     if args.action == "clear":
+        _require_state_folder()
         was_active = breaker.clear()
         doc = {"cleared": True, "was_cooling_down": was_active, "state_path": breaker.state_path}
         message = "circuit breaker cleared" + (
@@ -10289,24 +10736,14 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
 
 
-def _usable_store_folder(path: str) -> None:
-    """``_CLIError`` (exit 1) when something other than a folder sits where the store's is."""
-    folder = os.path.dirname(path)
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise _CLIError(f"cannot use the cadence store {path}: {folder} is not a folder")
-
-
 def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
-        _usable_store_folder(guard.path)
+        _require_state_folder()
         # `clear` was asked for: failing open would claim a clear that did not happen
         guard.strict = True
-        try:
-            removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
-        except CadenceStoreError as exc:
-            raise _CLIError(f"cannot use the cadence store {exc.path}: {exc.reason}") from None
+        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
         return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
@@ -10873,8 +11310,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # environment faults (unwritable state, lock timeouts...)
-        code, doc, lines = _EXIT_ERROR, {"error": f"{type(exc).__name__}: {exc}"}, []
-        _emit(f"metal-guard {command}: error: {type(exc).__name__}: {exc}\n", sys.stderr)
+        code, doc, lines = _EXIT_ERROR, {"error": _fault_message(exc)}, []
+        _emit(f"metal-guard {command}: error: {doc['error']}\n", sys.stderr)
     finally:
         _log().removeHandler(warnings)
     if args.json:

@@ -6828,6 +6828,13 @@ class _PostPanicRefusal(MLXCooldownActive):
         )
 
 
+def _burst(times: list[float]) -> int:
+    """The most panics (epoch seconds) that fall within one 24-h window."""
+    return max(
+        (sum(1 for u in times if t <= u < t + _LOCKOUT_WINDOW_SEC) for t in times), default=0
+    )
+
+
 def _post_panic_decision(
     state: dict[str, Any], now: float, cooldown: float, lockout: int
 ) -> _PostPanicRefusal | None:
@@ -6835,13 +6842,19 @@ def _post_panic_decision(
     if not unacked:
         return None
     newest = unacked[-1]
-    times = [float(p["ts"]) for p in unacked if p["ts"] >= now - _POST_PANIC_MEMORY_SEC]
+    times = sorted(float(p["ts"]) for p in unacked if p["ts"] >= now - _POST_PANIC_MEMORY_SEC)
     # ``lockout`` panics within some 24 h: refused until ``ack``, however long ago that was
-    burst = max(
-        (sum(1 for u in times if t <= u < t + _LOCKOUT_WINDOW_SEC) for t in times), default=0
-    )
+    burst = _burst(times)
     if lockout and burst >= lockout:
-        return _PostPanicRefusal(newest, burst, _LOCKOUT_WINDOW_SEC, _INF, lockout=lockout, now=now)
+        # without an ack it would end only when the gate forgets enough of those panics
+        forgotten = next(
+            t + _POST_PANIC_MEMORY_SEC
+            for t in times
+            if _burst([u for u in times if u > t]) < lockout
+        )
+        return _PostPanicRefusal(
+            newest, burst, _LOCKOUT_WINDOW_SEC, forgotten, lockout=lockout, now=now
+        )
     # a clock stepped back never lengthens the cooldown past ``now + cooldown``
     until = min(float(newest["ts"]) + cooldown, now + cooldown)
     if cooldown > 0 and until > now:

@@ -197,6 +197,8 @@ def test_a_lockout_lasts_until_ack(
     assert (refusal is not None) == locked
     if locked:
         assert refusal is not None and "metal-guard ack" in str(refusal)
+        # without an ack: until the gate forgets the older panic, a week after it
+        assert refusal.remaining_sec == pytest.approx(7 * 86400 - ages_h[0] * 3600, abs=5)
         mg._acknowledge_panics()
         assert mg._post_panic_refusal() is None
 

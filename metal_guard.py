@@ -10333,6 +10333,7 @@ def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise
 #   _cmd_models, _cmd_panics, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
+#   Post-panic gate,
 #   MLX lock (L8), GPU gate, Wired-limit control, System audits, MetalGuard, Command line
 # =============================================================================
 
@@ -10602,7 +10603,6 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     with _ObservedRefusals() as seen:
         try:
             _breaker().check(now=now)
-            _admission_gate()  # the post-panic gate (4.8): one recent kernel panic refuses
         except MLXCooldownActive as refusal:
             cooldown = refusal
     cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
@@ -10625,6 +10625,28 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             doc["breaker"]["would_refuse"] = True
             items.append(("circuit breaker", observed + str(cooling)))
             would_refuse.append("circuit breaker cooldown")
+    gate: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _require_post_panic_clear(now=now)  # one recent IOGPU kernel panic refuses
+        except MLXCooldownActive as refusal:
+            gate = refusal
+    after = gate or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    doc["post_panic"] = {"blocked": gate is not None}
+    if after is None:
+        items.append(("post-panic gate", "clear"))
+    else:
+        needs_ack = isinstance(after, _PostPanicRefusal) and bool(after.lockout)
+        doc["post_panic"].update(
+            message=str(after), remaining_sec=after.remaining_sec, needs_ack=needs_ack
+        )
+        if gate is not None:
+            items.append(("post-panic gate", f"BLOCKED: {after}"))
+            blocked.append("post-panic gate")
+        else:
+            doc["post_panic"]["would_refuse"] = True
+            items.append(("post-panic gate", observed + str(after)))
+            would_refuse.append("post-panic gate")
     cadence: dict[str, Any] = {
         "path": guard.path,
         "min_interval_sec": guard.min_interval_sec,

@@ -77,7 +77,7 @@ def test_one_recent_panic_refuses_check_and_load_admission(
 ) -> None:
     p = panic_ago(reports, 120, process="mlx_lm.server")
     code, out = cli("check", "mlx-community/Llama-3.2-1B-Instruct-4bit", capsys=capsys)
-    assert code == 2
+    assert code == 2 and "BLOCKED by post-panic gate" in out
     assert "kernel-panicked at" in out and "mlx_lm.server" in out
     assert "prepare count underflow" in out and "metal-guard diagnose" in out
     assert "Refused for" in out  # the time left
@@ -153,6 +153,9 @@ def test_two_panics_in_a_day_lock_out_until_ack(
 ) -> None:
     panic_ago(reports, 3 * 3600)
     panic_ago(reports, 2 * 3600)
+    code, doc = cli_json("check", "org/model", capsys=capsys)
+    assert code == 2 and doc["blocked_by"] == ["post-panic gate"]
+    assert doc["post_panic"]["needs_ack"] is True and doc["breaker"]["blocked"] is False
     code, out = cli("check", "org/model", capsys=capsys)
     assert code == 2 and "2 IOGPU kernel panics within 24 h" in out
     assert "`metal-guard ack`" in out
@@ -233,7 +236,8 @@ def test_observer_mode_warns_instead(
     assert any(m.startswith("OBSERVE: would refuse _PostPanicRefusal") for m in messages)
     assert "CADENCE_ADMIT: org/model" in messages
     code, doc = cli_json("check", "org/other", capsys=capsys)
-    assert code == 0 and doc["would_refuse_by"] == ["circuit breaker cooldown"]
+    assert code == 0 and doc["would_refuse_by"] == ["post-panic gate"]
+    assert doc["post_panic"]["would_refuse"] is True and not doc["post_panic"]["blocked"]
 
 
 @pytest.mark.parametrize(

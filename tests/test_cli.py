@@ -209,7 +209,8 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     assert "metal-guard breaker clear" in proc.stdout
     assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # not admitted
     code, doc = run_json(mg_home, "check", "org/model", reports=reports)
-    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown"]
+    # the post-panic gate refuses too (2 IOGPU panics within 24 h: until `metal-guard ack`)
+    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown", "post-panic gate"]
     assert doc["breaker"]["blocked"] is True and doc["breaker"]["panic_count"] == 2
     assert doc["breaker"]["cooldown_until"] > time.time() + 3500
     assert len(Path(mg_home, "panics.jsonl").read_text().splitlines()) == 2

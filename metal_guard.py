@@ -400,8 +400,11 @@ def _finite(value: float) -> bool:
     return value == value and value not in (_INF, -_INF)
 
 
-def _real_arg(name: str, value: object) -> float:
-    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``."""
+def _real_arg(
+    name: str, value: object, *, minimum: float | None = None, above: bool = False
+) -> float:
+    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``;
+    at least ``minimum`` (``above``: more than it) when given."""
     if type(value) is not float and type(value) is not int:  # the common cases skip ``numbers``
         import numbers
 
@@ -413,6 +416,9 @@ def _real_arg(name: str, value: object) -> float:
         number = _INF
     if not _finite(number):
         raise ValueError(f"{name} must be a finite number, got {number!r}")
+    if minimum is not None and (number <= minimum if above else number < minimum):
+        bound = f"{'>' if above else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return number
 
 
@@ -431,12 +437,14 @@ def _number(value: object) -> float | None:
     return number if _finite(number) else None
 
 
-def _int_arg(name: str, value: object) -> int:
-    """An integer argument: ``int``, NumPy integers... not ``bool``."""
+def _int_arg(name: str, value: object, *, minimum: int | None = None) -> int:
+    """An integer argument: ``int``, NumPy integers... not ``bool``; at least ``minimum``."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
     return int(value)
 
 
@@ -1502,9 +1510,7 @@ def _breadcrumb(msg: str) -> None:
 
 def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
     """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
-    n = _int_arg("n", n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = _int_arg("n", n, minimum=0)
     target = _str_path("path", path) if path is not None else _guard_object().breadcrumb_path
     if not target or n == 0:
         return []
@@ -1938,10 +1944,7 @@ _POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than poll
 
 def _byte_count(name: str, value: object) -> int:
     """A byte-count argument: a finite real number ≥ 0, as ``int``."""
-    number = _real_arg(name, value)
-    if number < 0:
-        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
-    return int(number)
+    return int(_real_arg(name, value, minimum=0))
 
 
 def _await_memory(
@@ -3637,10 +3640,7 @@ def lookup_dims(model_id: StrPath) -> ModelDims | None:
 
 
 def _context_arg(value: object) -> int:
-    tokens = _int_arg("context_tokens", value)
-    if tokens < 0:
-        raise ValueError(f"context_tokens must be >= 0, got {tokens}")
-    return tokens
+    return _int_arg("context_tokens", value, minimum=0)
 
 
 def _dims_arg(value: object) -> ModelDims:
@@ -3724,9 +3724,7 @@ def recommend_chunk_size(
     """
     tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
     ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
-    smallest = _int_arg("min_chunk", min_chunk)
-    if smallest < 1:
-        raise ValueError(f"min_chunk must be >= 1, got {smallest}")
+    smallest = _int_arg("min_chunk", min_chunk, minimum=1)
     if _prefill_peak_gb(tokens, shape) <= ceiling:
         return tokens
     low, high = smallest, tokens
@@ -3914,9 +3912,7 @@ def format_panic_for_apple_feedback(
     """
     if not isinstance(forensics, dict):
         raise TypeError(f"forensics must be a dict, not {type(forensics).__name__}")
-    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines)
-    if keep < 0:
-        raise ValueError(f"max_breadcrumb_lines must be >= 0, got {keep}")
+    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines, minimum=0)
     hardware = forensics.get("hardware")
     hardware = hardware if isinstance(hardware, dict) else {}
     memory = hardware.get("gpu_memory_gb")
@@ -5477,9 +5473,7 @@ class KVGrowthTracker:
 
     def start(self, request_id: str, *, ceiling_gb: float = 20.0) -> None:
         """Open a record for ``request_id`` (a fresh one if it exists); ``ValueError`` if ceiling ≤ 0."""
-        ceiling = _real_arg("ceiling_gb", ceiling_gb)
-        if ceiling <= 0:
-            raise ValueError(f"ceiling_gb must be a finite number > 0, got {ceiling_gb!r}")
+        ceiling = _real_arg("ceiling_gb", ceiling_gb, minimum=0, above=True)
         rid = str(request_id)
         now = time.monotonic()
         with self._lock:
@@ -5493,9 +5487,7 @@ class KVGrowthTracker:
         ``ValueError`` for a negative or non-finite count; ``MetalOOMError`` when
         this step crosses the ceiling or the request was already aborted.
         """
-        added = _real_arg("bytes_added", bytes_added)
-        if added < 0:
-            raise ValueError(f"bytes_added must be a finite number >= 0, got {bytes_added!r}")
+        added = _real_arg("bytes_added", bytes_added, minimum=0)
         rid = str(request_id)
         now = time.monotonic()
         with self._lock:
@@ -7032,9 +7024,7 @@ def read_gpu_driver_version(*, timeout: float = 3.0) -> str | None:
     Tries the kext's ``Info.plist``, then ``kextstat``, then ``ioreg``, all
     within ``timeout`` seconds together. ``None`` off macOS.
     """
-    budget = _real_arg("timeout", timeout)
-    if budget <= 0:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    budget = _real_arg("timeout", timeout, minimum=0, above=True)
     if not _on_macos():
         return None
     try:
@@ -7333,9 +7323,7 @@ class _MemoryLayers(_BreadcrumbLog):
         to the last error. Other exceptions, and a ``MetalOOMError`` from an
         inner guard, propagate unchanged.
         """
-        retries = _int_arg("max_retries", max_retries)
-        if retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {retries}")
+        retries = _int_arg("max_retries", max_retries, minimum=0)
         attempts = retries + 1
         last: RuntimeError | None = None
         stats = MemoryStats()
@@ -8899,12 +8887,8 @@ def _generate_request(
         raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
     if not isinstance(system, str):
         raise TypeError(f"system must be a str, not {type(system).__name__}")
-    tokens = _int_arg("max_tokens", max_tokens)
-    if tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {tokens}")
-    temp = _real_arg("temperature", temperature)
-    if temp < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    tokens = _int_arg("max_tokens", max_tokens, minimum=1)
+    temp = _real_arg("temperature", temperature, minimum=0)
     return {
         "type": "generate",
         "prompt": str.__str__(prompt),

@@ -1346,11 +1346,12 @@ class _JsonFile:
 # A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
 # followed by ``fsync``; what was acknowledged survives the reboot. The file
 # rotates to ``.1`` past ``METALGUARD_BREADCRUMB_MAX_BYTES``. The library writes
-# through the ``metal_guard`` singleton, looked up by name at call time, so
-# applications can redirect or capture breadcrumbs.
+# through the ``metal_guard`` singleton, which the MetalGuard section registers
+# here as a getter looked up at call time, so applications can redirect or
+# capture breadcrumbs.
 #
 # Provides: read_breadcrumbs, _BreadcrumbLog, _DEFAULT_PATH, _DefaultPath, _breadcrumb,
-#   _escape_line
+#   _escape_line, _guard_getter
 # Uses: Prelude, Files, Locks
 # =============================================================================
 
@@ -1488,16 +1489,18 @@ def _tail_lines(path: str, n: int) -> list[str]:
     return lines[-n:] if n else []
 
 
-def _guard_object() -> _BreadcrumbLog:
-    """The module's ``metal_guard`` singleton, looked up by name at each call.
+_guard_getter: list[Callable[[], _BreadcrumbLog]] = []  # set by the MetalGuard section
 
-    The singleton is built in the runtime tier (it is a ``MetalGuard``); earlier
-    sections reach it by name at call time, so an application that assigns
-    ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)`` redirects the
-    library's breadcrumbs too.
+
+def _guard_object() -> _BreadcrumbLog:
+    """The module's ``metal_guard`` singleton, through the getter its section registers.
+
+    The singleton is built in the runtime tier (it is a ``MetalGuard``); its
+    getter reads the module attribute at each call, so an application that
+    assigns ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)``
+    redirects the library's breadcrumbs too.
     """
-    guard: _BreadcrumbLog = globals()["metal_guard"]
-    return guard
+    return _guard_getter[0]()
 
 
 def _breadcrumb(msg: str) -> None:
@@ -7806,8 +7809,8 @@ class _MemoryMonitors(_MemoryLayers):
 # be removed again.
 #
 # Provides: MetalGuard, metal_guard
-# Uses: Prelude, Processes, MLX access, Memory numbers, Release barrier, Size and hardware tables,
-#   System audits, Monitors
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Memory numbers, Release barrier,
+#   Size and hardware tables, System audits, Monitors
 # =============================================================================
 
 _HARDWARE_BUDGET_SEC = 2.0
@@ -7994,6 +7997,7 @@ class MetalGuard(_MemoryMonitors):
 
 
 metal_guard = MetalGuard()
+_guard_getter.append(lambda: metal_guard)  # the breadcrumbs' writer, read at each call
 
 
 # =============================================================================

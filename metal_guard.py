@@ -3174,7 +3174,7 @@ def _hardware_tier(memory_gib: float) -> str:
 # ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
 # ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
-# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _other_metal_guard
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -3463,6 +3463,30 @@ def _installed_version(name: str) -> str | None:
         _log().debug("metal_guard: no version for %s: %r", name, exc)
         return None
     return version if isinstance(version, str) and version.strip() else None
+
+
+def _other_metal_guard() -> list[str]:
+    """What may take this library's place: a ``metal_guard`` that a fresh ``import`` would
+    find first on ``sys.path`` when it is not this file, and the distribution ``metal-guard``
+    1.x or later (another project of that name). Nothing is imported."""
+    import importlib.machinery
+
+    found = []
+    try:
+        spec = importlib.machinery.PathFinder.find_spec("metal_guard")
+    except (ImportError, OSError, ValueError):
+        spec = None
+    origin = spec.origin if spec is not None else None
+    if origin and os.path.realpath(origin) != os.path.realpath(__file__):
+        found.append(f"`import metal_guard` finds {origin} first on sys.path, not this file")
+    version = _installed_version("metal-guard")
+    major = (version or "").split(".", 1)[0]
+    if major.isdigit() and int(major) >= 1:
+        found.append(
+            f"the distribution metal-guard {version} (another project) is installed; "
+            "`pip install -U metal-guard` would replace this library"
+        )
+    return found
 
 
 def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -9551,6 +9575,8 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "state_folder": home,
         "state_folder_exists": os.path.isdir(home),
         "state_folder_note": _folder_note(home).strip(" ()") or None,
+        "module_file": __file__,
+        "shadowed_by": _other_metal_guard(),
         "cadence": cadence,
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
@@ -9572,8 +9598,10 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
             ("platform", doc["platform"]),
             ("MLX", mlx_text),
             ("state folder", home + _folder_note(home)),
+            ("imported from", __file__),
         ]
     )
+    lines += [f"  ! {text}" for text in doc["shadowed_by"]]
     lines += ["", "Locks", *_lock_lines(locks, now)]
     lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
     lines += _breaker_lines(breaker, now)

@@ -5592,18 +5592,14 @@ kv_tracker = KVGrowthTracker()
 # reader probes it first, so ``read_mlx_lock`` returns ``None`` whenever nobody
 # holds it, whatever the file says.
 #
-# A fair ``_HostLock`` (the gate) hands over in turn. Threads of a process
-# queue first-come first-served in front of it; the thread at the head speaks
-# for its process. A process that finds the gate busy holds a shared lock on
-# ``<lock>.queue`` while it polls (every 2 ms at most). A releaser that saw
-# such a waiter (an exclusive probe of ``<lock>.queue`` fails) does not take
-# the gate again until the record in the lock file shows that someone else
-# took it, or until nobody waits any more (at most 0.25 s: a waiter stopped by
-# SIGSTOP must not stop the others): two busy processes alternate, and among
-# more every release goes to a waiter. ``flock`` alone is not fair (a
-# process that releases and retakes it keeps it); a kernel queue would be, but
-# a blocking ``flock`` cannot time out, and the gate must. All of it is OS
-# locks and one record: a waiter or releaser that dies leaves nothing behind.
+# The gate is fair (``flock`` alone is not: a process that releases and retakes
+# it keeps it; a blocking ``flock`` would queue, but cannot time out). Threads
+# of a process queue first-come first-served; the head speaks for its process.
+# A process that finds the gate busy holds a shared lock on ``<lock>.queue``
+# while it polls (every 2 ms at most). A releaser that saw such a waiter does
+# not retake the gate until the record shows that someone else took it, nobody
+# waits any more, or 0.25 s passed (a waiter stopped by SIGSTOP): busy processes
+# alternate. Only OS locks and one record: a process that dies leaves nothing.
 #
 # The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
 # holder and waits for the lock to come free; it never sends SIGKILL.
@@ -5626,10 +5622,6 @@ _FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock tries it at least th
 _FAIR_DEFER_MAX = 0.25  # a releaser waits no longer for a waiter to take its turn (a stopped one)
 
 
-def _utc_stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 _cmdline_memo: dict[int, str] = {}  # pid → command line (a holder record is written per call)
 
 
@@ -5644,15 +5636,10 @@ def _cmdline() -> str:
 
 
 def _lock_probe(path: str, *, exclusive: bool = False) -> bool | str:
-    """Is ``path`` flocked by anyone? ``False`` when free or missing; why not, when unknown.
-
-    A non-blocking shared-lock attempt (``exclusive``: an exclusive one, which
-    also fails while anyone holds a shared lock) on a descriptor of our own:
-    it fails while a conflicting lock is held on any other open file
-    description, including one of this process. Never creates the file. A
-    string says why it cannot tell (a lock file another user owns, no
-    ``fcntl``, a filesystem without ``flock``).
-    """
+    """Is ``path`` flocked by anyone (``exclusive``: also shared)? ``False`` when free or
+    missing; why not, when unknown (a lock file another user owns, no ``fcntl``, no
+    ``flock``). A non-blocking attempt on a descriptor of our own, so a lock held by this
+    process counts too. Never creates the file."""
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):  # no lock file: nobody can hold it
@@ -5703,26 +5690,15 @@ class _Turns:
 class _HostLock:
     """One host-wide lock (the MLX lock, the GPU gate): OS lock, holder record, reader.
 
-    ``per_thread``: the holder is a thread (reentrant per thread), else the
-    process. ``fair``: waiting threads and processes get their turn (see the
-    banner). ``extra``: the keys this lock's records add, with their unknown
-    values. The path is read from ``env_var`` at each use.
+    ``gate``: held per thread (reentrant per thread), handed over fairly, its
+    records add ``thread`` and ``since``; else held per process. The path is
+    read from ``env_var`` at each use.
     """
 
-    def __init__(
-        self,
-        env_var: str,
-        default_name: str,
-        *,
-        per_thread: bool,
-        fair: bool,
-        extra: dict[str, Any],
-    ) -> None:
-        self.env_var = env_var
-        self.default_name = default_name
-        self.per_thread = per_thread
-        self.fair = fair
-        self.extra = extra
+    def __init__(self, env_var: str, default_name: str, *, gate: bool) -> None:
+        self.env_var, self.default_name = env_var, default_name
+        self.per_thread = self.fair = gate
+        self.extra: dict[str, Any] = {"thread": "", "since": None} if gate else {}
         self.mine: dict[str, dict[str, Any]] = {}  # lock path → this process's holder
         self.guard = _thread.allocate_lock()  # for ``mine`` of a per-process lock
         self._turns: dict[str, _Turns] = {}
@@ -5752,11 +5728,9 @@ class _HostLock:
         tick: Callable[[], None] | None = None,
         every: float = _INF,
     ) -> bool:
-        """Take the lock; True when this call took the OS lock, False on re-entry.
-
-        ``timeout`` ``None`` waits forever; expiry raises ``StateLockTimeout``.
-        A fair lock calls ``tick()`` every ``every`` seconds of waiting.
-        """
+        """Take the lock; True when this call took the OS lock, False on re-entry. ``timeout``
+        ``None`` waits forever; expiry raises ``StateLockTimeout``. A fair lock calls
+        ``tick()`` every ``every`` seconds of waiting."""
         lock, state = self.file_lock(path), _lock_state(path)
         if not self.fair or (state.count and state.owner == _thread.get_ident()):
             return lock.acquire(timeout)  # only this thread sets ``owner`` to itself
@@ -5786,6 +5760,8 @@ class _HostLock:
         try:
             self._take_turn(path, lock, turns, pause)
         except BaseException:
+            if state.count and state.owner == _thread.get_ident():  # taken as it came: give back
+                lock.release()
             with turns.cond:
                 turns.line.remove(me)
                 turns.cond.notify_all()
@@ -5803,24 +5779,19 @@ class _HostLock:
                 break
             time.sleep(min(delay, pause()))
             delay = min(delay * 2, _FAIR_POLL_MAX)
-        if self._try(lock):
-            return
-        queue = self._join_queue(path + ".queue")
+        queue, delay = None, 0.0001
         try:
-            delay = 0.0001
-            while not self._try(lock):
+            while True:
+                try:
+                    lock.acquire(0)
+                    return
+                except StateLockTimeout:
+                    queue = queue if queue is not None else self._join_queue(path + ".queue")
                 time.sleep(min(delay, pause()))
                 delay = min(delay * 2, _FAIR_POLL_MAX)
         finally:
-            os.close(queue)
-
-    @staticmethod
-    def _try(lock: _FileLock) -> bool:
-        try:
-            lock.acquire(0)
-        except StateLockTimeout:
-            return False
-        return True
+            if queue is not None:
+                os.close(queue)
 
     def _join_queue(self, queue_path: str) -> int:
         """A descriptor holding a shared lock on the queue file: "this process waits"."""
@@ -5889,13 +5860,7 @@ class _HostLock:
         try:
             os.pwrite(fd, data, 0)
         except OSError as exc:  # the OS lock is held all the same; only the display suffers
-            _log_once(
-                "holder:" + path,
-                _WARNING,
-                "metal_guard: cannot record the holder of %s (%s)",
-                path,
-                exc,
-            )
+            _log_once("holder:" + path, _WARNING, "metal_guard: cannot record in %s: %s", path, exc)
         return data
 
     # -- reading ----------------------------------------------------------------------
@@ -5930,11 +5895,9 @@ class _HostLock:
     def _foreign(self, path: str) -> dict[str, Any] | None:
         """The holder of a lock another process holds: ``None`` when free, else its details.
 
-        The record may lag the OS lock by the moment a new holder needs to
-        write it (or name a holder that died), so a holder that is not a live
-        other process is read again a few times before the details are reported
-        as unknown (``pid`` ``None``, with a ``note``). When the probe cannot
-        tell, the lock reads as held by an unknown holder, never as free.
+        The record may lag the OS lock (or name a holder that died): read again a few
+        times before reporting the holder as unknown (``pid`` ``None``, a ``note``). A lock
+        that cannot be probed reads as held by an unknown holder, never as free.
         """
         unknown = {**_holder_dict({}), **self.extra}
         for _ in range(10):
@@ -5964,12 +5927,12 @@ def _holder_info(label: str, now: float) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "label": label[:_HOLDER_LABEL_MAX],
-        "started_at": _utc_stamp(now),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         "cmdline": _cmdline(),
     }
 
 
-_MLX_LOCK = _HostLock("MLX_LOCK_PATH", "mlx_exclusive.lock", per_thread=False, fair=False, extra={})
+_MLX_LOCK = _HostLock("MLX_LOCK_PATH", "mlx_exclusive.lock", gate=False)
 
 
 def _mlx_lock_path() -> str:
@@ -6189,13 +6152,7 @@ class mlx_exclusive_lock(_ContextDecorator):
 
 _GPU_WAIT_WARN_SEC = 60.0  # while waiting, one WARNING per this many seconds
 
-_GPU_GATE = _HostLock(
-    "METALGUARD_GPU_LOCK_PATH",
-    "gpu.lock",
-    per_thread=True,
-    fair=True,
-    extra={"thread": "", "since": None},
-)
+_GPU_GATE = _HostLock("METALGUARD_GPU_LOCK_PATH", "gpu.lock", gate=True)
 
 
 def _gpu_lock_path() -> str:

@@ -254,6 +254,34 @@ def test_reentrant_in_one_thread_other_threads_wait(mg_home: str) -> None:
     assert mg.read_gpu_gate() is None
 
 
+def test_threads_take_the_gate_in_order_of_arrival_and_a_timeout_leaves_the_line(
+    mg_home: str,
+) -> None:
+    line = mg._GPU_GATE.turns(mg._gpu_lock_path()).line
+    order: list[int] = []
+
+    def take(n: int) -> None:
+        with mg.exclusive_gpu(f"thread {n}"):
+            order.append(n)
+
+    with gpu_gate_held_by_another_thread("holder"):
+        threads = []
+        for n in range(4):
+            threads.append(threading.Thread(target=take, args=(n,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(line) < n + 2 and time.monotonic() < deadline:  # the holder + n + 1
+                time.sleep(0.001)
+            assert len(line) == n + 2
+        with pytest.raises(mg.GPUBusy), mg.exclusive_gpu("impatient", timeout=0.1):
+            pytest.fail("the body must not run")
+        assert len(line) == 5  # the one that gave up left the line
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2, 3]
+    assert line == [] and mg.read_gpu_gate() is None
+
+
 def test_waiting_logs_one_warning_per_interval_naming_the_holder(
     mg_home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8298,6 +8298,9 @@ class _Worker:
         except Exception as exc:  # a bug here must still stop the worker cleanly
             reason, code = f"{type(exc).__name__}: {_label(exc)}", 1
         self._shutdown(reason)
+        # Stopped: a later SIGTERM has nothing left to stop. Ignored, it cannot turn this
+        # exit code into "killed" once the interpreter restores the default action.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return code
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
@@ -9181,7 +9184,8 @@ _pool_lock = _thread.allocate_lock()  # never held while a worker loads or stops
 _pool_starting: set[str] = set()  # keys whose worker is loading (other callers wait)
 _pool_failures: dict[str, list[float]] = {}  # key → monotonic times its worker died/failed
 _pool_banned: dict[str, str] = {}  # key → the fatal error that ended its worker
-_pool_restart: dict[str, str] = {}  # key → why its previous worker ended (the next one waits)
+# key → why its previous worker ended (the next one waits for cadence) and its idle limit
+_pool_restart: dict[str, tuple[str, float]] = {}
 _pool_generation = 0  # bumped by shutdown_all_workers(): a load that began before is dropped
 _pool_atexit_registered = False
 _pool_condition_box: list[Any] = []
@@ -9205,9 +9209,12 @@ def _pool_failed(key: str, fatal_error: str | None = None) -> None:
         _pool_banned[key] = fatal_error
 
 
-def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int, str | None]:
+def _pool_claim(
+    key: str, model: str
+) -> tuple[MLXSubprocessRunner | None, int, tuple[str, float] | None]:
     """``(live runner, _, _)``, or ``(None, generation, restart)`` with ``key`` claimed for
-    starting; ``restart`` says why the library starts that model's worker again.
+    starting; ``restart``: why the library starts that model's worker again, and the idle
+    limit its predecessor had.
 
     A dead pooled runner is reaped (outside the lock). Raises
     ``SubprocessCrashError`` when the worker may not be (re)started.
@@ -9234,14 +9241,15 @@ def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int, 
                 dead = runner
                 if runner.exitcode == 0:  # it stopped by itself after idling
                     _log().info("metal_guard: pooled MLX worker for %s had stopped", model)
-                    _pool_restart[key] = f"its worker stopped after {runner.idle_timeout:g} s idle"
+                    why = f"its worker stopped after {runner.idle_timeout:g} s idle"
                 else:
-                    _pool_restart[key] = f"its worker died (exit code {runner.exitcode})"
+                    why = f"its worker died (exit code {runner.exitcode})"
                     _log().warning(
                         "metal_guard: %s; replacing it",
                         SubprocessCrashError(model, runner.exitcode, "pooled worker")._message(),
                     )
                     _pool_failed(key)
+                _pool_restart[key] = (why, runner.idle_timeout)
             if key not in _pool_starting:
                 break
             condition.wait()  # another caller is starting this worker
@@ -9351,9 +9359,16 @@ def call_model_isolated(
     key = f"{model_id}:{backend}"
     runner, generation, restart = _pool_claim(key, model_id)
     if runner is None:
+        if restart is not None and idle is None:
+            idle = restart[1]  # a replacement keeps the limit its predecessor was given
         try:
             runner = _pool_start(
-                key, model_id, backend, generation, idle_timeout=idle, restart=restart
+                key,
+                model_id,
+                backend,
+                generation,
+                idle_timeout=idle,
+                restart=None if restart is None else restart[0],
             )
         except _REFUSALS:
             raise
@@ -9393,7 +9408,10 @@ def _evict(key: str, runner: MLXSubprocessRunner, *, failed: bool = True) -> Non
             del _runner_pool[key]
         if failed:
             _pool_failed(key, runner.fatal_error)
-            _pool_restart[key] = f"its worker failed (exit code {runner.exitcode})"
+            _pool_restart[key] = (
+                f"its worker failed (exit code {runner.exitcode})",
+                runner.idle_timeout,
+            )
 
 
 def shutdown_all_workers() -> None:

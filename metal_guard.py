@@ -35,6 +35,8 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
 3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
+3.10 Cadence rules — the cadence store's format, read and pruned, and the
+    arithmetic of waiting; pure functions.
 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
     reported.
 4.2 Cadence — refuse back-to-back model loads, across processes.
@@ -1878,8 +1880,8 @@ class MetalOOMError(RuntimeError):
 # (cadence ``admit``/``mark_load``, ``bench_scoped_load``); the release barrier
 # waits for memory to come back to it.
 #
-# Provides: ReleaseStats, _load_baseline_bytes, _read_memory_stats, _remember_load_baseline,
-#   _total_memory_bytes
+# Provides: ReleaseStats, _load_baseline_bytes, _mlx_allocation_mark, _mlx_memory_grew,
+#   _read_memory_stats, _remember_load_baseline, _total_memory_bytes
 # Uses: Prelude, Processes, Files, MLX access
 # =============================================================================
 
@@ -2034,6 +2036,31 @@ def _remember_load_baseline() -> int:
 def _load_baseline_bytes() -> int | None:
     """The baseline recorded by the last admitted load of this process, if any."""
     return _load_baseline[0] if _load_baseline else None
+
+
+def _mlx_allocation_mark() -> tuple[int, int] | None:
+    """MLX's ``(active, peak)`` bytes now; ``None`` while ``mlx.core`` is not imported.
+
+    Only looks, like ``_remember_load_baseline``: MLX is never imported here, and a
+    process that has not imported it holds nothing on the GPU. Never raises.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return None
+    return _mlx_number(mx, "get_active_memory"), _mlx_number(mx, "get_peak_memory")
+
+
+_ALLOCATION_NOISE_BYTES = 64 * 1024  # constants a library creates on import are not a model
+
+
+def _mlx_memory_grew(mark: tuple[int, int] | None) -> bool:
+    """Whether MLX allocated since ``mark`` (``_mlx_allocation_mark``): active or peak
+    memory rose by more than 64 KiB (importing mlx-lm alone creates a few bytes)."""
+    now = _mlx_allocation_mark()
+    if now is None:
+        return False
+    before = mark or (0, 0)
+    return max(now[0] - before[0], now[1] - before[1]) > _ALLOCATION_NOISE_BYTES
 
 
 @_dataclass(frozen=True)
@@ -4241,6 +4268,155 @@ def describe_process_mode() -> dict[str, Any]:
 
 
 # =============================================================================
+# 3.10 Cadence rules — the cadence store's format, read and pruned, and the
+# arithmetic of waiting; pure functions.
+#
+# The store is the original metal-guard's flat JSON object of model id → epoch
+# seconds of the last load; our additions (unloads, pids) live under the
+# reserved key. What a store says is decided here, without files or locks.
+#
+# Provides: _Admission, _CadenceEvents, _cadence_spellings, _prune_cadence_store, _wait_sec,
+#   _CADENCE_CLOCK_SLACK, _CADENCE_KEEP_SEC, _CADENCE_RESERVED, _CADENCE_SCHEMA,
+#   _CADENCE_WAIT_STEP
+# Uses: Prelude, Model identity
+# =============================================================================
+
+_CADENCE_RESERVED = "__metal_guard__"
+_CADENCE_SCHEMA = 1
+_CADENCE_KEEP_SEC = 4 * 3600.0
+_CADENCE_CLOCK_SLACK = (
+    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+)
+_CADENCE_WAIT_STEP = 0.05  # added to a wait so the decision after it falls past the window
+
+
+def _wait_sec(seconds: float) -> float:
+    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
+    import math
+
+    if not _finite(seconds):
+        return 0.0 if seconds != seconds or seconds < 0 else seconds
+    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
+
+
+class _Admission:
+    """What one ``admit`` wrote, so that a load that never happened can be taken back."""
+
+    __slots__ = ("before", "canon", "pid", "pid_before", "ts")
+
+    def __init__(self, canon: str, ts: float, before: dict[str, Any], pid_before: object) -> None:
+        self.canon = canon
+        self.ts = ts  # the value written under every key in ``before``
+        self.pid = os.getpid()
+        self.before = before  # key → its value before the admission (None: absent)
+        self.pid_before = pid_before
+
+
+class _CadenceEvents:
+    """What a cadence store says, keyed by case-folded canonical id."""
+
+    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
+        """``horizon``: skip records dated after it, listing their keys in ``future``."""
+        self.now = now
+        self.horizon = _INF if horizon is None else horizon
+        self.future: set[str] = set()
+        self.names: dict[str, str] = {}
+        self.loads: dict[str, float] = {}
+        self.unloads: dict[str, float] = {}
+        self.pids: dict[str, int] = {}
+        for key, value in data.items():
+            ts = _number(value)
+            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+            if ts is None or canon is None:
+                continue
+            if ts > self.horizon:
+                self.future.add(key)
+                continue
+            fold = canon.casefold()
+            if ts >= self.loads.get(fold, float("-inf")):
+                self.loads[fold], self.names[fold] = ts, canon
+        reserved = data.get(_CADENCE_RESERVED)
+        if isinstance(reserved, dict):
+            self._read_reserved(reserved)
+
+    def _read_reserved(self, reserved: dict[str, Any]) -> None:
+        unloads = reserved.get("unloads")
+        for key, value in unloads.items() if isinstance(unloads, dict) else ():
+            ts, canon = _number(value), _lenient_model_id(key)
+            if ts is not None and ts > self.horizon:
+                self.future.add(key)
+            elif ts is not None and canon is not None:
+                fold = canon.casefold()
+                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
+                self.names.setdefault(fold, canon)
+        pids = reserved.get("pids")
+        for key, value in pids.items() if isinstance(pids, dict) else ():
+            canon = _lenient_model_id(key)
+            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
+                self.pids[canon.casefold()] = value
+
+    def last_event(self, fold: str) -> float | None:
+        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
+        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
+        return min(max(times), self.now) if times else None
+
+    def latest_other(self, fold: str) -> tuple[str, float] | None:
+        best: tuple[str, float] | None = None
+        for other in self.names:
+            if other == fold:
+                continue
+            ts = self.last_event(other)
+            if ts is not None and (best is None or ts > best[1]):
+                best = (self.names[other], ts)
+        return best
+
+
+def _cadence_spellings(mapping: dict[str, Any], canon: str) -> list[str]:
+    """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
+    fold = canon.casefold()
+    return [
+        key
+        for key in mapping
+        if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
+    ]
+
+
+def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[str, Any]:
+    """Drop entries older than ``keep`` s, pull future-dated ones back to ``now``;
+    return the reserved object (created when missing)."""
+    for key in list(data):
+        if key == _CADENCE_RESERVED:
+            continue
+        ts = _number(data[key])
+        if ts is None:
+            continue  # not ours to judge; the original metal-guard ignores such values too
+        if ts < now - keep:
+            del data[key]
+        elif ts > now + _CADENCE_CLOCK_SLACK:
+            data[key] = now
+    reserved = data.get(_CADENCE_RESERVED)
+    if not isinstance(reserved, dict):
+        reserved = data[_CADENCE_RESERVED] = {}
+    reserved["schema"] = _CADENCE_SCHEMA
+    unloads = reserved.get("unloads")
+    if not isinstance(unloads, dict):
+        unloads = reserved["unloads"] = {}
+    for key in list(unloads):
+        ts = _number(unloads[key])
+        if ts is None or ts < now - keep:
+            del unloads[key]
+        elif ts > now + _CADENCE_CLOCK_SLACK:
+            unloads[key] = now
+    pids = reserved.get("pids")
+    if not isinstance(pids, dict):
+        pids = reserved["pids"] = {}
+    for key in list(pids):
+        if key not in data and key not in unloads:
+            del pids[key]
+    return reserved
+
+
+# =============================================================================
 # 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is reported.
 #
 # ``METALGUARD_MODE`` is read on every decision. In ``defensive`` mode (the
@@ -4356,38 +4532,23 @@ class _ObservedRefusals:
 # =============================================================================
 # 4.2 Cadence — refuse back-to-back model loads, across processes.
 #
-# The store is the original metal-guard's format (a flat JSON object of model
-# id → epoch seconds of the last load); our additions live under the reserved key
-# ``"__metal_guard__"``. ``admit`` checks and records in one critical section
+# The store's format is section 3.10's. ``admit`` checks and records in one critical section
 # under the file lock, so of N racing processes exactly one is admitted. The
 # dangerous window follows the unload: intervals count from the later of the two.
+# ``wait=`` sleeps with the lock released, then decides again under it. A load
+# that raised before MLX allocated anything is taken back, record by exact value.
 #
 # Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
 #   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
 #   _default_guard, _rebuild_exception
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity,
-#   Modes (L6)
+#   Cadence rules, Modes (L6)
 # =============================================================================
 
 GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
 _CROSS_MODEL_ENV_VAR = "METALGUARD_CROSS_MODEL_INTERVAL"
 _CADENCE_PATH_DEFAULT: str | None = None
-_CADENCE_RESERVED = "__metal_guard__"
-_CADENCE_SCHEMA = 1
-_CADENCE_KEEP_SEC = 4 * 3600.0
-_CADENCE_CLOCK_SLACK = (
-    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
-)
 _INTERVAL_MAX = 7 * 86400.0
-
-
-def _wait_sec(seconds: float) -> float:
-    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
-    import math
-
-    if not _finite(seconds):
-        return 0.0 if seconds != seconds or seconds < 0 else seconds
-    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
 
 
 _block_crumb_lock = _thread.allocate_lock()
@@ -4492,63 +4653,14 @@ def _interval_arg(name: str, value: object) -> float:
     return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
 
 
-class _CadenceEvents:
-    """What a cadence store says, keyed by case-folded canonical id."""
-
-    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
-        """``horizon``: skip records dated after it, listing their keys in ``future``."""
-        self.now = now
-        self.horizon = _INF if horizon is None else horizon
-        self.future: set[str] = set()
-        self.names: dict[str, str] = {}
-        self.loads: dict[str, float] = {}
-        self.unloads: dict[str, float] = {}
-        self.pids: dict[str, int] = {}
-        for key, value in data.items():
-            ts = _number(value)
-            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
-            if ts is None or canon is None:
-                continue
-            if ts > self.horizon:
-                self.future.add(key)
-                continue
-            fold = canon.casefold()
-            if ts >= self.loads.get(fold, float("-inf")):
-                self.loads[fold], self.names[fold] = ts, canon
-        reserved = data.get(_CADENCE_RESERVED)
-        if isinstance(reserved, dict):
-            self._read_reserved(reserved)
-
-    def _read_reserved(self, reserved: dict[str, Any]) -> None:
-        unloads = reserved.get("unloads")
-        for key, value in unloads.items() if isinstance(unloads, dict) else ():
-            ts, canon = _number(value), _lenient_model_id(key)
-            if ts is not None and ts > self.horizon:
-                self.future.add(key)
-            elif ts is not None and canon is not None:
-                fold = canon.casefold()
-                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
-                self.names.setdefault(fold, canon)
-        pids = reserved.get("pids")
-        for key, value in pids.items() if isinstance(pids, dict) else ():
-            canon = _lenient_model_id(key)
-            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
-                self.pids[canon.casefold()] = value
-
-    def last_event(self, fold: str) -> float | None:
-        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
-        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
-        return min(max(times), self.now) if times else None
-
-    def latest_other(self, fold: str) -> tuple[str, float] | None:
-        best: tuple[str, float] | None = None
-        for other in self.names:
-            if other == fold:
-                continue
-            ts = self.last_event(other)
-            if ts is not None and (best is None or ts > best[1]):
-                best = (self.names[other], ts)
-        return best
+def _wait_arg(value: object) -> float | None:
+    """``wait=``: ``False`` → 0 (refuse at once), ``True`` → ``None`` (up to the interval
+    that applies), else seconds in ``[0, a week]`` (``TypeError``/``ValueError``)."""
+    if value is False:
+        return 0.0
+    if value is True:
+        return None
+    return _seconds_arg("wait", value, maximum=_INTERVAL_MAX)
 
 
 def _cadence_path(path: StrPath | None) -> str:
@@ -4653,46 +4765,7 @@ class CadenceGuard:
             self._cross_interval,
             GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
         )
-        for key in list(data):
-            if key == _CADENCE_RESERVED:
-                continue
-            ts = _number(data[key])
-            if ts is None:
-                continue  # not ours to judge; the original metal-guard ignores such values too
-            if ts < now - keep:
-                del data[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                data[key] = now
-        reserved = data.get(_CADENCE_RESERVED)
-        if not isinstance(reserved, dict):
-            reserved = data[_CADENCE_RESERVED] = {}
-        reserved["schema"] = _CADENCE_SCHEMA
-        unloads = reserved.get("unloads")
-        if not isinstance(unloads, dict):
-            unloads = reserved["unloads"] = {}
-        for key in list(unloads):
-            ts = _number(unloads[key])
-            if ts is None or ts < now - keep:
-                del unloads[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                unloads[key] = now
-        pids = reserved.get("pids")
-        if not isinstance(pids, dict):
-            pids = reserved["pids"] = {}
-        for key in list(pids):
-            if key not in data and key not in unloads:
-                del pids[key]
-        return reserved
-
-    @staticmethod
-    def _spellings(mapping: dict[str, Any], canon: str) -> list[str]:
-        """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
-        fold = canon.casefold()
-        return [
-            key
-            for key in mapping
-            if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
-        ]
+        return _prune_cadence_store(data, now, keep)
 
     def _violation(
         self, canon: str, cross: float, events: _CadenceEvents
@@ -4721,7 +4794,7 @@ class CadenceGuard:
         if reserved is None:
             reserved = self._prune(data, time.time())
         mapping = reserved["unloads"] if unload else data
-        spellings = self._spellings(mapping, canon)
+        spellings = _cadence_spellings(mapping, canon)
         # Never move a record backwards: a late or stale mark (another process's
         # delayed unload, a backdated ``ts``) must not shorten anyone's window.
         ts = max([ts, *(t for key in spellings if (t := _number(mapping[key])) is not None)])
@@ -4761,29 +4834,69 @@ class CadenceGuard:
         if violation is not None:
             _refuse(violation)
 
-    def admit(self, model_id: StrPath) -> bool:
+    def admit(self, model_id: StrPath, *, wait: bool | float = False) -> bool:
         """Check and record a load in one critical section (atomic across processes).
 
         Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
         soon; otherwise the caller may load. Returns whether the load was
         recorded: ``False`` when the store is unusable (it fails open with one
         WARNING; a ``strict`` guard raises instead).
+
+        ``wait=True`` waits until the load is allowed, never longer than the
+        interval that applies (plus a second of clock slack); a number waits at
+        most that many seconds. Each wait sleeps without the store's lock and is
+        followed by a fresh atomic decision; still too soon when the wait is
+        spent → the same exceptions as without it. A call that waits logs one
+        WARNING naming the model and the wait.
         """
+        return self._admit(model_id, wait)[0]
+
+    def _admit(self, model_id: StrPath, wait: object) -> tuple[bool, _Admission | None]:
+        """``admit``; also returns what it recorded (``None``: nothing)."""
+        budget = _wait_arg(wait)
         canon = canonical_model_id(model_id)
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
         observing = is_observer()  # the load goes ahead after a refusal: record it too
+        start = time.monotonic()
+        deadline = None if budget is None else start + budget
+        admission: list[_Admission] = []
+        waited = False
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
             reserved = self._prune(data, now)
             violation = self._violation(canon, cross, _CadenceEvents(data, now))
-            if violation is None or observing:
+            if violation is None or (observing and final):
+                keys = [*_cadence_spellings(data, canon), canon]
+                before = {key: data.get(key) for key in keys}
+                pid_before = reserved["pids"].get(canon)
                 self._record(data, canon, now, unload=False, reserved=reserved)
+                admission[:] = [_Admission(canon, data[canon], before, pid_before)]
             return violation
 
-        stored, violation = self._update(decide)
+        while True:
+            final = deadline is not None and time.monotonic() >= deadline
+            stored, violation = self._update(decide)
+            if violation is None or final:
+                break
+            if deadline is None:  # wait=True: bounded by the interval that applies
+                deadline = start + violation.min_interval + _CADENCE_CLOCK_SLACK
+            pause = max(
+                0.0, min(violation.remaining_sec + _CADENCE_WAIT_STEP, deadline - time.monotonic())
+            )
+            if not waited:
+                waited = True
+                _log().warning(
+                    "metal_guard: cadence: waiting %.1f s before loading %s (%s)",
+                    pause,
+                    canon,
+                    violation,
+                )
+                _breadcrumb(f"CADENCE_WAIT: {canon} wait={pause:.1f}s")
+            time.sleep(pause)  # without the store's lock: others decide meanwhile
+        recorded = admission[0] if stored and admission else None
         if violation is not None:
             if _first_block_of_window(canon, violation.last_ts):
                 _breadcrumb(
@@ -4791,12 +4904,46 @@ class CadenceGuard:
                 )
             _refuse(violation)  # observer mode: one WARNING, and the load goes ahead
             _remember_load_baseline()
-            return stored
+            return stored, recorded
         _remember_load_baseline()  # what the release barrier waits for after the unload
+        waited_text = f" after waiting {time.monotonic() - start:.1f}s" if waited else ""
         _breadcrumb(
-            f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
+            f"CADENCE_ADMIT: {canon}{waited_text}"
+            + ("" if stored else " (store unusable: not recorded)")
         )
-        return stored
+        return stored, recorded
+
+    def _take_back(self, admission: _Admission) -> bool:
+        """Remove exactly the load record ``admission`` wrote (a load that never happened).
+
+        Under the store's lock: each key still holding our time gets its previous
+        value back; a record another process wrote since (a later load, another
+        pid) stays. Returns whether anything was taken back.
+        """
+
+        def undo(data: dict[str, Any]) -> bool:
+            reserved = data.get(_CADENCE_RESERVED)
+            pids = reserved.get("pids") if isinstance(reserved, dict) else None
+            if (
+                not isinstance(pids, dict)
+                or pids.get(admission.canon) != admission.pid
+                or _number(data.get(admission.canon)) != admission.ts
+            ):
+                return False
+            for key, value in admission.before.items():
+                if _number(data.get(key)) != admission.ts:
+                    continue
+                if value is None:
+                    del data[key]
+                else:
+                    data[key] = value
+            if admission.pid_before is None:
+                del pids[admission.canon]
+            else:
+                pids[admission.canon] = admission.pid_before
+            return True
+
+        return bool(self._update(undo)[1])
 
     def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
         """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
@@ -4823,10 +4970,15 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         return _CadenceEvents(self._read(), time.time()).last_event(canon.casefold())
 
-    def scope(self, model_id: StrPath) -> _CadenceScope:
-        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload."""
+    def scope(self, model_id: StrPath, *, wait: bool | float = False) -> _CadenceScope:
+        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload.
+
+        ``wait`` as for ``admit``. A body that raises before MLX's memory grew
+        loaded nothing: its load record is taken back and no unload is marked.
+        """
         canonical_model_id(model_id)
-        return _CadenceScope(self, model_id)
+        _wait_arg(wait)
+        return _CadenceScope(self, model_id, wait)
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
         """What the store says and what is blocked now, for how long (never writes).
@@ -4904,25 +5056,51 @@ class CadenceGuard:
 
 
 class _CadenceScope:
-    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit."""
+    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit.
 
-    __slots__ = ("guard", "model_id")
+    A body that raises before MLX's active (or peak) memory grew did not load:
+    its record is taken back instead. Without ``mlx.core`` imported by then,
+    nothing can have reached the GPU, so such a failure is not counted either.
+    """
 
-    def __init__(self, guard: CadenceGuard, model_id: StrPath) -> None:
+    __slots__ = ("_admission", "_mark", "guard", "model_id", "wait")
+
+    def __init__(self, guard: CadenceGuard, model_id: StrPath, wait: object = False) -> None:
         self.guard = guard
         self.model_id = model_id
+        self.wait = wait
+        self._admission: _Admission | None = None
+        self._mark: tuple[int, int] | None = None
 
     def __enter__(self) -> CadenceGuard:
-        self.guard.admit(self.model_id)
+        self._mark = _mlx_allocation_mark()
+        self._admission = self.guard._admit(self.model_id, self.wait)[1]
         return self.guard
 
     def __exit__(self, *exc: object) -> None:
+        admission, self._admission = self._admission, None
+        if exc[1] is not None and admission is not None and not _mlx_memory_grew(self._mark):
+            self._not_counted(admission, exc[1])
+            return
         try:
             self.guard.mark_unload(self.model_id)
         except CadenceStoreError as err:  # strict guard: never mask the body's exception
             if exc[1] is None:
                 raise
             _log().warning("metal_guard: %s", err)
+
+    def _not_counted(self, admission: _Admission, error: object) -> None:
+        why = f"{type(error).__name__} before MLX memory grew"
+        try:
+            taken = self.guard._take_back(admission)
+        except CadenceStoreError as err:  # strict guard: never mask the body's exception
+            _log().warning("metal_guard: %s", err)
+            return
+        if taken:
+            _log().info(
+                "metal_guard: cadence: %s is not counted as a load (%s)", admission.canon, why
+            )
+            _breadcrumb(f"CADENCE_UNCOUNTED: {admission.canon} ({why})")
 
 
 def _cross_model_interval(explicit: object = 0.0) -> float:
@@ -4956,19 +5134,22 @@ def require_cadence_clear(
     min_interval_sec: float = 180.0,
     cross_model_interval_sec: float = 0.0,
     guard: CadenceGuard | None = None,
+    wait: bool | float = False,
 ) -> None:
     """Call right before ``mlx_lm.load``: raises ``CadenceViolation`` or records the load.
 
     With ``guard`` its own intervals apply. Without, a default-path guard is
     built whose cross-model base is the argument when > 0, else
     ``METALGUARD_CROSS_MODEL_INTERVAL``, else 0 (gemma-4 targets still get
-    the 90 s floor).
+    the 90 s floor). ``wait`` as for ``CadenceGuard.admit`` (``True``: wait
+    until the load is allowed, at most the interval; a number: at most that
+    many seconds).
     """
     if guard is None:
         guard = _default_guard(min_interval_sec, cross_model_interval_sec)
     elif not isinstance(guard, CadenceGuard):
         raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    guard.admit(model_id)
+    guard.admit(model_id, wait=wait)
 
 
 def cadence_scope(
@@ -4977,13 +5158,18 @@ def cadence_scope(
     min_interval_sec: float = 180.0,
     cross_model_interval_sec: float = 0.0,
     guard: CadenceGuard | None = None,
+    wait: bool | float = False,
 ) -> _CadenceScope:
-    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload."""
+    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload.
+
+    ``wait`` as for ``CadenceGuard.admit``. A body that raises before MLX's
+    memory grew (a missing folder, no network) is not counted as a load.
+    """
     if guard is None:
         guard = _default_guard(min_interval_sec, cross_model_interval_sec)
     elif not isinstance(guard, CadenceGuard):
         raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    return guard.scope(model_id)
+    return guard.scope(model_id, wait=wait)
 
 
 # =============================================================================
@@ -5483,6 +5669,7 @@ class CircuitBreaker:
             "archived_panics": 0,
             "recent_panics": [],
             "problem": None,
+            "state_problem": None,  # why breaker.json cannot be read, if it cannot
             "in_cooldown": False,
             "cooldown_remaining_sec": 0.0,
             "recent_panic_count": 0,
@@ -5491,6 +5678,7 @@ class CircuitBreaker:
             when = time.time() if now is None else _real_arg("now", now)
             state, problem = self._state.read()
             if problem is not None:
+                doc["state_problem"] = problem
                 doc["problem"] = f"breaker state unreadable: {problem}"
             archived = read_panic_archive(self._jsonl_path)
             panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
@@ -8218,17 +8406,6 @@ class _InheritedFd:
         return _InheritedFd(fd)
 
 
-def _admit_waiting(model_id: str, guard: CadenceGuard | None) -> None:
-    """``require_cadence_clear(model_id, guard=guard, wait=True)``: admit, waiting at most
-    the interval that applies (a refusal after that wait still raises)."""
-    # SHIM until Cadence (4.2) waits by itself: one wait of the time left, then admit again.
-    try:
-        require_cadence_clear(model_id, guard=guard)
-    except CadenceViolation as exc:
-        time.sleep(max(0.0, exc.remaining_sec))
-        require_cadence_clear(model_id, guard=guard)
-
-
 def _worker_main(
     model_id: str,
     backend: str,
@@ -8397,7 +8574,7 @@ class _Worker:
             wait = exc.remaining_sec
             _breadcrumb(f"SUBPROCESS_WORKER: {self.label} waits {wait:.1f}s for cadence")
             self._send({"type": "waiting", "seconds": wait, "error": f"{exc}"})
-            _admit_waiting(self.model_id, self.cadence)
+            require_cadence_clear(self.model_id, guard=self.cadence, wait=True)
 
     def _load(self) -> tuple[Any, Any]:
         import importlib
@@ -9440,8 +9617,9 @@ def shutdown_all_workers() -> None:
 # then prints exactly one JSON document on stdout, usage errors included.
 #
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
-#   _UsageError, _ago, _cli_parser, _pairs, _show, _table
-# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
+#   _UsageError, _ago, _cli_parser, _fault_message, _pairs, _require_state_folder, _show, _table,
+#   _unreadable_state, _unreadable_text
+# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9504,6 +9682,11 @@ def _line_count(text: str) -> int:
     return _cli_arg(text, check, "a whole number 0..1000000")
 
 
+def _exit_codes(codes: str, error: str = "1 error") -> str:
+    """A subcommand's help epilog: its exit codes (``codes`` for 0 and 2, then 1 and 64)."""
+    return f"Exit codes: {codes}, {error}, 64 usage error."
+
+
 def _model_arg(text: str) -> str:
     import argparse
 
@@ -9557,27 +9740,58 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         "else 0; gemma-4 models always get at least 90)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    status = commands.add_parser(
-        "status", parents=[json_flag], help="version, MLX, state, cadence, breaker, recent panics"
+
+    def command(
+        name: str, summary: str, codes: str = "0 shown", error: str = "1 error", **kwargs: Any
+    ) -> Any:
+        """A subcommand whose --help opens with ``summary`` and ends with its exit codes."""
+        description = summary[0].upper() + summary[1:] + "."
+        epilog = _exit_codes(codes, error)
+        return commands.add_parser(
+            name, help=summary, description=description, epilog=epilog, **kwargs
+        )
+
+    status = command(
+        "status",
+        "version, MLX, state, cadence, breaker, recent panics (never writes)",
+        parents=[json_flag],
     )
     status.add_argument(
         "--device",
         action="store_true",
         help="also import mlx.core to show the device (initialises Metal: avoid during a cooldown)",
     )
-    check = commands.add_parser(
+    check = command(
         "check",
+        "pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
+        "0 go, 2 blocked (breaker cooldown, cadence, --refuse-known)",
+        "1 error (a state file is unreadable, or --admit could not record the load)",
         parents=[json_flag, intervals],
-        help="pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
     )
     check.add_argument("model", type=_model_arg, metavar="MODEL", help="repo id or local path")
     check.add_argument("--admit", action="store_true", help="record the load when it may go")
+    check.add_argument(
+        "--wait",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_nonnegative_seconds,
+        metavar="SEC",
+        help="with --admit: wait for the cadence instead of exiting 2 (at most the interval, "
+        "or at most SEC seconds with --wait=SEC)",
+    )
     check.add_argument(
         "--refuse-known",
         action="store_true",
         help="exit 2 for a model in the known-panic registry (default: advisory, exit 0)",
     )
-    panics = commands.add_parser("panics", parents=[json_flag], help="kernel-panic reports")
+    panics = command(
+        "panics",
+        "kernel-panic reports (or the archive), newest last",
+        "0 shown",
+        "1 error (no such --dir folder)",
+        parents=[json_flag],
+    )
     panics.add_argument("--dir", metavar="D", help="report folder (default: the system's)")
     panics.add_argument(
         "--since", type=_nonnegative_hours, metavar="HOURS", help="only the last HOURS hours"
@@ -9585,12 +9799,33 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     panics.add_argument(
         "--archive", action="store_true", help="show the archive (panics.jsonl) instead"
     )
-    breaker = commands.add_parser("breaker", parents=[json_flag], help="circuit breaker")
-    breaker.add_argument("action", nargs="?", choices=("status", "clear"), default="status")
-    cadence = commands.add_parser(
-        "cadence", parents=[json_flag, intervals], help="recent model loads, what is blocked"
+    breaker = command(
+        "breaker",
+        "the circuit breaker that refuses MLX work after repeated IOGPU kernel panics",
+        "0 shown or cleared",
+        parents=[json_flag],
     )
-    cadence.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    breaker.add_argument(
+        "action",
+        nargs="?",
+        choices=("status", "clear"),
+        default="status",
+        help="status (default): the state, recent panics, whether a cooldown runs; "
+        "clear: end a cooldown and forget the panics seen so far",
+    )
+    cadence = command(
+        "cadence",
+        "recent model loads and what the cadence blocks now",
+        "0 shown or cleared (show exits 0 even when blocked: use check)",
+        parents=[json_flag, intervals],
+    )
+    cadence.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "clear"),
+        default="show",
+        help="show (default): loads, unloads and what is blocked; clear: forget them",
+    )
     cadence.add_argument(
         "model",
         nargs="?",
@@ -9598,18 +9833,16 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         metavar="MODEL",
         help="show whether this model may load now (with clear: forget only this model)",
     )
-    commands.add_parser(
-        "lock", parents=[json_flag], help="who holds the MLX lock and the GPU gate, since when"
-    )
-    models = commands.add_parser("models", parents=[json_flag], help="known panic models")
+    command("lock", "who holds the MLX lock and the GPU gate, since when", parents=[json_flag])
+    models = command("models", "the registry of known panic models", parents=[json_flag])
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
-    crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
+    crumbs = command("breadcrumbs", "the last breadcrumb lines", parents=[json_flag])
     crumbs.add_argument("-n", type=_line_count, default=20, metavar="N", help="lines (default 20)")
-    commands.add_parser(
+    command(
         "audit",
-        parents=[json_flag],
-        help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
+        "system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
+        parents=[json_flag],
     )
     return parser, dict(commands.choices)
 
@@ -9644,6 +9877,66 @@ def _pairs(items: list[tuple[str, object]], indent: str = "  ") -> list[str]:
 
 def _ago(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
+
+
+# -- faults -------------------------------------------------------------------------
+
+
+def _require_state_folder() -> None:
+    """For commands that write state: a file where the state folder should be is the
+    error ``_ensure_dir`` raises, without creating the folder."""
+    home = _state_home()
+    if os.path.lexists(home) and not os.path.isdir(home):
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", home)
+
+
+def _fault_message(exc: BaseException) -> str:
+    """The one wording of an environment fault, whichever command met it."""
+    if isinstance(exc, CadenceStoreError):
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.filename is None:
+            return f"cannot use {exc.path}: {exc.reason}"
+        exc = cause
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return f"{type(exc).__name__}: {exc}"
+    path = os.fspath(exc.filename)
+    text = f"cannot use {path}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOTDIR and path == _state_home():
+        text += " (METALGUARD_HOME must name a folder: move the file aside or point it elsewhere)"
+    return text
+
+
+_UNREADABLE_FIX = {
+    "breaker.json": "move it aside or run `metal-guard breaker clear`",
+    "cadence.json": "move it aside or run `metal-guard cadence clear`",
+}
+
+
+def _unreadable_state(guard: CadenceGuard, now: float) -> dict[str, dict[str, str]]:
+    """State files ``check`` cannot read (the reading ``status`` shows), by file name."""
+    breaker = CircuitBreaker().status(now=now)
+    found = {
+        "breaker.json": (breaker["state_path"], breaker["state_problem"]),
+        "cadence.json": (guard.path, guard.status(now=now)["problem"]),
+    }
+    return {
+        name: {"path": path, "problem": problem, "what_to_do": _UNREADABLE_FIX[name]}
+        for name, (path, problem) in found.items()
+        if problem is not None
+    }
+
+
+def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise: str) -> str:
+    """``check``'s line for state file ``name``: what it cannot read and what to do, if so."""
+    if name not in unreadable:
+        return otherwise
+    entry = unreadable[name]
+    said = (
+        entry["problem"]
+        if entry["path"] in entry["problem"]
+        else f"{entry['path']}: {entry['problem']}"
+    )
+    return f"unreadable: {said}; {entry['what_to_do']}"
 
 
 # =============================================================================
@@ -9896,8 +10189,14 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
 
 def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     model: str = args.model
+    if args.wait is not False and not args.admit:
+        raise _CLIError("--wait needs --admit (only an admission waits)", _EXIT_USAGE)
+    _require_state_folder()  # without it no state can be read, nor the load recorded
     now = time.time()
     known = check_known_panic_model(model)
+    guard = _cadence_guard(args)
+    # read before the checks below, which may move a corrupt file aside
+    unreadable = _unreadable_state(guard, now)
     doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
     lines = [f"check {_show(model)}"]
     items: list[tuple[str, object]] = []
@@ -9925,7 +10224,7 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
     if cooling is None:
         doc["breaker"] = {"blocked": False}
-        items.append(("circuit breaker", "clear"))
+        items.append(("circuit breaker", _unreadable_text(unreadable, "breaker.json", "clear")))
     else:
         doc["breaker"] = {
             "blocked": cooldown is not None,
@@ -9942,7 +10241,6 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             doc["breaker"]["would_refuse"] = True
             items.append(("circuit breaker", observed + str(cooling)))
             would_refuse.append("circuit breaker cooldown")
-    guard = _cadence_guard(args)
     cadence: dict[str, Any] = {
         "path": guard.path,
         "min_interval_sec": guard.min_interval_sec,
@@ -9951,11 +10249,12 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
     }
     violation: CadenceViolation | None = None
     recorded = ""
+    started = time.monotonic()
     with _ObservedRefusals() as seen:
         try:
-            if args.admit and not blocked:
+            if args.admit and not blocked and not unreadable:
                 # an unusable store fails open: admitted, but not recorded
-                cadence["admitted"] = guard.admit(model)
+                cadence["admitted"] = guard.admit(model, wait=args.wait)
                 recorded = (
                     "; load recorded"
                     if cadence["admitted"]
@@ -9967,10 +10266,14 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
                 guard.check(model)
         except CadenceViolation as refused:
             violation = refused
+    if args.wait is not False:
+        cadence["waited_sec"] = round(time.monotonic() - started, 3)
+        if recorded and cadence["waited_sec"] >= 0.1:
+            recorded += f" after waiting {cadence['waited_sec']:.1f} s"
     exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
     if exc_seen is None:
         cadence["blocked"] = False
-        items.append(("cadence", "clear" + recorded))
+        items.append(("cadence", _unreadable_text(unreadable, "cadence.json", "clear" + recorded)))
     else:
         cadence.update(
             blocked=violation is not None,
@@ -9989,17 +10292,30 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
                 items.append(("note", recorded.removeprefix("; ")))
             would_refuse.append("cadence")
     doc["cadence"] = cadence
-    doc["decision"] = "blocked" if blocked else "go"
+    doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
     doc["blocked_by"] = blocked
     doc["would_refuse_by"] = would_refuse
-    if args.admit and blocked and not cadence["admitted"]:
-        items.append(("note", "the load was not recorded (blocked)"))
-    lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
+    doc["unreadable"] = unreadable
+    if args.admit and (blocked or unreadable) and not cadence["admitted"]:
+        why = "blocked" if blocked else "state unreadable"
+        items.append(("note", f"the load was not recorded ({why})"))
+    if blocked:
+        lines[0] += ": BLOCKED by " + ", ".join(blocked)
+    elif unreadable:
+        lines[0] += ": UNREADABLE state (" + ", ".join(unreadable) + "): cannot tell"
+    else:
+        lines[0] += ": GO"
     if would_refuse and not blocked:
         lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
     lines += _pairs(items)
     if blocked:
         return _EXIT_BLOCKED, doc, lines
+    if unreadable:
+        doc["error"] = "state unreadable: " + "; ".join(
+            _unreadable_text(unreadable, name, "").removeprefix("unreadable: ")
+            for name in unreadable
+        )
+        return _EXIT_ERROR, doc, lines
     if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
         doc["decision"] = "error"
         doc["error"] = "the load could not be recorded (cadence store unusable)"
@@ -10038,6 +10354,7 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     breaker = _breaker()
     now = time.time()
     if args.action == "clear":
+        _require_state_folder()
         was_active = breaker.clear()
         doc = {"cleared": True, "was_cooling_down": was_active, "state_path": breaker.state_path}
         message = "circuit breaker cleared" + (
@@ -10048,24 +10365,14 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
 
 
-def _usable_store_folder(path: str) -> None:
-    """``_CLIError`` (exit 1) when something other than a folder sits where the store's is."""
-    folder = os.path.dirname(path)
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise _CLIError(f"cannot use the cadence store {path}: {folder} is not a folder")
-
-
 def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
-        _usable_store_folder(guard.path)
+        _require_state_folder()
         # `clear` was asked for: failing open would claim a clear that did not happen
         guard.strict = True
-        try:
-            removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
-        except CadenceStoreError as exc:
-            raise _CLIError(f"cannot use the cadence store {exc.path}: {exc.reason}") from None
+        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
         return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
@@ -10341,8 +10648,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # environment faults (unwritable state, lock timeouts...)
-        code, doc, lines = _EXIT_ERROR, {"error": f"{type(exc).__name__}: {exc}"}, []
-        _emit(f"metal-guard {command}: error: {type(exc).__name__}: {exc}\n", sys.stderr)
+        code, doc, lines = _EXIT_ERROR, {"error": _fault_message(exc)}, []
+        _emit(f"metal-guard {command}: error: {doc['error']}\n", sys.stderr)
     finally:
         _log().removeHandler(warnings)
     if args.json:

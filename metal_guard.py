@@ -8859,6 +8859,7 @@ class MLXSubprocessRunner:
         self._hold_for: BaseProcess | None = None  # the worker the MLX-lock hold is for
         self._pid: int | None = None
         self._stopping = False  # shutdown()/kill() began while another thread was generating
+        self._retry_launch = False  # a restart after an idle exit was refused: try again
         self.fatal_error: str | None = None
 
     def _launch(self, *, restart: str | None) -> None:
@@ -9039,20 +9040,22 @@ class MLXSubprocessRunner:
         self._raise_reply(reply, "generate")
 
     def _idle_exited(self) -> bool:
-        """The worker exited by itself (code 0) while this runner still runs: it was idle."""
+        """The worker exited by itself (code 0) while this runner still runs: it was idle
+        (or the restart that followed was refused, and may be tried again)."""
         process = self._process
-        return (
-            process is not None
-            and process.exitcode == 0
-            and self._requests is not None
-            and not self._stopping
-        )
+        idle = process is not None and process.exitcode == 0 and self._requests is not None
+        return (idle or self._retry_launch) and not self._stopping
 
     def _relaunch(self, why: str) -> None:
         """Reap the exited worker and start another (the caller holds the request lock)."""
         self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why=why)
         _log().info("metal_guard: restarting the MLX worker for %s: %s", self.model_id, why)
-        self._launch(restart=why)
+        try:
+            self._launch(restart=why)
+        except _REFUSALS:  # e.g. another process took the MLX lock meanwhile: a decision
+            self._retry_launch = True
+            raise
+        self._retry_launch = False
 
     def _exchange(self, request: dict[str, Any], wait: float) -> dict[str, Any]:
         """Send one request and return its reply (the caller holds the request lock)."""
@@ -9210,12 +9213,14 @@ class MLXSubprocessRunner:
         """
         grace = _seconds_arg("timeout", timeout, maximum=_TIMEOUT_MAX)
         pid = self._pid
+        self._retry_launch = False
         owner = self._lock.acquire(timeout=grace)  # a generate in flight gets to finish first
         self._stop_as(owner, grace=grace, message_grace=grace, why="shutdown() was called")
         _log().info("metal_guard: MLX worker for %s (pid %s) stopped", self.model_id, pid)
 
     def kill(self) -> None:
         """Stop the worker without the shutdown message: SIGTERM, 5 s, then SIGKILL."""
+        self._retry_launch = False
         owner = self._lock.acquire(blocking=False)
         self._stop_as(owner, grace=5.0, message_grace=None, why="kill() was called")
 

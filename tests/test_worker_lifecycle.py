@@ -24,7 +24,15 @@ from pathlib import Path
 import pytest
 
 import metal_guard as mg
-from helpers import breadcrumb_messages, child_env, read_line, run_python, warnings_from
+from helpers import (
+    breadcrumb_messages,
+    child_env,
+    python_child,
+    read_line,
+    run_python,
+    stop_child,
+    warnings_from,
+)
 
 PROMPT = "hello world"
 
@@ -129,6 +137,17 @@ def test_a_runner_restarts_its_idle_worker_on_the_next_generate(
         _wait_until(lambda: not runner.is_alive(), 60, "the idle exit")
         assert runner.exitcode == 0
         _wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
+        holder = python_child(
+            "import sys, metal_guard as mg\nmg.acquire_mlx_lock('other app')\n"
+            "print('held', flush=True)\nsys.stdin.readline()\n"
+        )
+        try:  # another process took the lock while the worker was gone: a decision, raised
+            assert read_line(holder) == "held"
+            with pytest.raises(mg.MLXLockConflict):
+                runner.generate(PROMPT, max_tokens=4, temperature=0)
+        finally:
+            stop_child(holder)
+        # and the next generate tries the restart again
         assert runner.generate(PROMPT, max_tokens=4, temperature=0) == first
         assert runner.worker_pid not in (None, pid)
         assert mg.read_mlx_lock() is not None  # the new worker holds it again
@@ -288,7 +307,11 @@ def test_sigterm_again_and_again_never_needs_sigkill(
 ) -> None:
     """During the load, during generates (each taking the GPU gate, so signals land in
     lock and state-file code) and during the shutdown sequence: the worker always exits
-    by itself within the grace, the locks stay usable, and the runner never sends SIGKILL."""
+    by itself within the grace, the locks stay usable, and the runner never sends SIGKILL.
+
+    Real signals cannot be aimed at one instruction, so this is the end-to-end check; the
+    instruction-by-instruction proof that a stop never half-takes a lock is in
+    ``test_stops.py``."""
     caplog.set_level(logging.WARNING, logger="metal_guard")
     monkeypatch.setenv("METALGUARD_EXCLUSIVE_GPU", "1")  # the worker inherits it
     guard = mg.CadenceGuard(min_interval_sec=0)

@@ -126,6 +126,25 @@ def test_an_idle_pooled_worker_frees_the_mlx_lock_and_the_next_call_waits_for_ca
 
 
 @pytest.mark.mlx_lm
+@pytest.mark.multiprocess
+def test_a_crashed_pooled_worker_frees_the_lock_at_once_and_its_replacement_waits(
+    tiny_llama_path: str, mg_home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="metal_guard")
+    first = mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=4, temperature=0)
+    runner = mg._runner_pool[f"{tiny_llama_path}:mlx"]
+    pid = runner.worker_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # test only: a crash (the CPU build holds no Metal memory)
+    _wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
+    assert _acquire_elsewhere() == "acquired True"
+    _age_cadence_store(mg_home, 176)
+    assert mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=4, temperature=0) == first
+    waits = warnings_from(caplog, "cadence interval")
+    assert len(waits) == 1 and "its worker died (exit code -9)" in waits[0].getMessage()
+
+
+@pytest.mark.mlx_lm
 def test_a_runner_restarts_its_idle_worker_on_the_next_generate(
     tiny_llama_path: str, mg_home: str, caplog: pytest.LogCaptureFixture
 ) -> None:

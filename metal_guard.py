@@ -95,6 +95,8 @@ __version__ = "0.9.0"
 
 __all__ = [
     "__version__",
+    # 0.1 Prelude
+    "MetalGuardWarning",
     # 1.2 Locks
     "LockUnsupported",
     "StateLockTimeout",
@@ -208,12 +210,15 @@ __all__ = [
 # empty value counts as unset. Caller bugs get a clear TypeError/ValueError from
 # one family of checks (os.fspath for paths, one finite-number check). Logging,
 # json, re and dataclasses are imported on first use: importing them here would
-# more than double the cost of ``import metal_guard``.
+# more than double the cost of ``import metal_guard``. Advisories people must see
+# also go through ``warnings.warn`` as a ``MetalGuardWarning`` (imported on first
+# use too: it is not loaded at interpreter start).
 #
 # Provides: _ContextDecorator, _DEBUG, _INF, _LAZY_ATTRIBUTES, _TRUE_WORDS, _WARNING, _dataclass,
 #   _env_bool, _env_float, _env_int, _env_parsed, _env_path, _finite, _first_time, _gb_arg,
 #   _int_arg, _label, _log, _log_once, _number, _on_reset, _once_lock, _path_arg, _real_arg,
-#   _seconds_arg, _str_path
+#   _seconds_arg, _str_path,
+#   MetalGuardWarning, _warn
 # Uses: nothing
 # =============================================================================
 
@@ -251,6 +256,26 @@ def _log_once(key: str, level: int, msg: str, *args: object) -> None:
     """Log ``msg`` at ``level`` the first time ``key`` is seen in this process."""
     if _first_time(key):
         _log().log(level, msg, *args)
+
+
+class MetalGuardWarning(UserWarning):
+    """A startup advisory people must see: a known-panic model, a critical defect.
+
+    Issued with ``warnings.warn`` besides the log record, so that a program
+    that never configured logging still shows it (once per place, by Python's
+    default filter). Silence it with
+    ``warnings.simplefilter("ignore", metal_guard.MetalGuardWarning)``.
+    """
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn(message, MetalGuardWarning)`` attributed to the first caller outside this module."""
+    import warnings
+
+    level, frame = 1, sys._getframe(0)
+    while frame.f_globals.get("__name__") == __name__ and frame.f_back is not None:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, MetalGuardWarning, stacklevel=level)
 
 
 def _env_bad(name: str, raw: str, why: str, default: object) -> None:
@@ -402,8 +427,11 @@ def _finite(value: float) -> bool:
     return value == value and value not in (_INF, -_INF)
 
 
-def _real_arg(name: str, value: object) -> float:
-    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``."""
+def _real_arg(
+    name: str, value: object, *, minimum: float | None = None, above: bool = False
+) -> float:
+    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``;
+    at least ``minimum`` (``above``: more than it) when given."""
     if type(value) is not float and type(value) is not int:  # the common cases skip ``numbers``
         import numbers
 
@@ -415,6 +443,9 @@ def _real_arg(name: str, value: object) -> float:
         number = _INF
     if not _finite(number):
         raise ValueError(f"{name} must be a finite number, got {number!r}")
+    if minimum is not None and (number <= minimum if above else number < minimum):
+        bound = f"{'>' if above else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return number
 
 
@@ -433,12 +464,14 @@ def _number(value: object) -> float | None:
     return number if _finite(number) else None
 
 
-def _int_arg(name: str, value: object) -> int:
-    """An integer argument: ``int``, NumPy integers... not ``bool``."""
+def _int_arg(name: str, value: object, *, minimum: int | None = None) -> int:
+    """An integer argument: ``int``, NumPy integers... not ``bool``; at least ``minimum``."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
     return int(value)
 
 
@@ -1477,11 +1510,12 @@ class _JsonFile:
 # A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
 # followed by ``fsync``; what was acknowledged survives the reboot. The file
 # rotates to ``.1`` past ``METALGUARD_BREADCRUMB_MAX_BYTES``. The library writes
-# through the ``metal_guard`` singleton, looked up by name at call time, so
-# applications can redirect or capture breadcrumbs.
+# through the ``metal_guard`` singleton, which the MetalGuard section registers
+# here as a getter looked up at call time, so applications can redirect or
+# capture breadcrumbs.
 #
 # Provides: read_breadcrumbs, _BreadcrumbLog, _DEFAULT_PATH, _DefaultPath, _breadcrumb,
-#   _escape_line
+#   _escape_line, _guard_getter
 # Uses: Prelude, Files, Locks
 # =============================================================================
 
@@ -1619,16 +1653,18 @@ def _tail_lines(path: str, n: int) -> list[str]:
     return lines[-n:] if n else []
 
 
-def _guard_object() -> _BreadcrumbLog:
-    """The module's ``metal_guard`` singleton, looked up by name at each call.
+_guard_getter: list[Callable[[], _BreadcrumbLog]] = []  # set by the MetalGuard section
 
-    The singleton is built in the runtime tier (it is a ``MetalGuard``); earlier
-    sections reach it by name at call time, so an application that assigns
-    ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)`` redirects the
-    library's breadcrumbs too.
+
+def _guard_object() -> _BreadcrumbLog:
+    """The module's ``metal_guard`` singleton, through the getter its section registers.
+
+    The singleton is built in the runtime tier (it is a ``MetalGuard``); its
+    getter reads the module attribute at each call, so an application that
+    assigns ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)``
+    redirects the library's breadcrumbs too.
     """
-    guard: _BreadcrumbLog = globals()["metal_guard"]
-    return guard
+    return _guard_getter[0]()
 
 
 def _breadcrumb(msg: str) -> None:
@@ -1641,9 +1677,7 @@ def _breadcrumb(msg: str) -> None:
 
 def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
     """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
-    n = _int_arg("n", n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = _int_arg("n", n, minimum=0)
     target = _str_path("path", path) if path is not None else _guard_object().breadcrumb_path
     if not target or n == 0:
         return []
@@ -1661,7 +1695,8 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
 # every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
 # carries on, because a broken guard must never make inference worse than none.
 #
-# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _synchronize
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _stats_line,
+#   _synchronize
 # Uses: Prelude
 # =============================================================================
 
@@ -1849,12 +1884,18 @@ class MemoryStats:
         return 100.0 * self.peak_bytes / self.limit_bytes if self.limit_bytes else 0.0
 
     def __str__(self) -> str:
+        """The original's one line, exactly (code parses it): ``active=1.0GB peak=2.0GB
+        limit=48GB avail=47.0GB (active 2% / peak 4%)``."""
         return (
-            f"active={self.active_gb:.2f}GB peak={self.peak_gb:.2f}GB "
-            f"limit={self.limit_gb:.2f}GB available={self.available_gb:.2f}GB "
-            f"({self.active_pct:.1f}% active, {self.peak_pct:.1f}% peak) "
-            f"cache={self.cache_gb:.2f}GB footprint={self.footprint_gb:.2f}GB"
+            f"active={self.active_gb:.1f}GB peak={self.peak_gb:.1f}GB "
+            f"limit={self.limit_gb:.0f}GB avail={self.available_gb:.1f}GB "
+            f"(active {self.active_pct:.0f}% / peak {self.peak_pct:.0f}%)"
         )
+
+
+def _stats_line(stats: MemoryStats) -> str:
+    """``str(stats)`` plus the two numbers the original did not have, for log lines."""
+    return f"{stats} cache={stats.cache_gb:.2f}GB footprint={stats.footprint_gb:.2f}GB"
 
 
 class MetalOOMError(RuntimeError):
@@ -2102,10 +2143,7 @@ _POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than poll
 
 def _byte_count(name: str, value: object) -> int:
     """A byte-count argument: a finite real number ≥ 0, as ``int``."""
-    number = _real_arg(name, value)
-    if number < 0:
-        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
-    return int(number)
+    return int(_real_arg(name, value, minimum=0))
 
 
 def _await_memory(
@@ -2439,8 +2477,9 @@ KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
         "upstream": [_UPSTREAM_3186],
         "recommendation": (
             "A prompt-cache byte limit is not enough on a 32 GB machine. For long-running servers, "
-            "consider llama.cpp or Ollama; if you stay on MLX, do not raise the wired limit (see "
-            "'When metal-guard is not enough') and keep the per-inference flush on."
+            "consider llama.cpp or Ollama; if you stay on MLX, never wire memory "
+            "(limit_wired_memory(), policy 'off'; leave iogpu.wired_limit_mb at 0) and keep the "
+            "per-inference flush on."
         ),
         "hardware": [{"chip": "M4", "memory_gb": 32, "os": "macOS 26.4.1 (25E253)"}],
         "safer_alternative": None,
@@ -2487,7 +2526,8 @@ KNOWN_PANIC_MODELS: dict[str, dict[str, Any]] = {
         "upstream": [_UPSTREAM_883],
         "recommendation": (
             "Workload-dependent: the panic came with a long, growing context. Bound the context "
-            "length, keep the wired limit at its default, and watch KV growth in long sessions."
+            "length, never wire memory (limit_wired_memory(), policy 'off'; leave "
+            "iogpu.wired_limit_mb at 0), and watch KV growth in long sessions."
         ),
         "hardware": [{"chip": "M3 Ultra", "memory_gb": 96, "os": None}],
         "safer_alternative": None,
@@ -2571,7 +2611,11 @@ def check_known_panic_model(model_id: object) -> dict[str, Any] | None:
 
 
 def warn_if_known_panic_model(model_id: object) -> bool:
-    """True if ``model_id`` is a known panic model; the first call per model per process warns once."""
+    """True if ``model_id`` is a known panic model; the first call per model per process warns once.
+
+    The warning is a WARNING log record and a ``MetalGuardWarning`` (``warnings.warn``,
+    attributed to the caller), so it shows on stderr even without logging configured.
+    """
     entry = check_known_panic_model(model_id)
     if entry is None:
         return False
@@ -2581,14 +2625,13 @@ def warn_if_known_panic_model(model_id: object) -> bool:
         first = key not in warned
         warned.add(key)
     if first:
-        _log().warning(
-            "metal_guard: %r is in KNOWN_PANIC_MODELS: a known kernel-panic model (%s tier; "
-            "signature: %s). %s",
-            key,
-            entry["tier"],
-            entry["panic_signature"],
-            entry["recommendation"],
+        message = (
+            f"{key!r} is in KNOWN_PANIC_MODELS: a known kernel-panic model "
+            f"({entry['tier']} tier; signature: {entry['panic_signature']}). "
+            f"{entry['recommendation']}"
         )
+        _log().warning("metal_guard: %s", message)
+        _warn(message)
     return True
 
 
@@ -3332,7 +3375,7 @@ def _hardware_tier(memory_gib: float) -> str:
 # ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
 # ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
-# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _other_metal_guard
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -3357,7 +3400,7 @@ def _advisory(
     mitigation: str | None = None,
     scope: str | None = None,
 ) -> tuple[str, str, dict[str, str]]:
-    """One ``(package, spec, advisory)`` entry; ``issue`` is ``repo#number`` under ml-explore."""
+    """One ``(package, spec, advisory)`` entry; ``issue`` is the full ``owner/repo#number``."""
     repo, number = issue.split("#")
     affected = spec.replace(",", ", ")
     where = f" (when running {scope})" if scope else ""
@@ -3365,7 +3408,7 @@ def _advisory(
         "issue": issue,
         "severity": severity,
         "title": title,
-        "url": f"https://github.com/ml-explore/{repo}/issues/{number}",
+        "url": f"https://github.com/{repo}/issues/{number}",
         "symptom": symptom
         or _UNVERIFIED_SYMPTOM.format(
             severity=severity, package=package, affected=affected, where=where
@@ -3388,7 +3431,7 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
     _advisory(
         "mlx-lm",
         "==0.31.2",
-        "mlx-lm#1128",
+        "ml-explore/mlx-lm#1128",
         "high",
         "TokenizerWrapper.think_start_id raises TypeError for tokenizers without thinking tokens",
         "In mlx-lm 0.31.2 the property calls len() on the think-start token list even when the "
@@ -3397,14 +3440,24 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
         "Call install_upstream_defensive_patches() at start-up (it patches the property in "
         "place on 0.31.2), or use another mlx-lm release (0.32 returns None).",
     ),
-    _advisory("mlx-lm", "==0.31.2", "mlx-lm#1139", "high", "mlx-lm 0.31.2: high-severity defect"),
     _advisory(
-        "mlx-lm", "==0.31.2", "mlx-lm#1081", "medium", "mlx-lm 0.31.2: medium-severity defect"
+        "mlx-lm",
+        "==0.31.2",
+        "ml-explore/mlx-lm#1139",
+        "high",
+        "mlx-lm 0.31.2: high-severity defect",
+    ),
+    _advisory(
+        "mlx-lm",
+        "==0.31.2",
+        "ml-explore/mlx-lm#1081",
+        "medium",
+        "mlx-lm 0.31.2: medium-severity defect",
     ),
     _advisory(
         "mlx",
         "<0.31.2",
-        "mlx#3348",
+        "ml-explore/mlx#3348",
         "info",
         "MLX before 0.31.2: upstream issue worth knowing about",
         "Reported against MLX releases before 0.31.2 (informational); it is one of the upstream "
@@ -3412,23 +3465,37 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
         "Nothing to do urgently; upgrading MLX picks up the upstream change.",
     ),
     _advisory(
-        "mlx-vlm", "<0.4.5", "mlx-vlm#967", "critical", "mlx-vlm before 0.4.5: critical defect"
+        "mlx-vlm",
+        "<0.4.5",
+        "Blaizzy/mlx-vlm#967",
+        "critical",
+        "mlx-vlm before 0.4.5: critical defect",
     ),
-    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"),
-    _advisory("mlx-vlm", "==0.4.4", "mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"),
+    _advisory(
+        "mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1016", "high", "mlx-vlm 0.4.4: high-severity defect"
+    ),
+    _advisory(
+        "mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1011", "high", "mlx-vlm 0.4.4: high-severity defect"
+    ),
     _advisory(
         "mlx-vlm",
         "==0.4.4",
-        "mlx-vlm#943",
+        "Blaizzy/mlx-vlm#943",
         "critical",
         "mlx-vlm 0.4.4 with gemma-4-26b-a4b-it-4bit: critical defect",
         scope="gemma-4-26b-a4b-it-4bit through mlx-vlm",
     ),
-    _advisory("mlx", "<=0.31.1", "mlx#3384", "critical", "MLX 0.31.1 and earlier: critical defect"),
+    _advisory(
+        "mlx",
+        "<=0.31.1",
+        "ml-explore/mlx#3384",
+        "critical",
+        "MLX 0.31.1 and earlier: critical defect",
+    ),
     _advisory(
         "mlx-lm",
         ">=0.31.0,<=0.31.2",
-        "mlx-lm#897",
+        "ml-explore/mlx-lm#897",
         "high",
         "mlx_lm.server 0.31.0-0.31.2: high-severity defect",
         scope="mlx_lm.server",
@@ -3436,21 +3503,38 @@ _VERSION_ADVISORIES: tuple[tuple[str, str, dict[str, str]], ...] = (
     _advisory(
         "mlx-vlm",
         "==0.4.4",
-        "mlx-vlm#999",
+        "Blaizzy/mlx-vlm#999",
         "high",
         "mlx_vlm.server 0.4.4: high-severity defect",
         scope="mlx_vlm.server",
     ),
     _advisory(
-        "mlx", "<=0.31.2", "mlx#3350", "high", "MLX 0.31.2 and earlier: high-severity defect"
+        "mlx",
+        "<=0.31.2",
+        "ml-explore/mlx#3350",
+        "high",
+        "MLX 0.31.2 and earlier: high-severity defect",
     ),
     _advisory(
-        "mlx", "<=0.31.2", "mlx#3390", "high", "MLX 0.31.2 and earlier: high-severity defect"
+        "mlx",
+        "<=0.31.2",
+        "ml-explore/mlx#3390",
+        "high",
+        "A Metal command-buffer error aborts the process (uncatchable SIGABRT)",
+        "When the GPU reports a command-buffer error (a timeout, memory pressure), MLX's "
+        "check_error throws from a Metal completion handler running on a system dispatch "
+        "queue; the exception reaches std::terminate and the process aborts with SIGABRT. "
+        "A try/except around mx.eval() never sees it.",
+        "Run MLX work in a worker process (MLXSubprocessRunner, call_model_isolated) so the "
+        "abort ends only the worker. The original metal-guard set "
+        "AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 at import as a stop-gap against the GPU timeouts "
+        "that trigger it; this library sets no environment variables: export it yourself "
+        "before Python starts if you want it (its effect is not measured).",
     ),
     _advisory(
         "mlx",
         "==0.31.2",
-        "mlx#3450",
+        "ml-explore/mlx#3450",
         "critical",
         "MLX 0.31.2: mx.clear_cache() can crash the process with SIGSEGV (regression)",
         "On MLX 0.31.2 mx.clear_cache() can crash the process with a segmentation fault. "
@@ -3621,6 +3705,30 @@ def _installed_version(name: str) -> str | None:
         _log().debug("metal_guard: no version for %s: %r", name, exc)
         return None
     return version if isinstance(version, str) and version.strip() else None
+
+
+def _other_metal_guard() -> list[str]:
+    """What may take this library's place: a ``metal_guard`` that a fresh ``import`` would
+    find first on ``sys.path`` when it is not this file, and the distribution ``metal-guard``
+    1.x or later (another project of that name). Nothing is imported."""
+    import importlib.machinery
+
+    found = []
+    try:
+        spec = importlib.machinery.PathFinder.find_spec("metal_guard")
+    except (ImportError, OSError, ValueError):
+        spec = None
+    origin = spec.origin if spec is not None else None
+    if origin and os.path.realpath(origin) != os.path.realpath(__file__):
+        found.append(f"`import metal_guard` finds {origin} first on sys.path, not this file")
+    version = _installed_version("metal-guard")
+    major = (version or "").split(".", 1)[0]
+    if major.isdigit() and int(major) >= 1:
+        found.append(
+            f"the distribution metal-guard {version} (another project) is installed; "
+            "`pip install -U metal-guard` would replace this library"
+        )
+    return found
 
 
 def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -3801,10 +3909,7 @@ def lookup_dims(model_id: StrPath) -> ModelDims | None:
 
 
 def _context_arg(value: object) -> int:
-    tokens = _int_arg("context_tokens", value)
-    if tokens < 0:
-        raise ValueError(f"context_tokens must be >= 0, got {tokens}")
-    return tokens
+    return _int_arg("context_tokens", value, minimum=0)
 
 
 def _dims_arg(value: object) -> ModelDims:
@@ -3855,7 +3960,7 @@ def require_prefill_fit(
         )
         raise MetalOOMError(
             f"Prefill of {tokens} tokens needs an estimated {peak:.2f} GB in one allocation, "
-            f"above the {ceiling:g} GB single-allocation ceiling; prefill in chunks of at most "
+            f"above the {ceiling:g} GB single-alloc ceiling; prefill in chunks of at most "
             f"{chunk} tokens"
         )
     usable = max(available, 0.0) * (1.0 - headroom)
@@ -3888,9 +3993,7 @@ def recommend_chunk_size(
     """
     tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
     ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
-    smallest = _int_arg("min_chunk", min_chunk)
-    if smallest < 1:
-        raise ValueError(f"min_chunk must be >= 1, got {smallest}")
+    smallest = _int_arg("min_chunk", min_chunk, minimum=1)
     if _prefill_peak_gb(tokens, shape) <= ceiling:
         return tokens
     low, high = smallest, tokens
@@ -3955,7 +4058,7 @@ def describe_prefill_plan(
             plan["recommended_chunk_size"] = chunk
             plan["advisory"] = (
                 f"The estimated peak of {peak:.2f} GB is above the {_PREFILL_CEILING_GB:g} GB "
-                f"single-allocation ceiling: prefill in chunks of {chunk} tokens."
+                f"single-alloc ceiling: prefill in chunks of {chunk} tokens."
             )
         elif plan["fits_headroom"] is False and available is not None and available <= 0:
             plan["advisory"] = (
@@ -3990,11 +4093,12 @@ def describe_prefill_plan(
 # Uses: Prelude, Breadcrumbs, Model identity
 # =============================================================================
 
+# The original's list, its words first (reports and scripts match them), then the link.
 _FEEDBACK_RELATED_ISSUES = (
-    ("ml-explore/mlx#3186", "IOGPU kernel panics with MLX (prepare count underflow)"),
-    ("ml-explore/mlx#3348", "related MLX issue"),
-    ("ml-explore/mlx#3346", "IOGPU panics on M3 Ultra (IOGPUMemory.cpp:550, fPendingMemorySet)"),
-    ("ml-explore/mlx-lm#1047", "related mlx-lm issue"),
+    ("mlx#3186 (canonical IOGPUFamily panic)", "https://github.com/ml-explore/mlx/issues/3186"),
+    ("mlx#3348 (CommandEncoder thread-local)", "https://github.com/ml-explore/mlx/pull/3348"),
+    ("mlx#3346 (merged into #3186)", "https://github.com/ml-explore/mlx/issues/3346"),
+    ("mlx-lm#1047 (wired_limit correlation)", "https://github.com/ml-explore/mlx-lm/issues/1047"),
 )
 
 
@@ -4074,19 +4178,20 @@ def format_panic_for_apple_feedback(
     ``repro_steps`` (list), ``breadcrumbs`` (list of lines), ``advisories``
     (from ``check_version_advisories``) and ``guards`` (a dict name → state
     or a list of active names). Missing facts read ``unknown`` / ``?``. The
-    "What MetalGuard observed" section reports ``guards`` and nothing else.
+    sections carry the original's headers (``**PANIC STRING:**``, ``**TIME:**``,
+    ``## System`` … ``## Related upstream issues`` with mlx#3186, mlx#3348,
+    mlx#3346, mlx-lm#1047); "What MetalGuard observed" reports ``guards`` and
+    nothing else.
     """
     if not isinstance(forensics, dict):
         raise TypeError(f"forensics must be a dict, not {type(forensics).__name__}")
-    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines)
-    if keep < 0:
-        raise ValueError(f"max_breadcrumb_lines must be >= 0, got {keep}")
+    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines, minimum=0)
     hardware = forensics.get("hardware")
     hardware = hardware if isinstance(hardware, dict) else {}
     memory = hardware.get("gpu_memory_gb")
     lines = [
-        f"**Panic string:** {_md_code(_one_line(forensics.get('panic_string')))}",
-        f"**Panic time:** {_feedback_time(forensics.get('panic_time'))}",
+        f"**PANIC STRING:** {_md_code(_one_line(forensics.get('panic_string')))}",
+        f"**TIME:** {_feedback_time(forensics.get('panic_time'))}",
         "",
         "## System",
         "",
@@ -4128,10 +4233,7 @@ def format_panic_for_apple_feedback(
         lines += ["", f"## Breadcrumb tail (last {len(tail)} lines)", "", fence, *tail, fence]
     lines += ["", "## What MetalGuard observed", "", *_guard_lines(forensics.get("guards"))]
     lines += ["", "## Related upstream issues", ""]
-    lines += [
-        f"- https://github.com/{repo.replace('#', '/issues/')} — {what}"
-        for repo, what in _FEEDBACK_RELATED_ISSUES
-    ]
+    lines += [f"- {what} — {url}" for what, url in _FEEDBACK_RELATED_ISSUES]
     return "\n".join(lines) + "\n"
 
 
@@ -4862,7 +4964,7 @@ class CadenceGuard:
         start = time.monotonic()
         deadline = None if budget is None else start + budget
         admission: list[_Admission] = []
-        waited = False
+        waited = final = False  # final: the last decision (no wait left); observer records
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
@@ -5802,9 +5904,7 @@ class KVGrowthTracker:
 
     def start(self, request_id: str, *, ceiling_gb: float = 20.0) -> None:
         """Open a record for ``request_id`` (a fresh one if it exists); ``ValueError`` if ceiling ≤ 0."""
-        ceiling = _real_arg("ceiling_gb", ceiling_gb)
-        if ceiling <= 0:
-            raise ValueError(f"ceiling_gb must be a finite number > 0, got {ceiling_gb!r}")
+        ceiling = _real_arg("ceiling_gb", ceiling_gb, minimum=0, above=True)
         rid = str(request_id)
         now = time.monotonic()
         with self._lock:
@@ -5818,9 +5918,7 @@ class KVGrowthTracker:
         ``ValueError`` for a negative or non-finite count; ``MetalOOMError`` when
         this step crosses the ceiling or the request was already aborted.
         """
-        added = _real_arg("bytes_added", bytes_added)
-        if added < 0:
-            raise ValueError(f"bytes_added must be a finite number >= 0, got {bytes_added!r}")
+        added = _real_arg("bytes_added", bytes_added, minimum=0)
         rid = str(request_id)
         now = time.monotonic()
         with self._lock:
@@ -5887,51 +5985,45 @@ kv_tracker = KVGrowthTracker()
 # =============================================================================
 # 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
 #
-# ``flock`` on a lock file that is never deleted (``_FileLock``, counted per
-# process): a holder that dies releases it by dying, so there are no stale
-# files and no pid-reuse mistakes after a reboot. The holder's details (pid,
-# label, start time, command line) are written beside it in
-# ``<lock>.holder.json`` while it is held; the OS lock stays the truth, so
-# ``read_mlx_lock`` returns ``None`` whenever nobody holds it, whatever that
-# file says. ``force=True`` sends SIGTERM to a live holder and waits for the
-# lock to come free; it never sends SIGKILL.
+# Both host-wide locks, this one and the GPU gate (4.7), are one ``_HostLock``:
+# ``flock`` on a lock file that is never deleted (``_FileLock``), so a holder
+# that dies releases it by dying — no stale files, no pid-reuse mistakes after
+# a reboot. The holder's details (pid, label, start time, command line; the
+# gate adds thread and since) are written into the lock file itself, as the
+# original's lock file held them: one padded ``pwrite`` once the OS lock is
+# taken, overwritten by a "free" record before it is released, never fsynced
+# (after a crash the lock is free anyway). The OS lock stays the truth: a
+# reader probes it first, so ``read_mlx_lock`` returns ``None`` whenever nobody
+# holds it, whatever the file says.
+#
+# The gate is fair (``flock`` alone is not: a process that releases and retakes
+# it keeps it; a blocking ``flock`` would queue, but cannot time out). Threads
+# of a process queue first-come first-served; the head speaks for its process.
+# A process that finds the gate busy holds a shared lock on ``<lock>.queue``
+# while it polls (every 2 ms at most). A releaser that saw such a waiter does
+# not retake the gate until the record shows that someone else took it, nobody
+# waits any more, or 0.25 s passed (a waiter stopped by SIGSTOP): busy processes
+# alternate. Only OS locks and one record: a process that dies leaves nothing.
+#
+# The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
+# holder and waits for the lock to come free; it never sends SIGKILL.
 #
 # Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
-#   _acquire_mlx_lock_at, _foreign_holder, _holder_dict, _holder_info, _lock_env_path,
-#   _mlx_lock_path, _release_mlx_lock_at
+#   _HostLock, _acquire_mlx_lock_at, _holder_dict, _MLX_LOCK, _mlx_lock_path, _read_mlx_lock_at,
+#   _release_mlx_lock_at
 # Uses: Prelude, Processes, Files, Locks, Breadcrumbs, Release barrier
 # =============================================================================
 
-_MLX_LOCK_ENV_VAR = "MLX_LOCK_PATH"
 _FORCE_WAIT_DEFAULT = 30.0
 _RECLAIM_COOLDOWN_DEFAULT = 8.0
-_FORCE_POLL_INTERVAL_SEC = 0.25  # the original's name; the wait itself polls inside _FileLock
 # A plain acquire waits this long for a holder that is just leaving (and rides
 # out the instant a status probe holds a shared lock) before it reports a conflict.
 _MLX_LOCK_GRACE_SEC = 0.5
 _HOLDER_CMDLINE_MAX = 300
 _HOLDER_LABEL_MAX = 200
-_HOLDER_FILE_MAX = 64 << 10
-
-_mlx_lock_guard = _thread.allocate_lock()
-_mlx_lock_holders: dict[str, dict[str, Any]] = {}  # lock path → this process's holder info
-
-
-def _lock_env_path(env_var: str, default_name: str) -> str:
-    """``env_var`` if set to a path (empty means unset), else ``$METALGUARD_HOME/<default_name>``."""
-    return _env_path(env_var, None) or _state_file(default_name)
-
-
-def _mlx_lock_path() -> str:
-    return _lock_env_path(_MLX_LOCK_ENV_VAR, "mlx_exclusive.lock")
-
-
-def _holder_file(lock_path: str) -> str:
-    return lock_path + ".holder.json"
-
-
-def _utc_stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+_HOLDER_BYTES = 2048  # a holder record is padded to this size: one write, no torn tail
+_FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock tries it at least this often
+_FAIR_DEFER_MAX = 0.25  # a releaser waits no longer for a waiter to take its turn (a stopped one)
 
 
 _cmdline_memo: dict[int, str] = {}  # pid → command line (a holder record is written per call)
@@ -5947,15 +6039,11 @@ def _cmdline() -> str:
     return text
 
 
-def _lock_probe(path: str) -> bool | str:
-    """Is ``path`` flocked by anyone? ``False`` when free or missing; why not, when unknown.
-
-    A non-blocking shared-lock attempt on a descriptor of our own: it fails
-    while an exclusive lock is held on any other open file description,
-    including one of this process. Never creates the file. A string says why
-    it cannot tell (a lock file another user owns, no ``fcntl``, a filesystem
-    without ``flock``).
-    """
+def _lock_probe(path: str, *, exclusive: bool = False) -> bool | str:
+    """Is ``path`` flocked by anyone (``exclusive``: also shared)? ``False`` when free or
+    missing; why not, when unknown (a lock file another user owns, no ``fcntl``, no
+    ``flock``). A non-blocking attempt on a descriptor of our own, so a lock held by this
+    process counts too. Never creates the file."""
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):  # no lock file: nobody can hold it
@@ -5968,13 +6056,13 @@ def _lock_probe(path: str) -> bool | str:
         except ImportError:
             return "fcntl is unavailable"
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in _FLOCK_BUSY:
                 return True
             return f"cannot flock {path}: {exc.strerror or exc}"
     finally:
-        os.close(fd)  # also drops the shared lock, if we got it
+        os.close(fd)  # also drops our lock, if we got it
     return False
 
 
@@ -5989,57 +6077,270 @@ def _holder_dict(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _unknown_holder(note: str, extra: dict[str, Any] | None) -> dict[str, Any]:
-    """A holder whose details are unknown: the original's keys, ``pid`` ``None``, and a note."""
+class _Turns:
+    """This process's first-come first-served line of threads for one fair lock."""
+
+    __slots__ = ("cond", "left", "line", "pid")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cond = threading.Condition(threading.Lock())
+        self.line: list[object] = []  # the head is taking or holding the lock
+        self.left: bytes | None = None  # our last "free" record, when someone waited for it
+        self.pid = os.getpid()
+
+
+class _HostLock:
+    """One host-wide lock (the MLX lock, the GPU gate): OS lock, holder record, reader.
+
+    ``gate``: held per thread (reentrant per thread), handed over fairly, its
+    records add ``thread`` and ``since``; else held per process. The path is
+    read from ``env_var`` at each use.
+    """
+
+    def __init__(self, env_var: str, default_name: str, *, gate: bool) -> None:
+        self.env_var, self.default_name = env_var, default_name
+        self.per_thread = self.fair = gate
+        self.extra: dict[str, Any] = {"thread": "", "since": None} if gate else {}
+        self.mine: dict[str, dict[str, Any]] = {}  # lock path → this process's holder
+        self.guard = _thread.allocate_lock()  # for ``mine`` of a per-process lock
+        self._turns: dict[str, _Turns] = {}
+
+    def path(self) -> str:
+        """``env_var`` if set to a path (empty means unset), else ``$METALGUARD_HOME/<name>``."""
+        return _env_path(self.env_var, None) or _state_file(self.default_name)
+
+    def file_lock(self, path: str) -> _FileLock:
+        return _FileLock(
+            path, None, per_thread=self.per_thread, must_exclude=True, env_var=self.env_var
+        )
+
+    def turns(self, path: str) -> _Turns:
+        turns = self._turns.get(path)
+        if turns is None or turns.pid != os.getpid():  # a forked child waits for nothing
+            turns = self._turns[path] = _Turns()
+        return turns
+
+    # -- taking and giving back ------------------------------------------------------
+
+    def acquire(
+        self,
+        path: str,
+        timeout: float | None,
+        *,
+        tick: Callable[[], None] | None = None,
+        every: float = _INF,
+    ) -> bool:
+        """Take the lock; True when this call took the OS lock, False on re-entry. ``timeout``
+        ``None`` waits forever; expiry raises ``StateLockTimeout``. A fair lock calls
+        ``tick()`` every ``every`` seconds of waiting."""
+        lock, state = self.file_lock(path), _lock_state(path)
+        if not self.fair or (state.count and state.owner == _thread.get_ident()):
+            return lock.acquire(timeout)  # only this thread sets ``owner`` to itself
+        start = time.monotonic()
+        deadline = _INF if timeout is None else start + timeout
+        next_tick = [start + every if tick else _INF]
+
+        def pause() -> float:  # how long to sleep at most; raises at the deadline
+            now = time.monotonic()
+            if now >= deadline:
+                raise StateLockTimeout(path, timeout or 0.0)
+            if tick is not None and now >= next_tick[0]:
+                next_tick[0] = now + every
+                tick()
+            return min(deadline, next_tick[0]) - now
+
+        turns, me = self.turns(path), object()
+        with turns.cond:
+            turns.line.append(me)
+            try:
+                while turns.line[0] is not me:
+                    turns.cond.wait(min(pause(), 3600.0))
+            except BaseException:
+                turns.line.remove(me)
+                turns.cond.notify_all()
+                raise
+        try:
+            self._take_turn(path, lock, turns, pause)
+        except BaseException:
+            if state.count and state.owner == _thread.get_ident():  # taken as it came: give back
+                lock.release()
+            with turns.cond:
+                turns.line.remove(me)
+                turns.cond.notify_all()
+            raise
+        return True
+
+    def _take_turn(
+        self, path: str, lock: _FileLock, turns: _Turns, pause: Callable[[], float]
+    ) -> None:
+        """The head thread takes the OS lock for its process, after those who waited."""
+        delay, until = 0.0001, time.monotonic() + _FAIR_DEFER_MAX
+        while turns.left is not None:  # our last release was awaited: let a waiter go first
+            if self._handed_over(path, turns.left) or time.monotonic() > until:
+                turns.left = None
+                break
+            time.sleep(min(delay, pause()))
+            delay = min(delay * 2, _FAIR_POLL_MAX)
+        queue, delay = None, 0.0001
+        try:
+            while True:
+                try:
+                    lock.acquire(0)
+                    return
+                except StateLockTimeout:
+                    queue = queue if queue is not None else self._join_queue(path + ".queue")
+                time.sleep(min(delay, pause()))
+                delay = min(delay * 2, _FAIR_POLL_MAX)
+        finally:
+            if queue is not None:
+                os.close(queue)
+
+    def _join_queue(self, queue_path: str) -> int:
+        """A descriptor holding a shared lock on the queue file: "this process waits"."""
+        import fcntl
+
+        fd = _open_creating(queue_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # only exclusive probes compete, for an instant
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _FLOCK_UNSUPPORTED:
+                raise LockUnsupported(queue_path, self.env_var, exc.strerror or "") from None
+            raise
+        return fd
+
+    @staticmethod
+    def _handed_over(path: str, left: bytes) -> bool:
+        """Someone took the lock since we left ``left`` in it, or nobody waits any more."""
+        if _lock_probe(path + ".queue", exclusive=True) is not True:
+            return True
+        try:
+            return _read_bounded(path, len(left)) != left
+        except OSError:
+            return True
+
+    def hold(self, path: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Record ``info`` as the holder (this process's memory and the lock file)."""
+        import json
+
+        self.mine[path] = info
+        data = json.dumps(info).encode("utf-8")
+        if len(data) > _HOLDER_BYTES:  # a label or command line full of escapes
+            short = {**info, "label": str(info.get("label"))[:40], "cmdline": ""}
+            data = json.dumps(short).encode("utf-8")[:_HOLDER_BYTES]
+        self._write(path, _lock_state(path).fd, data)
+        return dict(info)
+
+    def release(self, path: str) -> bool:
+        """Drop one hold; True when this released the OS lock. Never raises."""
+        lock, state = self.file_lock(path), _lock_state(path)
+        if state.count != 1 or (self.per_thread and state.owner != _thread.get_ident()):
+            return lock.release()
+        self.mine.pop(path, None)
+        left = self._write(  # unique, so that a releaser can tell when someone took it since
+            path,
+            state.fd,
+            f'{{"pid": null, "free": "{os.getpid()}:{time.monotonic_ns()}"}}'.encode(),
+        )
+        awaited = self.fair and _lock_probe(path + ".queue", exclusive=True) is True
+        lock.release()
+        if self.fair:
+            turns = self.turns(path)
+            with turns.cond:
+                turns.left = left if awaited else None
+                if turns.line:
+                    turns.line.pop(0)
+                turns.cond.notify_all()
+        return True
+
+    @staticmethod
+    def _write(path: str, fd: int | None, data: bytes) -> bytes | None:
+        """One padded ``pwrite`` of a record at the start of the held lock file; the bytes."""
+        if fd is None:
+            return None
+        data = data.ljust(_HOLDER_BYTES)
+        try:
+            os.pwrite(fd, data, 0)
+        except OSError as exc:  # the OS lock is held all the same; only the display suffers
+            _log_once("holder:" + path, _WARNING, "metal_guard: cannot record in %s: %s", path, exc)
+        return data
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self, path: str) -> dict[str, Any] | None:
+        """The holder: this process's record, or the one in the file; ``None`` when free."""
+        for _ in range(20):  # a thread here took the OS lock: its details follow within moments
+            with self.guard:
+                held_here = _lock_state(path).count > 0
+                mine = self.mine.get(path) if held_here else None
+            if not held_here:
+                return self._foreign(path)
+            if mine:
+                return dict(mine)
+            time.sleep(0.005)
+        # still between that thread's OS acquire and its record: say so from memory
+        return {
+            **_holder_dict({"pid": os.getpid(), "cmdline": _cmdline()}),
+            **self.extra,
+            "note": "This process is taking the lock; its details are not recorded yet.",
+        }
+
+    def _read_file(self, path: str) -> dict[str, Any] | None:
+        data = _read_json_object(path, _HOLDER_BYTES)
+        if data is None:
+            return None
+        info = _holder_dict(data)
+        if "thread" in self.extra:
+            info.update(thread=_label(data.get("thread", "")), since=_number(data.get("since")))
+        return info
+
+    def _foreign(self, path: str) -> dict[str, Any] | None:
+        """The holder of a lock another process holds: ``None`` when free, else its details.
+
+        The record may lag the OS lock (or name a holder that died): read again a few
+        times before reporting the holder as unknown (``pid`` ``None``, a ``note``). A lock
+        that cannot be probed reads as held by an unknown holder, never as free.
+        """
+        unknown = {**_holder_dict({}), **self.extra}
+        for _ in range(10):
+            probe = _lock_probe(path)
+            if probe is False:
+                return None
+            if isinstance(probe, str):
+                return {
+                    **unknown,
+                    "note": f"Cannot tell whether it is held ({probe}): reported as held by an "
+                    "unknown process.",
+                }
+            info = self._read_file(path)
+            pid = info.get("pid") if info else None
+            if info and isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                return info
+            time.sleep(0.02)
+        return {
+            **unknown,
+            "note": "Held, but the holder's details are not written yet or name a process that "
+            "has exited.",
+        }
+
+
+def _holder_info(label: str, now: float) -> dict[str, Any]:
+    """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
     return {
-        "pid": None,
-        "label": "",
-        "started_at": None,
-        "cmdline": "",
-        **(extra or {}),
-        "note": note,
+        "pid": os.getpid(),
+        "label": label[:_HOLDER_LABEL_MAX],
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "cmdline": _cmdline(),
     }
 
 
-def _foreign_holder(
-    path: str,
-    read: Callable[[], dict[str, Any] | None],
-    *,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """The holder of a lock another process holds: ``None`` when free, else its details.
-
-    The details come from ``read()``; they may lag the OS lock by the moment a
-    new holder needs to write them (or name a holder that died), so a holder
-    that is not a live other process is read again a few times before the
-    details are reported as unknown (``pid`` ``None``, with a ``note``). When
-    the probe cannot tell, the lock reads as held by an unknown holder, never
-    as free. ``extra``: more keys (and their unknown values) for that case.
-    """
-    for _ in range(10):
-        probe = _lock_probe(path)
-        if probe is False:
-            return None
-        if isinstance(probe, str):
-            return _unknown_holder(
-                f"Cannot tell whether it is held ({probe}): reported as held by an unknown "
-                "process.",
-                extra,
-            )
-        info = read()
-        pid = info.get("pid") if info else None
-        if info and isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid):
-            return info
-        time.sleep(0.02)
-    return _unknown_holder(
-        "Held, but the holder's details are not written yet or name a process that has exited.",
-        extra,
-    )
+_MLX_LOCK = _HostLock("MLX_LOCK_PATH", "mlx_exclusive.lock", gate=False)
 
 
-def _read_mlx_holder_file(lock_path: str) -> dict[str, Any] | None:
-    data = _read_json_object(_holder_file(lock_path), _HOLDER_FILE_MAX)
-    return None if data is None else _holder_dict(data)
+def _mlx_lock_path() -> str:
+    return _MLX_LOCK.path()
 
 
 def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None:
@@ -6056,10 +6357,6 @@ def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None
     remaining = deadline - time.monotonic()
     if "mlx.core" in sys.modules and remaining > 0:
         wait_for_release(timeout=remaining)
-
-
-def _mlx_file_lock(path: str) -> _FileLock:
-    return _FileLock(path, None, per_thread=False, must_exclude=True, env_var=_MLX_LOCK_ENV_VAR)
 
 
 class MLXLockConflict(RuntimeError):
@@ -6096,60 +6393,14 @@ class MLXLockConflict(RuntimeError):
 def read_mlx_lock() -> dict[str, Any] | None:
     """Who holds the MLX lock: ``pid``, ``label``, ``started_at``, ``cmdline``; ``None`` if free.
 
-    The OS lock decides (never the info file alone). Never writes; never raises
+    The OS lock decides (never the record alone). Never writes; never raises
     for a missing or unreadable file.
     """
     return _read_mlx_lock_at(_mlx_lock_path())
 
 
 def _read_mlx_lock_at(path: str) -> dict[str, Any] | None:
-    for _ in range(20):  # a thread here took the OS lock: its details follow within moments
-        with _mlx_lock_guard:
-            held_here = _mlx_file_lock(path).count > 0
-            mine = _mlx_lock_holders.get(path) if held_here else None
-        if not held_here:
-            return _foreign_holder(path, lambda: _read_mlx_holder_file(path))
-        if mine:
-            return dict(mine)
-        time.sleep(0.005)
-    # still between that thread's OS acquire and its record (a forced acquire waits for the
-    # old holder's memory first): say so from memory; reading never writes the holder file
-    return {
-        "pid": os.getpid(),
-        "label": "",
-        "started_at": None,
-        "cmdline": _cmdline(),
-        "note": "This process is taking the lock; its details are not recorded yet.",
-    }
-
-
-def _holder_info(label: str, now: float) -> dict[str, Any]:
-    """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
-    return {
-        "pid": os.getpid(),
-        "label": label[:_HOLDER_LABEL_MAX],
-        "started_at": _utc_stamp(now),
-        "cmdline": _cmdline(),
-    }
-
-
-def _new_holder(path: str, label: str) -> dict[str, Any]:
-    """Record this process as the holder of ``path`` (memory and info file); the info."""
-    info = _holder_info(label, time.time())
-    _mlx_lock_holders[path] = info
-    import json
-
-    try:
-        _atomic_write_bytes(_holder_file(path), json.dumps(info, indent=2).encode("utf-8") + b"\n")
-    except OSError as exc:  # the OS lock is held all the same; only the display suffers
-        _log_once(
-            "mlx-holder:" + path,
-            _WARNING,
-            "metal_guard: cannot write the MLX lock holder file %s (%s); the lock is held",
-            _holder_file(path),
-            exc,
-        )
-    return dict(info)
+    return _MLX_LOCK.read(path)
 
 
 def acquire_mlx_lock(label: str, *, force: bool = False) -> dict[str, Any]:
@@ -6168,11 +6419,10 @@ def acquire_mlx_lock(label: str, *, force: bool = False) -> dict[str, Any]:
 
 
 def _acquire_mlx_lock_at(path: str, label: str, *, force: bool) -> dict[str, Any]:
-    lock = _mlx_file_lock(path)
     deadline = time.monotonic() + _MLX_LOCK_GRACE_SEC
     while True:
         try:
-            took = lock.acquire(max(0.0, deadline - time.monotonic()))
+            took = _MLX_LOCK.acquire(path, max(0.0, deadline - time.monotonic()))
             break
         except StateLockTimeout:
             holder = _read_mlx_lock_at(path)
@@ -6181,17 +6431,17 @@ def _acquire_mlx_lock_at(path: str, label: str, *, force: bool) -> dict[str, Any
             holder = holder or _holder_dict({})
             if not force:
                 raise MLXLockConflict(holder) from None
-            took = _force_acquire(lock, holder, label)
+            took = _force_acquire(path, holder, label)
             break
-    with _mlx_lock_guard:
-        mine = None if took else _mlx_lock_holders.get(path)
-        info = dict(mine) if mine else _new_holder(path, label)
+    with _MLX_LOCK.guard:
+        mine = None if took else _MLX_LOCK.mine.get(path)
+        info = dict(mine) if mine else _MLX_LOCK.hold(path, _holder_info(label, time.time()))
     if took:
         _breadcrumb(f"MLX_LOCK: acquired {label} pid={os.getpid()}")
     return info
 
 
-def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
+def _force_acquire(path: str, holder: dict[str, Any], label: str) -> bool:
     """SIGTERM the live holder, wait for the lock, then for the memory; never SIGKILL."""
     import signal
 
@@ -6215,7 +6465,7 @@ def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
     _breadcrumb(f"MLX_LOCK: FORCE SIGTERM pid={pid} ({_label(holder.get('label'))}) for {label}")
     wait = _env_float("MLX_FORCE_WAIT_SEC", _FORCE_WAIT_DEFAULT, maximum=3600.0)
     try:
-        took = lock.acquire(wait)
+        took = _MLX_LOCK.acquire(path, wait)
     except StateLockTimeout:
         raise MLXLockConflict(
             {
@@ -6242,25 +6492,18 @@ def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
 def release_mlx_lock() -> bool:
     """Drop one hold of this process on the MLX lock; ``False`` when it held none.
 
-    The OS lock (and the holder file) go with the last hold. Never raises.
+    The OS lock (and the holder record) go with the last hold. Never raises.
     """
     return _release_mlx_lock_at(_mlx_lock_path())
 
 
 def _release_mlx_lock_at(path: str) -> bool:
-    lock = _mlx_file_lock(path)
-    with _mlx_lock_guard:
-        if lock.count == 0:
+    with _MLX_LOCK.guard:
+        count = _MLX_LOCK.file_lock(path).count
+        if count == 0:
             return False
-        last = lock.count == 1
-        if last:
-            _mlx_lock_holders.pop(path, None)
-            try:  # before the OS lock goes: the next holder's file must not be removed
-                os.unlink(_holder_file(path))
-            except OSError:
-                pass
-        lock.release()
-    if last:
+        _MLX_LOCK.release(path)
+    if count == 1:
         _breadcrumb(f"MLX_LOCK: released pid={os.getpid()}")
     return True
 
@@ -6300,73 +6543,31 @@ class mlx_exclusive_lock(_ContextDecorator):
 #
 # Two generation streams at once panicked 3 of 3 cold boots in 102-108 s while
 # the same work run one after the other ran 111 minutes clean (ml-explore/mlx
-# #3186). ``exclusive_gpu`` serialises MLX work: an in-process lock for the
-# threads (reentrant per thread) plus ``flock`` on ``gpu.lock`` for the
-# processes. The holder (pid, thread, label, since) is written into the lock
-# file itself with one ``pwrite`` (no ``fsync``: after a crash the lock is free
-# anyway), so an uncontended gate costs one open + flock + write + close.
+# #3186). ``exclusive_gpu`` serialises MLX work on a fair ``_HostLock``
+# (``gpu.lock``, reentrant per thread): waiting threads and processes get their
+# turn, so two busy programs alternate instead of one keeping it. Uncontended
+# it costs about two ``flock`` pairs and two ``pwrite`` calls (the holder's
+# record, then the free one); see ``bench/bench_gate.py``.
 #
-# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _gpu_gate_held_here,
+# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _GPU_GATE, _gpu_gate_held_here,
 #   _gpu_lock_path
-# Uses: Prelude, Files, Locks, Modes (L6), Cadence, MLX lock (L8)
+# Uses: Prelude, Locks, Modes (L6), Cadence, MLX lock (L8)
 # =============================================================================
 
-_GPU_LOCK_ENV_VAR = "METALGUARD_GPU_LOCK_PATH"
 _GPU_WAIT_WARN_SEC = 60.0  # while waiting, one WARNING per this many seconds
-_GPU_HOLDER_BYTES = 2048  # the holder record is padded to this size: one write, no torn tail
 
-_gpu_holders: dict[str, dict[str, Any]] = {}  # lock path → this process's current holder
+_GPU_GATE = _HostLock("METALGUARD_GPU_LOCK_PATH", "gpu.lock", gate=True)
 
 
 def _gpu_lock_path() -> str:
-    return _lock_env_path(_GPU_LOCK_ENV_VAR, "gpu.lock")
-
-
-def _gpu_lock(path: str) -> _FileLock:
-    return _FileLock(path, None, per_thread=True, must_exclude=True, env_var=_GPU_LOCK_ENV_VAR)
-
-
-def _gpu_holder_record(label: str) -> tuple[dict[str, Any], bytes]:
-    import json
-    import threading
-
-    now = time.time()
-    info = _holder_info(label, now)
-    info.update(thread=threading.current_thread().name, thread_id=_thread.get_ident(), since=now)
-    data = json.dumps(info).encode("utf-8")
-    if len(data) > _GPU_HOLDER_BYTES:  # a label or command line full of escapes
-        info["cmdline"] = info["cmdline"][:40]
-        info["label"] = info["label"][:40]
-        data = json.dumps(info).encode("utf-8")[:_GPU_HOLDER_BYTES]
-    return info, data.ljust(_GPU_HOLDER_BYTES)
-
-
-def _read_gpu_holder_file(path: str) -> dict[str, Any] | None:
-    data = _read_json_object(path, _GPU_HOLDER_BYTES)
-    if data is None:
-        return None
-    info = _holder_dict(data)
-    since = _number(data.get("since"))
-    info.update(thread=_label(data.get("thread", "")), since=since)
-    return info
+    return _GPU_GATE.path()
 
 
 def read_gpu_gate() -> dict[str, Any] | None:
     """Who holds the GPU gate: ``pid``, ``thread``, ``label``, ``since``, ``started_at``,
     ``cmdline``; ``None`` when free. Never writes.
     """
-    path = _gpu_lock_path()
-    state = _lock_state(path)
-    for _ in range(20):  # a thread of ours holds it: its record follows within moments
-        if state.count == 0:
-            break
-        mine = _gpu_holders.get(path)
-        if mine is not None:
-            return dict(mine)
-        time.sleep(0.005)
-    return _foreign_holder(
-        path, lambda: _read_gpu_holder_file(path), extra={"thread": "", "since": None}
-    )
+    return _GPU_GATE.read(_gpu_lock_path())
 
 
 class GPUBusy(TimeoutError):
@@ -6403,9 +6604,10 @@ class exclusive_gpu:
     Waits for the gate (``timeout`` seconds, ``None`` = forever), logging one
     WARNING per minute of waiting that names the holder; on expiry raises
     ``GPUBusy`` (in observer mode: reports it and runs the body without the
-    gate). Reentrant in one thread; other threads and processes wait. The path
-    is ``METALGUARD_GPU_LOCK_PATH`` or ``$METALGUARD_HOME/gpu.lock``; a
-    filesystem that cannot ``flock`` raises ``LockUnsupported``.
+    gate). Reentrant in one thread; other threads and processes wait, and get
+    their turn in order of arrival. The path is ``METALGUARD_GPU_LOCK_PATH`` or
+    ``$METALGUARD_HOME/gpu.lock``; a filesystem that cannot ``flock`` raises
+    ``LockUnsupported``.
     """
 
     __slots__ = ("_held", "label", "timeout")
@@ -6420,47 +6622,35 @@ class exclusive_gpu:
 
     def __enter__(self) -> exclusive_gpu:
         path = _gpu_lock_path()
-        lock = _gpu_lock(path)
-        me = _thread.get_ident()
-        if not self._wait(path, lock):  # re-entry by this thread returns at once
-            self._held.setdefault(me, []).append(None)
-            return self
-        self._held.setdefault(me, []).append(path)
+        held = path if self._wait(path) else None  # re-entry by this thread returns at once
+        self._held.setdefault(_thread.get_ident(), []).append(held)
         return self
 
-    def _wait(self, path: str, lock: _FileLock) -> bool:
+    def _wait(self, path: str) -> bool:
         """Take the gate; False when it timed out in observer mode (run ungated)."""
         start = time.monotonic()
-        deadline = None if self.timeout is None else start + self.timeout
-        next_warning = start + _GPU_WAIT_WARN_SEC
-        while True:
-            until = next_warning if deadline is None else min(next_warning, deadline)
-            try:
-                took = lock.acquire(max(0.0, until - time.monotonic()))
-                break
-            except StateLockTimeout:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    _refuse(GPUBusy(read_gpu_gate(), self.timeout or 0.0, self.label, path))
-                    return False
-                if now >= next_warning:
-                    next_warning += _GPU_WAIT_WARN_SEC
-                    _log().warning(
-                        "metal_guard: %s has waited %.0f s for the GPU gate %s, held by %s",
-                        repr(self.label) if self.label else "this thread",
-                        now - start,
-                        path,
-                        _describe_holder(read_gpu_gate()),
-                    )
+
+        def waited() -> None:
+            _log().warning(
+                "metal_guard: %s has waited %.0f s for the GPU gate %s, held by %s",
+                repr(self.label) if self.label else "this thread",
+                time.monotonic() - start,
+                path,
+                _describe_holder(read_gpu_gate()),
+            )
+
+        try:
+            took = _GPU_GATE.acquire(path, self.timeout, tick=waited, every=_GPU_WAIT_WARN_SEC)
+        except StateLockTimeout:
+            _refuse(GPUBusy(read_gpu_gate(), self.timeout or 0.0, self.label, path))
+            return False
         if took:
-            info, record = _gpu_holder_record(self.label)
-            _gpu_holders[path] = info
-            fd = _lock_state(path).fd
-            if fd is not None:
-                try:
-                    os.pwrite(fd, record, 0)
-                except OSError as exc:  # only the display suffers
-                    _log().debug("metal_guard: cannot record the GPU gate holder: %s", exc)
+            import threading
+
+            now = time.time()
+            info = _holder_info(self.label, now)
+            info.update(thread=threading.current_thread().name, since=now)
+            _GPU_GATE.hold(path, info)
         return True
 
     def __exit__(self, *exc: object) -> None:
@@ -6468,12 +6658,8 @@ class exclusive_gpu:
         path = stack.pop() if stack else None
         if stack is not None and not stack:
             del self._held[_thread.get_ident()]
-        if path is None:
-            return
-        lock = _gpu_lock(path)
-        if lock.count == 1:
-            _gpu_holders.pop(path, None)
-        lock.release()
+        if path is not None:
+            _GPU_GATE.release(path)
 
     def __repr__(self) -> str:
         return f"exclusive_gpu({self.label!r}, timeout={self.timeout!r})"
@@ -6481,7 +6667,7 @@ class exclusive_gpu:
 
 def _gpu_gate_held_here() -> bool:
     """True when the calling thread holds the GPU gate (a worker it waits for must not take it)."""
-    return _gpu_lock(_gpu_lock_path()).held_by_me()
+    return _GPU_GATE.file_lock(_gpu_lock_path()).held_by_me()
 
 
 def _describe_holder(holder: dict[str, Any] | None) -> str:
@@ -6695,8 +6881,10 @@ class gemma4_generation_flush:
 # ran 663 requests over 3 days without a panic (ml-explore/mlx#3186).
 # ``limit_wired_memory`` wraps ``mlx.core.set_wired_limit`` (and the older
 # ``mlx.core.metal.set_wired_limit``) process-wide, so every caller that looks
-# it up through the module gets the policy: ``off`` turns every request into
-# 0, ``cap`` clamps to RAM minus max(35 %, 8 GiB), ``cap:<GiB>`` to a size.
+# it up through the module gets the policy: ``off`` (the default, what that
+# evidence supports) turns every request into 0; ``cap`` clamps to RAM minus
+# max(35 %, 8 GiB) and ``cap:<GiB>`` to a size — the throughput compromise for
+# workloads that measurably need wired memory, not measured against panics.
 # Nothing is installed unless it is called.
 #
 # Provides: describe_wired_limit, limit_wired_memory, restore_wired_memory
@@ -6704,7 +6892,7 @@ class gemma4_generation_flush:
 # =============================================================================
 
 _WIRED_ENV_VAR = "METALGUARD_WIRED_LIMIT"
-_WIRED_DEFAULT_POLICY = "cap"
+_WIRED_DEFAULT_POLICY = "off"
 _GIB = 1 << 30
 _WIRED_RESERVE_FRACTION = 0.35
 _WIRED_RESERVE_MIN_BYTES = 8 << 30
@@ -6894,12 +7082,16 @@ class _WiredLimitHandle(_DictBase):
 def limit_wired_memory(policy: str | None = None) -> dict[str, Any]:
     """Install a process-wide wired-memory policy on ``mx.set_wired_limit``.
 
-    ``"off"``: every request becomes 0 (never wire). ``"cap"``: requests are
-    clamped to total RAM minus max(35 % of it, 8 GiB). ``"cap:<GiB>"``:
-    clamped to that size. ``None`` reads ``METALGUARD_WIRED_LIMIT`` (default
-    ``"cap"``; a bad value warns once and uses the default). Requests at or
-    under the limit pass unchanged. The first clamp of each size writes a
-    ``WIRED_LIMIT: requested=… applied=…`` breadcrumb.
+    ``"off"`` (the recommended default): every request becomes 0, so MLX never
+    wires memory — the setting that ran clean where wiring the recommended
+    working set panicked (ml-explore/mlx#3186). ``"cap"``: requests are
+    clamped to total RAM minus max(35 % of it, 8 GiB); ``"cap:<GiB>"``: to
+    that size — the throughput compromise for a workload that measurably
+    needs wired memory; not shown to prevent panics. ``None`` reads
+    ``METALGUARD_WIRED_LIMIT`` (default ``"off"``; a bad value warns once and
+    uses the default). Requests at or under the limit pass unchanged. The
+    first clamp of each size writes a ``WIRED_LIMIT: requested=… applied=…``
+    breadcrumb.
 
     Idempotent: calling it again changes the policy, never wraps twice. The
     returned dict says what was installed (``policy``, ``source``,
@@ -7107,7 +7299,7 @@ def install_upstream_defensive_patches(*, force: bool = False) -> dict[str, bool
 #
 # Provides: audit_wired_limit, log_system_audit_at_startup, read_gpu_driver_version,
 #   _FAST_SYNCH_ENV_VAR, _fast_synch_value, _nonnegative_int, _sysctl
-# Uses: Prelude, Processes, Files, Model identity
+# Uses: Prelude, Processes, Files, Model identity, Version advisories
 # =============================================================================
 
 _WIRED_LIMIT_WARN_RATIO = 0.85
@@ -7158,7 +7350,8 @@ def _wired_limit_report(limit_text: str | None, memsize_text: str | None) -> dic
         ceiling_mb = int(total_gb * 1024 * _WIRED_LIMIT_WARN_RATIO)
         report["advisory"] = (
             f"iogpu.wired_limit_mb={limit_mb} lets the GPU wire {ratio:.0%} of the "
-            f"{total_gb:.0f} GiB of RAM, leaving macOS too little; reset it with "
+            f"{total_gb:.0f} GiB of RAM, leaving macOS too little (overrides this high are "
+            f"correlated with IOGPUFamily kernel panics, ml-explore/mlx-lm#1047); reset it with "
             f"`sudo sysctl iogpu.wired_limit_mb=0` or keep it below {ceiling_mb} MB "
             f"({_WIRED_LIMIT_WARN_RATIO:.0%} of RAM)"
         )
@@ -7226,9 +7419,7 @@ def read_gpu_driver_version(*, timeout: float = 3.0) -> str | None:
     Tries the kext's ``Info.plist``, then ``kextstat``, then ``ioreg``, all
     within ``timeout`` seconds together. ``None`` off macOS.
     """
-    budget = _real_arg("timeout", timeout)
-    if budget <= 0:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    budget = _real_arg("timeout", timeout, minimum=0, above=True)
     if not _on_macos():
         return None
     try:
@@ -7261,17 +7452,26 @@ def _fast_synch_value() -> str | None:
 def log_system_audit_at_startup() -> dict[str, Any]:
     """Audit the wired limit, the GPU driver and MLX settings, and log what matters.
 
-    WARNING for a wired limit above 85 % of RAM and for ``MLX_METAL_FAST_SYNCH``
+    The critical findings — a wired limit above 85 % of RAM, ``MLX_METAL_FAST_SYNCH``
     set (it can deadlock in a fence wait and wedge the GPU until reboot,
-    ml-explore/mlx#3830); INFO otherwise. Returns ``{"wired_limit": …,
-    "gpu_driver_version": …, "mlx_metal_fast_synch": …}``; never raises.
+    ml-explore/mlx#3830) and each ``critical`` version advisory of the installed
+    MLX stack — are logged at WARNING and issued as a ``MetalGuardWarning``
+    (shown even without logging configured); the rest at INFO. Returns
+    ``{"wired_limit": …, "gpu_driver_version": …, "mlx_metal_fast_synch": …,
+    "critical_advisories": [...]}``; never raises.
     """
     wired = audit_wired_limit()
     driver = read_gpu_driver_version()
     fast_synch = _fast_synch_value()
+    try:
+        critical = [a for a in check_version_advisories() if a["severity"] == "critical"]
+    except Exception as exc:  # broken package metadata must not break the audit
+        _log().debug("metal_guard: version advisories unavailable: %r", exc)
+        critical = []
     log = _log()
     if wired["advisory"]:
         log.warning("metal_guard: %s", wired["advisory"])
+        _warn(wired["advisory"])
     else:
         log.info(
             "metal_guard: wired limit mode=%s limit_mb=%s total_gb=%s",
@@ -7284,16 +7484,25 @@ def log_system_audit_at_startup() -> dict[str, Any]:
     else:
         log.debug("metal_guard: the IOGPUFamily kext version could not be read")
     if fast_synch is not None:
-        log.warning(
-            "metal_guard: %s=%s is set: MLX's fast GPU synchronisation can deadlock in a fence "
-            "wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it",
-            _FAST_SYNCH_ENV_VAR,
-            fast_synch,
+        message = (
+            f"{_FAST_SYNCH_ENV_VAR}={fast_synch} is set: MLX's fast GPU synchronisation can "
+            "deadlock in a fence wait and wedge the GPU until reboot (ml-explore/mlx#3830); unset it"
         )
+        log.warning("metal_guard: %s", message)
+        _warn(message)
+    for advisory in critical:
+        message = (
+            f"critical advisory {advisory['issue']} for {advisory['package']} "
+            f"{advisory['installed_version']}: {advisory['title']}. {advisory['mitigation']} "
+            f"({advisory['url']})"
+        )
+        log.warning("metal_guard: %s", message)
+        _warn(message)
     return {
         "wired_limit": wired,
         "gpu_driver_version": driver,
         "mlx_metal_fast_synch": fast_synch is not None,
+        "critical_advisories": critical,
     }
 
 
@@ -7363,7 +7572,7 @@ class _OOMContext(_ContextDecorator):
         if exc is None or isinstance(exc, MetalOOMError) or not guard.is_metal_oom(exc):
             return  # not ours: propagates unchanged
         stats = guard.memory_stats()
-        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), stats)
+        _log().error("metal_guard: Metal out of memory: %s; %s", _label(exc), _stats_line(stats))
         guard._crumb("OOM_RECOVERY: context manager cleanup")
         guard.safe_cleanup()
         raise MetalOOMError(f"Metal out of memory ({stats}): {_label(exc)}", stats) from exc
@@ -7527,9 +7736,7 @@ class _MemoryLayers(_BreadcrumbLog):
         to the last error. Other exceptions, and a ``MetalOOMError`` from an
         inner guard, propagate unchanged.
         """
-        retries = _int_arg("max_retries", max_retries)
-        if retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {retries}")
+        retries = _int_arg("max_retries", max_retries, minimum=0)
         attempts = retries + 1
         last: RuntimeError | None = None
         stats = MemoryStats()
@@ -7548,7 +7755,7 @@ class _MemoryLayers(_BreadcrumbLog):
                 attempt,
                 attempts,
                 _label(last),
-                stats,
+                _stats_line(stats),
             )
             self._crumb(f"OOM_RECOVERY: attempt {attempt}, cleaning up")
             self.safe_cleanup()
@@ -7692,7 +7899,7 @@ class _MemoryLayers(_BreadcrumbLog):
             pct,
             threshold,
             f" ({_label(model_name)})" if model_name else "",
-            stats,
+            _stats_line(stats),
         )
         return True
 
@@ -7708,7 +7915,7 @@ class _MemoryLayers(_BreadcrumbLog):
             "metal_guard: [%s]%s %s",
             _label(label),
             f" {_label(model_name)}" if model_name else "",
-            self.memory_stats(),
+            _stats_line(self.memory_stats()),
         )
 
 
@@ -7719,8 +7926,10 @@ class _MemoryLayers(_BreadcrumbLog):
 # Each monitor is one daemon thread waiting on its own stop event: starting
 # one twice replaces the first (never two chains), ``stop_*`` is final even
 # during a tick and joins the thread, and no tick calls a callback once its
-# monitor was stopped. Ticks skip while registered GPU threads are alive, and
-# the watchdog and KV monitor stay silent while the memory limit is unknown.
+# monitor was stopped. ``stop_periodic_flush`` also stops the watchdog (the
+# original's only way to stop it); ``stop_watchdog`` stops the watchdog alone.
+# Ticks skip while registered GPU threads are alive, and the watchdog and KV
+# monitor stay silent while the memory limit is unknown.
 #
 # Provides: _MemoryMonitors
 # Uses: Prelude, MLX access, Memory layers
@@ -7818,16 +8027,24 @@ class _MemoryMonitors(_MemoryLayers):
         _log().info("metal_guard: periodic flush every %g s", interval)
 
     def stop_periodic_flush(self) -> None:
-        """Stop the periodic flush (final, also during a tick); no-op when not running."""
+        """Stop the periodic flush **and the watchdog** (final, also during a tick).
+
+        As in the original, where one timer served both and this was the only way
+        to stop the watchdog: code written for it must not leave a watchdog thread
+        running. ``stop_watchdog()`` stops the watchdog alone. No-op for a monitor
+        that is not running; the KV-cache monitor is not touched.
+        """
         if self._stop_monitor("flush"):
             _log().info("metal_guard: periodic flush stopped")
+        if self._stop_monitor("watchdog"):
+            _log().info("metal_guard: watchdog stopped (stop_periodic_flush stops both)")
 
     def _flush_tick(self, monitor: _Monitor) -> None:
         if self._gpu_busy(monitor):
             return
         stats = self.memory_stats()
         if (stats.active_bytes > 0 or stats.peak_pct > 50) and not monitor.stopped.is_set():
-            _log().info("metal_guard: periodic flush: %s", stats)
+            _log().info("metal_guard: periodic flush: %s", _stats_line(stats))
             self.flush_gpu()
 
     # -- watchdog -------------------------------------------------------------
@@ -7890,7 +8107,7 @@ class _MemoryMonitors(_MemoryLayers):
                 pct,
                 state["critical"],
                 drift_gb,
-                stats,
+                _stats_line(stats),
             )
             self._crumb(f"WATCHDOG: CRITICAL active={pct:.1f}% drift={drift_gb:+.1f}GB")
             self.safe_cleanup()
@@ -7906,7 +8123,7 @@ class _MemoryMonitors(_MemoryLayers):
                 "metal_guard: watchdog: %.1f%% of the limit in use (> %g%%): %s",
                 pct,
                 state["warn"],
-                stats,
+                _stats_line(stats),
             )
             self.flush_gpu()
         elif stats.active_bytes > 0 or stats.peak_pct > 50:
@@ -8012,8 +8229,8 @@ class _MemoryMonitors(_MemoryLayers):
 # be removed again.
 #
 # Provides: MetalGuard, metal_guard
-# Uses: Prelude, Processes, MLX access, Memory numbers, Release barrier, Size and hardware tables,
-#   System audits, Monitors
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Memory numbers, Release barrier,
+#   Size and hardware tables, System audits, Monitors
 # =============================================================================
 
 _HARDWARE_BUDGET_SEC = 2.0
@@ -8200,6 +8417,7 @@ class MetalGuard(_MemoryMonitors):
 
 
 metal_guard = MetalGuard()
+_guard_getter.append(lambda: metal_guard)  # the breadcrumbs' writer, read at each call
 
 
 # =============================================================================
@@ -8291,7 +8509,7 @@ class bench_scoped_load:
                 )
             CadenceGuard().mark_unload(self.model_id)
             _breadcrumb(f"BENCH_SCOPED_LOAD: EXIT {label} done, active={stats.active_gb:.1f}GB")
-            _log().info("metal_guard: bench_scoped_load %s done: %s", label, stats)
+            _log().info("metal_guard: bench_scoped_load %s done: %s", label, _stats_line(stats))
         except Exception as exc:
             _log().warning("metal_guard: bench_scoped_load cleanup of %s failed: %r", label, exc)
         finally:
@@ -9327,12 +9545,8 @@ def _generate_request(
         raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
     if not isinstance(system, str):
         raise TypeError(f"system must be a str, not {type(system).__name__}")
-    tokens = _int_arg("max_tokens", max_tokens)
-    if tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {tokens}")
-    temp = _real_arg("temperature", temperature)
-    if temp < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    tokens = _int_arg("max_tokens", max_tokens, minimum=1)
+    temp = _real_arg("temperature", temperature, minimum=0)
     return {
         "type": "generate",
         "prompt": str.__str__(prompt),
@@ -10160,6 +10374,8 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "state_folder": home,
         "state_folder_exists": os.path.isdir(home),
         "state_folder_note": _folder_note(home).strip(" ()") or None,
+        "module_file": __file__,
+        "shadowed_by": _other_metal_guard(),
         "cadence": cadence,
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
@@ -10181,8 +10397,10 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
             ("platform", doc["platform"]),
             ("MLX", mlx_text),
             ("state folder", home + _folder_note(home)),
+            ("imported from", __file__),
         ]
     )
+    lines += [f"  ! {text}" for text in doc["shadowed_by"]]
     lines += ["", "Locks", *_lock_lines(locks, now)]
     lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
     lines += _breaker_lines(breaker, now)

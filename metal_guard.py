@@ -8576,7 +8576,7 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 # parent's calling thread holds the GPU gate: the parent waits for this very
 # generate, so the worker's guard must not wait for the gate too.
 #
-# Provides: Connection, _BACKENDS, _REFUSALS, _WORKER_IDLE_SEC, _InheritedFd, _worker_main
+# Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
 # Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
 #   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Flush guards
 # =============================================================================
@@ -8593,6 +8593,30 @@ _REFUSALS: tuple[type[BaseException], ...] = (
     MLXLockConflict,
     GPUBusy,
 )
+
+
+_WORKER_IDLE_ENV = "METALGUARD_WORKER_IDLE_SEC"
+_IDLE_MAX = 7 * 86400.0
+
+
+def _idle_seconds(text: str) -> float:
+    seconds = float(text)
+    if not (_finite(seconds) and 0 < seconds <= _IDLE_MAX):
+        raise ValueError(text)
+    return seconds
+
+
+def _idle_timeout_arg(value: object) -> float:
+    """``idle_timeout``: seconds > 0; ``None`` reads ``METALGUARD_WORKER_IDLE_SEC`` (else 600)."""
+    if value is not None:
+        return _seconds_arg("idle_timeout", value, maximum=_IDLE_MAX, allow_zero=False)
+    seconds = _env_parsed(
+        _WORKER_IDLE_ENV,
+        _idle_seconds,
+        expected=f"expected a number of seconds > 0 and <= {_IDLE_MAX:g}",
+        default=_WORKER_IDLE_SEC,
+    )
+    return _WORKER_IDLE_SEC if seconds is None else seconds
 
 
 class _WorkerStop(BaseException):
@@ -8928,8 +8952,8 @@ class _Worker:
 # would cost time and pin the start method of the application.
 #
 # Provides: BaseProcess, MLXSubprocessRunner, SubprocessCrashError, SubprocessTimeoutError,
-#   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _idle_timeout_arg,
-#   _is_fatal_worker_error, _timeout_arg
+#   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
+#   _timeout_arg
 # Uses: Prelude, Processes, Locks, Breadcrumbs, MLX access, Panic signatures, Modes (L6),
 #   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Subprocess worker
 # =============================================================================
@@ -8944,7 +8968,6 @@ _TERM_GRACE_SEC = 10.0  # after SIGTERM, before SIGKILL
 _BUSY_MESSAGE_GRACE_SEC = 1.0  # a worker stuck in a generate cannot read the shutdown message
 _POOL_RESTART_CAP = 3  # replacements of a dead worker per model ...
 _POOL_RESTART_WINDOW_SEC = 60.0  # ... within this many seconds
-_WORKER_IDLE_ENV = "METALGUARD_WORKER_IDLE_SEC"
 
 
 class SubprocessCrashError(RuntimeError):
@@ -9515,26 +9538,6 @@ def _watch_worker(runner: Callable[[], MLXSubprocessRunner | None], worker: Base
 
 def _timeout_arg(name: str, value: object) -> float:
     return _seconds_arg(name, value, maximum=_TIMEOUT_MAX, allow_zero=False)
-
-
-def _idle_seconds(text: str) -> float:
-    seconds = float(text)
-    if not (_finite(seconds) and 0 < seconds <= _TIMEOUT_MAX):
-        raise ValueError(text)
-    return seconds
-
-
-def _idle_timeout_arg(value: object) -> float:
-    """``idle_timeout``: seconds > 0; ``None`` reads ``METALGUARD_WORKER_IDLE_SEC`` (else 600)."""
-    if value is not None:
-        return _timeout_arg("idle_timeout", value)
-    seconds = _env_parsed(
-        _WORKER_IDLE_ENV,
-        _idle_seconds,
-        expected=f"expected a number of seconds > 0 and <= {_TIMEOUT_MAX:g}",
-        default=_WORKER_IDLE_SEC,
-    )
-    return _WORKER_IDLE_SEC if seconds is None else seconds
 
 
 def _generate_request(

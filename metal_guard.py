@@ -37,6 +37,7 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
 3.10 Cadence rules — the cadence store's format, read and pruned, and the
     arithmetic of waiting; pure functions.
+3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
     reported.
 4.2 Cadence — refuse back-to-back model loads, across processes.
@@ -46,6 +47,8 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
 4.7 GPU gate — one MLX workload at a time across the threads and processes of
     the host.
+4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
+5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
 5.3 Upstream patches — defects of installed MLX packages fixed in place.
@@ -64,7 +67,9 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
-6.3 Entry point — ``main``: parse, run one command, print text or one JSON
+6.3 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
+    ``metal-guard`` summary.
+6.4 Entry point — ``main``: parse, run one command, print text or one JSON
     document.
 
 Importing has no side effects: no files, threads, environment reads or heavy
@@ -4519,6 +4524,203 @@ def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[
 
 
 # =============================================================================
+# 3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
+#
+# Pure functions over breadcrumb text (the log is fsynced line by line, so it
+# survives the reboot): the lines around a panic time, and the likely trigger
+# read from them — a load soon after an unload, two processes generating at
+# once, a wired-limit request, a generate still in flight, a gemma-4 first
+# generate. Each finding quotes the lines it rests on and claims nothing more.
+# Also the plain words for a panic signature and the redaction of a home
+# folder and user name from text that leaves the machine.
+#
+# Provides: _breadcrumb_time, _breadcrumbs_around, _likely_triggers, _redact, _signature_words
+# Uses: Prelude, Panic signatures
+# =============================================================================
+
+_TRIGGER_WINDOW_SEC = 300.0  # "the minutes before": how far back a trigger is looked for
+_TRIGGER_CADENCE_SEC = 180.0  # the default same-model cadence interval
+_LOAD_TAGS = ("CADENCE_ADMIT: ", "BENCH_SCOPED_LOAD: direct ", "SUBPROCESS_WORKER: loading ")
+_UNLOAD_TAGS = ("CADENCE_UNLOAD: ", "BENCH_SCOPED_LOAD: EXIT ")
+
+
+def _signature_words(name: object) -> str:
+    """What a panic signature means, in plain words (no advice)."""
+    for entry in _PANIC_SIGNATURES:
+        if entry[0] == name:
+            return entry[4]
+    return "a kernel panic metal-guard has no name for (read the report itself)"
+
+
+def _breadcrumb_time(line: str) -> float | None:
+    """Epoch seconds of a breadcrumb line (``<ISO time> pid=<n> ...`` or the original's
+    ``[YYYY-MM-DD HH:MM:SS] ...``, local time); ``None`` when it has none."""
+    import datetime
+
+    stamp = line[1:20] if line.startswith("[") else line.split(" ", 1)[0]
+    try:
+        moment = datetime.datetime.fromisoformat(stamp)
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # the original's lines: local time
+        return moment.timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _crumb_parts(line: str) -> tuple[float, int | None, str] | None:
+    """``(time, pid, message)`` of a breadcrumb line, or ``None`` without a time."""
+    ts = _breadcrumb_time(line)
+    if ts is None:
+        return None
+    if line.startswith("["):
+        return ts, None, line[21:].lstrip()
+    _, _, rest = line.partition(" ")
+    pid: int | None = None
+    if rest.startswith("pid="):
+        word, _, rest = rest.partition(" ")
+        pid = int(word[4:]) if word[4:].isdigit() else None
+    return ts, pid, rest
+
+
+def _breadcrumbs_around(
+    lines: list[str], panic_ts: float, *, before: float = _TRIGGER_WINDOW_SEC, after: float = 0.0
+) -> list[str]:
+    """The lines stamped within ``[panic_ts - before, panic_ts + after]``, in order."""
+    kept = []
+    for line in lines:
+        ts = _breadcrumb_time(line)
+        if ts is not None and panic_ts - before <= ts <= panic_ts + after:
+            kept.append(line)
+    return kept
+
+
+def _finding(trigger: str, summary: str, lines: list[str]) -> dict[str, Any]:
+    return {"trigger": trigger, "summary": summary, "lines": lines}
+
+
+def _generation_spans(
+    events: list[tuple[float, int | None, str, str]],
+) -> list[tuple[int, str, str | None]]:
+    """``(pid, SUBPROC_PRE line, its SUBPROC_POST line or None)`` for each guarded generate."""
+    open_pre: dict[int, str] = {}
+    spans: list[tuple[int, str, str | None]] = []
+    for _, pid, message, line in events:
+        if pid is None:
+            continue
+        if message.startswith("SUBPROC_PRE: "):
+            if pid in open_pre:  # a PRE without its POST (the process died): still open
+                spans.append((pid, open_pre[pid], None))
+            open_pre[pid] = line
+        elif message.startswith("SUBPROC_POST: ") and pid in open_pre:
+            spans.append((pid, open_pre.pop(pid), line))
+    spans += [(pid, pre, None) for pid, pre in open_pre.items()]
+    return spans
+
+
+def _likely_triggers(
+    lines: list[str],
+    panic_ts: float,
+    *,
+    window_sec: float = _TRIGGER_WINDOW_SEC,
+    cadence_sec: float = _TRIGGER_CADENCE_SEC,
+) -> list[dict[str, Any]]:
+    """The likely triggers the breadcrumbs of the ``window_sec`` before ``panic_ts`` show.
+
+    Each finding is ``{"trigger", "summary", "lines"}`` where ``lines`` are the
+    breadcrumb lines it rests on. Triggers: ``load_after_unload`` (a load
+    within ``cadence_sec`` of an unload), ``concurrent_generation`` (guarded
+    generates of two processes overlapping), ``wired_limit_request``,
+    ``generate_in_flight`` (a ``SUBPROC_PRE`` with no ``SUBPROC_POST`` before the
+    panic) and ``gemma4_first_generate``. Nothing found gives ``[]``.
+    """
+    events = []
+    for line in _breadcrumbs_around(lines, panic_ts, before=window_sec):
+        parts = _crumb_parts(line)
+        if parts is not None:
+            events.append((*parts, line))
+    events.sort(key=lambda e: e[0])
+    found: list[dict[str, Any]] = []
+    unloads = [e for e in events if e[2].startswith(_UNLOAD_TAGS) and " done, " not in e[2]]
+    for ts, _, message, line in events:
+        if not message.startswith(_LOAD_TAGS):
+            continue
+        prior = [u for u in unloads if 0 <= ts - u[0] < cadence_sec]
+        if prior:
+            gap = ts - prior[-1][0]
+            found.append(
+                _finding(
+                    "load_after_unload",
+                    f"a model load {gap:.0f} s after an unload (less than the {cadence_sec:g} s "
+                    "cadence interval): the driver may still be releasing the unloaded memory",
+                    [prior[-1][3], line],
+                )
+            )
+            break
+    import itertools
+
+    spans = _generation_spans(events)
+    times = {e[3]: e[0] for e in events}
+    for (pid_a, pre_a, post_a), (pid_b, pre_b, post_b) in itertools.combinations(spans, 2):
+        end_a = times[post_a] if post_a else panic_ts
+        end_b = times[post_b] if post_b else panic_ts
+        if pid_a != pid_b and times[pre_a] < end_b and times[pre_b] < end_a:
+            quoted = [x for x in (pre_a, post_a, pre_b, post_b) if x]
+            found.append(
+                _finding(
+                    "concurrent_generation",
+                    f"two processes (pid {pid_a} and pid {pid_b}) were in guarded generation "
+                    "at the same time",
+                    sorted(quoted, key=lambda x: times[x]),
+                )
+            )
+            break
+    wired = [e for e in events if e[2].startswith("WIRED_LIMIT: ")]
+    if wired:
+        found.append(
+            _finding(
+                "wired_limit_request",
+                f"a wired-limit request {panic_ts - wired[-1][0]:.0f} s before the panic",
+                [w[3] for w in wired[-3:]],
+            )
+        )
+    in_flight = [pre for _, pre, post in spans if post is None]
+    if in_flight:
+        found.append(
+            _finding(
+                "generate_in_flight",
+                "a guarded generate had started and not finished when the Mac panicked",
+                in_flight[-2:],
+            )
+        )
+    gemma = [e for e in events if e[2].startswith("GEMMA4_FLUSH")]
+    if gemma:
+        found.append(
+            _finding(
+                "gemma4_first_generate",
+                f"a gemma-4 first generate began {panic_ts - gemma[0][0]:.0f} s before the panic",
+                [g[3] for g in gemma[:2]],
+            )
+        )
+    return found
+
+
+def _redact(text: str, home: str | None, user: str | None) -> str:
+    """``text`` with the home folder written ``~`` and the user name removed."""
+    if home and len(home) > 1:
+        for spelling in {home.rstrip("/"), os.path.realpath(home).rstrip("/")}:
+            if len(spelling) > 1:
+                text = text.replace(spelling, "~")
+    if user and len(user) > 1:
+        import re
+
+        # everywhere (a name inside a longer word too); a two-letter name only as a word
+        edge = "" if len(user) > 2 else r"(?<![A-Za-z0-9])"
+        pattern = edge + re.escape(user) + (r"(?![A-Za-z0-9])" if edge else "")
+        text = re.sub(pattern, "<user>", text, flags=re.IGNORECASE)
+    return text
+
+
+# =============================================================================
 # 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is reported.
 #
 # ``METALGUARD_MODE`` is read on every decision. In ``defensive`` mode (the
@@ -4530,7 +4732,7 @@ def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[
 # lets a caller (``metal-guard check``) see what was reported instead of raised.
 #
 # Provides: DEFENSIVE, OBSERVER, current_mode, describe_mode, is_defensive, is_observer,
-#   _ObservedRefusals, _refuse
+#   _ObservedRefusals, _admission_gate, _on_admission, _refuse
 # Uses: Prelude, Breadcrumbs
 # =============================================================================
 
@@ -4606,6 +4808,24 @@ def _refuse(exc: BaseException) -> None:
     collected = _observed_refusals.get(_thread.get_ident())
     if collected is not None:
         collected.append(exc)
+
+
+# Checks every admission of MLX work runs first (load admission, worker start); a
+# later policy registers its own (the post-panic gate), so admission needs no
+# knowledge of it.
+_admission_checks: list[Callable[[], None]] = []
+
+
+def _on_admission(check: Callable[..., None]) -> Callable[..., None]:
+    """Register ``check()`` (raises, or reports through ``_refuse``) to run at every admission."""
+    _admission_checks.append(check)
+    return check
+
+
+def _admission_gate() -> None:
+    """Run the registered admission checks: MLX work may start when none raised."""
+    for check in _admission_checks:
+        check()
 
 
 class _ObservedRefusals:
@@ -4957,6 +5177,7 @@ class CadenceGuard:
         """``admit``; also returns what it recorded (``None``: nothing)."""
         budget = _wait_arg(wait)
         canon = canonical_model_id(model_id)
+        _admission_gate()  # the post-panic gate (4.8) first
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
@@ -5066,6 +5287,8 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         stamp = time.time() if ts is None else _real_arg("ts", ts)
         self._update(lambda data: self._record(data, canon, stamp, unload=unload))
+        if unload:  # what the panic triggers (3.11) read: a load soon after an unload
+            _breadcrumb(f"CADENCE_UNLOAD: {canon}")
 
     def last_ts(self, model_id: StrPath) -> float | None:
         """Epoch seconds the intervals count from: the later of last load and last unload."""
@@ -6683,6 +6906,439 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
     if holder.get("note"):  # e.g. a lock that cannot be probed: held, by someone unknown
         details.append(str(holder["note"]))
     return text + (f" ({', '.join(details)})" if details else "")
+
+
+# =============================================================================
+# 4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
+#
+# After a kernel panic the Mac reboots and launchd starts the same job, which
+# repeats the same trigger. The first check after the reboot (load admission,
+# worker start, ``check``, ``run``) archives the new report; then MLX work is
+# refused until the panic time plus ``METALGUARD_PANIC_COOLDOWN`` seconds
+# (default 600), and ``METALGUARD_PANIC_LOCKOUT`` (default 2; 0 is off) IOGPU
+# panics within 24 h refuse it until a person runs ``metal-guard ack`` (panics of
+# the last 7 days are remembered for that). The
+# refusal is ``MLXCooldownActive`` through the modes (observer mode warns). A
+# check costs one small state-file read and two ``stat`` calls while the report
+# folder is unchanged; only a changed folder is scanned again. The breaker's own
+# 2-per-hour rule is untouched.
+#
+# Provides: _acknowledge_panics, _post_panic_refusal, _post_panic_status,
+#   _require_post_panic_clear, _PostPanicRefusal
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Panic signatures, Panic reports,
+#   Panic triggers, Modes (L6), Panic archive, Circuit breaker
+# =============================================================================
+
+_PANIC_COOLDOWN_ENV = "METALGUARD_PANIC_COOLDOWN"
+_PANIC_LOCKOUT_ENV = "METALGUARD_PANIC_LOCKOUT"
+_PANIC_COOLDOWN_DEFAULT = 600.0
+_PANIC_LOCKOUT_DEFAULT = 2
+_LOCKOUT_WINDOW_SEC = 86400.0
+_POST_PANIC_MEMORY_SEC = 7 * 86400.0  # a lockout lasts until ack, for panics of the last week
+_POST_PANIC_SCHEMA = 1
+_POST_PANIC_KEEP = 50
+
+
+def _post_panic_settings() -> tuple[float, int]:
+    """``(cooldown seconds, lockout count)`` from the environment (0 turns each off)."""
+    cooldown = _env_float(
+        _PANIC_COOLDOWN_ENV, _PANIC_COOLDOWN_DEFAULT, minimum=0.0, maximum=_LOCKOUT_WINDOW_SEC
+    )
+    lockout = _env_int(_PANIC_LOCKOUT_ENV, _PANIC_LOCKOUT_DEFAULT, minimum=0, maximum=1000)
+    return cooldown, lockout
+
+
+def _post_panic_file() -> _JsonFile:
+    # fsynced: an acknowledgement must survive the next panic
+    return _JsonFile(_state_file("post_panic.json"), durable=True)
+
+
+def _folder_key(folder: str) -> list[int]:
+    """What changes when a report is added to ``folder`` or its ``Retired/`` (0s: absent)."""
+    key: list[int] = []
+    for path in (folder, os.path.join(folder, "Retired")):
+        try:
+            st = os.stat(path)
+            key += [st.st_mtime_ns, st.st_ino, st.st_size, st.st_nlink]
+        except OSError:
+            key += [0, 0, 0, 0]
+    return key
+
+
+def _panic_summary(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("ts", "signature", "process", "pid", "location", "source_file", "incident_id")
+    return {k: record.get(k) for k in keys}
+
+
+def _post_panic_state(now: float, *, record: bool = True) -> dict[str, Any]:
+    """The gate's state, refreshed by a scan when the report folder changed.
+
+    ``record`` archives new reports and saves the scan; without it nothing is
+    written (a status display).
+    """
+    folder, archive = _report_dir(None), _archive_path(None)
+    key = _folder_key(folder)
+    store = _post_panic_file()
+    state, problem = store.read()
+    if problem is None and state.get("scanned") == [folder, archive, key]:
+        return state  # nothing new in the folder since the last scan (any process)
+    parsed = parse_panic_reports(folder)
+    if parsed and record:
+        try:
+            _ingest(archive, parsed)
+        except (OSError, StateLockTimeout) as exc:
+            _log_once(
+                "post-panic-ingest:" + archive,
+                _WARNING,
+                "metal_guard: cannot archive panic reports in %s (%s)",
+                archive,
+                exc,
+            )
+    recent = [
+        _panic_summary(r)
+        for r in _merge_panics(read_panic_archive(archive), parsed)
+        if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= now - _POST_PANIC_MEMORY_SEC
+    ][-_POST_PANIC_KEEP:]
+    if not record:
+        return {**state, "panics": recent}
+
+    def save(data: dict[str, Any]) -> dict[str, Any]:
+        data.update(schema=_POST_PANIC_SCHEMA, scanned=[folder, archive, key], panics=recent)
+        return dict(data)
+
+    try:
+        return store.update(save)
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "post-panic-state",
+            _DEBUG,
+            "metal_guard: cannot write %s (%s); the panic folder is scanned at every check",
+            store.path,
+            exc,
+        )
+        return {**state, "panics": recent}
+
+
+def _unacknowledged(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The IOGPU panics of the state newer than the last ``ack``, oldest first."""
+    acked = _number(state.get("acked_at"))
+    panics = [
+        p
+        for p in state.get("panics") or []
+        if isinstance(p, dict) and _number(p.get("ts")) is not None
+    ]
+    return sorted(
+        (p for p in panics if acked is None or p["ts"] > acked), key=lambda p: float(p["ts"])
+    )
+
+
+class _PostPanicRefusal(MLXCooldownActive):
+    """``MLXCooldownActive`` raised by the post-panic gate; ``panic`` is the newest panic,
+    ``lockout`` the lockout count when a person must run ``metal-guard ack`` (else 0)."""
+
+    def __init__(
+        self,
+        panic: dict[str, Any],
+        panic_count: int,
+        window_sec: float,
+        cooldown_until: float,
+        *,
+        lockout: int = 0,
+        now: float | None = None,
+    ) -> None:
+        self.panic = dict(panic)
+        self.lockout = lockout
+        super().__init__(panic_count, window_sec, cooldown_until, now=now)
+
+    def _message(self) -> str:
+        p = self.panic
+        process = p.get("process") or "an unknown process"
+        pid = f", pid {p['pid']}" if p.get("pid") is not None else ""
+        what = (
+            f"the Mac kernel-panicked at {_local_time(float(p['ts']))} "
+            f"({_signature_words(p.get('signature'))}; process {process}{pid})"
+        )
+        if self.lockout:
+            return (
+                f"MLX work refused after a kernel panic: {self.panic_count} IOGPU kernel panics "
+                f"within 24 h ({_PANIC_LOCKOUT_ENV}={self.lockout}); the newest: {what}. Refused "
+                "until a person runs `metal-guard ack`; read `metal-guard diagnose` first."
+            )
+        return (
+            f"MLX work refused after a kernel panic: {what}. Refused for "
+            f"{_duration(self.remaining_sec)} more, until {_local_time(self.cooldown_until)} "
+            f"({_PANIC_COOLDOWN_ENV}={self.window_sec:g} s), so a relaunch does not repeat the "
+            "trigger. See what happened: `metal-guard diagnose`."
+        )
+
+
+def _burst(times: list[float]) -> int:
+    """The most panics (epoch seconds) that fall within one 24-h window."""
+    return max(
+        (sum(1 for u in times if t <= u < t + _LOCKOUT_WINDOW_SEC) for t in times), default=0
+    )
+
+
+def _post_panic_decision(
+    state: dict[str, Any], now: float, cooldown: float, lockout: int
+) -> _PostPanicRefusal | None:
+    unacked = _unacknowledged(state)
+    if not unacked:
+        return None
+    newest = unacked[-1]
+    times = sorted(float(p["ts"]) for p in unacked if p["ts"] >= now - _POST_PANIC_MEMORY_SEC)
+    # ``lockout`` panics within some 24 h: refused until ``ack``, however long ago that was
+    burst = _burst(times)
+    if lockout and burst >= lockout:
+        # without an ack it would end only when the gate forgets enough of those panics
+        forgotten = next(
+            t + _POST_PANIC_MEMORY_SEC
+            for t in times
+            if _burst([u for u in times if u > t]) < lockout
+        )
+        return _PostPanicRefusal(
+            newest, burst, _LOCKOUT_WINDOW_SEC, forgotten, lockout=lockout, now=now
+        )
+    # a clock stepped back never lengthens the cooldown past ``now + cooldown``
+    until = min(float(newest["ts"]) + cooldown, now + cooldown)
+    if cooldown > 0 and until > now:
+        return _PostPanicRefusal(newest, 1, cooldown, until, now=now)
+    return None
+
+
+def _post_panic_refusal(*, now: float | None = None) -> MLXCooldownActive | None:
+    """The refusal the post-panic gate gives now (not raised), or ``None`` to go ahead.
+
+    Archives new panic reports first (cheap while the report folder is
+    unchanged). Never raises for environment faults: a gate that cannot read
+    its state fails open with one WARNING.
+    """
+    when = time.time() if now is None else _real_arg("now", now)
+    cooldown, lockout = _post_panic_settings()
+    if cooldown <= 0 and lockout <= 0:
+        return None
+    try:
+        state = _post_panic_state(when)
+    except Exception as exc:  # never break the caller's inference over forensics
+        _log_once(
+            "post-panic-check",
+            _WARNING,
+            "metal_guard: cannot check for recent kernel panics (%s); MLX work goes ahead",
+            exc,
+        )
+        return None
+    return _post_panic_decision(state, when, cooldown, lockout)
+
+
+@_on_admission
+def _require_post_panic_clear(*, now: float | None = None) -> None:
+    """Raise ``MLXCooldownActive`` while the post-panic gate refuses (observer mode: warn)."""
+    refusal = _post_panic_refusal(now=now)
+    if refusal is not None:
+        _refuse(refusal)
+
+
+def _acknowledge_panics(note: str | None = None, *, now: float | None = None) -> dict[str, Any]:
+    """``metal-guard ack``: lift the lockout and the cooldown for the panics seen so far.
+
+    Records ``acknowledged_at`` (and ``ack_note``) on each archived panic it
+    covers and in the gate's state; returns ``acked_at``, ``note`` and
+    ``panics`` (the panics acknowledged now). Raises ``OSError`` /
+    ``StateLockTimeout`` when the state cannot be written.
+    """
+    when = time.time() if now is None else _real_arg("now", now)
+    text = None if note is None else _label(note).strip()[:_PANIC_FIELD_MAX] or None
+    state = _post_panic_state(when)
+    covered = _unacknowledged(state)
+    archive = _archive_path(None)
+    with _FileLock(archive + ".lock"):
+        records, _ = _load_archive(archive)
+        changed = False
+        for record in records:
+            if record.get("acknowledged_at") is None and record["ts"] <= when:
+                record["acknowledged_at"] = when
+                record["ack_note"] = text
+                changed = True
+        if changed:
+            _atomic_write_bytes(archive, b"".join(_archive_line(r) for r in records))
+
+    def ack(data: dict[str, Any]) -> None:
+        data.update(schema=_POST_PANIC_SCHEMA, acked_at=when, ack_note=text, acked_pid=os.getpid())
+
+    _post_panic_file().update(ack)
+    _breadcrumb(f"PANIC_ACK: {len(covered)} panic(s) acknowledged" + (f": {text}" if text else ""))
+    return {"acked_at": when, "note": text, "panics": covered}
+
+
+def _post_panic_status(*, now: float | None = None) -> dict[str, Any]:
+    """What the gate decides now and why; never raises or writes (a status display)."""
+    when = time.time() if now is None else _real_arg("now", now)
+    cooldown, lockout = _post_panic_settings()
+    doc: dict[str, Any] = {
+        "cooldown_sec": cooldown,
+        "lockout": lockout,
+        "refused": False,
+        "message": None,
+        "remaining_sec": 0.0,
+        "needs_ack": False,
+        "unacknowledged": [],
+        "acked_at": None,
+        "ack_note": None,
+        "problem": None,
+    }
+    try:
+        state = _post_panic_state(when, record=False)
+        refusal = _post_panic_decision(state, when, cooldown, lockout)
+        doc.update(
+            unacknowledged=_unacknowledged(state),
+            acked_at=_number(state.get("acked_at")),
+            ack_note=state.get("ack_note"),
+        )
+        if refusal is not None:
+            doc.update(
+                refused=True,
+                message=str(refusal),
+                remaining_sec=None if refusal.lockout else refusal.remaining_sec,
+                needs_ack=bool(refusal.lockout),
+            )
+    except Exception as exc:
+        doc["problem"] = f"{type(exc).__name__}: {exc}"
+    return doc
+
+
+# =============================================================================
+# 5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
+#
+# A GPU wedge (``fence_wait`` spinning at about 3 W, ml-explore/mlx#3830) leaves
+# a step that never returns and wired memory that may never come back. ``with
+# _stuck_watch("generate"):`` records the step's start (a dict entry, no
+# syscall); one daemon thread per process, started with the first watched step
+# and gone when none is left, looks once a second. A step running past
+# ``METALGUARD_STUCK_SEC`` (default 1800 s; 0 turns the watch off) gets one
+# ``GPU_STUCK`` breadcrumb, one WARNING advising a reboot, and the actions
+# registered with ``_on_stuck`` (under ``run``: tell the supervisor and stop;
+# in a worker: stop gracefully, no restart).
+#
+# Provides: _GPU_STUCK_ERROR, _on_stuck, _stuck_limit, _stuck_watch
+# Uses: Prelude, Breadcrumbs
+# =============================================================================
+
+_STUCK_ENV = "METALGUARD_STUCK_SEC"
+_STUCK_DEFAULT_SEC = 1800.0
+_STUCK_MAX_SEC = 7 * 86400.0
+_STUCK_POLL_SEC = 1.0
+_GPU_STUCK_ERROR = "GPUStuck"  # how a worker's stuck report starts (never restarted)
+
+_stuck_lock = _thread.allocate_lock()
+_stuck_steps: dict[int, list[Any]] = {}  # token → [label, start (monotonic), limit, reported]
+_stuck_actions: list[Callable[[str, float], None]] = []
+_stuck_watcher: list[bool] = [False]  # whether the watcher thread runs
+_stuck_tokens = iter(range(1, 1 << 62))
+
+
+def _stuck_limit() -> float:
+    """``METALGUARD_STUCK_SEC`` (0: off), read at each watched step."""
+    return _env_float(_STUCK_ENV, _STUCK_DEFAULT_SEC, minimum=0.0, maximum=_STUCK_MAX_SEC)
+
+
+def _on_stuck(action: Callable[[str, float], None]) -> Callable[[], None]:
+    """Call ``action(label, seconds)`` when a watched step runs past the limit.
+
+    Returns a function that unregisters it. Actions run on the watcher
+    thread; an action that raises is logged and the others still run.
+    """
+    if not callable(action):
+        raise TypeError(f"action must be callable, not {type(action).__name__}")
+    with _stuck_lock:
+        _stuck_actions.append(action)
+
+    def remove() -> None:
+        with _stuck_lock:
+            if action in _stuck_actions:
+                _stuck_actions.remove(action)
+
+    return remove
+
+
+def _report_stuck(label: str, seconds: float, limit: float) -> None:
+    _breadcrumb(f"GPU_STUCK: {label} running for {seconds:.0f}s (limit {limit:g}s)")
+    _log().warning(
+        "metal_guard: GPU work %r has run for %.0f s (%s=%g): the GPU looks wedged "
+        "(ml-explore/mlx#3830). Stop this process and reboot the Mac before running MLX "
+        "again: wired memory may be stranded until reboot.",
+        label,
+        seconds,
+        _STUCK_ENV,
+        limit,
+    )
+    with _stuck_lock:
+        actions = list(_stuck_actions)
+    for action in actions:
+        try:
+            action(label, seconds)
+        except Exception as exc:
+            _log().warning("metal_guard: stuck-work action %r failed: %r", action, exc)
+
+
+def _stuck_loop() -> None:
+    """The watcher thread: once a second, report steps past their limit; exit when idle."""
+    while True:
+        time.sleep(_STUCK_POLL_SEC)
+        now = time.monotonic()
+        due = []
+        with _stuck_lock:
+            if not _stuck_steps:
+                _stuck_watcher[0] = False
+                return
+            for step in _stuck_steps.values():
+                if not step[3] and now - step[1] > step[2]:
+                    step[3] = True
+                    due.append((step[0], now - step[1], step[2]))
+        for label, seconds, limit in due:
+            _report_stuck(label, seconds, limit)
+
+
+class _stuck_watch(_ContextDecorator):
+    """``with _stuck_watch("generate"):`` — report the body if it runs past the limit."""
+
+    __slots__ = ("_token", "label")
+
+    def __init__(self, label: str) -> None:
+        self.label = _label(label)
+        self._token = 0
+
+    def _recreate(self) -> _stuck_watch:
+        return _stuck_watch(self.label)
+
+    def __enter__(self) -> _stuck_watch:
+        limit = _stuck_limit()
+        if limit <= 0:
+            return self
+        token = next(_stuck_tokens)
+        start = False
+        with _stuck_lock:
+            _stuck_steps[token] = [self.label, time.monotonic(), limit, False]
+            if not _stuck_watcher[0]:
+                _stuck_watcher[0] = start = True
+        self._token = token
+        if start:
+            import threading
+
+            try:
+                threading.Thread(
+                    target=_stuck_loop, name="metal-guard stuck-work", daemon=True
+                ).start()
+            except RuntimeError as exc:  # interpreter shutting down: no watch
+                with _stuck_lock:
+                    _stuck_watcher[0] = False
+                _log().debug("metal_guard: cannot start the stuck-work watcher: %r", exc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token:
+            with _stuck_lock:
+                _stuck_steps.pop(self._token, None)
+            self._token = 0
 
 
 # =============================================================================
@@ -8578,7 +9234,7 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 #
 # Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
 # Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
-#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Flush guards
+#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -8703,6 +9359,7 @@ class _Worker:
         # Ctrl-C reaches the whole process group: the parent decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        _on_stuck(self._stuck)  # a wedged generate: the parent stops us and never restarts us
         reason, code = "shutdown requested", 0
         try:
             self._watch_parent()
@@ -8763,6 +9420,11 @@ class _Worker:
             signal.pthread_kill(main, signal.SIGTERM)
 
         threading.Thread(target=watch, name="metal-guard parent watch", daemon=True).start()
+
+    def _stuck(self, label: str, seconds: float) -> None:
+        # on the watcher thread; the main thread is stuck in the generate, so it is not sending
+        error = f"{_GPU_STUCK_ERROR}: {label} has run for {seconds:.0f} s: the GPU looks wedged"
+        self._send({"type": "error", "error": error + "; reboot the Mac before using MLX again"})
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -8870,7 +9532,8 @@ class _Worker:
             # The parent holds the gate for us (METALGUARD_EXCLUSIVE_GPU is inherited):
             # waiting for it here would wait for ourselves.
             exclusive = False if request.get("parent_holds_gpu_gate") else None
-            with subprocess_inference_guard(self.model_id, exclusive=exclusive):
+            watch = _stuck_watch(f"generate {self.label}")  # past METALGUARD_STUCK_SEC: _stuck
+            with watch, subprocess_inference_guard(self.model_id, exclusive=exclusive):
                 return {"type": "result", "text": self._run(text, max_tokens, temperature)}
         except _REFUSALS as exc:
             return {"type": "refused", "error": f"{type(exc).__name__}: {exc}", "exception": exc}
@@ -8955,7 +9618,7 @@ class _Worker:
 #   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
 #   _timeout_arg
 # Uses: Prelude, Processes, Locks, Breadcrumbs, MLX access, Panic signatures, Modes (L6),
-#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Subprocess worker
+#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Subprocess worker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9008,7 +9671,9 @@ def _signal_name(number: int) -> str:
 
 
 def _worker_error_kind(error: str) -> str | None:
-    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class) or ``None``."""
+    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class), ``"stuck"`` or ``None``."""
+    if error.startswith(_GPU_STUCK_ERROR):
+        return "stuck"
     if error.startswith("MetalOOMError"):
         return "oom"
     name, _ = detect_panic_signature(error)
@@ -9106,6 +9771,7 @@ class MLXSubprocessRunner:
     def _launch(self, *, restart: str | None) -> None:
         """Take a hold on the MLX lock and start a worker; ``restart``: why the library
         starts it again (it then waits for cadence instead of being refused)."""
+        _admission_gate()  # the post-panic gate: refuse before a worker is spawned
         path = _mlx_lock_path()
         fd = None
         try:
@@ -9986,7 +10652,7 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     check = command(
         "check",
         "pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
-        "0 go, 2 blocked (breaker cooldown, cadence, --refuse-known)",
+        "0 go, 2 blocked (breaker cooldown, a recent kernel panic, cadence, --refuse-known)",
         "1 error (a state file is unreadable, or --admit could not record the load)",
         parents=[json_flag, intervals],
     )
@@ -10065,6 +10731,28 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         "system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
         parents=[json_flag],
+    )
+    command(
+        "diagnose",
+        "after a kernel panic: what happened, the likely trigger, what to do next",
+        parents=[json_flag],
+    )
+    ack = command(
+        "ack",
+        "acknowledge the panics so far: lifts the post-panic lockout",
+        "0 acknowledged",
+        parents=[json_flag],
+    )
+    ack.add_argument("--note", metavar="TEXT", help="a note kept with the acknowledgement")
+    postmortem = command(
+        "postmortem",
+        "write one archive for a bug report (home folder and user name removed)",
+        "0 written",
+        "1 error (the archive could not be written)",
+        parents=[json_flag],
+    )
+    postmortem.add_argument(
+        "-o", "--output", metavar="PATH", help="archive path (.tar.gz, or .zip); default: here"
     )
     return parser, dict(commands.choices)
 
@@ -10172,6 +10860,7 @@ def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise
 #   _cmd_models, _cmd_panics, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
+#   Post-panic gate,
 #   MLX lock (L8), GPU gate, Wired-limit control, System audits, MetalGuard, Command line
 # =============================================================================
 
@@ -10467,6 +11156,28 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             doc["breaker"]["would_refuse"] = True
             items.append(("circuit breaker", observed + str(cooling)))
             would_refuse.append("circuit breaker cooldown")
+    gate: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _require_post_panic_clear(now=now)  # one recent IOGPU kernel panic refuses
+        except MLXCooldownActive as refusal:
+            gate = refusal
+    after = gate or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    doc["post_panic"] = {"blocked": gate is not None}
+    if after is None:
+        items.append(("post-panic gate", "clear"))
+    else:
+        needs_ack = isinstance(after, _PostPanicRefusal) and bool(after.lockout)
+        doc["post_panic"].update(
+            message=str(after), remaining_sec=after.remaining_sec, needs_ack=needs_ack
+        )
+        if gate is not None:
+            items.append(("post-panic gate", f"BLOCKED: {after}"))
+            blocked.append("post-panic gate")
+        else:
+            doc["post_panic"]["would_refuse"] = True
+            items.append(("post-panic gate", observed + str(after)))
+            would_refuse.append("post-panic gate")
     cadence: dict[str, Any] = {
         "path": guard.path,
         "min_interval_sec": guard.min_interval_sec,
@@ -10771,14 +11482,301 @@ def _cmd_audit(args: argparse.Namespace) -> _CLIResult:
 
 
 # =============================================================================
-# 6.3 Entry point — ``main``: parse, run one command, print text or one JSON document.
+# 6.3 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
+#     ``metal-guard`` summary.
+#
+# Wiring only: the panics come from the archive and the report folder, the
+# likely triggers from the breadcrumbs (Panic triggers), the rest from the audits
+# and the other commands' documents. ``diagnose`` and the summary write nothing;
+# ``ack`` records the acknowledgement. ``postmortem`` writes one
+# archive (tar.gz, or zip when the name ends in ``.zip``) in which the home
+# folder reads ``~`` and the user name is removed, inside the panic reports too.
+#
+# Provides: _cmd_ack, _cmd_diagnose, _cmd_overview, _cmd_postmortem
+# Uses: Prelude, Files, Breadcrumbs, Panic signatures, Panic reports, Version advisories,
+#   Apple Feedback, Panic triggers, Panic archive, Circuit breaker, Post-panic gate,
+#   System audits, Command line, Commands
+# =============================================================================
+
+_DIAGNOSE_PANICS = 3
+_DIAGNOSE_CRUMB_LINES = 20_000
+_TRIGGER_STEPS = {
+    "load_after_unload": "Space model loads: load inside cadence_scope (or under `metal-guard "
+    "run`) so a load never follows an unload within the cadence interval.",
+    "concurrent_generation": "Let one process use the GPU at a time: the MLX lock and "
+    "exclusive_gpu (both on under `metal-guard run`).",
+    "wired_limit_request": "Do not raise MLX's wired limit: call limit_wired_memory() before "
+    "loading (`metal-guard audit` shows the setting).",
+    "generate_in_flight": "Wrap every generate in subprocess_inference_guard so GPU memory is "
+    "flushed after each request; use a smaller or quantised model if it repeats.",
+    "gemma4_first_generate": "Call gemma4_generation_flush before a gemma-4 model's first "
+    "generate, or move to another model family (`metal-guard models`).",
+}
+
+
+def _diagnose_doc(now: float) -> dict[str, Any]:
+    gate = _post_panic_status(now=now)
+    merged = _merge_panics(read_panic_archive(), parse_panic_reports())
+    panics = [r for r in merged if r.get("kernel_panic", True)]
+    crumbs = read_breadcrumbs(_DIAGNOSE_CRUMB_LINES)
+    entries = []
+    for record in reversed(panics[-_DIAGNOSE_PANICS:]):
+        ts = record["ts"]
+        entries.append(
+            {
+                "ts": ts,
+                "time": _local_time(ts),
+                "signature": record.get("signature"),
+                "what": _signature_words(record.get("signature")),
+                "process": record.get("process"),
+                "pid": record.get("pid"),
+                "location": record.get("location"),
+                "source_file": record.get("source_file"),
+                "acknowledged_at": record.get("acknowledged_at"),
+                "breadcrumbs": _breadcrumbs_around(crumbs, ts)[-60:],
+                "triggers": _likely_triggers(crumbs, ts),
+            }
+        )
+    advisories = check_version_advisories()
+    wired = audit_wired_limit()
+    steps: list[str] = []
+    if gate["needs_ack"]:
+        steps.append("MLX work is refused until you run `metal-guard ack` (after reading this).")
+    elif gate["refused"]:
+        steps.append(
+            f"MLX work is refused for {_duration(gate['remaining_sec'])} more; "
+            "`metal-guard ack` lifts it once you have read this."
+        )
+    for entry in entries[:1]:
+        steps += [_TRIGGER_STEPS[t["trigger"]] for t in entry["triggers"]]
+        if not entry["triggers"]:
+            steps.append(
+                "The breadcrumbs show no likely trigger: guard the program (`metal-guard run -- "
+                "...` or the library's guards) so the next incident leaves forensics."
+            )
+    steps += [
+        f"Upgrade {a['package']} {a['installed_version']}: {a['title']} ({a['url']})."
+        for a in advisories
+        if a.get("severity") in ("critical", "high")
+    ]
+    if wired.get("advisory"):
+        steps.append(str(wired["advisory"]))
+    if entries:
+        steps.append(
+            "Report it upstream: `metal-guard postmortem` writes one archive for a bug report "
+            "(home folder and user name removed)."
+        )
+    else:
+        steps.append("No kernel panic on record: nothing to do.")
+    return {
+        "gate": gate,
+        "panics": entries,
+        "advisories": advisories,
+        "wired_limit": wired,
+        "next_steps": steps,
+    }
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> _CLIResult:
+    doc = _diagnose_doc(time.time())
+    gate = doc["gate"]
+    lines = ["metal-guard diagnose"]
+    lines += _pairs([("MLX work", f"REFUSED: {gate['message']}" if gate["refused"] else "may go")])
+    if not doc["panics"]:
+        lines += ["", "No kernel panic on record (panic archive and report folder)."]
+    for entry in doc["panics"]:
+        acked = " (acknowledged)" if entry["acknowledged_at"] is not None else ""
+        lines += ["", f"Panic at {entry['time']}{acked}"]
+        lines += _pairs(
+            [
+                ("what", entry["what"]),
+                ("process", f"{entry['process'] or 'unknown'} (pid {_show(entry['pid'])})"),
+                ("at", entry["location"]),
+                ("report", entry["source_file"]),
+            ]
+        )
+        crumbs = entry["breadcrumbs"]
+        lines.append(
+            f"  breadcrumbs of the {_TRIGGER_WINDOW_SEC / 60:g} minutes before: "
+            + (f"{len(crumbs)} line(s)" if crumbs else "none")
+        )
+        lines += [f"    {_escape_line(c)}" for c in crumbs[-15:]]
+        if entry["triggers"]:
+            lines.append("  likely trigger(s):")
+            for finding in entry["triggers"]:
+                lines.append(f"  - {finding['summary']}")
+                lines += [f"      {_escape_line(c)}" for c in finding["lines"]]
+        else:
+            lines.append("  likely trigger: none shown by the breadcrumbs")
+    wired = doc["wired_limit"]
+    lines += ["", "Wired-limit setting"]
+    lines += _pairs([("iogpu.wired_limit_mb", wired.get("limit_mb")), ("mode", wired.get("mode"))])
+    lines += ["", f"Advisories for the installed MLX stack: {len(doc['advisories'])}"]
+    lines += [
+        f"  [{a['severity']}] {a['package']} {a['installed_version']}: {a['title']}"
+        for a in doc["advisories"]
+    ]
+    lines += ["", "Next steps"] + [f"  {i}. {s}" for i, s in enumerate(doc["next_steps"], 1)]
+    return _EXIT_GO, doc, lines
+
+
+def _cmd_ack(args: argparse.Namespace) -> _CLIResult:
+    done = _acknowledge_panics(args.note)
+    count = len(done["panics"])
+    lines = [
+        f"acknowledged {count} panic(s) at {_local_time(done['acked_at'])}"
+        + (f" ({done['note']})" if done["note"] else "")
+        + "; the post-panic lockout is lifted and MLX work may go again"
+    ]
+    return _EXIT_GO, done, lines
+
+
+def _cmd_overview(args: argparse.Namespace) -> _CLIResult:
+    now = time.time()
+    gate = _post_panic_status(now=now)
+    breaker = _breaker().status(now=now)
+    doc = {"version": __version__, "post_panic": gate, "breaker": breaker}
+    refused = gate["refused"] or breaker["cooling_down"]
+    lines = [f"metal-guard {__version__}: MLX work " + ("REFUSED" if refused else "may go")]
+    if gate["refused"]:
+        lines.append(f"  {gate['message']}")
+    if breaker["cooling_down"]:
+        lines.append(f"  circuit breaker cooling down ({_duration(breaker['remaining_sec'])} left)")
+    unacked = gate["unacknowledged"]
+    if unacked:
+        newest = unacked[-1]
+        lines.append(
+            f"  {len(unacked)} unacknowledged IOGPU kernel panic(s) in the last 7 days, the newest "
+            f"at {_local_time(newest['ts'])}: run `metal-guard diagnose`"
+        )
+    else:
+        lines.append("  no unacknowledged kernel panic")
+    lines.append("  more: `metal-guard status`, `metal-guard --help`")
+    return _EXIT_GO, doc, lines
+
+
+def _user_names() -> list[str]:
+    import getpass
+
+    names = []
+    try:
+        names.append(getpass.getuser())
+    except Exception:  # no user name anywhere
+        pass
+    home = os.path.expanduser("~")
+    if home.startswith("/Users/"):
+        names.append(os.path.basename(home.rstrip("/")))
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def _postmortem_members(now: float) -> dict[str, bytes]:
+    import argparse
+    import json
+    import platform
+
+    diagnose = _diagnose_doc(now)
+    crumbs = read_breadcrumbs(_DIAGNOSE_CRUMB_LINES)
+    merged = _merge_panics(read_panic_archive(), parse_panic_reports())
+    panics = [r for r in merged if r.get("kernel_panic", True)][-_DIAGNOSE_PANICS:]
+    members: dict[str, bytes] = {}
+    for record in panics:
+        source = record.get("source_file")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record["ts"]))
+        if isinstance(source, str):
+            try:
+                members["panic-reports/" + os.path.basename(source)] = _read_bounded(
+                    source, _PANIC_READ_MAX
+                )
+            except OSError as exc:
+                members[f"panic-reports/{stamp}.missing.txt"] = f"{source}: {exc}\n".encode()
+        around = _breadcrumbs_around(crumbs, record["ts"], before=900.0, after=60.0)
+        members[f"breadcrumbs/{stamp}.log"] = (
+            "\n".join(around) + "\n" if around else "(no breadcrumbs around this panic)\n"
+        ).encode()
+    plain = argparse.Namespace(device=False, min_interval=180.0, cross_model_interval=0.0)
+    versions: dict[str, str | None] = {
+        "metal-guard": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    versions.update({name: _installed_version(name) for name in ("mlx", "mlx-lm", "mlx-vlm")})
+    env = {k: v for k, v in os.environ.items() if k.startswith(("METALGUARD_", "MLX_"))}
+    newest = panics[-1] if panics else {}
+    feedback = format_panic_for_apple_feedback(
+        {
+            "panic_string": newest.get("panic_line"),
+            "panic_time": newest.get("ts"),
+            "hardware": {"chip": newest.get("chip")},
+            "gpu_driver": newest.get("iogpu_version"),
+            "os_version": newest.get("os_version"),
+            "kernel_version": newest.get("kernel_version"),
+            "mlx_versions": {k: v for k, v in versions.items() if k.startswith("mlx") and v},
+            "breadcrumbs": _breadcrumbs_around(crumbs, newest["ts"]) if newest else [],
+            "advisories": diagnose["advisories"],
+        }
+    )
+    docs = {
+        "status.json": _cmd_status(plain)[1],
+        "audit.json": _cmd_audit(plain)[1],
+        "diagnose.json": diagnose,
+        "versions.json": versions,
+        "environment.json": env,
+    }
+    for name, value in docs.items():
+        members[name] = (json.dumps(value, indent=2, default=str) + "\n").encode()
+    members["apple-feedback.md"] = feedback.encode()
+    return members
+
+
+def _write_postmortem(path: str, members: dict[str, bytes], now: float) -> None:
+    import io
+
+    top = os.path.basename(path).split(".")[0] or "metal-guard-postmortem"
+    if path.endswith(".zip"):
+        import zipfile
+
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(f"{top}/{name}", data)
+        return
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mtime, info.mode = len(data), int(now), 0o644
+            archive.addfile(info, io.BytesIO(data))
+
+
+def _cmd_postmortem(args: argparse.Namespace) -> _CLIResult:
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path = _path_arg("-o", args.output or f"metal-guard-postmortem-{stamp}.tar.gz")
+    home = os.path.expanduser("~")
+    names = _user_names()
+    members = {}
+    for name, data in _postmortem_members(now).items():
+        text = data.decode("utf-8", "replace")
+        for user in [None, *names]:
+            text = _redact(text, home if user is None else None, user)
+        members[name] = text.encode("utf-8")
+    try:
+        _write_postmortem(path, members, now)
+    except OSError as exc:
+        raise _CLIError(f"cannot write {path}: {exc}") from None
+    doc = {"path": path, "members": sorted(members)}
+    return _EXIT_GO, doc, [path]
+
+
+# =============================================================================
+# 6.4 Entry point — ``main``: parse, run one command, print text or one JSON document.
 #
 # Library WARNINGs (a store failing open...) go to stderr while a command runs;
 # a usage error exits 64 with the usage line (and, with --json, one JSON
 # document); a closed pipe (``metal-guard panics | head``) ends quietly.
 #
 # Provides: main
-# Uses: Prelude, Command line, Commands
+# Uses: Prelude, Command line, Commands, After-panic commands
 # =============================================================================
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
@@ -10791,6 +11789,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "breadcrumbs": _cmd_breadcrumbs,
     "lock": _cmd_lock,
     "audit": _cmd_audit,
+    "diagnose": _cmd_diagnose,
+    "ack": _cmd_ack,
+    "postmortem": _cmd_postmortem,
+    "overview": _cmd_overview,
 }
 
 
@@ -10837,7 +11839,7 @@ def _usage_error(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``metal-guard`` / ``python -m metal_guard``; returns the exit code.
 
-    ``metal-guard`` alone shows ``status``. Exit codes: 0 go, 2 blocked or
+    ``metal-guard`` alone shows a short summary (``status`` has it all). Exit codes: 0 go, 2 blocked or
     refused, 1 error, 64 usage error.
     """
     import json
@@ -10862,7 +11864,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _emit(f"metal-guard {__version__}\n", sys.stdout)
         return _EXIT_GO
-    command = args.command or "status"
+    command = args.command or "overview"  # bare `metal-guard`: a short summary
     warnings = _cli_warnings_to_stderr()
     try:
         code, doc, lines = _COMMANDS[command](args)

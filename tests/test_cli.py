@@ -209,7 +209,8 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     assert "metal-guard breaker clear" in proc.stdout
     assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # not admitted
     code, doc = run_json(mg_home, "check", "org/model", reports=reports)
-    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown"]
+    # the post-panic gate refuses too (2 IOGPU panics within 24 h: until `metal-guard ack`)
+    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown", "post-panic gate"]
     assert doc["breaker"]["blocked"] is True and doc["breaker"]["panic_count"] == 2
     assert doc["breaker"]["cooldown_until"] > time.time() + 3500
     assert len(Path(mg_home, "panics.jsonl").read_text().splitlines()) == 2
@@ -220,6 +221,10 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     assert code == 0 and doc["cooling_down"] is True and doc["panics_in_window"] == 2
     proc = run(mg_home, "breaker", "clear", reports=reports)
     assert proc.returncode == 0 and "cleared" in proc.stdout and "was running" in proc.stdout
+    # the post-panic gate keeps its own lockout (2 panics in 24 h) until a person acks
+    proc = run(mg_home, "check", "org/model", reports=reports)
+    assert proc.returncode == 2 and "`metal-guard ack`" in proc.stdout
+    assert run(mg_home, "ack", reports=reports).returncode == 0
     assert run(mg_home, "check", "org/model", reports=reports).returncode == 0
     code, doc = run_json(mg_home, "breaker", "clear", reports=reports)
     assert code == 0 and doc["was_cooling_down"] is False

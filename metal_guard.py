@@ -9417,9 +9417,21 @@ class _Worker:
             except (OSError, ValueError):
                 return
             self.parent_gone = True
+            self._record_as_holder()
             signal.pthread_kill(main, signal.SIGTERM)
 
         threading.Thread(target=watch, name="metal-guard parent watch", daemon=True).start()
+
+    def _record_as_holder(self) -> None:
+        """The parent is gone and this worker holds the MLX lock alone: the lock file's
+        holder record names it (``read_mlx_lock``, ``force=True``, ``metal-guard lock``)."""
+        if self.mlx_lock_fd is None:
+            return
+        import json
+
+        info = _holder_info(f"mlx_subprocess_runner:{self.model_id}", time.time())
+        data = json.dumps(info).encode("utf-8")[:_HOLDER_BYTES]  # too long: an unknown holder
+        _MLX_LOCK._write(_MLX_LOCK.path(), self.mlx_lock_fd, data)
 
     def _stuck(self, label: str, seconds: float) -> None:
         # on the watcher thread; the main thread is stuck in the generate, so it is not sending

@@ -252,6 +252,11 @@ def test_a_parent_killed_mid_generate_leaves_the_lock_to_its_worker_until_the_wo
         assert holder["label"] == f"mlx_subprocess_runner:{tiny_llama_path}"
         parent.kill()  # test only: this process holds no Metal memory, its worker does
         parent.wait(30)
+        # the worker, left holding the lock alone, names itself as its holder
+        _wait_until(
+            lambda: (mg.read_mlx_lock() or {}).get("pid") == worker, 3, "the worker's record"
+        )
+        assert mg.read_mlx_lock()["label"] == f"mlx_subprocess_runner:{tiny_llama_path}"  # type: ignore[index]
         # the worker still runs Metal work (it is stopping, slowly): nobody else gets the lock
         conflicts = 0
         while mg._pid_running(worker):
@@ -260,7 +265,7 @@ def test_a_parent_killed_mid_generate_leaves_the_lock_to_its_worker_until_the_wo
                 # the lock came free as the worker exited: it must be gone now
                 _wait_until(lambda: not mg._pid_running(worker), 2, "the worker to be gone")
                 break
-            assert outcome.startswith("conflict")
+            assert outcome == f"conflict {worker}"
             conflicts += 1
         assert conflicts >= 2
         _wait_until(lambda: not mg._pid_running(worker), 60, "the worker to stop")

@@ -674,9 +674,111 @@ def _forget_warnings() -> None:
 # memory wired until reboot, so every stop here is SIGTERM first, a grace
 # period to exit and be reaped, and SIGKILL only after it.
 #
-# Provides: _on_macos, _pid_alive, _pid_running, _platform, _run_bounded, _stop_process
+# The receiving side of a stop: a signal handler that raises (to unwind a
+# worker out of a long generate) must never do so while a library lock or
+# state file is half-taken. Handlers call ``_interrupt(exc, frame)`` instead
+# of ``raise exc``: outside a ``with _critical():`` block it raises at once;
+# inside one the exception is recorded and raised when the outermost block of
+# that thread ends (or at a ``_checkpoint()`` the block calls where it can
+# unwind, e.g. while waiting). ``_critical(undo)``: when a recorded interrupt
+# is about to be raised at the block's end, ``undo()`` runs first, still
+# protected (a lock acquire gives back what it just took, so "raised" always
+# means "not taken"). A function decorated ``@_defers_interrupts`` (a lock's
+# release) is critical from its first instruction: a signal that lands before
+# its block begins is raised at that block's end. A handler that must not
+# raise at all sets a flag.
+#
+# Provides: _checkpoint, _critical, _defers_interrupts, _interrupt, _on_macos, _pid_alive,
+#   _pid_running, _platform, _run_bounded, _stop_process
 # Uses: Prelude
 # =============================================================================
+
+_critical_depth: dict[int, int] = {}  # thread ident → nesting of ``_critical`` blocks
+_pending_interrupts: dict[int, BaseException] = {}  # thread ident → interrupt raised at block end
+_critical_codes: set[object] = set()  # code of functions that are critical from their start
+
+
+def _defers_interrupts(fn: _F) -> _F:
+    """Mark ``fn`` critical from its first instruction; its whole body (its return
+    included) must be one ``_critical`` block, or calls into such a function."""
+    _critical_codes.add(fn.__code__)
+    return fn
+
+
+def _interrupt(exc: BaseException, frame: object = None) -> None:
+    """What a signal handler calls instead of ``raise exc``: raise now, or at a safe point.
+
+    Inside a ``_critical`` block of the interrupted thread, or when ``frame``
+    (the handler's second argument) is in a ``@_defers_interrupts`` function,
+    the exception is recorded (the first one wins) and raised when the
+    outermost block ends or at a ``_checkpoint()``; elsewhere it is raised at once.
+    """
+    me = _thread.get_ident()
+    outer: Any = frame
+    deferred = bool(_critical_depth.get(me))
+    for _ in range(8):  # the interrupted function and its few callers
+        if deferred or outer is None:
+            break
+        deferred = outer.f_code in _critical_codes
+        outer = outer.f_back
+    if deferred:
+        if me not in _pending_interrupts:
+            _pending_interrupts[me] = exc
+        return
+    _pending_interrupts.pop(me, None)  # one stop at a time: nothing stale stays behind
+    raise exc
+
+
+def _checkpoint() -> None:
+    """Raise the interrupt recorded for this thread, if any.
+
+    Called inside a ``_critical`` block only where every enclosing block can
+    unwind cleanly (a wait, before anything new is taken): waits stay
+    interruptible while the bookkeeping around them is not.
+    """
+    exc = _pending_interrupts.pop(_thread.get_ident(), None)
+    if exc is not None:
+        raise exc
+
+
+class _critical:
+    """``with _critical(): ...`` — exceptions raised by signal handlers through
+    ``_interrupt`` wait until the outermost block of this thread ends.
+
+    ``undo`` (optional) runs, still protected, just before a recorded interrupt
+    is raised at the end of a block that ends normally: it reverts what the
+    block did, so the caller never sees "raised" together with "done".
+    Nesting is counted per thread; a handler's exception always reaches the
+    thread the handler runs in (Python runs handlers in the main thread).
+    """
+
+    __slots__ = ("undo",)
+
+    def __init__(self, undo: Callable[[], object] | None = None) -> None:
+        self.undo = undo
+
+    def __enter__(self) -> _critical:
+        me = _thread.get_ident()
+        _critical_depth[me] = _critical_depth.get(me, 0) + 1
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        me = _thread.get_ident()
+        depth = _critical_depth.get(me, 1)
+        if depth > 1:
+            _critical_depth[me] = depth - 1
+            return
+        if me in _pending_interrupts and exc_type is None and self.undo is not None:
+            try:  # still inside the block: a further signal is recorded, not raised
+                self.undo()
+            except Exception as error:  # the interrupt below matters more
+                _log().debug("metal_guard: undo before an interrupt failed: %r", error)
+        pending = _pending_interrupts.pop(me, None)
+        # No call between the pop and the raise: a handler cannot run in between.
+        del _critical_depth[me]
+        if pending is not None:
+            raise pending
+
 
 _SUBPROCESS_OUTPUT_MAX = 1 << 20
 _REAP_AFTER_KILL_SEC = 10.0  # a SIGKILLed process is gone at once; this only bounds the wait
@@ -1018,10 +1120,13 @@ def _read_json_object(
 #
 # Counted per thread (state files, the GPU gate) or per process (the MLX lock).
 # The OS lock is the truth: a holder that dies releases it by dying. A lock
-# whose job is to exclude never runs silently unlocked.
+# whose job is to exclude never runs silently unlocked. Acquire and release
+# run inside ``_critical`` (0.2): a stop raised by a signal handler never
+# lands between the system call and the bookkeeping, and any other exception
+# there closes the descriptor, so the lock stays usable whatever happens.
 #
 # Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state
-# Uses: Prelude, Files
+# Uses: Prelude, Processes, Files
 # =============================================================================
 
 
@@ -1079,6 +1184,7 @@ class _LockState:
         self.pid = os.getpid()
 
 
+_WAIT_SLICE = 0.05  # a thread waiting for another thread's hold looks for a stop this often
 _lock_states: dict[str, _LockState] = {}
 _lock_states_guard = _thread.allocate_lock()
 
@@ -1162,9 +1268,23 @@ class _FileLock:
             return state.count > 0 and (not self.per_thread or state.owner == _thread.get_ident())
 
     def acquire(self, timeout: float | None = _INF) -> bool:
-        """Take the lock; True when this call took the OS lock, False on re-entry."""
+        """Take the lock; True when this call took the OS lock, False on re-entry.
+
+        Safe against stops: an exception a signal handler raises through
+        ``_interrupt`` waits until the bookkeeping is done, and comes out only
+        while waiting (nothing taken) or after the hold was given back; any
+        other exception between a system call and the bookkeeping closes the
+        descriptor. A raise always means "not taken", and the lock stays usable.
+        """
         wait = self.timeout if timeout == _INF else timeout
         deadline = None if wait is None else time.monotonic() + max(0.0, wait)
+        block = _critical()
+        with block:
+            took = self._acquire(deadline, wait)
+            block.undo = self.release  # a stop recorded meanwhile: give the hold back first
+            return took
+
+    def _acquire(self, deadline: float | None, wait: float | None) -> bool:
         state = _lock_state(self.path)
         me = _thread.get_ident()
         with state.cond:
@@ -1178,7 +1298,8 @@ class _FileLock:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise StateLockTimeout(self.path, wait or 0.0)
-                state.cond.wait(remaining)
+                _checkpoint()  # nothing taken yet: a stop may unwind here
+                state.cond.wait(_WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE))
         try:
             fd = self._os_lock(deadline, wait)
         except BaseException:
@@ -1196,31 +1317,39 @@ class _FileLock:
         return True
 
     def _os_lock(self, deadline: float | None, wait: float | None) -> int | None:
-        """flock the file; the descriptor, or ``None`` when running unlocked."""
+        """flock the file; the descriptor, or ``None`` when running unlocked.
+
+        The descriptor is closed on every way out but success, whatever raises.
+        """
         try:
             import fcntl
         except ImportError:  # not a POSIX system: nothing to lock with
             self._unsupported("fcntl is unavailable")
             return None
         fd = _open_creating(self.path, os.O_RDWR)
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except OSError as exc:
-                if exc.errno in _FLOCK_UNSUPPORTED:
-                    os.close(fd)
-                    self._unsupported(exc.strerror or str(exc))
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if exc.errno not in _FLOCK_BUSY or (remaining is not None and remaining <= 0):
-                    os.close(fd)
-                    if exc.errno in _FLOCK_BUSY:
-                        raise StateLockTimeout(self.path, wait or 0.0) from None
-                    raise
+        locked = False
+        try:
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                    return fd
+                except OSError as exc:
+                    if exc.errno in _FLOCK_UNSUPPORTED:
+                        self._unsupported(exc.strerror or str(exc))
+                        return None
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if exc.errno not in _FLOCK_BUSY or (remaining is not None and remaining <= 0):
+                        if exc.errno in _FLOCK_BUSY:
+                            raise StateLockTimeout(self.path, wait or 0.0) from None
+                        raise
+                _checkpoint()  # the descriptor is closed below: a stop may unwind here
                 time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, 0.02)
+        finally:
+            if not locked:
+                os.close(fd)  # closing also drops a flock taken just before an exception
 
     def _unsupported(self, reason: str) -> None:
         if self.must_exclude:
@@ -1233,28 +1362,36 @@ class _FileLock:
             reason,
         )
 
+    @_defers_interrupts
     def release(self) -> bool:
-        """Drop one hold; True when this released the OS lock. Never raises."""
-        state = _lock_state(self.path)
-        with state.cond:
-            if state.count == 0:
-                return False
-            state.count -= 1
-            if state.count:
-                return False
-            fd, state.fd, state.owner = state.fd, None, None
-            state.cond.notify_all()
-        if fd is not None:
-            try:
-                os.close(fd)  # closing the descriptor releases the flock
-            except OSError:
-                pass
-        return True
+        """Drop one hold; True when this released the OS lock.
+
+        Never raises, except an interrupt a signal handler recorded meanwhile,
+        raised once the release is complete (the state is forgotten before the
+        descriptor is closed, so nothing can leave it half-released).
+        """
+        with _critical():
+            state = _lock_state(self.path)
+            with state.cond:
+                if state.count == 0:
+                    return False
+                state.count -= 1
+                if state.count:
+                    return False
+                fd, state.fd, state.owner = state.fd, None, None
+                state.cond.notify_all()
+            if fd is not None:
+                try:
+                    os.close(fd)  # closing the descriptor releases the flock
+                except OSError:
+                    pass
+            return True
 
     def __enter__(self) -> _FileLock:
         self.acquire()
         return self
 
+    @_defers_interrupts
     def __exit__(self, *exc: object) -> None:
         self.release()
 
@@ -1266,7 +1403,7 @@ class _FileLock:
 # is moved aside; each file chooses its durability.
 #
 # Provides: _CorruptFile, _JsonFile
-# Uses: Prelude, Files, Locks
+# Uses: Prelude, Processes, Files, Locks
 # =============================================================================
 
 
@@ -1351,8 +1488,8 @@ class _JsonFile:
         """Locked read-modify-write; returns what ``mutate`` returned."""
         import json
 
-        with _FileLock(self.path + ".lock", self.lock_timeout):
-            try:
+        with _critical(), _FileLock(self.path + ".lock", self.lock_timeout):
+            try:  # a stop waits until the file is replaced (or left as it was)
                 data, raw = self._load()
             except _CorruptFile:
                 # A writer that does not replace the file atomically (the original
@@ -9069,20 +9206,35 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 # gemma-4 first-generate flush (first one only) and
 # ``subprocess_inference_guard``; ``temperature`` goes to mlx-lm's sampler and
 # ``system`` into the chat template. On shutdown (a message, end of the pipe,
-# SIGTERM or idleness): drop the model, wait for the memory, mark the unload.
+# SIGTERM, its parent gone, or ``idle_timeout`` s without a request): drop the
+# model, wait for the memory, mark the unload.
+#
+# The worker is the MLX user, so it holds the host's MLX lock itself: the
+# parent's hold travels to it as a descriptor of the same open file (the flock
+# belongs to that file description), so the lock stays held while either the
+# parent holds it or the worker lives, and is free exactly when both are gone;
+# a parent killed mid-generate cannot hand the GPU to another process while
+# its orphaned worker still runs Metal work. The worker watches its parent
+# (end of the spawn pipe) and stops gracefully when it is gone.
+#
+# Stops are signal-safe: the SIGTERM handler only sets flags and raises through
+# ``_interrupt`` (0.2), so it never lands inside a lock or state-file update;
+# breadcrumbs about it are written by the main thread afterwards.
 #
 # Message protocol (dicts over two one-way pipes), the original's plus
 # ``refused``: parent → child ``{"type": "generate", "prompt", "max_tokens",
 # "temperature", "system"}`` or ``{"type": "shutdown"}``; child → parent
 # ``ready`` (``model_id``, ``pid``), ``result`` (``text``), ``error``
-# (``error``), ``refused`` (``error``, ``exception``) and ``shutdown_ack``.
+# (``error``), ``refused`` (``error``, ``exception``), ``waiting``
+# (``seconds``, ``error``: a restart the library made waits for cadence) and
+# ``shutdown_ack``.
 # A generate request carries ``"parent_holds_gpu_gate": True`` when the
 # parent's calling thread holds the GPU gate: the parent waits for this very
 # generate, so the worker's guard must not wait for the gate too.
 #
-# Provides: Connection, _BACKENDS, _REFUSALS, _worker_main
-# Uses: Prelude, Breadcrumbs, Release barrier, Registry, Process mode (R6), Cadence,
-#   Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Flush guards
+# Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
+# Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
+#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9099,8 +9251,57 @@ _REFUSALS: tuple[type[BaseException], ...] = (
 )
 
 
+_WORKER_IDLE_ENV = "METALGUARD_WORKER_IDLE_SEC"
+_IDLE_MAX = 7 * 86400.0
+
+
+def _idle_seconds(text: str) -> float:
+    seconds = float(text)
+    if not (_finite(seconds) and 0 < seconds <= _IDLE_MAX):
+        raise ValueError(text)
+    return seconds
+
+
+def _idle_timeout_arg(value: object) -> float:
+    """``idle_timeout``: seconds > 0; ``None`` reads ``METALGUARD_WORKER_IDLE_SEC`` (else 600)."""
+    if value is not None:
+        return _seconds_arg("idle_timeout", value, maximum=_IDLE_MAX, allow_zero=False)
+    seconds = _env_parsed(
+        _WORKER_IDLE_ENV,
+        _idle_seconds,
+        expected=f"expected a number of seconds > 0 and <= {_IDLE_MAX:g}",
+        default=_WORKER_IDLE_SEC,
+    )
+    return _WORKER_IDLE_SEC if seconds is None else seconds
+
+
 class _WorkerStop(BaseException):
     """Raised in the worker by its SIGTERM handler, to unwind into the shutdown sequence."""
+
+
+class _InheritedFd:
+    """A descriptor handed to a ``spawn``ed child: the same open file description.
+
+    Pickled only while ``multiprocessing`` spawns the child (the descriptor is
+    passed with the child's other inherited descriptors); in the child it is
+    not inherited any further.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_InheritedFd._rebuild, (reduction.DupFd(self.fd),))
+
+    @staticmethod
+    def _rebuild(dup: Any) -> _InheritedFd:
+        fd = dup.detach()
+        os.set_inheritable(fd, False)
+        return _InheritedFd(fd)
 
 
 def _worker_main(
@@ -9135,12 +9336,20 @@ class _Worker:
         cadence, breaker = options.get("cadence"), options.get("breaker")
         self.cadence = cadence if isinstance(cadence, CadenceGuard) else None
         self.breaker = breaker if isinstance(breaker, CircuitBreaker) else None
+        idle = options.get("idle_timeout")
+        self.idle_timeout = float(idle) if isinstance(idle, (int, float)) else _WORKER_IDLE_SEC
+        self.restart = _label(options.get("restart") or "")  # why the library restarts it
+        # Kept open for the worker's life: its share of the parent's MLX-lock hold.
+        held = options.get("mlx_lock")
+        self.mlx_lock_fd = held.fd if isinstance(held, _InheritedFd) else None
         self.model: Any = None
         self.tokenizer: Any = None
         self.generate_calls = 0
         self.admitted = False
         self.stopping = False
         self.sigterm_seen = False
+        self.sigterm_noted = False
+        self.parent_gone = False
 
     # -- life cycle -------------------------------------------------------------
 
@@ -9153,25 +9362,76 @@ class _Worker:
         _on_stuck(self._stuck)  # a wedged generate: the parent stops us and never restarts us
         reason, code = "shutdown requested", 0
         try:
+            self._watch_parent()
             if self._start():
                 reason = self._serve()
             else:
                 reason, code = "did not start", 1
         except _WorkerStop:
             reason, code = "SIGTERM", _WORKER_EXIT_SIGTERM
+            if self.parent_gone:
+                reason, code = "the parent is gone", 0
         except Exception as exc:  # a bug here must still stop the worker cleanly
             reason, code = f"{type(exc).__name__}: {_label(exc)}", 1
         self._shutdown(reason)
+        # Stopped: a later SIGTERM has nothing left to stop. Ignored, it cannot turn this
+        # exit code into "killed" once the interpreter restores the default action.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return code
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
-        first = not self.sigterm_seen
-        self.sigterm_seen = True
-        if first:
-            _breadcrumb(f"SUBPROCESS_WORKER: SIGTERM received, pid={os.getpid()} ({self.label})")
+        """Flags only, and a stop raised where no lock or state file is half-taken."""
+        if not self.parent_gone:
+            self.sigterm_seen = True
         if not self.stopping:
             self.stopping = True
-            raise _WorkerStop
+            _interrupt(_WorkerStop(), frame)
+
+    def _note_sigterm(self) -> None:
+        """The SIGTERM breadcrumb, written by the main thread (never by the handler)."""
+        if self.sigterm_seen and not self.sigterm_noted:
+            self.sigterm_noted = True
+            _breadcrumb(f"SUBPROCESS_WORKER: SIGTERM received, pid={os.getpid()} ({self.label})")
+
+    def _watch_parent(self) -> None:
+        """A daemon thread that stops this worker gracefully when its parent is gone.
+
+        The end of the spawn pipe (EOF when the parent exits, however it dies)
+        is awaited; then the main thread gets SIGTERM, which unwinds a load or
+        a generate between two steps into the shutdown sequence.
+        """
+        import multiprocessing
+        import signal
+        import threading
+
+        parent = multiprocessing.parent_process()
+        if parent is None:
+            return
+        main = threading.main_thread().ident or 0
+
+        def watch() -> None:
+            from multiprocessing.connection import wait
+
+            try:
+                wait([parent.sentinel])
+            except (OSError, ValueError):
+                return
+            self.parent_gone = True
+            self._record_as_holder()
+            signal.pthread_kill(main, signal.SIGTERM)
+
+        threading.Thread(target=watch, name="metal-guard parent watch", daemon=True).start()
+
+    def _record_as_holder(self) -> None:
+        """The parent is gone and this worker holds the MLX lock alone: the lock file's
+        holder record names it (``read_mlx_lock``, ``force=True``, ``metal-guard lock``)."""
+        if self.mlx_lock_fd is None:
+            return
+        import json
+
+        info = _holder_info(f"mlx_subprocess_runner:{self.model_id}", time.time())
+        data = json.dumps(info).encode("utf-8")[:_HOLDER_BYTES]  # too long: an unknown holder
+        _MLX_LOCK._write(_MLX_LOCK.path(), self.mlx_lock_fd, data)
 
     def _stuck(self, label: str, seconds: float) -> None:
         # on the watcher thread; the main thread is stuck in the generate, so it is not sending
@@ -9199,7 +9459,7 @@ class _Worker:
         try:
             warn_if_known_panic_model(self.model_id)
             (self.breaker or CircuitBreaker()).check()
-            require_cadence_clear(self.model_id, guard=self.cadence)
+            self._admit()
             self.admitted = True
         except _REFUSALS as exc:
             _breadcrumb(f"SUBPROCESS_WORKER: {self.label} refused: {type(exc).__name__}")
@@ -9220,6 +9480,18 @@ class _Worker:
         _breadcrumb(f"SUBPROCESS_WORKER: {self.label} ready, pid={os.getpid()}")
         return True
 
+    def _admit(self) -> None:
+        """Cadence admission; a restart the library made waits (the parent is told how long)."""
+        try:
+            require_cadence_clear(self.model_id, guard=self.cadence)
+        except CadenceViolation as exc:
+            if not self.restart:
+                raise
+            wait = exc.remaining_sec
+            _breadcrumb(f"SUBPROCESS_WORKER: {self.label} waits {wait:.1f}s for cadence")
+            self._send({"type": "waiting", "seconds": wait, "error": f"{exc}"})
+            require_cadence_clear(self.model_id, guard=self.cadence, wait=True)
+
     def _load(self) -> tuple[Any, Any]:
         import importlib
 
@@ -9229,8 +9501,8 @@ class _Worker:
     def _serve(self) -> str:
         """Answer requests until told to stop; the reason it stopped."""
         while True:
-            if not self.requests.poll(_WORKER_IDLE_SEC):
-                return f"idle for {_WORKER_IDLE_SEC:g} s"
+            if not self.requests.poll(self.idle_timeout):
+                return f"idle for {self.idle_timeout:g} s"
             try:
                 message = self.requests.recv()
             except (EOFError, OSError):
@@ -9245,6 +9517,7 @@ class _Worker:
     def _shutdown(self, reason: str) -> None:
         """Drop the model, wait for its memory, mark the unload; SIGTERM no longer interrupts."""
         self.stopping = True
+        self._note_sigterm()
         try:
             self.model = self.tokenizer = None
             if "mlx.core" in sys.modules:  # a worker refused before its load never touched
@@ -9253,6 +9526,7 @@ class _Worker:
                 (self.cadence or CadenceGuard()).mark_unload(self.model_id)
         except Exception as exc:
             _log().warning("metal_guard: worker shutdown of %s: %s", self.label, _label(exc))
+        self._note_sigterm()  # a SIGTERM that arrived during the shutdown
         _breadcrumb(f"SUBPROCESS_WORKER: {self.label} stopped ({reason}), pid={os.getpid()}")
         self._send({"type": "shutdown_ack"})
 
@@ -9334,8 +9608,14 @@ class _Worker:
 # 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
 # gracefully and are reaped.
 #
-# A runner holds the MLX lock (one hold per runner, counted per process) for
-# its worker's life. Stopping is always: shutdown message → wait → SIGTERM →
+# A runner takes one hold on the MLX lock (counted per process) for each worker
+# it starts and hands it to the worker (5.9: the worker, the MLX user, shares
+# the flocked file description). A watcher thread per worker drops the
+# parent's hold the moment the worker exits, however it exits (idle, crash,
+# stop). A worker that stopped after ``idle_timeout`` s without a request is
+# restarted by the next ``generate``; such a restart waits for the cadence
+# interval (one WARNING with the time) instead of surfacing a refusal that
+# its own unload caused. Stopping is always: shutdown message → wait → SIGTERM →
 # wait → SIGKILL only then, with a WARNING that says why (SIGKILL can leave
 # hundreds of GiB of Metal memory wired until reboot). The parent reaps the
 # child before returning, so the next load starts after the OS reclaimed it.
@@ -9349,8 +9629,8 @@ class _Worker:
 # Provides: BaseProcess, MLXSubprocessRunner, SubprocessCrashError, SubprocessTimeoutError,
 #   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
 #   _timeout_arg
-# Uses: Prelude, Processes, Breadcrumbs, MLX access, Panic signatures, Modes (L6), Cadence,
-#   Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Subprocess worker
+# Uses: Prelude, Processes, Locks, Breadcrumbs, MLX access, Panic signatures, Modes (L6),
+#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Subprocess worker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9440,6 +9720,11 @@ class MLXSubprocessRunner:
 
     Use it as a context manager or call ``shutdown()``: message, then SIGTERM,
     then (only if both were ignored) SIGKILL with a WARNING.
+
+    ``idle_timeout`` (default ``METALGUARD_WORKER_IDLE_SEC``, else 600 s): the
+    worker stops by itself after that long without a request, which frees its
+    memory and the MLX lock at once; the next ``generate`` starts it again,
+    waiting for the cadence interval if it must (one WARNING).
     """
 
     def __init__(
@@ -9451,6 +9736,22 @@ class MLXSubprocessRunner:
         generate_timeout: float = _DEFAULT_GENERATE_TIMEOUT,
         cadence: CadenceGuard | None = None,
         breaker: CircuitBreaker | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self._setup(
+            model_id, backend, load_timeout, generate_timeout, cadence, breaker, idle_timeout
+        )
+        self._launch(restart=None)
+
+    def _setup(
+        self,
+        model_id: object,
+        backend: object,
+        load_timeout: object,
+        generate_timeout: object,
+        cadence: object,
+        breaker: object,
+        idle_timeout: object,
     ) -> None:
         import threading
 
@@ -9466,23 +9767,36 @@ class MLXSubprocessRunner:
             raise TypeError(f"cadence must be a CadenceGuard, not {type(cadence).__name__}")
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, not {type(breaker).__name__}")
+        self.idle_timeout = _idle_timeout_arg(idle_timeout)
+        self._options: dict[str, Any] = {"cadence": cadence, "breaker": breaker}
         self._lock = threading.Lock()  # one request at a time
         self._process: BaseProcess | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._lock_path: str | None = None
+        self._hold_for: BaseProcess | None = None  # the worker the MLX-lock hold is for
         self._pid: int | None = None
         self._stopping = False  # shutdown()/kill() began while another thread was generating
+        self._retry_launch = False  # a restart after an idle exit was refused: try again
         self.fatal_error: str | None = None
+
+    def _launch(self, *, restart: str | None) -> None:
+        """Take a hold on the MLX lock and start a worker; ``restart``: why the library
+        starts it again (it then waits for cadence instead of being refused)."""
         _admission_gate()  # the post-panic gate: refuse before a worker is spawned
         path = _mlx_lock_path()
+        fd = None
         try:
             _acquire_mlx_lock_at(path, f"mlx_subprocess_runner:{self.model_id}", force=False)
             self._lock_path = path
+            fd = _lock_state(path).fd
         except MLXLockConflict as exc:
             _refuse(exc)  # observer mode: reported, and the worker starts anyway
+        options = dict(self._options, idle_timeout=self.idle_timeout, restart=restart)
+        if fd is not None:
+            options["mlx_lock"] = _InheritedFd(fd)
         try:
-            self._start_worker({"cadence": cadence, "breaker": breaker})
+            self._start_worker(options)
         except BaseException:
             self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="start-up failed")
             raise
@@ -9491,6 +9805,8 @@ class MLXSubprocessRunner:
 
     def _start_worker(self, options: dict[str, Any]) -> None:
         import multiprocessing
+        import threading
+        import weakref
 
         ctx = multiprocessing.get_context("spawn")
         req_recv, req_send = ctx.Pipe(duplex=False)
@@ -9508,21 +9824,45 @@ class MLXSubprocessRunner:
             req_recv.close()
             rep_send.close()
         self._pid = process.pid
-        try:
-            reply = self._reply(self.load_timeout, starting=True)
-        except _NoReply:
-            _log().error(
-                "metal_guard: MLX worker for %s did not load within %g s; stopping it",
+        if self._lock_path is not None:
+            self._hold_for = process
+        threading.Thread(
+            target=_watch_worker,
+            args=(weakref.ref(self), process),
+            name=f"metal-guard worker watch {process.pid}",
+            daemon=True,
+        ).start()
+        timeout = self.load_timeout
+        while True:
+            try:
+                reply = self._reply(timeout, starting=True)
+            except _NoReply:
+                _log().error(
+                    "metal_guard: MLX worker for %s did not load within %g s; stopping it",
+                    self.model_id,
+                    timeout,
+                )
+                self._stop(
+                    grace=_TERM_GRACE_SEC,
+                    message_grace=_BUSY_MESSAGE_GRACE_SEC,
+                    why="load timed out",
+                )
+                raise SubprocessTimeoutError(
+                    f"MLX worker for {self.model_id!r} did not load within {timeout:g} s; "
+                    "it was stopped (SIGTERM first) and reaped"
+                ) from None
+            if reply.get("type") != "waiting":
+                break
+            seconds = _number(reply.get("seconds")) or 0.0
+            _log().warning(
+                "metal_guard: restarting the MLX worker for %s (%s): waiting %.1f s for the "
+                "cadence interval (%s)",
                 self.model_id,
-                self.load_timeout,
+                options.get("restart"),
+                seconds,
+                _label(reply.get("error") or ""),
             )
-            self._stop(
-                grace=_TERM_GRACE_SEC, message_grace=_BUSY_MESSAGE_GRACE_SEC, why="load timed out"
-            )
-            raise SubprocessTimeoutError(
-                f"MLX worker for {self.model_id!r} did not load within {self.load_timeout:g} s; "
-                "it was stopped (SIGTERM first) and reaped"
-            ) from None
+            timeout = seconds + self.load_timeout  # the wait, then the load
         kind = reply.get("type")
         if kind == "ready":
             return
@@ -9603,6 +9943,8 @@ class MLXSubprocessRunner:
         if _gpu_gate_held_here():  # the worker must not wait for a gate we hold for it
             request["parent_holds_gpu_gate"] = True
         with self._lock:
+            if self._idle_exited():
+                self._relaunch(f"its worker stopped after {self.idle_timeout:g} s idle")
             try:
                 reply = self._exchange(request, wait)
             finally:
@@ -9615,6 +9957,24 @@ class MLXSubprocessRunner:
             self.fatal_error = error
             self.shutdown()  # its Metal state is suspect: never reuse it
         self._raise_reply(reply, "generate")
+
+    def _idle_exited(self) -> bool:
+        """The worker exited by itself (code 0) while this runner still runs: it was idle
+        (or the restart that followed was refused, and may be tried again)."""
+        process = self._process
+        idle = process is not None and process.exitcode == 0 and self._requests is not None
+        return (idle or self._retry_launch) and not self._stopping
+
+    def _relaunch(self, why: str) -> None:
+        """Reap the exited worker and start another (the caller holds the request lock)."""
+        self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why=why)
+        _log().info("metal_guard: restarting the MLX worker for %s: %s", self.model_id, why)
+        try:
+            self._launch(restart=why)
+        except _REFUSALS:  # e.g. another process took the MLX lock meanwhile: a decision
+            self._retry_launch = True
+            raise
+        self._retry_launch = False
 
     def _exchange(self, request: dict[str, Any], wait: float) -> dict[str, Any]:
         """Send one request and return its reply (the caller holds the request lock)."""
@@ -9747,13 +10107,20 @@ class MLXSubprocessRunner:
         with _runner_release_guard:
             conns = (self._requests, self._replies)
             self._requests = self._replies = None
-            path, self._lock_path = self._lock_path, None
         for conn in conns:
             if conn is not None:
                 try:
                     conn.close()
                 except OSError:
                     pass
+        self._drop_hold(None)
+
+    def _drop_hold(self, worker: BaseProcess | None) -> None:
+        """Drop the MLX-lock hold taken for ``worker`` (``None``: whichever is held), once."""
+        with _runner_release_guard:
+            if worker is not None and worker is not self._hold_for:
+                return
+            path, self._lock_path, self._hold_for = self._lock_path, None, None
         if path is not None:
             _release_mlx_lock_at(path)
 
@@ -9765,12 +10132,14 @@ class MLXSubprocessRunner:
         """
         grace = _seconds_arg("timeout", timeout, maximum=_TIMEOUT_MAX)
         pid = self._pid
+        self._retry_launch = False
         owner = self._lock.acquire(timeout=grace)  # a generate in flight gets to finish first
         self._stop_as(owner, grace=grace, message_grace=grace, why="shutdown() was called")
         _log().info("metal_guard: MLX worker for %s (pid %s) stopped", self.model_id, pid)
 
     def kill(self) -> None:
         """Stop the worker without the shutdown message: SIGTERM, 5 s, then SIGKILL."""
+        self._retry_launch = False
         owner = self._lock.acquire(blocking=False)
         self._stop_as(owner, grace=5.0, message_grace=None, why="kill() was called")
 
@@ -9828,6 +10197,23 @@ class MLXSubprocessRunner:
         return f"MLXSubprocessRunner({self.model_id!r}, backend={self.backend!r}, {state})"
 
 
+def _watch_worker(runner: Callable[[], MLXSubprocessRunner | None], worker: BaseProcess) -> None:
+    """Thread body: when ``worker`` exits, drop the MLX-lock hold its runner took for it.
+
+    Only the hold: the pipes and the reaping belong to the thread that talks to
+    the worker. Holds a weak reference, so an abandoned runner is still collected.
+    """
+    from multiprocessing.connection import wait
+
+    try:
+        wait([worker.sentinel])
+    except (OSError, ValueError):  # the sentinel is gone: the process object was closed
+        pass
+    owner = runner()
+    if owner is not None:
+        owner._drop_hold(worker)
+
+
 def _timeout_arg(name: str, value: object) -> float:
     return _seconds_arg(name, value, maximum=_TIMEOUT_MAX, allow_zero=False)
 
@@ -9861,6 +10247,9 @@ def _generate_request(
 # ``shutdown_all_workers()``). Refusals propagate; crashes and timeouts log an
 # ERROR and return ``""`` (the original's contract). A call interrupted while it
 # waits (Ctrl-C) stopped its worker: that worker leaves the pool, uncounted.
+# A worker the pool starts again because its previous one stopped by itself
+# (``idle_timeout``) or died waits for the cadence interval (one WARNING with
+# the time) instead of raising the refusal its predecessor's unload caused.
 #
 # Provides: call_model_isolated, shutdown_all_workers
 # Uses: Prelude, MLX access, Subprocess worker, Subprocess runner
@@ -9872,6 +10261,8 @@ _pool_lock = _thread.allocate_lock()  # never held while a worker loads or stops
 _pool_starting: set[str] = set()  # keys whose worker is loading (other callers wait)
 _pool_failures: dict[str, list[float]] = {}  # key → monotonic times its worker died/failed
 _pool_banned: dict[str, str] = {}  # key → the fatal error that ended its worker
+# key → why its previous worker ended (the next one waits for cadence) and its idle limit
+_pool_restart: dict[str, tuple[str, float]] = {}
 _pool_generation = 0  # bumped by shutdown_all_workers(): a load that began before is dropped
 _pool_atexit_registered = False
 _pool_condition_box: list[Any] = []
@@ -9895,8 +10286,12 @@ def _pool_failed(key: str, fatal_error: str | None = None) -> None:
         _pool_banned[key] = fatal_error
 
 
-def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
-    """``(live runner, _)``, or ``(None, generation)`` with ``key`` claimed for starting.
+def _pool_claim(
+    key: str, model: str
+) -> tuple[MLXSubprocessRunner | None, int, tuple[str, float] | None]:
+    """``(live runner, _, _)``, or ``(None, generation, restart)`` with ``key`` claimed for
+    starting; ``restart``: why the library starts that model's worker again, and the idle
+    limit its predecessor had.
 
     A dead pooled runner is reaped (outside the lock). Raises
     ``SubprocessCrashError`` when the worker may not be (re)started.
@@ -9917,18 +10312,21 @@ def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
                 break
             runner = _runner_pool.get(key)
             if runner is not None and runner.is_alive():
-                return runner, _pool_generation
+                return runner, _pool_generation, None
             if runner is not None:
                 del _runner_pool[key]
                 dead = runner
                 if runner.exitcode == 0:  # it stopped by itself after idling
                     _log().info("metal_guard: pooled MLX worker for %s had stopped", model)
+                    why = f"its worker stopped after {runner.idle_timeout:g} s idle"
                 else:
+                    why = f"its worker died (exit code {runner.exitcode})"
                     _log().warning(
                         "metal_guard: %s; replacing it",
                         SubprocessCrashError(model, runner.exitcode, "pooled worker")._message(),
                     )
                     _pool_failed(key)
+                _pool_restart[key] = (why, runner.idle_timeout)
             if key not in _pool_starting:
                 break
             condition.wait()  # another caller is starting this worker
@@ -9947,21 +10345,44 @@ def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
             else:
                 _pool_starting.add(key)
                 generation = _pool_generation
+                restart = _pool_restart.pop(key, None)
     if dead is not None:
         dead.kill()  # it is dead already: this reaps it and drops its lock hold
     if refusal is not None:
         raise refusal
-    return None, generation
+    return None, generation, restart
 
 
-def _pool_start(key: str, model: str, backend: str, generation: int) -> MLXSubprocessRunner:
+def _pool_start(
+    key: str,
+    model: str,
+    backend: str,
+    generation: int,
+    *,
+    idle_timeout: float | None,
+    restart: str | None,
+) -> MLXSubprocessRunner:
     """Start the claimed worker (no pool lock held while it loads) and pool it."""
     global _pool_atexit_registered
     runner = None
     keep = False
     condition = _pool_condition()
     try:
-        runner = MLXSubprocessRunner(model, backend=backend)
+        if restart is None:
+            runner = MLXSubprocessRunner(model, backend=backend, idle_timeout=idle_timeout)
+        else:  # the library replaces a worker that ended: it waits for cadence
+            new = MLXSubprocessRunner.__new__(MLXSubprocessRunner)
+            new._setup(
+                model,
+                backend,
+                _DEFAULT_LOAD_TIMEOUT,
+                _DEFAULT_GENERATE_TIMEOUT,
+                None,
+                None,
+                idle_timeout,
+            )
+            new._launch(restart=restart)
+            runner = new
     finally:
         with condition:
             _pool_starting.discard(key)
@@ -9989,6 +10410,7 @@ def call_model_isolated(
     temperature: float = 0.3,
     system: str = "",
     timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> str:
     """Generate with ``model`` in a pooled worker process (one per model and backend).
 
@@ -10000,7 +10422,9 @@ def call_model_isolated(
     (then ``SubprocessCrashError``: crash-looping). An error the worker
     reports while generating propagates; after a Metal out-of-memory or a
     kernel-panic-class error that model's worker is not restarted until
-    ``shutdown_all_workers()``.
+    ``shutdown_all_workers()``. ``idle_timeout`` applies to a worker this call
+    starts (see ``MLXSubprocessRunner``); a worker the pool starts again after
+    its predecessor idled out or died waits for cadence instead of refusing.
     """
     request = _generate_request(prompt, max_tokens, temperature, system)
     model_id = _str_path("model", model).strip()
@@ -10008,11 +10432,21 @@ def call_model_isolated(
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
     wait = None if timeout is None else _timeout_arg("timeout", timeout)
+    idle = None if idle_timeout is None else _idle_timeout_arg(idle_timeout)
     key = f"{model_id}:{backend}"
-    runner, generation = _pool_claim(key, model_id)
+    runner, generation, restart = _pool_claim(key, model_id)
     if runner is None:
+        if restart is not None and idle is None:
+            idle = restart[1]  # a replacement keeps the limit its predecessor was given
         try:
-            runner = _pool_start(key, model_id, backend, generation)
+            runner = _pool_start(
+                key,
+                model_id,
+                backend,
+                generation,
+                idle_timeout=idle,
+                restart=None if restart is None else restart[0],
+            )
         except _REFUSALS:
             raise
         except (SubprocessTimeoutError, RuntimeError) as exc:  # crashes and load errors
@@ -10051,6 +10485,10 @@ def _evict(key: str, runner: MLXSubprocessRunner, *, failed: bool = True) -> Non
             del _runner_pool[key]
         if failed:
             _pool_failed(key, runner.fatal_error)
+            _pool_restart[key] = (
+                f"its worker failed (exit code {runner.exitcode})",
+                runner.idle_timeout,
+            )
 
 
 def shutdown_all_workers() -> None:
@@ -10061,6 +10499,7 @@ def shutdown_all_workers() -> None:
         _runner_pool.clear()
         _pool_failures.clear()
         _pool_banned.clear()
+        _pool_restart.clear()
         _pool_generation += 1
     for runner in runners:
         try:

@@ -48,6 +48,7 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 4.7 GPU gate — one MLX workload at a time across the threads and processes of
     the host.
 4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
+4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
 5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
@@ -65,11 +66,16 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
     gracefully and are reaped.
 5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
+5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
+    under ``metal-guard run``.
+5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+    passed on with a grace period, restarts and exit codes.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
-6.3 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
+6.3 Check — ``metal-guard check``: the pre-flight for one load, as a command.
+6.4 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
     ``metal-guard`` summary.
-6.4 Entry point — ``main``: parse, run one command, print text or one JSON
+6.5 Entry point — ``main``: parse, run one command, print text or one JSON
     document.
 
 Importing has no side effects: no files, threads, environment reads or heavy
@@ -819,28 +825,36 @@ def _stop_process(
     why: str,
     what: str = "process",
     wait: Callable[[float], object] | None = None,
+    signum: int | None = None,
+    signal_name: str = "SIGTERM",
 ) -> bool:
     """The one way this module stops a process: SIGTERM, ``grace`` s, SIGKILL only then.
 
     ``proc`` is a ``subprocess.Popen`` or a ``multiprocessing.Process``;
     ``wait(t)`` waits up to ``t`` s for it (default: its own ``wait``/``join``),
     so it is reaped before this returns. A SIGKILL comes with a WARNING that
-    says why. Returns True when SIGKILL was needed.
+    says why. Returns True when SIGKILL was needed. ``signum`` sends another
+    first signal instead of SIGTERM (``signal_name`` names it in the WARNING;
+    ``0`` sends none: the process already got it, e.g. from the terminal).
     """
     waiter = wait if wait is not None else (lambda t: _wait_process(proc, t))
     if _process_exited(proc):
         waiter(0.0)  # reap it
         return False
-    proc.terminate()
+    if signum is None:
+        proc.terminate()
+    elif signum:
+        os.kill(proc.pid, signum)
     waiter(grace)
     if _process_exited(proc):
         return False
     _log().warning(
-        "metal_guard: %s (pid %s) ignored %g s of SIGTERM (stopping because %s); sending "
+        "metal_guard: %s (pid %s) ignored %g s of %s (stopping because %s); sending "
         "SIGKILL. Memory it held on the GPU may stay wired until reboot.",
         what,
         proc.pid,
         grace,
+        signal_name,
         why,
     )
     proc.kill()
@@ -1700,8 +1714,8 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
 # every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
 # carries on, because a broken guard must never make inference worse than none.
 #
-# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _stats_line,
-#   _synchronize
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _generation_stream, _mlx, _mlx_fn,
+#   _mlx_step, _stats_line, _synchronize
 # Uses: Prelude
 # =============================================================================
 
@@ -3380,7 +3394,8 @@ def _hardware_tier(memory_gib: float) -> str:
 # ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
 # ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
-# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _other_metal_guard
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _other_metal_guard,
+#   _spec_matches
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -7207,6 +7222,149 @@ def _post_panic_status(*, now: float | None = None) -> dict[str, Any]:
 
 
 # =============================================================================
+# 4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
+#
+# One entry per supervisor in ``runs.json`` (the locked-JSON-file primitive, not
+# fsynced: it only describes running processes). The supervisor writes its entry
+# when a child starts and removes it when it ends; a guarded child adds the time
+# it waited for the GPU gate (``_run_note_gate_wait``, found through
+# ``METALGUARD_RUN_SUPERVISOR``). Entries whose supervisor is gone are ignored on
+# read and dropped on the next write, so a supervisor killed with SIGKILL leaves
+# nothing behind that ``status`` shows.
+#
+# Provides: _read_runs, _run_forget, _run_note_gate_wait, _run_record, _RUN_SUPERVISOR_ENV_VAR
+# Uses: Prelude, Processes, Files, Locks, JSON state files
+# =============================================================================
+
+_RUN_SUPERVISOR_ENV_VAR = "METALGUARD_RUN_SUPERVISOR"
+_RUNS_LOCK_TIMEOUT_SEC = 2.0  # a child never waits long to add its gate time
+_RUN_ARGV_MAX_WORDS, _RUN_ARGV_MAX_CHARS = 64, 300
+
+
+def _runs_file() -> _JsonFile:
+    return _JsonFile(_state_file("runs.json"), durable=False, lock_timeout=_RUNS_LOCK_TIMEOUT_SEC)
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def _run_entry_live(key: str, entry: object, host: str) -> bool:
+    """Whether ``entry`` (keyed by its supervisor's pid) belongs to a running supervisor.
+
+    Entries of other hosts (a state folder on a shared home) are kept but never
+    judged: their pids mean nothing here.
+    """
+    if not isinstance(entry, dict) or not key.isdigit():
+        return False
+    if entry.get("host") != host:
+        return True
+    return _pid_running(int(key))
+
+
+def _runs_update(mutate: Callable[[dict[str, Any]], None]) -> None:
+    """``mutate`` the runs of this host's live supervisors; one WARNING per process on failure."""
+    host = _host()
+
+    def change(data: dict[str, Any]) -> None:
+        for key in [k for k, v in data.items() if not _run_entry_live(k, v, host)]:
+            del data[key]
+        mutate(data)
+
+    try:
+        _runs_file().update(change)
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "runs-registry",
+            _WARNING,
+            "metal_guard: cannot update the runs registry %s (%s); `metal-guard status` will not "
+            "list this program",
+            _state_file("runs.json"),
+            exc,
+        )
+
+
+def _run_record(*, child_pid: int | None, argv: list[str], restarts: int, since: float) -> None:
+    """The supervisor's (this process's) entry: its child now, the command, restarts so far."""
+    words = [w[:_RUN_ARGV_MAX_CHARS] for w in argv[:_RUN_ARGV_MAX_WORDS]]
+    now = time.time()
+
+    def put(data: dict[str, Any]) -> None:
+        entry = data.get(str(os.getpid()))
+        entry = entry if isinstance(entry, dict) else {}
+        entry.update(
+            host=_host(),
+            supervisor_pid=os.getpid(),
+            pid=child_pid,
+            argv=words,
+            since=since,
+            child_since=now if child_pid is not None else None,
+            restarts=restarts,
+        )
+        entry.setdefault("gate_wait_sec", 0.0)
+        data[str(os.getpid())] = entry
+
+    _runs_update(put)
+
+
+def _run_forget() -> None:
+    """Remove this supervisor's entry (at its exit)."""
+
+    def drop(data: dict[str, Any]) -> None:
+        data.pop(str(os.getpid()), None)
+
+    _runs_update(drop)
+
+
+def _run_note_gate_wait(seconds: float) -> None:
+    """Add ``seconds`` waited for the GPU gate to this program's supervisor entry.
+
+    Child side; a no-op when the process does not run under ``metal-guard run``.
+    Call it once per request or every few seconds, never per step (it takes a
+    file lock). Never raises for environment faults.
+    """
+    waited = _real_arg("seconds", seconds)
+    supervisor = _env_int(_RUN_SUPERVISOR_ENV_VAR, 0, minimum=1)
+    if supervisor <= 0 or waited <= 0:
+        return
+
+    def add(data: dict[str, Any]) -> None:
+        entry = data.get(str(supervisor))
+        if isinstance(entry, dict):
+            entry["gate_wait_sec"] = (_number(entry.get("gate_wait_sec")) or 0.0) + waited
+
+    _runs_update(add)
+
+
+def _read_runs() -> list[dict[str, Any]]:
+    """This host's programs under run, oldest first (never writes, never raises)."""
+    data, problem = _runs_file().read()
+    if problem is not None:
+        _log().debug("metal_guard: runs registry unreadable: %s", problem)
+    host = _host()
+    runs: list[dict[str, Any]] = []
+    for key, entry in data.items():
+        if not isinstance(entry, dict) or entry.get("host") != host:
+            continue
+        if not _run_entry_live(key, entry, host):
+            continue
+        argv = entry.get("argv")
+        runs.append(
+            {
+                "pid": entry.get("pid") if isinstance(entry.get("pid"), int) else None,
+                "supervisor_pid": int(key),
+                "argv": [str(w) for w in argv] if isinstance(argv, list) else [],
+                "since": _number(entry.get("since")),
+                "child_since": _number(entry.get("child_since")),
+                "restarts": entry.get("restarts") if isinstance(entry.get("restarts"), int) else 0,
+                "gate_wait_sec": _number(entry.get("gate_wait_sec")) or 0.0,
+            }
+        )
+    runs.sort(key=lambda r: r["since"] or 0.0)
+    return runs
+
+
+# =============================================================================
 # 5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
 #
 # A GPU wedge (``fence_wait`` spinning at about 3 W, ml-explore/mlx#3830) leaves
@@ -7347,9 +7505,35 @@ class _stuck_watch(_ContextDecorator):
 # Both are best-effort: a failing MLX step logs and carries on, and the body's
 # own exception always propagates unchanged.
 #
-# Provides: gemma4_generation_flush, subprocess_inference_guard
+# Provides: gemma4_generation_flush, subprocess_inference_guard, _inference_flush_post,
+#   _inference_flush_pre
 # Uses: Prelude, Breadcrumbs, MLX access, Model identity, GPU gate
 # =============================================================================
+
+
+def _inference_flush_pre(model_id: object) -> None:
+    """PRE of one inference: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb."""
+    mx = _mlx()
+    if mx is not None:
+        _mlx_step(
+            "clear_cache (pre)", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_WARNING
+        )
+    _breadcrumb(f"SUBPROC_PRE: {_label(model_id)}")
+
+
+def _inference_flush_post(
+    model_id: object, streams: object = None, *, failed: bool = False
+) -> None:
+    """POST of one inference: synchronize the streams, then ``mx.clear_cache()`` and a
+    ``SUBPROC_POST`` breadcrumb. After a failed body the driver may already be in
+    trouble: step failures are then expected and logged at DEBUG only.
+    """
+    level = _DEBUG if failed else _WARNING
+    mx = _mlx()
+    if mx is not None:
+        _synchronize(mx, streams, model_id=model_id, level=level)
+        _mlx_step("clear_cache (post)", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=level)
+    _breadcrumb(f"SUBPROC_POST: {_label(model_id)}")
 
 
 class subprocess_inference_guard(_ContextDecorator):
@@ -7407,15 +7591,7 @@ class subprocess_inference_guard(_ContextDecorator):
             gate.__exit__(None, None, None)
 
     def _pre(self) -> None:
-        mx = _mlx()
-        if mx is not None:
-            _mlx_step(
-                "clear_cache (pre)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=_WARNING,
-            )
-        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
+        _inference_flush_pre(self.model_id)
 
     def __exit__(
         self,
@@ -7423,20 +7599,8 @@ class subprocess_inference_guard(_ContextDecorator):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # After a failed body the driver may already be in trouble: step
-        # failures are then expected and logged at DEBUG only.
-        level = _WARNING if exc is None else _DEBUG
         try:
-            mx = _mlx()
-            if mx is not None:
-                _synchronize(mx, self.streams, model_id=self.model_id, level=level)
-                _mlx_step(
-                    "clear_cache (post)",
-                    _mlx_fn(mx, "clear_cache"),
-                    model_id=self.model_id,
-                    level=level,
-                )
-            _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+            _inference_flush_post(self.model_id, self.streams, failed=exc is not None)
         finally:
             self._leave_gate()
 
@@ -10509,6 +10673,1240 @@ def shutdown_all_workers() -> None:
 
 
 # =============================================================================
+# 5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
+# under ``metal-guard run``.
+#
+# The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
+# ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
+# cadence admission that waits, each forward-pass step under the GPU gate (streams
+# synchronized before release), the per-request flush, SIGTERM as Ctrl-C (deferred
+# while the main thread is inside a lock step), unloads recorded. A hook whose
+# target this version lacks is named once on stderr and skipped.
+#
+# Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories, Cadence,
+#   GPU gate, Runs registry, Flush guards, Wired-limit control
+# =============================================================================
+
+_EXIT_REFUSED = 2
+_EXIT_GENERATION_DEAD = 70  # mlx_lm.server's generation thread died (after the flush)
+_EXIT_GPU_STUCK = 71  # reserved: stuck GPU work
+_RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
+_RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
+_RUN_NOTE_EVERY_SEC = 5.0
+_RUN_CADENCE_SLACK_SEC = 0.05
+_RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
+_RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
+
+# (module, attribute path, kind, versions where it is expected; "" = every version).
+# Outside its range a hook still applies when its target is there; only a target
+# missing inside its range (or in a version that does not parse) is named.
+_RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
+    ("mlx_lm.utils", "load", "load", ""),
+    ("mlx_lm.utils", "load_model", "load", ""),
+    ("mlx_lm.utils", "sharded_load", "load", ">=0.30"),
+    ("mlx_lm.utils", "pipeline_load", "load", ">=0.29"),
+    ("mlx_lm.utils", "generate_step", "step", "<0.23"),
+    ("mlx_lm.utils", "stream_generate", "request", "<0.23"),
+    ("mlx_lm.utils", "generate", "request", "<0.23"),
+    ("mlx_lm.generate", "generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "stream_generate", "request", ">=0.23"),
+    ("mlx_lm.generate", "generate", "request", ">=0.23"),
+    ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
+    ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
+    ("mlx_vlm.utils", "load", "load", ""),
+    ("mlx_vlm.generate", "generate_step", "step", ""),
+    ("mlx_vlm.generate", "stream_generate", "request", ""),
+    ("mlx_vlm.generate", "generate", "request", ""),
+)
+_RUN_REBIND = {
+    "mlx_lm": ("mlx_lm.utils", "mlx_lm.generate"),
+    "mlx_vlm": ("mlx_vlm.utils", "mlx_vlm.generate"),
+}
+_RUN_MARK = "_metal_guard_run_original"
+
+
+class _RunState:
+    """What the hooks of this process remember (one instance; plain attributes)."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.gate_on = True
+        self.gate_log: str | None = None
+        self.gate_label = "run"
+        self.main_ident = 0
+        self.critical = 0  # main thread inside a metal_guard lock step
+        self.interrupt_pending = False
+        self.gate_wait = 0.0
+        self.gate_wait_noted = time.monotonic()
+        self.labels: dict[int, str] = {}  # id(model) → model id
+        self.live: dict[int, str] = {}  # id(model) → model id, models not freed yet
+        self.gemma_pending: set[int] = set()
+        self.unloads: list[tuple[str, float]] = []  # freed models not recorded yet
+        self.local: threading.local | None = None
+        self.gate: exclusive_gpu | None = None
+
+
+_run = _RunState()
+
+
+class _RunFinder:
+    """Meta-path finder: the hooked modules load through ``_RunLoader``; others are not looked at."""
+
+    def __init__(self) -> None:
+        self._finding: set[str] = set()  # a finder after us that asks the others again
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _RUN_HOOKED or fullname in self._finding:
+            return None
+        self._finding.add(fullname)  # one import of a name at a time (the module's lock)
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec: Any = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _RunLoader(spec.loader)
+                    return spec
+            return None
+        finally:
+            self._finding.discard(fullname)
+
+
+class _RunLoader:
+    """A module's own loader, plus our hooks once its code has run."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _run_after_import(module.__name__)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def _child_bootstrap() -> None:
+    """Install the child hooks lazily: one meta-path finder, nothing else until MLX comes.
+
+    Idempotent. Modules already imported get their hooks at once.
+    """
+    if not any(isinstance(f, _RunFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RunFinder())
+    for name in ("mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"):
+        if sys.modules.get(name) is not None:
+            _run_after_import(name)
+
+
+def _run_after_import(name: str) -> None:
+    """Never lets a hook failure reach the program: one line on stderr, unguarded from there."""
+    try:
+        if name == "mlx.core":
+            _run_on_mlx()
+        else:
+            _run_hook_package(name)
+    except Exception as exc:
+        if _first_time("run-hook-failed:" + name):
+            _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
+
+
+def _run_say(text: str) -> None:
+    try:
+        sys.stderr.write(f"metal-guard: {text}\n")
+    except Exception:  # a closed stderr: nothing to tell
+        pass
+    _run_flush_stdio()
+
+
+def _run_flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream
+            pass
+
+
+def _run_on_mlx() -> None:
+    """``mlx.core`` is imported: wired policy, per-thread state, SIGTERM, the exit cleanup."""
+    import threading
+
+    if _run.installed:
+        return
+    _run.installed = True
+    _run.local = threading.local()
+    _run.gate_on = _env_bool("METALGUARD_RUN_GPU_GATE", True)
+    _run.gate_log = _env_path(_RUN_GATE_LOG_ENV, None)
+    _run.gate_label = f"run:{os.getpid()}"
+    _run.gate = exclusive_gpu(_run.gate_label)
+    _run_wired_policy()
+    import atexit
+
+    atexit.register(_run_at_exit)
+    _run.main_ident = threading.main_thread().ident or 0
+    if _thread.get_ident() == _run.main_ident:
+        import signal
+
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _run_on_sigterm)
+
+
+def _run_wired_policy() -> None:
+    """``METALGUARD_RUN_WIRED`` (off, cap, cap:<GiB>, keep; bad: off); unset:
+    ``METALGUARD_WIRED_LIMIT`` when set, else ``off``. ``keep`` installs nothing.
+    """
+    raw = os.environ.get(_RUN_WIRED_ENV, "").strip()
+    if raw.lower() == "keep":
+        return
+    try:
+        limit_wired_memory(raw or (None if os.environ.get(_WIRED_ENV_VAR, "").strip() else "off"))
+    except ValueError as exc:
+        _log_once(
+            "run-wired", _WARNING, "metal_guard: %s=%r: %s; using off", _RUN_WIRED_ENV, raw, exc
+        )
+        limit_wired_memory("off")
+
+
+def _run_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C; deferred while the main thread is inside a gate or store step."""
+    if _run.critical > 0:
+        _run.interrupt_pending = True
+        return
+    raise KeyboardInterrupt
+
+
+def _run_critical_enter() -> None:
+    if _thread.get_ident() == _run.main_ident:
+        _run.critical += 1
+
+
+def _run_critical_leave() -> bool:
+    """Leave a lock step; True when a deferred SIGTERM must now be raised."""
+    if _thread.get_ident() != _run.main_ident:
+        return False
+    _run.critical -= 1
+    if _run.critical == 0 and _run.interrupt_pending:
+        _run.interrupt_pending = False
+        return True
+    return False
+
+
+def _run_local() -> Any:
+    local = _run.local
+    if local is None:  # hooks applied before mlx.core (a module imported without it)
+        import threading
+
+        local = _run.local = threading.local()
+    return local
+
+
+class _GpuTurn:
+    """One turn on the GPU gate: take it, run the step, synchronize its streams, release."""
+
+    __slots__ = ("gate", "start", "streams")
+
+    def __init__(self, streams: tuple[object, ...] = ()) -> None:
+        self.streams = streams
+        self.gate: exclusive_gpu | None = None
+        self.start = 0.0
+
+    def __enter__(self) -> _GpuTurn:
+        gate = _run.gate
+        if not _run.gate_on or gate is None or _gpu_gate_held_here():
+            return self
+        _run_critical_enter()
+        try:
+            asked = time.monotonic()
+            gate.__enter__()
+            self.gate = gate
+            self.start = time.monotonic()
+            _run.gate_wait += self.start - asked
+        finally:
+            interrupt = _run_critical_leave()
+        if interrupt:
+            self._release()
+            raise KeyboardInterrupt
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gate is None:
+            return
+        _run_critical_enter()
+        try:
+            self._release()
+        finally:
+            interrupt = _run_critical_leave()
+        if interrupt and exc[0] is None:
+            raise KeyboardInterrupt
+
+    def _release(self) -> None:
+        gate, self.gate = self.gate, None
+        if gate is None:
+            return
+        try:
+            mx = sys.modules.get("mlx.core")
+            if mx is not None:  # the step's own streams (one sync costs tens of µs)
+                sync = _mlx_fn(mx, "synchronize")
+                for stream in self.streams or (_generation_stream(),):
+                    _mlx_step("synchronize(step)", sync, *([] if stream is None else [stream]))
+            if _run.gate_log:
+                _run_log_turn(self.start, time.monotonic())
+        finally:
+            gate.__exit__(None, None, None)
+
+
+def _run_log_turn(start: float, end: float) -> None:
+    try:
+        with open(_run.gate_log or "", "a", encoding="ascii") as log:
+            log.write(f"{os.getpid()} {start:.6f} {end:.6f}\n")
+    except OSError as exc:
+        _log_once(
+            "run-gate-log", _WARNING, "metal_guard: cannot write %s: %s", _RUN_GATE_LOG_ENV, exc
+        )
+
+
+def _run_note_wait(force: bool = False) -> None:
+    now = time.monotonic()
+    if not force and now - _run.gate_wait_noted < _RUN_NOTE_EVERY_SEC:
+        return
+    waited, _run.gate_wait, _run.gate_wait_noted = _run.gate_wait, 0.0, now
+    if waited > 0:
+        try:
+            _run_note_gate_wait(waited)
+        except Exception as exc:
+            _log_once("run-note-wait", _DEBUG, "metal_guard: gate wait not noted: %r", exc)
+
+
+# -- loads ----------------------------------------------------------------------
+
+
+def _run_model_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    value = args[0] if args else next((kwargs[k] for k in _RUN_MODEL_KWARGS if k in kwargs), None)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _run_refuse_exit(text: str) -> NoReturn:
+    """Refused by a guard: one line, exit 2 (SystemExit in the main thread, else at once)."""
+    _breadcrumb(f"RUN_REFUSED: {text}")
+    _run_say(f"refused: {text}")
+    if _thread.get_ident() == _run.main_ident:
+        raise SystemExit(_EXIT_REFUSED)
+    _run_flush_stdio()
+    os._exit(_EXIT_REFUSED)
+
+
+def _run_admit(model_id: str) -> _CadenceScope:
+    """Cadence admission that waits for the interval (``METALGUARD_RUN_WAIT=0``: refuse, exit 2)."""
+    guard = _default_guard(180.0, 0.0)
+    wait = False
+    while True:  # a wait that another process's load outran waits again
+        scope = guard.scope(model_id, wait=wait)
+        try:
+            scope.__enter__()
+            return scope
+        except CadenceViolation as violation:
+            if not _env_bool("METALGUARD_RUN_WAIT", True):
+                _run_refuse_exit(str(violation))
+            if not wait:
+                _run_say(f"waiting {violation.remaining_sec:.1f} s: {violation}")
+            wait = True
+
+
+def _run_record_unloads() -> None:
+    """Record the unloads of the models freed since the last call (never from a finalizer)."""
+    if not _run.unloads:
+        return
+    guard = _default_guard(180.0, 0.0)
+    while _run.unloads:
+        model_id, ts = _run.unloads.pop(0)
+        try:
+            guard.mark_unload(model_id, ts=ts)
+        except Exception as exc:
+            _log().warning("metal_guard: unload of %s not recorded: %s", model_id, exc)
+        _breadcrumb(f"RUN_UNLOAD: {_label(model_id)}")
+
+
+def _run_model_freed(key: int, model_id: str) -> None:
+    # a finalizer: no locks, no files; the next load or the exit records it
+    _run.live.pop(key, None)
+    _run.labels.pop(key, None)
+    _run.gemma_pending.discard(key)
+    _run.unloads.append((model_id, time.time()))
+
+
+def _run_track(result: Any, model_id: str) -> None:
+    import weakref
+
+    model = result[0] if isinstance(result, tuple) and result else result
+    key = id(model)
+    _run.labels[key] = model_id
+    _run.live[key] = model_id
+    if is_gemma4_family(model_id):
+        _run.gemma_pending.add(key)
+    try:
+        weakref.finalize(model, _run_model_freed, key, model_id)
+    except TypeError:  # not weak-referenceable: recorded at exit only
+        pass
+
+
+def _run_wrap_load(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def load(*args: Any, **kwargs: Any) -> Any:
+        model_id = _run_model_arg(args, kwargs)
+        local = _run_local()
+        if model_id is None or getattr(local, "loading", False):
+            return fn(*args, **kwargs)
+        _run_record_unloads()
+        warn_if_known_panic_model(model_id)
+        scope = _run_admit(model_id)  # a wait here stays interruptible (SIGTERM, Ctrl-C)
+        local.loading = True
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # nothing allocated yet: the scope does not count it
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            local.loading = False
+        _run_track(result, model_id)
+        return result
+
+    return load
+
+
+# -- steps and requests -----------------------------------------------------------
+
+
+def _run_wrap_step(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    import inspect
+
+    if not inspect.isgeneratorfunction(fn):
+        return None  # not the shape this hook expects
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        stream = kwargs.get("stream")
+        streams = () if stream is None else (stream,)
+        gen = fn(*args, **kwargs)
+        try:
+            while True:
+                with _GpuTurn(streams):
+                    try:
+                        item = next(gen)
+                    except StopIteration as stop:
+                        return stop.value
+                yield item
+        finally:
+            gen.close()
+
+    return step
+
+
+def _run_request_begin(model: object) -> str | None:
+    """Start of a request: the gemma-4 first-generate flush, then PRE. None when nested."""
+    local = _run_local()
+    depth = getattr(local, "requests", 0)
+    local.requests = depth + 1
+    if depth:
+        return None
+    label = _run_first_generate(model)
+    _inference_flush_pre(label)
+    return label
+
+
+def _run_first_generate(model: object) -> str:
+    """The model's id; a gemma-4 model's first generate gets the settle window first."""
+    key = id(model)
+    label = _run.labels.get(key, "model")
+    if key in _run.gemma_pending:
+        _run.gemma_pending.discard(key)
+        gemma4_generation_flush(label, 0)
+    return label
+
+
+def _run_request_end(label: str | None, streams: tuple[object, ...], failed: bool) -> None:
+    local = _run_local()
+    local.requests = max(0, getattr(local, "requests", 1) - 1)
+    if label is None:
+        return
+    with _GpuTurn(streams):
+        _inference_flush_post(label, streams, failed=failed)
+    _run_note_wait()
+
+
+def _run_wrap_request(fn: Callable[..., Any]) -> Callable[..., Any]:
+    import inspect
+
+    if inspect.isgeneratorfunction(fn):
+
+        def stream_request(model: Any, *args: Any, **kwargs: Any) -> Any:
+            stream = kwargs.get("stream")
+            streams = () if stream is None else (stream,)
+            label = _run_request_begin(model)
+            failed = True
+            try:
+                yield from fn(model, *args, **kwargs)
+                failed = False
+            finally:
+                _run_request_end(label, streams, failed)
+
+        return stream_request
+
+    def request(model: Any, *args: Any, **kwargs: Any) -> Any:
+        label = _run_request_begin(model)
+        failed = True
+        try:
+            result = fn(model, *args, **kwargs)
+            failed = False
+            return result
+        finally:
+            _run_request_end(label, (), failed)
+
+    return request
+
+
+def _run_finished(out: object) -> int:
+    """How many responses of a BatchGenerator step carry a finish reason."""
+    items = list(out) if isinstance(out, (list, tuple)) else []
+    if isinstance(out, tuple):
+        items = [r for part in items for r in (part if isinstance(part, list) else [part])]
+    return sum(1 for r in items if getattr(r, "finish_reason", None) is not None)
+
+
+def _run_wrap_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _next(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stream = getattr(self, "_stream", None)
+        streams = () if stream is None else (stream,)
+        with _GpuTurn(streams):
+            out = fn(self, *args, **kwargs)
+            finished = _run_finished(out)
+            label = _run.labels.get(id(getattr(self, "model", None)), "model")
+            for _ in range(finished):
+                _inference_flush_post(label, streams)
+        if finished:
+            _run_note_wait()
+        return out
+
+    return _next
+
+
+def _run_wrap_batch_insert(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def insert(self: Any, *args: Any, **kwargs: Any) -> Any:
+        local = _run_local()
+        if getattr(local, "inserting", False):  # insert → insert_segments: one PRE
+            return fn(self, *args, **kwargs)
+        _inference_flush_pre(_run_first_generate(getattr(self, "model", None)))
+        local.inserting = True
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            local.inserting = False
+
+    return insert
+
+
+def _run_wrap_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:
+            if getattr(self, "_stop", False):
+                raise
+            text = f"mlx_lm.server generation thread died: {type(exc).__name__}: {_label(exc)}"
+            _breadcrumb(f"RUN_GENERATION_DEAD: {text}")
+            _run_say(f"{text}; exiting with {_EXIT_GENERATION_DEAD}")
+            _run_at_exit()
+            _run_flush_stdio()
+            os._exit(_EXIT_GENERATION_DEAD)
+
+    return _generate
+
+
+_RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | None]] = {
+    "load": _run_wrap_load,
+    "step": _run_wrap_step,
+    "request": _run_wrap_request,
+    "batch": _run_wrap_batch,
+    "batch-insert": _run_wrap_batch_insert,
+    "thread": _run_wrap_thread,
+}
+
+
+def _run_hook_package(name: str) -> None:
+    """Apply the hooks of ``name``'s modules; name once what this version lacks."""
+    import importlib
+
+    top = name.split(".")[0]
+    modules = _RUN_REBIND.get(name, (name,))
+    dist = "mlx-lm" if top == "mlx_lm" else "mlx-vlm"
+    version = _label(getattr(sys.modules.get(top), "__version__", "unknown"))
+    missing: list[str] = []
+    swapped: dict[int, Callable[..., Any]] = {}  # id(original) → wrapper
+    for module_name, path, kind, versions in _RUN_HOOKS:
+        if module_name not in modules:
+            continue
+        try:
+            expected = _spec_matches(versions, version)
+        except ValueError:  # a version we cannot read: every hook is expected
+            expected = True
+        if kind == "step" and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
+            continue  # the batch hook stays: it also flushes each finished request
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            missing += [f"{module_name}.{path}"] if expected else []
+            continue
+        *owners, attr = path.split(".")
+        owner: Any = module
+        for part in owners:
+            owner = getattr(owner, part, None)
+        current = getattr(owner, attr, None) if owner is not None else None
+        if not callable(current):
+            missing += [f"{module_name}.{path}"] if expected else []
+            continue
+        if getattr(current, _RUN_MARK, None) is not None:
+            continue  # hooked already
+        wrapper = _RUN_WRAPPERS[kind](current)
+        if wrapper is None:
+            missing += [f"{module_name}.{path}"] if expected else []
+            continue
+        wrapper.__name__ = getattr(current, "__name__", attr)
+        wrapper.__doc__ = getattr(current, "__doc__", None)
+        wrapper.__wrapped__ = current  # type: ignore[attr-defined]
+        setattr(wrapper, _RUN_MARK, current)
+        setattr(owner, attr, wrapper)
+        if not owners:
+            swapped[id(current)] = wrapper
+    # names bound by ``from .utils import load`` before we came: point them at the hooks
+    holders = [m for n, m in list(sys.modules.items()) if n == top or n.startswith(top + ".")]
+    for module in holders if swapped else []:
+        for key, value in list(vars(module).items()) if module is not None else []:
+            if id(value) in swapped and getattr(value, _RUN_MARK, None) is None:
+                setattr(module, key, swapped[id(value)])
+    if missing and _first_time("run-missing:" + name):
+        _run_say(f"{dist} {version}: not hooked (not found in this version): " + ", ".join(missing))
+
+
+def _run_at_exit() -> None:
+    """Drain the streams, clear MLX's cache and record the unloads (atexit; never raises)."""
+    try:
+        mx = sys.modules.get("mlx.core")
+        if mx is not None:
+            _synchronize(mx, level=_DEBUG)
+            _mlx_step("clear_cache (exit)", _mlx_fn(mx, "clear_cache"), level=_DEBUG)
+        for key, model_id in list(_run.live.items()):
+            _run.live.pop(key, None)
+            _run.unloads.append((model_id, time.time()))
+        _run_record_unloads()
+        _run_note_wait(force=True)
+    except Exception as exc:
+        _log().warning("metal_guard: exit cleanup incomplete: %r", exc)
+
+
+# =============================================================================
+# 5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+# passed on with a grace period, restarts and exit codes.
+#
+# A Python program (an interpreter, or a script whose ``#!`` line names one)
+# starts with a bootstrap folder first on ``PYTHONPATH``: its ``sitecustomize``
+# runs the user's own, then loads this very file (``METALGUARD_RUN_MODULE``) and
+# calls ``_child_bootstrap``. Any other program gets the pre-flight, supervision
+# and a graceful stop only. Signal handlers only record the signal (a wake-up pipe
+# ends the wait at once); the loop passes it on and stops the child through
+# ``_stop_process`` (the grace, then SIGKILL with a WARNING). The child stays in
+# run's process group, so job control and a terminal's Ctrl-C work as without run
+# (Ctrl-C reaches the child from the terminal and is not sent a second time).
+#
+# Provides: _RUN_EXIT_GAVE_UP, _RUN_EXIT_REFUSED, _RUN_RESTART_POLICIES, _RUN_SITECUSTOMIZE,
+#   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
+#   _run_child_env, _run_supervised
+# Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence, Circuit breaker,
+#   Post-panic gate, Runs registry, System audits, Child hooks
+# =============================================================================
+
+_RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
+_RUN_EXIT_GAVE_UP = 69  # EX_UNAVAILABLE: gave up restarting
+_RUN_EXIT_CANNOT_EXECUTE, _RUN_EXIT_NOT_FOUND = 126, 127  # as a shell reports them
+_RUN_RESTART_POLICIES = ("never", "on-failure", "always")
+_RUN_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_RUN_VERSIONS_TIMEOUT_SEC = 5.0
+_RUN_VERSIONS_CODE = (
+    "import importlib.metadata as m, json\nv = {}\nfor n in %r:\n    try:\n"
+    "        v[n] = m.version(n)\n    except Exception:\n        pass\nprint(json.dumps(v))\n"
+)
+
+# The bootstrap folder's only file. Python runs it at start-up because the folder
+# is first on PYTHONPATH; the program's own subprocesses inherit the variable.
+_RUN_SITECUSTOMIZE = r'''"""Written by `metal-guard run` (rewritten when it differs): runs the sitecustomize
+that would have run without this folder, then installs metal-guard's guards."""
+
+
+def _report(exc):
+    import sys
+
+    if sys.flags.verbose:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    else:  # as Python's site module reports a failing sitecustomize
+        sys.stderr.write(
+            "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+            f"{type(exc).__name__}: {exc}\n"
+        )
+
+
+def _metal_guard_run_bootstrap():
+    import os
+    import sys
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if not p or os.path.abspath(p) != folder]
+    this = sys.modules.pop("sitecustomize", None)
+    try:
+        import sitecustomize  # noqa: F401 - the user's own, if there is one
+    except ImportError as exc:
+        if exc.name != "sitecustomize":
+            _report(exc)
+    except Exception as exc:
+        _report(exc)
+    if this is not None:  # none of the user's: the import system expects this module back
+        sys.modules.setdefault("sitecustomize", this)
+    try:
+        path = os.environ["METALGUARD_RUN_MODULE"]
+        module = sys.modules.get("metal_guard")
+        if module is None or os.path.abspath(getattr(module, "__file__", None) or "") != path:
+            # importlib.machinery, not importlib.util: the latter costs ~5 ms more to import
+            from importlib.machinery import ModuleSpec, SourceFileLoader
+
+            loader = SourceFileLoader("metal_guard", path)
+            spec = ModuleSpec("metal_guard", loader, origin=path)
+            spec.has_location = True
+            module = type(sys)("metal_guard")
+            module.__file__, module.__loader__, module.__spec__ = path, loader, spec
+            sys.modules["metal_guard"] = module
+            try:
+                loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop("metal_guard", None)
+                raise
+        module._child_bootstrap()
+    except Exception as exc:
+        sys.stderr.write(f"metal-guard: guards not installed: {type(exc).__name__}: {exc}\n")
+
+
+_metal_guard_run_bootstrap()
+'''
+
+
+@_dataclass(frozen=True)
+class _RunOptions:
+    """``metal-guard run``'s options (checked by the command line)."""
+
+    grace: float = 30.0
+    restart: str = "never"
+    max_restarts: int = 3
+    restart_window: float = 600.0
+    restart_delay: float | None = None  # None: the cadence's same-model interval
+    wired: str = "off"
+    wait: bool = True
+    gpu_gate: bool = True
+
+
+def _say(text: str) -> None:
+    """One line of run's own on stderr (the child's output is never touched)."""
+    try:
+        sys.stderr.write(f"metal-guard run: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+# -- what the command is -------------------------------------------------------------
+
+
+def _is_python_name(name: str) -> bool:
+    """``python``, ``python3``, ``python3.12`` (a free-threaded ``t`` build too)."""
+    if not name.startswith("python"):
+        return False
+    rest = name[6:].removesuffix("t")
+    return not rest or (rest[0].isdigit() and all(c.isdigit() or c == "." for c in rest))
+
+
+def _shebang_words(path: str) -> list[str] | None:
+    """The interpreter words of ``path``'s ``#!`` line (pip's ``/bin/sh`` trampoline
+    for long paths included), or ``None``."""
+    import shlex
+
+    try:
+        head = _read_bounded(path, 1024, follow_symlinks=True)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    lines = head[2:].decode("utf-8", "replace").splitlines()
+    words = lines[0].split() if lines else []
+    if words[:1] == ["/bin/sh"] and len(lines) > 1 and lines[1].startswith("'''exec' "):
+        try:
+            return shlex.split(lines[1])[1:2]
+        except ValueError:
+            return None
+    if words and os.path.basename(words[0]) == "env":  # #!/usr/bin/env [-S] python3
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+    return words or None
+
+
+def _python_interpreter(executable: str) -> tuple[str, list[str]] | None:
+    """``(interpreter, its options)`` when ``executable`` runs Python, else ``None``.
+
+    ``executable`` is a resolved path: an interpreter itself, or a script whose
+    ``#!`` line names one (console scripts such as ``mlx_lm.server``).
+    """
+    import shutil
+
+    if _is_python_name(os.path.basename(executable)):
+        return executable, []
+    words = _shebang_words(executable)
+    if not words or not _is_python_name(os.path.basename(words[0])):
+        return None
+    found = words[0] if os.sep in words[0] else shutil.which(words[0])
+    return (found, words[1:]) if found else None
+
+
+def _python_skips_site(options: list[str]) -> str | None:
+    """The interpreter option (``-I``, ``-E``, ``-S``) that keeps the bootstrap from running."""
+    for word in options:
+        if word in ("-c", "-m", "-", "--") or not word.startswith("-") or word.startswith("--"):
+            break
+        for letter in word[1:]:
+            if letter in "IES":
+                return f"-{letter}"
+            if letter in "WXcm":  # the rest of the word is that option's value
+                break
+    return None
+
+
+def _command_models(argv: list[str]) -> list[str]:
+    """The values of ``--model X`` / ``--model=X`` in a command line."""
+    models = []
+    for i, word in enumerate(argv):
+        if word == "--model" and i + 1 < len(argv):
+            models.append(argv[i + 1])
+        elif word.startswith("--model="):
+            models.append(word[len("--model=") :])
+    return [m for m in models if m.strip()]
+
+
+# -- the child's environment -----------------------------------------------------------
+
+
+def _run_bootstrap_folder() -> str:
+    """The folder holding the bootstrap ``sitecustomize.py`` (written when missing or stale).
+
+    It lives in the state folder, named after its content, and is never
+    deleted: a program's own subprocesses may start long after run ended.
+    """
+    import zlib
+
+    content = _RUN_SITECUSTOMIZE.encode("utf-8")
+    folder = _state_file(f"run-bootstrap-{zlib.crc32(content):08x}")
+    path = os.path.join(folder, "sitecustomize.py")
+    try:
+        current = _read_bounded(path, len(content) + 1)
+    except OSError:
+        current = b""
+    if current != content:
+        _atomic_write_bytes(path, content, durable=False)
+    return folder
+
+
+def _run_child_env(
+    base: dict[str, str], bootstrap: str, options: _RunOptions, *, supervisor: int
+) -> dict[str, str]:
+    """``base`` plus the bootstrap folder first on ``PYTHONPATH`` and the ``METALGUARD_RUN_*``
+    variables; the user's ``PYTHONPATH`` follows unchanged (a bootstrap folder inherited
+    from an outer run is left out)."""
+    env = dict(base)
+    user = env.get("PYTHONPATH", "")
+    outer = env.get("METALGUARD_RUN_BOOTSTRAP")
+    if outer and user:
+        user = os.pathsep.join(p for p in user.split(os.pathsep) if p != outer)
+    env["PYTHONPATH"] = bootstrap + (os.pathsep + user if user else "")
+    env.update(
+        {
+            _RUN_SUPERVISOR_ENV_VAR: str(supervisor),
+            "METALGUARD_RUN_MODULE": os.path.abspath(__file__),
+            "METALGUARD_RUN_BOOTSTRAP": bootstrap,
+            "METALGUARD_RUN_WIRED": options.wired,
+            "METALGUARD_RUN_WAIT": "1" if options.wait else "0",
+            "METALGUARD_RUN_GPU_GATE": "1" if options.gpu_gate else "0",
+        }
+    )
+    return env
+
+
+# -- pre-flight --------------------------------------------------------------------------
+
+
+def _preflight_refusal() -> str | None:
+    """Why the program may not start now (exit 2), or ``None``; before every start.
+
+    Observer mode reports a cooldown instead of refusing (``_refuse``).
+    """
+    try:
+        _require_post_panic_clear()  # one panic is enough (4.8); then the breaker's own rule
+        CircuitBreaker().check()
+    except MLXCooldownActive as exc:
+        return str(exc)
+    except (OSError, StateLockTimeout) as exc:
+        _log().warning("metal_guard: run: the circuit breaker could not be checked: %s", exc)
+    return None
+
+
+def _interpreter_versions(interpreter: str) -> dict[str, str] | None:
+    """Installed versions of the MLX stack for ``interpreter`` (package metadata only)."""
+    import json
+
+    names = tuple(sorted({package for package, _, _ in _VERSION_ADVISORIES}))
+    if os.path.abspath(interpreter) == os.path.abspath(sys.executable):
+        return {n: v for n in names if (v := _installed_version(n)) is not None}
+    out = _run_bounded(
+        [interpreter, "-c", _RUN_VERSIONS_CODE % (names,)], _RUN_VERSIONS_TIMEOUT_SEC
+    )
+    try:  # the last line: a sitecustomize may print too
+        found = json.loads(out.strip().splitlines()[-1]) if out and out.strip() else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        return None
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def _preflight_warnings(argv: list[str], interpreter: str | None) -> None:
+    """Known-panic models named on the command line, the advisories of the child's MLX
+    stack (critical ones by name) and the system audit's warnings; on stderr."""
+    for model in _command_models(argv):
+        try:
+            warn_if_known_panic_model(model)
+        except (TypeError, ValueError):
+            pass
+    if interpreter is not None:
+        versions = _interpreter_versions(interpreter)
+        if versions is None:
+            _say(f"could not read the MLX versions installed for {interpreter}")
+        else:
+            found = check_version_advisories(packages=versions)
+            for a in (a for a in found if a["severity"] == "critical"):
+                _say(
+                    f"CRITICAL advisory for {a['package']} {a['installed_version']} "
+                    f"({interpreter}): {a['title']} ({a['url']}); {a['mitigation']}"
+                )
+            others = [a for a in found if a["severity"] != "critical"]
+            if others:
+                _say(
+                    f"{len(others)} more advisory(ies) for the MLX stack of {interpreter} "
+                    "(`metal-guard audit` run with that interpreter lists them)"
+                )
+    log_system_audit_at_startup()
+
+
+# -- supervision ---------------------------------------------------------------------------
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: its code, or 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _exit_text(code: int) -> str:
+    import signal
+
+    if code > 128:
+        try:
+            return f"died from {signal.Signals(code - 128).name} (exit {code})"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+class _Signals:
+    """Stop signals recorded by handlers that do nothing else; a wake-up pipe (also
+    written on SIGCHLD) ends a wait at once. A signal ignored when run started
+    (``nohup``) stays ignored, for the child too."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
+
+    def __enter__(self) -> _Signals:
+        import signal
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        try:
+            self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: handlers cannot be set, waits poll
+            os.close(read_fd)
+            os.close(write_fd)
+            return self
+        self._pipe = (read_fd, write_fd)
+        child = getattr(signal, "SIGCHLD", None)
+        for name in (*_RUN_STOP_SIGNALS, "SIGCHLD"):
+            signum = getattr(signal, name, None)
+            if signum is None or signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(
+                signum, (lambda *_: None) if signum == child else self._record
+            )
+        return self
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    def take(self) -> list[int]:
+        """The signals recorded so far, oldest first (one ``pop`` at a time: a handler may
+        run between any two bytecodes, and nothing it records is lost)."""
+        taken = []
+        while self.received:
+            taken.append(self.received.pop(0))
+        return taken
+
+    def wait(self, proc: Any, seconds: float) -> None:
+        """Until ``proc`` (if any) exits, a stop signal comes or ``seconds`` pass."""
+        import select
+
+        deadline = time.monotonic() + seconds
+        while not self.received and (proc is None or proc.poll() is None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._pipe is None:
+                time.sleep(min(left, 0.05))
+                continue
+            if select.select([self._pipe[0]], [], [], min(left, 1.0))[0]:
+                try:
+                    while os.read(self._pipe[0], 512):
+                        pass
+                except BlockingIOError:
+                    pass
+
+
+def _terminal_delivered(signum: int) -> bool:
+    """Whether a terminal sent ``signum`` (Ctrl-C, hang-up) to the child too: run and the
+    child are the foreground process group of a terminal."""
+    import signal
+
+    if signum not in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        return False
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class _Supervisor:
+    """One ``metal-guard run``: starts, watches, stops and restarts the command."""
+
+    def __init__(self, argv: list[str], options: _RunOptions) -> None:
+        self.argv = argv
+        self.options = options
+        self.label = f"`{os.path.basename(argv[0])}`"
+        self.signals = _Signals()
+        self.stop: int | None = None
+        self.since = time.time()
+
+    def run(self) -> int:
+        import shutil
+
+        executable = shutil.which(self.argv[0])
+        if executable is None:
+            _say(f"{self.argv[0]}: command not found (or not executable)")
+            return _RUN_EXIT_NOT_FOUND
+        python = _python_interpreter(executable)
+        env = None
+        if python is None:
+            _say(
+                f"{self.label} is not a Python program: pre-flight, supervision and graceful "
+                "stop only (no guards inside it)"
+            )
+        else:
+            # an interpreter's own options come first on its command line; a script's, on its #!
+            direct = python[0] == executable
+            skipped = _python_skips_site(self.argv[1:] if direct else python[1])
+            if skipped is not None:
+                _say(f"{skipped} keeps Python from running the bootstrap: guards not installed")
+            try:
+                folder = _run_bootstrap_folder()
+                env = _run_child_env(dict(os.environ), folder, self.options, supervisor=os.getpid())
+            except OSError as exc:
+                _say(f"cannot write the bootstrap folder ({exc}): the program runs unguarded")
+        _preflight_warnings(self.argv, None if python is None else python[0])
+        with self.signals:
+            try:
+                return self._loop(executable, env)
+            finally:
+                _run_forget()
+
+    def _loop(self, executable: str, env: dict[str, str] | None) -> int:
+        import subprocess
+
+        restarts: list[float] = []
+        while True:
+            refusal = _preflight_refusal()
+            if refusal is not None:
+                _say(f"refused, {self.label} was not started: {refusal}")
+                return _RUN_EXIT_REFUSED
+            if self.signals.received:  # asked to stop before the program started
+                self.stop = self.signals.take()[0]
+                return 128 + self.stop
+            try:
+                proc = subprocess.Popen(self.argv, executable=executable, env=env)
+            except OSError as exc:
+                _say(f"cannot start {self.label}: {exc}")
+                missing = isinstance(exc, FileNotFoundError)
+                return _RUN_EXIT_NOT_FOUND if missing else _RUN_EXIT_CANNOT_EXECUTE
+            _run_record(
+                child_pid=proc.pid, argv=self.argv, restarts=len(restarts), since=self.since
+            )
+            code = self._watch(proc)
+            if self.stop is not None:
+                return code
+            why_not = self._no_restart(code)
+            if why_not is not None:
+                if self.options.restart != "never":
+                    _say(f"{self.label} {_exit_text(code)}; not restarted: {why_not}")
+                return code
+            now = time.monotonic()
+            recent = [t for t in restarts if now - t < self.options.restart_window]
+            if len(recent) >= self.options.max_restarts:
+                _say(
+                    f"gave up: {self.label} {_exit_text(code)} after {len(recent)} restart(s) "
+                    f"within {_duration(self.options.restart_window)} (--max-restarts "
+                    f"{self.options.max_restarts}); not restarting (exit {_RUN_EXIT_GAVE_UP})"
+                )
+                return _RUN_EXIT_GAVE_UP
+            _run_record(child_pid=None, argv=self.argv, restarts=len(restarts), since=self.since)
+            if not self._pause(code, len(recent) + 1):
+                return 128 + (self.stop or 0)
+            restarts.append(time.monotonic())
+
+    def _no_restart(self, code: int) -> str | None:
+        """Why the child is not restarted after exiting with ``code``, or ``None``."""
+        policy = self.options.restart
+        if policy == "never":
+            return "--restart never"
+        if code == _EXIT_GPU_STUCK:
+            return (
+                f"exit {_EXIT_GPU_STUCK} means stuck GPU work: reboot before running MLX again "
+                "(wired memory may be stranded)"
+            )
+        if code == _RUN_EXIT_REFUSED:
+            return "exit 2 means a guard refused (see its message)"
+        if code == 0 and policy == "on-failure":
+            return "it succeeded (--restart on-failure)"
+        return None
+
+    def _watch(self, proc: Any) -> int:
+        """Wait for the child; a stop signal stops it gracefully. Its exit code."""
+        while proc.poll() is None:
+            self.signals.wait(proc, 3600.0)
+            received = self.signals.take()
+            if received and proc.poll() is None:
+                self._stop_child(proc, received[0])
+        return _exit_code(proc.returncode)
+
+    def _stop_child(self, proc: Any, signum: int) -> None:
+        import signal
+
+        self.stop = signum
+        name = signal.Signals(signum).name
+        grace = self.options.grace
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while proc.poll() is None and deadline > time.monotonic():
+                self.signals.wait(proc, deadline - time.monotonic())
+                for again in self.signals.take():  # asked again: passed on again
+                    if not _terminal_delivered(again):
+                        proc.send_signal(again)
+
+        delivered = _terminal_delivered(signum)
+        _say(
+            f"{name}: {'the terminal sent it to' if delivered else 'passed on to'} {self.label} "
+            f"(pid {proc.pid}); waiting up to {_duration(grace)} for it to exit"
+        )
+        _stop_process(
+            proc,
+            grace=grace,
+            why=f"metal-guard run received {name}",
+            what=f"{self.label} under metal-guard run",
+            wait=wait,
+            signum=0 if delivered else signum,
+            signal_name=name,
+        )
+
+    def _pause(self, code: int, attempt: int) -> bool:
+        """The pause before restart ``attempt``: the delay, then the cadence of a model named
+        on the command line. False when a stop signal came meanwhile."""
+        guard = CadenceGuard(cross_model_interval_sec=_cross_model_interval())
+        delay = self.options.restart_delay
+        delay = guard.min_interval_sec if delay is None else delay
+        _say(
+            f"{self.label} {_exit_text(code)}; restart {attempt} of at most "
+            f"{self.options.max_restarts} in {_duration(delay)}"
+        )
+        if not self._sleep(delay):
+            return False
+        for model in _command_models(self.argv)[:1]:
+            while True:
+                try:
+                    guard.check(model)
+                    break
+                except CadenceViolation as exc:
+                    _say(f"waiting {_duration(exc.remaining_sec)} for the cadence of {model}")
+                    if not self._sleep(exc.remaining_sec + 0.05):
+                        return False
+                except (TypeError, ValueError):
+                    break
+        return True
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, unless a stop signal comes (then False)."""
+        self.signals.wait(None, seconds)
+        received = self.signals.take()
+        if received:
+            self.stop = received[0]
+            return False
+        return True
+
+
+def _run_supervised(argv: list[str], options: _RunOptions) -> int:
+    """Run ``argv`` under supervision (``metal-guard run``); the exit code run ends with."""
+    if not argv or not all(isinstance(word, str) for word in argv):
+        raise TypeError("argv must be a non-empty list of str")
+    if not isinstance(options, _RunOptions):
+        raise TypeError(f"options must be _RunOptions, not {type(options).__name__}")
+    return _Supervisor(list(argv), options).run()
+
+
+# =============================================================================
 # 6.1 Command line — the ``metal-guard`` parser and output helpers.
 #
 # Exit codes: 0 go, 2 blocked/refused (``check``: breaker cooldown, cadence, a
@@ -10519,7 +11917,8 @@ def shutdown_all_workers() -> None:
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
 #   _UsageError, _ago, _cli_parser, _fault_message, _pairs, _require_state_folder, _show, _table,
 #   _unreadable_state, _unreadable_text
-# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker
+# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker, Wired-limit control,
+#   Supervisor
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -10766,7 +12165,124 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     postmortem.add_argument(
         "-o", "--output", metavar="PATH", help="archive path (.tar.gz, or .zip); default: here"
     )
+    _add_run_parser(commands)
     return parser, dict(commands.choices)
+
+
+# -- run ---------------------------------------------------------------------------
+
+_RUN_EXIT_CODES = (
+    "exit codes: the program's own code when it exits; 128+N when it died from signal N; "
+    f"{_RUN_EXIT_REFUSED} pre-flight refused (the program was not started); "
+    f"{_RUN_EXIT_GAVE_UP} gave up restarting (--max-restarts within --restart-window); "
+    "64 usage error; 1 run's own error; 126/127 the command cannot be run / was not found. "
+    "The program's exit codes 2 (a guard refused) and 71 (stuck GPU work) are never restarted."
+)
+
+
+def _positive_seconds(text: str) -> float:
+    return _cli_arg(
+        text,
+        lambda t: _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX, allow_zero=False),
+        "a number of seconds > 0",
+    )
+
+
+def _restart_delay(text: str) -> float:
+    def check(t: str) -> float:
+        seconds = _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX)
+        if seconds < 0.5:
+            raise ValueError("less than 0.5 s would restart in a tight loop")
+        return seconds
+
+    return _cli_arg(text, check, "a number of seconds >= 0.5")
+
+
+def _restart_count(text: str) -> int:
+    def check(t: str) -> int:
+        count = int(t, 10)
+        if not 0 <= count <= 1000:
+            raise ValueError("out of range")
+        return count
+
+    return _cli_arg(text, check, "a whole number 0..1000")
+
+
+def _run_wired_arg(text: str) -> str:
+    return _cli_arg(
+        text,
+        lambda t: "keep" if t.lower() == "keep" else _parse_wired_policy(t)[0],
+        "off, cap, cap:<GiB> or keep",
+    )
+
+
+def _add_run_parser(commands: Any) -> None:
+    """``metal-guard run [options] -- COMMAND [ARGS...]`` (the work is section 5.13's)."""
+    import argparse
+
+    run = commands.add_parser(
+        "run",
+        help="run a program guarded: pre-flight, graceful stop, restarts, guards inside Python",
+        description="Run COMMAND under supervision: pre-flight (breaker, known-panic models, "
+        "advisories, audit), signals passed on with a grace period (SIGKILL only after it), "
+        "restarts; a Python program also gets the guards inside it.",
+        epilog=_RUN_EXIT_CODES,
+        usage="metal-guard run [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument(
+        "--grace",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SEC",
+        help="after passing a stop signal on, wait this long before SIGKILL (default 30)",
+    )
+    run.add_argument(
+        "--restart",
+        choices=_RUN_RESTART_POLICIES,
+        default="never",
+        help="restart the program when it exits (default never)",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=_restart_count,
+        default=3,
+        metavar="N",
+        help=f"give up (exit {_RUN_EXIT_GAVE_UP}) after N restarts within --restart-window "
+        "(default 3)",
+    )
+    run.add_argument(
+        "--restart-window",
+        type=_positive_seconds,
+        default=600.0,
+        metavar="SEC",
+        help="the window --max-restarts counts in (default 600)",
+    )
+    run.add_argument(
+        "--restart-delay",
+        type=_restart_delay,
+        default=None,
+        metavar="SEC",
+        help="pause before a restart (default: the cadence's same-model interval, 180 s; a "
+        "model named by --model in the command also waits for its cadence)",
+    )
+    run.add_argument(
+        "--wired",
+        type=_run_wired_arg,
+        default="off",
+        metavar="POLICY",
+        help="wired-limit policy inside a Python program: off, cap, cap:<GiB>, keep (default off)",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="a model load that comes too soon is refused (the program exits 2) instead of waiting",
+    )
+    run.add_argument(
+        "--no-gpu-gate", action="store_true", help="do not serialise GPU work across programs"
+    )
+    run.add_argument(
+        "program", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the program"
+    )
 
 
 # -- output helpers ------------------------------------------------------------
@@ -10868,12 +12384,12 @@ def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise
 # reports, like ``CircuitBreaker.check``), ``check --admit``, ``breaker clear``
 # and ``cadence clear`` change files.
 #
-# Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_check, _cmd_lock,
-#   _cmd_models, _cmd_panics, _cmd_status
+# Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_lock,
+#   _cmd_models, _cmd_panics, _cmd_run, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
-#   Post-panic gate,
-#   MLX lock (L8), GPU gate, Wired-limit control, System audits, MetalGuard, Command line
+#   Post-panic gate, MLX lock (L8), GPU gate, Runs registry, Wired-limit control, System audits,
+#   MetalGuard, Supervisor, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -11070,6 +12586,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     cadence = _cadence_guard(args).status(now=now)
     breaker = _breaker().status(now=now)
     locks = _locks_doc()
+    runs = _read_runs()
     doc: dict[str, Any] = {
         "version": __version__,
         "python": platform.python_version(),
@@ -11084,6 +12601,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
         **locks,
+        "runs": runs,
     }
     if mlx["installed"] and mlx["device_probed"]:
         device = mlx["device_info"] or {}
@@ -11111,164 +12629,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     lines += ["", "Recent panics"]
     recent = breaker["recent_panics"][-5:]
     lines += _table(_PANIC_HEADERS, _panic_rows(recent)) if recent else ["  none found"]
-    return _EXIT_GO, doc, lines
-
-
-def _cmd_check(args: argparse.Namespace) -> _CLIResult:
-    model: str = args.model
-    if args.wait is not False and not args.admit:
-        raise _CLIError("--wait needs --admit (only an admission waits)", _EXIT_USAGE)
-    _require_state_folder()  # without it no state can be read, nor the load recorded
-    now = time.time()
-    known = check_known_panic_model(model)
-    guard = _cadence_guard(args)
-    # read before the checks below, which may move a corrupt file aside
-    unreadable = _unreadable_state(guard, now)
-    doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
-    lines = [f"check {_show(model)}"]
-    items: list[tuple[str, object]] = []
-    blocked: list[str] = []
-    if known is None:
-        items.append(("known panic model", "no"))
-    else:
-        items.append(
-            ("known panic model", f"YES ({known['tier']} tier: {known['panic_signature']})")
-        )
-        items.append(("advice", known["recommendation"]))
-        if known.get("safer_alternative"):
-            items.append(("safer alternative", known["safer_alternative"]))
-        if args.refuse_known:
-            blocked.append("known panic model (--refuse-known)")
-    # Observer mode: the library reports a refusal instead of raising it; show it anyway.
-    would_refuse: list[str] = []
-    observed = "would refuse (observer mode): "
-    cooldown: MLXCooldownActive | None = None
-    with _ObservedRefusals() as seen:
-        try:
-            _breaker().check(now=now)
-        except MLXCooldownActive as refusal:
-            cooldown = refusal
-    cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
-    if cooling is None:
-        doc["breaker"] = {"blocked": False}
-        items.append(("circuit breaker", _unreadable_text(unreadable, "breaker.json", "clear")))
-    else:
-        doc["breaker"] = {
-            "blocked": cooldown is not None,
-            "message": str(cooling),
-            "panic_count": cooling.panic_count,
-            "window_sec": cooling.window_sec,
-            "cooldown_until": cooling.cooldown_until,
-            "remaining_sec": cooling.remaining_sec,
-        }
-        if cooldown is not None:
-            items.append(("circuit breaker", f"BLOCKED: {cooling}"))
-            blocked.append("circuit breaker cooldown")
-        else:
-            doc["breaker"]["would_refuse"] = True
-            items.append(("circuit breaker", observed + str(cooling)))
-            would_refuse.append("circuit breaker cooldown")
-    gate: MLXCooldownActive | None = None
-    with _ObservedRefusals() as seen:
-        try:
-            _require_post_panic_clear(now=now)  # one recent IOGPU kernel panic refuses
-        except MLXCooldownActive as refusal:
-            gate = refusal
-    after = gate or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
-    doc["post_panic"] = {"blocked": gate is not None}
-    if after is None:
-        items.append(("post-panic gate", "clear"))
-    else:
-        needs_ack = isinstance(after, _PostPanicRefusal) and bool(after.lockout)
-        doc["post_panic"].update(
-            message=str(after), remaining_sec=after.remaining_sec, needs_ack=needs_ack
-        )
-        if gate is not None:
-            items.append(("post-panic gate", f"BLOCKED: {after}"))
-            blocked.append("post-panic gate")
-        else:
-            doc["post_panic"]["would_refuse"] = True
-            items.append(("post-panic gate", observed + str(after)))
-            would_refuse.append("post-panic gate")
-    cadence: dict[str, Any] = {
-        "path": guard.path,
-        "min_interval_sec": guard.min_interval_sec,
-        "cross_model_interval_sec": guard.effective_cross_interval(model),
-        "admitted": False,
-    }
-    violation: CadenceViolation | None = None
-    recorded = ""
-    started = time.monotonic()
-    with _ObservedRefusals() as seen:
-        try:
-            if args.admit and not blocked and not unreadable:
-                # an unusable store fails open: admitted, but not recorded
-                cadence["admitted"] = guard.admit(model, wait=args.wait)
-                recorded = (
-                    "; load recorded"
-                    if cadence["admitted"]
-                    else (
-                        "; the load could NOT be recorded (cadence store unusable, see the warning)"
-                    )
-                )
-            else:
-                guard.check(model)
-        except CadenceViolation as refused:
-            violation = refused
-    if args.wait is not False:
-        cadence["waited_sec"] = round(time.monotonic() - started, 3)
-        if recorded and cadence["waited_sec"] >= 0.1:
-            recorded += f" after waiting {cadence['waited_sec']:.1f} s"
-    exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
-    if exc_seen is None:
-        cadence["blocked"] = False
-        items.append(("cadence", _unreadable_text(unreadable, "cadence.json", "clear" + recorded)))
-    else:
-        cadence.update(
-            blocked=violation is not None,
-            message=str(exc_seen),
-            remaining_sec=exc_seen.remaining_sec,
-            last_model=getattr(exc_seen, "last_model", exc_seen.model_id),
-            last_ts=exc_seen.last_ts,
-        )
-        if violation is not None:
-            items.append(("cadence", f"BLOCKED: {exc_seen}"))
-            blocked.append("cadence")
-        else:
-            cadence["would_refuse"] = True
-            items.append(("cadence", observed + str(exc_seen)))
-            if recorded:
-                items.append(("note", recorded.removeprefix("; ")))
-            would_refuse.append("cadence")
-    doc["cadence"] = cadence
-    doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
-    doc["blocked_by"] = blocked
-    doc["would_refuse_by"] = would_refuse
-    doc["unreadable"] = unreadable
-    if args.admit and (blocked or unreadable) and not cadence["admitted"]:
-        why = "blocked" if blocked else "state unreadable"
-        items.append(("note", f"the load was not recorded ({why})"))
-    if blocked:
-        lines[0] += ": BLOCKED by " + ", ".join(blocked)
-    elif unreadable:
-        lines[0] += ": UNREADABLE state (" + ", ".join(unreadable) + "): cannot tell"
-    else:
-        lines[0] += ": GO"
-    if would_refuse and not blocked:
-        lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
-    lines += _pairs(items)
-    if blocked:
-        return _EXIT_BLOCKED, doc, lines
-    if unreadable:
-        doc["error"] = "state unreadable: " + "; ".join(
-            _unreadable_text(unreadable, name, "").removeprefix("unreadable: ")
-            for name in unreadable
-        )
-        return _EXIT_ERROR, doc, lines
-    if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
-        doc["decision"] = "error"
-        doc["error"] = "the load could not be recorded (cadence store unusable)"
-        return _EXIT_ERROR, doc, lines
+    lines += ["", "Programs under `metal-guard run` on this host", *_runs_lines(runs, now)]
     return _EXIT_GO, doc, lines
 
 
@@ -11493,8 +12854,227 @@ def _cmd_audit(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, doc, lines
 
 
+# -- run -------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> _CLIResult:
+    command = list(args.program)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise _CLIError(
+            "a command is required: metal-guard run [options] -- COMMAND [ARGS...]", _EXIT_USAGE
+        )
+    if args.json:
+        raise _CLIError("--json does not apply to run (the output is the program's)", _EXIT_USAGE)
+    options = _RunOptions(
+        grace=args.grace,
+        restart=args.restart,
+        max_restarts=args.max_restarts,
+        restart_window=args.restart_window,
+        restart_delay=args.restart_delay,
+        wired=args.wired,
+        wait=not args.no_wait,
+        gpu_gate=not args.no_gpu_gate,
+    )
+    return _run_supervised(command, options), {}, []
+
+
+def _runs_lines(runs: list[dict[str, Any]], now: float) -> list[str]:
+    """``status``'s table of the programs under run."""
+    import shlex
+
+    if not runs:
+        return ["  none"]
+    rows: list[list[object]] = []
+    for r in runs:
+        command = shlex.join(r["argv"])
+        rows.append(
+            [
+                r["pid"] if r["pid"] is not None else "(restarting)",
+                r["supervisor_pid"],
+                _ago(r["since"], now),
+                r["restarts"],
+                f"{r['gate_wait_sec']:.1f} s",
+                command if len(command) <= 80 else command[:77] + "...",
+            ]
+        )
+    return _table(["PID", "RUN PID", "SINCE", "RESTARTS", "GPU GATE WAIT", "COMMAND"], rows)
+
+
 # =============================================================================
-# 6.3 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
+# 6.3 Check — ``metal-guard check``: the pre-flight for one load, as a command.
+#
+# Known-panic advisory, post-panic gate, circuit breaker and cadence, each on its
+# own line; exit 0 go, 2 blocked, 1 when state it needs cannot be read
+# ("unreadable", the file, what to do). Only ``--admit`` records the load.
+#
+# Provides: _cmd_check
+# Uses: Prelude, Registry, Modes (L6), Cadence, Circuit breaker, Post-panic gate, Command line,
+#   Commands
+# =============================================================================
+
+
+def _cmd_check(args: argparse.Namespace) -> _CLIResult:
+    model: str = args.model
+    if args.wait is not False and not args.admit:
+        raise _CLIError("--wait needs --admit (only an admission waits)", _EXIT_USAGE)
+    _require_state_folder()  # without it no state can be read, nor the load recorded
+    now = time.time()
+    known = check_known_panic_model(model)
+    guard = _cadence_guard(args)
+    # read before the checks below, which may move a corrupt file aside
+    unreadable = _unreadable_state(guard, now)
+    doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
+    lines = [f"check {_show(model)}"]
+    items: list[tuple[str, object]] = []
+    blocked: list[str] = []
+    if known is None:
+        items.append(("known panic model", "no"))
+    else:
+        items.append(
+            ("known panic model", f"YES ({known['tier']} tier: {known['panic_signature']})")
+        )
+        items.append(("advice", known["recommendation"]))
+        if known.get("safer_alternative"):
+            items.append(("safer alternative", known["safer_alternative"]))
+        if args.refuse_known:
+            blocked.append("known panic model (--refuse-known)")
+    # Observer mode: the library reports a refusal instead of raising it; show it anyway.
+    would_refuse: list[str] = []
+    observed = "would refuse (observer mode): "
+    cooldown: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _breaker().check(now=now)
+        except MLXCooldownActive as refusal:
+            cooldown = refusal
+    cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    if cooling is None:
+        doc["breaker"] = {"blocked": False}
+        items.append(("circuit breaker", _unreadable_text(unreadable, "breaker.json", "clear")))
+    else:
+        doc["breaker"] = {
+            "blocked": cooldown is not None,
+            "message": str(cooling),
+            "panic_count": cooling.panic_count,
+            "window_sec": cooling.window_sec,
+            "cooldown_until": cooling.cooldown_until,
+            "remaining_sec": cooling.remaining_sec,
+        }
+        if cooldown is not None:
+            items.append(("circuit breaker", f"BLOCKED: {cooling}"))
+            blocked.append("circuit breaker cooldown")
+        else:
+            doc["breaker"]["would_refuse"] = True
+            items.append(("circuit breaker", observed + str(cooling)))
+            would_refuse.append("circuit breaker cooldown")
+    gate: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _require_post_panic_clear(now=now)  # one recent IOGPU kernel panic refuses
+        except MLXCooldownActive as refusal:
+            gate = refusal
+    after = gate or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    doc["post_panic"] = {"blocked": gate is not None}
+    if after is None:
+        items.append(("post-panic gate", "clear"))
+    else:
+        needs_ack = isinstance(after, _PostPanicRefusal) and bool(after.lockout)
+        doc["post_panic"].update(
+            message=str(after), remaining_sec=after.remaining_sec, needs_ack=needs_ack
+        )
+        if gate is not None:
+            items.append(("post-panic gate", f"BLOCKED: {after}"))
+            blocked.append("post-panic gate")
+        else:
+            doc["post_panic"]["would_refuse"] = True
+            items.append(("post-panic gate", observed + str(after)))
+            would_refuse.append("post-panic gate")
+    cadence: dict[str, Any] = {
+        "path": guard.path,
+        "min_interval_sec": guard.min_interval_sec,
+        "cross_model_interval_sec": guard.effective_cross_interval(model),
+        "admitted": False,
+    }
+    violation: CadenceViolation | None = None
+    recorded = ""
+    started = time.monotonic()
+    with _ObservedRefusals() as seen:
+        try:
+            if args.admit and not blocked and not unreadable:
+                # an unusable store fails open: admitted, but not recorded
+                cadence["admitted"] = guard.admit(model, wait=args.wait)
+                recorded = (
+                    "; load recorded"
+                    if cadence["admitted"]
+                    else (
+                        "; the load could NOT be recorded (cadence store unusable, see the warning)"
+                    )
+                )
+            else:
+                guard.check(model)
+        except CadenceViolation as refused:
+            violation = refused
+    if args.wait is not False:
+        cadence["waited_sec"] = round(time.monotonic() - started, 3)
+        if recorded and cadence["waited_sec"] >= 0.1:
+            recorded += f" after waiting {cadence['waited_sec']:.1f} s"
+    exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
+    if exc_seen is None:
+        cadence["blocked"] = False
+        items.append(("cadence", _unreadable_text(unreadable, "cadence.json", "clear" + recorded)))
+    else:
+        cadence.update(
+            blocked=violation is not None,
+            message=str(exc_seen),
+            remaining_sec=exc_seen.remaining_sec,
+            last_model=getattr(exc_seen, "last_model", exc_seen.model_id),
+            last_ts=exc_seen.last_ts,
+        )
+        if violation is not None:
+            items.append(("cadence", f"BLOCKED: {exc_seen}"))
+            blocked.append("cadence")
+        else:
+            cadence["would_refuse"] = True
+            items.append(("cadence", observed + str(exc_seen)))
+            if recorded:
+                items.append(("note", recorded.removeprefix("; ")))
+            would_refuse.append("cadence")
+    doc["cadence"] = cadence
+    doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
+    doc["blocked_by"] = blocked
+    doc["would_refuse_by"] = would_refuse
+    doc["unreadable"] = unreadable
+    if args.admit and (blocked or unreadable) and not cadence["admitted"]:
+        why = "blocked" if blocked else "state unreadable"
+        items.append(("note", f"the load was not recorded ({why})"))
+    if blocked:
+        lines[0] += ": BLOCKED by " + ", ".join(blocked)
+    elif unreadable:
+        lines[0] += ": UNREADABLE state (" + ", ".join(unreadable) + "): cannot tell"
+    else:
+        lines[0] += ": GO"
+    if would_refuse and not blocked:
+        lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
+    lines += _pairs(items)
+    if blocked:
+        return _EXIT_BLOCKED, doc, lines
+    if unreadable:
+        doc["error"] = "state unreadable: " + "; ".join(
+            _unreadable_text(unreadable, name, "").removeprefix("unreadable: ")
+            for name in unreadable
+        )
+        return _EXIT_ERROR, doc, lines
+    if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
+        doc["decision"] = "error"
+        doc["error"] = "the load could not be recorded (cadence store unusable)"
+        return _EXIT_ERROR, doc, lines
+    return _EXIT_GO, doc, lines
+
+
+# =============================================================================
+# 6.4 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
 #     ``metal-guard`` summary.
 #
 # Wiring only: the panics come from the archive and the report folder, the
@@ -11781,7 +13361,7 @@ def _cmd_postmortem(args: argparse.Namespace) -> _CLIResult:
 
 
 # =============================================================================
-# 6.4 Entry point — ``main``: parse, run one command, print text or one JSON document.
+# 6.5 Entry point — ``main``: parse, run one command, print text or one JSON document.
 #
 # Library WARNINGs (a store failing open...) go to stderr while a command runs;
 # a usage error exits 64 with the usage line (and, with --json, one JSON
@@ -11805,6 +13385,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "ack": _cmd_ack,
     "postmortem": _cmd_postmortem,
     "overview": _cmd_overview,
+    "run": _cmd_run,
 }
 
 
@@ -11862,7 +13443,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(isinstance(arg, str) for arg in arguments):
         raise TypeError("argv must be a list of str (command-line words)")
     parser, subparsers = _cli_parser()
-    as_json = "--json" in arguments
+    as_json = "--json" in arguments[: arguments.index("--") if "--" in arguments else None]
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help

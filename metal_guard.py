@@ -12172,10 +12172,10 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
 # -- run ---------------------------------------------------------------------------
 
 _RUN_EXIT_CODES = (
-    "exit codes: the program's own code when it exits; 128+N when it died from signal N; "
+    "Exit codes: 0 or the program's own code when it exits; 128+N when it died from signal N; "
     f"{_RUN_EXIT_REFUSED} pre-flight refused (the program was not started); "
     f"{_RUN_EXIT_GAVE_UP} gave up restarting (--max-restarts within --restart-window); "
-    "64 usage error; 1 run's own error; 126/127 the command cannot be run / was not found. "
+    "64 usage error; 1 error of run itself; 126/127 the command cannot be run / was not found. "
     "The program's exit codes 2 (a guard refused) and 71 (stuck GPU work) are never restarted."
 )
 

@@ -20,21 +20,21 @@ from helpers import run_python
 
 # The original metal-guard's 13 entries (package, spec, issue, severity), plus SPEC-2 §7's.
 ORIGINAL = [
-    ("mlx-lm", "==0.31.2", "mlx-lm#1128", "high"),
-    ("mlx-lm", "==0.31.2", "mlx-lm#1139", "high"),
-    ("mlx-lm", "==0.31.2", "mlx-lm#1081", "medium"),
-    ("mlx", "<0.31.2", "mlx#3348", "info"),
-    ("mlx-vlm", "<0.4.5", "mlx-vlm#967", "critical"),
-    ("mlx-vlm", "==0.4.4", "mlx-vlm#1016", "high"),
-    ("mlx-vlm", "==0.4.4", "mlx-vlm#1011", "high"),
-    ("mlx-vlm", "==0.4.4", "mlx-vlm#943", "critical"),
-    ("mlx", "<=0.31.1", "mlx#3384", "critical"),
-    ("mlx-lm", ">=0.31.0,<=0.31.2", "mlx-lm#897", "high"),
-    ("mlx-vlm", "==0.4.4", "mlx-vlm#999", "high"),
-    ("mlx", "<=0.31.2", "mlx#3350", "high"),
-    ("mlx", "<=0.31.2", "mlx#3390", "high"),
+    ("mlx-lm", "==0.31.2", "ml-explore/mlx-lm#1128", "high"),
+    ("mlx-lm", "==0.31.2", "ml-explore/mlx-lm#1139", "high"),
+    ("mlx-lm", "==0.31.2", "ml-explore/mlx-lm#1081", "medium"),
+    ("mlx", "<0.31.2", "ml-explore/mlx#3348", "info"),
+    ("mlx-vlm", "<0.4.5", "Blaizzy/mlx-vlm#967", "critical"),
+    ("mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1016", "high"),
+    ("mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#1011", "high"),
+    ("mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#943", "critical"),
+    ("mlx", "<=0.31.1", "ml-explore/mlx#3384", "critical"),
+    ("mlx-lm", ">=0.31.0,<=0.31.2", "ml-explore/mlx-lm#897", "high"),
+    ("mlx-vlm", "==0.4.4", "Blaizzy/mlx-vlm#999", "high"),
+    ("mlx", "<=0.31.2", "ml-explore/mlx#3350", "high"),
+    ("mlx", "<=0.31.2", "ml-explore/mlx#3390", "high"),
 ]
-ADDED = [("mlx", "==0.31.2", "mlx#3450", "critical")]
+ADDED = [("mlx", "==0.31.2", "ml-explore/mlx#3450", "critical")]
 KEYS = {"issue", "severity", "title", "url", "symptom", "mitigation"}
 
 
@@ -57,7 +57,9 @@ def test_every_shipped_entry_parses_and_is_complete(entry: tuple[str, str, dict[
     assert KEYS <= set(advisory) <= KEYS | {"scope"}
     assert advisory["severity"] in mg._SEVERITY_ORDER
     repo, number = advisory["issue"].split("#")
-    assert advisory["url"] == f"https://github.com/ml-explore/{repo}/issues/{number}"
+    assert repo in ("ml-explore/mlx", "ml-explore/mlx-lm", "Blaizzy/mlx-vlm")
+    assert repo.split("/")[1] == package
+    assert advisory["url"] == f"https://github.com/{repo}/issues/{number}"
     assert package in ("mlx", "mlx-lm", "mlx-vlm")
     for key in KEYS - {"issue", "severity", "url"}:
         assert len(advisory[key]) > 20, key
@@ -65,9 +67,9 @@ def test_every_shipped_entry_parses_and_is_complete(entry: tuple[str, str, dict[
 
 def test_scoped_entries() -> None:
     scopes = {a["issue"]: a.get("scope") for _, _, a in mg._VERSION_ADVISORIES}
-    assert scopes["mlx-lm#897"] == "mlx_lm.server"
-    assert scopes["mlx-vlm#999"] == "mlx_vlm.server"
-    assert "gemma-4-26b-a4b-it-4bit" in (scopes["mlx-vlm#943"] or "")
+    assert scopes["ml-explore/mlx-lm#897"] == "mlx_lm.server"
+    assert scopes["Blaizzy/mlx-vlm#999"] == "mlx_vlm.server"
+    assert "gemma-4-26b-a4b-it-4bit" in (scopes["Blaizzy/mlx-vlm#943"] or "")
     assert sum(s is not None for s in scopes.values()) == 3
 
 
@@ -77,26 +79,51 @@ def test_scoped_entries() -> None:
 @pytest.mark.parametrize(
     ("packages", "expected"),
     [
-        ({"mlx-lm": "0.31.2"}, ["mlx-lm#1128", "mlx-lm#1139", "mlx-lm#1081", "mlx-lm#897"]),
-        ({"mlx-lm": "0.31.0"}, ["mlx-lm#897"]),
+        (
+            {"mlx-lm": "0.31.2"},
+            [
+                "ml-explore/mlx-lm#1128",
+                "ml-explore/mlx-lm#1139",
+                "ml-explore/mlx-lm#1081",
+                "ml-explore/mlx-lm#897",
+            ],
+        ),
+        ({"mlx-lm": "0.31.0"}, ["ml-explore/mlx-lm#897"]),
         ({"mlx-lm": "0.31.2.post1"}, []),  # a post-release is above <=0.31.2
         ({"mlx-lm": "0.31.3"}, []),
         (
             {"mlx": "0.31.2"},
-            ["mlx#3350", "mlx#3390", "mlx#3450"],
+            ["ml-explore/mlx#3350", "ml-explore/mlx#3390", "ml-explore/mlx#3450"],
         ),
-        ({"mlx": "0.31.1"}, ["mlx#3348", "mlx#3384", "mlx#3350", "mlx#3390"]),
+        (
+            {"mlx": "0.31.1"},
+            [
+                "ml-explore/mlx#3348",
+                "ml-explore/mlx#3384",
+                "ml-explore/mlx#3350",
+                "ml-explore/mlx#3390",
+            ],
+        ),
         # a release candidate of 0.31.2: inside <=0.31.2, but not <0.31.2 (PEP 440) nor ==0.31.2
-        ({"mlx": "0.31.2rc1"}, ["mlx#3350", "mlx#3390"]),
+        ({"mlx": "0.31.2rc1"}, ["ml-explore/mlx#3350", "ml-explore/mlx#3390"]),
         ({"mlx": "0.32.4"}, []),
         (
             {"mlx-vlm": "0.4.4"},
-            ["mlx-vlm#967", "mlx-vlm#1016", "mlx-vlm#1011", "mlx-vlm#943", "mlx-vlm#999"],
+            [
+                "Blaizzy/mlx-vlm#967",
+                "Blaizzy/mlx-vlm#1016",
+                "Blaizzy/mlx-vlm#1011",
+                "Blaizzy/mlx-vlm#943",
+                "Blaizzy/mlx-vlm#999",
+            ],
         ),
         ({"mlx-vlm": "0.4.5"}, []),
         ({"mlx-vlm": "0.4.5.dev1"}, []),  # a dev build of 0.4.5 is a pre-release of 0.4.5
-        ({"mlx-vlm": "0.4.4.post1"}, ["mlx-vlm#967"]),
-        ({"MLX_LM": "0.31.0", "Mlx.Vlm": "0.4.3"}, ["mlx-vlm#967", "mlx-lm#897"]),
+        ({"mlx-vlm": "0.4.4.post1"}, ["Blaizzy/mlx-vlm#967"]),
+        (
+            {"MLX_LM": "0.31.0", "Mlx.Vlm": "0.4.3"},
+            ["Blaizzy/mlx-vlm#967", "ml-explore/mlx-lm#897"],
+        ),
         ({}, []),
         ({"transformers": "4.0"}, []),
     ],
@@ -110,7 +137,7 @@ def test_results_carry_the_advisory_and_the_match() -> None:
     assert first["package"] == "mlx-lm"
     assert first["installed_version"] == "0.31.2"
     assert first["affected_spec"] == "==0.31.2"
-    assert first["issue"] == "mlx-lm#1128" and first["severity"] == "high"
+    assert first["issue"] == "ml-explore/mlx-lm#1128" and first["severity"] == "high"
     assert "think_start_id" in first["title"]
     assert "install_upstream_defensive_patches" in first["mitigation"]
     (server,) = [
@@ -120,7 +147,7 @@ def test_results_carry_the_advisory_and_the_match() -> None:
     (segv,) = [
         a
         for a in mg.check_version_advisories(packages={"mlx": "0.31.2"})
-        if a["issue"] == "mlx#3450"
+        if a["issue"] == "ml-explore/mlx#3450"
     ]
     assert "clear_cache" in segv["title"] and "SIGSEGV" in segv["title"]
 
@@ -156,13 +183,13 @@ def test_installed_versions_come_from_package_metadata(monkeypatch: pytest.Monke
     monkeypatch.setattr(mg, "_installed_version", fake)
     found = mg.check_version_advisories()
     assert issues(found) == [
-        "mlx-lm#1128",
-        "mlx-lm#1139",
-        "mlx-lm#1081",
-        "mlx-lm#897",
-        "mlx#3350",
-        "mlx#3390",
-        "mlx#3450",
+        "ml-explore/mlx-lm#1128",
+        "ml-explore/mlx-lm#1139",
+        "ml-explore/mlx-lm#1081",
+        "ml-explore/mlx-lm#897",
+        "ml-explore/mlx#3350",
+        "ml-explore/mlx#3390",
+        "ml-explore/mlx#3450",
     ]
     assert sorted(asked) == ["mlx", "mlx-lm", "mlx-vlm"]  # each package looked up once
 
@@ -182,7 +209,10 @@ def test_installed_version_reads_real_metadata(tmp_path: Path) -> None:
     out = run_python(code)
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.splitlines()
-    assert first == "0.4.4 mlx-vlm#967,mlx-vlm#1016,mlx-vlm#1011,mlx-vlm#943,mlx-vlm#999"
+    assert first == (
+        "0.4.4 Blaizzy/mlx-vlm#967,Blaizzy/mlx-vlm#1016,Blaizzy/mlx-vlm#1011,"
+        "Blaizzy/mlx-vlm#943,Blaizzy/mlx-vlm#999"
+    )
     assert second == "False False"  # metadata only: nothing imported
 
 

@@ -124,6 +124,7 @@ def test_off_macos_the_audits_answer_unknown_and_run_nothing(
         raise AssertionError("no subprocess may run off macOS")
 
     monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(mg, "_installed_version", lambda name: None)  # no MLX stack advisories
     start = time.monotonic()
     assert mg.audit_wired_limit() == UNKNOWN
     assert mg.read_gpu_driver_version() is None
@@ -134,6 +135,7 @@ def test_off_macos_the_audits_answer_unknown_and_run_nothing(
         "wired_limit": UNKNOWN,
         "gpu_driver_version": None,
         "mlx_metal_fast_synch": False,
+        "critical_advisories": [],
     }
 
 
@@ -291,7 +293,8 @@ def test_startup_audit_warns_about_an_oversized_wired_limit(
     fake_mac.answer("sysctl.iogpu.wired_limit_mb", "61440\n")
     fake_mac.answer("sysctl.hw.memsize", MEMSIZE_64)
     fake_mac.answer("kextstat", KEXTSTAT_OUT)
-    with caplog.at_level(logging.INFO, logger="metal_guard"):
+    visible = pytest.warns(mg.MetalGuardWarning, match="iogpu.wired_limit_mb=61440 lets the GPU")
+    with caplog.at_level(logging.INFO, logger="metal_guard"), visible:
         result = mg.log_system_audit_at_startup()
     assert result["gpu_driver_version"] == "104.4.2"
     assert result["wired_limit"]["ratio"] == 0.938
@@ -377,7 +380,7 @@ def test_audit_json_says_what_it_could_not_read(mg_home: str) -> None:
     assert any(item.startswith("iogpu.wired_limit_mb") for item in doc["unreadable"])
     assert doc["packages"] == {n: _dist_version(n) for n in ("mlx", "mlx-lm", "mlx-vlm")}
     policy = doc["wired_limit_policy"]
-    assert policy["installed"] is False and policy["env_policy"] == "cap"
+    assert policy["installed"] is False and policy["env_policy"] == "off"
     assert os.listdir(mg_home) == []  # an audit writes nothing
 
 
@@ -391,7 +394,7 @@ def test_audit_human_output(mg_home: str) -> None:
         "wired limit",
         "MLX stack (package metadata; MLX is not imported)",
         "Wired-limit control",
-        "METALGUARD_WIRED_LIMIT  unset: limit_wired_memory() installs the default 'cap'",
+        "METALGUARD_WIRED_LIMIT  unset: limit_wired_memory() installs the default 'off'",
         "Could not read",
         "  - hw.memsize (sysctl): not macOS",
     ):
@@ -409,17 +412,17 @@ def test_audit_lists_advisories_of_the_installed_stack(mg_home: str, tmp_path: P
     assert doc["packages"]["mlx-vlm"] == "0.4.4"
     vlm = [a for a in doc["advisories"] if a["package"] == "mlx-vlm"]
     assert [a["issue"] for a in vlm] == [
-        "mlx-vlm#967",
-        "mlx-vlm#943",
-        "mlx-vlm#1016",
-        "mlx-vlm#1011",
-        "mlx-vlm#999",
+        "Blaizzy/mlx-vlm#967",
+        "Blaizzy/mlx-vlm#943",
+        "Blaizzy/mlx-vlm#1016",
+        "Blaizzy/mlx-vlm#1011",
+        "Blaizzy/mlx-vlm#999",
     ]
     order = [mg._SEVERITY_ORDER[a["severity"]] for a in doc["advisories"]]
     assert order == sorted(order)
     out = run_audit(mg_home, env=env).stdout
     assert "[critical] mlx-vlm 0.4.4: mlx-vlm before 0.4.5: critical defect" in out
-    assert "https://github.com/ml-explore/mlx-vlm/issues/967" in out
+    assert "https://github.com/Blaizzy/mlx-vlm/issues/967" in out
     assert "what to do:" in out
 
 

@@ -117,3 +117,27 @@ def test_a_huge_integer_in_a_state_file_is_ignored_not_a_crash(tmp_path: Path) -
     assert breaker.status()["cooling_down"] is False
     text = mg.format_panic_for_apple_feedback({"panic_time": huge})
     assert str(huge)[:20] in text  # shown as given, not as a time
+
+
+def test_code_written_for_the_original_leaves_no_watchdog_running(tmp_path: Path) -> None:
+    """The original's only way to stop its watchdog was ``stop_periodic_flush()``."""
+    import threading
+
+    def monitors() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("metal-guard-"))
+
+    guard = mg.MetalGuard(breadcrumb_path=str(tmp_path / "crumbs.log"))
+    try:
+        guard.start_watchdog(interval_secs=300)
+        assert monitors() == ["metal-guard-watchdog"]
+        guard.stop_periodic_flush()
+        assert monitors() == []
+        guard.start_periodic_flush(interval_secs=300)
+        guard.start_watchdog(interval_secs=300)
+        guard.stop_watchdog()  # ours alone: the periodic flush keeps running
+        assert monitors() == ["metal-guard-periodic-flush"]
+        guard.stop_periodic_flush()
+        assert monitors() == []
+    finally:
+        guard.stop_periodic_flush()
+        guard.stop_kv_cache_monitor()

@@ -16,8 +16,8 @@ import metal_guard as mg
 from panic_fixtures import Panic, write_panic
 
 SECTIONS = [
-    "**Panic string:**",
-    "**Panic time:**",
+    "**PANIC STRING:**",
+    "**TIME:**",
     "## System",
     "## Reproducer",
     "## Active advisories at panic time",
@@ -56,10 +56,10 @@ def test_every_section_in_order() -> None:
     positions = [text.index(s) for s in SECTIONS]
     assert positions == sorted(positions)
     assert (
-        '**Panic string:** `"completeMemory() prepare count underflow" @IOGPUMemory.cpp:550`'
+        '**PANIC STRING:** `"completeMemory() prepare count underflow" @IOGPUMemory.cpp:550`'
         in text
     )
-    assert "**Panic time:** 2026-04-24 03:14:07 +0800" in text
+    assert "**TIME:** 2026-04-24 03:14:07 +0800" in text
     assert "- Hardware: Apple M1 Ultra (64.0 GB GPU memory)" in text
     assert "- macOS: macOS 26.4.1 (25E253)" in text
     assert "- IOGPUFamily kext: 130.13" in text
@@ -70,9 +70,15 @@ def test_every_section_in_order() -> None:
         "(https://github.com/ml-explore/mlx/issues/3350)"
     ) in text
     assert "```\nthree\nfour\nfive\n```" in text and "two" not in text.split("## Breadcrumb")[1]
-    assert "https://github.com/ml-explore/mlx/issues/3186" in text
-    assert "https://github.com/ml-explore/mlx-lm/issues/1047" in text
-    assert text.endswith("\n")
+    # the original's list of related public issues, its words first, then the link
+    assert text.endswith(
+        "## Related upstream issues\n\n"
+        "- mlx#3186 (canonical IOGPUFamily panic) — https://github.com/ml-explore/mlx/issues/3186\n"
+        "- mlx#3348 (CommandEncoder thread-local) — https://github.com/ml-explore/mlx/pull/3348\n"
+        "- mlx#3346 (merged into #3186) — https://github.com/ml-explore/mlx/issues/3346\n"
+        "- mlx-lm#1047 (wired_limit correlation) — "
+        "https://github.com/ml-explore/mlx-lm/issues/1047\n"
+    )
 
 
 def test_the_active_section_reflects_the_input_only() -> None:
@@ -108,8 +114,8 @@ def test_without_guards_no_claim_is_made() -> None:
 
 def test_missing_facts_read_unknown() -> None:
     text = mg.format_panic_for_apple_feedback({})
-    assert "**Panic string:** `unknown`" in text
-    assert "**Panic time:** unknown" in text
+    assert "**PANIC STRING:** `unknown`" in text
+    assert "**TIME:** unknown" in text
     assert "- Hardware: unknown (? GB GPU memory)" in text
     assert "- MLX stack: unknown" in text
     assert "_Steps to reproduce" in text
@@ -132,9 +138,9 @@ def test_backticks_and_control_characters_cannot_break_the_markdown() -> None:
         {"panic_string": "a `tick` and ```fence```", "breadcrumbs": ["```", "x\ny"]}
     )
     # a code span longer than any backtick run inside, padded because the text ends in one
-    assert text.splitlines()[0] == "**Panic string:** ```` a `tick` and ```fence``` ````"
+    assert text.splitlines()[0] == "**PANIC STRING:** ```` a `tick` and ```fence``` ````"
     plain = mg.format_panic_for_apple_feedback({"panic_string": "x `y` z"})
-    assert plain.splitlines()[0] == "**Panic string:** ``x `y` z``"
+    assert plain.splitlines()[0] == "**PANIC STRING:** ``x `y` z``"
     tail = text.split("## Breadcrumb tail (last 2 lines)\n\n")[1]
     assert tail.startswith("````\n```\nx\\ny\n````\n")  # fence longer; newline escaped
 
@@ -143,7 +149,7 @@ def test_epoch_panic_time_is_shown_in_local_time() -> None:
     ts = 1_776_900_000.0
     text = mg.format_panic_for_apple_feedback({"panic_time": ts})
     expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
-    assert f"**Panic time:** {expected}" in text
+    assert f"**TIME:** {expected}" in text
 
 
 def test_bad_input() -> None:

@@ -90,6 +90,104 @@ def test_four_processes_two_threads_each_never_overlap_with_the_gate(mg_home: st
     assert len(_overlaps(free)) > 20  # without the gate they run concurrently
 
 
+# Two processes × two threads, each taking the gate in a tight loop (release → retake at
+# once). ``gate`` uses exclusive_gpu; ``bare`` the same loop on a plain flock (_FileLock),
+# which is what the gate was: the control proves the count can fail.
+TIGHT_LOOP = r"""
+import json, sys, threading, time
+import metal_guard as mg
+mode, path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+records = []
+def gate():
+    return mg.exclusive_gpu("loop") if mode == "gate" else mg._FileLock(path, None)
+def work():
+    for _ in range(rounds):
+        with gate():
+            enter = time.monotonic()
+            time.sleep(0.002)
+            records.append((enter, time.monotonic()))
+threads = [threading.Thread(target=work) for _ in range(2)]
+print("ready", flush=True)
+sys.stdin.readline()
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(records), flush=True)
+"""
+
+
+def _tight_loops(mode: str, path: str, rounds: int) -> list[tuple[float, float, int]]:
+    procs = [python_child(TIGHT_LOOP, mode, path, str(rounds)) for _ in range(2)]
+    try:
+        for proc in procs:
+            assert read_line(proc) == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        records = [
+            (enter, leave, index)
+            for index, proc in enumerate(procs)
+            for enter, leave in json.loads(read_line(proc, timeout=120))
+        ]
+    finally:
+        for proc in procs:
+            stop_child(proc)
+    assert len(records) == 2 * 2 * rounds
+    return sorted(records)
+
+
+def _handovers(records: list[tuple[float, float, int]]) -> int:
+    """How often consecutive bodies belong to different processes."""
+    return sum(a[2] != b[2] for a, b in itertools.pairwise(records))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_the_gate_is_handed_over_fairly_between_busy_processes(
+    mg_home: str, tmp_path: Path
+) -> None:
+    rounds = 40  # per thread: 80 bodies per process, at most 159 changes of hands
+    most = 2 * 2 * rounds - 1
+    gated = _tight_loops("gate", "", rounds)
+    assert _overlaps([(a, b, str(p)) for a, b, p in gated]) == []
+    fair = _handovers(gated)
+    assert fair >= 0.3 * most, (fair, most)
+    bare = _handovers(_tight_loops("bare", str(tmp_path / "bare.lock"), rounds))
+    assert bare < 0.3 * most, (bare, most)  # a plain flock stays with the process that has it
+    assert mg.read_gpu_gate() is None
+
+
+STUCK_WAITER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_SH)  # what a waiting process holds while it polls the gate
+print("waiting", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_waiter_that_never_takes_its_turn_delays_a_releaser_only_briefly(
+    mg_home: str,
+) -> None:
+    """A waiter stopped (SIGSTOP) while queued: the releaser that let it go first retakes
+    the gate after a bounded wait instead of waiting for it for ever."""
+    proc = python_child(STUCK_WAITER, str(Path(mg_home) / "gpu.lock.queue"))
+    try:
+        assert read_line(proc) == "waiting"
+        with mg.exclusive_gpu("first"):
+            pass
+        started = time.monotonic()
+        with mg.exclusive_gpu("again", timeout=10):
+            waited = time.monotonic() - started
+        assert 0.2 <= waited < 5, waited  # it did wait for the waiter's turn, boundedly
+    finally:
+        stop_child(proc)
+    with mg.exclusive_gpu("alone"):
+        pass
+    assert mg._GPU_GATE.turns(mg._gpu_lock_path()).left is None  # nobody waited: no deferral
+
+
 @pytest.mark.multiprocess
 def test_timeout_raises_gpubusy_naming_the_holder(mg_home: str) -> None:
     proc = python_child(HOLDER, "batch-generate")
@@ -154,6 +252,34 @@ def test_reentrant_in_one_thread_other_threads_wait(mg_home: str) -> None:
     thread.join(10)
     assert events == ["nested in", "outer out", "other in"]
     assert mg.read_gpu_gate() is None
+
+
+def test_threads_take_the_gate_in_order_of_arrival_and_a_timeout_leaves_the_line(
+    mg_home: str,
+) -> None:
+    line = mg._GPU_GATE.turns(mg._gpu_lock_path()).line
+    order: list[int] = []
+
+    def take(n: int) -> None:
+        with mg.exclusive_gpu(f"thread {n}"):
+            order.append(n)
+
+    with gpu_gate_held_by_another_thread("holder"):
+        threads = []
+        for n in range(4):
+            threads.append(threading.Thread(target=take, args=(n,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(line) < n + 2 and time.monotonic() < deadline:  # the holder + n + 1
+                time.sleep(0.001)
+            assert len(line) == n + 2
+        with pytest.raises(mg.GPUBusy), mg.exclusive_gpu("impatient", timeout=0.1):
+            pytest.fail("the body must not run")
+        assert len(line) == 5  # the one that gave up left the line
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2, 3]
+    assert line == [] and mg.read_gpu_gate() is None
 
 
 def test_waiting_logs_one_warning_per_interval_naming_the_holder(
@@ -287,7 +413,7 @@ def test_lock_and_status_commands_show_the_holders(
     text = capsys.readouterr().out
     assert "MLX lock  free" in text and "GPU gate  free" in text
     # the killed holder's details are still on disk; the OS locks say nobody holds them
-    assert (Path(mg_home) / "mlx_exclusive.lock.holder.json").exists()
+    assert json.loads((Path(mg_home) / "mlx_exclusive.lock").read_text())["pid"] == proc.pid
 
 
 def test_status_never_creates_lock_files(mg_home: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -123,10 +123,19 @@ def test_memory_stats_fields_properties_and_text() -> None:
     assert stats.peak_pct == pytest.approx(100 * 40 / 48)
     assert mg.MemoryStats(5, 5, 0).active_pct == 0.0 == mg.MemoryStats(5, 5, 0).peak_pct
     assert mg.MemoryStats(50 * GB, 0, 48 * GB).available_gb == -2.0
-    text = str(stats)
-    for part in ("active=30.00GB", "peak=40.00GB", "limit=48.00GB", "available=18.00GB", "62.5%"):
-        assert part in text
-    assert "footprint=35.00GB" in text
+    # the original's exact line (reference-surface §1.1); log lines add cache and footprint
+    assert str(stats) == "active=30.0GB peak=40.0GB limit=48GB avail=18.0GB (active 62% / peak 83%)"
+    assert mg._stats_line(stats) == str(stats) + " cache=2.00GB footprint=35.00GB"
+    assert str(mg.MemoryStats(1_000_000_000, 2_000_000_000, 48_000_000_000)) == (
+        "active=1.0GB peak=2.0GB limit=48GB avail=47.0GB (active 2% / peak 4%)"
+    )
+    assert (
+        str(mg.MemoryStats())
+        == "active=0.0GB peak=0.0GB limit=0GB avail=0.0GB (active 0% / peak 0%)"
+    )
+    assert str(mg.MemoryStats(50 * GB, 0, 48 * GB)) == (
+        "active=50.0GB peak=0.0GB limit=48GB avail=-2.0GB (active 104% / peak 0%)"
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.active_bytes = 1  # type: ignore[misc]
 
@@ -371,7 +380,9 @@ def test_log_memory_logs_one_info_line(
         guard.log_memory("after load", "org/m")
     (record,) = caplog.records
     assert record.levelno == logging.INFO
-    assert "[after load] org/m active=3.00GB" in record.getMessage()
+    assert (
+        "[after load] org/m active=3.0GB peak=0.0GB limit=48GB avail=45.0GB" in record.getMessage()
+    )
 
 
 # -- L2 flush -------------------------------------------------------------------------

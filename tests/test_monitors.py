@@ -317,6 +317,51 @@ def test_watchdog_and_periodic_flush_run_together(
     assert any("watchdog: 75.0% of the limit in use" in r.getMessage() for r in caplog.records)
 
 
+def test_stop_periodic_flush_stops_the_watchdog_too(
+    crumb_path: Path, guards: list[mg.MetalGuard], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The original's only way to stop its watchdog was ``stop_periodic_flush()``."""
+    guard = scripted(guards, crumb_path, active_gb=75)
+    guard.start_watchdog(FAST)
+    assert wait_until(lambda: "metal-guard-watchdog" in guard.flushes)
+    assert [t.name for t in monitor_threads()] == ["metal-guard-watchdog"]
+    with caplog.at_level(logging.INFO, logger="metal_guard"):
+        guard.stop_periodic_flush()  # no periodic flush was running
+    assert monitor_threads() == []
+    assert "metal-guard-watchdog" not in [t.name for t in threading.enumerate()]
+    reads = guard.reads
+    time.sleep(20 * FAST)
+    assert guard.reads == reads  # nothing ticks any more
+    assert [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()] == [
+        "metal_guard: watchdog stopped (stop_periodic_flush stops both)"
+    ]
+    # both running: one call stops both; the KV monitor is not the periodic flush's business
+    guard.start_periodic_flush(FAST)
+    guard.start_watchdog(FAST)
+    guard.start_kv_cache_monitor(FAST)
+    assert len(monitor_threads()) == 3
+    guard.stop_periodic_flush()
+    assert [t.name for t in monitor_threads()] == ["metal-guard-kv-monitor"]
+    guard.stop_kv_cache_monitor()
+    assert monitor_threads() == []
+
+
+def test_stop_watchdog_alone_leaves_a_running_periodic_flush_running(
+    crumb_path: Path, guards: list[mg.MetalGuard]
+) -> None:
+    guard = scripted(guards, crumb_path, active_gb=10)  # below warn: both flush, nothing else
+    guard.start_periodic_flush(FAST)
+    guard.start_watchdog(FAST)
+    assert len(monitor_threads()) == 2
+    guard.stop_watchdog()
+    assert [t.name for t in monitor_threads()] == ["metal-guard-periodic-flush"]
+    flushes = len(guard.flushes)
+    assert wait_until(lambda: len(guard.flushes) >= flushes + 3)
+    assert set(guard.flushes[flushes:]) == {"metal-guard-periodic-flush"}
+    guard.stop_periodic_flush()
+    assert monitor_threads() == []
+
+
 def test_monitors_can_be_stopped_from_their_own_callback(
     crumb_path: Path, guards: list[mg.MetalGuard]
 ) -> None:

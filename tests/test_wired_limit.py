@@ -15,6 +15,7 @@ import math
 import sys
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,7 +298,15 @@ def test_policy_must_be_a_string(fake_mx: FakeCore, value: Any) -> None:
 
 def test_environment_policy(fake_mx: FakeCore, monkeypatch: pytest.MonkeyPatch) -> None:
     info = mg.limit_wired_memory()
-    assert (info["policy"], info["source"], info["cap_bytes"]) == ("cap", "default", CAP_64)
+    assert (info["policy"], info["source"], info["cap_bytes"]) == ("off", "default", 0)
+    assert fake_mx.set_wired_limit(RECOMMENDED) == 0 and fake_mx.calls == [0]
+    monkeypatch.setenv("METALGUARD_WIRED_LIMIT", "cap")
+    info = mg.limit_wired_memory()
+    assert (info["policy"], info["source"], info["cap_bytes"]) == (
+        "cap",
+        "METALGUARD_WIRED_LIMIT",
+        CAP_64,
+    )
     monkeypatch.setenv("METALGUARD_WIRED_LIMIT", "off")
     info = mg.limit_wired_memory()
     assert (info["policy"], info["source"]) == ("off", "METALGUARD_WIRED_LIMIT")
@@ -306,10 +315,11 @@ def test_environment_policy(fake_mx: FakeCore, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("METALGUARD_WIRED_LIMIT", "   ")
     assert mg.limit_wired_memory()["source"] == "default"
     state = mg.describe_wired_limit()
-    assert state["env_value"] is None and state["env_policy"] == "cap"
+    assert state["env_value"] is None and state["env_policy"] == "off"
+    assert state["env_policy_source"] == "default"
 
 
-def test_a_bad_environment_value_warns_once_and_caps(
+def test_a_bad_environment_value_warns_once_and_never_wires(
     fake_mx: FakeCore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("METALGUARD_WIRED_LIMIT", "unwired")
@@ -317,7 +327,7 @@ def test_a_bad_environment_value_warns_once_and_caps(
         first = mg.limit_wired_memory()
         mg.limit_wired_memory()
         mg.describe_wired_limit()
-    assert (first["policy"], first["source"]) == ("cap", "default")
+    assert (first["policy"], first["source"], first["cap_bytes"]) == ("off", "default", 0)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "METALGUARD_WIRED_LIMIT" in messages[0]
     assert "unwired" in messages[0]
@@ -454,10 +464,25 @@ def test_real_generate_with_cap_1_stays_under_1_gib(
 
 
 @pytest.mark.mlx_lm
-def test_real_generate_with_the_default_cap(
+def test_real_generate_with_the_default_policy_never_wires(
     metal_like: list[int], tiny_llama: tuple[Any, Any]
 ) -> None:
-    mg.limit_wired_memory()
+    """The default is ``off``: mlx-lm's request for the recommended working set reaches MLX as 0."""
+    info = mg.limit_wired_memory()
+    assert (info["policy"], info["source"], info["cap_bytes"]) == ("off", "default", 0)
+    assert _generate(tiny_llama)
+    assert len(metal_like) >= 2 and all(limit == 0 for limit in metal_like)
+    (line,) = crumbs()
+    assert f"requested={RECOMMENDED} " in line and "applied=0 " in line and "policy=off" in line
+    assert mg.describe_wired_limit()["requests_clamped"] >= 1
+
+
+@pytest.mark.mlx_lm
+def test_real_generate_with_the_cap_compromise(
+    metal_like: list[int], tiny_llama: tuple[Any, Any]
+) -> None:
+    """``cap`` (asked for by name): RAM minus max(35 %, 8 GiB), not the recommended size."""
+    mg.limit_wired_memory("cap")
     _generate(tiny_llama)
     assert metal_like[0] == CAP_64 and math.isclose(CAP_64 / GIB, 41.6, rel_tol=1e-9)
 
@@ -479,3 +504,38 @@ def test_real_generate_after_restore_and_after_installing_twice(
     metal_like.clear()
     _generate(tiny_llama)
     assert metal_like == [RECOMMENDED, 0]
+
+
+# -- one recommendation, everywhere ----------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+OLD_ADVICE = ("leave the wired limit alone", "wired limit at its default", "raise the wired limit")
+
+
+def test_the_registry_recommends_what_the_default_does() -> None:
+    """Registry texts that speak of wiring name the default policy, ``off``; none the old words."""
+    speaking = [e for e in mg.KNOWN_PANIC_MODELS.values() if "wire" in e["recommendation"]]
+    assert len(speaking) >= 2
+    for entry in speaking:
+        text = entry["recommendation"]
+        assert "never wire memory (limit_wired_memory(), policy 'off'" in text
+        assert "cap" not in text
+    for entry in mg.KNOWN_PANIC_MODELS.values():
+        assert not any(old in entry["recommendation"].lower() for old in OLD_ADVICE)
+
+
+def test_the_docs_recommend_off_and_call_cap_the_compromise() -> None:
+    page = (DOCS / "wired-limit.md").read_text(encoding="utf-8")
+    assert "| `off` (default, recommended) |" in page and "`cap` (default)" not in page
+    assert "| `cap` | `min(request, RAM − max(0.35 × RAM, 8 GiB))` | The throughput compromise" in (
+        page
+    )
+    config = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert "| `METALGUARD_WIRED_LIMIT` | unset (`off`) |" in config
+    assert "Anything else → WARNING, `off`." in config
+    api = (DOCS / "api.md").read_text(encoding="utf-8")
+    assert '`"off"` (the default and the recommendation: never wire)' in api
+    doc = mg.limit_wired_memory.__doc__ or ""
+    assert '``"off"`` (the recommended default)' in doc and "throughput compromise" in doc
+    for text in (page, config, api, doc):
+        assert not any(old in text.lower() for old in OLD_ADVICE)

@@ -1,0 +1,258 @@
+"""The GPU gate: its uncontended cost and how it is handed over under contention, before
+and after the fair hand-over, side by side in one run.
+
+Results: docs/benchmarks.md → "GPU gate".
+
+"before" is ``metal_guard.py`` as of ``--baseline`` (a git revision, default the last
+commit with the plain-``flock`` gate), "after" the working copy; both are loaded from their
+files as ``metal_guard`` (one per interpreter), with breadcrumbs off.
+
+Part A — uncontended: ``with exclusive_gpu("bench"): pass`` in one process, ``--n`` calls
+per row in interleaved blocks so drift hits both alike; "after" also once the queue file
+exists (it does on any host where the gate was ever contended: the release probes it).
+
+Part B — contention: P processes × 2 threads, each thread entering the gate in a tight
+loop (release → retake at once) for ``--seconds``, bodies empty or a 1 ms sleep (a short
+decode step). Bodies per second, hand-overs (consecutive bodies of different processes)
+per second and as a share of the most possible, each process's share of the bodies, and
+overlapping bodies (must be 0).
+
+    python bench/bench_gate.py [--n 3000] [--seconds 3] [--baseline 2aaf0a2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import (
+    REPO,
+    child_env,
+    machine_info,
+    md_table,
+    median,
+    percentile,
+    print_machine,
+    write_results,
+)
+
+BASELINE = "2aaf0a2"  # the last commit whose gate is a plain flock
+
+UNCONTENDED = r"""
+import importlib.util, json, os, sys, time
+spec = importlib.util.spec_from_file_location("metal_guard", sys.argv[1])
+mg = importlib.util.module_from_spec(spec); sys.modules["metal_guard"] = mg; spec.loader.exec_module(mg)
+n, rounds = int(sys.argv[2]), 20
+clock = time.perf_counter
+for _ in range(50):
+    with mg.exclusive_gpu("bench"): pass
+print("ready", flush=True)
+out = []
+for line in sys.stdin:  # one block per line: interleaved with the other interpreter's
+    if line.strip() == "end": break
+    for _ in range(n // rounds):
+        t0 = clock()
+        with mg.exclusive_gpu("bench"): pass
+        out.append((clock() - t0) * 1e6)
+    print("done", flush=True)
+print(json.dumps(out), flush=True)
+"""
+
+LOOP = r"""
+import importlib.util, json, sys, threading, time
+spec = importlib.util.spec_from_file_location("metal_guard", sys.argv[1])
+mg = importlib.util.module_from_spec(spec); sys.modules["metal_guard"] = mg; spec.loader.exec_module(mg)
+seconds, body = float(sys.argv[2]), float(sys.argv[3])
+records = []
+def work():
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with mg.exclusive_gpu("bench"):
+            enter = time.monotonic()
+            if body: time.sleep(body)
+            records.append((enter, time.monotonic()))
+with mg.exclusive_gpu("warm-up"): pass
+threads = [threading.Thread(target=work) for _ in range(2)]
+print("ready", flush=True)
+sys.stdin.readline()
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(records), flush=True)
+"""
+
+
+def _spawn(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    return proc.stdout.readline().strip()
+
+
+def _send(proc: subprocess.Popen[str], text: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(text + "\n")
+    proc.stdin.flush()
+
+
+def part_a(files: dict[str, str], n: int, home: Path) -> dict[str, dict[str, float]]:
+    """Uncontended p50/p99 per version, blocks interleaved between the interpreters."""
+    samples: dict[str, list[float]] = {}
+    for name in ("before", "after"):
+        (home / name).mkdir(parents=True)
+    (home / "queued").mkdir(parents=True)
+    (home / "queued" / "gpu.lock.queue").touch()
+    procs = {
+        "before": _spawn(UNCONTENDED, files["before"], str(n), env=_env(home / "before")),
+        "after": _spawn(UNCONTENDED, files["after"], str(n), env=_env(home / "after")),
+        "after, queue file exists": _spawn(
+            UNCONTENDED, files["after"], str(n), env=_env(home / "queued")
+        ),
+    }
+    for proc in procs.values():
+        assert _line(proc) == "ready"
+    for r in range(20):
+        order = list(procs.values())
+        for proc in order[r % 3 :] + order[: r % 3]:
+            _send(proc, "go")
+            assert _line(proc) == "done"
+    for name, proc in procs.items():
+        _send(proc, "end")
+        samples[name] = json.loads(_line(proc))
+        proc.wait(30)
+    return {
+        name: {"p50": median(v), "p99": percentile(v, 99), "calls": len(v)}
+        for name, v in samples.items()
+    }
+
+
+def _env(home: Path) -> dict[str, str]:
+    return child_env(METALGUARD_HOME=str(home), METALGUARD_BREADCRUMB_PATH="")
+
+
+def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> dict[str, Any]:
+    home.mkdir()
+    procs = [_spawn(LOOP, file, str(seconds), str(body), env=_env(home)) for _ in range(procs_n)]
+    for proc in procs:
+        assert _line(proc) == "ready"
+    for proc in procs:
+        _send(proc, "go")
+    records = sorted(
+        (enter, leave, index)
+        for index, proc in enumerate(procs)
+        for enter, leave in json.loads(_line(proc))
+    )
+    for proc in procs:
+        proc.wait(30)
+    span = records[-1][1] - records[0][0]
+    counts = [sum(r[2] == i for r in records) for i in range(procs_n)]
+    handovers = sum(a[2] != b[2] for a, b in itertools.pairwise(records))
+    # the most hand-overs possible: every body but those of the largest share alternates
+    most = min(len(records) - 1, 2 * (len(records) - max(counts)))
+    return {
+        "bodies": len(records),
+        "bodies_per_s": len(records) / span,
+        "handovers": handovers,
+        "handovers_per_s": handovers / span,
+        "handover_share": handovers / most if most else 0.0,
+        "smallest_process_share": min(counts) / len(records),
+        "overlaps": sum(b[0] < a[1] for a, b in itertools.pairwise(records)),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=3000, help="uncontended calls per version")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each contended run")
+    p.add_argument("--baseline", default=BASELINE, help="git revision of 'before'")
+    args = p.parse_args()
+    machine = machine_info()
+    print_machine(machine)
+    with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp_name:
+        tmp = Path(tmp_name)
+        before = tmp / "metal_guard_before.py"
+        before.write_bytes(
+            subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{args.baseline}:metal_guard.py"],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        files = {"before": str(before), "after": str(REPO / "metal_guard.py")}
+        print(f"\nbefore: metal_guard.py at {args.baseline}; after: the working copy\n")
+        a = part_a(files, args.n, tmp / "a")
+        print(f"### A. uncontended enter + leave of an empty gate, {args.n} calls each (µs)\n")
+        base = a["before"]["p50"]
+        print(
+            md_table(
+                ["version", "p50 µs", "p99 µs", "p50 / before"],
+                [
+                    [k, f"{v['p50']:.1f}", f"{v['p99']:.1f}", f"{v['p50'] / base:.2f}"]
+                    for k, v in a.items()
+                ],
+            )
+        )
+        b: dict[str, Any] = {}
+        rows = []
+        for procs_n, body in ((2, 0.0), (2, 0.001), (3, 0.001)):
+            for version in ("before", "after"):
+                key = f"{procs_n} procs × 2 threads, body {body * 1000:g} ms, {version}"
+                home = tmp / f"b{procs_n}-{body}-{version}"
+                b[key] = r = part_b(files[version], procs_n, args.seconds, body, home)
+                rows.append(
+                    [
+                        f"{procs_n} × 2, {body * 1000:g} ms",
+                        version,
+                        f"{r['bodies_per_s']:.0f}",
+                        f"{r['handovers_per_s']:.0f}",
+                        f"{100 * r['handover_share']:.0f}%",
+                        f"{100 * r['smallest_process_share']:.0f}%",
+                        r["overlaps"],
+                    ]
+                )
+        print(f"\n### B. contention: each thread retakes the gate at once, {args.seconds:g} s\n")
+        print(
+            md_table(
+                [
+                    "procs × threads, body",
+                    "version",
+                    "bodies/s",
+                    "hand-overs/s",
+                    "of most possible",
+                    "smallest proc's share",
+                    "overlaps",
+                ],
+                rows,
+            )
+        )
+        after_q = a["after, queue file exists"]["p50"]
+        print(
+            f"\nuncontended p50: after / before = {a['after']['p50']:.1f} / {base:.1f} µs = "
+            f"{a['after']['p50'] / base:.2f}; with the queue file {after_q:.1f} µs = "
+            f"{after_q / base:.2f}"
+        )
+        path = write_results(
+            "bench_gate",
+            machine,
+            {"n": args.n, "seconds": args.seconds, "baseline": args.baseline},
+            {"uncontended": a, "contended": b},
+        )
+        print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10679,13 +10679,13 @@ def shutdown_all_workers() -> None:
 # The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
 # ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
 # cadence admission that waits, each forward-pass step under the GPU gate (streams
-# synchronized before release), the per-request flush, SIGTERM as Ctrl-C (deferred
+# synchronized before release), the per-request flush, SIGTERM as Ctrl-C (held back
 # while the main thread is inside a lock step), unloads recorded. A hook whose
 # target this version lacks is named once on stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
-# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories, Cadence,
-#   GPU gate, Runs registry, Flush guards, Wired-limit control
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
+#   Version advisories, Cadence, GPU gate, Runs registry, Flush guards, Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
@@ -10738,8 +10738,6 @@ class _RunState:
         self.gate_log: str | None = None
         self.gate_label = "run"
         self.main_ident = 0
-        self.critical = 0  # main thread inside a metal_guard lock step
-        self.interrupt_pending = False
         self.gate_wait = 0.0
         self.gate_wait_noted = time.monotonic()
         self.labels: dict[int, str] = {}  # id(model) → model id
@@ -10872,27 +10870,8 @@ def _run_wired_policy() -> None:
 
 
 def _run_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM as Ctrl-C; deferred while the main thread is inside a gate or store step."""
-    if _run.critical > 0:
-        _run.interrupt_pending = True
-        return
-    raise KeyboardInterrupt
-
-
-def _run_critical_enter() -> None:
-    if _thread.get_ident() == _run.main_ident:
-        _run.critical += 1
-
-
-def _run_critical_leave() -> bool:
-    """Leave a lock step; True when a deferred SIGTERM must now be raised."""
-    if _thread.get_ident() != _run.main_ident:
-        return False
-    _run.critical -= 1
-    if _run.critical == 0 and _run.interrupt_pending:
-        _run.interrupt_pending = False
-        return True
-    return False
+    """SIGTERM as Ctrl-C; held back while the main thread is inside a lock step (0.2)."""
+    _interrupt(KeyboardInterrupt(), frame)
 
 
 def _run_local() -> Any:
@@ -10918,30 +10897,18 @@ class _GpuTurn:
         gate, local = _run.gate, _run_local()
         if not _run.gate_on or gate is None or getattr(local, "turn", False):
             return self  # nested in a turn of this thread: that one synchronizes and releases
-        _run_critical_enter()
-        try:
-            asked = time.monotonic()
+        asked = time.monotonic()
+        with _critical(undo=self._release):  # a stop while taking it gives it back
             gate.__enter__()
             self.gate, local.turn = gate, True
-            self.start = time.monotonic()
-            _run.gate_wait += self.start - asked
-        finally:
-            interrupt = _run_critical_leave()
-        if interrupt:
-            self._release()
-            raise KeyboardInterrupt
+        self.start = time.monotonic()
+        _run.gate_wait += self.start - asked
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.gate is None:
-            return
-        _run_critical_enter()
-        try:
-            self._release()
-        finally:
-            interrupt = _run_critical_leave()
-        if interrupt and exc[0] is None:
-            raise KeyboardInterrupt
+        if self.gate is not None:
+            with _critical():
+                self._release()
 
     def _release(self) -> None:
         gate, self.gate = self.gate, None

@@ -564,3 +564,47 @@ def test_generation_thread_death_ends_the_server_with_70(
     crumbs = breadcrumb_messages(mg_home, pid=entry["pid"])
     assert any(m.startswith("RUN_GENERATION_DEAD: ") for m in crumbs)
     assert f"RUN_UNLOAD: {tiny_llama_path}" in crumbs
+
+
+_ENDLESS = """
+import sys
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+model, tok = load(sys.argv[1])
+prompt = mx.array(tok.encode("hello"))
+print("generating", flush=True)
+try:
+    while True:
+        for _ in generate_step(prompt, model, max_tokens=50):
+            pass
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@requires_mlx_lm
+def test_sigterm_is_ctrl_c_between_gated_steps_and_leaves_the_gate_free(
+    mg_home: str, tiny_llama_path: str
+) -> None:
+    proc = subprocess.Popen(
+        guarded([sys.executable, "-c", _ENDLESS, tiny_llama_path]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=run_env(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "generating\n"
+        time.sleep(1.0)  # inside the loop of gated steps
+        proc.send_signal(signal.SIGTERM)  # to run, which passes it on
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out == "interrupted\n", err  # the program's own handler of Ctrl-C ran
+    assert proc.returncode == 0, err
+    assert mg.read_gpu_gate() is None  # never left held
+    assert any(m.startswith("RUN_UNLOAD: ") for m in breadcrumb_messages(mg_home))

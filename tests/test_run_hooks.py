@@ -608,3 +608,29 @@ def test_sigterm_is_ctrl_c_between_gated_steps_and_leaves_the_gate_free(
     assert proc.returncode == 0, err
     assert mg.read_gpu_gate() is None  # never left held
     assert any(m.startswith("RUN_UNLOAD: ") for m in breadcrumb_messages(mg_home))
+
+
+_GEMMA = """
+import sys
+from mlx_lm import generate, load
+model, tok = load(sys.argv[1])
+for _ in range(2):
+    generate(model, tok, "hello", max_tokens=4)
+"""
+
+
+@requires_mlx_lm
+def test_gemma4_first_generate_gets_the_settle_flush_once(
+    mg_home: str, tiny_gemma4_path: str
+) -> None:
+    done = run_cmd(
+        guarded([sys.executable, "-c", _GEMMA, tiny_gemma4_path]),
+        run_env(METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC="0"),
+    )
+    assert done.returncode == 0, done.stderr
+    crumbs = breadcrumb_messages(mg_home)
+    assert crumbs.count(f"GEMMA4_FLUSH: {tiny_gemma4_path}") == 1, crumbs
+    assert crumbs.count(f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}") == 1
+    first = crumbs.index(f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}")
+    assert crumbs[first + 1] == f"SUBPROC_PRE: {tiny_gemma4_path}"  # before the first generate
+    assert crumbs.count(f"SUBPROC_POST: {tiny_gemma4_path}") == 2  # one per request

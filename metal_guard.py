@@ -10786,6 +10786,8 @@ class _RunLoader:
         _run_after_import(module.__name__)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_loader":  # a copy made without __init__: no recursion
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 

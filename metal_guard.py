@@ -1013,9 +1013,11 @@ def _read_json_object(
 #
 # Counted per thread (state files, the GPU gate) or per process (the MLX lock).
 # The OS lock is the truth: a holder that dies releases it by dying. A lock
-# whose job is to exclude never runs silently unlocked.
+# whose job is to exclude never runs silently unlocked. A waiter blocked in
+# ``flock`` cannot wake to say it still waits: ``_ticker()`` calls its ``pause``
+# from one thread per process, alive only while someone is blocked.
 #
-# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state
+# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state, _ticker
 # Uses: Prelude, Files
 # =============================================================================
 
@@ -1102,8 +1104,15 @@ def _drop_locks_after_fork() -> None:
     _lock_states_guard = _thread.allocate_lock()
 
 
+_lock_keys: dict[str, str] = {}  # an absolute path → its normal form (cwd cannot change it)
+
+
 def _lock_state(path: str) -> _LockState:
-    key = os.path.abspath(path)
+    key = _lock_keys.get(path)
+    if key is None:
+        key = os.path.abspath(path)
+        if os.path.isabs(path) and len(_lock_keys) < 1024:
+            _lock_keys[path] = key
     with _lock_states_guard:
         state = _lock_states.get(key)
         if state is None or state.pid != os.getpid():  # a forked child holds nothing
@@ -1124,7 +1133,8 @@ class _FileLock:
     threads wait; with ``per_thread=False`` (the MLX lock) the whole process
     is the holder, and the OS lock is released by the last ``release()``.
 
-    ``timeout`` ``None`` waits forever, ``0`` tries once; expiry raises
+    ``timeout`` ``None`` waits forever (blocked in ``flock``: the kernel wakes
+    the waiter as the holder leaves), ``0`` tries once; expiry raises
     ``StateLockTimeout``. Where ``flock`` is unsupported an exclusion lock
     (``must_exclude=True``) raises ``LockUnsupported`` naming ``env_var``;
     a state-file lock logs one WARNING and runs unlocked.
@@ -1200,10 +1210,13 @@ class _FileLock:
         fd = _open_creating(self.path, os.O_RDWR)
         delay = 0.001
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # no deadline: block in the kernel, which wakes us as the holder leaves
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
                 return fd
-            except OSError as exc:
+            except BaseException as exc:
+                if not isinstance(exc, OSError):  # Ctrl-C while blocked
+                    os.close(fd)
+                    raise
                 if exc.errno in _FLOCK_UNSUPPORTED:
                     os.close(fd)
                     self._unsupported(exc.strerror or str(exc))
@@ -1252,6 +1265,59 @@ class _FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class _Ticker:
+    """Calls the ``pause()`` of waiters blocked in the kernel (which ticks when due), from
+    one thread per process; the thread ends once nobody is blocked at its next wake-up."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting: dict[object, Callable[[], float]] = {}
+        self.running = self.added = False
+        self.pid = os.getpid()
+
+    def add(self, key: object, pause: Callable[[], float]) -> None:
+        with self.cond:
+            self.waiting[key] = pause
+            if self.running:
+                self.added = True
+                self.cond.notify()
+                return
+            self.running = True
+        import threading
+
+        threading.Thread(target=self._run, name="metal_guard lock waits", daemon=True).start()
+
+    def remove(self, key: object) -> None:
+        with self.cond:  # no wake-up: the thread finds out at its next one
+            self.waiting.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                if not self.waiting:
+                    self.running = False
+                    return
+                pauses, self.added = list(self.waiting.values()), False
+            wait = min(min(pause() for pause in pauses), 3600.0)  # ticks those due
+            with self.cond:
+                if not self.added:  # one added meanwhile: look again at once
+                    self.cond.wait(wait)
+
+
+_tickers: list[_Ticker] = []
+
+
+def _ticker() -> _Ticker:
+    """This process's ``_Ticker`` (a forked child starts its own; two made at once both work)."""
+    ticker = _tickers[0] if _tickers else None
+    if ticker is None or ticker.pid != os.getpid():
+        ticker = _Ticker()
+        _tickers[:] = [ticker]
+    return ticker
 
 
 # =============================================================================
@@ -5860,13 +5926,24 @@ kv_tracker = KVGrowthTracker()
 # holds it, whatever the file says.
 #
 # The gate is fair (``flock`` alone is not: a process that releases and retakes
-# it keeps it; a blocking ``flock`` would queue, but cannot time out). Threads
-# of a process queue first-come first-served; the head speaks for its process.
-# A process that finds the gate busy holds a shared lock on ``<lock>.queue``
-# while it polls (every 2 ms at most). A releaser that saw such a waiter does
-# not retake the gate until the record shows that someone else took it, nobody
-# waits any more, or 0.25 s passed (a waiter stopped by SIGSTOP): busy processes
-# alternate. Only OS locks and one record: a process that dies leaves nothing.
+# it keeps it). Threads of a process queue first-come first-served; the head
+# speaks for its process. A process that finds the gate busy holds a shared lock
+# on ``<lock>.queue`` while it waits. A releaser probes the queue right after it
+# let go and, if someone waits, yields its CPU (the woken waiter may be queued
+# on it) and does not retake the gate until the record shows that someone else
+# took it, nobody waits any more, or 0.25 s passed (a waiter stopped by
+# SIGSTOP): busy processes alternate. Only OS locks and one record: a process
+# that dies leaves nothing.
+#
+# How a process waits decides how fast the gate changes hands, which matters
+# when it is taken per decode step (``metal-guard run``: steps of 2-20 ms).
+# Without a timeout (``run`` has none) it blocks in ``flock``: the kernel wakes
+# it as the holder leaves, about 0.1 ms from release to acquire on a 2-core box
+# where the 2 ms polling of before took 0.3-0.4 ms (bench/bench_gate.py); its
+# once-a-minute warning comes from one helper thread per process, alive only
+# while someone waits. A blocking ``flock`` cannot time out, so with a timeout it
+# polls, every 50 µs at first, doubling to every 2 ms. The releaser's wait for
+# the record also starts at 50 µs: the waiter takes the gate within that.
 #
 # The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
 # holder and waits for the lock to come free; it never sends SIGKILL.
@@ -5885,7 +5962,8 @@ _MLX_LOCK_GRACE_SEC = 0.5
 _HOLDER_CMDLINE_MAX = 300
 _HOLDER_LABEL_MAX = 200
 _HOLDER_BYTES = 2048  # a holder record is padded to this size: one write, no torn tail
-_FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock tries it at least this often
+_FAIR_POLL_MIN = 0.00005  # a polling waiter's first pause; it doubles up to the next one
+_FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock with a timeout tries it this often
 _FAIR_DEFER_MAX = 0.25  # a releaser waits no longer for a waiter to take its turn (a stopped one)
 
 
@@ -6025,7 +6103,7 @@ class _HostLock:
                 turns.cond.notify_all()
                 raise
         try:
-            self._take_turn(path, lock, turns, pause)
+            self._take_turn(path, lock, turns, pause, block=timeout is None, ticks=tick is not None)
         except BaseException:
             if state.count and state.owner == _thread.get_ident():  # taken as it came: give back
                 lock.release()
@@ -6036,17 +6114,25 @@ class _HostLock:
         return True
 
     def _take_turn(
-        self, path: str, lock: _FileLock, turns: _Turns, pause: Callable[[], float]
+        self,
+        path: str,
+        lock: _FileLock,
+        turns: _Turns,
+        pause: Callable[[], float],
+        *,
+        block: bool,
+        ticks: bool,
     ) -> None:
-        """The head thread takes the OS lock for its process, after those who waited."""
-        delay, until = 0.0001, time.monotonic() + _FAIR_DEFER_MAX
+        """The head thread takes the OS lock for its process, after those who waited:
+        blocked in ``flock`` when it may wait forever (``block``), else polling."""
+        delay, until = _FAIR_POLL_MIN, time.monotonic() + _FAIR_DEFER_MAX
         while turns.left is not None:  # our last release was awaited: let a waiter go first
             if self._handed_over(path, turns.left) or time.monotonic() > until:
                 turns.left = None
                 break
             time.sleep(min(delay, pause()))
             delay = min(delay * 2, _FAIR_POLL_MAX)
-        queue, delay = None, 0.0001
+        queue, delay = None, _FAIR_POLL_MIN
         try:
             while True:
                 try:
@@ -6054,6 +6140,16 @@ class _HostLock:
                     return
                 except StateLockTimeout:
                     queue = queue if queue is not None else self._join_queue(path + ".queue")
+                if block:  # a releaser probes the queue after it let go: it sees us there
+                    ticker, key = _ticker() if ticks else None, object()
+                    if ticker is not None:
+                        ticker.add(key, pause)
+                    try:
+                        lock.acquire(None)
+                    finally:
+                        if ticker is not None:
+                            ticker.remove(key)
+                    return
                 time.sleep(min(delay, pause()))
                 delay = min(delay * 2, _FAIR_POLL_MAX)
         finally:
@@ -6107,8 +6203,12 @@ class _HostLock:
             state.fd,
             f'{{"pid": null, "free": "{os.getpid()}:{time.monotonic_ns()}"}}'.encode(),
         )
-        awaited = self.fair and _lock_probe(path + ".queue", exclusive=True) is True
         lock.release()
+        # probed after the release, off the waiter's path: a waiter still queued now was
+        # queued before (it holds the queue while it waits, until it has the lock)
+        awaited = self.fair and _lock_probe(path + ".queue", exclusive=True) is True
+        if awaited and hasattr(os, "sched_yield"):
+            os.sched_yield()  # the waiter just woken may be queued behind us on this CPU
         if self.fair:
             turns = self.turns(path)
             with turns.cond:

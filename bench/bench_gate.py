@@ -1,10 +1,10 @@
-"""The GPU gate: its uncontended cost and how it is handed over under contention, before
-and after the fair hand-over, side by side in one run.
+"""The GPU gate: its uncontended cost, how it is handed over under contention and how
+fast, before and after, side by side in one run.
 
 Results: docs/benchmarks.md → "GPU gate".
 
 "before" is ``metal_guard.py`` as of ``--baseline`` (a git revision, default the last
-commit with the plain-``flock`` gate), "after" the working copy; both are loaded from their
+commit whose fair gate polled the lock every 2 ms at most), "after" the working copy; both are loaded from their
 files as ``metal_guard`` (one per interpreter), with breadcrumbs off.
 
 Part A — uncontended: ``with exclusive_gpu("bench"): pass`` in one process, ``--n`` calls
@@ -17,7 +17,18 @@ decode step). Bodies per second, hand-overs (consecutive bodies of different pro
 per second and as a share of the most possible, each process's share of the bodies, and
 overlapping bodies (must be 0).
 
-    python bench/bench_gate.py [--n 3000] [--seconds 3] [--baseline 2aaf0a2]
+Part C — hand-over latency: 2 processes × 1 thread, each entering the gate in a loop with
+a 2 ms body (so the other one is always waiting when a body ends), ``timeout=None`` (what
+``metal-guard run`` uses) and ``timeout=60``. Per hand-over (consecutive bodies of
+different processes): the time from the end of one body (just before the release) to the
+start of the next one (just after the acquire), median and p99.
+
+Part D — throughput with short bodies: 2 processes × 1 thread, bodies of 1 and 2 ms
+(sleeps, as a decode step waits for the GPU), ``timeout=None``; bodies per second of both
+together, with the gate against the same loops without any gate. The gate runs one body
+at a time, so 0.5 of the ungated rate is the most it can reach with two processes.
+
+    python bench/bench_gate.py [--n 3000] [--seconds 3] [--baseline 3707d36]
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from common import (
     write_results,
 )
 
-BASELINE = "2aaf0a2"  # the last commit whose gate is a plain flock
+BASELINE = "3707d36"  # the last commit whose fair gate polls (every 2 ms at most)
 
 UNCONTENDED = r"""
 import importlib.util, json, os, sys, time
@@ -83,6 +94,29 @@ print("ready", flush=True)
 sys.stdin.readline()
 for t in threads: t.start()
 for t in threads: t.join()
+print(json.dumps(records), flush=True)
+"""
+
+
+PAIR = r"""
+import contextlib, importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("metal_guard", sys.argv[1])
+mg = importlib.util.module_from_spec(spec); sys.modules["metal_guard"] = mg; spec.loader.exec_module(mg)
+gated, seconds, body = sys.argv[2] == "gate", float(sys.argv[3]), float(sys.argv[4])
+timeout = None if sys.argv[5] == "none" else float(sys.argv[5])
+def gate():
+    return mg.exclusive_gpu("bench", timeout=timeout) if gated else contextlib.nullcontext()
+with mg.exclusive_gpu("warm-up"): pass
+records = []
+print("ready", flush=True)
+sys.stdin.readline()
+clock = time.monotonic
+end = clock() + seconds
+while clock() < end:
+    with gate():
+        enter = clock()
+        time.sleep(body)
+        records.append((enter, clock()))
 print(json.dumps(records), flush=True)
 """
 
@@ -173,6 +207,46 @@ def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> 
     }
 
 
+def pair(
+    file: str, gated: bool, seconds: float, body: float, timeout: str, home: Path
+) -> dict[str, Any]:
+    """Two processes × one thread, bodies of ``body`` s: rate, hand-over gaps, overlaps."""
+    home.mkdir()
+    procs = [
+        _spawn(
+            PAIR,
+            file,
+            "gate" if gated else "none",
+            str(seconds),
+            str(body),
+            timeout,
+            env=_env(home),
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        assert _line(proc) == "ready"
+    for proc in procs:
+        _send(proc, "go")
+    records = sorted(
+        (enter, leave, index)
+        for index, proc in enumerate(procs)
+        for enter, leave in json.loads(_line(proc))
+    )
+    for proc in procs:
+        proc.wait(30)
+    span = records[-1][1] - records[0][0]
+    gaps = [(b[0] - a[1]) * 1e6 for a, b in itertools.pairwise(records) if a[2] != b[2]]
+    return {
+        "bodies": len(records),
+        "bodies_per_s": len(records) / span,
+        "handovers": len(gaps),
+        "gap_p50_us": median(gaps) if gaps else None,
+        "gap_p99_us": percentile(gaps, 99) if gaps else None,
+        "overlaps": sum(b[0] < a[1] for a, b in itertools.pairwise(records)),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=3000, help="uncontended calls per version")
@@ -238,6 +312,66 @@ def main() -> int:
                 rows,
             )
         )
+        c: dict[str, Any] = {}
+        rows = []
+        for timeout in ("none", "60"):
+            for version in ("before", "after"):
+                key = f"timeout {timeout}, {version}"
+                home = tmp / f"c-{timeout}-{version}"
+                c[key] = r = pair(files[version], True, args.seconds, 0.002, timeout, home)
+                rows.append(
+                    [
+                        "None" if timeout == "none" else timeout,
+                        version,
+                        r["handovers"],
+                        f"{r['gap_p50_us']:.0f}",
+                        f"{r['gap_p99_us']:.0f}",
+                        r["overlaps"],
+                    ]
+                )
+        print(
+            f"\n### C. hand-over latency: 2 processes × 1 thread, 2 ms bodies, {args.seconds:g} s\n"
+        )
+        print(md_table(["timeout", "version", "hand-overs", "p50 µs", "p99 µs", "overlaps"], rows))
+        d: dict[str, Any] = {}
+        rows = []
+        for body in (0.001, 0.002):
+            bare = pair(files["after"], False, args.seconds, body, "none", tmp / f"d-{body}-none")
+            d[f"body {body * 1000:g} ms, no gate"] = bare
+            for version in ("before", "after"):
+                home = tmp / f"d-{body}-{version}"
+                r = pair(files[version], True, args.seconds, body, "none", home)
+                r["ratio"] = r["bodies_per_s"] / bare["bodies_per_s"]
+                d[f"body {body * 1000:g} ms, {version}"] = r
+                rows.append(
+                    [
+                        f"{body * 1000:g} ms",
+                        version,
+                        f"{bare['bodies_per_s']:.0f}",
+                        f"{r['bodies_per_s']:.0f}",
+                        f"{r['ratio']:.3f}",
+                        f"{r['gap_p50_us']:.0f}",
+                        r["overlaps"],
+                    ]
+                )
+        print(
+            f"\n### D. 2 processes × 1 thread, short bodies, timeout None, {args.seconds:g} s "
+            "(0.5 is the most a gate allows)\n"
+        )
+        print(
+            md_table(
+                [
+                    "body",
+                    "version",
+                    "no gate bodies/s",
+                    "gated bodies/s",
+                    "gated / no gate",
+                    "hand-over p50 µs",
+                    "overlaps",
+                ],
+                rows,
+            )
+        )
         after_q = a["after, queue file exists"]["p50"]
         print(
             f"\nuncontended p50: after / before = {a['after']['p50']:.1f} / {base:.1f} µs = "
@@ -248,7 +382,7 @@ def main() -> int:
             "bench_gate",
             machine,
             {"n": args.n, "seconds": args.seconds, "baseline": args.baseline},
-            {"uncontended": a, "contended": b},
+            {"uncontended": a, "contended": b, "handover": c, "short_bodies": d},
         )
         print(f"\nresults: {path}")
     return 0

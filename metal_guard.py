@@ -6045,6 +6045,8 @@ class _HostLock:
         self.per_thread = self.fair = gate
         self.extra: dict[str, Any] = {"thread": "", "since": None} if gate else {}
         self.mine: dict[str, dict[str, Any]] = {}  # lock path → this process's holder
+        # (label, thread, pid) → the holder record's fixed parts, for ``hold_turn``
+        self._parts: dict[tuple[str, str, int], tuple[dict[str, Any], bytes, bytes] | None] = {}
         self.guard = _thread.allocate_lock()  # for ``mine`` of a per-process lock
         self._turns: dict[str, _Turns] = {}
 
@@ -6173,12 +6175,12 @@ class _HostLock:
     @staticmethod
     def _handed_over(path: str, left: bytes) -> bool:
         """Someone took the lock since we left ``left`` in it, or nobody waits any more."""
-        if _lock_probe(path + ".queue", exclusive=True) is not True:
-            return True
         try:
-            return _read_bounded(path, len(left)) != left
+            if _read_bounded(path, len(left)) != left:  # the usual answer, from one read
+                return True
         except OSError:
             return True
+        return _lock_probe(path + ".queue", exclusive=True) is not True
 
     def hold(self, path: str, info: dict[str, Any]) -> dict[str, Any]:
         """Record ``info`` as the holder (this process's memory and the lock file)."""
@@ -6191,6 +6193,32 @@ class _HostLock:
             data = json.dumps(short).encode("utf-8")[:_HOLDER_BYTES]
         self._write(path, _lock_state(path).fd, data)
         return dict(info)
+
+    def hold_turn(self, path: str, label: str, thread: str, now: float) -> None:
+        """``hold`` for the gate, on the path from one holder to the next: what stays the
+        same from one hold to the next (pid, label, command line, thread) is encoded once."""
+        key = (label, thread, os.getpid())
+        parts = self._parts.get(key)
+        if parts is None:
+            import json
+
+            info = {**_holder_info(label, now), "thread": thread, "since": 0.0}
+            text = json.dumps({**info, "started_at": "\0"})
+            before, _, after = text.partition('"\\u0000"')
+            fits = len(text) + 60 < _HOLDER_BYTES  # else ``hold`` shortens it
+            if len(self._parts) > 256:
+                self._parts.clear()
+            parts = self._parts[key] = (
+                (info, before.encode(), after[:-4].encode()) if fits else None
+            )
+        if parts is None:
+            self.hold(path, {**_holder_info(label, now), "thread": thread, "since": now})
+            return
+        fixed, head, tail = parts
+        stamp = _utc_stamp(now)
+        self.mine[path] = {**fixed, "started_at": stamp, "since": now}
+        data = b"".join((head, b'"', stamp.encode(), b'"', tail, repr(now).encode(), b"}"))
+        self._write(path, _lock_state(path).fd, data)
 
     def release(self, path: str) -> bool:
         """Drop one hold; True when this released the OS lock. Never raises."""
@@ -6289,12 +6317,23 @@ class _HostLock:
         }
 
 
+_stamp_memo: list[Any] = [None, ""]  # [whole second, its started_at text]
+
+
+def _utc_stamp(now: float) -> str:
+    """``now`` as the original's ``started_at`` (UTC, whole seconds), formatted once a second."""
+    second = int(now)
+    if _stamp_memo[0] != second:
+        _stamp_memo[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
+    return str(_stamp_memo[1])
+
+
 def _holder_info(label: str, now: float) -> dict[str, Any]:
     """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
     return {
         "pid": os.getpid(),
         "label": label[:_HOLDER_LABEL_MAX],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "started_at": _utc_stamp(now),
         "cmdline": _cmdline(),
     }
 
@@ -6510,7 +6549,8 @@ class mlx_exclusive_lock(_ContextDecorator):
 # (``gpu.lock``, reentrant per thread): waiting threads and processes get their
 # turn, so two busy programs alternate instead of one keeping it. Uncontended
 # it costs about two ``flock`` pairs and two ``pwrite`` calls (the holder's
-# record, then the free one); see ``bench/bench_gate.py``.
+# record, whose fixed parts are encoded once per label and thread, then the
+# free one); see ``bench/bench_gate.py``.
 #
 # Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _GPU_GATE, _gpu_gate_held_here,
 #   _gpu_lock_path
@@ -6610,10 +6650,7 @@ class exclusive_gpu:
         if took:
             import threading
 
-            now = time.time()
-            info = _holder_info(self.label, now)
-            info.update(thread=threading.current_thread().name, since=now)
-            _GPU_GATE.hold(path, info)
+            _GPU_GATE.hold_turn(path, self.label, threading.current_thread().name, time.time())
         return True
 
     def __exit__(self, *exc: object) -> None:

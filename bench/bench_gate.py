@@ -252,21 +252,26 @@ def main() -> int:
     p.add_argument("--n", type=int, default=3000, help="uncontended calls per version")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each contended run")
     p.add_argument("--baseline", default=BASELINE, help="git revision of 'before'")
+    p.add_argument("--before-file", help="'before' from this file instead of a git revision")
     args = p.parse_args()
     machine = machine_info()
     print_machine(machine)
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp_name:
         tmp = Path(tmp_name)
         before = tmp / "metal_guard_before.py"
-        before.write_bytes(
-            subprocess.run(
-                ["git", "-C", str(REPO), "show", f"{args.baseline}:metal_guard.py"],
-                capture_output=True,
-                check=True,
-            ).stdout
-        )
+        if args.before_file:  # e.g. on a machine without the repository's history
+            before.write_bytes(Path(args.before_file).read_bytes())
+        else:
+            before.write_bytes(
+                subprocess.run(
+                    ["git", "-C", str(REPO), "show", f"{args.baseline}:metal_guard.py"],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+            )
         files = {"before": str(before), "after": str(REPO / "metal_guard.py")}
-        print(f"\nbefore: metal_guard.py at {args.baseline}; after: the working copy\n")
+        origin = args.before_file or f"metal_guard.py at {args.baseline}"
+        print(f"\nbefore: {origin}; after: the working copy\n")
         a = part_a(files, args.n, tmp / "a")
         print(f"### A. uncontended enter + leave of an empty gate, {args.n} calls each (µs)\n")
         base = a["before"]["p50"]

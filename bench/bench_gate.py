@@ -4,8 +4,9 @@ fast, before and after, side by side in one run.
 Results: docs/benchmarks.md → "GPU gate".
 
 "before" is ``metal_guard.py`` as of ``--baseline`` (a git revision, default the last
-commit whose fair gate polled the lock every 2 ms at most), "after" the working copy; both are loaded from their
-files as ``metal_guard`` (one per interpreter), with breadcrumbs off.
+commit whose fair gate polled the lock every 2 ms at most) or ``--before-file``, "after"
+the working copy; both are loaded from their files as ``metal_guard`` (one per
+interpreter), with breadcrumbs off.
 
 Part A — uncontended: ``with exclusive_gpu("bench"): pass`` in one process, ``--n`` calls
 per row in interleaved blocks so drift hits both alike; "after" also once the queue file
@@ -21,14 +22,15 @@ Part C — hand-over latency: 2 processes × 1 thread, each entering the gate in
 a 2 ms body (so the other one is always waiting when a body ends), ``timeout=None`` (what
 ``metal-guard run`` uses) and ``timeout=60``. Per hand-over (consecutive bodies of
 different processes): the time from the end of one body (just before the release) to the
-start of the next one (just after the acquire), median and p99.
+start of the next one (just after the acquire), median and p99. Parts C and D run
+each row ``--rounds`` times, the rows taking turns, and pool the runs.
 
 Part D — throughput with short bodies: 2 processes × 1 thread, bodies of 1 and 2 ms
 (sleeps, as a decode step waits for the GPU), ``timeout=None``; bodies per second of both
 together, with the gate against the same loops without any gate. The gate runs one body
 at a time, so 0.5 of the ungated rate is the most it can reach with two processes.
 
-    python bench/bench_gate.py [--n 3000] [--seconds 3] [--baseline 3707d36]
+    python bench/bench_gate.py [--n 3000] [--seconds 3] [--rounds 3] [--baseline 3707d36]
 """
 
 from __future__ import annotations
@@ -210,8 +212,9 @@ def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> 
 def pair(
     file: str, gated: bool, seconds: float, body: float, timeout: str, home: Path
 ) -> dict[str, Any]:
-    """Two processes × one thread, bodies of ``body`` s: rate, hand-over gaps, overlaps."""
-    home.mkdir()
+    """Two processes × one thread, bodies of ``body`` s: bodies, span, hand-over gaps (µs),
+    overlaps."""
+    home.mkdir(parents=True)
     procs = [
         _spawn(
             PAIR,
@@ -235,22 +238,46 @@ def pair(
     )
     for proc in procs:
         proc.wait(30)
-    span = records[-1][1] - records[0][0]
-    gaps = [(b[0] - a[1]) * 1e6 for a, b in itertools.pairwise(records) if a[2] != b[2]]
     return {
         "bodies": len(records),
-        "bodies_per_s": len(records) / span,
-        "handovers": len(gaps),
-        "gap_p50_us": median(gaps) if gaps else None,
-        "gap_p99_us": percentile(gaps, 99) if gaps else None,
+        "span": records[-1][1] - records[0][0],
+        "gaps": [(b[0] - a[1]) * 1e6 for a, b in itertools.pairwise(records) if a[2] != b[2]],
         "overlaps": sum(b[0] < a[1] for a, b in itertools.pairwise(records)),
     }
+
+
+def pairs(
+    configs: dict[str, tuple[str, bool, float, str]], rounds: int, seconds: float, home: Path
+) -> dict[str, dict[str, Any]]:
+    """Each ``name: (file, gated, body, timeout)`` run ``rounds`` times, the configurations
+    taking turns (drift of a shared machine hits all alike); runs pooled per name."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(rounds):
+        for i, name in enumerate(names[r % len(names) :] + names[: r % len(names)]):
+            file, gated, body, timeout = configs[name]
+            runs[name].append(pair(file, gated, seconds, body, timeout, home / f"{r}-{i}"))
+    out = {}
+    for name, done in runs.items():
+        gaps = [g for run in done for g in run["gaps"]]
+        bodies = sum(run["bodies"] for run in done)
+        out[name] = {
+            "bodies": bodies,
+            "bodies_per_s": bodies / sum(run["span"] for run in done),
+            "handovers": len(gaps),
+            "gap_p50_us": median(gaps) if gaps else None,
+            "gap_p99_us": percentile(gaps, 99) if gaps else None,
+            "overlaps": sum(run["overlaps"] for run in done),
+            "rounds": rounds,
+        }
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=3000, help="uncontended calls per version")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each contended run")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each row of parts C and D")
     p.add_argument("--baseline", default=BASELINE, help="git revision of 'before'")
     p.add_argument("--before-file", help="'before' from this file instead of a git revision")
     args = p.parse_args()
@@ -317,40 +344,56 @@ def main() -> int:
                 rows,
             )
         )
-        c: dict[str, Any] = {}
-        rows = []
-        for timeout in ("none", "60"):
-            for version in ("before", "after"):
-                key = f"timeout {timeout}, {version}"
-                home = tmp / f"c-{timeout}-{version}"
-                c[key] = r = pair(files[version], True, args.seconds, 0.002, timeout, home)
-                rows.append(
-                    [
-                        "None" if timeout == "none" else timeout,
-                        version,
-                        r["handovers"],
-                        f"{r['gap_p50_us']:.0f}",
-                        f"{r['gap_p99_us']:.0f}",
-                        r["overlaps"],
-                    ]
-                )
+        c = pairs(
+            {
+                f"timeout {timeout}, {version}": (files[version], True, 0.002, timeout)
+                for timeout in ("none", "60")
+                for version in ("before", "after")
+            },
+            args.rounds,
+            args.seconds,
+            tmp / "c",
+        )
+        rows = [
+            [
+                "None" if key.startswith("timeout none") else "60",
+                key.split(", ")[1],
+                r["handovers"],
+                f"{r['gap_p50_us']:.0f}",
+                f"{r['gap_p99_us']:.0f}",
+                r["overlaps"],
+            ]
+            for key, r in c.items()
+        ]
         print(
-            f"\n### C. hand-over latency: 2 processes × 1 thread, 2 ms bodies, {args.seconds:g} s\n"
+            f"\n### C. hand-over latency: 2 processes × 1 thread, 2 ms bodies, "
+            f"{args.rounds} × {args.seconds:g} s\n"
         )
         print(md_table(["timeout", "version", "hand-overs", "p50 µs", "p99 µs", "overlaps"], rows))
-        d: dict[str, Any] = {}
+        d = pairs(
+            {
+                f"body {body * 1000:g} ms, {version}": (
+                    files["after" if version == "no gate" else version],
+                    version != "no gate",
+                    body,
+                    "none",
+                )
+                for body in (0.001, 0.002)
+                for version in ("no gate", "before", "after")
+            },
+            args.rounds,
+            args.seconds,
+            tmp / "d",
+        )
         rows = []
-        for body in (0.001, 0.002):
-            bare = pair(files["after"], False, args.seconds, body, "none", tmp / f"d-{body}-none")
-            d[f"body {body * 1000:g} ms, no gate"] = bare
+        for body in ("1", "2"):
+            bare = d[f"body {body} ms, no gate"]
             for version in ("before", "after"):
-                home = tmp / f"d-{body}-{version}"
-                r = pair(files[version], True, args.seconds, body, "none", home)
+                r = d[f"body {body} ms, {version}"]
                 r["ratio"] = r["bodies_per_s"] / bare["bodies_per_s"]
-                d[f"body {body * 1000:g} ms, {version}"] = r
                 rows.append(
                     [
-                        f"{body * 1000:g} ms",
+                        f"{body} ms",
                         version,
                         f"{bare['bodies_per_s']:.0f}",
                         f"{r['bodies_per_s']:.0f}",
@@ -360,8 +403,8 @@ def main() -> int:
                     ]
                 )
         print(
-            f"\n### D. 2 processes × 1 thread, short bodies, timeout None, {args.seconds:g} s "
-            "(0.5 is the most a gate allows)\n"
+            f"\n### D. 2 processes × 1 thread, short bodies, timeout None, "
+            f"{args.rounds} × {args.seconds:g} s (0.5 is the most a gate allows)\n"
         )
         print(
             md_table(
@@ -386,7 +429,12 @@ def main() -> int:
         path = write_results(
             "bench_gate",
             machine,
-            {"n": args.n, "seconds": args.seconds, "baseline": args.baseline},
+            {
+                "n": args.n,
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+                "baseline": args.before_file or args.baseline,
+            },
             {"uncontended": a, "contended": b, "handover": c, "short_bodies": d},
         )
         print(f"\nresults: {path}")

@@ -20,7 +20,8 @@ overlapping bodies (must be 0).
 
 Part C — hand-over latency: 2 processes × 1 thread, each entering the gate in a loop with
 a 2 ms body (so the other one is always waiting when a body ends), ``timeout=None`` (what
-``metal-guard run`` uses) and ``timeout=60``. Per hand-over (consecutive bodies of
+``metal-guard run`` uses) and ``timeout=60``; and, for the floor, the same loop around a
+bare blocking ``flock`` without the library. Per hand-over (consecutive bodies of
 different processes): the time from the end of one body (just before the release) to the
 start of the next one (just after the acquire), median and p99. Parts C and D run
 each row ``--rounds`` times, the rows taking turns, and pool the runs.
@@ -101,13 +102,23 @@ print(json.dumps(records), flush=True)
 
 
 PAIR = r"""
-import contextlib, importlib.util, json, sys, time
+import contextlib, fcntl, importlib.util, json, os, sys, time
 spec = importlib.util.spec_from_file_location("metal_guard", sys.argv[1])
 mg = importlib.util.module_from_spec(spec); sys.modules["metal_guard"] = mg; spec.loader.exec_module(mg)
-gated, seconds, body = sys.argv[2] == "gate", float(sys.argv[3]), float(sys.argv[4])
+mode, seconds, body = sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 timeout = None if sys.argv[5] == "none" else float(sys.argv[5])
+@contextlib.contextmanager
+def bare_flock():  # the floor: a blocking flock and nothing else
+    fd = os.open(os.path.join(os.environ["METALGUARD_HOME"], "bare.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
 def gate():
-    return mg.exclusive_gpu("bench", timeout=timeout) if gated else contextlib.nullcontext()
+    if mode == "gate":
+        return mg.exclusive_gpu("bench", timeout=timeout)
+    return bare_flock() if mode == "flock" else contextlib.nullcontext()
 with mg.exclusive_gpu("warm-up"): pass
 records = []
 print("ready", flush=True)
@@ -210,7 +221,7 @@ def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> 
 
 
 def pair(
-    file: str, gated: bool, seconds: float, body: float, timeout: str, home: Path
+    file: str, mode: str, seconds: float, body: float, timeout: str, home: Path
 ) -> dict[str, Any]:
     """Two processes × one thread, bodies of ``body`` s: bodies, span, hand-over gaps (µs),
     overlaps."""
@@ -219,7 +230,7 @@ def pair(
         _spawn(
             PAIR,
             file,
-            "gate" if gated else "none",
+            mode,
             str(seconds),
             str(body),
             timeout,
@@ -247,16 +258,16 @@ def pair(
 
 
 def pairs(
-    configs: dict[str, tuple[str, bool, float, str]], rounds: int, seconds: float, home: Path
+    configs: dict[str, tuple[str, str, float, str]], rounds: int, seconds: float, home: Path
 ) -> dict[str, dict[str, Any]]:
-    """Each ``name: (file, gated, body, timeout)`` run ``rounds`` times, the configurations
+    """Each ``name: (file, mode, body, timeout)`` run ``rounds`` times, the configurations
     taking turns (drift of a shared machine hits all alike); runs pooled per name."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     names = list(configs)
     for r in range(rounds):
         for i, name in enumerate(names[r % len(names) :] + names[: r % len(names)]):
-            file, gated, body, timeout = configs[name]
-            runs[name].append(pair(file, gated, seconds, body, timeout, home / f"{r}-{i}"))
+            file, mode, body, timeout = configs[name]
+            runs[name].append(pair(file, mode, seconds, body, timeout, home / f"{r}-{i}"))
     out = {}
     for name, done in runs.items():
         gaps = [g for run in done for g in run["gaps"]]
@@ -346,9 +357,12 @@ def main() -> int:
         )
         c = pairs(
             {
-                f"timeout {timeout}, {version}": (files[version], True, 0.002, timeout)
-                for timeout in ("none", "60")
-                for version in ("before", "after")
+                **{
+                    f"timeout {timeout}, {version}": (files[version], "gate", 0.002, timeout)
+                    for timeout in ("none", "60")
+                    for version in ("before", "after")
+                },
+                "-, a bare blocking flock": (files["after"], "flock", 0.002, "none"),
             },
             args.rounds,
             args.seconds,
@@ -356,7 +370,7 @@ def main() -> int:
         )
         rows = [
             [
-                "None" if key.startswith("timeout none") else "60",
+                "None" if key.startswith("timeout none") else key.split(",")[0][8:] or "-",
                 key.split(", ")[1],
                 r["handovers"],
                 f"{r['gap_p50_us']:.0f}",
@@ -374,7 +388,7 @@ def main() -> int:
             {
                 f"body {body * 1000:g} ms, {version}": (
                     files["after" if version == "no gate" else version],
-                    version != "no gate",
+                    "none" if version == "no gate" else "gate",
                     body,
                     "none",
                 )

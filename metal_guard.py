@@ -6203,14 +6203,13 @@ class _HostLock:
             import json
 
             info = {**_holder_info(label, now), "thread": thread, "since": 0.0}
-            text = json.dumps({**info, "started_at": "\0"})
-            before, _, after = text.partition('"\\u0000"')
-            fits = len(text) + 60 < _HOLDER_BYTES  # else ``hold`` shortens it
+            first = json.dumps({k: info[k] for k in ("pid", "label")})[:-1]
+            rest = json.dumps({k: info[k] for k in ("cmdline", "thread")})[1:-1]
+            lead, trail = f'{first}, "started_at": ', f", {rest}, " + '"since": '
+            fits = len(lead) + len(trail) + 60 < _HOLDER_BYTES  # else ``hold`` shortens it
             if len(self._parts) > 256:
                 self._parts.clear()
-            parts = self._parts[key] = (
-                (info, before.encode(), after[:-4].encode()) if fits else None
-            )
+            parts = self._parts[key] = (info, lead.encode(), trail.encode()) if fits else None
         if parts is None:
             self.hold(path, {**_holder_info(label, now), "thread": thread, "since": now})
             return
@@ -6317,15 +6316,17 @@ class _HostLock:
         }
 
 
-_stamp_memo: list[Any] = [None, ""]  # [whole second, its started_at text]
+_stamp_memo: list[tuple[int, str]] = [(-1, "")]  # (whole second, its started_at text)
 
 
 def _utc_stamp(now: float) -> str:
     """``now`` as the original's ``started_at`` (UTC, whole seconds), formatted once a second."""
-    second = int(now)
-    if _stamp_memo[0] != second:
-        _stamp_memo[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
-    return str(_stamp_memo[1])
+    second, text = _stamp_memo[0]
+    if second != int(now):
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _stamp_memo[0] = (second, text)
+    return text
 
 
 def _holder_info(label: str, now: float) -> dict[str, Any]:

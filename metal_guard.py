@@ -5938,8 +5938,8 @@ kv_tracker = KVGrowthTracker()
 # How a process waits decides how fast the gate changes hands, which matters
 # when it is taken per decode step (``metal-guard run``: steps of 2-20 ms).
 # Without a timeout (``run`` has none) it blocks in ``flock``: the kernel wakes
-# it as the holder leaves, about 0.1 ms from release to acquire on a 2-core box
-# where the 2 ms polling of before took 0.3-0.4 ms (bench/bench_gate.py); its
+# it as the holder leaves: 0.14 ms (median) from release to acquire on a 2-core
+# box where the 2 ms polling of before took 0.53 ms (bench/bench_gate.py); its
 # once-a-minute warning comes from one helper thread per process, alive only
 # while someone waits. A blocking ``flock`` cannot time out, so with a timeout it
 # polls, every 50 µs at first, doubling to every 2 ms. The releaser's wait for

@@ -1015,7 +1015,8 @@ def _read_json_object(
 # The OS lock is the truth: a holder that dies releases it by dying. A lock
 # whose job is to exclude never runs silently unlocked. A waiter blocked in
 # ``flock`` cannot wake to say it still waits: ``_ticker()`` calls its ``pause``
-# from one thread per process, alive only while someone is blocked.
+# from one thread per process, which ends at its next wake-up once nobody is
+# blocked (not at once: waking it would compete with the new holder).
 #
 # Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state, _ticker
 # Uses: Prelude, Files
@@ -5940,8 +5941,8 @@ kv_tracker = KVGrowthTracker()
 # Without a timeout (``run`` has none) it blocks in ``flock``: the kernel wakes
 # it as the holder leaves: 0.14 ms (median) from release to acquire on a 2-core
 # box where the 2 ms polling of before took 0.53 ms (bench/bench_gate.py); its
-# once-a-minute warning comes from one helper thread per process, alive only
-# while someone waits. A blocking ``flock`` cannot time out, so with a timeout it
+# once-a-minute warning comes from one helper thread per process, which ends
+# within a minute once nobody waits. A blocking ``flock`` cannot time out, so with a timeout it
 # polls, every 50 µs at first, doubling to every 2 ms. The releaser's wait for
 # the record also starts at 50 µs: the waiter takes the gate within that.
 #

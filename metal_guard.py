@@ -691,17 +691,34 @@ def _forget_warnings() -> None:
 # protected (a lock acquire gives back what it just took, so "raised" always
 # means "not taken"). A function decorated ``@_defers_interrupts`` (a lock's
 # release) is critical from its first instruction: a signal that lands before
-# its block begins is raised at that block's end. A handler that must not
-# raise at all sets a flag.
+# its block begins is raised at that block's end. A blocking call inside a
+# block that can unwind from there runs as ``with _unwinding_wait():`` (the
+# interrupt raises at once). A handler that must not raise at all sets a flag.
 #
 # Provides: _checkpoint, _critical, _defers_interrupts, _interrupt, _on_macos, _pid_alive,
-#   _pid_running, _platform, _run_bounded, _stop_process
+#   _pid_running, _platform, _run_bounded, _stop_process, _unwinding_wait
 # Uses: Prelude
 # =============================================================================
 
 _critical_depth: dict[int, int] = {}  # thread ident → nesting of ``_critical`` blocks
 _pending_interrupts: dict[int, BaseException] = {}  # thread ident → interrupt raised at block end
 _critical_codes: set[object] = set()  # code of functions that are critical from their start
+_unwinding_waits: set[int] = set()  # threads blocked where a stop may unwind at once
+
+
+class _unwinding_wait:
+    """``with _unwinding_wait(): <a blocking call>`` inside a ``_critical`` block:
+    an interrupt raises at once (the caller unwinds cleanly from there) instead
+    of waiting for the block's end, which a blocking call might never reach."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _checkpoint()
+        _unwinding_waits.add(_thread.get_ident())
+
+    def __exit__(self, *exc: object) -> None:
+        _unwinding_waits.discard(_thread.get_ident())
 
 
 def _defers_interrupts(fn: _F) -> _F:
@@ -721,7 +738,7 @@ def _interrupt(exc: BaseException, frame: object = None) -> None:
     """
     me = _thread.get_ident()
     outer: Any = frame
-    deferred = bool(_critical_depth.get(me))
+    deferred = bool(_critical_depth.get(me)) and me not in _unwinding_waits
     for _ in range(8):  # the interrupted function and its few callers
         if deferred or outer is None:
             break
@@ -1137,9 +1154,14 @@ def _read_json_object(
 # whose job is to exclude never runs silently unlocked. Acquire and release
 # run inside ``_critical`` (0.2): a stop raised by a signal handler never
 # lands between the system call and the bookkeeping, and any other exception
-# there closes the descriptor, so the lock stays usable whatever happens.
+# there closes the descriptor, so the lock stays usable whatever happens. A
+# wait without a deadline blocks in ``flock`` (the kernel wakes it as the holder
+# leaves) as an unwinding wait of 0.2, so a stop still ends it at once. Such a
+# waiter cannot wake to say it still waits: ``_ticker()`` calls its ``pause``
+# from one thread per process, which ends at its next wake-up once nobody is
+# blocked (not at once: waking it would compete with the new holder).
 #
-# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state
+# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state, _ticker
 # Uses: Prelude, Processes, Files
 # =============================================================================
 
@@ -1227,8 +1249,15 @@ def _drop_locks_after_fork() -> None:
     _lock_states_guard = _thread.allocate_lock()
 
 
+_lock_keys: dict[str, str] = {}  # an absolute path → its normal form (cwd cannot change it)
+
+
 def _lock_state(path: str) -> _LockState:
-    key = os.path.abspath(path)
+    key = _lock_keys.get(path)
+    if key is None:
+        key = os.path.abspath(path)
+        if os.path.isabs(path) and len(_lock_keys) < 1024:
+            _lock_keys[path] = key
     with _lock_states_guard:
         state = _lock_states.get(key)
         if state is None or state.pid != os.getpid():  # a forked child holds nothing
@@ -1249,7 +1278,8 @@ class _FileLock:
     threads wait; with ``per_thread=False`` (the MLX lock) the whole process
     is the holder, and the OS lock is released by the last ``release()``.
 
-    ``timeout`` ``None`` waits forever, ``0`` tries once; expiry raises
+    ``timeout`` ``None`` waits forever (blocked in ``flock``: the kernel wakes
+    the waiter as the holder leaves), ``0`` tries once; expiry raises
     ``StateLockTimeout``. Where ``flock`` is unsupported an exclusion lock
     (``must_exclude=True``) raises ``LockUnsupported`` naming ``env_var``;
     a state-file lock logs one WARNING and runs unlocked.
@@ -1346,7 +1376,11 @@ class _FileLock:
             delay = 0.001
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if deadline is None:  # block in the kernel: woken as the holder leaves
+                        with _unwinding_wait():
+                            fcntl.flock(fd, fcntl.LOCK_EX)
+                    else:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     locked = True
                     return fd
                 except OSError as exc:
@@ -1408,6 +1442,59 @@ class _FileLock:
     @_defers_interrupts
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class _Ticker:
+    """Calls the ``pause()`` of waiters blocked in the kernel (which ticks when due), from
+    one thread per process; the thread ends once nobody is blocked at its next wake-up."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting: dict[object, Callable[[], float]] = {}
+        self.running = self.added = False
+        self.pid = os.getpid()
+
+    def add(self, key: object, pause: Callable[[], float]) -> None:
+        with self.cond:
+            self.waiting[key] = pause
+            if self.running:
+                self.added = True
+                self.cond.notify()
+                return
+            self.running = True
+        import threading
+
+        threading.Thread(target=self._run, name="metal_guard lock waits", daemon=True).start()
+
+    def remove(self, key: object) -> None:
+        with self.cond:  # no wake-up: the thread finds out at its next one
+            self.waiting.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                if not self.waiting:
+                    self.running = False
+                    return
+                pauses, self.added = list(self.waiting.values()), False
+            wait = min(min(pause() for pause in pauses), 3600.0)  # ticks those due
+            with self.cond:
+                if not self.added:  # one added meanwhile: look again at once
+                    self.cond.wait(wait)
+
+
+_tickers: list[_Ticker] = []
+
+
+def _ticker() -> _Ticker:
+    """This process's ``_Ticker`` (a forked child starts its own; two made at once both work)."""
+    ticker = _tickers[0] if _tickers else None
+    if ticker is None or ticker.pid != os.getpid():
+        ticker = _Ticker()
+        _tickers[:] = [ticker]
+    return ticker
 
 
 # =============================================================================
@@ -6235,13 +6322,24 @@ kv_tracker = KVGrowthTracker()
 # holds it, whatever the file says.
 #
 # The gate is fair (``flock`` alone is not: a process that releases and retakes
-# it keeps it; a blocking ``flock`` would queue, but cannot time out). Threads
-# of a process queue first-come first-served; the head speaks for its process.
-# A process that finds the gate busy holds a shared lock on ``<lock>.queue``
-# while it polls (every 2 ms at most). A releaser that saw such a waiter does
-# not retake the gate until the record shows that someone else took it, nobody
-# waits any more, or 0.25 s passed (a waiter stopped by SIGSTOP): busy processes
-# alternate. Only OS locks and one record: a process that dies leaves nothing.
+# it keeps it). Threads of a process queue first-come first-served; the head
+# speaks for its process. A process that finds the gate busy holds a shared lock
+# on ``<lock>.queue`` while it waits. A releaser probes the queue right after it
+# let go and, if someone waits, yields its CPU (the woken waiter may be queued
+# on it) and does not retake the gate until the record shows that someone else
+# took it, nobody waits any more, or 0.25 s passed (a waiter stopped by
+# SIGSTOP): busy processes alternate. Only OS locks and one record: a process
+# that dies leaves nothing.
+#
+# How a process waits decides how fast the gate changes hands, which matters
+# when it is taken per decode step (``metal-guard run``: steps of 2-20 ms).
+# Without a timeout (``run`` has none) it blocks in ``flock``: the kernel wakes
+# it as the holder leaves: 0.14 ms (median) from release to acquire on a 2-core
+# box where the 2 ms polling of before took 0.53 ms (bench/bench_gate.py); its
+# once-a-minute warning comes from one helper thread per process, which ends
+# within a minute once nobody waits. A blocking ``flock`` cannot time out, so with a timeout it
+# polls, every 50 µs at first, doubling to every 2 ms. The releaser's wait for
+# the record also starts at 50 µs: the waiter takes the gate within that.
 #
 # The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
 # holder and waits for the lock to come free; it never sends SIGKILL.
@@ -6260,7 +6358,8 @@ _MLX_LOCK_GRACE_SEC = 0.5
 _HOLDER_CMDLINE_MAX = 300
 _HOLDER_LABEL_MAX = 200
 _HOLDER_BYTES = 2048  # a holder record is padded to this size: one write, no torn tail
-_FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock tries it at least this often
+_FAIR_POLL_MIN = 0.00005  # a polling waiter's first pause; it doubles up to the next one
+_FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock with a timeout tries it this often
 _FAIR_DEFER_MAX = 0.25  # a releaser waits no longer for a waiter to take its turn (a stopped one)
 
 
@@ -6342,6 +6441,8 @@ class _HostLock:
         self.per_thread = self.fair = gate
         self.extra: dict[str, Any] = {"thread": "", "since": None} if gate else {}
         self.mine: dict[str, dict[str, Any]] = {}  # lock path → this process's holder
+        # (label, thread, pid) → the holder record's fixed parts, for ``hold_turn``
+        self._parts: dict[tuple[str, str, int], tuple[dict[str, Any], bytes, bytes] | None] = {}
         self.guard = _thread.allocate_lock()  # for ``mine`` of a per-process lock
         self._turns: dict[str, _Turns] = {}
 
@@ -6400,7 +6501,7 @@ class _HostLock:
                 turns.cond.notify_all()
                 raise
         try:
-            self._take_turn(path, lock, turns, pause)
+            self._take_turn(path, lock, turns, pause, block=timeout is None, ticks=tick is not None)
         except BaseException:
             if state.count and state.owner == _thread.get_ident():  # taken as it came: give back
                 lock.release()
@@ -6411,17 +6512,25 @@ class _HostLock:
         return True
 
     def _take_turn(
-        self, path: str, lock: _FileLock, turns: _Turns, pause: Callable[[], float]
+        self,
+        path: str,
+        lock: _FileLock,
+        turns: _Turns,
+        pause: Callable[[], float],
+        *,
+        block: bool,
+        ticks: bool,
     ) -> None:
-        """The head thread takes the OS lock for its process, after those who waited."""
-        delay, until = 0.0001, time.monotonic() + _FAIR_DEFER_MAX
+        """The head thread takes the OS lock for its process, after those who waited:
+        blocked in ``flock`` when it may wait forever (``block``), else polling."""
+        delay, until = _FAIR_POLL_MIN, time.monotonic() + _FAIR_DEFER_MAX
         while turns.left is not None:  # our last release was awaited: let a waiter go first
             if self._handed_over(path, turns.left) or time.monotonic() > until:
                 turns.left = None
                 break
             time.sleep(min(delay, pause()))
             delay = min(delay * 2, _FAIR_POLL_MAX)
-        queue, delay = None, 0.0001
+        queue, delay = None, _FAIR_POLL_MIN
         try:
             while True:
                 try:
@@ -6429,6 +6538,16 @@ class _HostLock:
                     return
                 except StateLockTimeout:
                     queue = queue if queue is not None else self._join_queue(path + ".queue")
+                if block:  # a releaser probes the queue after it let go: it sees us there
+                    ticker, key = _ticker() if ticks else None, object()
+                    if ticker is not None:
+                        ticker.add(key, pause)
+                    try:
+                        lock.acquire(None)
+                    finally:
+                        if ticker is not None:
+                            ticker.remove(key)
+                    return
                 time.sleep(min(delay, pause()))
                 delay = min(delay * 2, _FAIR_POLL_MAX)
         finally:
@@ -6452,12 +6571,12 @@ class _HostLock:
     @staticmethod
     def _handed_over(path: str, left: bytes) -> bool:
         """Someone took the lock since we left ``left`` in it, or nobody waits any more."""
-        if _lock_probe(path + ".queue", exclusive=True) is not True:
-            return True
         try:
-            return _read_bounded(path, len(left)) != left
+            if _read_bounded(path, len(left)) != left:  # the usual answer, from one read
+                return True
         except OSError:
             return True
+        return _lock_probe(path + ".queue", exclusive=True) is not True
 
     def hold(self, path: str, info: dict[str, Any]) -> dict[str, Any]:
         """Record ``info`` as the holder (this process's memory and the lock file)."""
@@ -6471,6 +6590,31 @@ class _HostLock:
         self._write(path, _lock_state(path).fd, data)
         return dict(info)
 
+    def hold_turn(self, path: str, label: str, thread: str, now: float) -> None:
+        """``hold`` for the gate, on the path from one holder to the next: what stays the
+        same from one hold to the next (pid, label, command line, thread) is encoded once."""
+        key = (label, thread, os.getpid())
+        parts = self._parts.get(key)
+        if parts is None:
+            import json
+
+            info = {**_holder_info(label, now), "thread": thread, "since": 0.0}
+            first = json.dumps({k: info[k] for k in ("pid", "label")})[:-1]
+            rest = json.dumps({k: info[k] for k in ("cmdline", "thread")})[1:-1]
+            lead, trail = f'{first}, "started_at": ', f", {rest}, " + '"since": '
+            fits = len(lead) + len(trail) + 60 < _HOLDER_BYTES  # else ``hold`` shortens it
+            if len(self._parts) > 256:
+                self._parts.clear()
+            parts = self._parts[key] = (info, lead.encode(), trail.encode()) if fits else None
+        if parts is None:
+            self.hold(path, {**_holder_info(label, now), "thread": thread, "since": now})
+            return
+        fixed, head, tail = parts
+        stamp = _utc_stamp(now)
+        self.mine[path] = {**fixed, "started_at": stamp, "since": now}
+        data = b"".join((head, b'"', stamp.encode(), b'"', tail, repr(now).encode(), b"}"))
+        self._write(path, _lock_state(path).fd, data)
+
     def release(self, path: str) -> bool:
         """Drop one hold; True when this released the OS lock. Never raises."""
         lock, state = self.file_lock(path), _lock_state(path)
@@ -6482,8 +6626,12 @@ class _HostLock:
             state.fd,
             f'{{"pid": null, "free": "{os.getpid()}:{time.monotonic_ns()}"}}'.encode(),
         )
-        awaited = self.fair and _lock_probe(path + ".queue", exclusive=True) is True
         lock.release()
+        # probed after the release, off the waiter's path: a waiter still queued now was
+        # queued before (it holds the queue while it waits, until it has the lock)
+        awaited = self.fair and _lock_probe(path + ".queue", exclusive=True) is True
+        if awaited and hasattr(os, "sched_yield"):
+            os.sched_yield()  # the waiter just woken may be queued behind us on this CPU
         if self.fair:
             turns = self.turns(path)
             with turns.cond:
@@ -6564,12 +6712,25 @@ class _HostLock:
         }
 
 
+_stamp_memo: list[tuple[int, str]] = [(-1, "")]  # (whole second, its started_at text)
+
+
+def _utc_stamp(now: float) -> str:
+    """``now`` as the original's ``started_at`` (UTC, whole seconds), formatted once a second."""
+    second, text = _stamp_memo[0]
+    if second != int(now):
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _stamp_memo[0] = (second, text)
+    return text
+
+
 def _holder_info(label: str, now: float) -> dict[str, Any]:
     """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
     return {
         "pid": os.getpid(),
         "label": label[:_HOLDER_LABEL_MAX],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "started_at": _utc_stamp(now),
         "cmdline": _cmdline(),
     }
 
@@ -6785,7 +6946,8 @@ class mlx_exclusive_lock(_ContextDecorator):
 # (``gpu.lock``, reentrant per thread): waiting threads and processes get their
 # turn, so two busy programs alternate instead of one keeping it. Uncontended
 # it costs about two ``flock`` pairs and two ``pwrite`` calls (the holder's
-# record, then the free one); see ``bench/bench_gate.py``.
+# record, whose fixed parts are encoded once per label and thread, then the
+# free one); see ``bench/bench_gate.py``.
 #
 # Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _GPU_GATE, _gpu_gate_held_here,
 #   _gpu_lock_path
@@ -6885,10 +7047,7 @@ class exclusive_gpu:
         if took:
             import threading
 
-            now = time.time()
-            info = _holder_info(self.label, now)
-            info.update(thread=threading.current_thread().name, since=now)
-            _GPU_GATE.hold(path, info)
+            _GPU_GATE.hold_turn(path, self.label, threading.current_thread().name, time.time())
         return True
 
     def __exit__(self, *exc: object) -> None:

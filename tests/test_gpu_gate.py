@@ -91,15 +91,16 @@ def test_four_processes_two_threads_each_never_overlap_with_the_gate(mg_home: st
 
 
 # Two processes × two threads, each taking the gate in a tight loop (release → retake at
-# once). ``gate`` uses exclusive_gpu; ``bare`` the same loop on a plain flock (_FileLock),
-# which is what the gate was: the control proves the count can fail.
+# once). ``gate`` uses exclusive_gpu; ``bare`` the same loop on a plain flock polled until a
+# deadline (_FileLock with a timeout), which is what the gate was: the control proves the
+# count can fail. (A flock blocked in the kernel, _FileLock(path, None), hands over more.)
 TIGHT_LOOP = r"""
 import json, sys, threading, time
 import metal_guard as mg
 mode, path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 records = []
 def gate():
-    return mg.exclusive_gpu("loop") if mode == "gate" else mg._FileLock(path, None)
+    return mg.exclusive_gpu("loop") if mode == "gate" else mg._FileLock(path, 3600.0)
 def work():
     for _ in range(rounds):
         with gate():
@@ -231,6 +232,141 @@ def test_a_holder_killed_mid_body_frees_the_gate(mg_home: str) -> None:
         mine = mg.read_gpu_gate()
         assert mine is not None and (mine["pid"], mine["label"]) == (os.getpid(), "next")
     assert mg.read_gpu_gate() is None
+
+
+def _wait_until_queued(mg_home: str) -> None:
+    """Until a process holds the gate's queue: it found the gate busy and waits."""
+    queue = str(Path(mg_home) / "gpu.lock.queue")
+    deadline = time.monotonic() + 30
+    while mg._lock_probe(queue, exclusive=True) is not True:
+        assert time.monotonic() < deadline, f"nobody queued on {queue} within 30 s"
+        time.sleep(0.01)
+
+
+def _blocked_in_flock(pid: int) -> bool | None:
+    """Whether ``pid``'s main thread sleeps in the kernel's lock wait, from 50 looks at
+    Linux's ``/proc/<pid>/wchan`` ("0" while it runs); None where that cannot tell."""
+    seen: set[str] = set()
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/wchan", encoding="ascii") as f:
+                wchan = f.read()
+        except OSError:
+            return None
+        if "lock" in wchan:
+            return True
+        seen.add(wchan)
+        time.sleep(0.02)
+    return None if seen <= {"", "0"} else False
+
+
+@pytest.mark.multiprocess
+def test_a_waiter_without_timeout_is_handed_the_gate_when_its_holder_is_killed(
+    mg_home: str,
+) -> None:
+    """A waiter with no timeout sleeps in ``flock`` (no polling); SIGKILL of the holder
+    wakes it with the gate: a dead holder never leaves the gate stuck."""
+    holder = python_child(HOLDER, "doomed")
+    waiter = None
+    try:
+        assert read_line(holder) == "inside"
+        waiter = python_child(HOLDER, "patient")
+        _wait_until_queued(mg_home)
+        blocked = _blocked_in_flock(waiter.pid)
+        assert blocked in (True, None), "a waiter without timeout must sleep in flock"
+        assert mg.read_gpu_gate()["pid"] == holder.pid  # type: ignore[index]
+        holder.kill()
+        holder.wait(timeout=30)
+        assert read_line(waiter, timeout=30) == "inside"
+        now = mg.read_gpu_gate()
+        assert now is not None and (now["pid"], now["label"]) == (waiter.pid, "patient")
+    finally:
+        stop_child(holder)
+        if waiter is not None:
+            stop_child(waiter)
+    assert mg.read_gpu_gate() is None
+
+
+TIMED_WAITER = r"""
+import sys, time
+import metal_guard as mg
+started = time.monotonic()
+try:
+    with mg.exclusive_gpu("timed", timeout=float(sys.argv[1])):
+        print("ran", flush=True)
+except mg.GPUBusy as exc:
+    print(f"busy {time.monotonic() - started:.3f} {exc.holder and exc.holder['pid']}", flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_timed_waiter_raises_gpubusy_after_its_timeout_while_an_untimed_one_waits_on(
+    mg_home: str,
+) -> None:
+    """Beside a waiter that sleeps in ``flock``, one with a timeout still gives up after
+    about its timeout naming the holder, which keeps the gate; the untimed one gets it
+    once the holder leaves."""
+    holder = python_child(HOLDER, "keeper")
+    patient = timed = None
+    try:
+        assert read_line(holder) == "inside"
+        patient = python_child(HOLDER, "patient")
+        _wait_until_queued(mg_home)
+        timed = python_child(TIMED_WAITER, "1.0")
+        word, waited, pid = read_line(timed, timeout=60).split()
+        assert word == "busy" and pid == str(holder.pid)
+        assert 1.0 <= float(waited) < 10.0, waited
+        assert mg.read_gpu_gate()["pid"] == holder.pid  # type: ignore[index]
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert read_line(patient, timeout=30) == "inside"
+        assert mg.read_gpu_gate()["label"] == "patient"  # type: ignore[index]
+    finally:
+        for proc in (holder, patient, timed):
+            if proc is not None:
+                stop_child(proc)
+
+
+def test_a_waiter_blocked_in_flock_still_logs_its_warnings_and_the_helper_thread_ends(
+    mg_home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The once-per-interval warning of a waiter asleep in ``flock`` (the holder is another
+    process) comes from a helper thread, which is gone once nobody waits."""
+    monkeypatch.setattr(mg, "_GPU_WAIT_WARN_SEC", 0.2)
+    caplog.set_level(logging.WARNING, logger="metal_guard")
+    holder = python_child(HOLDER, "other process")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+
+    def let_go() -> None:
+        deadline = time.monotonic() + 20
+        while len(warnings()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+
+    try:
+        assert read_line(holder) == "inside"
+        releaser = threading.Thread(target=let_go)
+        releaser.start()
+        started = time.monotonic()
+        with mg.exclusive_gpu("blocked"):
+            waited = time.monotonic() - started
+        releaser.join(30)
+    finally:
+        stop_child(holder)
+    got = warnings()
+    assert 3 <= len(got) <= waited / 0.2 + 1, (len(got), waited)
+    assert all(f"pid {holder.pid}" in w and "'other process'" in w for w in got)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "metal_guard lock waits" not in [t.name for t in threading.enumerate()]:
+            break
+        time.sleep(0.02)
+    assert "metal_guard lock waits" not in [t.name for t in threading.enumerate()]
 
 
 def test_reentrant_in_one_thread_other_threads_wait(mg_home: str) -> None:

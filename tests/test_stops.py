@@ -269,6 +269,37 @@ def test_an_interrupt_while_waiting_for_another_process(
     _usable(lock, probe)
 
 
+def test_a_real_signal_ends_a_wait_blocked_in_the_kernel(
+    tmp_path: Path, probe: Callable[[], str]
+) -> None:
+    """A wait without a deadline blocks in ``flock`` (the GPU gate's waiters do): a stop
+    delivered by a real signal still ends it at once, inside the acquire's critical block,
+    and leaves no descriptor and no half-taken state behind."""
+    path = str(tmp_path / "x.lock")
+    lock = mg._FileLock(path, None)
+    fds = _open_fds()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        mg._interrupt(Stop(), frame)
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with holding_lock_in_child(path):
+            fds_with_holder = _open_fds()
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            started = time.monotonic()
+            with pytest.raises(Stop):
+                lock.acquire()  # would block until the holder leaves: it never does
+            assert time.monotonic() - started < 5
+            assert mg._pending_interrupts == {} and mg._critical_depth == {}
+            _assert_clean(lock, fds_with_holder)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    _assert_clean(lock, fds)
+    _usable(lock, probe)
+
+
 def test_an_interrupt_while_waiting_for_another_thread(
     tmp_path: Path, probe: Callable[[], str]
 ) -> None:

@@ -10838,9 +10838,11 @@ def shutdown_all_workers() -> None:
 # The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
 # ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
 # cadence admission that waits, each forward-pass step under the GPU gate (streams
-# synchronized before release), the per-request flush, SIGTERM as Ctrl-C (held back
-# while the main thread is inside a lock step), unloads recorded. A hook whose
-# target this version lacks is named once on stderr and skipped.
+# synchronized before release; mlx_lm.server's loop, which steps back to back and
+# waits only for requests, keeps a turn up to 20 ms), the per-request flush,
+# SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
+# unloads recorded. A hook whose target this version lacks is named once on
+# stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
 # Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
@@ -10853,6 +10855,7 @@ _EXIT_GPU_STUCK = 71  # reserved: stuck GPU work
 _RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
 _RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
 _RUN_NOTE_EVERY_SEC = 5.0
+_RUN_TURN_SLICE_SEC = 0.02  # mlx_lm.server's loop keeps its turn across steps this long at most
 _RUN_CADENCE_SLACK_SEC = 0.05
 _RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
 _RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
@@ -10876,6 +10879,7 @@ _RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
     ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
     ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
     ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
+    ("mlx_lm.server", "ResponseGenerator._next_request", "idle", ">=0.31"),
     ("mlx_vlm.utils", "load", "load", ""),
     ("mlx_vlm.generate", "generate_step", "step", ""),
     ("mlx_vlm.generate", "stream_generate", "request", ""),
@@ -10895,7 +10899,6 @@ class _RunState:
         self.installed = False
         self.gate_on = True
         self.gate_log: str | None = None
-        self.gate_label = "run"
         self.main_ident = 0
         self.gate_wait = 0.0
         self.gate_wait_noted = time.monotonic()
@@ -10974,19 +10977,12 @@ def _run_after_import(name: str) -> None:
             _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
 
 
-def _run_say(text: str) -> None:
-    try:
-        sys.stderr.write(f"metal-guard: {text}\n")
-    except Exception:  # a closed stderr: nothing to tell
-        pass
-    _run_flush_stdio()
-
-
-def _run_flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
+def _run_say(text: str | None) -> None:
+    """One line on stderr (``None``: nothing); stdout and stderr flushed either way."""
+    for stream, line in ((sys.stderr, text), (sys.stdout, None), (sys.stderr, None)):
         try:
-            stream.flush()
-        except Exception:  # a closed stream
+            stream.write(f"metal-guard: {line}\n") if line else stream.flush()
+        except Exception:  # a closed stream: nothing to tell
             pass
 
 
@@ -11000,8 +10996,7 @@ def _run_on_mlx() -> None:
     _run.local = threading.local()
     _run.gate_on = _env_bool("METALGUARD_RUN_GPU_GATE", True)
     _run.gate_log = _env_path(_RUN_GATE_LOG_ENV, None)
-    _run.gate_label = f"run:{os.getpid()}"
-    _run.gate = exclusive_gpu(_run.gate_label)
+    _run.gate = exclusive_gpu(f"run:{os.getpid()}")
     _run_wired_policy()
     import atexit
 
@@ -11058,6 +11053,16 @@ class _GpuTurn:
         gate, local = _run.gate, _run_local()
         if not _run.gate_on or gate is None or getattr(local, "turn", False):
             return self  # nested in a turn of this thread: that one synchronizes and releases
+        kept = getattr(local, "kept", None)  # the server loop's turn, kept since its last step
+        if kept is not None:
+            local.kept = None
+            if time.monotonic() - kept.start < _RUN_TURN_SLICE_SEC:
+                self.gate, self.start, local.turn = kept.gate, kept.start, True
+                self.streams = kept.streams + tuple(
+                    s for s in self.streams if s not in kept.streams
+                )
+                return self
+            kept.let_go()
         asked = time.monotonic()
         with _critical(undo=self._release):  # a stop while taking it gives it back
             gate.__enter__()
@@ -11067,9 +11072,18 @@ class _GpuTurn:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.gate is not None:
-            with _critical():
-                self._release()
+        if self.gate is None:
+            return
+        local = _run_local()
+        young = time.monotonic() - self.start < _RUN_TURN_SLICE_SEC
+        if young and exc[0] is None and getattr(local, "keep", False):
+            local.turn, local.kept = False, self  # released at the next step or wait
+            return
+        self.let_go()
+
+    def let_go(self) -> None:
+        with _critical():
+            self._release()
 
     def _release(self) -> None:
         gate, self.gate = self.gate, None
@@ -11086,6 +11100,14 @@ class _GpuTurn:
                 _run_log_turn(self.start, time.monotonic())
         finally:
             gate.__exit__(None, None, None)
+
+
+def _run_end_kept_turn() -> None:
+    """Release the turn the server loop kept (before it waits, loads or ends)."""
+    local = _run_local()
+    kept, local.kept = getattr(local, "kept", None), None
+    if kept is not None:
+        kept.let_go()
 
 
 def _run_log_turn(start: float, end: float) -> None:
@@ -11126,7 +11148,7 @@ def _run_refuse_exit(text: str) -> NoReturn:
     _run_say(f"refused: {text}")
     if _thread.get_ident() == _run.main_ident:
         raise SystemExit(_EXIT_REFUSED)
-    _run_flush_stdio()
+    _run_say(None)
     os._exit(_EXIT_REFUSED)
 
 
@@ -11190,6 +11212,7 @@ def _run_wrap_load(fn: Callable[..., Any]) -> Callable[..., Any]:
         local = _run_local()
         if model_id is None or getattr(local, "loading", False):
             return fn(*args, **kwargs)
+        _run_end_kept_turn()  # a load is no step
         _run_record_unloads()
         warn_if_known_panic_model(model_id)
         scope = _run_admit(model_id)  # a wait here stays interruptible (SIGTERM, Ctrl-C)
@@ -11298,10 +11321,9 @@ def _run_wrap_request(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_finished(out: object) -> int:
-    """How many responses of a BatchGenerator step carry a finish reason."""
-    items = list(out) if isinstance(out, (list, tuple)) else []
-    if isinstance(out, tuple):
-        items = [r for part in items for r in (part if isinstance(part, list) else [part])]
+    """How many responses of a BatchGenerator step (a list, or a tuple of lists) finished."""
+    parts = out if isinstance(out, tuple) else (out,)
+    items = [r for part in parts for r in (part if isinstance(part, list) else [part])]
     return sum(1 for r in items if getattr(r, "finish_reason", None) is not None)
 
 
@@ -11339,19 +11361,36 @@ def _run_wrap_batch_insert(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_wrap_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        local = _run_local()
+        # the loop steps back to back and waits only in _next_request: a turn may span steps
+        waits = getattr(type(self), "_next_request", None)
+        local.keep = getattr(waits, _RUN_MARK, None) is not None
         try:
             return fn(self, *args, **kwargs)
         except Exception as exc:
+            _run_end_kept_turn()
             if getattr(self, "_stop", False):
                 raise
             text = f"mlx_lm.server generation thread died: {type(exc).__name__}: {_label(exc)}"
             _breadcrumb(f"RUN_GENERATION_DEAD: {text}")
             _run_say(f"{text}; exiting with {_EXIT_GENERATION_DEAD}")
             _run_at_exit()
-            _run_flush_stdio()
+            _run_say(None)
             os._exit(_EXIT_GENERATION_DEAD)
+        finally:
+            local.keep = False
+            _run_end_kept_turn()
 
     return _generate
+
+
+def _run_wrap_idle(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _next_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if (args[0] if args else kwargs.get("timeout")) is not None:
+            _run_end_kept_turn()  # about to block: the GPU is free for others meanwhile
+        return fn(self, *args, **kwargs)
+
+    return _next_request
 
 
 _RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | None]] = {
@@ -11361,6 +11400,7 @@ _RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | Non
     "batch": _run_wrap_batch,
     "batch-insert": _run_wrap_batch_insert,
     "thread": _run_wrap_thread,
+    "idle": _run_wrap_idle,
 }
 
 

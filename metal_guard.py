@@ -11577,7 +11577,7 @@ class _RunOptions:
     max_restarts: int = 3
     restart_window: float = 600.0
     restart_delay: float | None = None  # None: the cadence's same-model interval
-    wired: str = "off"
+    wired: str | None = None  # None: the child's METALGUARD_WIRED_LIMIT, else off
     wait: bool = True
     gpu_gate: bool = True
 
@@ -11701,12 +11701,14 @@ def _run_child_env(
     if outer and user:
         user = os.pathsep.join(p for p in user.split(os.pathsep) if p != outer)
     env["PYTHONPATH"] = bootstrap + (os.pathsep + user if user else "")
+    env.pop(_RUN_WIRED_ENV, None)  # an outer run's --wired is not this run's
+    if options.wired is not None:
+        env[_RUN_WIRED_ENV] = options.wired
     env.update(
         {
             _RUN_SUPERVISOR_ENV_VAR: str(supervisor),
             "METALGUARD_RUN_MODULE": os.path.abspath(__file__),
             "METALGUARD_RUN_BOOTSTRAP": bootstrap,
-            "METALGUARD_RUN_WIRED": options.wired,
             "METALGUARD_RUN_WAIT": "1" if options.wait else "0",
             "METALGUARD_RUN_GPU_GATE": "1" if options.gpu_gate else "0",
         }
@@ -12437,9 +12439,10 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument(
         "--wired",
         type=_run_wired_arg,
-        default="off",
+        default=None,
         metavar="POLICY",
-        help="wired-limit policy inside a Python program: off, cap, cap:<GiB>, keep (default off)",
+        help="wired-limit policy inside a Python program: off, cap, cap:<GiB>, keep (default: "
+        "METALGUARD_WIRED_LIMIT when set, else off)",
     )
     run.add_argument(
         "--no-wait",

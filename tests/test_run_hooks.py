@@ -152,14 +152,33 @@ mx.set_wired_limit(1 << 30)
 """
 
 
+HALF_GIB = 1 << 29
+
+
 @requires_mlx_lm
-@pytest.mark.parametrize(("policy", "expected"), [("off", [0, 0]), ("keep", [GIB8, 1 << 30])])
+@pytest.mark.parametrize(
+    ("options", "wired_limit_env", "expected"),
+    [
+        (["--wired", "off"], None, [0, 0]),
+        (["--wired", "keep"], None, [GIB8, 1 << 30]),
+        ([], None, [0, 0]),  # run's default: off
+        ([], "cap:0.5", [HALF_GIB, HALF_GIB]),  # no --wired: the user's variable decides
+        (["--wired", "off"], "cap:0.5", [0, 0]),  # --wired wins over the variable
+    ],
+)
 def test_wired_policy_reaches_mlx(
-    spy_dir: str, mg_home: str, tmp_path: Path, policy: str, expected: list[int]
+    spy_dir: str,
+    mg_home: str,
+    tmp_path: Path,
+    options: list[str],
+    wired_limit_env: str | None,
+    expected: list[int],
 ) -> None:
     spy = tmp_path / "wired.txt"
     env = run_env(spy_dir, MG_TEST_WIRED_SPY=str(spy))
-    done = run_cmd(guarded([sys.executable, "-c", _WIRED_PROGRAM], "--wired", policy), env)
+    if wired_limit_env is not None:
+        env["METALGUARD_WIRED_LIMIT"] = wired_limit_env
+    done = run_cmd(guarded([sys.executable, "-c", _WIRED_PROGRAM], *options), env)
     assert done.returncode == 0, done.stderr
     assert [int(x) for x in spy.read_text().split()] == expected
 

@@ -7387,11 +7387,13 @@ def _post_panic_status(*, now: float | None = None) -> dict[str, Any]:
 # fsynced: it only describes running processes). The supervisor writes its entry
 # when a child starts and removes it when it ends; a guarded child adds the time
 # it waited for the GPU gate (``_run_note_gate_wait``, found through
-# ``METALGUARD_RUN_SUPERVISOR``). Entries whose supervisor is gone are ignored on
+# ``METALGUARD_RUN_SUPERVISOR``) and, when a guarded step is stuck, a note that
+# SIGUSR1 tells the supervisor to read (``_run_note_stuck``). Entries whose supervisor is gone are ignored on
 # read and dropped on the next write, so a supervisor killed with SIGKILL leaves
 # nothing behind that ``status`` shows.
 #
-# Provides: _read_runs, _run_forget, _run_note_gate_wait, _run_record, _RUN_SUPERVISOR_ENV_VAR
+# Provides: _read_runs, _run_forget, _run_note_gate_wait, _run_note_stuck, _run_record,
+#   _run_stuck_note, _run_supervisor, _RUN_SUPERVISOR_ENV_VAR
 # Uses: Prelude, Processes, Files, Locks, JSON state files
 # =============================================================================
 
@@ -7475,6 +7477,25 @@ def _run_forget() -> None:
     _runs_update(drop)
 
 
+def _run_supervisor() -> int:
+    """The pid of this program's ``metal-guard run`` (child side), or 0 when not under run."""
+    return _env_int(_RUN_SUPERVISOR_ENV_VAR, 0, minimum=1)
+
+
+def _run_update_mine(change: Callable[[dict[str, Any]], None]) -> None:
+    """``change`` this program's supervisor entry (child side; no-op outside run)."""
+    supervisor = _run_supervisor()
+    if supervisor <= 0:
+        return
+
+    def mine(data: dict[str, Any]) -> None:
+        entry = data.get(str(supervisor))
+        if isinstance(entry, dict):
+            change(entry)
+
+    _runs_update(mine)
+
+
 def _run_note_gate_wait(seconds: float) -> None:
     """Add ``seconds`` waited for the GPU gate to this program's supervisor entry.
 
@@ -7483,16 +7504,40 @@ def _run_note_gate_wait(seconds: float) -> None:
     file lock). Never raises for environment faults.
     """
     waited = _real_arg("seconds", seconds)
-    supervisor = _env_int(_RUN_SUPERVISOR_ENV_VAR, 0, minimum=1)
-    if supervisor <= 0 or waited <= 0:
-        return
+    if waited > 0:
+        _run_update_mine(
+            lambda entry: entry.update(
+                gate_wait_sec=(_number(entry.get("gate_wait_sec")) or 0.0) + waited
+            )
+        )
 
-    def add(data: dict[str, Any]) -> None:
-        entry = data.get(str(supervisor))
-        if isinstance(entry, dict):
-            entry["gate_wait_sec"] = (_number(entry.get("gate_wait_sec")) or 0.0) + waited
 
-    _runs_update(add)
+def _run_note_stuck(label: str, seconds: float) -> None:
+    """Tell the supervisor that a guarded step of this program is stuck (child side).
+
+    Marks the entry (``stuck``: this pid, the step, how long) and wakes the
+    supervisor with SIGUSR1; the supervisor stops the program gracefully and
+    does not restart it. Never raises for environment faults.
+    """
+    import signal
+
+    pid = os.getpid()
+    note = {"pid": pid, "step": _label(label), "seconds": round(float(seconds), 1)}
+    _run_update_mine(lambda entry: entry.update(stuck=note))
+    supervisor = _run_supervisor()
+    if supervisor > 0:
+        try:
+            os.kill(supervisor, signal.SIGUSR1)
+        except OSError as exc:
+            _log().warning("metal_guard: cannot tell metal-guard run (pid %d): %s", supervisor, exc)
+
+
+def _run_stuck_note(child_pid: int) -> dict[str, Any] | None:
+    """The stuck note ``child_pid`` left in this supervisor's entry, if any."""
+    data, _ = _runs_file().read()
+    entry = data.get(str(os.getpid())) if isinstance(data, dict) else None
+    note = entry.get("stuck") if isinstance(entry, dict) else None
+    return note if isinstance(note, dict) and note.get("pid") == child_pid else None
 
 
 def _read_runs() -> list[dict[str, Any]]:
@@ -10841,17 +10886,19 @@ def shutdown_all_workers() -> None:
 # synchronized before release; mlx_lm.server's loop, which steps back to back and
 # waits only for requests, keeps a turn up to 20 ms), the per-request flush,
 # SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
-# unloads recorded. A hook whose target this version lacks is named once on
+# unloads recorded, each step watched for stuck GPU work (the supervisor is told
+# and stops the program: a wedged process cannot stop itself). A hook whose target this version lacks is named once on
 # stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
 # Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
-#   Version advisories, Cadence, GPU gate, Runs registry, Flush guards, Wired-limit control
+#   Version advisories, Cadence, GPU gate, Runs registry, Stuck GPU work, Flush guards,
+#   Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
 _EXIT_GENERATION_DEAD = 70  # mlx_lm.server's generation thread died (after the flush)
-_EXIT_GPU_STUCK = 71  # reserved: stuck GPU work
+_EXIT_GPU_STUCK = 71  # run's exit after it stopped a program with stuck GPU work
 _RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
 _RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
 _RUN_NOTE_EVERY_SEC = 5.0
@@ -11001,6 +11048,8 @@ def _run_on_mlx() -> None:
     import atexit
 
     atexit.register(_run_at_exit)
+    if _run_supervisor() > 0:  # the supervisor stops this program: it cannot stop itself
+        _on_stuck(_run_note_stuck)
     _run.main_ident = threading.main_thread().ident or 0
     if _thread.get_ident() == _run.main_ident:
         import signal
@@ -11242,10 +11291,11 @@ def _run_wrap_step(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     def step(*args: Any, **kwargs: Any) -> Any:
         stream = kwargs.get("stream")
         streams = () if stream is None else (stream,)
+        watch = _stuck_watch(f"{fn.__name__} step")  # the gate wait counts: a wedge holds it
         gen = fn(*args, **kwargs)
         try:
             while True:
-                with _GpuTurn(streams):
+                with watch, _GpuTurn(streams):
                     try:
                         item = next(gen)
                     except StopIteration as stop:
@@ -11331,7 +11381,7 @@ def _run_wrap_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
     def _next(self: Any, *args: Any, **kwargs: Any) -> Any:
         stream = getattr(self, "_stream", None)
         streams = () if stream is None else (stream,)
-        with _GpuTurn(streams):
+        with _stuck_watch("BatchGenerator step"), _GpuTurn(streams):
             out = fn(self, *args, **kwargs)
             finished = _run_finished(out)
             label = _run.labels.get(id(getattr(self, "model", None)), "model")
@@ -11807,9 +11857,11 @@ class _Signals:
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.nudged = False  # SIGUSR1: a guarded child left a note (stuck GPU work)
         self._previous: dict[int, Any] = {}
         self._pipe: tuple[int, int] | None = None
         self._old_wakeup = -1
+        self._nudge: int | None = None
 
     def __enter__(self) -> _Signals:
         import signal
@@ -11825,17 +11877,22 @@ class _Signals:
             return self
         self._pipe = (read_fd, write_fd)
         child = getattr(signal, "SIGCHLD", None)
-        for name in (*_RUN_STOP_SIGNALS, "SIGCHLD"):
+        nudge = getattr(signal, "SIGUSR1", None)
+        for name in (*_RUN_STOP_SIGNALS, "SIGCHLD", "SIGUSR1"):
             signum = getattr(signal, name, None)
             if signum is None or signal.getsignal(signum) == signal.SIG_IGN:
                 continue
             self._previous[signum] = signal.signal(
                 signum, (lambda *_: None) if signum == child else self._record
             )
+        self._nudge = nudge
         return self
 
     def _record(self, signum: int, frame: object) -> None:
-        self.received.append(signum)
+        if signum == self._nudge:
+            self.nudged = True
+        else:
+            self.received.append(signum)
 
     def __exit__(self, *exc: object) -> None:
         import signal
@@ -11861,7 +11918,7 @@ class _Signals:
         import select
 
         deadline = time.monotonic() + seconds
-        while not self.received and (proc is None or proc.poll() is None):
+        while not self.received and not self.nudged and (proc is None or proc.poll() is None):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -11995,13 +12052,44 @@ class _Supervisor:
         return None
 
     def _watch(self, proc: Any) -> int:
-        """Wait for the child; a stop signal stops it gracefully. Its exit code."""
+        """Wait for the child; a stop signal stops it gracefully, and so does stuck GPU
+        work it reports (then the exit code is ``_EXIT_GPU_STUCK``). Its exit code."""
         while proc.poll() is None:
             self.signals.wait(proc, 3600.0)
+            if self.signals.nudged:
+                self.signals.nudged = False
+                note = _run_stuck_note(proc.pid)
+                if note is not None and proc.poll() is None:
+                    return self._stop_stuck(proc, note)
             received = self.signals.take()
             if received and proc.poll() is None:
                 self._stop_child(proc, received[0])
         return _exit_code(proc.returncode)
+
+    def _stop_stuck(self, proc: Any, note: dict[str, Any]) -> int:
+        """Stop a child whose GPU step is stuck: SIGTERM, the grace, SIGKILL last; never
+        restarted (``_EXIT_GPU_STUCK``)."""
+        _say(
+            f"stuck GPU work: {self.label} (pid {proc.pid}) has been in `{note.get('step')}` "
+            f"for {_duration(float(note.get('seconds') or 0.0))} (METALGUARD_STUCK_SEC); "
+            f"stopping it (SIGTERM, then SIGKILL after {_duration(self.options.grace)}); "
+            "not restarting it: reboot before running MLX again, wired memory may be stranded"
+        )
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while proc.poll() is None and deadline > time.monotonic():
+                self.signals.wait(proc, deadline - time.monotonic())
+                self.signals.nudged = False
+
+        _stop_process(
+            proc,
+            grace=self.options.grace,
+            why="its GPU work is stuck",
+            what=f"{self.label} under metal-guard run",
+            wait=wait,
+        )
+        return _EXIT_GPU_STUCK
 
     def _stop_child(self, proc: Any, signum: int) -> None:
         import signal

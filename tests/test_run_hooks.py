@@ -663,3 +663,45 @@ def test_gemma4_first_generate_gets_the_settle_flush_once(
     first = crumbs.index(f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}")
     assert crumbs[first + 1] == f"SUBPROC_PRE: {tiny_gemma4_path}"  # before the first generate
     assert crumbs.count(f"SUBPROC_POST: {tiny_gemma4_path}") == 2  # one per request
+
+
+# -- stuck GPU work ----------------------------------------------------------------------
+
+# A program whose forward pass never returns (a stand-in for a GPU wedge: a real one
+# spins in Metal's fence_wait, which Linux cannot reproduce); it counts its starts.
+_STUCK_PROGRAM = """
+import sys, time, signal
+with open(sys.argv[2], "a") as f:
+    f.write("start\\n")
+from mlx_lm import load, generate
+model, tokenizer = load(sys.argv[1])
+inner = type(model).__call__
+def wedged(self, *args, **kwargs):
+    if sys.argv[3] == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(0.05)
+type(model).__call__ = wedged
+generate(model, tokenizer, prompt="hello", max_tokens=4)
+"""
+
+
+@requires_mlx_lm
+@pytest.mark.parametrize("on_term", ["stop", "ignore"])
+def test_a_stuck_step_is_reported_stopped_with_term_and_not_restarted(
+    mg_home: str, tiny_llama_path: str, tmp_path: Path, on_term: str
+) -> None:
+    starts = tmp_path / "starts.txt"
+    env = run_env(METALGUARD_STUCK_SEC="1")
+    cmd = [sys.executable, "-c", _STUCK_PROGRAM, tiny_llama_path, str(starts), on_term]
+    started = time.monotonic()
+    done = run_cmd(guarded(cmd, "--restart", "always", "--grace", "2"), env, timeout=120)
+    assert done.returncode == mg._EXIT_GPU_STUCK == 71, done.stderr
+    assert time.monotonic() - started < 60
+    assert starts.read_text().splitlines() == ["start"]  # never restarted
+    said = [line for line in done.stderr.splitlines() if line.startswith("metal-guard run: ")]
+    assert any("stuck GPU work" in line and "not restarting it: reboot" in line for line in said)
+    stuck = [m for m in breadcrumb_messages(mg_home) if m.startswith("GPU_STUCK")]
+    assert len(stuck) == 1 and "generate_step step" in stuck[0], stuck
+    killed = "sending SIGKILL" in done.stderr
+    assert killed is (on_term == "ignore"), done.stderr  # SIGTERM first; SIGKILL only last

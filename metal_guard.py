@@ -66,9 +66,11 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
     gracefully and are reaped.
 5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
-5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
+5.12 Child state — what a program under ``metal-guard run`` remembers, its GPU
+    turns and its wired policy.
+5.13 Child hooks — what ``_child_bootstrap`` installs in a Python program run
     under ``metal-guard run``.
-5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+5.14 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
     passed on with a grace period, restarts and exit codes.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
@@ -10877,23 +10879,19 @@ def shutdown_all_workers() -> None:
 
 
 # =============================================================================
-# 5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
-# under ``metal-guard run``.
+# 5.12 Child state — what a program under ``metal-guard run`` remembers, its GPU
+# turns and its wired policy.
 #
-# The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
-# ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
-# cadence admission that waits, each forward-pass step under the GPU gate (streams
-# synchronized before release; mlx_lm.server's loop, which steps back to back and
-# waits only for requests, keeps a turn up to 20 ms), the per-request flush,
-# SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
-# unloads recorded, each step watched for stuck GPU work (the supervisor is told
-# and stops the program: a wedged process cannot stop itself). A hook whose target this version lacks is named once on
-# stderr and skipped.
+# One ``_RunState`` per process (plain attributes). A GPU turn takes the gate,
+# runs one forward-pass step, synchronizes the streams the step used and
+# releases the gate; mlx_lm.server's loop, which steps back to back and waits only
+# for requests, keeps a turn up to 20 ms. Taking a turn is a ``_critical`` block:
+# a stop that lands meanwhile gives the gate back first. SIGTERM is Ctrl-C,
+# through ``_interrupt``.
 #
-# Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
-# Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
-#   Version advisories, Cadence, GPU gate, Runs registry, Stuck GPU work, Flush guards,
-#   Wired-limit control
+# Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _GpuTurn, _run, _run_end_kept_turn,
+#   _run_note_wait, _run_on_sigterm, _run_say, _run_wired_policy
+# Uses: Prelude, Processes, MLX access, GPU gate, Runs registry, Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
@@ -10903,40 +10901,6 @@ _RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
 _RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
 _RUN_NOTE_EVERY_SEC = 5.0
 _RUN_TURN_SLICE_SEC = 0.02  # mlx_lm.server's loop keeps its turn across steps this long at most
-_RUN_CADENCE_SLACK_SEC = 0.05
-_RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
-_RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
-
-# (module, attribute path, kind, versions where it is expected; "" = every version).
-# Outside its range a hook still applies when its target is there; only a target
-# missing inside its range (or in a version that does not parse) is named.
-_RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
-    ("mlx_lm.utils", "load", "load", ""),
-    ("mlx_lm.utils", "load_model", "load", ""),
-    ("mlx_lm.utils", "sharded_load", "load", ">=0.30"),
-    ("mlx_lm.utils", "pipeline_load", "load", ">=0.29"),
-    ("mlx_lm.utils", "generate_step", "step", "<0.23"),
-    ("mlx_lm.utils", "stream_generate", "request", "<0.23"),
-    ("mlx_lm.utils", "generate", "request", "<0.23"),
-    ("mlx_lm.generate", "generate_step", "step", ">=0.23"),
-    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.23"),
-    ("mlx_lm.generate", "stream_generate", "request", ">=0.23"),
-    ("mlx_lm.generate", "generate", "request", ">=0.23"),
-    ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
-    ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
-    ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
-    ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
-    ("mlx_lm.server", "ResponseGenerator._next_request", "idle", ">=0.31"),
-    ("mlx_vlm.utils", "load", "load", ""),
-    ("mlx_vlm.generate", "generate_step", "step", ""),
-    ("mlx_vlm.generate", "stream_generate", "request", ""),
-    ("mlx_vlm.generate", "generate", "request", ""),
-)
-_RUN_REBIND = {
-    "mlx_lm": ("mlx_lm.utils", "mlx_lm.generate"),
-    "mlx_vlm": ("mlx_vlm.utils", "mlx_vlm.generate"),
-}
-_RUN_MARK = "_metal_guard_run_original"
 
 
 class _RunState:
@@ -10960,70 +10924,6 @@ class _RunState:
 _run = _RunState()
 
 
-class _RunFinder:
-    """Meta-path finder: the hooked modules load through ``_RunLoader``; others are not looked at."""
-
-    def __init__(self) -> None:
-        self._finding: set[str] = set()  # a finder after us that asks the others again
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname not in _RUN_HOOKED or fullname in self._finding:
-            return None
-        self._finding.add(fullname)  # one import of a name at a time (the module's lock)
-        try:
-            for finder in list(sys.meta_path):
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec: Any = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                        spec.loader = _RunLoader(spec.loader)
-                    return spec
-            return None
-        finally:
-            self._finding.discard(fullname)
-
-
-class _RunLoader:
-    """A module's own loader, plus our hooks once its code has run."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
-        _run_after_import(module.__name__)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_loader":  # a copy made without __init__: no recursion
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
-
-def _child_bootstrap() -> None:
-    """Install the child hooks lazily: one meta-path finder, nothing else until MLX comes.
-
-    Idempotent. Modules already imported get their hooks at once.
-    """
-    if not any(isinstance(f, _RunFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RunFinder())
-    for name in ("mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"):
-        if sys.modules.get(name) is not None:
-            _run_after_import(name)
-
-
-def _run_after_import(name: str) -> None:
-    """Never lets a hook failure reach the program: one line on stderr, unguarded from there."""
-    try:
-        if name == "mlx.core":
-            _run_on_mlx()
-        else:
-            _run_hook_package(name)
-    except Exception as exc:
-        if _first_time("run-hook-failed:" + name):
-            _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
-
-
 def _run_say(text: str | None) -> None:
     """One line on stderr (``None``: nothing); stdout and stderr flushed either way."""
     for stream, line in ((sys.stderr, text), (sys.stdout, None), (sys.stderr, None)):
@@ -11031,31 +10931,6 @@ def _run_say(text: str | None) -> None:
             stream.write(f"metal-guard: {line}\n") if line else stream.flush()
         except Exception:  # a closed stream: nothing to tell
             pass
-
-
-def _run_on_mlx() -> None:
-    """``mlx.core`` is imported: wired policy, per-thread state, SIGTERM, the exit cleanup."""
-    import threading
-
-    if _run.installed:
-        return
-    _run.installed = True
-    _run.local = threading.local()
-    _run.gate_on = _env_bool("METALGUARD_RUN_GPU_GATE", True)
-    _run.gate_log = _env_path(_RUN_GATE_LOG_ENV, None)
-    _run.gate = exclusive_gpu(f"run:{os.getpid()}")
-    _run_wired_policy()
-    import atexit
-
-    atexit.register(_run_at_exit)
-    if _run_supervisor() > 0:  # the supervisor stops this program: it cannot stop itself
-        _on_stuck(_run_note_stuck)
-    _run.main_ident = threading.main_thread().ident or 0
-    if _thread.get_ident() == _run.main_ident:
-        import signal
-
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _run_on_sigterm)
 
 
 def _run_wired_policy() -> None:
@@ -11179,6 +11054,151 @@ def _run_note_wait(force: bool = False) -> None:
             _run_note_gate_wait(waited)
         except Exception as exc:
             _log_once("run-note-wait", _DEBUG, "metal_guard: gate wait not noted: %r", exc)
+
+
+# =============================================================================
+# 5.13 Child hooks — what ``_child_bootstrap`` installs in a Python program run
+# under ``metal-guard run``.
+#
+# The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
+# ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
+# cadence admission that waits, each forward-pass step under the GPU gate (streams
+# synchronized before release; mlx_lm.server's loop, which steps back to back and
+# waits only for requests, keeps a turn up to 20 ms), the per-request flush,
+# SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
+# unloads recorded, each step watched for stuck GPU work (the supervisor is told
+# and stops the program: a wedged process cannot stop itself). A hook whose target this version lacks is named once on
+# stderr and skipped.
+#
+# Provides: _child_bootstrap
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
+#   Version advisories, Cadence, GPU gate, Runs registry, Stuck GPU work, Flush guards,
+#   Wired-limit control, Child state
+# =============================================================================
+
+_RUN_CADENCE_SLACK_SEC = 0.05
+_RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
+_RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
+
+# (module, attribute path, kind, versions where it is expected; "" = every version).
+# Outside its range a hook still applies when its target is there; only a target
+# missing inside its range (or in a version that does not parse) is named.
+_RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
+    ("mlx_lm.utils", "load", "load", ""),
+    ("mlx_lm.utils", "load_model", "load", ""),
+    ("mlx_lm.utils", "sharded_load", "load", ">=0.30"),
+    ("mlx_lm.utils", "pipeline_load", "load", ">=0.29"),
+    ("mlx_lm.utils", "generate_step", "step", "<0.23"),
+    ("mlx_lm.utils", "stream_generate", "request", "<0.23"),
+    ("mlx_lm.utils", "generate", "request", "<0.23"),
+    ("mlx_lm.generate", "generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "stream_generate", "request", ">=0.23"),
+    ("mlx_lm.generate", "generate", "request", ">=0.23"),
+    ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
+    ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
+    ("mlx_lm.server", "ResponseGenerator._next_request", "idle", ">=0.31"),
+    ("mlx_vlm.utils", "load", "load", ""),
+    ("mlx_vlm.generate", "generate_step", "step", ""),
+    ("mlx_vlm.generate", "stream_generate", "request", ""),
+    ("mlx_vlm.generate", "generate", "request", ""),
+)
+_RUN_REBIND = {
+    "mlx_lm": ("mlx_lm.utils", "mlx_lm.generate"),
+    "mlx_vlm": ("mlx_vlm.utils", "mlx_vlm.generate"),
+}
+_RUN_MARK = "_metal_guard_run_original"
+
+
+class _RunFinder:
+    """Meta-path finder: the hooked modules load through ``_RunLoader``; others are not looked at."""
+
+    def __init__(self) -> None:
+        self._finding: set[str] = set()  # a finder after us that asks the others again
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _RUN_HOOKED or fullname in self._finding:
+            return None
+        self._finding.add(fullname)  # one import of a name at a time (the module's lock)
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec: Any = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _RunLoader(spec.loader)
+                    return spec
+            return None
+        finally:
+            self._finding.discard(fullname)
+
+
+class _RunLoader:
+    """A module's own loader, plus our hooks once its code has run."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _run_after_import(module.__name__)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_loader":  # a copy made without __init__: no recursion
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+def _child_bootstrap() -> None:
+    """Install the child hooks lazily: one meta-path finder, nothing else until MLX comes.
+
+    Idempotent. Modules already imported get their hooks at once.
+    """
+    if not any(isinstance(f, _RunFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RunFinder())
+    for name in ("mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"):
+        if sys.modules.get(name) is not None:
+            _run_after_import(name)
+
+
+def _run_after_import(name: str) -> None:
+    """Never lets a hook failure reach the program: one line on stderr, unguarded from there."""
+    try:
+        if name == "mlx.core":
+            _run_on_mlx()
+        else:
+            _run_hook_package(name)
+    except Exception as exc:
+        if _first_time("run-hook-failed:" + name):
+            _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
+
+
+def _run_on_mlx() -> None:
+    """``mlx.core`` is imported: wired policy, per-thread state, SIGTERM, the exit cleanup."""
+    import threading
+
+    if _run.installed:
+        return
+    _run.installed = True
+    _run.local = threading.local()
+    _run.gate_on = _env_bool("METALGUARD_RUN_GPU_GATE", True)
+    _run.gate_log = _env_path(_RUN_GATE_LOG_ENV, None)
+    _run.gate = exclusive_gpu(f"run:{os.getpid()}")
+    _run_wired_policy()
+    import atexit
+
+    atexit.register(_run_at_exit)
+    if _run_supervisor() > 0:  # the supervisor stops this program: it cannot stop itself
+        _on_stuck(_run_note_stuck)
+    _run.main_ident = threading.main_thread().ident or 0
+    if _thread.get_ident() == _run.main_ident:
+        import signal
+
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _run_on_sigterm)
 
 
 # -- loads ----------------------------------------------------------------------
@@ -11526,7 +11546,7 @@ def _run_at_exit() -> None:
 
 
 # =============================================================================
-# 5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+# 5.14 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
 # passed on with a grace period, restarts and exit codes.
 #
 # A Python program (an interpreter, or a script whose ``#!`` line names one)
@@ -11543,7 +11563,7 @@ def _run_at_exit() -> None:
 #   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
 #   _run_child_env, _run_supervised
 # Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence, Circuit breaker,
-#   Post-panic gate, Runs registry, System audits, Child hooks
+#   Post-panic gate, Runs registry, System audits, Child state
 # =============================================================================
 
 _RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started

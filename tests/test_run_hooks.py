@@ -1,4 +1,4 @@
-"""The child hooks of ``metal-guard run`` (section 5.12), in real processes.
+"""The child hooks of ``metal-guard run`` (sections 5.12 and 5.13), in real processes.
 
 Every guarded program runs under the real supervisor, ``python -m metal_guard run ...
 -- COMMAND``, whose bootstrap calls ``metal_guard._child_bootstrap()`` in the child.

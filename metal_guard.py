@@ -12250,14 +12250,19 @@ def _nonnegative_hours(text: str) -> float:
     )
 
 
-def _line_count(text: str) -> int:
+def _whole_number(maximum: int) -> Callable[[str], int]:
+    """argparse ``type=`` for a count 0..``maximum``."""
+
     def check(t: str) -> int:
         count = int(t, 10)
-        if not 0 <= count <= 1_000_000:
+        if not 0 <= count <= maximum:
             raise ValueError("out of range")
         return count
 
-    return _cli_arg(text, check, "a whole number 0..1000000")
+    return lambda text: _cli_arg(text, check, f"a whole number 0..{maximum}")
+
+
+_line_count = _whole_number(1_000_000)
 
 
 def _exit_codes(codes: str, error: str = "1 error") -> str:
@@ -12477,16 +12482,6 @@ def _restart_delay(text: str) -> float:
     return _cli_arg(text, check, "a number of seconds >= 0.5")
 
 
-def _restart_count(text: str) -> int:
-    def check(t: str) -> int:
-        count = int(t, 10)
-        if not 0 <= count <= 1000:
-            raise ValueError("out of range")
-        return count
-
-    return _cli_arg(text, check, "a whole number 0..1000")
-
-
 def _run_wired_arg(text: str) -> str:
     return _cli_arg(
         text,
@@ -12523,7 +12518,7 @@ def _add_run_parser(commands: Any) -> None:
     )
     run.add_argument(
         "--max-restarts",
-        type=_restart_count,
+        type=_whole_number(1000),
         default=3,
         metavar="N",
         help=f"give up (exit {_RUN_EXIT_GAVE_UP}) after N restarts within --restart-window "
@@ -13222,7 +13217,17 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             blocked.append("known panic model (--refuse-known)")
     # Observer mode: the library reports a refusal instead of raising it; show it anyway.
     would_refuse: list[str] = []
-    observed = "would refuse (observer mode): "
+
+    def refusal_line(name: str, why: str, exc: BaseException, raised: bool, part: Any) -> None:
+        """A refusal the call raised (BLOCKED) or observer mode only reported."""
+        if raised:
+            items.append((name, f"BLOCKED: {exc}"))
+            blocked.append(why)
+        else:
+            part["would_refuse"] = True
+            items.append((name, f"would refuse (observer mode): {exc}"))
+            would_refuse.append(why)
+
     cooldown: MLXCooldownActive | None = None
     with _ObservedRefusals() as seen:
         try:
@@ -13242,13 +13247,10 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             "cooldown_until": cooling.cooldown_until,
             "remaining_sec": cooling.remaining_sec,
         }
-        if cooldown is not None:
-            items.append(("circuit breaker", f"BLOCKED: {cooling}"))
-            blocked.append("circuit breaker cooldown")
-        else:
-            doc["breaker"]["would_refuse"] = True
-            items.append(("circuit breaker", observed + str(cooling)))
-            would_refuse.append("circuit breaker cooldown")
+        refusal_line(
+            "circuit breaker", "circuit breaker cooldown", cooling, cooldown is not None,
+            doc["breaker"],
+        )  # fmt: skip
     gate: MLXCooldownActive | None = None
     with _ObservedRefusals() as seen:
         try:
@@ -13264,13 +13266,9 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
         doc["post_panic"].update(
             message=str(after), remaining_sec=after.remaining_sec, needs_ack=needs_ack
         )
-        if gate is not None:
-            items.append(("post-panic gate", f"BLOCKED: {after}"))
-            blocked.append("post-panic gate")
-        else:
-            doc["post_panic"]["would_refuse"] = True
-            items.append(("post-panic gate", observed + str(after)))
-            would_refuse.append("post-panic gate")
+        refusal_line(
+            "post-panic gate", "post-panic gate", after, gate is not None, doc["post_panic"]
+        )
     cadence: dict[str, Any] = {
         "path": guard.path,
         "min_interval_sec": guard.min_interval_sec,
@@ -13312,15 +13310,9 @@ def _cmd_check(args: argparse.Namespace) -> _CLIResult:
             last_model=getattr(exc_seen, "last_model", exc_seen.model_id),
             last_ts=exc_seen.last_ts,
         )
-        if violation is not None:
-            items.append(("cadence", f"BLOCKED: {exc_seen}"))
-            blocked.append("cadence")
-        else:
-            cadence["would_refuse"] = True
-            items.append(("cadence", observed + str(exc_seen)))
-            if recorded:
-                items.append(("note", recorded.removeprefix("; ")))
-            would_refuse.append("cadence")
+        refusal_line("cadence", "cadence", exc_seen, violation is not None, cadence)
+        if violation is None and recorded:
+            items.append(("note", recorded.removeprefix("; ")))
     doc["cadence"] = cadence
     doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
     doc["blocked_by"] = blocked

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ __all__ = [
     "MlxCalls",
     "breadcrumb_messages",
     "child_env",
+    "free_port",
     "gpu_gate_held_by_another_thread",
     "has_module",
     "holding_lock_in_child",
@@ -175,6 +177,13 @@ def holding_lock_in_child(lock_path: str) -> Iterator[subprocess.Popen[bytes]]:
         holder.wait()
         assert holder.stdout is not None
         holder.stdout.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- what the library wrote ------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,15 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import REPO, child_env, read_line, requires_mlx_lm, write_breaker_cooldown
+from helpers import (
+    REPO,
+    breadcrumb_messages,
+    child_env,
+    free_port,
+    read_line,
+    requires_mlx_lm,
+    write_breaker_cooldown,
+)
 
 RUN = [sys.executable, "-m", "metal_guard", "run"]
 NOTE = "is not a Python program: pre-flight, supervision and graceful stop only"
@@ -647,12 +654,6 @@ def test_gate_wait_outside_run_is_a_no_op(mg_home: str) -> None:
 # -- a real mlx_lm.server under run -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _http(port: int, path: str, body: dict[str, Any] | None = None) -> int:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
@@ -666,11 +667,20 @@ def _http(port: int, path: str, body: dict[str, Any] | None = None) -> int:
         return 0
 
 
+# mlx-lm's console script, beside this interpreter (a `#!` script run finds through PATH)
+_SERVER_SCRIPT = os.path.join(os.path.dirname(sys.executable), "mlx_lm.server")
+
+
 @requires_mlx_lm
-def test_mlx_lm_server_under_run_serves_and_stops_gracefully(tiny_llama_path: str) -> None:
-    port = _free_port()
+@pytest.mark.parametrize(
+    "server", [[sys.executable, "-m", "mlx_lm", "server"], [_SERVER_SCRIPT]], ids=["-m", "script"]
+)
+def test_mlx_lm_server_under_run_serves_and_stops_gracefully(
+    tiny_llama_path: str, server: list[str], mg_home: str
+) -> None:
+    port = free_port()
     proc = start(
-        "--grace", "30", "--", sys.executable, "-m", "mlx_lm", "server",
+        "--grace", "30", "--", *server,
         "--model", tiny_llama_path, "--port", str(port),
         env=child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
     )  # fmt: skip
@@ -693,6 +703,8 @@ def test_mlx_lm_server_under_run_serves_and_stops_gracefully(tiny_llama_path: st
         for thread in threads:
             thread.join(180)
         assert statuses == [200, 200, 200]
+        flushes = breadcrumb_messages(mg_home, pid=server_pid)  # the guards are in the server
+        assert sum(m.startswith("SUBPROC_POST") for m in flushes) >= 3, flushes
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code, _, err = finish(proc, timeout=60)

@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import breadcrumb_messages, child_env, requires_mlx_lm
+from helpers import breadcrumb_messages, child_env, free_port, requires_mlx_lm
 
 # The user's own sitecustomize (run chains it before its bootstrap): a spy under
 # mlx.core.set_wired_limit (what reaches MLX is written to MG_TEST_WIRED_SPY) and the
@@ -438,12 +437,6 @@ def test_two_guarded_programs_never_overlap_and_take_turns(
 # -- a real mlx_lm.server ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str, timeout: float = 5) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
@@ -470,7 +463,7 @@ def _complete(port: int, results: list[Any], max_tokens: int = 8) -> None:
 def server(
     spy_dir: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
 ) -> Iterator[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     spy = tmp_path / "wired.txt"
     env = run_env(
         spy_dir, MG_TEST_WIRED_SPY=str(spy), METALGUARD_RUN_GATE_LOG=str(tmp_path / "gate.log")
@@ -564,7 +557,7 @@ main()
 def test_generation_thread_death_ends_the_server_with_70(
     mg_home: str, tiny_llama_path: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         guarded([sys.executable, "-c", _DYING_SERVER, tiny_llama_path, str(port)]),
         stdin=subprocess.DEVNULL,

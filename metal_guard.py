@@ -35,6 +35,8 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
 3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
+3.10 Cadence rules — the cadence store's format, read and pruned, and the
+    arithmetic of waiting; pure functions.
 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
     reported.
 4.2 Cadence — refuse back-to-back model loads, across processes.
@@ -44,6 +46,7 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
 4.7 GPU gate — one MLX workload at a time across the threads and processes of
     the host.
+4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
 5.3 Upstream patches — defects of installed MLX packages fixed in place.
@@ -60,6 +63,10 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
     gracefully and are reaped.
 5.11 Worker pool — ``call_model_isolated``: one pooled worker per model.
+5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
+    under ``metal-guard run``.
+5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+    passed on with a grace period, restarts and exit codes.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
 6.3 Entry point — ``main``: parse, run one command, print text or one JSON
@@ -702,28 +709,36 @@ def _stop_process(
     why: str,
     what: str = "process",
     wait: Callable[[float], object] | None = None,
+    signum: int | None = None,
+    signal_name: str = "SIGTERM",
 ) -> bool:
     """The one way this module stops a process: SIGTERM, ``grace`` s, SIGKILL only then.
 
     ``proc`` is a ``subprocess.Popen`` or a ``multiprocessing.Process``;
     ``wait(t)`` waits up to ``t`` s for it (default: its own ``wait``/``join``),
     so it is reaped before this returns. A SIGKILL comes with a WARNING that
-    says why. Returns True when SIGKILL was needed.
+    says why. Returns True when SIGKILL was needed. ``signum`` sends another
+    first signal instead of SIGTERM (``signal_name`` names it in the WARNING;
+    ``0`` sends none: the process already got it, e.g. from the terminal).
     """
     waiter = wait if wait is not None else (lambda t: _wait_process(proc, t))
     if _process_exited(proc):
         waiter(0.0)  # reap it
         return False
-    proc.terminate()
+    if signum is None:
+        proc.terminate()
+    elif signum:
+        os.kill(proc.pid, signum)
     waiter(grace)
     if _process_exited(proc):
         return False
     _log().warning(
-        "metal_guard: %s (pid %s) ignored %g s of SIGTERM (stopping because %s); sending "
+        "metal_guard: %s (pid %s) ignored %g s of %s (stopping because %s); sending "
         "SIGKILL. Memory it held on the GPU may stay wired until reboot.",
         what,
         proc.pid,
         grace,
+        signal_name,
         why,
     )
     proc.kill()
@@ -1773,8 +1788,8 @@ class MetalOOMError(RuntimeError):
 # (cadence ``admit``/``mark_load``, ``bench_scoped_load``); the release barrier
 # waits for memory to come back to it.
 #
-# Provides: ReleaseStats, _load_baseline_bytes, _read_memory_stats, _remember_load_baseline,
-#   _total_memory_bytes
+# Provides: ReleaseStats, _load_baseline_bytes, _mlx_allocation_mark, _mlx_memory_grew,
+#   _read_memory_stats, _remember_load_baseline, _total_memory_bytes
 # Uses: Prelude, Processes, Files, MLX access
 # =============================================================================
 
@@ -1929,6 +1944,31 @@ def _remember_load_baseline() -> int:
 def _load_baseline_bytes() -> int | None:
     """The baseline recorded by the last admitted load of this process, if any."""
     return _load_baseline[0] if _load_baseline else None
+
+
+def _mlx_allocation_mark() -> tuple[int, int] | None:
+    """MLX's ``(active, peak)`` bytes now; ``None`` while ``mlx.core`` is not imported.
+
+    Only looks, like ``_remember_load_baseline``: MLX is never imported here, and a
+    process that has not imported it holds nothing on the GPU. Never raises.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return None
+    return _mlx_number(mx, "get_active_memory"), _mlx_number(mx, "get_peak_memory")
+
+
+_ALLOCATION_NOISE_BYTES = 64 * 1024  # constants a library creates on import are not a model
+
+
+def _mlx_memory_grew(mark: tuple[int, int] | None) -> bool:
+    """Whether MLX allocated since ``mark`` (``_mlx_allocation_mark``): active or peak
+    memory rose by more than 64 KiB (importing mlx-lm alone creates a few bytes)."""
+    now = _mlx_allocation_mark()
+    if now is None:
+        return False
+    before = mark or (0, 0)
+    return max(now[0] - before[0], now[1] - before[1]) > _ALLOCATION_NOISE_BYTES
 
 
 @_dataclass(frozen=True)
@@ -4183,6 +4223,155 @@ def describe_process_mode() -> dict[str, Any]:
 
 
 # =============================================================================
+# 3.10 Cadence rules — the cadence store's format, read and pruned, and the
+# arithmetic of waiting; pure functions.
+#
+# The store is the original metal-guard's flat JSON object of model id → epoch
+# seconds of the last load; our additions (unloads, pids) live under the
+# reserved key. What a store says is decided here, without files or locks.
+#
+# Provides: _Admission, _CadenceEvents, _cadence_spellings, _prune_cadence_store, _wait_sec,
+#   _CADENCE_CLOCK_SLACK, _CADENCE_KEEP_SEC, _CADENCE_RESERVED, _CADENCE_SCHEMA,
+#   _CADENCE_WAIT_STEP
+# Uses: Prelude, Model identity
+# =============================================================================
+
+_CADENCE_RESERVED = "__metal_guard__"
+_CADENCE_SCHEMA = 1
+_CADENCE_KEEP_SEC = 4 * 3600.0
+_CADENCE_CLOCK_SLACK = (
+    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
+)
+_CADENCE_WAIT_STEP = 0.05  # added to a wait so the decision after it falls past the window
+
+
+def _wait_sec(seconds: float) -> float:
+    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
+    import math
+
+    if not _finite(seconds):
+        return 0.0 if seconds != seconds or seconds < 0 else seconds
+    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
+
+
+class _Admission:
+    """What one ``admit`` wrote, so that a load that never happened can be taken back."""
+
+    __slots__ = ("before", "canon", "pid", "pid_before", "ts")
+
+    def __init__(self, canon: str, ts: float, before: dict[str, Any], pid_before: object) -> None:
+        self.canon = canon
+        self.ts = ts  # the value written under every key in ``before``
+        self.pid = os.getpid()
+        self.before = before  # key → its value before the admission (None: absent)
+        self.pid_before = pid_before
+
+
+class _CadenceEvents:
+    """What a cadence store says, keyed by case-folded canonical id."""
+
+    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
+        """``horizon``: skip records dated after it, listing their keys in ``future``."""
+        self.now = now
+        self.horizon = _INF if horizon is None else horizon
+        self.future: set[str] = set()
+        self.names: dict[str, str] = {}
+        self.loads: dict[str, float] = {}
+        self.unloads: dict[str, float] = {}
+        self.pids: dict[str, int] = {}
+        for key, value in data.items():
+            ts = _number(value)
+            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
+            if ts is None or canon is None:
+                continue
+            if ts > self.horizon:
+                self.future.add(key)
+                continue
+            fold = canon.casefold()
+            if ts >= self.loads.get(fold, float("-inf")):
+                self.loads[fold], self.names[fold] = ts, canon
+        reserved = data.get(_CADENCE_RESERVED)
+        if isinstance(reserved, dict):
+            self._read_reserved(reserved)
+
+    def _read_reserved(self, reserved: dict[str, Any]) -> None:
+        unloads = reserved.get("unloads")
+        for key, value in unloads.items() if isinstance(unloads, dict) else ():
+            ts, canon = _number(value), _lenient_model_id(key)
+            if ts is not None and ts > self.horizon:
+                self.future.add(key)
+            elif ts is not None and canon is not None:
+                fold = canon.casefold()
+                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
+                self.names.setdefault(fold, canon)
+        pids = reserved.get("pids")
+        for key, value in pids.items() if isinstance(pids, dict) else ():
+            canon = _lenient_model_id(key)
+            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
+                self.pids[canon.casefold()] = value
+
+    def last_event(self, fold: str) -> float | None:
+        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
+        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
+        return min(max(times), self.now) if times else None
+
+    def latest_other(self, fold: str) -> tuple[str, float] | None:
+        best: tuple[str, float] | None = None
+        for other in self.names:
+            if other == fold:
+                continue
+            ts = self.last_event(other)
+            if ts is not None and (best is None or ts > best[1]):
+                best = (self.names[other], ts)
+        return best
+
+
+def _cadence_spellings(mapping: dict[str, Any], canon: str) -> list[str]:
+    """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
+    fold = canon.casefold()
+    return [
+        key
+        for key in mapping
+        if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
+    ]
+
+
+def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[str, Any]:
+    """Drop entries older than ``keep`` s, pull future-dated ones back to ``now``;
+    return the reserved object (created when missing)."""
+    for key in list(data):
+        if key == _CADENCE_RESERVED:
+            continue
+        ts = _number(data[key])
+        if ts is None:
+            continue  # not ours to judge; the original metal-guard ignores such values too
+        if ts < now - keep:
+            del data[key]
+        elif ts > now + _CADENCE_CLOCK_SLACK:
+            data[key] = now
+    reserved = data.get(_CADENCE_RESERVED)
+    if not isinstance(reserved, dict):
+        reserved = data[_CADENCE_RESERVED] = {}
+    reserved["schema"] = _CADENCE_SCHEMA
+    unloads = reserved.get("unloads")
+    if not isinstance(unloads, dict):
+        unloads = reserved["unloads"] = {}
+    for key in list(unloads):
+        ts = _number(unloads[key])
+        if ts is None or ts < now - keep:
+            del unloads[key]
+        elif ts > now + _CADENCE_CLOCK_SLACK:
+            unloads[key] = now
+    pids = reserved.get("pids")
+    if not isinstance(pids, dict):
+        pids = reserved["pids"] = {}
+    for key in list(pids):
+        if key not in data and key not in unloads:
+            del pids[key]
+    return reserved
+
+
+# =============================================================================
 # 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is reported.
 #
 # ``METALGUARD_MODE`` is read on every decision. In ``defensive`` mode (the
@@ -4298,38 +4487,23 @@ class _ObservedRefusals:
 # =============================================================================
 # 4.2 Cadence — refuse back-to-back model loads, across processes.
 #
-# The store is the original metal-guard's format (a flat JSON object of model
-# id → epoch seconds of the last load); our additions live under the reserved key
-# ``"__metal_guard__"``. ``admit`` checks and records in one critical section
+# The store's format is section 3.10's. ``admit`` checks and records in one critical section
 # under the file lock, so of N racing processes exactly one is admitted. The
 # dangerous window follows the unload: intervals count from the later of the two.
+# ``wait=`` sleeps with the lock released, then decides again under it. A load
+# that raised before MLX allocated anything is taken back, record by exact value.
 #
 # Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
 #   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
 #   _default_guard, _rebuild_exception
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity,
-#   Modes (L6)
+#   Cadence rules, Modes (L6)
 # =============================================================================
 
 GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC = 90.0
 _CROSS_MODEL_ENV_VAR = "METALGUARD_CROSS_MODEL_INTERVAL"
 _CADENCE_PATH_DEFAULT: str | None = None
-_CADENCE_RESERVED = "__metal_guard__"
-_CADENCE_SCHEMA = 1
-_CADENCE_KEEP_SEC = 4 * 3600.0
-_CADENCE_CLOCK_SLACK = (
-    1.0  # seconds in the future tolerated before an entry is "clock stepped back"
-)
 _INTERVAL_MAX = 7 * 86400.0
-
-
-def _wait_sec(seconds: float) -> float:
-    """``seconds`` rounded up to a tenth, so a wait still owed never reads as 0.0 s."""
-    import math
-
-    if not _finite(seconds):
-        return 0.0 if seconds != seconds or seconds < 0 else seconds
-    return max(0.0, math.ceil(round(seconds * 10, 6)) / 10)
 
 
 _block_crumb_lock = _thread.allocate_lock()
@@ -4434,63 +4608,14 @@ def _interval_arg(name: str, value: object) -> float:
     return _seconds_arg(name, value, maximum=_INTERVAL_MAX, negative_to_zero=True)
 
 
-class _CadenceEvents:
-    """What a cadence store says, keyed by case-folded canonical id."""
-
-    def __init__(self, data: dict[str, Any], now: float, *, horizon: float | None = None) -> None:
-        """``horizon``: skip records dated after it, listing their keys in ``future``."""
-        self.now = now
-        self.horizon = _INF if horizon is None else horizon
-        self.future: set[str] = set()
-        self.names: dict[str, str] = {}
-        self.loads: dict[str, float] = {}
-        self.unloads: dict[str, float] = {}
-        self.pids: dict[str, int] = {}
-        for key, value in data.items():
-            ts = _number(value)
-            canon = _lenient_model_id(key) if key != _CADENCE_RESERVED else None
-            if ts is None or canon is None:
-                continue
-            if ts > self.horizon:
-                self.future.add(key)
-                continue
-            fold = canon.casefold()
-            if ts >= self.loads.get(fold, float("-inf")):
-                self.loads[fold], self.names[fold] = ts, canon
-        reserved = data.get(_CADENCE_RESERVED)
-        if isinstance(reserved, dict):
-            self._read_reserved(reserved)
-
-    def _read_reserved(self, reserved: dict[str, Any]) -> None:
-        unloads = reserved.get("unloads")
-        for key, value in unloads.items() if isinstance(unloads, dict) else ():
-            ts, canon = _number(value), _lenient_model_id(key)
-            if ts is not None and ts > self.horizon:
-                self.future.add(key)
-            elif ts is not None and canon is not None:
-                fold = canon.casefold()
-                self.unloads[fold] = max(ts, self.unloads.get(fold, float("-inf")))
-                self.names.setdefault(fold, canon)
-        pids = reserved.get("pids")
-        for key, value in pids.items() if isinstance(pids, dict) else ():
-            canon = _lenient_model_id(key)
-            if canon is not None and isinstance(value, int) and not isinstance(value, bool):
-                self.pids[canon.casefold()] = value
-
-    def last_event(self, fold: str) -> float | None:
-        """Later of load and unload; a future-dated time (clock stepped back) counts as now."""
-        times = [t for t in (self.loads.get(fold), self.unloads.get(fold)) if t is not None]
-        return min(max(times), self.now) if times else None
-
-    def latest_other(self, fold: str) -> tuple[str, float] | None:
-        best: tuple[str, float] | None = None
-        for other in self.names:
-            if other == fold:
-                continue
-            ts = self.last_event(other)
-            if ts is not None and (best is None or ts > best[1]):
-                best = (self.names[other], ts)
-        return best
+def _wait_arg(value: object) -> float | None:
+    """``wait=``: ``False`` → 0 (refuse at once), ``True`` → ``None`` (up to the interval
+    that applies), else seconds in ``[0, a week]`` (``TypeError``/``ValueError``)."""
+    if value is False:
+        return 0.0
+    if value is True:
+        return None
+    return _seconds_arg("wait", value, maximum=_INTERVAL_MAX)
 
 
 def _cadence_path(path: StrPath | None) -> str:
@@ -4595,46 +4720,7 @@ class CadenceGuard:
             self._cross_interval,
             GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
         )
-        for key in list(data):
-            if key == _CADENCE_RESERVED:
-                continue
-            ts = _number(data[key])
-            if ts is None:
-                continue  # not ours to judge; the original metal-guard ignores such values too
-            if ts < now - keep:
-                del data[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                data[key] = now
-        reserved = data.get(_CADENCE_RESERVED)
-        if not isinstance(reserved, dict):
-            reserved = data[_CADENCE_RESERVED] = {}
-        reserved["schema"] = _CADENCE_SCHEMA
-        unloads = reserved.get("unloads")
-        if not isinstance(unloads, dict):
-            unloads = reserved["unloads"] = {}
-        for key in list(unloads):
-            ts = _number(unloads[key])
-            if ts is None or ts < now - keep:
-                del unloads[key]
-            elif ts > now + _CADENCE_CLOCK_SLACK:
-                unloads[key] = now
-        pids = reserved.get("pids")
-        if not isinstance(pids, dict):
-            pids = reserved["pids"] = {}
-        for key in list(pids):
-            if key not in data and key not in unloads:
-                del pids[key]
-        return reserved
-
-    @staticmethod
-    def _spellings(mapping: dict[str, Any], canon: str) -> list[str]:
-        """Keys of ``mapping`` naming the same model as ``canon`` (any case, HF cache path...)."""
-        fold = canon.casefold()
-        return [
-            key
-            for key in mapping
-            if key != _CADENCE_RESERVED and (_lenient_model_id(key) or "").casefold() == fold
-        ]
+        return _prune_cadence_store(data, now, keep)
 
     def _violation(
         self, canon: str, cross: float, events: _CadenceEvents
@@ -4663,7 +4749,7 @@ class CadenceGuard:
         if reserved is None:
             reserved = self._prune(data, time.time())
         mapping = reserved["unloads"] if unload else data
-        spellings = self._spellings(mapping, canon)
+        spellings = _cadence_spellings(mapping, canon)
         # Never move a record backwards: a late or stale mark (another process's
         # delayed unload, a backdated ``ts``) must not shorten anyone's window.
         ts = max([ts, *(t for key in spellings if (t := _number(mapping[key])) is not None)])
@@ -4703,29 +4789,69 @@ class CadenceGuard:
         if violation is not None:
             _refuse(violation)
 
-    def admit(self, model_id: StrPath) -> bool:
+    def admit(self, model_id: StrPath, *, wait: bool | float = False) -> bool:
         """Check and record a load in one critical section (atomic across processes).
 
         Raises ``CadenceViolation`` / ``CrossModelCadenceViolation`` when too
         soon; otherwise the caller may load. Returns whether the load was
         recorded: ``False`` when the store is unusable (it fails open with one
         WARNING; a ``strict`` guard raises instead).
+
+        ``wait=True`` waits until the load is allowed, never longer than the
+        interval that applies (plus a second of clock slack); a number waits at
+        most that many seconds. Each wait sleeps without the store's lock and is
+        followed by a fresh atomic decision; still too soon when the wait is
+        spent → the same exceptions as without it. A call that waits logs one
+        WARNING naming the model and the wait.
         """
+        return self._admit(model_id, wait)[0]
+
+    def _admit(self, model_id: StrPath, wait: object) -> tuple[bool, _Admission | None]:
+        """``admit``; also returns what it recorded (``None``: nothing)."""
+        budget = _wait_arg(wait)
         canon = canonical_model_id(model_id)
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
         observing = is_observer()  # the load goes ahead after a refusal: record it too
+        start = time.monotonic()
+        deadline = None if budget is None else start + budget
+        admission: list[_Admission] = []
+        waited = False
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
             reserved = self._prune(data, now)
             violation = self._violation(canon, cross, _CadenceEvents(data, now))
-            if violation is None or observing:
+            if violation is None or (observing and final):
+                keys = [*_cadence_spellings(data, canon), canon]
+                before = {key: data.get(key) for key in keys}
+                pid_before = reserved["pids"].get(canon)
                 self._record(data, canon, now, unload=False, reserved=reserved)
+                admission[:] = [_Admission(canon, data[canon], before, pid_before)]
             return violation
 
-        stored, violation = self._update(decide)
+        while True:
+            final = deadline is not None and time.monotonic() >= deadline
+            stored, violation = self._update(decide)
+            if violation is None or final:
+                break
+            if deadline is None:  # wait=True: bounded by the interval that applies
+                deadline = start + violation.min_interval + _CADENCE_CLOCK_SLACK
+            pause = max(
+                0.0, min(violation.remaining_sec + _CADENCE_WAIT_STEP, deadline - time.monotonic())
+            )
+            if not waited:
+                waited = True
+                _log().warning(
+                    "metal_guard: cadence: waiting %.1f s before loading %s (%s)",
+                    pause,
+                    canon,
+                    violation,
+                )
+                _breadcrumb(f"CADENCE_WAIT: {canon} wait={pause:.1f}s")
+            time.sleep(pause)  # without the store's lock: others decide meanwhile
+        recorded = admission[0] if stored and admission else None
         if violation is not None:
             if _first_block_of_window(canon, violation.last_ts):
                 _breadcrumb(
@@ -4733,12 +4859,46 @@ class CadenceGuard:
                 )
             _refuse(violation)  # observer mode: one WARNING, and the load goes ahead
             _remember_load_baseline()
-            return stored
+            return stored, recorded
         _remember_load_baseline()  # what the release barrier waits for after the unload
+        waited_text = f" after waiting {time.monotonic() - start:.1f}s" if waited else ""
         _breadcrumb(
-            f"CADENCE_ADMIT: {canon}" + ("" if stored else " (store unusable: not recorded)")
+            f"CADENCE_ADMIT: {canon}{waited_text}"
+            + ("" if stored else " (store unusable: not recorded)")
         )
-        return stored
+        return stored, recorded
+
+    def _take_back(self, admission: _Admission) -> bool:
+        """Remove exactly the load record ``admission`` wrote (a load that never happened).
+
+        Under the store's lock: each key still holding our time gets its previous
+        value back; a record another process wrote since (a later load, another
+        pid) stays. Returns whether anything was taken back.
+        """
+
+        def undo(data: dict[str, Any]) -> bool:
+            reserved = data.get(_CADENCE_RESERVED)
+            pids = reserved.get("pids") if isinstance(reserved, dict) else None
+            if (
+                not isinstance(pids, dict)
+                or pids.get(admission.canon) != admission.pid
+                or _number(data.get(admission.canon)) != admission.ts
+            ):
+                return False
+            for key, value in admission.before.items():
+                if _number(data.get(key)) != admission.ts:
+                    continue
+                if value is None:
+                    del data[key]
+                else:
+                    data[key] = value
+            if admission.pid_before is None:
+                del pids[admission.canon]
+            else:
+                pids[admission.canon] = admission.pid_before
+            return True
+
+        return bool(self._update(undo)[1])
 
     def mark_load(self, model_id: StrPath, *, ts: float | None = None) -> None:
         """Record that ``model_id`` was loaded now (or at ``ts``, epoch seconds).
@@ -4765,10 +4925,15 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         return _CadenceEvents(self._read(), time.time()).last_event(canon.casefold())
 
-    def scope(self, model_id: StrPath) -> _CadenceScope:
-        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload."""
+    def scope(self, model_id: StrPath, *, wait: bool | float = False) -> _CadenceScope:
+        """``with guard.scope(model_id): load, generate, unload`` — admit, then mark the unload.
+
+        ``wait`` as for ``admit``. A body that raises before MLX's memory grew
+        loaded nothing: its load record is taken back and no unload is marked.
+        """
         canonical_model_id(model_id)
-        return _CadenceScope(self, model_id)
+        _wait_arg(wait)
+        return _CadenceScope(self, model_id, wait)
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
         """What the store says and what is blocked now, for how long (never writes).
@@ -4846,25 +5011,51 @@ class CadenceGuard:
 
 
 class _CadenceScope:
-    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit."""
+    """Context manager from ``CadenceGuard.scope``: admit on entry, mark the unload on exit.
 
-    __slots__ = ("guard", "model_id")
+    A body that raises before MLX's active (or peak) memory grew did not load:
+    its record is taken back instead. Without ``mlx.core`` imported by then,
+    nothing can have reached the GPU, so such a failure is not counted either.
+    """
 
-    def __init__(self, guard: CadenceGuard, model_id: StrPath) -> None:
+    __slots__ = ("_admission", "_mark", "guard", "model_id", "wait")
+
+    def __init__(self, guard: CadenceGuard, model_id: StrPath, wait: object = False) -> None:
         self.guard = guard
         self.model_id = model_id
+        self.wait = wait
+        self._admission: _Admission | None = None
+        self._mark: tuple[int, int] | None = None
 
     def __enter__(self) -> CadenceGuard:
-        self.guard.admit(self.model_id)
+        self._mark = _mlx_allocation_mark()
+        self._admission = self.guard._admit(self.model_id, self.wait)[1]
         return self.guard
 
     def __exit__(self, *exc: object) -> None:
+        admission, self._admission = self._admission, None
+        if exc[1] is not None and admission is not None and not _mlx_memory_grew(self._mark):
+            self._not_counted(admission, exc[1])
+            return
         try:
             self.guard.mark_unload(self.model_id)
         except CadenceStoreError as err:  # strict guard: never mask the body's exception
             if exc[1] is None:
                 raise
             _log().warning("metal_guard: %s", err)
+
+    def _not_counted(self, admission: _Admission, error: object) -> None:
+        why = f"{type(error).__name__} before MLX memory grew"
+        try:
+            taken = self.guard._take_back(admission)
+        except CadenceStoreError as err:  # strict guard: never mask the body's exception
+            _log().warning("metal_guard: %s", err)
+            return
+        if taken:
+            _log().info(
+                "metal_guard: cadence: %s is not counted as a load (%s)", admission.canon, why
+            )
+            _breadcrumb(f"CADENCE_UNCOUNTED: {admission.canon} ({why})")
 
 
 def _cross_model_interval(explicit: object = 0.0) -> float:
@@ -4898,19 +5089,22 @@ def require_cadence_clear(
     min_interval_sec: float = 180.0,
     cross_model_interval_sec: float = 0.0,
     guard: CadenceGuard | None = None,
+    wait: bool | float = False,
 ) -> None:
     """Call right before ``mlx_lm.load``: raises ``CadenceViolation`` or records the load.
 
     With ``guard`` its own intervals apply. Without, a default-path guard is
     built whose cross-model base is the argument when > 0, else
     ``METALGUARD_CROSS_MODEL_INTERVAL``, else 0 (gemma-4 targets still get
-    the 90 s floor).
+    the 90 s floor). ``wait`` as for ``CadenceGuard.admit`` (``True``: wait
+    until the load is allowed, at most the interval; a number: at most that
+    many seconds).
     """
     if guard is None:
         guard = _default_guard(min_interval_sec, cross_model_interval_sec)
     elif not isinstance(guard, CadenceGuard):
         raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    guard.admit(model_id)
+    guard.admit(model_id, wait=wait)
 
 
 def cadence_scope(
@@ -4919,13 +5113,18 @@ def cadence_scope(
     min_interval_sec: float = 180.0,
     cross_model_interval_sec: float = 0.0,
     guard: CadenceGuard | None = None,
+    wait: bool | float = False,
 ) -> _CadenceScope:
-    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload."""
+    """``with cadence_scope(model_id): load → generate → unload``: admit, then mark the unload.
+
+    ``wait`` as for ``CadenceGuard.admit``. A body that raises before MLX's
+    memory grew (a missing folder, no network) is not counted as a load.
+    """
     if guard is None:
         guard = _default_guard(min_interval_sec, cross_model_interval_sec)
     elif not isinstance(guard, CadenceGuard):
         raise TypeError(f"guard must be a CadenceGuard, not {type(guard).__name__}")
-    return guard.scope(model_id)
+    return guard.scope(model_id, wait=wait)
 
 
 # =============================================================================
@@ -6254,14 +6453,179 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 
 
 # =============================================================================
+# 4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
+#
+# One entry per supervisor in ``runs.json`` (the locked-JSON-file primitive, not
+# fsynced: it only describes running processes). The supervisor writes its entry
+# when a child starts and removes it when it ends; a guarded child adds the time
+# it waited for the GPU gate (``_run_note_gate_wait``, found through
+# ``METALGUARD_RUN_SUPERVISOR``). Entries whose supervisor is gone are ignored on
+# read and dropped on the next write, so a supervisor killed with SIGKILL leaves
+# nothing behind that ``status`` shows.
+#
+# Provides: _read_runs, _run_forget, _run_note_gate_wait, _run_record, _RUN_SUPERVISOR_ENV_VAR
+# Uses: Prelude, Processes, Files, Locks, JSON state files
+# =============================================================================
+
+_RUN_SUPERVISOR_ENV_VAR = "METALGUARD_RUN_SUPERVISOR"
+_RUNS_LOCK_TIMEOUT_SEC = 2.0  # a child never waits long to add its gate time
+_RUN_ARGV_MAX_WORDS, _RUN_ARGV_MAX_CHARS = 64, 300
+
+
+def _runs_file() -> _JsonFile:
+    return _JsonFile(_state_file("runs.json"), durable=False, lock_timeout=_RUNS_LOCK_TIMEOUT_SEC)
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def _run_entry_live(key: str, entry: object, host: str) -> bool:
+    """Whether ``entry`` (keyed by its supervisor's pid) belongs to a running supervisor.
+
+    Entries of other hosts (a state folder on a shared home) are kept but never
+    judged: their pids mean nothing here.
+    """
+    if not isinstance(entry, dict) or not key.isdigit():
+        return False
+    if entry.get("host") != host:
+        return True
+    return _pid_running(int(key))
+
+
+def _runs_update(mutate: Callable[[dict[str, Any]], None]) -> None:
+    """``mutate`` the runs of this host's live supervisors; one WARNING per process on failure."""
+    host = _host()
+
+    def change(data: dict[str, Any]) -> None:
+        for key in [k for k, v in data.items() if not _run_entry_live(k, v, host)]:
+            del data[key]
+        mutate(data)
+
+    try:
+        _runs_file().update(change)
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "runs-registry",
+            _WARNING,
+            "metal_guard: cannot update the runs registry %s (%s); `metal-guard status` will not "
+            "list this program",
+            _state_file("runs.json"),
+            exc,
+        )
+
+
+def _run_record(*, child_pid: int | None, argv: list[str], restarts: int, since: float) -> None:
+    """The supervisor's (this process's) entry: its child now, the command, restarts so far."""
+    words = [w[:_RUN_ARGV_MAX_CHARS] for w in argv[:_RUN_ARGV_MAX_WORDS]]
+    now = time.time()
+
+    def put(data: dict[str, Any]) -> None:
+        entry = data.get(str(os.getpid()))
+        entry = entry if isinstance(entry, dict) else {}
+        entry.update(
+            host=_host(),
+            supervisor_pid=os.getpid(),
+            pid=child_pid,
+            argv=words,
+            since=since,
+            child_since=now if child_pid is not None else None,
+            restarts=restarts,
+        )
+        entry.setdefault("gate_wait_sec", 0.0)
+        data[str(os.getpid())] = entry
+
+    _runs_update(put)
+
+
+def _run_forget() -> None:
+    """Remove this supervisor's entry (at its exit)."""
+    _runs_update(lambda data: data.pop(str(os.getpid()), None) and None)
+
+
+def _run_note_gate_wait(seconds: float) -> None:
+    """Add ``seconds`` waited for the GPU gate to this program's supervisor entry.
+
+    Child side; a no-op when the process does not run under ``metal-guard run``.
+    Call it once per request or every few seconds, never per step (it takes a
+    file lock). Never raises for environment faults.
+    """
+    waited = _real_arg("seconds", seconds)
+    supervisor = _env_int(_RUN_SUPERVISOR_ENV_VAR, 0, minimum=1)
+    if supervisor <= 0 or waited <= 0:
+        return
+
+    def add(data: dict[str, Any]) -> None:
+        entry = data.get(str(supervisor))
+        if isinstance(entry, dict):
+            entry["gate_wait_sec"] = (_number(entry.get("gate_wait_sec")) or 0.0) + waited
+
+    _runs_update(add)
+
+
+def _read_runs() -> list[dict[str, Any]]:
+    """This host's programs under run, oldest first (never writes, never raises)."""
+    data, problem = _runs_file().read()
+    if problem is not None:
+        _log().debug("metal_guard: runs registry unreadable: %s", problem)
+    host = _host()
+    runs: list[dict[str, Any]] = []
+    for key, entry in data.items():
+        if not isinstance(entry, dict) or entry.get("host") != host:
+            continue
+        if not _run_entry_live(key, entry, host):
+            continue
+        argv = entry.get("argv")
+        runs.append(
+            {
+                "pid": entry.get("pid") if isinstance(entry.get("pid"), int) else None,
+                "supervisor_pid": int(key),
+                "argv": [str(w) for w in argv] if isinstance(argv, list) else [],
+                "since": _number(entry.get("since")),
+                "child_since": _number(entry.get("child_since")),
+                "restarts": entry.get("restarts") if isinstance(entry.get("restarts"), int) else 0,
+                "gate_wait_sec": _number(entry.get("gate_wait_sec")) or 0.0,
+            }
+        )
+    runs.sort(key=lambda r: r["since"] or 0.0)
+    return runs
+
+
+# =============================================================================
 # 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 #
 # Both are best-effort: a failing MLX step logs and carries on, and the body's
 # own exception always propagates unchanged.
 #
-# Provides: gemma4_generation_flush, subprocess_inference_guard
+# Provides: gemma4_generation_flush, subprocess_inference_guard, _inference_flush_post,
+#   _inference_flush_pre
 # Uses: Prelude, Breadcrumbs, MLX access, Model identity, GPU gate
 # =============================================================================
+
+
+def _inference_flush_pre(model_id: object) -> None:
+    """PRE of one inference: ``mx.clear_cache()`` and a ``SUBPROC_PRE`` breadcrumb."""
+    mx = _mlx()
+    if mx is not None:
+        _mlx_step(
+            "clear_cache (pre)", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=_WARNING
+        )
+    _breadcrumb(f"SUBPROC_PRE: {_label(model_id)}")
+
+
+def _inference_flush_post(
+    model_id: object, streams: object = None, *, failed: bool = False
+) -> None:
+    """POST of one inference: synchronize the streams, then ``mx.clear_cache()`` and a
+    ``SUBPROC_POST`` breadcrumb. After a failed body the driver may already be in
+    trouble: step failures are then expected and logged at DEBUG only.
+    """
+    level = _DEBUG if failed else _WARNING
+    mx = _mlx()
+    if mx is not None:
+        _synchronize(mx, streams, model_id=model_id, level=level)
+        _mlx_step("clear_cache (post)", _mlx_fn(mx, "clear_cache"), model_id=model_id, level=level)
+    _breadcrumb(f"SUBPROC_POST: {_label(model_id)}")
 
 
 class subprocess_inference_guard(_ContextDecorator):
@@ -6319,15 +6683,7 @@ class subprocess_inference_guard(_ContextDecorator):
             gate.__exit__(None, None, None)
 
     def _pre(self) -> None:
-        mx = _mlx()
-        if mx is not None:
-            _mlx_step(
-                "clear_cache (pre)",
-                _mlx_fn(mx, "clear_cache"),
-                model_id=self.model_id,
-                level=_WARNING,
-            )
-        _breadcrumb(f"SUBPROC_PRE: {_label(self.model_id)}")
+        _inference_flush_pre(self.model_id)
 
     def __exit__(
         self,
@@ -6335,20 +6691,8 @@ class subprocess_inference_guard(_ContextDecorator):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # After a failed body the driver may already be in trouble: step
-        # failures are then expected and logged at DEBUG only.
-        level = _WARNING if exc is None else _DEBUG
         try:
-            mx = _mlx()
-            if mx is not None:
-                _synchronize(mx, self.streams, model_id=self.model_id, level=level)
-                _mlx_step(
-                    "clear_cache (post)",
-                    _mlx_fn(mx, "clear_cache"),
-                    model_id=self.model_id,
-                    level=level,
-                )
-            _breadcrumb(f"SUBPROC_POST: {_label(self.model_id)}")
+            _inference_flush_post(self.model_id, self.streams, failed=exc is not None)
         finally:
             self._leave_gate()
 
@@ -9116,6 +9460,1224 @@ def shutdown_all_workers() -> None:
 
 
 # =============================================================================
+# 5.12 Child hooks — what ``_child_bootstrap`` installs in a Python program run
+# under ``metal-guard run``.
+#
+# The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
+# ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
+# cadence admission that waits, each forward-pass step under the GPU gate (streams
+# synchronized before release), the per-request flush, SIGTERM as Ctrl-C (deferred
+# while the main thread is inside a lock step), unloads recorded. A hook whose
+# target this version lacks is named once on stderr and skipped.
+#
+# Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
+# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Model identity, Registry, Cadence,
+#   GPU gate, Runs registry, Flush guards, Wired-limit control
+# =============================================================================
+
+_EXIT_REFUSED = 2
+_EXIT_GENERATION_DEAD = 70  # mlx_lm.server's generation thread died (after the flush)
+_EXIT_GPU_STUCK = 71  # reserved: stuck GPU work
+_RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
+_RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
+_RUN_NOTE_EVERY_SEC = 5.0
+_RUN_CADENCE_SLACK_SEC = 0.05
+_RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
+_RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
+
+# (module, attribute path, kind, versions written against)
+_RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
+    ("mlx_lm.utils", "load", "load", "all"),
+    ("mlx_lm.utils", "load_model", "load", "all"),
+    ("mlx_lm.utils", "sharded_load", "load", ">=0.30"),
+    ("mlx_lm.utils", "pipeline_load", "load", ">=0.29"),
+    ("mlx_lm.generate", "generate_step", "step", "all"),
+    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.21"),
+    ("mlx_lm.generate", "stream_generate", "request", "all"),
+    ("mlx_lm.generate", "generate", "request", "all"),
+    ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
+    ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
+    ("mlx_vlm.utils", "load", "load", "all"),
+    ("mlx_vlm.generate", "generate_step", "step", "all"),
+    ("mlx_vlm.generate", "stream_generate", "request", "all"),
+    ("mlx_vlm.generate", "generate", "request", "all"),
+)
+_RUN_REBIND = {
+    "mlx_lm": ("mlx_lm.utils", "mlx_lm.generate"),
+    "mlx_vlm": ("mlx_vlm.utils", "mlx_vlm.generate"),
+}
+_RUN_MARK = "_metal_guard_run_original"
+
+
+class _RunState:
+    """What the hooks of this process remember (one instance; plain attributes)."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.gate_on = True
+        self.gate_log: str | None = None
+        self.gate_label = "run"
+        self.main_ident = 0
+        self.critical = 0  # main thread inside a metal_guard lock step
+        self.interrupt_pending = False
+        self.gate_wait = 0.0
+        self.gate_wait_noted = time.monotonic()
+        self.labels: dict[int, str] = {}  # id(model) → model id
+        self.live: dict[int, str] = {}  # id(model) → model id, models not freed yet
+        self.gemma_pending: set[int] = set()
+        self.unloads: list[tuple[str, float]] = []  # freed models not recorded yet
+        self.local: threading.local | None = None
+        self.gate: exclusive_gpu | None = None
+
+
+_run = _RunState()
+
+
+class _RunFinder:
+    """Meta-path finder: the hooked modules load through ``_RunLoader``; others are not looked at."""
+
+    def __init__(self) -> None:
+        self._finding: set[str] = set()  # a finder after us that asks the others again
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _RUN_HOOKED or fullname in self._finding:
+            return None
+        self._finding.add(fullname)  # one import of a name at a time (the module's lock)
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec: Any = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _RunLoader(spec.loader)
+                    return spec
+            return None
+        finally:
+            self._finding.discard(fullname)
+
+
+class _RunLoader:
+    """A module's own loader, plus our hooks once its code has run."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _run_after_import(module.__name__)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def _child_bootstrap() -> None:
+    """Install the child hooks lazily: one meta-path finder, nothing else until MLX comes.
+
+    Idempotent. Modules already imported get their hooks at once.
+    """
+    if not any(isinstance(f, _RunFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RunFinder())
+    for name in ("mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"):
+        if sys.modules.get(name) is not None:
+            _run_after_import(name)
+
+
+def _run_after_import(name: str) -> None:
+    """Never lets a hook failure reach the program: one line on stderr, unguarded from there."""
+    try:
+        if name == "mlx.core":
+            _run_on_mlx()
+        else:
+            _run_hook_package(name)
+    except Exception as exc:
+        if _first_time("run-hook-failed:" + name):
+            _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
+
+
+def _run_say(text: str) -> None:
+    try:
+        sys.stderr.write(f"metal-guard: {text}\n")
+    except Exception:  # a closed stderr: nothing to tell
+        pass
+    _run_flush_stdio()
+
+
+def _run_flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream
+            pass
+
+
+def _run_on_mlx() -> None:
+    """``mlx.core`` is imported: wired policy, per-thread state, SIGTERM, the exit cleanup."""
+    import threading
+
+    if _run.installed:
+        return
+    _run.installed = True
+    _run.local = threading.local()
+    _run.gate_on = _env_bool("METALGUARD_RUN_GPU_GATE", True)
+    _run.gate_log = _env_path(_RUN_GATE_LOG_ENV, None)
+    _run.gate_label = f"run:{os.getpid()}"
+    _run.gate = exclusive_gpu(_run.gate_label)
+    _run_wired_policy()
+    import atexit
+
+    atexit.register(_run_at_exit)
+    _run.main_ident = threading.main_thread().ident or 0
+    if _thread.get_ident() == _run.main_ident:
+        import signal
+
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _run_on_sigterm)
+
+
+def _run_wired_policy() -> None:
+    """``METALGUARD_RUN_WIRED`` (off, cap, cap:<GiB>, keep; bad: off); unset:
+    ``METALGUARD_WIRED_LIMIT`` when set, else ``off``. ``keep`` installs nothing.
+    """
+    raw = os.environ.get(_RUN_WIRED_ENV, "").strip()
+    if raw.lower() == "keep":
+        return
+    try:
+        limit_wired_memory(raw or (None if os.environ.get(_WIRED_ENV_VAR, "").strip() else "off"))
+    except ValueError as exc:
+        _log_once(
+            "run-wired", _WARNING, "metal_guard: %s=%r: %s; using off", _RUN_WIRED_ENV, raw, exc
+        )
+        limit_wired_memory("off")
+
+
+def _run_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C; deferred while the main thread is inside a gate or store step."""
+    if _run.critical > 0:
+        _run.interrupt_pending = True
+        return
+    raise KeyboardInterrupt
+
+
+def _run_critical_enter() -> None:
+    if _thread.get_ident() == _run.main_ident:
+        _run.critical += 1
+
+
+def _run_critical_leave() -> bool:
+    """Leave a lock step; True when a deferred SIGTERM must now be raised."""
+    if _thread.get_ident() != _run.main_ident:
+        return False
+    _run.critical -= 1
+    if _run.critical == 0 and _run.interrupt_pending:
+        _run.interrupt_pending = False
+        return True
+    return False
+
+
+def _run_local() -> Any:
+    local = _run.local
+    if local is None:  # hooks applied before mlx.core (a module imported without it)
+        import threading
+
+        local = _run.local = threading.local()
+    return local
+
+
+class _GpuTurn:
+    """One turn on the GPU gate: take it, run the step, synchronize its streams, release."""
+
+    __slots__ = ("gate", "start", "streams")
+
+    def __init__(self, streams: tuple[object, ...] = ()) -> None:
+        self.streams = streams
+        self.gate: exclusive_gpu | None = None
+        self.start = 0.0
+
+    def __enter__(self) -> _GpuTurn:
+        gate = _run.gate
+        if not _run.gate_on or gate is None or _gpu_gate_held_here():
+            return self
+        _run_critical_enter()
+        try:
+            asked = time.monotonic()
+            gate.__enter__()
+            self.gate = gate
+            self.start = time.monotonic()
+            _run.gate_wait += self.start - asked
+        finally:
+            interrupt = _run_critical_leave()
+        if interrupt:
+            self._release()
+            raise KeyboardInterrupt
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gate is None:
+            return
+        _run_critical_enter()
+        try:
+            self._release()
+        finally:
+            interrupt = _run_critical_leave()
+        if interrupt and exc[0] is None:
+            raise KeyboardInterrupt
+
+    def _release(self) -> None:
+        gate, self.gate = self.gate, None
+        if gate is None:
+            return
+        try:
+            mx = sys.modules.get("mlx.core")
+            if mx is not None:
+                _synchronize(mx, self.streams, level=_DEBUG)
+            if _run.gate_log:
+                _run_log_turn(self.start, time.monotonic())
+        finally:
+            gate.__exit__(None, None, None)
+
+
+def _run_log_turn(start: float, end: float) -> None:
+    try:
+        with open(_run.gate_log or "", "a", encoding="ascii") as log:
+            log.write(f"{os.getpid()} {start:.6f} {end:.6f}\n")
+    except OSError as exc:
+        _log_once(
+            "run-gate-log", _WARNING, "metal_guard: cannot write %s: %s", _RUN_GATE_LOG_ENV, exc
+        )
+
+
+def _run_note_wait(force: bool = False) -> None:
+    now = time.monotonic()
+    if not force and now - _run.gate_wait_noted < _RUN_NOTE_EVERY_SEC:
+        return
+    waited, _run.gate_wait, _run.gate_wait_noted = _run.gate_wait, 0.0, now
+    if waited > 0:
+        try:
+            _run_note_gate_wait(waited)
+        except Exception as exc:
+            _log_once("run-note-wait", _DEBUG, "metal_guard: gate wait not noted: %r", exc)
+
+
+# -- loads ----------------------------------------------------------------------
+
+
+def _run_model_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    value = args[0] if args else next((kwargs[k] for k in _RUN_MODEL_KWARGS if k in kwargs), None)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _run_refuse_exit(text: str) -> NoReturn:
+    """Refused by a guard: one line, exit 2 (SystemExit in the main thread, else at once)."""
+    _breadcrumb(f"RUN_REFUSED: {text}")
+    _run_say(f"refused: {text}")
+    if _thread.get_ident() == _run.main_ident:
+        raise SystemExit(_EXIT_REFUSED)
+    _run_flush_stdio()
+    os._exit(_EXIT_REFUSED)
+
+
+def _run_admit(model_id: str) -> bool:
+    """Cadence admission that waits for the interval (or refuses with METALGUARD_RUN_WAIT=0)."""
+    guard = _default_guard(180.0, 0.0)
+    said = False
+    while True:
+        try:
+            return guard.admit(model_id)
+        except CadenceViolation as violation:
+            if not _env_bool("METALGUARD_RUN_WAIT", True):
+                _run_refuse_exit(str(violation))
+            if not said:
+                said = True
+                _log().warning("metal_guard: waiting for the cadence: %s", violation)
+                _run_say(f"waiting {violation.remaining_sec:.1f} s: {violation}")
+            time.sleep(violation.remaining_sec + _RUN_CADENCE_SLACK_SEC)
+
+
+def _run_record_unloads() -> None:
+    """Record the unloads of the models freed since the last call (never from a finalizer)."""
+    if not _run.unloads:
+        return
+    guard = _default_guard(180.0, 0.0)
+    while _run.unloads:
+        model_id, ts = _run.unloads.pop(0)
+        try:
+            guard.mark_unload(model_id, ts=ts)
+        except Exception as exc:
+            _log().warning("metal_guard: unload of %s not recorded: %s", model_id, exc)
+        _breadcrumb(f"RUN_UNLOAD: {_label(model_id)}")
+
+
+def _run_model_freed(key: int, model_id: str) -> None:
+    # a finalizer: no locks, no files; the next load or the exit records it
+    _run.live.pop(key, None)
+    _run.labels.pop(key, None)
+    _run.gemma_pending.discard(key)
+    _run.unloads.append((model_id, time.time()))
+
+
+def _run_track(result: Any, model_id: str) -> None:
+    import weakref
+
+    model = result[0] if isinstance(result, tuple) and result else result
+    key = id(model)
+    _run.labels[key] = model_id
+    _run.live[key] = model_id
+    if is_gemma4_family(model_id):
+        _run.gemma_pending.add(key)
+    try:
+        weakref.finalize(model, _run_model_freed, key, model_id)
+    except TypeError:  # not weak-referenceable: recorded at exit only
+        pass
+
+
+def _run_wrap_load(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def load(*args: Any, **kwargs: Any) -> Any:
+        model_id = _run_model_arg(args, kwargs)
+        local = _run_local()
+        if model_id is None or getattr(local, "loading", False):
+            return fn(*args, **kwargs)
+        _run_critical_enter()
+        try:
+            _run_record_unloads()
+            warn_if_known_panic_model(model_id)
+            recorded = _run_admit(model_id)
+        finally:
+            interrupt = _run_critical_leave()
+        if interrupt:
+            raise KeyboardInterrupt
+        mx = sys.modules.get("mlx.core")
+        before = _mlx_number(mx, "get_active_memory") if mx is not None else 0
+        local.loading = True
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            after = _mlx_number(mx, "get_active_memory") if mx is not None else 0
+            if recorded and after <= before:  # nothing allocated: the load does not count
+                _default_guard(180.0, 0.0).clear(model_id)
+                _breadcrumb(f"RUN_LOAD_FAILED: {_label(model_id)} (not counted)")
+            raise
+        finally:
+            local.loading = False
+        _run_track(result, model_id)
+        return result
+
+    return load
+
+
+# -- steps and requests -----------------------------------------------------------
+
+
+def _run_wrap_step(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    import inspect
+
+    if not inspect.isgeneratorfunction(fn):
+        return None  # not the shape this hook expects
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        stream = kwargs.get("stream")
+        streams = () if stream is None else (stream,)
+        gen = fn(*args, **kwargs)
+        try:
+            while True:
+                with _GpuTurn(streams):
+                    try:
+                        item = next(gen)
+                    except StopIteration as stop:
+                        return stop.value
+                yield item
+        finally:
+            gen.close()
+
+    return step
+
+
+def _run_request_begin(model: object) -> str | None:
+    """Start of a request: the gemma-4 first-generate flush, then PRE. None when nested."""
+    local = _run_local()
+    depth = getattr(local, "requests", 0)
+    local.requests = depth + 1
+    if depth:
+        return None
+    label = _run_first_generate(model)
+    _inference_flush_pre(label)
+    return label
+
+
+def _run_first_generate(model: object) -> str:
+    """The model's id; a gemma-4 model's first generate gets the settle window first."""
+    key = id(model)
+    label = _run.labels.get(key, "model")
+    if key in _run.gemma_pending:
+        _run.gemma_pending.discard(key)
+        gemma4_generation_flush(label, 0)
+    return label
+
+
+def _run_request_end(label: str | None, streams: tuple[object, ...], failed: bool) -> None:
+    local = _run_local()
+    local.requests = max(0, getattr(local, "requests", 1) - 1)
+    if label is None:
+        return
+    with _GpuTurn(streams):
+        _inference_flush_post(label, streams, failed=failed)
+    _run_note_wait()
+
+
+def _run_wrap_request(fn: Callable[..., Any]) -> Callable[..., Any]:
+    import inspect
+
+    if inspect.isgeneratorfunction(fn):
+
+        def stream_request(model: Any, *args: Any, **kwargs: Any) -> Any:
+            stream = kwargs.get("stream")
+            streams = () if stream is None else (stream,)
+            label = _run_request_begin(model)
+            failed = True
+            try:
+                yield from fn(model, *args, **kwargs)
+                failed = False
+            finally:
+                _run_request_end(label, streams, failed)
+
+        return stream_request
+
+    def request(model: Any, *args: Any, **kwargs: Any) -> Any:
+        label = _run_request_begin(model)
+        failed = True
+        try:
+            result = fn(model, *args, **kwargs)
+            failed = False
+            return result
+        finally:
+            _run_request_end(label, (), failed)
+
+    return request
+
+
+def _run_finished(out: object) -> int:
+    """How many responses of a BatchGenerator step carry a finish reason."""
+    items = list(out) if isinstance(out, (list, tuple)) else []
+    if isinstance(out, tuple):
+        items = [r for part in items for r in (part if isinstance(part, list) else [part])]
+    return sum(1 for r in items if getattr(r, "finish_reason", None) is not None)
+
+
+def _run_wrap_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _next(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stream = getattr(self, "_stream", None)
+        streams = () if stream is None else (stream,)
+        with _GpuTurn(streams):
+            out = fn(self, *args, **kwargs)
+            finished = _run_finished(out)
+            label = _run.labels.get(id(getattr(self, "model", None)), "model")
+            for _ in range(finished):
+                _inference_flush_post(label, streams)
+        if finished:
+            _run_note_wait()
+        return out
+
+    return _next
+
+
+def _run_wrap_batch_insert(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def insert(self: Any, *args: Any, **kwargs: Any) -> Any:
+        label = _run_first_generate(getattr(self, "model", None))
+        _inference_flush_pre(label)
+        return fn(self, *args, **kwargs)
+
+    return insert
+
+
+def _run_wrap_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:
+            if getattr(self, "_stop", False):
+                raise
+            text = f"mlx_lm.server generation thread died: {type(exc).__name__}: {_label(exc)}"
+            _breadcrumb(f"RUN_GENERATION_DEAD: {text}")
+            _run_say(f"{text}; exiting with {_EXIT_GENERATION_DEAD}")
+            _run_at_exit()
+            _run_flush_stdio()
+            os._exit(_EXIT_GENERATION_DEAD)
+
+    return _generate
+
+
+_RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | None]] = {
+    "load": _run_wrap_load,
+    "step": _run_wrap_step,
+    "request": _run_wrap_request,
+    "batch": _run_wrap_batch,
+    "batch-insert": _run_wrap_batch_insert,
+    "thread": _run_wrap_thread,
+}
+
+
+def _run_hook_package(name: str) -> None:
+    """Apply the hooks of ``name``'s modules; name once what this version lacks."""
+    import importlib
+
+    top = name.split(".")[0]
+    modules = _RUN_REBIND.get(name, (name,))
+    dist = "mlx-lm" if top == "mlx_lm" else "mlx-vlm"
+    version = _label(getattr(sys.modules.get(top), "__version__", "unknown"))
+    missing: list[str] = []
+    swapped: dict[int, Callable[..., Any]] = {}  # id(original) → wrapper
+    for module_name, path, kind, _versions in _RUN_HOOKS:
+        if module_name not in modules:
+            continue
+        if kind in ("step", "batch") and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            missing.append(f"{module_name}.{path}")
+            continue
+        *owners, attr = path.split(".")
+        owner: Any = module
+        for part in owners:
+            owner = getattr(owner, part, None)
+        current = getattr(owner, attr, None) if owner is not None else None
+        if not callable(current):
+            missing.append(f"{module_name}.{path}")
+            continue
+        if getattr(current, _RUN_MARK, None) is not None:
+            continue  # hooked already
+        wrapper = _RUN_WRAPPERS[kind](current)
+        if wrapper is None:
+            missing.append(f"{module_name}.{path}")
+            continue
+        wrapper.__name__ = getattr(current, "__name__", attr)
+        wrapper.__doc__ = getattr(current, "__doc__", None)
+        wrapper.__wrapped__ = current  # type: ignore[attr-defined]
+        setattr(wrapper, _RUN_MARK, current)
+        setattr(owner, attr, wrapper)
+        if not owners:
+            swapped[id(current)] = wrapper
+    # names bound by ``from .utils import load`` before we came: point them at the hooks
+    holders = [m for n, m in list(sys.modules.items()) if n == top or n.startswith(top + ".")]
+    for module in holders if swapped else []:
+        for key, value in list(vars(module).items()) if module is not None else []:
+            if id(value) in swapped and getattr(value, _RUN_MARK, None) is None:
+                setattr(module, key, swapped[id(value)])
+    if missing and _first_time("run-missing:" + name):
+        _run_say(f"{dist} {version}: not hooked (not found in this version): " + ", ".join(missing))
+
+
+def _run_at_exit() -> None:
+    """Drain the streams, clear MLX's cache and record the unloads (atexit; never raises)."""
+    try:
+        mx = sys.modules.get("mlx.core")
+        if mx is not None:
+            _synchronize(mx, level=_DEBUG)
+            _mlx_step("clear_cache (exit)", _mlx_fn(mx, "clear_cache"), level=_DEBUG)
+        for key, model_id in list(_run.live.items()):
+            _run.live.pop(key, None)
+            _run.unloads.append((model_id, time.time()))
+        _run_record_unloads()
+        _run_note_wait(force=True)
+    except Exception as exc:
+        _log().warning("metal_guard: exit cleanup incomplete: %r", exc)
+
+
+# =============================================================================
+# 5.13 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
+# passed on with a grace period, restarts and exit codes.
+#
+# A Python program (an interpreter, or a script whose ``#!`` line names one)
+# starts with a bootstrap folder first on ``PYTHONPATH``: its ``sitecustomize``
+# runs the user's own, then loads this very file (``METALGUARD_RUN_MODULE``) and
+# calls ``_child_bootstrap``. Any other program gets the pre-flight, supervision
+# and a graceful stop only. Signal handlers only record the signal (a wake-up pipe
+# ends the wait at once); the loop passes it on and stops the child through
+# ``_stop_process`` (the grace, then SIGKILL with a WARNING). The child stays in
+# run's process group, so job control and a terminal's Ctrl-C work as without run
+# (Ctrl-C reaches the child from the terminal and is not sent a second time).
+#
+# Provides: _RUN_EXIT_GAVE_UP, _RUN_EXIT_REFUSED, _RUN_RESTART_POLICIES, _RUN_SITECUSTOMIZE,
+#   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
+#   _run_child_env, _run_supervised
+# Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence, Circuit breaker,
+#   Runs registry, System audits, Child hooks
+# =============================================================================
+
+_RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
+_RUN_EXIT_GAVE_UP = 69  # EX_UNAVAILABLE: gave up restarting
+_RUN_EXIT_CANNOT_EXECUTE, _RUN_EXIT_NOT_FOUND = 126, 127  # as a shell reports them
+_RUN_RESTART_POLICIES = ("never", "on-failure", "always")
+_RUN_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_RUN_VERSIONS_TIMEOUT_SEC = 5.0
+_RUN_VERSIONS_CODE = (
+    "import importlib.metadata as m, json\nv = {}\nfor n in %r:\n    try:\n"
+    "        v[n] = m.version(n)\n    except Exception:\n        pass\nprint(json.dumps(v))\n"
+)
+
+# The bootstrap folder's only file. Python runs it at start-up because the folder
+# is first on PYTHONPATH; the program's own subprocesses inherit the variable.
+_RUN_SITECUSTOMIZE = r'''"""Written by `metal-guard run` (rewritten when it differs): runs the sitecustomize
+that would have run without this folder, then installs metal-guard's guards."""
+
+
+def _report(exc):
+    import sys
+
+    if sys.flags.verbose:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    else:  # as Python's site module reports a failing sitecustomize
+        sys.stderr.write(
+            "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+            f"{type(exc).__name__}: {exc}\n"
+        )
+
+
+def _metal_guard_run_bootstrap():
+    import os
+    import sys
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if not p or os.path.abspath(p) != folder]
+    this = sys.modules.pop("sitecustomize", None)
+    try:
+        import sitecustomize  # noqa: F401 - the user's own, if there is one
+    except ImportError as exc:
+        if exc.name != "sitecustomize":
+            _report(exc)
+    except Exception as exc:
+        _report(exc)
+    if this is not None:  # none of the user's: the import system expects this module back
+        sys.modules.setdefault("sitecustomize", this)
+    try:
+        path = os.environ["METALGUARD_RUN_MODULE"]
+        module = sys.modules.get("metal_guard")
+        if module is None or os.path.abspath(getattr(module, "__file__", None) or "") != path:
+            # importlib.machinery, not importlib.util: the latter costs ~5 ms more to import
+            from importlib.machinery import ModuleSpec, SourceFileLoader
+
+            loader = SourceFileLoader("metal_guard", path)
+            spec = ModuleSpec("metal_guard", loader, origin=path)
+            spec.has_location = True
+            module = type(sys)("metal_guard")
+            module.__file__, module.__loader__, module.__spec__ = path, loader, spec
+            sys.modules["metal_guard"] = module
+            try:
+                loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop("metal_guard", None)
+                raise
+        module._child_bootstrap()
+    except Exception as exc:
+        sys.stderr.write(f"metal-guard: guards not installed: {type(exc).__name__}: {exc}\n")
+
+
+_metal_guard_run_bootstrap()
+'''
+
+
+@_dataclass(frozen=True)
+class _RunOptions:
+    """``metal-guard run``'s options (checked by the command line)."""
+
+    grace: float = 30.0
+    restart: str = "never"
+    max_restarts: int = 3
+    restart_window: float = 600.0
+    restart_delay: float | None = None  # None: the cadence's same-model interval
+    wired: str = "off"
+    wait: bool = True
+    gpu_gate: bool = True
+
+
+def _say(text: str) -> None:
+    """One line of run's own on stderr (the child's output is never touched)."""
+    try:
+        sys.stderr.write(f"metal-guard run: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+# -- what the command is -------------------------------------------------------------
+
+
+def _is_python_name(name: str) -> bool:
+    """``python``, ``python3``, ``python3.12`` (a free-threaded ``t`` build too)."""
+    if not name.startswith("python"):
+        return False
+    rest = name[6:].removesuffix("t")
+    return not rest or (rest[0].isdigit() and all(c.isdigit() or c == "." for c in rest))
+
+
+def _shebang_words(path: str) -> list[str] | None:
+    """The interpreter words of ``path``'s ``#!`` line (pip's ``/bin/sh`` trampoline
+    for long paths included), or ``None``."""
+    import shlex
+
+    try:
+        head = _read_bounded(path, 1024, follow_symlinks=True)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    lines = head[2:].decode("utf-8", "replace").splitlines()
+    words = lines[0].split() if lines else []
+    if words[:1] == ["/bin/sh"] and len(lines) > 1 and lines[1].startswith("'''exec' "):
+        try:
+            return shlex.split(lines[1])[1:2]
+        except ValueError:
+            return None
+    if words and os.path.basename(words[0]) == "env":  # #!/usr/bin/env [-S] python3
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+    return words or None
+
+
+def _python_interpreter(executable: str) -> tuple[str, list[str]] | None:
+    """``(interpreter, its options)`` when ``executable`` runs Python, else ``None``.
+
+    ``executable`` is a resolved path: an interpreter itself, or a script whose
+    ``#!`` line names one (console scripts such as ``mlx_lm.server``).
+    """
+    import shutil
+
+    if _is_python_name(os.path.basename(executable)):
+        return executable, []
+    words = _shebang_words(executable)
+    if not words or not _is_python_name(os.path.basename(words[0])):
+        return None
+    found = words[0] if os.sep in words[0] else shutil.which(words[0])
+    return (found, words[1:]) if found else None
+
+
+def _python_skips_site(options: list[str]) -> str | None:
+    """The interpreter option (``-I``, ``-E``, ``-S``) that keeps the bootstrap from running."""
+    for word in options:
+        if word in ("-c", "-m", "-", "--") or not word.startswith("-") or word.startswith("--"):
+            break
+        for letter in word[1:]:
+            if letter in "IES":
+                return f"-{letter}"
+            if letter in "WXcm":  # the rest of the word is that option's value
+                break
+    return None
+
+
+def _command_models(argv: list[str]) -> list[str]:
+    """The values of ``--model X`` / ``--model=X`` in a command line."""
+    models = []
+    for i, word in enumerate(argv):
+        if word == "--model" and i + 1 < len(argv):
+            models.append(argv[i + 1])
+        elif word.startswith("--model="):
+            models.append(word[len("--model=") :])
+    return [m for m in models if m.strip()]
+
+
+# -- the child's environment -----------------------------------------------------------
+
+
+def _run_bootstrap_folder() -> str:
+    """The folder holding the bootstrap ``sitecustomize.py`` (written when missing or stale).
+
+    It lives in the state folder, named after its content, and is never
+    deleted: a program's own subprocesses may start long after run ended.
+    """
+    import zlib
+
+    content = _RUN_SITECUSTOMIZE.encode("utf-8")
+    folder = _state_file(f"run-bootstrap-{zlib.crc32(content):08x}")
+    path = os.path.join(folder, "sitecustomize.py")
+    try:
+        current = _read_bounded(path, len(content) + 1)
+    except OSError:
+        current = b""
+    if current != content:
+        _atomic_write_bytes(path, content, durable=False)
+    return folder
+
+
+def _run_child_env(
+    base: dict[str, str], bootstrap: str, options: _RunOptions, *, supervisor: int
+) -> dict[str, str]:
+    """``base`` plus the bootstrap folder first on ``PYTHONPATH`` and the ``METALGUARD_RUN_*``
+    variables; the user's ``PYTHONPATH`` follows unchanged (a bootstrap folder inherited
+    from an outer run is left out)."""
+    env = dict(base)
+    user = env.get("PYTHONPATH", "")
+    outer = env.get("METALGUARD_RUN_BOOTSTRAP")
+    if outer and user:
+        user = os.pathsep.join(p for p in user.split(os.pathsep) if p != outer)
+    env["PYTHONPATH"] = bootstrap + (os.pathsep + user if user else "")
+    env.update(
+        {
+            _RUN_SUPERVISOR_ENV_VAR: str(supervisor),
+            "METALGUARD_RUN_MODULE": os.path.abspath(__file__),
+            "METALGUARD_RUN_BOOTSTRAP": bootstrap,
+            "METALGUARD_RUN_WIRED": options.wired,
+            "METALGUARD_RUN_WAIT": "1" if options.wait else "0",
+            "METALGUARD_RUN_GPU_GATE": "1" if options.gpu_gate else "0",
+        }
+    )
+    return env
+
+
+# -- pre-flight --------------------------------------------------------------------------
+
+
+def _preflight_refusal() -> str | None:
+    """Why the program may not start now (exit 2), or ``None``; before every start.
+
+    The post-panic gate (section 4.8) plugs in here, before the circuit breaker.
+    Observer mode reports a cooldown instead of refusing (``_refuse``).
+    """
+    try:
+        CircuitBreaker().check()
+    except MLXCooldownActive as exc:
+        return str(exc)
+    except (OSError, StateLockTimeout) as exc:
+        _log().warning("metal_guard: run: the circuit breaker could not be checked: %s", exc)
+    return None
+
+
+def _interpreter_versions(interpreter: str) -> dict[str, str] | None:
+    """Installed versions of the MLX stack for ``interpreter`` (package metadata only)."""
+    import json
+
+    names = tuple(sorted({package for package, _, _ in _VERSION_ADVISORIES}))
+    if os.path.abspath(interpreter) == os.path.abspath(sys.executable):
+        return {n: v for n in names if (v := _installed_version(n)) is not None}
+    out = _run_bounded(
+        [interpreter, "-c", _RUN_VERSIONS_CODE % (names,)], _RUN_VERSIONS_TIMEOUT_SEC
+    )
+    try:  # the last line: a sitecustomize may print too
+        found = json.loads(out.strip().splitlines()[-1]) if out and out.strip() else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        return None
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def _preflight_warnings(argv: list[str], interpreter: str | None) -> None:
+    """Known-panic models named on the command line, the advisories of the child's MLX
+    stack (critical ones by name) and the system audit's warnings; on stderr."""
+    for model in _command_models(argv):
+        try:
+            warn_if_known_panic_model(model)
+        except (TypeError, ValueError):
+            pass
+    if interpreter is not None:
+        versions = _interpreter_versions(interpreter)
+        if versions is None:
+            _say(f"could not read the MLX versions installed for {interpreter}")
+        else:
+            found = check_version_advisories(packages=versions)
+            for a in (a for a in found if a["severity"] == "critical"):
+                _say(
+                    f"CRITICAL advisory for {a['package']} {a['installed_version']} "
+                    f"({interpreter}): {a['title']} ({a['url']}); {a['mitigation']}"
+                )
+            others = [a for a in found if a["severity"] != "critical"]
+            if others:
+                _say(
+                    f"{len(others)} more advisory(ies) for the MLX stack of {interpreter} "
+                    "(`metal-guard audit` run with that interpreter lists them)"
+                )
+    log_system_audit_at_startup()
+
+
+# -- supervision ---------------------------------------------------------------------------
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: its code, or 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _exit_text(code: int) -> str:
+    import signal
+
+    if code > 128:
+        try:
+            return f"died from {signal.Signals(code - 128).name} (exit {code})"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+class _Signals:
+    """Stop signals recorded by handlers that do nothing else; a wake-up pipe (also
+    written on SIGCHLD) ends a wait at once. A signal ignored when run started
+    (``nohup``) stays ignored, for the child too."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
+
+    def __enter__(self) -> _Signals:
+        import signal
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        try:
+            self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: handlers cannot be set, waits poll
+            os.close(read_fd)
+            os.close(write_fd)
+            return self
+        self._pipe = (read_fd, write_fd)
+        child = getattr(signal, "SIGCHLD", None)
+        for name in (*_RUN_STOP_SIGNALS, "SIGCHLD"):
+            signum = getattr(signal, name, None)
+            if signum is None or signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(
+                signum, (lambda *_: None) if signum == child else self._record
+            )
+        return self
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    def take(self) -> list[int]:
+        taken, self.received[:] = list(self.received), []
+        return taken
+
+    def wait(self, proc: Any, seconds: float) -> None:
+        """Until ``proc`` (if any) exits, a stop signal comes or ``seconds`` pass."""
+        import select
+
+        deadline = time.monotonic() + seconds
+        while not self.received and (proc is None or proc.poll() is None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._pipe is None:
+                time.sleep(min(left, 0.05))
+                continue
+            if select.select([self._pipe[0]], [], [], min(left, 1.0))[0]:
+                try:
+                    while os.read(self._pipe[0], 512):
+                        pass
+                except BlockingIOError:
+                    pass
+
+
+def _terminal_delivered(signum: int) -> bool:
+    """Whether a terminal sent ``signum`` (Ctrl-C, hang-up) to the child too: run and the
+    child are the foreground process group of a terminal."""
+    import signal
+
+    if signum not in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        return False
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class _Supervisor:
+    """One ``metal-guard run``: starts, watches, stops and restarts the command."""
+
+    def __init__(self, argv: list[str], options: _RunOptions) -> None:
+        self.argv = argv
+        self.options = options
+        self.label = f"`{os.path.basename(argv[0])}`"
+        self.signals = _Signals()
+        self.stop: int | None = None
+        self.since = time.time()
+
+    def run(self) -> int:
+        import shutil
+
+        executable = shutil.which(self.argv[0])
+        if executable is None:
+            _say(f"{self.argv[0]}: command not found (or not executable)")
+            return _RUN_EXIT_NOT_FOUND
+        python = _python_interpreter(executable)
+        env = None
+        if python is None:
+            _say(
+                f"{self.label} is not a Python program: pre-flight, supervision and graceful "
+                "stop only (no guards inside it)"
+            )
+        else:
+            skipped = _python_skips_site(python[1] + self.argv[1:])
+            if skipped is not None:
+                _say(f"{skipped} keeps Python from running the bootstrap: guards not installed")
+            try:
+                folder = _run_bootstrap_folder()
+                env = _run_child_env(dict(os.environ), folder, self.options, supervisor=os.getpid())
+            except OSError as exc:
+                _say(f"cannot write the bootstrap folder ({exc}): the program runs unguarded")
+        _preflight_warnings(self.argv, None if python is None else python[0])
+        with self.signals:
+            try:
+                return self._loop(executable, env)
+            finally:
+                _run_forget()
+
+    def _loop(self, executable: str, env: dict[str, str] | None) -> int:
+        import subprocess
+
+        restarts: list[float] = []
+        while True:
+            refusal = _preflight_refusal()
+            if refusal is not None:
+                _say(f"refused, {self.label} was not started: {refusal}")
+                return _RUN_EXIT_REFUSED
+            try:
+                proc = subprocess.Popen(self.argv, executable=executable, env=env)
+            except OSError as exc:
+                _say(f"cannot start {self.label}: {exc}")
+                missing = isinstance(exc, FileNotFoundError)
+                return _RUN_EXIT_NOT_FOUND if missing else _RUN_EXIT_CANNOT_EXECUTE
+            _run_record(
+                child_pid=proc.pid, argv=self.argv, restarts=len(restarts), since=self.since
+            )
+            code = self._watch(proc)
+            if self.stop is not None:
+                return code
+            why_not = self._no_restart(code)
+            if why_not is not None:
+                if self.options.restart != "never":
+                    _say(f"{self.label} {_exit_text(code)}; not restarted: {why_not}")
+                return code
+            now = time.monotonic()
+            recent = [t for t in restarts if now - t < self.options.restart_window]
+            if len(recent) >= self.options.max_restarts:
+                _say(
+                    f"gave up: {self.label} {_exit_text(code)} after {len(recent)} restart(s) "
+                    f"within {_duration(self.options.restart_window)} (--max-restarts "
+                    f"{self.options.max_restarts}); not restarting (exit {_RUN_EXIT_GAVE_UP})"
+                )
+                return _RUN_EXIT_GAVE_UP
+            _run_record(child_pid=None, argv=self.argv, restarts=len(restarts), since=self.since)
+            if not self._pause(code, len(recent) + 1):
+                return 128 + (self.stop or 0)
+            restarts.append(time.monotonic())
+
+    def _no_restart(self, code: int) -> str | None:
+        """Why the child is not restarted after exiting with ``code``, or ``None``."""
+        policy = self.options.restart
+        if policy == "never":
+            return "--restart never"
+        if code == _EXIT_GPU_STUCK:
+            return (
+                f"exit {_EXIT_GPU_STUCK} means stuck GPU work: reboot before running MLX again "
+                "(wired memory may be stranded)"
+            )
+        if code == _RUN_EXIT_REFUSED:
+            return "exit 2 means a guard refused (see its message)"
+        if code == 0 and policy == "on-failure":
+            return "it succeeded (--restart on-failure)"
+        return None
+
+    def _watch(self, proc: Any) -> int:
+        """Wait for the child; a stop signal stops it gracefully. Its exit code."""
+        while proc.poll() is None:
+            self.signals.wait(proc, 3600.0)
+            received = self.signals.take()
+            if received and proc.poll() is None:
+                self._stop_child(proc, received[0])
+        return _exit_code(proc.returncode)
+
+    def _stop_child(self, proc: Any, signum: int) -> None:
+        import signal
+
+        self.stop = signum
+        name = signal.Signals(signum).name
+        grace = self.options.grace
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while proc.poll() is None and deadline > time.monotonic():
+                self.signals.wait(proc, deadline - time.monotonic())
+                for again in self.signals.take():  # asked again: passed on again
+                    if not _terminal_delivered(again):
+                        proc.send_signal(again)
+
+        delivered = _terminal_delivered(signum)
+        _say(
+            f"{name}: {'the terminal sent it to' if delivered else 'passed on to'} {self.label} "
+            f"(pid {proc.pid}); waiting up to {_duration(grace)} for it to exit"
+        )
+        _stop_process(
+            proc,
+            grace=grace,
+            why=f"metal-guard run received {name}",
+            what=f"{self.label} under metal-guard run",
+            wait=wait,
+            signum=0 if delivered else signum,
+            signal_name=name,
+        )
+
+    def _pause(self, code: int, attempt: int) -> bool:
+        """The pause before restart ``attempt``: the delay, then the cadence of a model named
+        on the command line. False when a stop signal came meanwhile."""
+        guard = CadenceGuard(cross_model_interval_sec=_cross_model_interval())
+        delay = self.options.restart_delay
+        delay = guard.min_interval_sec if delay is None else delay
+        _say(
+            f"{self.label} {_exit_text(code)}; restart {attempt} of at most "
+            f"{self.options.max_restarts} in {_duration(delay)}"
+        )
+        if not self._sleep(delay):
+            return False
+        for model in _command_models(self.argv)[:1]:
+            while True:
+                try:
+                    guard.check(model)
+                    break
+                except CadenceViolation as exc:
+                    _say(f"waiting {_duration(exc.remaining_sec)} for the cadence of {model}")
+                    if not self._sleep(exc.remaining_sec + 0.05):
+                        return False
+                except (TypeError, ValueError):
+                    break
+        return True
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, unless a stop signal comes (then False)."""
+        self.signals.wait(None, seconds)
+        received = self.signals.take()
+        if received:
+            self.stop = received[0]
+            return False
+        return True
+
+
+def _run_supervised(argv: list[str], options: _RunOptions) -> int:
+    """Run ``argv`` under supervision (``metal-guard run``); the exit code run ends with."""
+    if not argv or not all(isinstance(word, str) for word in argv):
+        raise TypeError("argv must be a non-empty list of str")
+    if not isinstance(options, _RunOptions):
+        raise TypeError(f"options must be _RunOptions, not {type(options).__name__}")
+    return _Supervisor(list(argv), options).run()
+
+
+# =============================================================================
 # 6.1 Command line — the ``metal-guard`` parser and output helpers.
 #
 # Exit codes: 0 go, 2 blocked/refused (``check``: breaker cooldown, cadence, a
@@ -9125,7 +10687,8 @@ def shutdown_all_workers() -> None:
 #
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
 #   _UsageError, _ago, _cli_parser, _pairs, _show, _table
-# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker
+# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker, Wired-limit control,
+#   Supervisor
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -9295,7 +10858,124 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
     )
+    _add_run_parser(commands)
     return parser, dict(commands.choices)
+
+
+# -- run ---------------------------------------------------------------------------
+
+_RUN_EXIT_CODES = (
+    "exit codes: the program's own code when it exits; 128+N when it died from signal N; "
+    f"{_RUN_EXIT_REFUSED} pre-flight refused (the program was not started); "
+    f"{_RUN_EXIT_GAVE_UP} gave up restarting (--max-restarts within --restart-window); "
+    "64 usage error; 1 run's own error; 126/127 the command cannot be run / was not found. "
+    "The program's exit codes 2 (a guard refused) and 71 (stuck GPU work) are never restarted."
+)
+
+
+def _positive_seconds(text: str) -> float:
+    return _cli_arg(
+        text,
+        lambda t: _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX, allow_zero=False),
+        "a number of seconds > 0",
+    )
+
+
+def _restart_delay(text: str) -> float:
+    def check(t: str) -> float:
+        seconds = _seconds_arg("seconds", float(t), maximum=_INTERVAL_MAX)
+        if seconds < 0.5:
+            raise ValueError("less than 0.5 s would restart in a tight loop")
+        return seconds
+
+    return _cli_arg(text, check, "a number of seconds >= 0.5")
+
+
+def _restart_count(text: str) -> int:
+    def check(t: str) -> int:
+        count = int(t, 10)
+        if not 0 <= count <= 1000:
+            raise ValueError("out of range")
+        return count
+
+    return _cli_arg(text, check, "a whole number 0..1000")
+
+
+def _run_wired_arg(text: str) -> str:
+    return _cli_arg(
+        text,
+        lambda t: "keep" if t.lower() == "keep" else _parse_wired_policy(t)[0],
+        "off, cap, cap:<GiB> or keep",
+    )
+
+
+def _add_run_parser(commands: Any) -> None:
+    """``metal-guard run [options] -- COMMAND [ARGS...]`` (the work is section 5.13's)."""
+    import argparse
+
+    run = commands.add_parser(
+        "run",
+        help="run a program guarded: pre-flight, graceful stop, restarts, guards inside Python",
+        description="Run COMMAND under supervision: pre-flight (breaker, known-panic models, "
+        "advisories, audit), signals passed on with a grace period (SIGKILL only after it), "
+        "restarts; a Python program also gets the guards inside it.",
+        epilog=_RUN_EXIT_CODES,
+        usage="metal-guard run [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument(
+        "--grace",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SEC",
+        help="after passing a stop signal on, wait this long before SIGKILL (default 30)",
+    )
+    run.add_argument(
+        "--restart",
+        choices=_RUN_RESTART_POLICIES,
+        default="never",
+        help="restart the program when it exits (default never)",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=_restart_count,
+        default=3,
+        metavar="N",
+        help=f"give up (exit {_RUN_EXIT_GAVE_UP}) after N restarts within --restart-window "
+        "(default 3)",
+    )
+    run.add_argument(
+        "--restart-window",
+        type=_positive_seconds,
+        default=600.0,
+        metavar="SEC",
+        help="the window --max-restarts counts in (default 600)",
+    )
+    run.add_argument(
+        "--restart-delay",
+        type=_restart_delay,
+        default=None,
+        metavar="SEC",
+        help="pause before a restart (default: the cadence's same-model interval, 180 s; a "
+        "model named by --model in the command also waits for its cadence)",
+    )
+    run.add_argument(
+        "--wired",
+        type=_run_wired_arg,
+        default="off",
+        metavar="POLICY",
+        help="wired-limit policy inside a Python program: off, cap, cap:<GiB>, keep (default off)",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="a model load that comes too soon is refused (the program exits 2) instead of waiting",
+    )
+    run.add_argument(
+        "--no-gpu-gate", action="store_true", help="do not serialise GPU work across programs"
+    )
+    run.add_argument(
+        "program", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the program"
+    )
 
 
 # -- output helpers ------------------------------------------------------------
@@ -9338,10 +11018,11 @@ def _ago(ts: float | None, now: float) -> str:
 # and ``cadence clear`` change files.
 #
 # Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_check, _cmd_lock,
-#   _cmd_models, _cmd_panics, _cmd_status
+#   _cmd_models, _cmd_panics, _cmd_run, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
-#   MLX lock (L8), GPU gate, Wired-limit control, System audits, MetalGuard, Command line
+#   MLX lock (L8), GPU gate, Runs registry, Wired-limit control, System audits, MetalGuard,
+#   Supervisor, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -9538,6 +11219,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     cadence = _cadence_guard(args).status(now=now)
     breaker = _breaker().status(now=now)
     locks = _locks_doc()
+    runs = _read_runs()
     doc: dict[str, Any] = {
         "version": __version__,
         "python": platform.python_version(),
@@ -9550,6 +11232,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
         **locks,
+        "runs": runs,
     }
     if mlx["installed"] and mlx["device_probed"]:
         device = mlx["device_info"] or {}
@@ -9575,6 +11258,7 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     lines += ["", "Recent panics"]
     recent = breaker["recent_panics"][-5:]
     lines += _table(_PANIC_HEADERS, _panic_rows(recent)) if recent else ["  none found"]
+    lines += ["", "Programs under `metal-guard run` on this host", *_runs_lines(runs, now)]
     return _EXIT_GO, doc, lines
 
 
@@ -9921,6 +11605,54 @@ def _cmd_audit(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, doc, lines
 
 
+# -- run -------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> _CLIResult:
+    command = list(args.program)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise _CLIError(
+            "a command is required: metal-guard run [options] -- COMMAND [ARGS...]", _EXIT_USAGE
+        )
+    if args.json:
+        raise _CLIError("--json does not apply to run (the output is the program's)", _EXIT_USAGE)
+    options = _RunOptions(
+        grace=args.grace,
+        restart=args.restart,
+        max_restarts=args.max_restarts,
+        restart_window=args.restart_window,
+        restart_delay=args.restart_delay,
+        wired=args.wired,
+        wait=not args.no_wait,
+        gpu_gate=not args.no_gpu_gate,
+    )
+    return _run_supervised(command, options), {}, []
+
+
+def _runs_lines(runs: list[dict[str, Any]], now: float) -> list[str]:
+    """``status``'s table of the programs under run."""
+    import shlex
+
+    if not runs:
+        return ["  none"]
+    rows: list[list[object]] = []
+    for r in runs:
+        command = shlex.join(r["argv"])
+        rows.append(
+            [
+                r["pid"] if r["pid"] is not None else "(restarting)",
+                r["supervisor_pid"],
+                _ago(r["since"], now),
+                r["restarts"],
+                f"{r['gate_wait_sec']:.1f} s",
+                command if len(command) <= 80 else command[:77] + "...",
+            ]
+        )
+    return _table(["PID", "RUN PID", "SINCE", "RESTARTS", "GPU GATE WAIT", "COMMAND"], rows)
+
+
 # =============================================================================
 # 6.3 Entry point — ``main``: parse, run one command, print text or one JSON document.
 #
@@ -9942,6 +11674,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "breadcrumbs": _cmd_breadcrumbs,
     "lock": _cmd_lock,
     "audit": _cmd_audit,
+    "run": _cmd_run,
 }
 
 
@@ -9999,7 +11732,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(isinstance(arg, str) for arg in arguments):
         raise TypeError("argv must be a list of str (command-line words)")
     parser, subparsers = _cli_parser()
-    as_json = "--json" in arguments
+    as_json = "--json" in arguments[: arguments.index("--") if "--" in arguments else None]
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help

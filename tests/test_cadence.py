@@ -26,7 +26,15 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import breadcrumb_messages, read_json, spawn_python, warnings_from
+from helpers import (
+    breadcrumb_messages,
+    read_json,
+    requires_mlx,
+    requires_mlx_lm,
+    run_python,
+    spawn_python,
+    warnings_from,
+)
 from metal_guard import (
     GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
     CadenceGuard,
@@ -335,14 +343,35 @@ def test_scope_admits_on_entry_and_marks_unload_on_exit(guard_path: str, mg_home
     assert "CADENCE_ADMIT: " + LLAMA in "\n".join(breadcrumb_messages(mg_home))
 
 
-def test_scope_marks_unload_when_the_body_raises(guard_path: str) -> None:
-    guard = CadenceGuard(guard_path, min_interval_sec=0.2)
+def test_scope_that_raises_before_loading_is_not_counted(guard_path: str) -> None:
+    """A body that raises before MLX allocated anything loaded nothing: no record stays."""
+    guard = CadenceGuard(guard_path, min_interval_sec=60)
     boom = ValueError("body failed")
     with pytest.raises(ValueError) as info, guard.scope(LLAMA):
         raise boom
     assert info.value is boom
     assert boom.__context__ is None and boom.__cause__ is None
+    data = _read(guard_path)
+    assert LLAMA not in data and LLAMA not in data[RESERVED]["unloads"]
+    assert LLAMA not in data[RESERVED]["pids"]
+    guard.admit(LLAMA)  # the next admission is free
+
+
+@requires_mlx
+def test_scope_marks_unload_when_the_body_raises_after_allocating(
+    guard_path: str, real_mx: Any
+) -> None:
+    guard = CadenceGuard(guard_path, min_interval_sec=60)
+    boom = ValueError("body failed")
+    with pytest.raises(ValueError) as info, guard.scope(LLAMA):
+        weights = real_mx.ones((512, 512))  # 1 MiB: a load that reached MLX
+        real_mx.eval(weights)
+        raise boom
+    assert info.value is boom
+    del weights
     assert LLAMA in _read(guard_path)[RESERVED]["unloads"]
+    with pytest.raises(CadenceViolation):
+        guard.admit(LLAMA)
 
 
 def test_scope_blocked_on_entry_runs_no_body_and_marks_nothing(guard_path: str) -> None:
@@ -369,6 +398,10 @@ def test_cadence_scope_default_guard_and_guard_argument(guard_path: str, mg_home
     with pytest.raises(KeyboardInterrupt) as info, cadence_scope(LLAMA, min_interval_sec=0.2):
         raise boom
     assert info.value is boom
+    store = _read(_store(mg_home))  # interrupted before anything reached MLX: not counted
+    assert LLAMA not in store and LLAMA not in store[RESERVED]["unloads"]
+    with cadence_scope(LLAMA, min_interval_sec=0.2):
+        pass
     store = _read(_store(mg_home))
     assert LLAMA in store and LLAMA in store[RESERVED]["unloads"]
 
@@ -1378,3 +1411,215 @@ def test_sigkill_mid_admit_leaves_a_parsable_store_and_no_lock(
         fresh = CadenceGuard(strict=True, min_interval_sec=60, lock_timeout=2.0)
         fresh.admit(f"org/fresh-{round_no}")  # the lock is free (strict: a timeout would raise)
         assert f"org/fresh-{round_no}" in _read(store)
+
+
+# -- waiting for the cadence ----------------------------------------------------------
+
+WAIT_CODE = r"""
+import json, os, sys, time
+import metal_guard as mg
+out, go, model, interval = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+store = mg.CadenceGuard().path
+open(out + ".ready", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+t0 = time.time()
+mg.require_cadence_clear(model, min_interval_sec=interval, wait=True)
+t1 = time.time()
+with open(store) as f:
+    data = json.load(f)
+mine = data["__metal_guard__"]["pids"].get(model) == os.getpid()
+with open(out, "w") as f:
+    json.dump({"t0": t0, "t1": t1, "ts": data.get(model) if mine else None}, f)
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_waiting_for_one_model_both_load_an_interval_apart(
+    tmp_path: Path, mg_home: str
+) -> None:
+    interval = 1.5
+    first, second = sorted(
+        _start_together(tmp_path, WAIT_CODE, [[LLAMA, repr(interval)]] * 2, 0.0),
+        key=lambda r: r["t1"],
+    )
+    # each read back its own record right after its admission (the other was still waiting)
+    assert first["ts"] is not None and second["ts"] is not None
+    assert second["ts"] - first["ts"] >= interval - 1e-3
+    assert second["t1"] - second["t0"] >= interval - 0.5  # it waited, not refused
+    waits = [m for m in breadcrumb_messages(mg_home) if m.startswith("CADENCE_WAIT: ")]
+    assert len(waits) == 1 and LLAMA in waits[0]  # the waiter said so, once
+    admits = [m for m in breadcrumb_messages(mg_home) if m.startswith("CADENCE_ADMIT: ")]
+    assert len(admits) == 2 and sum("after waiting" in m for m in admits) == 1
+
+
+def test_wait_seconds_then_raises_as_without_waiting(
+    mg_home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admitted = run_python(
+        f"import metal_guard as mg; mg.require_cadence_clear({LLAMA!r})", check=True
+    )
+    assert admitted.returncode == 0
+    start = time.monotonic()
+    with pytest.raises(CadenceViolation) as info:
+        require_cadence_clear(LLAMA, min_interval_sec=2.5, wait=0.5)
+    elapsed = time.monotonic() - start
+    assert 0.4 <= elapsed <= 1.5, elapsed
+    assert 0 < info.value.remaining_sec < 2.1
+    (warning,) = warnings_from(caplog, "waiting")
+    assert LLAMA in warning.getMessage() and "waiting 0.5 s" in warning.getMessage()
+    assert any(m.startswith(f"CADENCE_BLOCK: {LLAMA}") for m in breadcrumb_messages(mg_home))
+
+
+def test_wait_true_waits_the_interval_that_applies(
+    guard_path: str, mg_home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = CadenceGuard(guard_path, min_interval_sec=0.8, cross_model_interval_sec=0.6)
+    guard.mark_load(LLAMA)
+    start = time.monotonic()
+    assert guard.admit(LLAMA, wait=True) is True
+    assert 0.7 <= time.monotonic() - start < 0.8 + 5
+    start = time.monotonic()
+    with guard.scope(QWEN, wait=True):  # cross-model interval: 0.6 s after the LLAMA load
+        assert 0.5 <= time.monotonic() - start < 0.6 + 5
+    warned = warnings_from(caplog, "waiting")
+    assert len(warned) == 2
+    assert LLAMA in warned[0].getMessage() and QWEN in warned[1].getMessage()
+    waits = [m for m in breadcrumb_messages(mg_home) if m.startswith("CADENCE_WAIT: ")]
+    assert [w.split()[1] for w in waits] == [LLAMA, QWEN]
+
+
+def test_wait_when_nothing_blocks_neither_waits_nor_warns(
+    guard_path: str, mg_home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = CadenceGuard(guard_path, min_interval_sec=600)
+    start = time.monotonic()
+    assert guard.admit(LLAMA, wait=True) is True
+    assert guard.admit(QWEN, wait=30) is True
+    assert time.monotonic() - start < 5
+    assert warnings_from(caplog) == []
+    assert not any(m.startswith("CADENCE_WAIT") for m in breadcrumb_messages(mg_home))
+    with pytest.raises(CadenceViolation):  # wait=0 and wait=False refuse at once
+        guard.admit(LLAMA, wait=0)
+    with pytest.raises(CadenceViolation):
+        guard.admit(LLAMA, wait=False)
+
+
+@pytest.mark.parametrize(
+    ("wait", "error", "words"),
+    [
+        (-1, ValueError, "wait must be >= 0"),
+        (float("nan"), ValueError, "wait must be a finite number"),
+        (float("inf"), ValueError, "wait must be a finite number"),
+        (1e9, ValueError, "wait=1e\\+09 s is more than the maximum"),
+        ("1", TypeError, "wait must be a number, not str"),
+        (None, TypeError, "wait must be a number, not NoneType"),
+    ],
+)
+def test_bad_wait_values_are_caller_bugs(
+    guard_path: str, wait: object, error: type[Exception], words: str
+) -> None:
+    guard = CadenceGuard(guard_path)
+    calls = [
+        lambda: guard.admit(LLAMA, wait=wait),  # type: ignore[arg-type]
+        lambda: guard.scope(LLAMA, wait=wait),  # type: ignore[arg-type]
+        lambda: require_cadence_clear(LLAMA, guard=guard, wait=wait),  # type: ignore[arg-type]
+        lambda: cadence_scope(LLAMA, guard=guard, wait=wait),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(error, match=words):
+            call()
+    assert not os.path.exists(guard_path)  # nothing recorded
+
+
+@pytest.mark.multiprocess
+def test_waiting_does_not_hold_the_store_lock(mg_home: str) -> None:
+    CadenceGuard().mark_load(LLAMA)
+    code = (
+        "import logging, metal_guard as mg; logging.basicConfig(); "
+        f"mg.require_cadence_clear({LLAMA!r}, min_interval_sec=4, wait=True)"
+    )
+    child = spawn_python(code, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(m.startswith("CADENCE_WAIT") for m in breadcrumb_messages(mg_home)):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.02)
+        # the store is free while the child sleeps: a strict guard gets it at once
+        CadenceGuard(strict=True, lock_timeout=1.0).admit(QWEN)
+        assert child.poll() is None  # still waiting for LLAMA
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    assert err.count("waiting") == 1 and LLAMA in err  # one WARNING
+
+
+# -- a load that failed before reaching MLX is not counted ---------------------------
+
+FAILED_LOAD_CODE = r"""
+import sys
+if sys.argv[1] == "no-mlx":
+    sys.modules["mlx"] = sys.modules["mlx.core"] = None  # MLX never imported
+import metal_guard as mg
+try:
+    with mg.cadence_scope("org/m", min_interval_sec=600):
+        if sys.argv[1] == "no-mlx":
+            raise OSError("no network")
+        import mlx_lm
+        model = mlx_lm.load(sys.argv[2])
+        raise RuntimeError("generation failed after the load")
+except Exception as exc:
+    print(type(exc).__name__)
+try:
+    mg.require_cadence_clear("org/m", min_interval_sec=600)
+    print("admitted")
+except mg.CadenceViolation:
+    print("refused")
+"""
+
+
+def test_failed_load_without_mlx_leaves_the_next_admission_free(mg_home: str) -> None:
+    proc = run_python(FAILED_LOAD_CODE, "no-mlx", "-", check=True)
+    assert proc.stdout.split() == ["OSError", "admitted"]
+    assert any(m.startswith("CADENCE_UNCOUNTED: org/m") for m in breadcrumb_messages(mg_home))
+
+
+@requires_mlx_lm
+@pytest.mark.mlx_lm
+def test_failed_mlx_lm_load_leaves_the_next_admission_free(
+    mg_home: str, tmp_path: Path, tiny_llama_path: str
+) -> None:
+    missing = run_python(FAILED_LOAD_CODE, "mlx", str(tmp_path / "missing-model"), check=True)
+    assert missing.stdout.split()[-1] == "admitted", missing.stdout
+    assert CadenceGuard().clear() == 1  # the second admission above
+    # the same code with a model that did load: the load counts, the next one must wait
+    loaded = run_python(FAILED_LOAD_CODE, "mlx", tiny_llama_path, check=True)
+    assert loaded.stdout.split() == ["RuntimeError", "refused"], loaded.stdout
+
+
+@pytest.mark.multiprocess
+def test_taking_back_a_failed_load_keeps_another_process_admission(mg_home: str) -> None:
+    guard = CadenceGuard(min_interval_sec=600)
+    with pytest.raises(OSError), guard.scope(LLAMA):
+        run_python(f"import metal_guard as mg; mg.require_cadence_clear({QWEN!r})", check=True)
+        raise OSError("weights missing")
+    data = _read(_store(mg_home))
+    assert LLAMA not in data and LLAMA not in data[RESERVED]["pids"]
+    assert QWEN in data and data[RESERVED]["pids"][QWEN] != os.getpid()
+    guard.admit(LLAMA)
+
+
+@pytest.mark.multiprocess
+def test_a_later_record_of_the_same_model_is_not_taken_back(mg_home: str) -> None:
+    guard = CadenceGuard(min_interval_sec=600)
+    with pytest.raises(OSError), guard.scope(LLAMA):
+        ours = _read(_store(mg_home))[LLAMA]
+        run_python(f"import metal_guard as mg; mg.CadenceGuard().mark_load({LLAMA!r})", check=True)
+        raise OSError("weights missing")
+    data = _read(_store(mg_home))
+    assert data[LLAMA] > ours and data[RESERVED]["pids"][LLAMA] != os.getpid()
+    with pytest.raises(CadenceViolation):
+        guard.admit(LLAMA)

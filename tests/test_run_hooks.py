@@ -1,0 +1,524 @@
+"""The child hooks of ``metal-guard run`` (section 5.12), in real child processes.
+
+Each child starts with a bootstrap folder whose ``sitecustomize`` calls
+``metal_guard._child_bootstrap()`` and the ``METALGUARD_RUN_*`` environment of the
+run interface, as the supervisor sets them. Real mlx-lm on the tiny local models;
+``mlx_lm.server`` runs for real on a free port. Faked, because Linux has no Metal:
+``mx.device_info()``'s ``max_recommended_working_set_size`` (the wired-limit test's
+spy adds it, so mlx-lm asks for the recommended working set as it does on a Mac).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import REPO, breadcrumb_messages, child_env, requires_mlx_lm
+
+# The bootstrap of a guarded child. With MG_TEST_WIRED_SPY set it first puts a spy
+# under mlx.core.set_wired_limit (what reaches MLX is written to that file) and adds the
+# Metal-only max_recommended_working_set_size (8 GiB) to mx.device_info().
+_SITECUSTOMIZE = '''
+import os, sys
+_spy = os.environ.get("MG_TEST_WIRED_SPY")
+if _spy:
+    class _SpyLoader:
+        def __init__(self, loader):
+            self._loader = loader
+        def create_module(self, spec):
+            return self._loader.create_module(spec)
+        def exec_module(self, module):
+            self._loader.exec_module(module)
+            real, info = module.set_wired_limit, module.device_info
+            def set_wired_limit(limit):
+                with open(_spy, "a") as f:
+                    f.write(f"{int(limit)}\\n")
+                return real(limit)
+            module.set_wired_limit = set_wired_limit
+            module.device_info = lambda: {**info(), "max_recommended_working_set_size": 8 << 30}
+        def __getattr__(self, name):
+            return getattr(self._loader, name)
+    class _SpyFinder:
+        def find_spec(self, name, path=None, target=None):
+            if name != "mlx.core":
+                return None
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    spec.loader = _SpyLoader(spec.loader)
+                    return spec
+            return None
+    sys.meta_path.insert(0, _SpyFinder())
+import metal_guard
+metal_guard._child_bootstrap()
+'''
+
+GIB8 = 8 << 30
+
+
+@pytest.fixture
+def boot(tmp_path: Path) -> str:
+    folder = tmp_path / "bootstrap"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    return str(folder)
+
+
+def guarded_env(boot: str, **extra: str) -> dict[str, str]:
+    """The child environment of the run interface (as ``metal-guard run`` sets it)."""
+    env = child_env(
+        METALGUARD_RUN_SUPERVISOR=str(os.getpid()),
+        METALGUARD_RUN_MODULE=os.path.join(REPO, "metal_guard.py"),
+        METALGUARD_RUN_BOOTSTRAP=boot,
+        METALGUARD_RUN_WIRED="off",
+        METALGUARD_RUN_WAIT="1",
+        METALGUARD_RUN_GPU_GATE="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env["PYTHONPATH"] = boot + os.pathsep + env["PYTHONPATH"]
+    env.update(extra)
+    return env
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    return child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+
+
+def run_child(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def metal_guard_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("metal-guard: ")]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama2_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second tiny llama (other weights, other folder: another model id)."""
+    from helpers import HAS_MLX_LM
+
+    if not HAS_MLX_LM:
+        pytest.skip("mlx-lm is not installed")
+    from tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama2"), "llama", seed=1)
+
+
+# -- a program that never imports MLX -------------------------------------------------
+
+_MODULES = "import sys, signal; print(sorted(sys.modules)); print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)"
+
+
+def test_program_without_mlx_is_unchanged(boot: str, mg_home: str) -> None:
+    guarded = run_child(_MODULES, guarded_env(boot))
+    bare = run_child(_MODULES, bare_env())
+    assert guarded.returncode == 0 and bare.returncode == 0, guarded.stderr
+    g_mods, g_sig = guarded.stdout.splitlines()
+    b_mods, b_sig = bare.stdout.splitlines()
+    extra = set(eval(g_mods)) - set(eval(b_mods))  # noqa: S307 - our own child's repr of a list
+    assert extra <= {"metal_guard", "sitecustomize", "__future__", "errno"}, extra  # its own imports
+    assert g_sig == b_sig == "True"
+    assert os.listdir(mg_home) == []  # no files written
+    assert guarded.stderr == ""
+
+
+# -- wired policy ------------------------------------------------------------------------
+
+_WIRED_PROGRAM = """
+import mlx.core as mx
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+maybe_set_recommended_wired_limit()
+mx.set_wired_limit(1 << 30)
+"""
+
+
+@requires_mlx_lm
+@pytest.mark.parametrize(("policy", "expected"), [("off", [0, 0]), ("keep", [GIB8, 1 << 30])])
+def test_wired_policy_reaches_mlx(
+    boot: str, mg_home: str, tmp_path: Path, policy: str, expected: list[int]
+) -> None:
+    spy = tmp_path / "wired.txt"
+    env = guarded_env(boot, METALGUARD_RUN_WIRED=policy, MG_TEST_WIRED_SPY=str(spy))
+    done = run_child(_WIRED_PROGRAM, env)
+    assert done.returncode == 0, done.stderr
+    assert [int(x) for x in spy.read_text().split()] == expected
+
+
+# -- loads: cadence that waits, refusal, failed loads ---------------------------------
+
+_TWO_LOADS = """
+import sys, time
+from mlx_lm import load
+t0 = time.time()
+load(sys.argv[1])
+t1 = time.time()
+print("loaded first", flush=True)
+load(sys.argv[2])
+t2 = time.time()
+print("loaded second", t1 - t0, t2 - t1, flush=True)
+"""
+
+
+@requires_mlx_lm
+def test_second_load_too_soon_waits_then_loads(
+    boot: str, mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
+) -> None:
+    env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="4")
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    second = float(done.stdout.split()[-1])
+    assert second >= 3.9, done.stdout  # the spacing of the cross-model interval
+    lines = metal_guard_lines(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("metal-guard: waiting "), done.stderr
+    admits = [m for m in breadcrumb_messages(mg_home) if m.startswith("CADENCE_ADMIT")]
+    assert len(admits) == 2
+
+
+@requires_mlx_lm
+def test_no_wait_refuses_with_exit_2_before_the_load(
+    boot: str, mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
+) -> None:
+    env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="60", METALGUARD_RUN_WAIT="0")
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.splitlines() == ["loaded first"]
+    lines = metal_guard_lines(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("metal-guard: refused: "), done.stderr
+    assert "Traceback" not in done.stderr
+    store = json.loads((Path(mg_home) / "cadence.json").read_text())
+    assert tiny_llama2_path not in store  # the refused load was never admitted
+
+
+_FAILED_THEN_REAL = """
+import sys, time
+from mlx_lm import load
+try:
+    load(sys.argv[1])
+except Exception as exc:
+    print("failed:", type(exc).__name__, flush=True)
+t0 = time.time()
+load(sys.argv[2])
+print("loaded", time.time() - t0, flush=True)
+"""
+
+
+@requires_mlx_lm
+def test_load_failed_on_missing_files_does_not_delay_the_next(
+    boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+) -> None:
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()  # an empty folder: no config.json, no weights
+    env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="120")
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILED_THEN_REAL, str(missing), tiny_llama_path],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("failed:"), done.stdout
+    assert float(done.stdout.split()[-1]) < 60  # not the 120 s interval
+    assert metal_guard_lines(done.stderr) == []
+    crumbs = breadcrumb_messages(mg_home)
+    assert f"RUN_LOAD_FAILED: {missing} (not counted)" in crumbs
+
+
+_REPLACE = """
+import gc, sys
+from mlx_lm import load
+model = load(sys.argv[1])
+del model
+gc.collect()
+print("replaced", flush=True)
+"""
+
+
+@requires_mlx_lm
+def test_unloads_recorded_on_replacement_and_at_exit(
+    boot: str, mg_home: str, tiny_llama_path: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _REPLACE, tiny_llama_path],
+        env=guarded_env(boot), capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"RUN_UNLOAD: {tiny_llama_path}" in breadcrumb_messages(mg_home)
+    store = json.loads((Path(mg_home) / "cadence.json").read_text())
+    assert tiny_llama_path in store["__metal_guard__"]["unloads"]
+
+
+# -- hooks missing in another mlx-lm shape --------------------------------------------
+
+
+def test_missing_hook_target_is_named_once_and_skipped(boot: str, mg_home: str, tmp_path: Path) -> None:
+    fake = tmp_path / "fake" / "mlx_lm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        '__version__ = "0.0.1"\nfrom .utils import load\nfrom .generate import generate\n'
+    )
+    (fake / "utils.py").write_text("def load(path):\n    return ('model', 'tokenizer')\n")
+    (fake / "generate.py").write_text("def generate(model, tokenizer, prompt):\n    return 'text'\n")
+    env = guarded_env(boot)
+    env["PYTHONPATH"] = os.pathsep.join([boot, str(fake.parent), env["PYTHONPATH"]])
+    code = (
+        "import mlx_lm\n"
+        "m, t = mlx_lm.load('some/model')\n"
+        "print(mlx_lm.generate(m, t, 'hi'))\n"
+    )
+    done = run_child(code, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "text\n"
+    lines = metal_guard_lines(done.stderr)
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("metal-guard: mlx-lm 0.0.1: not hooked (not found in this version): ")
+    assert "mlx_lm.generate.BatchGenerator._next" in lines[0]
+    assert "mlx_lm.generate.stream_generate" in lines[0]
+    assert "mlx_lm.utils.load," not in lines[0]  # found, so hooked
+    assert "CADENCE_ADMIT: some/model" in breadcrumb_messages(mg_home)
+    assert "SUBPROC_POST: some/model" in breadcrumb_messages(mg_home)
+
+
+# -- two programs generating at once -------------------------------------------------
+
+_GENERATOR = """
+import os, sys, time
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import generate_step, generation_stream
+model, tok = load(sys.argv[1])
+prompt = mx.array(tok.encode("the quick brown fox jumps over the lazy dog"))
+out = open(sys.argv[3], "a")
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+for _ in range(3):
+    steps = generate_step(prompt, model, max_tokens=60)
+    while True:
+        start = time.monotonic()
+        try:
+            next(steps)
+        except StopIteration:
+            break
+        mx.synchronize(generation_stream)
+        out.write(f"{os.getpid()} {start:.6f} {time.monotonic():.6f}\\n")
+out.close()
+"""
+
+
+def _intervals(path: Path) -> list[tuple[int, float, float]]:
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return sorted((int(p), float(s), float(e)) for p, s, e in rows)
+
+
+def _overlaps(rows: list[tuple[int, float, float]]) -> int:
+    by_start = sorted(rows, key=lambda r: r[1])
+    count = 0
+    for i, (pid, start, end) in enumerate(by_start):
+        for other, o_start, _ in by_start[i + 1 :]:
+            if o_start >= end:
+                break
+            count += other != pid
+    return count
+
+
+def _run_pair(env: dict[str, str], models: list[str], tmp: Path, log: Path) -> list[int]:
+    go = tmp / "go"
+    if go.exists():
+        go.unlink()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GENERATOR, model, str(go), str(log)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for model in models
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        go.touch()
+        for proc in procs:
+            proc.wait(timeout=300)
+            assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    return [proc.pid for proc in procs]
+
+
+def _handovers(rows: list[tuple[int, float, float]]) -> int:
+    pids = [pid for pid, _, _ in sorted(rows, key=lambda r: r[1])]
+    return sum(1 for a, b in zip(pids, pids[1:]) if a != b)
+
+
+@requires_mlx_lm
+def test_two_guarded_programs_never_overlap_and_take_turns(
+    boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str, tiny_llama2_path: str
+) -> None:
+    gate_log = tmp_path / "gate.log"
+    guarded = guarded_env(boot, METALGUARD_RUN_GATE_LOG=str(gate_log))
+    pids = _run_pair(guarded, [tiny_llama_path, tiny_llama2_path], tmp_path, tmp_path / "own.log")
+    rows = _intervals(gate_log)
+    assert {pid for pid, _, _ in rows} == set(pids)
+    assert len(rows) >= 2 * 3 * 60
+    assert _overlaps(rows) == 0
+    assert _handovers(rows) >= 10, "the GPU changed hands only a few times"
+
+    # the same programs, bare: their forward passes do overlap (so the check above can fail)
+    bare_log = tmp_path / "bare.log"
+    _run_pair(bare_env(), [tiny_llama_path, tiny_llama2_path], tmp_path, bare_log)
+    assert _overlaps(_intervals(bare_log)) > 0
+
+
+# -- a real mlx_lm.server ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 5) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return int(reply.status)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _complete(port: int, results: list[Any], max_tokens: int = 8) -> None:
+    body = json.dumps({"prompt": "hello there", "max_tokens": max_tokens}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            results.append((reply.status, json.loads(reply.read())))
+    except Exception as exc:  # recorded; the test asserts on it
+        results.append((0, repr(exc)))
+
+
+@pytest.fixture
+def server(boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str) -> Iterator[dict[str, Any]]:
+    port = _free_port()
+    spy = tmp_path / "wired.txt"
+    env = guarded_env(
+        boot, MG_TEST_WIRED_SPY=str(spy), METALGUARD_RUN_GATE_LOG=str(tmp_path / "gate.log")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", tiny_llama_path, "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    info = {"proc": proc, "port": port, "spy": spy, "gate_log": tmp_path / "gate.log"}
+    try:
+        deadline = time.monotonic() + 120
+        while _get(f"http://127.0.0.1:{port}/health") != 200:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the server never answered /health"
+            time.sleep(0.3)
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+@requires_mlx_lm
+def test_guarded_server_serves_flushes_and_stops_on_sigterm(
+    server: dict[str, Any], mg_home: str
+) -> None:
+    proc, port = server["proc"], server["port"]
+    results: list[Any] = []
+    threads = [threading.Thread(target=_complete, args=(port, results)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert [status for status, _ in results] == [200] * 4, results
+    assert all(reply["usage"]["completion_tokens"] > 0 for _, reply in results)
+
+    crumbs = breadcrumb_messages(mg_home, pid=proc.pid)
+    assert sum(m.startswith("SUBPROC_PRE: ") for m in crumbs) >= 4, crumbs
+    assert sum(m.startswith("SUBPROC_POST: ") for m in crumbs) >= 4, crumbs
+    # the server's own start-up request for the recommended working set reached MLX as 0
+    wired = [int(x) for x in server["spy"].read_text().split()]
+    assert wired and set(wired) == {0}, wired
+    # its forward passes ran under the gate, many turns (not one for its lifetime)
+    assert len(_intervals(server["gate_log"])) >= 4 * 8
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "RUN_UNLOAD: " + proc.args[5] in breadcrumb_messages(mg_home, pid=proc.pid)
+
+
+_DYING_SERVER = """
+import sys
+import mlx_lm.generate as g
+from mlx_lm.server import main
+
+def out_of_memory(*args, **kwargs):
+    raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
+                       "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
+
+g.PromptProcessingBatch.prompt = out_of_memory  # Metal's OOM cannot happen on Linux: raised here
+g.GenerationBatch._step = out_of_memory
+sys.argv = ["mlx_lm.server", "--model", sys.argv[1], "--port", sys.argv[2]]
+main()
+"""
+
+
+@requires_mlx_lm
+def test_generation_thread_death_ends_the_server_with_70(
+    boot: str, mg_home: str, tiny_llama_path: str
+) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING_SERVER, tiny_llama_path, str(port)],
+        env=guarded_env(boot), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _get(f"http://127.0.0.1:{port}/health") != 200:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        results: list[Any] = []
+        _complete(port, results)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 70, err
+    line = [x for x in metal_guard_lines(err) if "generation thread died" in x]
+    assert len(line) == 1 and line[0].endswith("exiting with 70"), err
+    crumbs = breadcrumb_messages(mg_home, pid=proc.pid)
+    assert any(m.startswith("RUN_GENERATION_DEAD: ") for m in crumbs)
+    assert f"RUN_UNLOAD: {tiny_llama_path}" in crumbs

@@ -400,7 +400,7 @@ def servers_step(
         passed = sum("SIGTERM: passed on to" in t for t in texts)
         killed = sum("SIGKILL" in t for t in texts)
         unloads = sum(f"RUN_UNLOAD: {s.model}" in messages(home, s.pid) for s in servers)
-        gone = not any(_running(s.pid) for s in servers)
+        gone = not any(alive(s.pid) for s in servers)
         for server, text in zip(servers, texts, strict=True):
             line = next((ln for ln in text.splitlines() if "SIGTERM: passed on" in ln), "")
             if line:
@@ -423,7 +423,7 @@ def servers_step(
         stop(servers)
 
 
-def _running(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -1562,8 +1562,8 @@ def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
 # every MLX step is a no-op. Each step runs best-effort: a failing hook logs and
 # carries on, because a broken guard must never make inference worse than none.
 #
-# Provides: MemoryStats, MetalOOMError, _as_stream_list, _mlx, _mlx_fn, _mlx_step, _stats_line,
-#   _synchronize
+# Provides: MemoryStats, MetalOOMError, _as_stream_list, _generation_stream, _mlx, _mlx_fn,
+#   _mlx_step, _stats_line, _synchronize
 # Uses: Prelude
 # =============================================================================
 
@@ -3245,7 +3245,7 @@ def _hardware_tier(memory_gib: float) -> str:
 # ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
 # ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
-# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _spec_matches
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -6540,7 +6540,11 @@ def _run_record(*, child_pid: int | None, argv: list[str], restarts: int, since:
 
 def _run_forget() -> None:
     """Remove this supervisor's entry (at its exit)."""
-    _runs_update(lambda data: data.pop(str(os.getpid()), None) and None)
+
+    def drop(data: dict[str, Any]) -> None:
+        data.pop(str(os.getpid()), None)
+
+    _runs_update(drop)
 
 
 def _run_note_gate_wait(seconds: float) -> None:
@@ -9471,7 +9475,7 @@ def shutdown_all_workers() -> None:
 # target this version lacks is named once on stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
-# Uses: Prelude, Breadcrumbs, MLX access, Memory numbers, Model identity, Registry, Cadence,
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories, Cadence,
 #   GPU gate, Runs registry, Flush guards, Wired-limit control
 # =============================================================================
 
@@ -9485,23 +9489,29 @@ _RUN_CADENCE_SLACK_SEC = 0.05
 _RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
 _RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
 
-# (module, attribute path, kind, versions written against)
+# (module, attribute path, kind, versions where it is expected; "" = every version).
+# Outside its range a hook still applies when its target is there; only a target
+# missing inside its range (or in a version that does not parse) is named.
 _RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
-    ("mlx_lm.utils", "load", "load", "all"),
-    ("mlx_lm.utils", "load_model", "load", "all"),
+    ("mlx_lm.utils", "load", "load", ""),
+    ("mlx_lm.utils", "load_model", "load", ""),
     ("mlx_lm.utils", "sharded_load", "load", ">=0.30"),
     ("mlx_lm.utils", "pipeline_load", "load", ">=0.29"),
-    ("mlx_lm.generate", "generate_step", "step", "all"),
-    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.21"),
-    ("mlx_lm.generate", "stream_generate", "request", "all"),
-    ("mlx_lm.generate", "generate", "request", "all"),
+    ("mlx_lm.utils", "generate_step", "step", "<0.23"),
+    ("mlx_lm.utils", "stream_generate", "request", "<0.23"),
+    ("mlx_lm.utils", "generate", "request", "<0.23"),
+    ("mlx_lm.generate", "generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "speculative_generate_step", "step", ">=0.23"),
+    ("mlx_lm.generate", "stream_generate", "request", ">=0.23"),
+    ("mlx_lm.generate", "generate", "request", ">=0.23"),
     ("mlx_lm.generate", "BatchGenerator._next", "batch", ">=0.28"),
     ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
+    ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
     ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
-    ("mlx_vlm.utils", "load", "load", "all"),
-    ("mlx_vlm.generate", "generate_step", "step", "all"),
-    ("mlx_vlm.generate", "stream_generate", "request", "all"),
-    ("mlx_vlm.generate", "generate", "request", "all"),
+    ("mlx_vlm.utils", "load", "load", ""),
+    ("mlx_vlm.generate", "generate_step", "step", ""),
+    ("mlx_vlm.generate", "stream_generate", "request", ""),
+    ("mlx_vlm.generate", "generate", "request", ""),
 )
 _RUN_REBIND = {
     "mlx_lm": ("mlx_lm.utils", "mlx_lm.generate"),
@@ -9730,8 +9740,10 @@ class _GpuTurn:
             return
         try:
             mx = sys.modules.get("mlx.core")
-            if mx is not None:
-                _synchronize(mx, self.streams, level=_DEBUG)
+            if mx is not None:  # the step's own streams (one sync costs tens of µs)
+                sync = _mlx_fn(mx, "synchronize")
+                for stream in self.streams or (_generation_stream(),):
+                    _mlx_step("synchronize(step)", sync, *([] if stream is None else [stream]))
             if _run.gate_log:
                 _run_log_turn(self.start, time.monotonic())
         finally:
@@ -9780,21 +9792,21 @@ def _run_refuse_exit(text: str) -> NoReturn:
     os._exit(_EXIT_REFUSED)
 
 
-def _run_admit(model_id: str) -> bool:
-    """Cadence admission that waits for the interval (or refuses with METALGUARD_RUN_WAIT=0)."""
+def _run_admit(model_id: str) -> _CadenceScope:
+    """Cadence admission that waits for the interval (``METALGUARD_RUN_WAIT=0``: refuse, exit 2)."""
     guard = _default_guard(180.0, 0.0)
-    said = False
-    while True:
+    wait = False
+    while True:  # a wait that another process's load outran waits again
+        scope = guard.scope(model_id, wait=wait)
         try:
-            return guard.admit(model_id)
+            scope.__enter__()
+            return scope
         except CadenceViolation as violation:
             if not _env_bool("METALGUARD_RUN_WAIT", True):
                 _run_refuse_exit(str(violation))
-            if not said:
-                said = True
-                _log().warning("metal_guard: waiting for the cadence: %s", violation)
+            if not wait:
                 _run_say(f"waiting {violation.remaining_sec:.1f} s: {violation}")
-            time.sleep(violation.remaining_sec + _RUN_CADENCE_SLACK_SEC)
+            wait = True
 
 
 def _run_record_unloads() -> None:
@@ -9840,25 +9852,14 @@ def _run_wrap_load(fn: Callable[..., Any]) -> Callable[..., Any]:
         local = _run_local()
         if model_id is None or getattr(local, "loading", False):
             return fn(*args, **kwargs)
-        _run_critical_enter()
-        try:
-            _run_record_unloads()
-            warn_if_known_panic_model(model_id)
-            recorded = _run_admit(model_id)
-        finally:
-            interrupt = _run_critical_leave()
-        if interrupt:
-            raise KeyboardInterrupt
-        mx = sys.modules.get("mlx.core")
-        before = _mlx_number(mx, "get_active_memory") if mx is not None else 0
+        _run_record_unloads()
+        warn_if_known_panic_model(model_id)
+        scope = _run_admit(model_id)  # a wait here stays interruptible (SIGTERM, Ctrl-C)
         local.loading = True
         try:
             result = fn(*args, **kwargs)
-        except BaseException:
-            after = _mlx_number(mx, "get_active_memory") if mx is not None else 0
-            if recorded and after <= before:  # nothing allocated: the load does not count
-                _default_guard(180.0, 0.0).clear(model_id)
-                _breadcrumb(f"RUN_LOAD_FAILED: {_label(model_id)} (not counted)")
+        except BaseException as exc:  # nothing allocated yet: the scope does not count it
+            scope.__exit__(type(exc), exc, exc.__traceback__)
             raise
         finally:
             local.loading = False
@@ -9985,9 +9986,15 @@ def _run_wrap_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_wrap_batch_insert(fn: Callable[..., Any]) -> Callable[..., Any]:
     def insert(self: Any, *args: Any, **kwargs: Any) -> Any:
-        label = _run_first_generate(getattr(self, "model", None))
-        _inference_flush_pre(label)
-        return fn(self, *args, **kwargs)
+        local = _run_local()
+        if getattr(local, "inserting", False):  # insert → insert_segments: one PRE
+            return fn(self, *args, **kwargs)
+        _inference_flush_pre(_run_first_generate(getattr(self, "model", None)))
+        local.inserting = True
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            local.inserting = False
 
     return insert
 
@@ -10029,15 +10036,19 @@ def _run_hook_package(name: str) -> None:
     version = _label(getattr(sys.modules.get(top), "__version__", "unknown"))
     missing: list[str] = []
     swapped: dict[int, Callable[..., Any]] = {}  # id(original) → wrapper
-    for module_name, path, kind, _versions in _RUN_HOOKS:
+    for module_name, path, kind, versions in _RUN_HOOKS:
         if module_name not in modules:
             continue
-        if kind in ("step", "batch") and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
-            continue
+        try:
+            expected = _spec_matches(versions, version)
+        except ValueError:  # a version we cannot read: every hook is expected
+            expected = True
+        if kind == "step" and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
+            continue  # the batch hook stays: it also flushes each finished request
         try:
             module = importlib.import_module(module_name)
         except Exception:
-            missing.append(f"{module_name}.{path}")
+            missing += [f"{module_name}.{path}"] if expected else []
             continue
         *owners, attr = path.split(".")
         owner: Any = module
@@ -10045,13 +10056,13 @@ def _run_hook_package(name: str) -> None:
             owner = getattr(owner, part, None)
         current = getattr(owner, attr, None) if owner is not None else None
         if not callable(current):
-            missing.append(f"{module_name}.{path}")
+            missing += [f"{module_name}.{path}"] if expected else []
             continue
         if getattr(current, _RUN_MARK, None) is not None:
             continue  # hooked already
         wrapper = _RUN_WRAPPERS[kind](current)
         if wrapper is None:
-            missing.append(f"{module_name}.{path}")
+            missing += [f"{module_name}.{path}"] if expected else []
             continue
         wrapper.__name__ = getattr(current, "__name__", attr)
         wrapper.__doc__ = getattr(current, "__doc__", None)
@@ -10331,10 +10342,11 @@ def _run_child_env(
 def _preflight_refusal() -> str | None:
     """Why the program may not start now (exit 2), or ``None``; before every start.
 
-    The post-panic gate (section 4.8) plugs in here, before the circuit breaker.
     Observer mode reports a cooldown instead of refusing (``_refuse``).
     """
     try:
+        # The post-panic gate (section 4.8, its ``_require_post_panic_clear()``, which
+        # raises MLXCooldownActive through ``_refuse``) is called here, before the breaker.
         CircuitBreaker().check()
     except MLXCooldownActive as exc:
         return str(exc)
@@ -10458,7 +10470,11 @@ class _Signals:
             self._pipe = None
 
     def take(self) -> list[int]:
-        taken, self.received[:] = list(self.received), []
+        """The signals recorded so far, oldest first (one ``pop`` at a time: a handler may
+        run between any two bytecodes, and nothing it records is lost)."""
+        taken = []
+        while self.received:
+            taken.append(self.received.pop(0))
         return taken
 
     def wait(self, proc: Any, seconds: float) -> None:
@@ -10523,7 +10539,9 @@ class _Supervisor:
                 "stop only (no guards inside it)"
             )
         else:
-            skipped = _python_skips_site(python[1] + self.argv[1:])
+            # an interpreter's own options come first on its command line; a script's, on its #!
+            direct = python[0] == executable
+            skipped = _python_skips_site(self.argv[1:] if direct else python[1])
             if skipped is not None:
                 _say(f"{skipped} keeps Python from running the bootstrap: guards not installed")
             try:
@@ -10547,6 +10565,9 @@ class _Supervisor:
             if refusal is not None:
                 _say(f"refused, {self.label} was not started: {refusal}")
                 return _RUN_EXIT_REFUSED
+            if self.signals.received:  # asked to stop before the program started
+                self.stop = self.signals.take()[0]
+                return 128 + self.stop
             try:
                 proc = subprocess.Popen(self.argv, executable=executable, env=env)
             except OSError as exc:

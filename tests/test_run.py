@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import metal_guard as mg
-from helpers import REPO, child_env, read_line, write_breaker_cooldown
+from helpers import REPO, child_env, read_line, requires_mlx_lm, write_breaker_cooldown
 
 RUN = [sys.executable, "-m", "metal_guard", "run"]
 NOTE = "is not a Python program: pre-flight, supervision and graceful stop only"
@@ -114,6 +118,25 @@ def test_on_failure_restart_rules(
         assert "not restarted" in done.stderr and "reboot" in done.stderr
 
 
+def test_a_restart_waits_for_the_cadence_of_the_model_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    model = "example-org/tiny-model"
+    loaded = time.time() - 177.0  # the same-model interval (180 s) ends in about 3 s
+    mg.CadenceGuard().mark_load(model, ts=loaded)
+    counter = tmp_path / "starts"
+    program = f"import time; open({str(counter)!r}, 'a').write(f'{{time.time()}}\\n'); exit(1)"
+    done = run(
+        "--restart", "on-failure", "--max-restarts", "1", "--restart-delay", "0.5", "--",
+        sys.executable, "-c", program, "--model", model,
+    )  # fmt: skip
+    assert done.returncode == 69, done.stderr
+    first, second = (float(t) for t in counter.read_text().split())
+    assert f"for the cadence of {model}" in done.stderr
+    assert second >= loaded + 180.0 - 0.1  # the reload came only after the interval
+    assert second > first
+
+
 def test_never_is_the_default_and_passes_the_code_through(tmp_path: Path) -> None:
     counter = tmp_path / "starts"
     done = run("--", *counting_program(counter, 5))
@@ -134,6 +157,15 @@ def test_a_tripped_breaker_refuses_and_the_child_never_starts(mg_home: str, tmp_
     assert len(refusals) == 1, done.stderr
     assert "MLX cooldown active" in refusals[0] and "refused until" in refusals[0]
     assert "was not started" in refusals[0]
+
+
+def test_observer_mode_reports_the_cooldown_and_starts(mg_home: str, tmp_path: Path) -> None:
+    write_breaker_cooldown(mg_home)
+    counter = tmp_path / "starts"
+    done = run("--", *counting_program(counter, 0), env=child_env(METALGUARD_MODE="observer"))
+    assert (done.returncode, starts(counter)) == (0, 1), done.stderr
+    assert "OBSERVE: would refuse (MLXCooldownActive)" in done.stderr
+    assert "was not started" not in done.stderr
 
 
 def test_a_restart_repeats_the_pre_flight(mg_home: str, tmp_path: Path) -> None:
@@ -293,6 +325,21 @@ def test_options_reach_the_child_environment() -> None:
     assert defaults["METALGUARD_RUN_GPU_GATE"] == "1"
 
 
+def test_child_pythonpath_rules() -> None:
+    options = mg._RunOptions()
+    alone = mg._run_child_env({}, "/boot", options, supervisor=7)
+    assert alone["PYTHONPATH"] == "/boot" and alone["METALGUARD_RUN_SUPERVISOR"] == "7"
+    empty = mg._run_child_env({"PYTHONPATH": ""}, "/boot", options, supervisor=7)
+    assert empty["PYTHONPATH"] == "/boot"
+    kept = mg._run_child_env({"PYTHONPATH": "/a::/b"}, "/boot", options, supervisor=7)
+    assert kept["PYTHONPATH"] == "/boot:/a::/b"  # unchanged after the folder, empty entry too
+    # run under run: the outer run's bootstrap folder is not kept behind the inner one
+    outer = {"PYTHONPATH": "/outer:/a", "METALGUARD_RUN_BOOTSTRAP": "/outer", "X": "1"}
+    nested = mg._run_child_env(outer, "/boot", options, supervisor=7)
+    assert (nested["PYTHONPATH"], nested["METALGUARD_RUN_BOOTSTRAP"]) == ("/boot:/a", "/boot")
+    assert nested["X"] == "1" and outer["PYTHONPATH"] == "/outer:/a"  # the base is not changed
+
+
 # -- what counts as a Python program ---------------------------------------------------------
 
 
@@ -320,6 +367,11 @@ def test_scripts_whose_shebang_names_python_are_python_programs(tmp_path: Path) 
     code, out, err = finish(start("--", "shell-tool", env=env))
     assert (code, out) == (0, "none\n")
     assert err.count(NOTE) == 1
+    # a script's own arguments are not interpreter options
+    proc = start("--", "direct-tool", "-I", env=env)
+    code, out, err = finish(proc)
+    assert (code, out) == (0, f"{proc.pid}\n")
+    assert "keeps Python from running the bootstrap" not in err
 
 
 def test_python_detection(tmp_path: Path) -> None:
@@ -470,6 +522,56 @@ def test_sigint_and_sighup_are_passed_on(signum: int) -> None:
     assert "SIGKILL" not in err
 
 
+COUNT_SIGINTS = """
+import signal, sys, time
+seen = []
+signal.signal(signal.SIGINT, lambda *a: seen.append(1))
+print("ready", flush=True)
+while not seen:
+    time.sleep(0.05)
+time.sleep(1.0)  # a second SIGINT (one passed on by run) would arrive in this time
+print("SIGINTs:", len(seen), flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_program_once() -> None:
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:  # in run's process: the pty becomes its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [*RUN, "--grace", "20", "--", sys.executable, "-c", COUNT_SIGINTS],
+        stdin=slave, stdout=slave, stderr=slave, env=child_env(), cwd=REPO,
+        start_new_session=True, preexec_fn=controlling_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready" not in output and time.monotonic() < deadline:
+            output += os.read(master, 4096)
+        os.write(master, b"\x03")  # Ctrl-C: the terminal signals its foreground group
+        code = proc.wait(timeout=30)
+        try:
+            while chunk := os.read(master, 4096):
+                output += chunk
+        except OSError:  # EIO: every process left the terminal
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = output.decode(errors="replace")
+    assert code == 0, text
+    assert "SIGINTs: 1" in text  # from the terminal only: run did not send a second one
+    assert "SIGINT: the terminal sent it to" in text
+
+
 def test_a_stop_during_the_restart_pause_ends_run_at_once(tmp_path: Path) -> None:
     counter = tmp_path / "starts"
     proc = start(
@@ -539,3 +641,66 @@ def test_gate_wait_outside_run_is_a_no_op(mg_home: str) -> None:
     assert not Path(mg_home, "runs.json").exists()
     with pytest.raises(TypeError):
         mg._run_note_gate_wait("2")  # type: ignore[arg-type]
+
+
+# -- a real mlx_lm.server under run -----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(port: int, path: str, body: dict[str, Any] | None = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            reply.read()
+            return int(reply.status)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+@requires_mlx_lm
+def test_mlx_lm_server_under_run_serves_and_stops_gracefully(tiny_llama_path: str) -> None:
+    port = _free_port()
+    proc = start(
+        "--grace", "30", "--", sys.executable, "-m", "mlx_lm", "server",
+        "--model", tiny_llama_path, "--port", str(port),
+        env=child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while _http(port, "/health") != 200:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the server never answered /health"
+            time.sleep(0.3)
+        (entry,) = mg._read_runs()
+        server_pid = entry["pid"]
+        statuses: list[int] = []
+        body = {"prompt": "hello there", "max_tokens": 8}
+        threads = [
+            threading.Thread(target=lambda: statuses.append(_http(port, "/v1/completions", body)))
+            for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert statuses == [200, 200, 200]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - sent < 30  # within the grace
+    assert code == 0, err  # the server shut down as after Ctrl-C, and exited 0
+    assert "SIGKILL" not in err and "Traceback" not in err
+    assert not mg._pid_alive(server_pid)
+    assert mg._read_runs() == []

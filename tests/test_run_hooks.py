@@ -1,15 +1,17 @@
-"""The child hooks of ``metal-guard run`` (section 5.12), in real child processes.
+"""The child hooks of ``metal-guard run`` (section 5.12), in real processes.
 
-Each child starts with a bootstrap folder whose ``sitecustomize`` calls
-``metal_guard._child_bootstrap()`` and the ``METALGUARD_RUN_*`` environment of the
-run interface, as the supervisor sets them. Real mlx-lm on the tiny local models;
-``mlx_lm.server`` runs for real on a free port. Faked, because Linux has no Metal:
-``mx.device_info()``'s ``max_recommended_working_set_size`` (the wired-limit test's
-spy adds it, so mlx-lm asks for the recommended working set as it does on a Mac).
+Every guarded program runs under the real supervisor, ``python -m metal_guard run ...
+-- COMMAND``, whose bootstrap calls ``metal_guard._child_bootstrap()`` in the child.
+Real mlx-lm on the tiny local models; ``mlx_lm.server`` runs for real on a free port.
+Faked, because Linux has no Metal: ``mx.device_info()``'s
+``max_recommended_working_set_size`` (a spy in the user's own ``sitecustomize``, which
+run chains, adds it, so mlx-lm asks for the recommended working set as on a Mac).
 """
 
 from __future__ import annotations
 
+import ast
+import itertools
 import json
 import os
 import signal
@@ -25,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, breadcrumb_messages, child_env, requires_mlx_lm
 
-# The bootstrap of a guarded child. With MG_TEST_WIRED_SPY set it first puts a spy
-# under mlx.core.set_wired_limit (what reaches MLX is written to that file) and adds the
-# Metal-only max_recommended_working_set_size (8 GiB) to mx.device_info().
-_SITECUSTOMIZE = '''
+import metal_guard as mg
+from helpers import breadcrumb_messages, child_env, requires_mlx_lm
+
+# The user's own sitecustomize (run chains it before its bootstrap): a spy under
+# mlx.core.set_wired_limit (what reaches MLX is written to MG_TEST_WIRED_SPY) and the
+# Metal-only max_recommended_working_set_size (8 GiB) added to mx.device_info().
+_SPY_SITECUSTOMIZE = """
 import os, sys
 _spy = os.environ.get("MG_TEST_WIRED_SPY")
 if _spy:
@@ -63,45 +67,42 @@ if _spy:
                     return spec
             return None
     sys.meta_path.insert(0, _SpyFinder())
-import metal_guard
-metal_guard._child_bootstrap()
-'''
+"""
 
 GIB8 = 8 << 30
 
 
+RUN = [sys.executable, "-m", "metal_guard", "run"]
+
+
 @pytest.fixture
-def boot(tmp_path: Path) -> str:
-    folder = tmp_path / "bootstrap"
+def spy_dir(tmp_path: Path) -> str:
+    folder = tmp_path / "user-site"
     folder.mkdir()
-    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    (folder / "sitecustomize.py").write_text(_SPY_SITECUSTOMIZE)
     return str(folder)
 
 
-def guarded_env(boot: str, **extra: str) -> dict[str, str]:
-    """The child environment of the run interface (as ``metal-guard run`` sets it)."""
-    env = child_env(
-        METALGUARD_RUN_SUPERVISOR=str(os.getpid()),
-        METALGUARD_RUN_MODULE=os.path.join(REPO, "metal_guard.py"),
-        METALGUARD_RUN_BOOTSTRAP=boot,
-        METALGUARD_RUN_WIRED="off",
-        METALGUARD_RUN_WAIT="1",
-        METALGUARD_RUN_GPU_GATE="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env["PYTHONPATH"] = boot + os.pathsep + env["PYTHONPATH"]
-    env.update(extra)
+def run_env(*first: str, **extra: str) -> dict[str, str]:
+    """The user's environment for ``metal-guard run`` (``first``: PYTHONPATH entries before ours)."""
+    env = bare_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([*first, env["PYTHONPATH"]])
     return env
+
+
+def guarded(cmd: list[str], *options: str) -> list[str]:
+    return [*RUN, *options, "--", *cmd]
 
 
 def bare_env(**extra: str) -> dict[str, str]:
     return child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
 
 
-def run_child(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_cmd(
+    cmd: list[str], env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
 
 
@@ -126,17 +127,19 @@ def tiny_llama2_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 _MODULES = "import sys, signal; print(sorted(sys.modules)); print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)"
 
 
-def test_program_without_mlx_is_unchanged(boot: str, mg_home: str) -> None:
-    guarded = run_child(_MODULES, guarded_env(boot))
-    bare = run_child(_MODULES, bare_env())
-    assert guarded.returncode == 0 and bare.returncode == 0, guarded.stderr
-    g_mods, g_sig = guarded.stdout.splitlines()
+def test_program_without_mlx_is_unchanged(mg_home: str) -> None:
+    done = run_cmd(guarded([sys.executable, "-c", _MODULES]), run_env())
+    bare = run_cmd([sys.executable, "-c", _MODULES], bare_env())
+    assert done.returncode == 0 and bare.returncode == 0, done.stderr
+    g_mods, g_sig = done.stdout.splitlines()
     b_mods, b_sig = bare.stdout.splitlines()
-    extra = set(eval(g_mods)) - set(eval(b_mods))  # noqa: S307 - our own child's repr of a list
-    assert extra <= {"metal_guard", "sitecustomize", "__future__", "errno"}, extra  # its own imports
+    extra = set(ast.literal_eval(g_mods)) - set(ast.literal_eval(b_mods))
+    bootstrap = {"metal_guard", "sitecustomize", "__future__", "errno", "warnings"}
+    assert {m for m in extra if not m.startswith("importlib")} <= bootstrap, extra
     assert g_sig == b_sig == "True"
-    assert os.listdir(mg_home) == []  # no files written
-    assert guarded.stderr == ""
+    # the child wrote nothing: what is there is the supervisor's (bootstrap, runs registry)
+    assert all(name.startswith(("run-bootstrap", "runs.json")) for name in os.listdir(mg_home))
+    assert done.stderr == ""
 
 
 # -- wired policy ------------------------------------------------------------------------
@@ -152,11 +155,11 @@ mx.set_wired_limit(1 << 30)
 @requires_mlx_lm
 @pytest.mark.parametrize(("policy", "expected"), [("off", [0, 0]), ("keep", [GIB8, 1 << 30])])
 def test_wired_policy_reaches_mlx(
-    boot: str, mg_home: str, tmp_path: Path, policy: str, expected: list[int]
+    spy_dir: str, mg_home: str, tmp_path: Path, policy: str, expected: list[int]
 ) -> None:
     spy = tmp_path / "wired.txt"
-    env = guarded_env(boot, METALGUARD_RUN_WIRED=policy, MG_TEST_WIRED_SPY=str(spy))
-    done = run_child(_WIRED_PROGRAM, env)
+    env = run_env(spy_dir, MG_TEST_WIRED_SPY=str(spy))
+    done = run_cmd(guarded([sys.executable, "-c", _WIRED_PROGRAM], "--wired", policy), env)
     assert done.returncode == 0, done.stderr
     assert [int(x) for x in spy.read_text().split()] == expected
 
@@ -178,12 +181,16 @@ print("loaded second", t1 - t0, t2 - t1, flush=True)
 
 @requires_mlx_lm
 def test_second_load_too_soon_waits_then_loads(
-    boot: str, mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
+    mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
 ) -> None:
-    env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="4")
+    env = run_env(METALGUARD_CROSS_MODEL_INTERVAL="4")
     done = subprocess.run(
-        [sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path],
-        env=env, capture_output=True, text=True, timeout=180,
+        guarded([sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path]),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     second = float(done.stdout.split()[-1])
@@ -196,12 +203,16 @@ def test_second_load_too_soon_waits_then_loads(
 
 @requires_mlx_lm
 def test_no_wait_refuses_with_exit_2_before_the_load(
-    boot: str, mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
+    mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
 ) -> None:
-    env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="60", METALGUARD_RUN_WAIT="0")
+    env = run_env(METALGUARD_CROSS_MODEL_INTERVAL="60")
     done = subprocess.run(
-        [sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path],
-        env=env, capture_output=True, text=True, timeout=180,
+        guarded([sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path], "--no-wait"),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 2, done.stderr
     assert done.stdout.splitlines() == ["loaded first"]
@@ -227,21 +238,25 @@ print("loaded", time.time() - t0, flush=True)
 
 @requires_mlx_lm
 def test_load_failed_on_missing_files_does_not_delay_the_next(
-    boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+    mg_home: str, tmp_path: Path, tiny_llama_path: str
 ) -> None:
     missing = tmp_path / "no-such-model"
     missing.mkdir()  # an empty folder: no config.json, no weights
-    env = guarded_env(boot, METALGUARD_CROSS_MODEL_INTERVAL="120")
+    env = run_env(METALGUARD_CROSS_MODEL_INTERVAL="120")
     done = subprocess.run(
-        [sys.executable, "-c", _FAILED_THEN_REAL, str(missing), tiny_llama_path],
-        env=env, capture_output=True, text=True, timeout=180,
+        guarded([sys.executable, "-c", _FAILED_THEN_REAL, str(missing), tiny_llama_path]),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("failed:"), done.stdout
     assert float(done.stdout.split()[-1]) < 60  # not the 120 s interval
     assert metal_guard_lines(done.stderr) == []
     crumbs = breadcrumb_messages(mg_home)
-    assert f"RUN_LOAD_FAILED: {missing} (not counted)" in crumbs
+    assert any(m.startswith(f"CADENCE_UNCOUNTED: {missing} ") for m in crumbs), crumbs
 
 
 _REPLACE = """
@@ -255,12 +270,14 @@ print("replaced", flush=True)
 
 
 @requires_mlx_lm
-def test_unloads_recorded_on_replacement_and_at_exit(
-    boot: str, mg_home: str, tiny_llama_path: str
-) -> None:
+def test_unloads_recorded_on_replacement_and_at_exit(mg_home: str, tiny_llama_path: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", _REPLACE, tiny_llama_path],
-        env=guarded_env(boot), capture_output=True, text=True, timeout=180,
+        guarded([sys.executable, "-c", _REPLACE, tiny_llama_path]),
+        stdin=subprocess.DEVNULL,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     assert f"RUN_UNLOAD: {tiny_llama_path}" in breadcrumb_messages(mg_home)
@@ -271,30 +288,30 @@ def test_unloads_recorded_on_replacement_and_at_exit(
 # -- hooks missing in another mlx-lm shape --------------------------------------------
 
 
-def test_missing_hook_target_is_named_once_and_skipped(boot: str, mg_home: str, tmp_path: Path) -> None:
+def test_missing_hook_target_is_named_once_and_skipped(mg_home: str, tmp_path: Path) -> None:
     fake = tmp_path / "fake" / "mlx_lm"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
-        '__version__ = "0.0.1"\nfrom .utils import load\nfrom .generate import generate\n'
+        '__version__ = "0.99.0"\nfrom .utils import load\nfrom .generate import generate\n'
     )
     (fake / "utils.py").write_text("def load(path):\n    return ('model', 'tokenizer')\n")
-    (fake / "generate.py").write_text("def generate(model, tokenizer, prompt):\n    return 'text'\n")
-    env = guarded_env(boot)
-    env["PYTHONPATH"] = os.pathsep.join([boot, str(fake.parent), env["PYTHONPATH"]])
-    code = (
-        "import mlx_lm\n"
-        "m, t = mlx_lm.load('some/model')\n"
-        "print(mlx_lm.generate(m, t, 'hi'))\n"
+    (fake / "generate.py").write_text(
+        "def generate(model, tokenizer, prompt):\n    return 'text'\n"
     )
-    done = run_child(code, env)
+    env = run_env(str(fake.parent))
+    code = "import mlx_lm\nm, t = mlx_lm.load('some/model')\nprint(mlx_lm.generate(m, t, 'hi'))\n"
+    done = run_cmd(guarded([sys.executable, "-c", code]), env)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "text\n"
     lines = metal_guard_lines(done.stderr)
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("metal-guard: mlx-lm 0.0.1: not hooked (not found in this version): ")
+    assert lines[0].startswith(
+        "metal-guard: mlx-lm 0.99.0: not hooked (not found in this version): "
+    )
     assert "mlx_lm.generate.BatchGenerator._next" in lines[0]
     assert "mlx_lm.generate.stream_generate" in lines[0]
     assert "mlx_lm.utils.load," not in lines[0]  # found, so hooked
+    assert "mlx_lm.utils.generate_step" not in lines[0]  # where mlx-lm < 0.23 had it
     assert "CADENCE_ADMIT: some/model" in breadcrumb_messages(mg_home)
     assert "SUBPROC_POST: some/model" in breadcrumb_messages(mg_home)
 
@@ -334,7 +351,7 @@ def _intervals(path: Path) -> list[tuple[int, float, float]]:
 def _overlaps(rows: list[tuple[int, float, float]]) -> int:
     by_start = sorted(rows, key=lambda r: r[1])
     count = 0
-    for i, (pid, start, end) in enumerate(by_start):
+    for i, (pid, _start, end) in enumerate(by_start):
         for other, o_start, _ in by_start[i + 1 :]:
             if o_start >= end:
                 break
@@ -342,14 +359,22 @@ def _overlaps(rows: list[tuple[int, float, float]]) -> int:
     return count
 
 
-def _run_pair(env: dict[str, str], models: list[str], tmp: Path, log: Path) -> list[int]:
+def _run_pair(
+    under_run: bool, env: dict[str, str], models: list[str], tmp: Path, log: Path
+) -> None:
     go = tmp / "go"
     if go.exists():
         go.unlink()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _GENERATOR, model, str(go), str(log)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            (guarded if under_run else list)(
+                [sys.executable, "-c", _GENERATOR, model, str(go), str(log)]
+            ),
+            stdin=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for model in models
     ]
@@ -365,30 +390,29 @@ def _run_pair(env: dict[str, str], models: list[str], tmp: Path, log: Path) -> l
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
-    return [proc.pid for proc in procs]
 
 
 def _handovers(rows: list[tuple[int, float, float]]) -> int:
     pids = [pid for pid, _, _ in sorted(rows, key=lambda r: r[1])]
-    return sum(1 for a, b in zip(pids, pids[1:]) if a != b)
+    return sum(1 for a, b in itertools.pairwise(pids) if a != b)
 
 
 @requires_mlx_lm
 def test_two_guarded_programs_never_overlap_and_take_turns(
-    boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str, tiny_llama2_path: str
+    mg_home: str, tmp_path: Path, tiny_llama_path: str, tiny_llama2_path: str
 ) -> None:
     gate_log = tmp_path / "gate.log"
-    guarded = guarded_env(boot, METALGUARD_RUN_GATE_LOG=str(gate_log))
-    pids = _run_pair(guarded, [tiny_llama_path, tiny_llama2_path], tmp_path, tmp_path / "own.log")
+    env = run_env(METALGUARD_RUN_GATE_LOG=str(gate_log))
+    _run_pair(True, env, [tiny_llama_path, tiny_llama2_path], tmp_path, tmp_path / "own.log")
     rows = _intervals(gate_log)
-    assert {pid for pid, _, _ in rows} == set(pids)
+    assert len({pid for pid, _, _ in rows}) == 2
     assert len(rows) >= 2 * 3 * 60
     assert _overlaps(rows) == 0
     assert _handovers(rows) >= 10, "the GPU changed hands only a few times"
 
     # the same programs, bare: their forward passes do overlap (so the check above can fail)
     bare_log = tmp_path / "bare.log"
-    _run_pair(bare_env(), [tiny_llama_path, tiny_llama2_path], tmp_path, bare_log)
+    _run_pair(False, bare_env(), [tiny_llama_path, tiny_llama2_path], tmp_path, bare_log)
     assert _overlaps(_intervals(bare_log)) > 0
 
 
@@ -424,23 +448,33 @@ def _complete(port: int, results: list[Any], max_tokens: int = 8) -> None:
 
 
 @pytest.fixture
-def server(boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str) -> Iterator[dict[str, Any]]:
+def server(
+    spy_dir: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+) -> Iterator[dict[str, Any]]:
     port = _free_port()
     spy = tmp_path / "wired.txt"
-    env = guarded_env(
-        boot, MG_TEST_WIRED_SPY=str(spy), METALGUARD_RUN_GATE_LOG=str(tmp_path / "gate.log")
+    env = run_env(
+        spy_dir, MG_TEST_WIRED_SPY=str(spy), METALGUARD_RUN_GATE_LOG=str(tmp_path / "gate.log")
     )
+    server = [sys.executable, "-m", "mlx_lm", "server", "--model", tiny_llama_path]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", tiny_llama_path, "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        guarded([*server, "--port", str(port)], "--grace", "30"),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     info = {"proc": proc, "port": port, "spy": spy, "gate_log": tmp_path / "gate.log"}
+    info["model"] = tiny_llama_path
     try:
         deadline = time.monotonic() + 120
         while _get(f"http://127.0.0.1:{port}/health") != 200:
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "the server never answered /health"
             time.sleep(0.3)
+        (entry,) = mg._read_runs()
+        info["pid"] = entry["pid"]  # the server (run's child)
         yield info
     finally:
         if proc.poll() is None:
@@ -452,7 +486,7 @@ def server(boot: str, mg_home: str, tmp_path: Path, tiny_llama_path: str) -> Ite
 def test_guarded_server_serves_flushes_and_stops_on_sigterm(
     server: dict[str, Any], mg_home: str
 ) -> None:
-    proc, port = server["proc"], server["port"]
+    proc, port, pid = server["proc"], server["port"], server["pid"]
     results: list[Any] = []
     threads = [threading.Thread(target=_complete, args=(port, results)) for _ in range(4)]
     for t in threads:
@@ -462,26 +496,29 @@ def test_guarded_server_serves_flushes_and_stops_on_sigterm(
     assert [status for status, _ in results] == [200] * 4, results
     assert all(reply["usage"]["completion_tokens"] > 0 for _, reply in results)
 
-    crumbs = breadcrumb_messages(mg_home, pid=proc.pid)
+    crumbs = breadcrumb_messages(mg_home, pid=pid)
     assert sum(m.startswith("SUBPROC_PRE: ") for m in crumbs) >= 4, crumbs
     assert sum(m.startswith("SUBPROC_POST: ") for m in crumbs) >= 4, crumbs
     # the server's own start-up request for the recommended working set reached MLX as 0
     wired = [int(x) for x in server["spy"].read_text().split()]
     assert wired and set(wired) == {0}, wired
     # its forward passes ran under the gate, many turns (not one for its lifetime)
-    assert len(_intervals(server["gate_log"])) >= 4 * 8
+    assert len(_intervals(server["gate_log"])) >= 8  # one turn per batch step
 
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    assert "RUN_UNLOAD: " + proc.args[5] in breadcrumb_messages(mg_home, pid=proc.pid)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # to run, which passes it on
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30  # within the grace: no SIGKILL
+    assert proc.returncode == 0, err  # the server's own shutdown ran, as after Ctrl-C
+    assert "Traceback" not in err and "SIGKILL" not in err
+    assert not mg._pid_alive(pid)
+    assert f"RUN_UNLOAD: {server['model']}" in breadcrumb_messages(mg_home, pid=pid)
 
 
 _DYING_SERVER = """
 import sys
-import mlx_lm.generate as g
 from mlx_lm.server import main
+g = sys.modules["mlx_lm.generate"]  # the attribute mlx_lm.generate is the function
 
 def out_of_memory(*args, **kwargs):
     raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
@@ -496,12 +533,16 @@ main()
 
 @requires_mlx_lm
 def test_generation_thread_death_ends_the_server_with_70(
-    boot: str, mg_home: str, tiny_llama_path: str
+    mg_home: str, tiny_llama_path: str
 ) -> None:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _DYING_SERVER, tiny_llama_path, str(port)],
-        env=guarded_env(boot), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        guarded([sys.executable, "-c", _DYING_SERVER, tiny_llama_path, str(port)]),
+        stdin=subprocess.DEVNULL,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -509,6 +550,7 @@ def test_generation_thread_death_ends_the_server_with_70(
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.3)
+        (entry,) = mg._read_runs()
         results: list[Any] = []
         _complete(port, results)
         proc.wait(timeout=60)
@@ -516,9 +558,9 @@ def test_generation_thread_death_ends_the_server_with_70(
         if proc.poll() is None:
             proc.kill()
         _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 70, err
+    assert proc.returncode == 70, err  # the child's code, passed through by run
     line = [x for x in metal_guard_lines(err) if "generation thread died" in x]
     assert len(line) == 1 and line[0].endswith("exiting with 70"), err
-    crumbs = breadcrumb_messages(mg_home, pid=proc.pid)
+    crumbs = breadcrumb_messages(mg_home, pid=entry["pid"])
     assert any(m.startswith("RUN_GENERATION_DEAD: ") for m in crumbs)
     assert f"RUN_UNLOAD: {tiny_llama_path}" in crumbs

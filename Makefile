@@ -31,6 +31,9 @@ STAMP_NOMLX := $(VENV_NOMLX)/.installed
 TMP        := $(CURDIR)/.tmp
 
 PIP_INSTALL := -m pip install --quiet --disable-pip-version-check --progress-bar off
+# The distribution is mlx-metal-guard; an environment made before the rename still holds
+# it under the name metal-guard (the other project's name on the package index): drop that.
+PIP_DROP_OLD_NAME := -m pip uninstall --quiet --yes --disable-pip-version-check metal-guard
 
 # Every test, demo and bench run: temp files (pytest's tmp_path, MLX's compiled CPU
 # kernels under $TMPDIR/mlx) stay inside the tree, and nothing reaches a model hub.
@@ -70,6 +73,7 @@ venv-nomlx: $(STAMP_NOMLX)
 
 $(STAMP): pyproject.toml | $(TMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python $(PIP_DROP_OLD_NAME)
 	TMPDIR="$(TMP)" $(BIN)/python $(PIP_INSTALL) -e ".[lm,test,dev]"
 	touch $@
 
@@ -78,11 +82,12 @@ $(STAMP): pyproject.toml | $(TMP)
 $(STAMP_DEMO): pyproject.toml | $(TMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then :; \
-	else TMPDIR="$(TMP)" $(BIN)/python $(PIP_INSTALL) -e ".[lm]"; fi
+	else $(BIN)/python $(PIP_DROP_OLD_NAME) && TMPDIR="$(TMP)" $(BIN)/python $(PIP_INSTALL) -e ".[lm]"; fi
 	touch $@
 
 $(STAMP_NOMLX): pyproject.toml | $(TMP)
 	test -x $(BIN_NOMLX)/python || $(PYTHON) -m venv $(VENV_NOMLX)
+	$(BIN_NOMLX)/python $(PIP_DROP_OLD_NAME)
 	TMPDIR="$(TMP)" $(BIN_NOMLX)/python $(PIP_INSTALL) -e ".[test]"
 	touch $@
 

@@ -37,6 +37,7 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
 3.10 Cadence rules — the cadence store's format, read and pruned, and the
     arithmetic of waiting; pure functions.
+3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
     reported.
 4.2 Cadence — refuse back-to-back model loads, across processes.
@@ -46,7 +47,9 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
 4.7 GPU gate — one MLX workload at a time across the threads and processes of
     the host.
+4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
 4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
+5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
 5.3 Upstream patches — defects of installed MLX packages fixed in place.
@@ -69,7 +72,10 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
     passed on with a grace period, restarts and exit codes.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
-6.3 Entry point — ``main``: parse, run one command, print text or one JSON
+6.3 Check — ``metal-guard check``: the pre-flight for one load, as a command.
+6.4 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
+    ``metal-guard`` summary.
+6.5 Entry point — ``main``: parse, run one command, print text or one JSON
     document.
 
 Importing has no side effects: no files, threads, environment reads or heavy
@@ -432,8 +438,11 @@ def _finite(value: float) -> bool:
     return value == value and value not in (_INF, -_INF)
 
 
-def _real_arg(name: str, value: object) -> float:
-    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``."""
+def _real_arg(
+    name: str, value: object, *, minimum: float | None = None, above: bool = False
+) -> float:
+    """The one number check: a finite real number (``int``, ``float``, NumPy...), not ``bool``;
+    at least ``minimum`` (``above``: more than it) when given."""
     if type(value) is not float and type(value) is not int:  # the common cases skip ``numbers``
         import numbers
 
@@ -445,6 +454,9 @@ def _real_arg(name: str, value: object) -> float:
         number = _INF
     if not _finite(number):
         raise ValueError(f"{name} must be a finite number, got {number!r}")
+    if minimum is not None and (number <= minimum if above else number < minimum):
+        bound = f"{'>' if above else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return number
 
 
@@ -463,12 +475,14 @@ def _number(value: object) -> float | None:
     return number if _finite(number) else None
 
 
-def _int_arg(name: str, value: object) -> int:
-    """An integer argument: ``int``, NumPy integers... not ``bool``."""
+def _int_arg(name: str, value: object, *, minimum: int | None = None) -> int:
+    """An integer argument: ``int``, NumPy integers... not ``bool``; at least ``minimum``."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
     return int(value)
 
 
@@ -666,9 +680,128 @@ def _forget_warnings() -> None:
 # memory wired until reboot, so every stop here is SIGTERM first, a grace
 # period to exit and be reaped, and SIGKILL only after it.
 #
-# Provides: _on_macos, _pid_alive, _pid_running, _platform, _run_bounded, _stop_process
+# The receiving side of a stop: a signal handler that raises (to unwind a
+# worker out of a long generate) must never do so while a library lock or
+# state file is half-taken. Handlers call ``_interrupt(exc, frame)`` instead
+# of ``raise exc``: outside a ``with _critical():`` block it raises at once;
+# inside one the exception is recorded and raised when the outermost block of
+# that thread ends (or at a ``_checkpoint()`` the block calls where it can
+# unwind, e.g. while waiting). ``_critical(undo)``: when a recorded interrupt
+# is about to be raised at the block's end, ``undo()`` runs first, still
+# protected (a lock acquire gives back what it just took, so "raised" always
+# means "not taken"). A function decorated ``@_defers_interrupts`` (a lock's
+# release) is critical from its first instruction: a signal that lands before
+# its block begins is raised at that block's end. A blocking call inside a
+# block that can unwind from there runs as ``with _unwinding_wait():`` (the
+# interrupt raises at once). A handler that must not raise at all sets a flag.
+#
+# Provides: _checkpoint, _critical, _defers_interrupts, _interrupt, _on_macos, _pid_alive,
+#   _pid_running, _platform, _run_bounded, _stop_process, _unwinding_wait
 # Uses: Prelude
 # =============================================================================
+
+_critical_depth: dict[int, int] = {}  # thread ident → nesting of ``_critical`` blocks
+_pending_interrupts: dict[int, BaseException] = {}  # thread ident → interrupt raised at block end
+_critical_codes: set[object] = set()  # code of functions that are critical from their start
+_unwinding_waits: set[int] = set()  # threads blocked where a stop may unwind at once
+
+
+class _unwinding_wait:
+    """``with _unwinding_wait(): <a blocking call>`` inside a ``_critical`` block:
+    an interrupt raises at once (the caller unwinds cleanly from there) instead
+    of waiting for the block's end, which a blocking call might never reach."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _checkpoint()
+        _unwinding_waits.add(_thread.get_ident())
+
+    def __exit__(self, *exc: object) -> None:
+        _unwinding_waits.discard(_thread.get_ident())
+
+
+def _defers_interrupts(fn: _F) -> _F:
+    """Mark ``fn`` critical from its first instruction; its whole body (its return
+    included) must be one ``_critical`` block, or calls into such a function."""
+    _critical_codes.add(fn.__code__)
+    return fn
+
+
+def _interrupt(exc: BaseException, frame: object = None) -> None:
+    """What a signal handler calls instead of ``raise exc``: raise now, or at a safe point.
+
+    Inside a ``_critical`` block of the interrupted thread, or when ``frame``
+    (the handler's second argument) is in a ``@_defers_interrupts`` function,
+    the exception is recorded (the first one wins) and raised when the
+    outermost block ends or at a ``_checkpoint()``; elsewhere it is raised at once.
+    """
+    me = _thread.get_ident()
+    outer: Any = frame
+    deferred = bool(_critical_depth.get(me)) and me not in _unwinding_waits
+    for _ in range(8):  # the interrupted function and its few callers
+        if deferred or outer is None:
+            break
+        deferred = outer.f_code in _critical_codes
+        outer = outer.f_back
+    if deferred:
+        if me not in _pending_interrupts:
+            _pending_interrupts[me] = exc
+        return
+    _pending_interrupts.pop(me, None)  # one stop at a time: nothing stale stays behind
+    raise exc
+
+
+def _checkpoint() -> None:
+    """Raise the interrupt recorded for this thread, if any.
+
+    Called inside a ``_critical`` block only where every enclosing block can
+    unwind cleanly (a wait, before anything new is taken): waits stay
+    interruptible while the bookkeeping around them is not.
+    """
+    exc = _pending_interrupts.pop(_thread.get_ident(), None)
+    if exc is not None:
+        raise exc
+
+
+class _critical:
+    """``with _critical(): ...`` — exceptions raised by signal handlers through
+    ``_interrupt`` wait until the outermost block of this thread ends.
+
+    ``undo`` (optional) runs, still protected, just before a recorded interrupt
+    is raised at the end of a block that ends normally: it reverts what the
+    block did, so the caller never sees "raised" together with "done".
+    Nesting is counted per thread; a handler's exception always reaches the
+    thread the handler runs in (Python runs handlers in the main thread).
+    """
+
+    __slots__ = ("undo",)
+
+    def __init__(self, undo: Callable[[], object] | None = None) -> None:
+        self.undo = undo
+
+    def __enter__(self) -> _critical:
+        me = _thread.get_ident()
+        _critical_depth[me] = _critical_depth.get(me, 0) + 1
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        me = _thread.get_ident()
+        depth = _critical_depth.get(me, 1)
+        if depth > 1:
+            _critical_depth[me] = depth - 1
+            return
+        if me in _pending_interrupts and exc_type is None and self.undo is not None:
+            try:  # still inside the block: a further signal is recorded, not raised
+                self.undo()
+            except Exception as error:  # the interrupt below matters more
+                _log().debug("metal_guard: undo before an interrupt failed: %r", error)
+        pending = _pending_interrupts.pop(me, None)
+        # No call between the pop and the raise: a handler cannot run in between.
+        del _critical_depth[me]
+        if pending is not None:
+            raise pending
+
 
 _SUBPROCESS_OUTPUT_MAX = 1 << 20
 _REAP_AFTER_KILL_SEC = 10.0  # a SIGKILLed process is gone at once; this only bounds the wait
@@ -1018,10 +1151,18 @@ def _read_json_object(
 #
 # Counted per thread (state files, the GPU gate) or per process (the MLX lock).
 # The OS lock is the truth: a holder that dies releases it by dying. A lock
-# whose job is to exclude never runs silently unlocked.
+# whose job is to exclude never runs silently unlocked. Acquire and release
+# run inside ``_critical`` (0.2): a stop raised by a signal handler never
+# lands between the system call and the bookkeeping, and any other exception
+# there closes the descriptor, so the lock stays usable whatever happens. A
+# wait without a deadline blocks in ``flock`` (the kernel wakes it as the holder
+# leaves) as an unwinding wait of 0.2, so a stop still ends it at once. Such a
+# waiter cannot wake to say it still waits: ``_ticker()`` calls its ``pause``
+# from one thread per process, which ends at its next wake-up once nobody is
+# blocked (not at once: waking it would compete with the new holder).
 #
-# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state
-# Uses: Prelude, Files
+# Provides: LockUnsupported, StateLockTimeout, _FileLock, _lock_state, _ticker
+# Uses: Prelude, Processes, Files
 # =============================================================================
 
 
@@ -1079,6 +1220,7 @@ class _LockState:
         self.pid = os.getpid()
 
 
+_WAIT_SLICE = 0.05  # a thread waiting for another thread's hold looks for a stop this often
 _lock_states: dict[str, _LockState] = {}
 _lock_states_guard = _thread.allocate_lock()
 
@@ -1107,8 +1249,15 @@ def _drop_locks_after_fork() -> None:
     _lock_states_guard = _thread.allocate_lock()
 
 
+_lock_keys: dict[str, str] = {}  # an absolute path → its normal form (cwd cannot change it)
+
+
 def _lock_state(path: str) -> _LockState:
-    key = os.path.abspath(path)
+    key = _lock_keys.get(path)
+    if key is None:
+        key = os.path.abspath(path)
+        if os.path.isabs(path) and len(_lock_keys) < 1024:
+            _lock_keys[path] = key
     with _lock_states_guard:
         state = _lock_states.get(key)
         if state is None or state.pid != os.getpid():  # a forked child holds nothing
@@ -1129,7 +1278,8 @@ class _FileLock:
     threads wait; with ``per_thread=False`` (the MLX lock) the whole process
     is the holder, and the OS lock is released by the last ``release()``.
 
-    ``timeout`` ``None`` waits forever, ``0`` tries once; expiry raises
+    ``timeout`` ``None`` waits forever (blocked in ``flock``: the kernel wakes
+    the waiter as the holder leaves), ``0`` tries once; expiry raises
     ``StateLockTimeout``. Where ``flock`` is unsupported an exclusion lock
     (``must_exclude=True``) raises ``LockUnsupported`` naming ``env_var``;
     a state-file lock logs one WARNING and runs unlocked.
@@ -1162,9 +1312,23 @@ class _FileLock:
             return state.count > 0 and (not self.per_thread or state.owner == _thread.get_ident())
 
     def acquire(self, timeout: float | None = _INF) -> bool:
-        """Take the lock; True when this call took the OS lock, False on re-entry."""
+        """Take the lock; True when this call took the OS lock, False on re-entry.
+
+        Safe against stops: an exception a signal handler raises through
+        ``_interrupt`` waits until the bookkeeping is done, and comes out only
+        while waiting (nothing taken) or after the hold was given back; any
+        other exception between a system call and the bookkeeping closes the
+        descriptor. A raise always means "not taken", and the lock stays usable.
+        """
         wait = self.timeout if timeout == _INF else timeout
         deadline = None if wait is None else time.monotonic() + max(0.0, wait)
+        block = _critical()
+        with block:
+            took = self._acquire(deadline, wait)
+            block.undo = self.release  # a stop recorded meanwhile: give the hold back first
+            return took
+
+    def _acquire(self, deadline: float | None, wait: float | None) -> bool:
         state = _lock_state(self.path)
         me = _thread.get_ident()
         with state.cond:
@@ -1178,7 +1342,8 @@ class _FileLock:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise StateLockTimeout(self.path, wait or 0.0)
-                state.cond.wait(remaining)
+                _checkpoint()  # nothing taken yet: a stop may unwind here
+                state.cond.wait(_WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE))
         try:
             fd = self._os_lock(deadline, wait)
         except BaseException:
@@ -1196,31 +1361,43 @@ class _FileLock:
         return True
 
     def _os_lock(self, deadline: float | None, wait: float | None) -> int | None:
-        """flock the file; the descriptor, or ``None`` when running unlocked."""
+        """flock the file; the descriptor, or ``None`` when running unlocked.
+
+        The descriptor is closed on every way out but success, whatever raises.
+        """
         try:
             import fcntl
         except ImportError:  # not a POSIX system: nothing to lock with
             self._unsupported("fcntl is unavailable")
             return None
         fd = _open_creating(self.path, os.O_RDWR)
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except OSError as exc:
-                if exc.errno in _FLOCK_UNSUPPORTED:
-                    os.close(fd)
-                    self._unsupported(exc.strerror or str(exc))
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if exc.errno not in _FLOCK_BUSY or (remaining is not None and remaining <= 0):
-                    os.close(fd)
-                    if exc.errno in _FLOCK_BUSY:
-                        raise StateLockTimeout(self.path, wait or 0.0) from None
-                    raise
+        locked = False
+        try:
+            delay = 0.001
+            while True:
+                try:
+                    if deadline is None:  # block in the kernel: woken as the holder leaves
+                        with _unwinding_wait():
+                            fcntl.flock(fd, fcntl.LOCK_EX)
+                    else:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                    return fd
+                except OSError as exc:
+                    if exc.errno in _FLOCK_UNSUPPORTED:
+                        self._unsupported(exc.strerror or str(exc))
+                        return None
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if exc.errno not in _FLOCK_BUSY or (remaining is not None and remaining <= 0):
+                        if exc.errno in _FLOCK_BUSY:
+                            raise StateLockTimeout(self.path, wait or 0.0) from None
+                        raise
+                _checkpoint()  # the descriptor is closed below: a stop may unwind here
                 time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, 0.02)
+        finally:
+            if not locked:
+                os.close(fd)  # closing also drops a flock taken just before an exception
 
     def _unsupported(self, reason: str) -> None:
         if self.must_exclude:
@@ -1233,30 +1410,91 @@ class _FileLock:
             reason,
         )
 
+    @_defers_interrupts
     def release(self) -> bool:
-        """Drop one hold; True when this released the OS lock. Never raises."""
-        state = _lock_state(self.path)
-        with state.cond:
-            if state.count == 0:
-                return False
-            state.count -= 1
-            if state.count:
-                return False
-            fd, state.fd, state.owner = state.fd, None, None
-            state.cond.notify_all()
-        if fd is not None:
-            try:
-                os.close(fd)  # closing the descriptor releases the flock
-            except OSError:
-                pass
-        return True
+        """Drop one hold; True when this released the OS lock.
+
+        Never raises, except an interrupt a signal handler recorded meanwhile,
+        raised once the release is complete (the state is forgotten before the
+        descriptor is closed, so nothing can leave it half-released).
+        """
+        with _critical():
+            state = _lock_state(self.path)
+            with state.cond:
+                if state.count == 0:
+                    return False
+                state.count -= 1
+                if state.count:
+                    return False
+                fd, state.fd, state.owner = state.fd, None, None
+                state.cond.notify_all()
+            if fd is not None:
+                try:
+                    os.close(fd)  # closing the descriptor releases the flock
+                except OSError:
+                    pass
+            return True
 
     def __enter__(self) -> _FileLock:
         self.acquire()
         return self
 
+    @_defers_interrupts
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class _Ticker:
+    """Calls the ``pause()`` of waiters blocked in the kernel (which ticks when due), from
+    one thread per process; the thread ends once nobody is blocked at its next wake-up."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting: dict[object, Callable[[], float]] = {}
+        self.running = self.added = False
+        self.pid = os.getpid()
+
+    def add(self, key: object, pause: Callable[[], float]) -> None:
+        with self.cond:
+            self.waiting[key] = pause
+            if self.running:
+                self.added = True
+                self.cond.notify()
+                return
+            self.running = True
+        import threading
+
+        threading.Thread(target=self._run, name="metal_guard lock waits", daemon=True).start()
+
+    def remove(self, key: object) -> None:
+        with self.cond:  # no wake-up: the thread finds out at its next one
+            self.waiting.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                if not self.waiting:
+                    self.running = False
+                    return
+                pauses, self.added = list(self.waiting.values()), False
+            wait = min(min(pause() for pause in pauses), 3600.0)  # ticks those due
+            with self.cond:
+                if not self.added:  # one added meanwhile: look again at once
+                    self.cond.wait(wait)
+
+
+_tickers: list[_Ticker] = []
+
+
+def _ticker() -> _Ticker:
+    """This process's ``_Ticker`` (a forked child starts its own; two made at once both work)."""
+    ticker = _tickers[0] if _tickers else None
+    if ticker is None or ticker.pid != os.getpid():
+        ticker = _Ticker()
+        _tickers[:] = [ticker]
+    return ticker
 
 
 # =============================================================================
@@ -1266,7 +1504,7 @@ class _FileLock:
 # is moved aside; each file chooses its durability.
 #
 # Provides: _CorruptFile, _JsonFile
-# Uses: Prelude, Files, Locks
+# Uses: Prelude, Processes, Files, Locks
 # =============================================================================
 
 
@@ -1351,8 +1589,8 @@ class _JsonFile:
         """Locked read-modify-write; returns what ``mutate`` returned."""
         import json
 
-        with _FileLock(self.path + ".lock", self.lock_timeout):
-            try:
+        with _critical(), _FileLock(self.path + ".lock", self.lock_timeout):
+            try:  # a stop waits until the file is replaced (or left as it was)
                 data, raw = self._load()
             except _CorruptFile:
                 # A writer that does not replace the file atomically (the original
@@ -1378,11 +1616,12 @@ class _JsonFile:
 # A kernel panic loses the page cache, so each line is one ``O_APPEND`` write
 # followed by ``fsync``; what was acknowledged survives the reboot. The file
 # rotates to ``.1`` past ``METALGUARD_BREADCRUMB_MAX_BYTES``. The library writes
-# through the ``metal_guard`` singleton, looked up by name at call time, so
-# applications can redirect or capture breadcrumbs.
+# through the ``metal_guard`` singleton, which the MetalGuard section registers
+# here as a getter looked up at call time, so applications can redirect or
+# capture breadcrumbs.
 #
 # Provides: read_breadcrumbs, _BreadcrumbLog, _DEFAULT_PATH, _DefaultPath, _breadcrumb,
-#   _escape_line
+#   _escape_line, _guard_getter
 # Uses: Prelude, Files, Locks
 # =============================================================================
 
@@ -1520,16 +1759,18 @@ def _tail_lines(path: str, n: int) -> list[str]:
     return lines[-n:] if n else []
 
 
-def _guard_object() -> _BreadcrumbLog:
-    """The module's ``metal_guard`` singleton, looked up by name at each call.
+_guard_getter: list[Callable[[], _BreadcrumbLog]] = []  # set by the MetalGuard section
 
-    The singleton is built in the runtime tier (it is a ``MetalGuard``); earlier
-    sections reach it by name at call time, so an application that assigns
-    ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)`` redirects the
-    library's breadcrumbs too.
+
+def _guard_object() -> _BreadcrumbLog:
+    """The module's ``metal_guard`` singleton, through the getter its section registers.
+
+    The singleton is built in the runtime tier (it is a ``MetalGuard``); its
+    getter reads the module attribute at each call, so an application that
+    assigns ``metal_guard.metal_guard = MetalGuard(breadcrumb_path=...)``
+    redirects the library's breadcrumbs too.
     """
-    guard: _BreadcrumbLog = globals()["metal_guard"]
-    return guard
+    return _guard_getter[0]()
 
 
 def _breadcrumb(msg: str) -> None:
@@ -1542,9 +1783,7 @@ def _breadcrumb(msg: str) -> None:
 
 def read_breadcrumbs(n: int = 200, path: StrPath | None = None) -> list[str]:
     """The last ``n`` breadcrumb lines, oldest first (including the rotated ``.1``)."""
-    n = _int_arg("n", n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = _int_arg("n", n, minimum=0)
     target = _str_path("path", path) if path is not None else _guard_object().breadcrumb_path
     if not target or n == 0:
         return []
@@ -2010,10 +2249,7 @@ _POLL_MAX_SEC = 0.01  # a poll costs ~20 µs: a late answer costs more than poll
 
 def _byte_count(name: str, value: object) -> int:
     """A byte-count argument: a finite real number ≥ 0, as ``int``."""
-    number = _real_arg(name, value)
-    if number < 0:
-        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
-    return int(number)
+    return int(_real_arg(name, value, minimum=0))
 
 
 def _await_memory(
@@ -3245,7 +3481,8 @@ def _hardware_tier(memory_gib: float) -> str:
 # ``packaging.specifiers.SpecifierSet(spec, prereleases=True)`` (26+) decides:
 # ``<V`` and ``>V`` exclude only V's own pre-, post- and local versions.
 #
-# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _spec_matches
+# Provides: check_version_advisories, _SEVERITY_ORDER, _installed_version, _other_metal_guard,
+#   _spec_matches
 # Uses: Prelude, Model identity
 # =============================================================================
 
@@ -3577,6 +3814,30 @@ def _installed_version(name: str) -> str | None:
     return version if isinstance(version, str) and version.strip() else None
 
 
+def _other_metal_guard() -> list[str]:
+    """What may take this library's place: a ``metal_guard`` that a fresh ``import`` would
+    find first on ``sys.path`` when it is not this file, and the distribution ``metal-guard``
+    1.x or later (another project of that name). Nothing is imported."""
+    import importlib.machinery
+
+    found = []
+    try:
+        spec = importlib.machinery.PathFinder.find_spec("metal_guard")
+    except (ImportError, OSError, ValueError):
+        spec = None
+    origin = spec.origin if spec is not None else None
+    if origin and os.path.realpath(origin) != os.path.realpath(__file__):
+        found.append(f"`import metal_guard` finds {origin} first on sys.path, not this file")
+    version = _installed_version("metal-guard")
+    major = (version or "").split(".", 1)[0]
+    if major.isdigit() and int(major) >= 1:
+        found.append(
+            f"the distribution metal-guard {version} (another project) is installed; "
+            "`pip install -U metal-guard` would replace this library"
+        )
+    return found
+
+
 def check_version_advisories(*, packages: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Advisories that apply to the installed (or given) MLX, mlx-lm and mlx-vlm versions.
 
@@ -3755,10 +4016,7 @@ def lookup_dims(model_id: StrPath) -> ModelDims | None:
 
 
 def _context_arg(value: object) -> int:
-    tokens = _int_arg("context_tokens", value)
-    if tokens < 0:
-        raise ValueError(f"context_tokens must be >= 0, got {tokens}")
-    return tokens
+    return _int_arg("context_tokens", value, minimum=0)
 
 
 def _dims_arg(value: object) -> ModelDims:
@@ -3842,9 +4100,7 @@ def recommend_chunk_size(
     """
     tokens, shape = _context_arg(context_tokens), _dims_arg(dims)
     ceiling = _gb_arg("single_alloc_ceiling_gb", single_alloc_ceiling_gb, allow_zero=False)
-    smallest = _int_arg("min_chunk", min_chunk)
-    if smallest < 1:
-        raise ValueError(f"min_chunk must be >= 1, got {smallest}")
+    smallest = _int_arg("min_chunk", min_chunk, minimum=1)
     if _prefill_peak_gb(tokens, shape) <= ceiling:
         return tokens
     low, high = smallest, tokens
@@ -4036,9 +4292,7 @@ def format_panic_for_apple_feedback(
     """
     if not isinstance(forensics, dict):
         raise TypeError(f"forensics must be a dict, not {type(forensics).__name__}")
-    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines)
-    if keep < 0:
-        raise ValueError(f"max_breadcrumb_lines must be >= 0, got {keep}")
+    keep = _int_arg("max_breadcrumb_lines", max_breadcrumb_lines, minimum=0)
     hardware = forensics.get("hardware")
     hardware = hardware if isinstance(hardware, dict) else {}
     memory = hardware.get("gpu_memory_gb")
@@ -4372,6 +4626,203 @@ def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[
 
 
 # =============================================================================
+# 3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
+#
+# Pure functions over breadcrumb text (the log is fsynced line by line, so it
+# survives the reboot): the lines around a panic time, and the likely trigger
+# read from them — a load soon after an unload, two processes generating at
+# once, a wired-limit request, a generate still in flight, a gemma-4 first
+# generate. Each finding quotes the lines it rests on and claims nothing more.
+# Also the plain words for a panic signature and the redaction of a home
+# folder and user name from text that leaves the machine.
+#
+# Provides: _breadcrumb_time, _breadcrumbs_around, _likely_triggers, _redact, _signature_words
+# Uses: Prelude, Panic signatures
+# =============================================================================
+
+_TRIGGER_WINDOW_SEC = 300.0  # "the minutes before": how far back a trigger is looked for
+_TRIGGER_CADENCE_SEC = 180.0  # the default same-model cadence interval
+_LOAD_TAGS = ("CADENCE_ADMIT: ", "BENCH_SCOPED_LOAD: direct ", "SUBPROCESS_WORKER: loading ")
+_UNLOAD_TAGS = ("CADENCE_UNLOAD: ", "BENCH_SCOPED_LOAD: EXIT ")
+
+
+def _signature_words(name: object) -> str:
+    """What a panic signature means, in plain words (no advice)."""
+    for entry in _PANIC_SIGNATURES:
+        if entry[0] == name:
+            return entry[4]
+    return "a kernel panic metal-guard has no name for (read the report itself)"
+
+
+def _breadcrumb_time(line: str) -> float | None:
+    """Epoch seconds of a breadcrumb line (``<ISO time> pid=<n> ...`` or the original's
+    ``[YYYY-MM-DD HH:MM:SS] ...``, local time); ``None`` when it has none."""
+    import datetime
+
+    stamp = line[1:20] if line.startswith("[") else line.split(" ", 1)[0]
+    try:
+        moment = datetime.datetime.fromisoformat(stamp)
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # the original's lines: local time
+        return moment.timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _crumb_parts(line: str) -> tuple[float, int | None, str] | None:
+    """``(time, pid, message)`` of a breadcrumb line, or ``None`` without a time."""
+    ts = _breadcrumb_time(line)
+    if ts is None:
+        return None
+    if line.startswith("["):
+        return ts, None, line[21:].lstrip()
+    _, _, rest = line.partition(" ")
+    pid: int | None = None
+    if rest.startswith("pid="):
+        word, _, rest = rest.partition(" ")
+        pid = int(word[4:]) if word[4:].isdigit() else None
+    return ts, pid, rest
+
+
+def _breadcrumbs_around(
+    lines: list[str], panic_ts: float, *, before: float = _TRIGGER_WINDOW_SEC, after: float = 0.0
+) -> list[str]:
+    """The lines stamped within ``[panic_ts - before, panic_ts + after]``, in order."""
+    kept = []
+    for line in lines:
+        ts = _breadcrumb_time(line)
+        if ts is not None and panic_ts - before <= ts <= panic_ts + after:
+            kept.append(line)
+    return kept
+
+
+def _finding(trigger: str, summary: str, lines: list[str]) -> dict[str, Any]:
+    return {"trigger": trigger, "summary": summary, "lines": lines}
+
+
+def _generation_spans(
+    events: list[tuple[float, int | None, str, str]],
+) -> list[tuple[int, str, str | None]]:
+    """``(pid, SUBPROC_PRE line, its SUBPROC_POST line or None)`` for each guarded generate."""
+    open_pre: dict[int, str] = {}
+    spans: list[tuple[int, str, str | None]] = []
+    for _, pid, message, line in events:
+        if pid is None:
+            continue
+        if message.startswith("SUBPROC_PRE: "):
+            if pid in open_pre:  # a PRE without its POST (the process died): still open
+                spans.append((pid, open_pre[pid], None))
+            open_pre[pid] = line
+        elif message.startswith("SUBPROC_POST: ") and pid in open_pre:
+            spans.append((pid, open_pre.pop(pid), line))
+    spans += [(pid, pre, None) for pid, pre in open_pre.items()]
+    return spans
+
+
+def _likely_triggers(
+    lines: list[str],
+    panic_ts: float,
+    *,
+    window_sec: float = _TRIGGER_WINDOW_SEC,
+    cadence_sec: float = _TRIGGER_CADENCE_SEC,
+) -> list[dict[str, Any]]:
+    """The likely triggers the breadcrumbs of the ``window_sec`` before ``panic_ts`` show.
+
+    Each finding is ``{"trigger", "summary", "lines"}`` where ``lines`` are the
+    breadcrumb lines it rests on. Triggers: ``load_after_unload`` (a load
+    within ``cadence_sec`` of an unload), ``concurrent_generation`` (guarded
+    generates of two processes overlapping), ``wired_limit_request``,
+    ``generate_in_flight`` (a ``SUBPROC_PRE`` with no ``SUBPROC_POST`` before the
+    panic) and ``gemma4_first_generate``. Nothing found gives ``[]``.
+    """
+    events = []
+    for line in _breadcrumbs_around(lines, panic_ts, before=window_sec):
+        parts = _crumb_parts(line)
+        if parts is not None:
+            events.append((*parts, line))
+    events.sort(key=lambda e: e[0])
+    found: list[dict[str, Any]] = []
+    unloads = [e for e in events if e[2].startswith(_UNLOAD_TAGS) and " done, " not in e[2]]
+    for ts, _, message, line in events:
+        if not message.startswith(_LOAD_TAGS):
+            continue
+        prior = [u for u in unloads if 0 <= ts - u[0] < cadence_sec]
+        if prior:
+            gap = ts - prior[-1][0]
+            found.append(
+                _finding(
+                    "load_after_unload",
+                    f"a model load {gap:.0f} s after an unload (less than the {cadence_sec:g} s "
+                    "cadence interval): the driver may still be releasing the unloaded memory",
+                    [prior[-1][3], line],
+                )
+            )
+            break
+    import itertools
+
+    spans = _generation_spans(events)
+    times = {e[3]: e[0] for e in events}
+    for (pid_a, pre_a, post_a), (pid_b, pre_b, post_b) in itertools.combinations(spans, 2):
+        end_a = times[post_a] if post_a else panic_ts
+        end_b = times[post_b] if post_b else panic_ts
+        if pid_a != pid_b and times[pre_a] < end_b and times[pre_b] < end_a:
+            quoted = [x for x in (pre_a, post_a, pre_b, post_b) if x]
+            found.append(
+                _finding(
+                    "concurrent_generation",
+                    f"two processes (pid {pid_a} and pid {pid_b}) were in guarded generation "
+                    "at the same time",
+                    sorted(quoted, key=lambda x: times[x]),
+                )
+            )
+            break
+    wired = [e for e in events if e[2].startswith("WIRED_LIMIT: ")]
+    if wired:
+        found.append(
+            _finding(
+                "wired_limit_request",
+                f"a wired-limit request {panic_ts - wired[-1][0]:.0f} s before the panic",
+                [w[3] for w in wired[-3:]],
+            )
+        )
+    in_flight = [pre for _, pre, post in spans if post is None]
+    if in_flight:
+        found.append(
+            _finding(
+                "generate_in_flight",
+                "a guarded generate had started and not finished when the Mac panicked",
+                in_flight[-2:],
+            )
+        )
+    gemma = [e for e in events if e[2].startswith("GEMMA4_FLUSH")]
+    if gemma:
+        found.append(
+            _finding(
+                "gemma4_first_generate",
+                f"a gemma-4 first generate began {panic_ts - gemma[0][0]:.0f} s before the panic",
+                [g[3] for g in gemma[:2]],
+            )
+        )
+    return found
+
+
+def _redact(text: str, home: str | None, user: str | None) -> str:
+    """``text`` with the home folder written ``~`` and the user name removed."""
+    if home and len(home) > 1:
+        for spelling in {home.rstrip("/"), os.path.realpath(home).rstrip("/")}:
+            if len(spelling) > 1:
+                text = text.replace(spelling, "~")
+    if user and len(user) > 1:
+        import re
+
+        # everywhere (a name inside a longer word too); a two-letter name only as a word
+        edge = "" if len(user) > 2 else r"(?<![A-Za-z0-9])"
+        pattern = edge + re.escape(user) + (r"(?![A-Za-z0-9])" if edge else "")
+        text = re.sub(pattern, "<user>", text, flags=re.IGNORECASE)
+    return text
+
+
+# =============================================================================
 # 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is reported.
 #
 # ``METALGUARD_MODE`` is read on every decision. In ``defensive`` mode (the
@@ -4383,7 +4834,7 @@ def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[
 # lets a caller (``metal-guard check``) see what was reported instead of raised.
 #
 # Provides: DEFENSIVE, OBSERVER, current_mode, describe_mode, is_defensive, is_observer,
-#   _ObservedRefusals, _refuse
+#   _ObservedRefusals, _admission_gate, _on_admission, _refuse
 # Uses: Prelude, Breadcrumbs
 # =============================================================================
 
@@ -4459,6 +4910,24 @@ def _refuse(exc: BaseException) -> None:
     collected = _observed_refusals.get(_thread.get_ident())
     if collected is not None:
         collected.append(exc)
+
+
+# Checks every admission of MLX work runs first (load admission, worker start); a
+# later policy registers its own (the post-panic gate), so admission needs no
+# knowledge of it.
+_admission_checks: list[Callable[[], None]] = []
+
+
+def _on_admission(check: Callable[..., None]) -> Callable[..., None]:
+    """Register ``check()`` (raises, or reports through ``_refuse``) to run at every admission."""
+    _admission_checks.append(check)
+    return check
+
+
+def _admission_gate() -> None:
+    """Run the registered admission checks: MLX work may start when none raised."""
+    for check in _admission_checks:
+        check()
 
 
 class _ObservedRefusals:
@@ -4810,6 +5279,7 @@ class CadenceGuard:
         """``admit``; also returns what it recorded (``None``: nothing)."""
         budget = _wait_arg(wait)
         canon = canonical_model_id(model_id)
+        _admission_gate()  # the post-panic gate (4.8) first
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
@@ -4817,7 +5287,7 @@ class CadenceGuard:
         start = time.monotonic()
         deadline = None if budget is None else start + budget
         admission: list[_Admission] = []
-        waited = False
+        waited = final = False  # final: the last decision (no wait left); observer records
 
         def decide(data: dict[str, Any]) -> CadenceViolation | None:
             now = time.time()
@@ -4919,6 +5389,8 @@ class CadenceGuard:
         canon = canonical_model_id(model_id)
         stamp = time.time() if ts is None else _real_arg("ts", ts)
         self._update(lambda data: self._record(data, canon, stamp, unload=unload))
+        if unload:  # what the panic triggers (3.11) read: a load soon after an unload
+            _breadcrumb(f"CADENCE_UNLOAD: {canon}")
 
     def last_ts(self, model_id: StrPath) -> float | None:
         """Epoch seconds the intervals count from: the later of last load and last unload."""
@@ -5624,6 +6096,7 @@ class CircuitBreaker:
             "archived_panics": 0,
             "recent_panics": [],
             "problem": None,
+            "state_problem": None,  # why breaker.json cannot be read, if it cannot
             "in_cooldown": False,
             "cooldown_remaining_sec": 0.0,
             "recent_panic_count": 0,
@@ -5632,6 +6105,7 @@ class CircuitBreaker:
             when = time.time() if now is None else _real_arg("now", now)
             state, problem = self._state.read()
             if problem is not None:
+                doc["state_problem"] = problem
                 doc["problem"] = f"breaker state unreadable: {problem}"
             archived = read_panic_archive(self._jsonl_path)
             panics = _merge_panics(archived, parse_panic_reports(self._report_dir))
@@ -5755,9 +6229,7 @@ class KVGrowthTracker:
 
     def start(self, request_id: str, *, ceiling_gb: float = 20.0) -> None:
         """Open a record for ``request_id`` (a fresh one if it exists); ``ValueError`` if ceiling ≤ 0."""
-        ceiling = _real_arg("ceiling_gb", ceiling_gb)
-        if ceiling <= 0:
-            raise ValueError(f"ceiling_gb must be a finite number > 0, got {ceiling_gb!r}")
+        ceiling = _real_arg("ceiling_gb", ceiling_gb, minimum=0, above=True)
         rid = str(request_id)
         now = time.monotonic()
         with self._lock:
@@ -5771,9 +6243,7 @@ class KVGrowthTracker:
         ``ValueError`` for a negative or non-finite count; ``MetalOOMError`` when
         this step crosses the ceiling or the request was already aborted.
         """
-        added = _real_arg("bytes_added", bytes_added)
-        if added < 0:
-            raise ValueError(f"bytes_added must be a finite number >= 0, got {bytes_added!r}")
+        added = _real_arg("bytes_added", bytes_added, minimum=0)
         rid = str(request_id)
         now = time.monotonic()
         with self._lock:
@@ -5840,51 +6310,57 @@ kv_tracker = KVGrowthTracker()
 # =============================================================================
 # 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
 #
-# ``flock`` on a lock file that is never deleted (``_FileLock``, counted per
-# process): a holder that dies releases it by dying, so there are no stale
-# files and no pid-reuse mistakes after a reboot. The holder's details (pid,
-# label, start time, command line) are written beside it in
-# ``<lock>.holder.json`` while it is held; the OS lock stays the truth, so
-# ``read_mlx_lock`` returns ``None`` whenever nobody holds it, whatever that
-# file says. ``force=True`` sends SIGTERM to a live holder and waits for the
-# lock to come free; it never sends SIGKILL.
+# Both host-wide locks, this one and the GPU gate (4.7), are one ``_HostLock``:
+# ``flock`` on a lock file that is never deleted (``_FileLock``), so a holder
+# that dies releases it by dying — no stale files, no pid-reuse mistakes after
+# a reboot. The holder's details (pid, label, start time, command line; the
+# gate adds thread and since) are written into the lock file itself, as the
+# original's lock file held them: one padded ``pwrite`` once the OS lock is
+# taken, overwritten by a "free" record before it is released, never fsynced
+# (after a crash the lock is free anyway). The OS lock stays the truth: a
+# reader probes it first, so ``read_mlx_lock`` returns ``None`` whenever nobody
+# holds it, whatever the file says.
+#
+# The gate is fair (``flock`` alone is not: a process that releases and retakes
+# it keeps it). Threads of a process queue first-come first-served; the head
+# speaks for its process. A process that finds the gate busy holds a shared lock
+# on ``<lock>.queue`` while it waits. A releaser probes the queue right after it
+# let go and, if someone waits, yields its CPU (the woken waiter may be queued
+# on it) and does not retake the gate until the record shows that someone else
+# took it, nobody waits any more, or 0.25 s passed (a waiter stopped by
+# SIGSTOP): busy processes alternate. Only OS locks and one record: a process
+# that dies leaves nothing.
+#
+# How a process waits decides how fast the gate changes hands, which matters
+# when it is taken per decode step (``metal-guard run``: steps of 2-20 ms).
+# Without a timeout (``run`` has none) it blocks in ``flock``: the kernel wakes
+# it as the holder leaves: 0.14 ms (median) from release to acquire on a 2-core
+# box where the 2 ms polling of before took 0.53 ms (bench/bench_gate.py); its
+# once-a-minute warning comes from one helper thread per process, which ends
+# within a minute once nobody waits. A blocking ``flock`` cannot time out, so with a timeout it
+# polls, every 50 µs at first, doubling to every 2 ms. The releaser's wait for
+# the record also starts at 50 µs: the waiter takes the gate within that.
+#
+# The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
+# holder and waits for the lock to come free; it never sends SIGKILL.
 #
 # Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
-#   _acquire_mlx_lock_at, _foreign_holder, _holder_dict, _holder_info, _lock_env_path,
-#   _mlx_lock_path, _release_mlx_lock_at
+#   _HostLock, _acquire_mlx_lock_at, _holder_dict, _MLX_LOCK, _mlx_lock_path, _read_mlx_lock_at,
+#   _release_mlx_lock_at
 # Uses: Prelude, Processes, Files, Locks, Breadcrumbs, Release barrier
 # =============================================================================
 
-_MLX_LOCK_ENV_VAR = "MLX_LOCK_PATH"
 _FORCE_WAIT_DEFAULT = 30.0
 _RECLAIM_COOLDOWN_DEFAULT = 8.0
-_FORCE_POLL_INTERVAL_SEC = 0.25  # the original's name; the wait itself polls inside _FileLock
 # A plain acquire waits this long for a holder that is just leaving (and rides
 # out the instant a status probe holds a shared lock) before it reports a conflict.
 _MLX_LOCK_GRACE_SEC = 0.5
 _HOLDER_CMDLINE_MAX = 300
 _HOLDER_LABEL_MAX = 200
-_HOLDER_FILE_MAX = 64 << 10
-
-_mlx_lock_guard = _thread.allocate_lock()
-_mlx_lock_holders: dict[str, dict[str, Any]] = {}  # lock path → this process's holder info
-
-
-def _lock_env_path(env_var: str, default_name: str) -> str:
-    """``env_var`` if set to a path (empty means unset), else ``$METALGUARD_HOME/<default_name>``."""
-    return _env_path(env_var, None) or _state_file(default_name)
-
-
-def _mlx_lock_path() -> str:
-    return _lock_env_path(_MLX_LOCK_ENV_VAR, "mlx_exclusive.lock")
-
-
-def _holder_file(lock_path: str) -> str:
-    return lock_path + ".holder.json"
-
-
-def _utc_stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+_HOLDER_BYTES = 2048  # a holder record is padded to this size: one write, no torn tail
+_FAIR_POLL_MIN = 0.00005  # a polling waiter's first pause; it doubles up to the next one
+_FAIR_POLL_MAX = 0.002  # a process waiting for a fair lock with a timeout tries it this often
+_FAIR_DEFER_MAX = 0.25  # a releaser waits no longer for a waiter to take its turn (a stopped one)
 
 
 _cmdline_memo: dict[int, str] = {}  # pid → command line (a holder record is written per call)
@@ -5900,15 +6376,11 @@ def _cmdline() -> str:
     return text
 
 
-def _lock_probe(path: str) -> bool | str:
-    """Is ``path`` flocked by anyone? ``False`` when free or missing; why not, when unknown.
-
-    A non-blocking shared-lock attempt on a descriptor of our own: it fails
-    while an exclusive lock is held on any other open file description,
-    including one of this process. Never creates the file. A string says why
-    it cannot tell (a lock file another user owns, no ``fcntl``, a filesystem
-    without ``flock``).
-    """
+def _lock_probe(path: str, *, exclusive: bool = False) -> bool | str:
+    """Is ``path`` flocked by anyone (``exclusive``: also shared)? ``False`` when free or
+    missing; why not, when unknown (a lock file another user owns, no ``fcntl``, no
+    ``flock``). A non-blocking attempt on a descriptor of our own, so a lock held by this
+    process counts too. Never creates the file."""
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):  # no lock file: nobody can hold it
@@ -5921,13 +6393,13 @@ def _lock_probe(path: str) -> bool | str:
         except ImportError:
             return "fcntl is unavailable"
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in _FLOCK_BUSY:
                 return True
             return f"cannot flock {path}: {exc.strerror or exc}"
     finally:
-        os.close(fd)  # also drops the shared lock, if we got it
+        os.close(fd)  # also drops our lock, if we got it
     return False
 
 
@@ -5942,57 +6414,332 @@ def _holder_dict(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _unknown_holder(note: str, extra: dict[str, Any] | None) -> dict[str, Any]:
-    """A holder whose details are unknown: the original's keys, ``pid`` ``None``, and a note."""
+class _Turns:
+    """This process's first-come first-served line of threads for one fair lock."""
+
+    __slots__ = ("cond", "left", "line", "pid")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cond = threading.Condition(threading.Lock())
+        self.line: list[object] = []  # the head is taking or holding the lock
+        self.left: bytes | None = None  # our last "free" record, when someone waited for it
+        self.pid = os.getpid()
+
+
+class _HostLock:
+    """One host-wide lock (the MLX lock, the GPU gate): OS lock, holder record, reader.
+
+    ``gate``: held per thread (reentrant per thread), handed over fairly, its
+    records add ``thread`` and ``since``; else held per process. The path is
+    read from ``env_var`` at each use.
+    """
+
+    def __init__(self, env_var: str, default_name: str, *, gate: bool) -> None:
+        self.env_var, self.default_name = env_var, default_name
+        self.per_thread = self.fair = gate
+        self.extra: dict[str, Any] = {"thread": "", "since": None} if gate else {}
+        self.mine: dict[str, dict[str, Any]] = {}  # lock path → this process's holder
+        # (label, thread, pid) → the holder record's fixed parts, for ``hold_turn``
+        self._parts: dict[tuple[str, str, int], tuple[dict[str, Any], bytes, bytes] | None] = {}
+        self.guard = _thread.allocate_lock()  # for ``mine`` of a per-process lock
+        self._turns: dict[str, _Turns] = {}
+
+    def path(self) -> str:
+        """``env_var`` if set to a path (empty means unset), else ``$METALGUARD_HOME/<name>``."""
+        return _env_path(self.env_var, None) or _state_file(self.default_name)
+
+    def file_lock(self, path: str) -> _FileLock:
+        return _FileLock(
+            path, None, per_thread=self.per_thread, must_exclude=True, env_var=self.env_var
+        )
+
+    def turns(self, path: str) -> _Turns:
+        turns = self._turns.get(path)
+        if turns is None or turns.pid != os.getpid():  # a forked child waits for nothing
+            turns = self._turns[path] = _Turns()
+        return turns
+
+    # -- taking and giving back ------------------------------------------------------
+
+    def acquire(
+        self,
+        path: str,
+        timeout: float | None,
+        *,
+        tick: Callable[[], None] | None = None,
+        every: float = _INF,
+    ) -> bool:
+        """Take the lock; True when this call took the OS lock, False on re-entry. ``timeout``
+        ``None`` waits forever; expiry raises ``StateLockTimeout``. A fair lock calls
+        ``tick()`` every ``every`` seconds of waiting."""
+        lock, state = self.file_lock(path), _lock_state(path)
+        if not self.fair or (state.count and state.owner == _thread.get_ident()):
+            return lock.acquire(timeout)  # only this thread sets ``owner`` to itself
+        start = time.monotonic()
+        deadline = _INF if timeout is None else start + timeout
+        next_tick = [start + every if tick else _INF]
+
+        def pause() -> float:  # how long to sleep at most; raises at the deadline
+            now = time.monotonic()
+            if now >= deadline:
+                raise StateLockTimeout(path, timeout or 0.0)
+            if tick is not None and now >= next_tick[0]:
+                next_tick[0] = now + every
+                tick()
+            return min(deadline, next_tick[0]) - now
+
+        turns, me = self.turns(path), object()
+        with turns.cond:
+            turns.line.append(me)
+            try:
+                while turns.line[0] is not me:
+                    turns.cond.wait(min(pause(), 3600.0))
+            except BaseException:
+                turns.line.remove(me)
+                turns.cond.notify_all()
+                raise
+        try:
+            self._take_turn(path, lock, turns, pause, block=timeout is None, ticks=tick is not None)
+        except BaseException:
+            if state.count and state.owner == _thread.get_ident():  # taken as it came: give back
+                lock.release()
+            with turns.cond:
+                turns.line.remove(me)
+                turns.cond.notify_all()
+            raise
+        return True
+
+    def _take_turn(
+        self,
+        path: str,
+        lock: _FileLock,
+        turns: _Turns,
+        pause: Callable[[], float],
+        *,
+        block: bool,
+        ticks: bool,
+    ) -> None:
+        """The head thread takes the OS lock for its process, after those who waited:
+        blocked in ``flock`` when it may wait forever (``block``), else polling."""
+        delay, until = _FAIR_POLL_MIN, time.monotonic() + _FAIR_DEFER_MAX
+        while turns.left is not None:  # our last release was awaited: let a waiter go first
+            if self._handed_over(path, turns.left) or time.monotonic() > until:
+                turns.left = None
+                break
+            time.sleep(min(delay, pause()))
+            delay = min(delay * 2, _FAIR_POLL_MAX)
+        queue, delay = None, _FAIR_POLL_MIN
+        try:
+            while True:
+                try:
+                    lock.acquire(0)
+                    return
+                except StateLockTimeout:
+                    queue = queue if queue is not None else self._join_queue(path + ".queue")
+                if block:  # a releaser probes the queue after it let go: it sees us there
+                    ticker, key = _ticker() if ticks else None, object()
+                    if ticker is not None:
+                        ticker.add(key, pause)
+                    try:
+                        lock.acquire(None)
+                    finally:
+                        if ticker is not None:
+                            ticker.remove(key)
+                    return
+                time.sleep(min(delay, pause()))
+                delay = min(delay * 2, _FAIR_POLL_MAX)
+        finally:
+            if queue is not None:
+                os.close(queue)
+
+    def _join_queue(self, queue_path: str) -> int:
+        """A descriptor holding a shared lock on the queue file: "this process waits"."""
+        import fcntl
+
+        fd = _open_creating(queue_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # only exclusive probes compete, for an instant
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _FLOCK_UNSUPPORTED:
+                raise LockUnsupported(queue_path, self.env_var, exc.strerror or "") from None
+            raise
+        return fd
+
+    @staticmethod
+    def _handed_over(path: str, left: bytes) -> bool:
+        """Someone took the lock since we left ``left`` in it, or nobody waits any more."""
+        try:
+            if _read_bounded(path, len(left)) != left:  # the usual answer, from one read
+                return True
+        except OSError:
+            return True
+        return _lock_probe(path + ".queue", exclusive=True) is not True
+
+    def hold(self, path: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Record ``info`` as the holder (this process's memory and the lock file)."""
+        import json
+
+        self.mine[path] = info
+        data = json.dumps(info).encode("utf-8")
+        if len(data) > _HOLDER_BYTES:  # a label or command line full of escapes
+            short = {**info, "label": str(info.get("label"))[:40], "cmdline": ""}
+            data = json.dumps(short).encode("utf-8")[:_HOLDER_BYTES]
+        self._write(path, _lock_state(path).fd, data)
+        return dict(info)
+
+    def hold_turn(self, path: str, label: str, thread: str, now: float) -> None:
+        """``hold`` for the gate, on the path from one holder to the next: what stays the
+        same from one hold to the next (pid, label, command line, thread) is encoded once."""
+        key = (label, thread, os.getpid())
+        parts = self._parts.get(key)
+        if parts is None:
+            import json
+
+            info = {**_holder_info(label, now), "thread": thread, "since": 0.0}
+            first = json.dumps({k: info[k] for k in ("pid", "label")})[:-1]
+            rest = json.dumps({k: info[k] for k in ("cmdline", "thread")})[1:-1]
+            lead, trail = f'{first}, "started_at": ', f", {rest}, " + '"since": '
+            fits = len(lead) + len(trail) + 60 < _HOLDER_BYTES  # else ``hold`` shortens it
+            if len(self._parts) > 256:
+                self._parts.clear()
+            parts = self._parts[key] = (info, lead.encode(), trail.encode()) if fits else None
+        if parts is None:
+            self.hold(path, {**_holder_info(label, now), "thread": thread, "since": now})
+            return
+        fixed, head, tail = parts
+        stamp = _utc_stamp(now)
+        self.mine[path] = {**fixed, "started_at": stamp, "since": now}
+        data = b"".join((head, b'"', stamp.encode(), b'"', tail, repr(now).encode(), b"}"))
+        self._write(path, _lock_state(path).fd, data)
+
+    def release(self, path: str) -> bool:
+        """Drop one hold; True when this released the OS lock. Never raises."""
+        lock, state = self.file_lock(path), _lock_state(path)
+        if state.count != 1 or (self.per_thread and state.owner != _thread.get_ident()):
+            return lock.release()
+        self.mine.pop(path, None)
+        left = self._write(  # unique, so that a releaser can tell when someone took it since
+            path,
+            state.fd,
+            f'{{"pid": null, "free": "{os.getpid()}:{time.monotonic_ns()}"}}'.encode(),
+        )
+        lock.release()
+        # probed after the release, off the waiter's path: a waiter still queued now was
+        # queued before (it holds the queue while it waits, until it has the lock)
+        awaited = self.fair and _lock_probe(path + ".queue", exclusive=True) is True
+        if awaited and hasattr(os, "sched_yield"):
+            os.sched_yield()  # the waiter just woken may be queued behind us on this CPU
+        if self.fair:
+            turns = self.turns(path)
+            with turns.cond:
+                turns.left = left if awaited else None
+                if turns.line:
+                    turns.line.pop(0)
+                turns.cond.notify_all()
+        return True
+
+    @staticmethod
+    def _write(path: str, fd: int | None, data: bytes) -> bytes | None:
+        """One padded ``pwrite`` of a record at the start of the held lock file; the bytes."""
+        if fd is None:
+            return None
+        data = data.ljust(_HOLDER_BYTES)
+        try:
+            os.pwrite(fd, data, 0)
+        except OSError as exc:  # the OS lock is held all the same; only the display suffers
+            _log_once("holder:" + path, _WARNING, "metal_guard: cannot record in %s: %s", path, exc)
+        return data
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self, path: str) -> dict[str, Any] | None:
+        """The holder: this process's record, or the one in the file; ``None`` when free."""
+        for _ in range(20):  # a thread here took the OS lock: its details follow within moments
+            with self.guard:
+                held_here = _lock_state(path).count > 0
+                mine = self.mine.get(path) if held_here else None
+            if not held_here:
+                return self._foreign(path)
+            if mine:
+                return dict(mine)
+            time.sleep(0.005)
+        # still between that thread's OS acquire and its record: say so from memory
+        return {
+            **_holder_dict({"pid": os.getpid(), "cmdline": _cmdline()}),
+            **self.extra,
+            "note": "This process is taking the lock; its details are not recorded yet.",
+        }
+
+    def _read_file(self, path: str) -> dict[str, Any] | None:
+        data = _read_json_object(path, _HOLDER_BYTES)
+        if data is None:
+            return None
+        info = _holder_dict(data)
+        if "thread" in self.extra:
+            info.update(thread=_label(data.get("thread", "")), since=_number(data.get("since")))
+        return info
+
+    def _foreign(self, path: str) -> dict[str, Any] | None:
+        """The holder of a lock another process holds: ``None`` when free, else its details.
+
+        The record may lag the OS lock (or name a holder that died): read again a few
+        times before reporting the holder as unknown (``pid`` ``None``, a ``note``). A lock
+        that cannot be probed reads as held by an unknown holder, never as free.
+        """
+        unknown = {**_holder_dict({}), **self.extra}
+        for _ in range(10):
+            probe = _lock_probe(path)
+            if probe is False:
+                return None
+            if isinstance(probe, str):
+                return {
+                    **unknown,
+                    "note": f"Cannot tell whether it is held ({probe}): reported as held by an "
+                    "unknown process.",
+                }
+            info = self._read_file(path)
+            pid = info.get("pid") if info else None
+            if info and isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                return info
+            time.sleep(0.02)
+        return {
+            **unknown,
+            "note": "Held, but the holder's details are not written yet or name a process that "
+            "has exited.",
+        }
+
+
+_stamp_memo: list[tuple[int, str]] = [(-1, "")]  # (whole second, its started_at text)
+
+
+def _utc_stamp(now: float) -> str:
+    """``now`` as the original's ``started_at`` (UTC, whole seconds), formatted once a second."""
+    second, text = _stamp_memo[0]
+    if second != int(now):
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _stamp_memo[0] = (second, text)
+    return text
+
+
+def _holder_info(label: str, now: float) -> dict[str, Any]:
+    """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
     return {
-        "pid": None,
-        "label": "",
-        "started_at": None,
-        "cmdline": "",
-        **(extra or {}),
-        "note": note,
+        "pid": os.getpid(),
+        "label": label[:_HOLDER_LABEL_MAX],
+        "started_at": _utc_stamp(now),
+        "cmdline": _cmdline(),
     }
 
 
-def _foreign_holder(
-    path: str,
-    read: Callable[[], dict[str, Any] | None],
-    *,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """The holder of a lock another process holds: ``None`` when free, else its details.
-
-    The details come from ``read()``; they may lag the OS lock by the moment a
-    new holder needs to write them (or name a holder that died), so a holder
-    that is not a live other process is read again a few times before the
-    details are reported as unknown (``pid`` ``None``, with a ``note``). When
-    the probe cannot tell, the lock reads as held by an unknown holder, never
-    as free. ``extra``: more keys (and their unknown values) for that case.
-    """
-    for _ in range(10):
-        probe = _lock_probe(path)
-        if probe is False:
-            return None
-        if isinstance(probe, str):
-            return _unknown_holder(
-                f"Cannot tell whether it is held ({probe}): reported as held by an unknown "
-                "process.",
-                extra,
-            )
-        info = read()
-        pid = info.get("pid") if info else None
-        if info and isinstance(pid, int) and pid > 0 and pid != os.getpid() and _pid_alive(pid):
-            return info
-        time.sleep(0.02)
-    return _unknown_holder(
-        "Held, but the holder's details are not written yet or name a process that has exited.",
-        extra,
-    )
+_MLX_LOCK = _HostLock("MLX_LOCK_PATH", "mlx_exclusive.lock", gate=False)
 
 
-def _read_mlx_holder_file(lock_path: str) -> dict[str, Any] | None:
-    data = _read_json_object(_holder_file(lock_path), _HOLDER_FILE_MAX)
-    return None if data is None else _holder_dict(data)
+def _mlx_lock_path() -> str:
+    return _MLX_LOCK.path()
 
 
 def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None:
@@ -6009,10 +6756,6 @@ def _await_release(timeout: float, *, reclaimed_from: int | None = None) -> None
     remaining = deadline - time.monotonic()
     if "mlx.core" in sys.modules and remaining > 0:
         wait_for_release(timeout=remaining)
-
-
-def _mlx_file_lock(path: str) -> _FileLock:
-    return _FileLock(path, None, per_thread=False, must_exclude=True, env_var=_MLX_LOCK_ENV_VAR)
 
 
 class MLXLockConflict(RuntimeError):
@@ -6049,60 +6792,14 @@ class MLXLockConflict(RuntimeError):
 def read_mlx_lock() -> dict[str, Any] | None:
     """Who holds the MLX lock: ``pid``, ``label``, ``started_at``, ``cmdline``; ``None`` if free.
 
-    The OS lock decides (never the info file alone). Never writes; never raises
+    The OS lock decides (never the record alone). Never writes; never raises
     for a missing or unreadable file.
     """
     return _read_mlx_lock_at(_mlx_lock_path())
 
 
 def _read_mlx_lock_at(path: str) -> dict[str, Any] | None:
-    for _ in range(20):  # a thread here took the OS lock: its details follow within moments
-        with _mlx_lock_guard:
-            held_here = _mlx_file_lock(path).count > 0
-            mine = _mlx_lock_holders.get(path) if held_here else None
-        if not held_here:
-            return _foreign_holder(path, lambda: _read_mlx_holder_file(path))
-        if mine:
-            return dict(mine)
-        time.sleep(0.005)
-    # still between that thread's OS acquire and its record (a forced acquire waits for the
-    # old holder's memory first): say so from memory; reading never writes the holder file
-    return {
-        "pid": os.getpid(),
-        "label": "",
-        "started_at": None,
-        "cmdline": _cmdline(),
-        "note": "This process is taking the lock; its details are not recorded yet.",
-    }
-
-
-def _holder_info(label: str, now: float) -> dict[str, Any]:
-    """The original's holder keys for this process: pid, label, started_at (UTC), cmdline."""
-    return {
-        "pid": os.getpid(),
-        "label": label[:_HOLDER_LABEL_MAX],
-        "started_at": _utc_stamp(now),
-        "cmdline": _cmdline(),
-    }
-
-
-def _new_holder(path: str, label: str) -> dict[str, Any]:
-    """Record this process as the holder of ``path`` (memory and info file); the info."""
-    info = _holder_info(label, time.time())
-    _mlx_lock_holders[path] = info
-    import json
-
-    try:
-        _atomic_write_bytes(_holder_file(path), json.dumps(info, indent=2).encode("utf-8") + b"\n")
-    except OSError as exc:  # the OS lock is held all the same; only the display suffers
-        _log_once(
-            "mlx-holder:" + path,
-            _WARNING,
-            "metal_guard: cannot write the MLX lock holder file %s (%s); the lock is held",
-            _holder_file(path),
-            exc,
-        )
-    return dict(info)
+    return _MLX_LOCK.read(path)
 
 
 def acquire_mlx_lock(label: str, *, force: bool = False) -> dict[str, Any]:
@@ -6121,11 +6818,10 @@ def acquire_mlx_lock(label: str, *, force: bool = False) -> dict[str, Any]:
 
 
 def _acquire_mlx_lock_at(path: str, label: str, *, force: bool) -> dict[str, Any]:
-    lock = _mlx_file_lock(path)
     deadline = time.monotonic() + _MLX_LOCK_GRACE_SEC
     while True:
         try:
-            took = lock.acquire(max(0.0, deadline - time.monotonic()))
+            took = _MLX_LOCK.acquire(path, max(0.0, deadline - time.monotonic()))
             break
         except StateLockTimeout:
             holder = _read_mlx_lock_at(path)
@@ -6134,17 +6830,17 @@ def _acquire_mlx_lock_at(path: str, label: str, *, force: bool) -> dict[str, Any
             holder = holder or _holder_dict({})
             if not force:
                 raise MLXLockConflict(holder) from None
-            took = _force_acquire(lock, holder, label)
+            took = _force_acquire(path, holder, label)
             break
-    with _mlx_lock_guard:
-        mine = None if took else _mlx_lock_holders.get(path)
-        info = dict(mine) if mine else _new_holder(path, label)
+    with _MLX_LOCK.guard:
+        mine = None if took else _MLX_LOCK.mine.get(path)
+        info = dict(mine) if mine else _MLX_LOCK.hold(path, _holder_info(label, time.time()))
     if took:
         _breadcrumb(f"MLX_LOCK: acquired {label} pid={os.getpid()}")
     return info
 
 
-def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
+def _force_acquire(path: str, holder: dict[str, Any], label: str) -> bool:
     """SIGTERM the live holder, wait for the lock, then for the memory; never SIGKILL."""
     import signal
 
@@ -6168,7 +6864,7 @@ def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
     _breadcrumb(f"MLX_LOCK: FORCE SIGTERM pid={pid} ({_label(holder.get('label'))}) for {label}")
     wait = _env_float("MLX_FORCE_WAIT_SEC", _FORCE_WAIT_DEFAULT, maximum=3600.0)
     try:
-        took = lock.acquire(wait)
+        took = _MLX_LOCK.acquire(path, wait)
     except StateLockTimeout:
         raise MLXLockConflict(
             {
@@ -6195,25 +6891,18 @@ def _force_acquire(lock: _FileLock, holder: dict[str, Any], label: str) -> bool:
 def release_mlx_lock() -> bool:
     """Drop one hold of this process on the MLX lock; ``False`` when it held none.
 
-    The OS lock (and the holder file) go with the last hold. Never raises.
+    The OS lock (and the holder record) go with the last hold. Never raises.
     """
     return _release_mlx_lock_at(_mlx_lock_path())
 
 
 def _release_mlx_lock_at(path: str) -> bool:
-    lock = _mlx_file_lock(path)
-    with _mlx_lock_guard:
-        if lock.count == 0:
+    with _MLX_LOCK.guard:
+        count = _MLX_LOCK.file_lock(path).count
+        if count == 0:
             return False
-        last = lock.count == 1
-        if last:
-            _mlx_lock_holders.pop(path, None)
-            try:  # before the OS lock goes: the next holder's file must not be removed
-                os.unlink(_holder_file(path))
-            except OSError:
-                pass
-        lock.release()
-    if last:
+        _MLX_LOCK.release(path)
+    if count == 1:
         _breadcrumb(f"MLX_LOCK: released pid={os.getpid()}")
     return True
 
@@ -6253,73 +6942,32 @@ class mlx_exclusive_lock(_ContextDecorator):
 #
 # Two generation streams at once panicked 3 of 3 cold boots in 102-108 s while
 # the same work run one after the other ran 111 minutes clean (ml-explore/mlx
-# #3186). ``exclusive_gpu`` serialises MLX work: an in-process lock for the
-# threads (reentrant per thread) plus ``flock`` on ``gpu.lock`` for the
-# processes. The holder (pid, thread, label, since) is written into the lock
-# file itself with one ``pwrite`` (no ``fsync``: after a crash the lock is free
-# anyway), so an uncontended gate costs one open + flock + write + close.
+# #3186). ``exclusive_gpu`` serialises MLX work on a fair ``_HostLock``
+# (``gpu.lock``, reentrant per thread): waiting threads and processes get their
+# turn, so two busy programs alternate instead of one keeping it. Uncontended
+# it costs about two ``flock`` pairs and two ``pwrite`` calls (the holder's
+# record, whose fixed parts are encoded once per label and thread, then the
+# free one); see ``bench/bench_gate.py``.
 #
-# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _gpu_gate_held_here,
+# Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _GPU_GATE, _gpu_gate_held_here,
 #   _gpu_lock_path
-# Uses: Prelude, Files, Locks, Modes (L6), Cadence, MLX lock (L8)
+# Uses: Prelude, Locks, Modes (L6), Cadence, MLX lock (L8)
 # =============================================================================
 
-_GPU_LOCK_ENV_VAR = "METALGUARD_GPU_LOCK_PATH"
 _GPU_WAIT_WARN_SEC = 60.0  # while waiting, one WARNING per this many seconds
-_GPU_HOLDER_BYTES = 2048  # the holder record is padded to this size: one write, no torn tail
 
-_gpu_holders: dict[str, dict[str, Any]] = {}  # lock path → this process's current holder
+_GPU_GATE = _HostLock("METALGUARD_GPU_LOCK_PATH", "gpu.lock", gate=True)
 
 
 def _gpu_lock_path() -> str:
-    return _lock_env_path(_GPU_LOCK_ENV_VAR, "gpu.lock")
-
-
-def _gpu_lock(path: str) -> _FileLock:
-    return _FileLock(path, None, per_thread=True, must_exclude=True, env_var=_GPU_LOCK_ENV_VAR)
-
-
-def _gpu_holder_record(label: str) -> tuple[dict[str, Any], bytes]:
-    import json
-    import threading
-
-    now = time.time()
-    info = _holder_info(label, now)
-    info.update(thread=threading.current_thread().name, thread_id=_thread.get_ident(), since=now)
-    data = json.dumps(info).encode("utf-8")
-    if len(data) > _GPU_HOLDER_BYTES:  # a label or command line full of escapes
-        info["cmdline"] = info["cmdline"][:40]
-        info["label"] = info["label"][:40]
-        data = json.dumps(info).encode("utf-8")[:_GPU_HOLDER_BYTES]
-    return info, data.ljust(_GPU_HOLDER_BYTES)
-
-
-def _read_gpu_holder_file(path: str) -> dict[str, Any] | None:
-    data = _read_json_object(path, _GPU_HOLDER_BYTES)
-    if data is None:
-        return None
-    info = _holder_dict(data)
-    since = _number(data.get("since"))
-    info.update(thread=_label(data.get("thread", "")), since=since)
-    return info
+    return _GPU_GATE.path()
 
 
 def read_gpu_gate() -> dict[str, Any] | None:
     """Who holds the GPU gate: ``pid``, ``thread``, ``label``, ``since``, ``started_at``,
     ``cmdline``; ``None`` when free. Never writes.
     """
-    path = _gpu_lock_path()
-    state = _lock_state(path)
-    for _ in range(20):  # a thread of ours holds it: its record follows within moments
-        if state.count == 0:
-            break
-        mine = _gpu_holders.get(path)
-        if mine is not None:
-            return dict(mine)
-        time.sleep(0.005)
-    return _foreign_holder(
-        path, lambda: _read_gpu_holder_file(path), extra={"thread": "", "since": None}
-    )
+    return _GPU_GATE.read(_gpu_lock_path())
 
 
 class GPUBusy(TimeoutError):
@@ -6356,9 +7004,10 @@ class exclusive_gpu:
     Waits for the gate (``timeout`` seconds, ``None`` = forever), logging one
     WARNING per minute of waiting that names the holder; on expiry raises
     ``GPUBusy`` (in observer mode: reports it and runs the body without the
-    gate). Reentrant in one thread; other threads and processes wait. The path
-    is ``METALGUARD_GPU_LOCK_PATH`` or ``$METALGUARD_HOME/gpu.lock``; a
-    filesystem that cannot ``flock`` raises ``LockUnsupported``.
+    gate). Reentrant in one thread; other threads and processes wait, and get
+    their turn in order of arrival. The path is ``METALGUARD_GPU_LOCK_PATH`` or
+    ``$METALGUARD_HOME/gpu.lock``; a filesystem that cannot ``flock`` raises
+    ``LockUnsupported``.
     """
 
     __slots__ = ("_held", "label", "timeout")
@@ -6373,47 +7022,32 @@ class exclusive_gpu:
 
     def __enter__(self) -> exclusive_gpu:
         path = _gpu_lock_path()
-        lock = _gpu_lock(path)
-        me = _thread.get_ident()
-        if not self._wait(path, lock):  # re-entry by this thread returns at once
-            self._held.setdefault(me, []).append(None)
-            return self
-        self._held.setdefault(me, []).append(path)
+        held = path if self._wait(path) else None  # re-entry by this thread returns at once
+        self._held.setdefault(_thread.get_ident(), []).append(held)
         return self
 
-    def _wait(self, path: str, lock: _FileLock) -> bool:
+    def _wait(self, path: str) -> bool:
         """Take the gate; False when it timed out in observer mode (run ungated)."""
         start = time.monotonic()
-        deadline = None if self.timeout is None else start + self.timeout
-        next_warning = start + _GPU_WAIT_WARN_SEC
-        while True:
-            until = next_warning if deadline is None else min(next_warning, deadline)
-            try:
-                took = lock.acquire(max(0.0, until - time.monotonic()))
-                break
-            except StateLockTimeout:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    _refuse(GPUBusy(read_gpu_gate(), self.timeout or 0.0, self.label, path))
-                    return False
-                if now >= next_warning:
-                    next_warning += _GPU_WAIT_WARN_SEC
-                    _log().warning(
-                        "metal_guard: %s has waited %.0f s for the GPU gate %s, held by %s",
-                        repr(self.label) if self.label else "this thread",
-                        now - start,
-                        path,
-                        _describe_holder(read_gpu_gate()),
-                    )
+
+        def waited() -> None:
+            _log().warning(
+                "metal_guard: %s has waited %.0f s for the GPU gate %s, held by %s",
+                repr(self.label) if self.label else "this thread",
+                time.monotonic() - start,
+                path,
+                _describe_holder(read_gpu_gate()),
+            )
+
+        try:
+            took = _GPU_GATE.acquire(path, self.timeout, tick=waited, every=_GPU_WAIT_WARN_SEC)
+        except StateLockTimeout:
+            _refuse(GPUBusy(read_gpu_gate(), self.timeout or 0.0, self.label, path))
+            return False
         if took:
-            info, record = _gpu_holder_record(self.label)
-            _gpu_holders[path] = info
-            fd = _lock_state(path).fd
-            if fd is not None:
-                try:
-                    os.pwrite(fd, record, 0)
-                except OSError as exc:  # only the display suffers
-                    _log().debug("metal_guard: cannot record the GPU gate holder: %s", exc)
+            import threading
+
+            _GPU_GATE.hold_turn(path, self.label, threading.current_thread().name, time.time())
         return True
 
     def __exit__(self, *exc: object) -> None:
@@ -6421,12 +7055,8 @@ class exclusive_gpu:
         path = stack.pop() if stack else None
         if stack is not None and not stack:
             del self._held[_thread.get_ident()]
-        if path is None:
-            return
-        lock = _gpu_lock(path)
-        if lock.count == 1:
-            _gpu_holders.pop(path, None)
-        lock.release()
+        if path is not None:
+            _GPU_GATE.release(path)
 
     def __repr__(self) -> str:
         return f"exclusive_gpu({self.label!r}, timeout={self.timeout!r})"
@@ -6434,7 +7064,7 @@ class exclusive_gpu:
 
 def _gpu_gate_held_here() -> bool:
     """True when the calling thread holds the GPU gate (a worker it waits for must not take it)."""
-    return _gpu_lock(_gpu_lock_path()).held_by_me()
+    return _GPU_GATE.file_lock(_gpu_lock_path()).held_by_me()
 
 
 def _describe_holder(holder: dict[str, Any] | None) -> str:
@@ -6450,6 +7080,304 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
     if holder.get("note"):  # e.g. a lock that cannot be probed: held, by someone unknown
         details.append(str(holder["note"]))
     return text + (f" ({', '.join(details)})" if details else "")
+
+
+# =============================================================================
+# 4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
+#
+# After a kernel panic the Mac reboots and launchd starts the same job, which
+# repeats the same trigger. The first check after the reboot (load admission,
+# worker start, ``check``, ``run``) archives the new report; then MLX work is
+# refused until the panic time plus ``METALGUARD_PANIC_COOLDOWN`` seconds
+# (default 600), and ``METALGUARD_PANIC_LOCKOUT`` (default 2; 0 is off) IOGPU
+# panics within 24 h refuse it until a person runs ``metal-guard ack`` (panics of
+# the last 7 days are remembered for that). The
+# refusal is ``MLXCooldownActive`` through the modes (observer mode warns). A
+# check costs one small state-file read and two ``stat`` calls while the report
+# folder is unchanged; only a changed folder is scanned again. The breaker's own
+# 2-per-hour rule is untouched.
+#
+# Provides: _acknowledge_panics, _post_panic_refusal, _post_panic_status,
+#   _require_post_panic_clear, _PostPanicRefusal
+# Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Panic signatures, Panic reports,
+#   Panic triggers, Modes (L6), Panic archive, Circuit breaker
+# =============================================================================
+
+_PANIC_COOLDOWN_ENV = "METALGUARD_PANIC_COOLDOWN"
+_PANIC_LOCKOUT_ENV = "METALGUARD_PANIC_LOCKOUT"
+_PANIC_COOLDOWN_DEFAULT = 600.0
+_PANIC_LOCKOUT_DEFAULT = 2
+_LOCKOUT_WINDOW_SEC = 86400.0
+_POST_PANIC_MEMORY_SEC = 7 * 86400.0  # a lockout lasts until ack, for panics of the last week
+_POST_PANIC_SCHEMA = 1
+_POST_PANIC_KEEP = 50
+
+
+def _post_panic_settings() -> tuple[float, int]:
+    """``(cooldown seconds, lockout count)`` from the environment (0 turns each off)."""
+    cooldown = _env_float(
+        _PANIC_COOLDOWN_ENV, _PANIC_COOLDOWN_DEFAULT, minimum=0.0, maximum=_LOCKOUT_WINDOW_SEC
+    )
+    lockout = _env_int(_PANIC_LOCKOUT_ENV, _PANIC_LOCKOUT_DEFAULT, minimum=0, maximum=1000)
+    return cooldown, lockout
+
+
+def _post_panic_file() -> _JsonFile:
+    # fsynced: an acknowledgement must survive the next panic
+    return _JsonFile(_state_file("post_panic.json"), durable=True)
+
+
+def _folder_key(folder: str) -> list[int]:
+    """What changes when a report is added to ``folder`` or its ``Retired/`` (0s: absent)."""
+    key: list[int] = []
+    for path in (folder, os.path.join(folder, "Retired")):
+        try:
+            st = os.stat(path)
+            key += [st.st_mtime_ns, st.st_ino, st.st_size, st.st_nlink]
+        except OSError:
+            key += [0, 0, 0, 0]
+    return key
+
+
+def _panic_summary(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("ts", "signature", "process", "pid", "location", "source_file", "incident_id")
+    return {k: record.get(k) for k in keys}
+
+
+def _post_panic_state(now: float, *, record: bool = True) -> dict[str, Any]:
+    """The gate's state, refreshed by a scan when the report folder changed.
+
+    ``record`` archives new reports and saves the scan; without it nothing is
+    written (a status display).
+    """
+    folder, archive = _report_dir(None), _archive_path(None)
+    key = _folder_key(folder)
+    store = _post_panic_file()
+    state, problem = store.read()
+    if problem is None and state.get("scanned") == [folder, archive, key]:
+        return state  # nothing new in the folder since the last scan (any process)
+    parsed = parse_panic_reports(folder)
+    if parsed and record:
+        try:
+            _ingest(archive, parsed)
+        except (OSError, StateLockTimeout) as exc:
+            _log_once(
+                "post-panic-ingest:" + archive,
+                _WARNING,
+                "metal_guard: cannot archive panic reports in %s (%s)",
+                archive,
+                exc,
+            )
+    recent = [
+        _panic_summary(r)
+        for r in _merge_panics(read_panic_archive(archive), parsed)
+        if _signature_kind(r.get("signature")) == _IOGPU and r["ts"] >= now - _POST_PANIC_MEMORY_SEC
+    ][-_POST_PANIC_KEEP:]
+    if not record:
+        return {**state, "panics": recent}
+
+    def save(data: dict[str, Any]) -> dict[str, Any]:
+        data.update(schema=_POST_PANIC_SCHEMA, scanned=[folder, archive, key], panics=recent)
+        return dict(data)
+
+    try:
+        return store.update(save)
+    except (OSError, StateLockTimeout) as exc:
+        _log_once(
+            "post-panic-state",
+            _DEBUG,
+            "metal_guard: cannot write %s (%s); the panic folder is scanned at every check",
+            store.path,
+            exc,
+        )
+        return {**state, "panics": recent}
+
+
+def _unacknowledged(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The IOGPU panics of the state newer than the last ``ack``, oldest first."""
+    acked = _number(state.get("acked_at"))
+    panics = [
+        p
+        for p in state.get("panics") or []
+        if isinstance(p, dict) and _number(p.get("ts")) is not None
+    ]
+    return sorted(
+        (p for p in panics if acked is None or p["ts"] > acked), key=lambda p: float(p["ts"])
+    )
+
+
+class _PostPanicRefusal(MLXCooldownActive):
+    """``MLXCooldownActive`` raised by the post-panic gate; ``panic`` is the newest panic,
+    ``lockout`` the lockout count when a person must run ``metal-guard ack`` (else 0)."""
+
+    def __init__(
+        self,
+        panic: dict[str, Any],
+        panic_count: int,
+        window_sec: float,
+        cooldown_until: float,
+        *,
+        lockout: int = 0,
+        now: float | None = None,
+    ) -> None:
+        self.panic = dict(panic)
+        self.lockout = lockout
+        super().__init__(panic_count, window_sec, cooldown_until, now=now)
+
+    def _message(self) -> str:
+        p = self.panic
+        process = p.get("process") or "an unknown process"
+        pid = f", pid {p['pid']}" if p.get("pid") is not None else ""
+        what = (
+            f"the Mac kernel-panicked at {_local_time(float(p['ts']))} "
+            f"({_signature_words(p.get('signature'))}; process {process}{pid})"
+        )
+        if self.lockout:
+            return (
+                f"MLX work refused after a kernel panic: {self.panic_count} IOGPU kernel panics "
+                f"within 24 h ({_PANIC_LOCKOUT_ENV}={self.lockout}); the newest: {what}. Refused "
+                "until a person runs `metal-guard ack`; read `metal-guard diagnose` first."
+            )
+        return (
+            f"MLX work refused after a kernel panic: {what}. Refused for "
+            f"{_duration(self.remaining_sec)} more, until {_local_time(self.cooldown_until)} "
+            f"({_PANIC_COOLDOWN_ENV}={self.window_sec:g} s), so a relaunch does not repeat the "
+            "trigger. See what happened: `metal-guard diagnose`."
+        )
+
+
+def _burst(times: list[float]) -> int:
+    """The most panics (epoch seconds) that fall within one 24-h window."""
+    return max(
+        (sum(1 for u in times if t <= u < t + _LOCKOUT_WINDOW_SEC) for t in times), default=0
+    )
+
+
+def _post_panic_decision(
+    state: dict[str, Any], now: float, cooldown: float, lockout: int
+) -> _PostPanicRefusal | None:
+    unacked = _unacknowledged(state)
+    if not unacked:
+        return None
+    newest = unacked[-1]
+    times = sorted(float(p["ts"]) for p in unacked if p["ts"] >= now - _POST_PANIC_MEMORY_SEC)
+    # ``lockout`` panics within some 24 h: refused until ``ack``, however long ago that was
+    burst = _burst(times)
+    if lockout and burst >= lockout:
+        # without an ack it would end only when the gate forgets enough of those panics
+        forgotten = next(
+            t + _POST_PANIC_MEMORY_SEC
+            for t in times
+            if _burst([u for u in times if u > t]) < lockout
+        )
+        return _PostPanicRefusal(
+            newest, burst, _LOCKOUT_WINDOW_SEC, forgotten, lockout=lockout, now=now
+        )
+    # a clock stepped back never lengthens the cooldown past ``now + cooldown``
+    until = min(float(newest["ts"]) + cooldown, now + cooldown)
+    if cooldown > 0 and until > now:
+        return _PostPanicRefusal(newest, 1, cooldown, until, now=now)
+    return None
+
+
+def _post_panic_refusal(*, now: float | None = None) -> MLXCooldownActive | None:
+    """The refusal the post-panic gate gives now (not raised), or ``None`` to go ahead.
+
+    Archives new panic reports first (cheap while the report folder is
+    unchanged). Never raises for environment faults: a gate that cannot read
+    its state fails open with one WARNING.
+    """
+    when = time.time() if now is None else _real_arg("now", now)
+    cooldown, lockout = _post_panic_settings()
+    if cooldown <= 0 and lockout <= 0:
+        return None
+    try:
+        state = _post_panic_state(when)
+    except Exception as exc:  # never break the caller's inference over forensics
+        _log_once(
+            "post-panic-check",
+            _WARNING,
+            "metal_guard: cannot check for recent kernel panics (%s); MLX work goes ahead",
+            exc,
+        )
+        return None
+    return _post_panic_decision(state, when, cooldown, lockout)
+
+
+@_on_admission
+def _require_post_panic_clear(*, now: float | None = None) -> None:
+    """Raise ``MLXCooldownActive`` while the post-panic gate refuses (observer mode: warn)."""
+    refusal = _post_panic_refusal(now=now)
+    if refusal is not None:
+        _refuse(refusal)
+
+
+def _acknowledge_panics(note: str | None = None, *, now: float | None = None) -> dict[str, Any]:
+    """``metal-guard ack``: lift the lockout and the cooldown for the panics seen so far.
+
+    Records ``acknowledged_at`` (and ``ack_note``) on each archived panic it
+    covers and in the gate's state; returns ``acked_at``, ``note`` and
+    ``panics`` (the panics acknowledged now). Raises ``OSError`` /
+    ``StateLockTimeout`` when the state cannot be written.
+    """
+    when = time.time() if now is None else _real_arg("now", now)
+    text = None if note is None else _label(note).strip()[:_PANIC_FIELD_MAX] or None
+    state = _post_panic_state(when)
+    covered = _unacknowledged(state)
+    archive = _archive_path(None)
+    with _FileLock(archive + ".lock"):
+        records, _ = _load_archive(archive)
+        changed = False
+        for record in records:
+            if record.get("acknowledged_at") is None and record["ts"] <= when:
+                record["acknowledged_at"] = when
+                record["ack_note"] = text
+                changed = True
+        if changed:
+            _atomic_write_bytes(archive, b"".join(_archive_line(r) for r in records))
+
+    def ack(data: dict[str, Any]) -> None:
+        data.update(schema=_POST_PANIC_SCHEMA, acked_at=when, ack_note=text, acked_pid=os.getpid())
+
+    _post_panic_file().update(ack)
+    _breadcrumb(f"PANIC_ACK: {len(covered)} panic(s) acknowledged" + (f": {text}" if text else ""))
+    return {"acked_at": when, "note": text, "panics": covered}
+
+
+def _post_panic_status(*, now: float | None = None) -> dict[str, Any]:
+    """What the gate decides now and why; never raises or writes (a status display)."""
+    when = time.time() if now is None else _real_arg("now", now)
+    cooldown, lockout = _post_panic_settings()
+    doc: dict[str, Any] = {
+        "cooldown_sec": cooldown,
+        "lockout": lockout,
+        "refused": False,
+        "message": None,
+        "remaining_sec": 0.0,
+        "needs_ack": False,
+        "unacknowledged": [],
+        "acked_at": None,
+        "ack_note": None,
+        "problem": None,
+    }
+    try:
+        state = _post_panic_state(when, record=False)
+        refusal = _post_panic_decision(state, when, cooldown, lockout)
+        doc.update(
+            unacknowledged=_unacknowledged(state),
+            acked_at=_number(state.get("acked_at")),
+            ack_note=state.get("ack_note"),
+        )
+        if refusal is not None:
+            doc.update(
+                refused=True,
+                message=str(refusal),
+                remaining_sec=None if refusal.lockout else refusal.remaining_sec,
+                needs_ack=bool(refusal.lockout),
+            )
+    except Exception as exc:
+        doc["problem"] = f"{type(exc).__name__}: {exc}"
+    return doc
 
 
 # =============================================================================
@@ -6593,6 +7521,141 @@ def _read_runs() -> list[dict[str, Any]]:
         )
     runs.sort(key=lambda r: r["since"] or 0.0)
     return runs
+
+
+# =============================================================================
+# 5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
+#
+# A GPU wedge (``fence_wait`` spinning at about 3 W, ml-explore/mlx#3830) leaves
+# a step that never returns and wired memory that may never come back. ``with
+# _stuck_watch("generate"):`` records the step's start (a dict entry, no
+# syscall); one daemon thread per process, started with the first watched step
+# and gone when none is left, looks once a second. A step running past
+# ``METALGUARD_STUCK_SEC`` (default 1800 s; 0 turns the watch off) gets one
+# ``GPU_STUCK`` breadcrumb, one WARNING advising a reboot, and the actions
+# registered with ``_on_stuck`` (under ``run``: tell the supervisor and stop;
+# in a worker: stop gracefully, no restart).
+#
+# Provides: _GPU_STUCK_ERROR, _on_stuck, _stuck_limit, _stuck_watch
+# Uses: Prelude, Breadcrumbs
+# =============================================================================
+
+_STUCK_ENV = "METALGUARD_STUCK_SEC"
+_STUCK_DEFAULT_SEC = 1800.0
+_STUCK_MAX_SEC = 7 * 86400.0
+_STUCK_POLL_SEC = 1.0
+_GPU_STUCK_ERROR = "GPUStuck"  # how a worker's stuck report starts (never restarted)
+
+_stuck_lock = _thread.allocate_lock()
+_stuck_steps: dict[int, list[Any]] = {}  # token → [label, start (monotonic), limit, reported]
+_stuck_actions: list[Callable[[str, float], None]] = []
+_stuck_watcher: list[bool] = [False]  # whether the watcher thread runs
+_stuck_tokens = iter(range(1, 1 << 62))
+
+
+def _stuck_limit() -> float:
+    """``METALGUARD_STUCK_SEC`` (0: off), read at each watched step."""
+    return _env_float(_STUCK_ENV, _STUCK_DEFAULT_SEC, minimum=0.0, maximum=_STUCK_MAX_SEC)
+
+
+def _on_stuck(action: Callable[[str, float], None]) -> Callable[[], None]:
+    """Call ``action(label, seconds)`` when a watched step runs past the limit.
+
+    Returns a function that unregisters it. Actions run on the watcher
+    thread; an action that raises is logged and the others still run.
+    """
+    if not callable(action):
+        raise TypeError(f"action must be callable, not {type(action).__name__}")
+    with _stuck_lock:
+        _stuck_actions.append(action)
+
+    def remove() -> None:
+        with _stuck_lock:
+            if action in _stuck_actions:
+                _stuck_actions.remove(action)
+
+    return remove
+
+
+def _report_stuck(label: str, seconds: float, limit: float) -> None:
+    _breadcrumb(f"GPU_STUCK: {label} running for {seconds:.0f}s (limit {limit:g}s)")
+    _log().warning(
+        "metal_guard: GPU work %r has run for %.0f s (%s=%g): the GPU looks wedged "
+        "(ml-explore/mlx#3830). Stop this process and reboot the Mac before running MLX "
+        "again: wired memory may be stranded until reboot.",
+        label,
+        seconds,
+        _STUCK_ENV,
+        limit,
+    )
+    with _stuck_lock:
+        actions = list(_stuck_actions)
+    for action in actions:
+        try:
+            action(label, seconds)
+        except Exception as exc:
+            _log().warning("metal_guard: stuck-work action %r failed: %r", action, exc)
+
+
+def _stuck_loop() -> None:
+    """The watcher thread: once a second, report steps past their limit; exit when idle."""
+    while True:
+        time.sleep(_STUCK_POLL_SEC)
+        now = time.monotonic()
+        due = []
+        with _stuck_lock:
+            if not _stuck_steps:
+                _stuck_watcher[0] = False
+                return
+            for step in _stuck_steps.values():
+                if not step[3] and now - step[1] > step[2]:
+                    step[3] = True
+                    due.append((step[0], now - step[1], step[2]))
+        for label, seconds, limit in due:
+            _report_stuck(label, seconds, limit)
+
+
+class _stuck_watch(_ContextDecorator):
+    """``with _stuck_watch("generate"):`` — report the body if it runs past the limit."""
+
+    __slots__ = ("_token", "label")
+
+    def __init__(self, label: str) -> None:
+        self.label = _label(label)
+        self._token = 0
+
+    def _recreate(self) -> _stuck_watch:
+        return _stuck_watch(self.label)
+
+    def __enter__(self) -> _stuck_watch:
+        limit = _stuck_limit()
+        if limit <= 0:
+            return self
+        token = next(_stuck_tokens)
+        start = False
+        with _stuck_lock:
+            _stuck_steps[token] = [self.label, time.monotonic(), limit, False]
+            if not _stuck_watcher[0]:
+                _stuck_watcher[0] = start = True
+        self._token = token
+        if start:
+            import threading
+
+            try:
+                threading.Thread(
+                    target=_stuck_loop, name="metal-guard stuck-work", daemon=True
+                ).start()
+            except RuntimeError as exc:  # interpreter shutting down: no watch
+                with _stuck_lock:
+                    _stuck_watcher[0] = False
+                _log().debug("metal_guard: cannot start the stuck-work watcher: %r", exc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token:
+            with _stuck_lock:
+                _stuck_steps.pop(self._token, None)
+            self._token = 0
 
 
 # =============================================================================
@@ -7335,9 +8398,7 @@ def read_gpu_driver_version(*, timeout: float = 3.0) -> str | None:
     Tries the kext's ``Info.plist``, then ``kextstat``, then ``ioreg``, all
     within ``timeout`` seconds together. ``None`` off macOS.
     """
-    budget = _real_arg("timeout", timeout)
-    if budget <= 0:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    budget = _real_arg("timeout", timeout, minimum=0, above=True)
     if not _on_macos():
         return None
     try:
@@ -7654,9 +8715,7 @@ class _MemoryLayers(_BreadcrumbLog):
         to the last error. Other exceptions, and a ``MetalOOMError`` from an
         inner guard, propagate unchanged.
         """
-        retries = _int_arg("max_retries", max_retries)
-        if retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {retries}")
+        retries = _int_arg("max_retries", max_retries, minimum=0)
         attempts = retries + 1
         last: RuntimeError | None = None
         stats = MemoryStats()
@@ -8149,8 +9208,8 @@ class _MemoryMonitors(_MemoryLayers):
 # be removed again.
 #
 # Provides: MetalGuard, metal_guard
-# Uses: Prelude, Processes, MLX access, Memory numbers, Release barrier, Size and hardware tables,
-#   System audits, Monitors
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Memory numbers, Release barrier,
+#   Size and hardware tables, System audits, Monitors
 # =============================================================================
 
 _HARDWARE_BUDGET_SEC = 2.0
@@ -8337,6 +9396,7 @@ class MetalGuard(_MemoryMonitors):
 
 
 metal_guard = MetalGuard()
+_guard_getter.append(lambda: metal_guard)  # the breadcrumbs' writer, read at each call
 
 
 # =============================================================================
@@ -8469,20 +9529,35 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 # gemma-4 first-generate flush (first one only) and
 # ``subprocess_inference_guard``; ``temperature`` goes to mlx-lm's sampler and
 # ``system`` into the chat template. On shutdown (a message, end of the pipe,
-# SIGTERM or idleness): drop the model, wait for the memory, mark the unload.
+# SIGTERM, its parent gone, or ``idle_timeout`` s without a request): drop the
+# model, wait for the memory, mark the unload.
+#
+# The worker is the MLX user, so it holds the host's MLX lock itself: the
+# parent's hold travels to it as a descriptor of the same open file (the flock
+# belongs to that file description), so the lock stays held while either the
+# parent holds it or the worker lives, and is free exactly when both are gone;
+# a parent killed mid-generate cannot hand the GPU to another process while
+# its orphaned worker still runs Metal work. The worker watches its parent
+# (end of the spawn pipe) and stops gracefully when it is gone.
+#
+# Stops are signal-safe: the SIGTERM handler only sets flags and raises through
+# ``_interrupt`` (0.2), so it never lands inside a lock or state-file update;
+# breadcrumbs about it are written by the main thread afterwards.
 #
 # Message protocol (dicts over two one-way pipes), the original's plus
 # ``refused``: parent → child ``{"type": "generate", "prompt", "max_tokens",
 # "temperature", "system"}`` or ``{"type": "shutdown"}``; child → parent
 # ``ready`` (``model_id``, ``pid``), ``result`` (``text``), ``error``
-# (``error``), ``refused`` (``error``, ``exception``) and ``shutdown_ack``.
+# (``error``), ``refused`` (``error``, ``exception``), ``waiting``
+# (``seconds``, ``error``: a restart the library made waits for cadence) and
+# ``shutdown_ack``.
 # A generate request carries ``"parent_holds_gpu_gate": True`` when the
 # parent's calling thread holds the GPU gate: the parent waits for this very
 # generate, so the worker's guard must not wait for the gate too.
 #
-# Provides: Connection, _BACKENDS, _REFUSALS, _worker_main
-# Uses: Prelude, Breadcrumbs, Release barrier, Registry, Process mode (R6), Cadence,
-#   Circuit breaker, MLX lock (L8), GPU gate, Flush guards
+# Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
+# Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
+#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -8499,8 +9574,57 @@ _REFUSALS: tuple[type[BaseException], ...] = (
 )
 
 
+_WORKER_IDLE_ENV = "METALGUARD_WORKER_IDLE_SEC"
+_IDLE_MAX = 7 * 86400.0
+
+
+def _idle_seconds(text: str) -> float:
+    seconds = float(text)
+    if not (_finite(seconds) and 0 < seconds <= _IDLE_MAX):
+        raise ValueError(text)
+    return seconds
+
+
+def _idle_timeout_arg(value: object) -> float:
+    """``idle_timeout``: seconds > 0; ``None`` reads ``METALGUARD_WORKER_IDLE_SEC`` (else 600)."""
+    if value is not None:
+        return _seconds_arg("idle_timeout", value, maximum=_IDLE_MAX, allow_zero=False)
+    seconds = _env_parsed(
+        _WORKER_IDLE_ENV,
+        _idle_seconds,
+        expected=f"expected a number of seconds > 0 and <= {_IDLE_MAX:g}",
+        default=_WORKER_IDLE_SEC,
+    )
+    return _WORKER_IDLE_SEC if seconds is None else seconds
+
+
 class _WorkerStop(BaseException):
     """Raised in the worker by its SIGTERM handler, to unwind into the shutdown sequence."""
+
+
+class _InheritedFd:
+    """A descriptor handed to a ``spawn``ed child: the same open file description.
+
+    Pickled only while ``multiprocessing`` spawns the child (the descriptor is
+    passed with the child's other inherited descriptors); in the child it is
+    not inherited any further.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_InheritedFd._rebuild, (reduction.DupFd(self.fd),))
+
+    @staticmethod
+    def _rebuild(dup: Any) -> _InheritedFd:
+        fd = dup.detach()
+        os.set_inheritable(fd, False)
+        return _InheritedFd(fd)
 
 
 def _worker_main(
@@ -8535,12 +9659,20 @@ class _Worker:
         cadence, breaker = options.get("cadence"), options.get("breaker")
         self.cadence = cadence if isinstance(cadence, CadenceGuard) else None
         self.breaker = breaker if isinstance(breaker, CircuitBreaker) else None
+        idle = options.get("idle_timeout")
+        self.idle_timeout = float(idle) if isinstance(idle, (int, float)) else _WORKER_IDLE_SEC
+        self.restart = _label(options.get("restart") or "")  # why the library restarts it
+        # Kept open for the worker's life: its share of the parent's MLX-lock hold.
+        held = options.get("mlx_lock")
+        self.mlx_lock_fd = held.fd if isinstance(held, _InheritedFd) else None
         self.model: Any = None
         self.tokenizer: Any = None
         self.generate_calls = 0
         self.admitted = False
         self.stopping = False
         self.sigterm_seen = False
+        self.sigterm_noted = False
+        self.parent_gone = False
 
     # -- life cycle -------------------------------------------------------------
 
@@ -8550,27 +9682,84 @@ class _Worker:
         # Ctrl-C reaches the whole process group: the parent decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        _on_stuck(self._stuck)  # a wedged generate: the parent stops us and never restarts us
         reason, code = "shutdown requested", 0
         try:
+            self._watch_parent()
             if self._start():
                 reason = self._serve()
             else:
                 reason, code = "did not start", 1
         except _WorkerStop:
             reason, code = "SIGTERM", _WORKER_EXIT_SIGTERM
+            if self.parent_gone:
+                reason, code = "the parent is gone", 0
         except Exception as exc:  # a bug here must still stop the worker cleanly
             reason, code = f"{type(exc).__name__}: {_label(exc)}", 1
         self._shutdown(reason)
+        # Stopped: a later SIGTERM has nothing left to stop. Ignored, it cannot turn this
+        # exit code into "killed" once the interpreter restores the default action.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return code
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
-        first = not self.sigterm_seen
-        self.sigterm_seen = True
-        if first:
-            _breadcrumb(f"SUBPROCESS_WORKER: SIGTERM received, pid={os.getpid()} ({self.label})")
+        """Flags only, and a stop raised where no lock or state file is half-taken."""
+        if not self.parent_gone:
+            self.sigterm_seen = True
         if not self.stopping:
             self.stopping = True
-            raise _WorkerStop
+            _interrupt(_WorkerStop(), frame)
+
+    def _note_sigterm(self) -> None:
+        """The SIGTERM breadcrumb, written by the main thread (never by the handler)."""
+        if self.sigterm_seen and not self.sigterm_noted:
+            self.sigterm_noted = True
+            _breadcrumb(f"SUBPROCESS_WORKER: SIGTERM received, pid={os.getpid()} ({self.label})")
+
+    def _watch_parent(self) -> None:
+        """A daemon thread that stops this worker gracefully when its parent is gone.
+
+        The end of the spawn pipe (EOF when the parent exits, however it dies)
+        is awaited; then the main thread gets SIGTERM, which unwinds a load or
+        a generate between two steps into the shutdown sequence.
+        """
+        import multiprocessing
+        import signal
+        import threading
+
+        parent = multiprocessing.parent_process()
+        if parent is None:
+            return
+        main = threading.main_thread().ident or 0
+
+        def watch() -> None:
+            from multiprocessing.connection import wait
+
+            try:
+                wait([parent.sentinel])
+            except (OSError, ValueError):
+                return
+            self.parent_gone = True
+            self._record_as_holder()
+            signal.pthread_kill(main, signal.SIGTERM)
+
+        threading.Thread(target=watch, name="metal-guard parent watch", daemon=True).start()
+
+    def _record_as_holder(self) -> None:
+        """The parent is gone and this worker holds the MLX lock alone: the lock file's
+        holder record names it (``read_mlx_lock``, ``force=True``, ``metal-guard lock``)."""
+        if self.mlx_lock_fd is None:
+            return
+        import json
+
+        info = _holder_info(f"mlx_subprocess_runner:{self.model_id}", time.time())
+        data = json.dumps(info).encode("utf-8")[:_HOLDER_BYTES]  # too long: an unknown holder
+        _MLX_LOCK._write(_MLX_LOCK.path(), self.mlx_lock_fd, data)
+
+    def _stuck(self, label: str, seconds: float) -> None:
+        # on the watcher thread; the main thread is stuck in the generate, so it is not sending
+        error = f"{_GPU_STUCK_ERROR}: {label} has run for {seconds:.0f} s: the GPU looks wedged"
+        self._send({"type": "error", "error": error + "; reboot the Mac before using MLX again"})
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -8593,7 +9782,7 @@ class _Worker:
         try:
             warn_if_known_panic_model(self.model_id)
             (self.breaker or CircuitBreaker()).check()
-            require_cadence_clear(self.model_id, guard=self.cadence)
+            self._admit()
             self.admitted = True
         except _REFUSALS as exc:
             _breadcrumb(f"SUBPROCESS_WORKER: {self.label} refused: {type(exc).__name__}")
@@ -8614,6 +9803,18 @@ class _Worker:
         _breadcrumb(f"SUBPROCESS_WORKER: {self.label} ready, pid={os.getpid()}")
         return True
 
+    def _admit(self) -> None:
+        """Cadence admission; a restart the library made waits (the parent is told how long)."""
+        try:
+            require_cadence_clear(self.model_id, guard=self.cadence)
+        except CadenceViolation as exc:
+            if not self.restart:
+                raise
+            wait = exc.remaining_sec
+            _breadcrumb(f"SUBPROCESS_WORKER: {self.label} waits {wait:.1f}s for cadence")
+            self._send({"type": "waiting", "seconds": wait, "error": f"{exc}"})
+            require_cadence_clear(self.model_id, guard=self.cadence, wait=True)
+
     def _load(self) -> tuple[Any, Any]:
         import importlib
 
@@ -8623,8 +9824,8 @@ class _Worker:
     def _serve(self) -> str:
         """Answer requests until told to stop; the reason it stopped."""
         while True:
-            if not self.requests.poll(_WORKER_IDLE_SEC):
-                return f"idle for {_WORKER_IDLE_SEC:g} s"
+            if not self.requests.poll(self.idle_timeout):
+                return f"idle for {self.idle_timeout:g} s"
             try:
                 message = self.requests.recv()
             except (EOFError, OSError):
@@ -8639,6 +9840,7 @@ class _Worker:
     def _shutdown(self, reason: str) -> None:
         """Drop the model, wait for its memory, mark the unload; SIGTERM no longer interrupts."""
         self.stopping = True
+        self._note_sigterm()
         try:
             self.model = self.tokenizer = None
             if "mlx.core" in sys.modules:  # a worker refused before its load never touched
@@ -8647,6 +9849,7 @@ class _Worker:
                 (self.cadence or CadenceGuard()).mark_unload(self.model_id)
         except Exception as exc:
             _log().warning("metal_guard: worker shutdown of %s: %s", self.label, _label(exc))
+        self._note_sigterm()  # a SIGTERM that arrived during the shutdown
         _breadcrumb(f"SUBPROCESS_WORKER: {self.label} stopped ({reason}), pid={os.getpid()}")
         self._send({"type": "shutdown_ack"})
 
@@ -8664,7 +9867,8 @@ class _Worker:
             # The parent holds the gate for us (METALGUARD_EXCLUSIVE_GPU is inherited):
             # waiting for it here would wait for ourselves.
             exclusive = False if request.get("parent_holds_gpu_gate") else None
-            with subprocess_inference_guard(self.model_id, exclusive=exclusive):
+            watch = _stuck_watch(f"generate {self.label}")  # past METALGUARD_STUCK_SEC: _stuck
+            with watch, subprocess_inference_guard(self.model_id, exclusive=exclusive):
                 return {"type": "result", "text": self._run(text, max_tokens, temperature)}
         except _REFUSALS as exc:
             return {"type": "refused", "error": f"{type(exc).__name__}: {exc}", "exception": exc}
@@ -8727,8 +9931,14 @@ class _Worker:
 # 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
 # gracefully and are reaped.
 #
-# A runner holds the MLX lock (one hold per runner, counted per process) for
-# its worker's life. Stopping is always: shutdown message → wait → SIGTERM →
+# A runner takes one hold on the MLX lock (counted per process) for each worker
+# it starts and hands it to the worker (5.9: the worker, the MLX user, shares
+# the flocked file description). A watcher thread per worker drops the
+# parent's hold the moment the worker exits, however it exits (idle, crash,
+# stop). A worker that stopped after ``idle_timeout`` s without a request is
+# restarted by the next ``generate``; such a restart waits for the cadence
+# interval (one WARNING with the time) instead of surfacing a refusal that
+# its own unload caused. Stopping is always: shutdown message → wait → SIGTERM →
 # wait → SIGKILL only then, with a WARNING that says why (SIGKILL can leave
 # hundreds of GiB of Metal memory wired until reboot). The parent reaps the
 # child before returning, so the next load starts after the OS reclaimed it.
@@ -8742,8 +9952,8 @@ class _Worker:
 # Provides: BaseProcess, MLXSubprocessRunner, SubprocessCrashError, SubprocessTimeoutError,
 #   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
 #   _timeout_arg
-# Uses: Prelude, Processes, Breadcrumbs, MLX access, Panic signatures, Modes (L6), Cadence,
-#   Circuit breaker, MLX lock (L8), GPU gate, Subprocess worker
+# Uses: Prelude, Processes, Locks, Breadcrumbs, MLX access, Panic signatures, Modes (L6),
+#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Subprocess worker
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -8796,7 +10006,9 @@ def _signal_name(number: int) -> str:
 
 
 def _worker_error_kind(error: str) -> str | None:
-    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class) or ``None``."""
+    """``"oom"`` (Metal out of memory), ``"panic"`` (kernel-panic class), ``"stuck"`` or ``None``."""
+    if error.startswith(_GPU_STUCK_ERROR):
+        return "stuck"
     if error.startswith("MetalOOMError"):
         return "oom"
     name, _ = detect_panic_signature(error)
@@ -8831,6 +10043,11 @@ class MLXSubprocessRunner:
 
     Use it as a context manager or call ``shutdown()``: message, then SIGTERM,
     then (only if both were ignored) SIGKILL with a WARNING.
+
+    ``idle_timeout`` (default ``METALGUARD_WORKER_IDLE_SEC``, else 600 s): the
+    worker stops by itself after that long without a request, which frees its
+    memory and the MLX lock at once; the next ``generate`` starts it again,
+    waiting for the cadence interval if it must (one WARNING).
     """
 
     def __init__(
@@ -8842,6 +10059,22 @@ class MLXSubprocessRunner:
         generate_timeout: float = _DEFAULT_GENERATE_TIMEOUT,
         cadence: CadenceGuard | None = None,
         breaker: CircuitBreaker | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self._setup(
+            model_id, backend, load_timeout, generate_timeout, cadence, breaker, idle_timeout
+        )
+        self._launch(restart=None)
+
+    def _setup(
+        self,
+        model_id: object,
+        backend: object,
+        load_timeout: object,
+        generate_timeout: object,
+        cadence: object,
+        breaker: object,
+        idle_timeout: object,
     ) -> None:
         import threading
 
@@ -8857,22 +10090,36 @@ class MLXSubprocessRunner:
             raise TypeError(f"cadence must be a CadenceGuard, not {type(cadence).__name__}")
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, not {type(breaker).__name__}")
+        self.idle_timeout = _idle_timeout_arg(idle_timeout)
+        self._options: dict[str, Any] = {"cadence": cadence, "breaker": breaker}
         self._lock = threading.Lock()  # one request at a time
         self._process: BaseProcess | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._lock_path: str | None = None
+        self._hold_for: BaseProcess | None = None  # the worker the MLX-lock hold is for
         self._pid: int | None = None
         self._stopping = False  # shutdown()/kill() began while another thread was generating
+        self._retry_launch = False  # a restart after an idle exit was refused: try again
         self.fatal_error: str | None = None
+
+    def _launch(self, *, restart: str | None) -> None:
+        """Take a hold on the MLX lock and start a worker; ``restart``: why the library
+        starts it again (it then waits for cadence instead of being refused)."""
+        _admission_gate()  # the post-panic gate: refuse before a worker is spawned
         path = _mlx_lock_path()
+        fd = None
         try:
             _acquire_mlx_lock_at(path, f"mlx_subprocess_runner:{self.model_id}", force=False)
             self._lock_path = path
+            fd = _lock_state(path).fd
         except MLXLockConflict as exc:
             _refuse(exc)  # observer mode: reported, and the worker starts anyway
+        options = dict(self._options, idle_timeout=self.idle_timeout, restart=restart)
+        if fd is not None:
+            options["mlx_lock"] = _InheritedFd(fd)
         try:
-            self._start_worker({"cadence": cadence, "breaker": breaker})
+            self._start_worker(options)
         except BaseException:
             self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why="start-up failed")
             raise
@@ -8881,6 +10128,8 @@ class MLXSubprocessRunner:
 
     def _start_worker(self, options: dict[str, Any]) -> None:
         import multiprocessing
+        import threading
+        import weakref
 
         ctx = multiprocessing.get_context("spawn")
         req_recv, req_send = ctx.Pipe(duplex=False)
@@ -8898,21 +10147,45 @@ class MLXSubprocessRunner:
             req_recv.close()
             rep_send.close()
         self._pid = process.pid
-        try:
-            reply = self._reply(self.load_timeout, starting=True)
-        except _NoReply:
-            _log().error(
-                "metal_guard: MLX worker for %s did not load within %g s; stopping it",
+        if self._lock_path is not None:
+            self._hold_for = process
+        threading.Thread(
+            target=_watch_worker,
+            args=(weakref.ref(self), process),
+            name=f"metal-guard worker watch {process.pid}",
+            daemon=True,
+        ).start()
+        timeout = self.load_timeout
+        while True:
+            try:
+                reply = self._reply(timeout, starting=True)
+            except _NoReply:
+                _log().error(
+                    "metal_guard: MLX worker for %s did not load within %g s; stopping it",
+                    self.model_id,
+                    timeout,
+                )
+                self._stop(
+                    grace=_TERM_GRACE_SEC,
+                    message_grace=_BUSY_MESSAGE_GRACE_SEC,
+                    why="load timed out",
+                )
+                raise SubprocessTimeoutError(
+                    f"MLX worker for {self.model_id!r} did not load within {timeout:g} s; "
+                    "it was stopped (SIGTERM first) and reaped"
+                ) from None
+            if reply.get("type") != "waiting":
+                break
+            seconds = _number(reply.get("seconds")) or 0.0
+            _log().warning(
+                "metal_guard: restarting the MLX worker for %s (%s): waiting %.1f s for the "
+                "cadence interval (%s)",
                 self.model_id,
-                self.load_timeout,
+                options.get("restart"),
+                seconds,
+                _label(reply.get("error") or ""),
             )
-            self._stop(
-                grace=_TERM_GRACE_SEC, message_grace=_BUSY_MESSAGE_GRACE_SEC, why="load timed out"
-            )
-            raise SubprocessTimeoutError(
-                f"MLX worker for {self.model_id!r} did not load within {self.load_timeout:g} s; "
-                "it was stopped (SIGTERM first) and reaped"
-            ) from None
+            timeout = seconds + self.load_timeout  # the wait, then the load
         kind = reply.get("type")
         if kind == "ready":
             return
@@ -8993,6 +10266,8 @@ class MLXSubprocessRunner:
         if _gpu_gate_held_here():  # the worker must not wait for a gate we hold for it
             request["parent_holds_gpu_gate"] = True
         with self._lock:
+            if self._idle_exited():
+                self._relaunch(f"its worker stopped after {self.idle_timeout:g} s idle")
             try:
                 reply = self._exchange(request, wait)
             finally:
@@ -9005,6 +10280,24 @@ class MLXSubprocessRunner:
             self.fatal_error = error
             self.shutdown()  # its Metal state is suspect: never reuse it
         self._raise_reply(reply, "generate")
+
+    def _idle_exited(self) -> bool:
+        """The worker exited by itself (code 0) while this runner still runs: it was idle
+        (or the restart that followed was refused, and may be tried again)."""
+        process = self._process
+        idle = process is not None and process.exitcode == 0 and self._requests is not None
+        return (idle or self._retry_launch) and not self._stopping
+
+    def _relaunch(self, why: str) -> None:
+        """Reap the exited worker and start another (the caller holds the request lock)."""
+        self._stop(grace=_TERM_GRACE_SEC, message_grace=None, why=why)
+        _log().info("metal_guard: restarting the MLX worker for %s: %s", self.model_id, why)
+        try:
+            self._launch(restart=why)
+        except _REFUSALS:  # e.g. another process took the MLX lock meanwhile: a decision
+            self._retry_launch = True
+            raise
+        self._retry_launch = False
 
     def _exchange(self, request: dict[str, Any], wait: float) -> dict[str, Any]:
         """Send one request and return its reply (the caller holds the request lock)."""
@@ -9137,13 +10430,20 @@ class MLXSubprocessRunner:
         with _runner_release_guard:
             conns = (self._requests, self._replies)
             self._requests = self._replies = None
-            path, self._lock_path = self._lock_path, None
         for conn in conns:
             if conn is not None:
                 try:
                     conn.close()
                 except OSError:
                     pass
+        self._drop_hold(None)
+
+    def _drop_hold(self, worker: BaseProcess | None) -> None:
+        """Drop the MLX-lock hold taken for ``worker`` (``None``: whichever is held), once."""
+        with _runner_release_guard:
+            if worker is not None and worker is not self._hold_for:
+                return
+            path, self._lock_path, self._hold_for = self._lock_path, None, None
         if path is not None:
             _release_mlx_lock_at(path)
 
@@ -9155,12 +10455,14 @@ class MLXSubprocessRunner:
         """
         grace = _seconds_arg("timeout", timeout, maximum=_TIMEOUT_MAX)
         pid = self._pid
+        self._retry_launch = False
         owner = self._lock.acquire(timeout=grace)  # a generate in flight gets to finish first
         self._stop_as(owner, grace=grace, message_grace=grace, why="shutdown() was called")
         _log().info("metal_guard: MLX worker for %s (pid %s) stopped", self.model_id, pid)
 
     def kill(self) -> None:
         """Stop the worker without the shutdown message: SIGTERM, 5 s, then SIGKILL."""
+        self._retry_launch = False
         owner = self._lock.acquire(blocking=False)
         self._stop_as(owner, grace=5.0, message_grace=None, why="kill() was called")
 
@@ -9218,6 +10520,23 @@ class MLXSubprocessRunner:
         return f"MLXSubprocessRunner({self.model_id!r}, backend={self.backend!r}, {state})"
 
 
+def _watch_worker(runner: Callable[[], MLXSubprocessRunner | None], worker: BaseProcess) -> None:
+    """Thread body: when ``worker`` exits, drop the MLX-lock hold its runner took for it.
+
+    Only the hold: the pipes and the reaping belong to the thread that talks to
+    the worker. Holds a weak reference, so an abandoned runner is still collected.
+    """
+    from multiprocessing.connection import wait
+
+    try:
+        wait([worker.sentinel])
+    except (OSError, ValueError):  # the sentinel is gone: the process object was closed
+        pass
+    owner = runner()
+    if owner is not None:
+        owner._drop_hold(worker)
+
+
 def _timeout_arg(name: str, value: object) -> float:
     return _seconds_arg(name, value, maximum=_TIMEOUT_MAX, allow_zero=False)
 
@@ -9230,12 +10549,8 @@ def _generate_request(
         raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
     if not isinstance(system, str):
         raise TypeError(f"system must be a str, not {type(system).__name__}")
-    tokens = _int_arg("max_tokens", max_tokens)
-    if tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {tokens}")
-    temp = _real_arg("temperature", temperature)
-    if temp < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    tokens = _int_arg("max_tokens", max_tokens, minimum=1)
+    temp = _real_arg("temperature", temperature, minimum=0)
     return {
         "type": "generate",
         "prompt": str.__str__(prompt),
@@ -9255,6 +10570,9 @@ def _generate_request(
 # ``shutdown_all_workers()``). Refusals propagate; crashes and timeouts log an
 # ERROR and return ``""`` (the original's contract). A call interrupted while it
 # waits (Ctrl-C) stopped its worker: that worker leaves the pool, uncounted.
+# A worker the pool starts again because its previous one stopped by itself
+# (``idle_timeout``) or died waits for the cadence interval (one WARNING with
+# the time) instead of raising the refusal its predecessor's unload caused.
 #
 # Provides: call_model_isolated, shutdown_all_workers
 # Uses: Prelude, MLX access, Subprocess worker, Subprocess runner
@@ -9266,6 +10584,8 @@ _pool_lock = _thread.allocate_lock()  # never held while a worker loads or stops
 _pool_starting: set[str] = set()  # keys whose worker is loading (other callers wait)
 _pool_failures: dict[str, list[float]] = {}  # key → monotonic times its worker died/failed
 _pool_banned: dict[str, str] = {}  # key → the fatal error that ended its worker
+# key → why its previous worker ended (the next one waits for cadence) and its idle limit
+_pool_restart: dict[str, tuple[str, float]] = {}
 _pool_generation = 0  # bumped by shutdown_all_workers(): a load that began before is dropped
 _pool_atexit_registered = False
 _pool_condition_box: list[Any] = []
@@ -9289,8 +10609,12 @@ def _pool_failed(key: str, fatal_error: str | None = None) -> None:
         _pool_banned[key] = fatal_error
 
 
-def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
-    """``(live runner, _)``, or ``(None, generation)`` with ``key`` claimed for starting.
+def _pool_claim(
+    key: str, model: str
+) -> tuple[MLXSubprocessRunner | None, int, tuple[str, float] | None]:
+    """``(live runner, _, _)``, or ``(None, generation, restart)`` with ``key`` claimed for
+    starting; ``restart``: why the library starts that model's worker again, and the idle
+    limit its predecessor had.
 
     A dead pooled runner is reaped (outside the lock). Raises
     ``SubprocessCrashError`` when the worker may not be (re)started.
@@ -9311,18 +10635,21 @@ def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
                 break
             runner = _runner_pool.get(key)
             if runner is not None and runner.is_alive():
-                return runner, _pool_generation
+                return runner, _pool_generation, None
             if runner is not None:
                 del _runner_pool[key]
                 dead = runner
                 if runner.exitcode == 0:  # it stopped by itself after idling
                     _log().info("metal_guard: pooled MLX worker for %s had stopped", model)
+                    why = f"its worker stopped after {runner.idle_timeout:g} s idle"
                 else:
+                    why = f"its worker died (exit code {runner.exitcode})"
                     _log().warning(
                         "metal_guard: %s; replacing it",
                         SubprocessCrashError(model, runner.exitcode, "pooled worker")._message(),
                     )
                     _pool_failed(key)
+                _pool_restart[key] = (why, runner.idle_timeout)
             if key not in _pool_starting:
                 break
             condition.wait()  # another caller is starting this worker
@@ -9341,21 +10668,44 @@ def _pool_claim(key: str, model: str) -> tuple[MLXSubprocessRunner | None, int]:
             else:
                 _pool_starting.add(key)
                 generation = _pool_generation
+                restart = _pool_restart.pop(key, None)
     if dead is not None:
         dead.kill()  # it is dead already: this reaps it and drops its lock hold
     if refusal is not None:
         raise refusal
-    return None, generation
+    return None, generation, restart
 
 
-def _pool_start(key: str, model: str, backend: str, generation: int) -> MLXSubprocessRunner:
+def _pool_start(
+    key: str,
+    model: str,
+    backend: str,
+    generation: int,
+    *,
+    idle_timeout: float | None,
+    restart: str | None,
+) -> MLXSubprocessRunner:
     """Start the claimed worker (no pool lock held while it loads) and pool it."""
     global _pool_atexit_registered
     runner = None
     keep = False
     condition = _pool_condition()
     try:
-        runner = MLXSubprocessRunner(model, backend=backend)
+        if restart is None:
+            runner = MLXSubprocessRunner(model, backend=backend, idle_timeout=idle_timeout)
+        else:  # the library replaces a worker that ended: it waits for cadence
+            new = MLXSubprocessRunner.__new__(MLXSubprocessRunner)
+            new._setup(
+                model,
+                backend,
+                _DEFAULT_LOAD_TIMEOUT,
+                _DEFAULT_GENERATE_TIMEOUT,
+                None,
+                None,
+                idle_timeout,
+            )
+            new._launch(restart=restart)
+            runner = new
     finally:
         with condition:
             _pool_starting.discard(key)
@@ -9383,6 +10733,7 @@ def call_model_isolated(
     temperature: float = 0.3,
     system: str = "",
     timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> str:
     """Generate with ``model`` in a pooled worker process (one per model and backend).
 
@@ -9394,7 +10745,9 @@ def call_model_isolated(
     (then ``SubprocessCrashError``: crash-looping). An error the worker
     reports while generating propagates; after a Metal out-of-memory or a
     kernel-panic-class error that model's worker is not restarted until
-    ``shutdown_all_workers()``.
+    ``shutdown_all_workers()``. ``idle_timeout`` applies to a worker this call
+    starts (see ``MLXSubprocessRunner``); a worker the pool starts again after
+    its predecessor idled out or died waits for cadence instead of refusing.
     """
     request = _generate_request(prompt, max_tokens, temperature, system)
     model_id = _str_path("model", model).strip()
@@ -9402,11 +10755,21 @@ def call_model_isolated(
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
     wait = None if timeout is None else _timeout_arg("timeout", timeout)
+    idle = None if idle_timeout is None else _idle_timeout_arg(idle_timeout)
     key = f"{model_id}:{backend}"
-    runner, generation = _pool_claim(key, model_id)
+    runner, generation, restart = _pool_claim(key, model_id)
     if runner is None:
+        if restart is not None and idle is None:
+            idle = restart[1]  # a replacement keeps the limit its predecessor was given
         try:
-            runner = _pool_start(key, model_id, backend, generation)
+            runner = _pool_start(
+                key,
+                model_id,
+                backend,
+                generation,
+                idle_timeout=idle,
+                restart=None if restart is None else restart[0],
+            )
         except _REFUSALS:
             raise
         except (SubprocessTimeoutError, RuntimeError) as exc:  # crashes and load errors
@@ -9445,6 +10808,10 @@ def _evict(key: str, runner: MLXSubprocessRunner, *, failed: bool = True) -> Non
             del _runner_pool[key]
         if failed:
             _pool_failed(key, runner.fatal_error)
+            _pool_restart[key] = (
+                f"its worker failed (exit code {runner.exitcode})",
+                runner.idle_timeout,
+            )
 
 
 def shutdown_all_workers() -> None:
@@ -9455,6 +10822,7 @@ def shutdown_all_workers() -> None:
         _runner_pool.clear()
         _pool_failures.clear()
         _pool_banned.clear()
+        _pool_restart.clear()
         _pool_generation += 1
     for runner in runners:
         try:
@@ -9470,13 +10838,15 @@ def shutdown_all_workers() -> None:
 # The bootstrap only adds a meta-path finder; once ``mlx.core`` / ``mlx_lm`` /
 # ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
 # cadence admission that waits, each forward-pass step under the GPU gate (streams
-# synchronized before release), the per-request flush, SIGTERM as Ctrl-C (deferred
-# while the main thread is inside a lock step), unloads recorded. A hook whose
-# target this version lacks is named once on stderr and skipped.
+# synchronized before release; mlx_lm.server's loop, which steps back to back and
+# waits only for requests, keeps a turn up to 20 ms), the per-request flush,
+# SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
+# unloads recorded. A hook whose target this version lacks is named once on
+# stderr and skipped.
 #
 # Provides: _EXIT_GENERATION_DEAD, _EXIT_GPU_STUCK, _child_bootstrap
-# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories, Cadence,
-#   GPU gate, Runs registry, Flush guards, Wired-limit control
+# Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
+#   Version advisories, Cadence, GPU gate, Runs registry, Flush guards, Wired-limit control
 # =============================================================================
 
 _EXIT_REFUSED = 2
@@ -9485,6 +10855,7 @@ _EXIT_GPU_STUCK = 71  # reserved: stuck GPU work
 _RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
 _RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
 _RUN_NOTE_EVERY_SEC = 5.0
+_RUN_TURN_SLICE_SEC = 0.02  # mlx_lm.server's loop keeps its turn across steps this long at most
 _RUN_CADENCE_SLACK_SEC = 0.05
 _RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
 _RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
@@ -9508,6 +10879,7 @@ _RUN_HOOKS: tuple[tuple[str, str, str, str], ...] = (
     ("mlx_lm.generate", "BatchGenerator.insert", "batch-insert", ">=0.28"),
     ("mlx_lm.generate", "BatchGenerator.insert_segments", "batch-insert", ">=0.31.3"),
     ("mlx_lm.server", "ResponseGenerator._generate", "thread", ">=0.29"),
+    ("mlx_lm.server", "ResponseGenerator._next_request", "idle", ">=0.31"),
     ("mlx_vlm.utils", "load", "load", ""),
     ("mlx_vlm.generate", "generate_step", "step", ""),
     ("mlx_vlm.generate", "stream_generate", "request", ""),
@@ -9527,10 +10899,7 @@ class _RunState:
         self.installed = False
         self.gate_on = True
         self.gate_log: str | None = None
-        self.gate_label = "run"
         self.main_ident = 0
-        self.critical = 0  # main thread inside a metal_guard lock step
-        self.interrupt_pending = False
         self.gate_wait = 0.0
         self.gate_wait_noted = time.monotonic()
         self.labels: dict[int, str] = {}  # id(model) → model id
@@ -9579,6 +10948,8 @@ class _RunLoader:
         _run_after_import(module.__name__)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_loader":  # a copy made without __init__: no recursion
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
@@ -9606,19 +10977,12 @@ def _run_after_import(name: str) -> None:
             _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
 
 
-def _run_say(text: str) -> None:
-    try:
-        sys.stderr.write(f"metal-guard: {text}\n")
-    except Exception:  # a closed stderr: nothing to tell
-        pass
-    _run_flush_stdio()
-
-
-def _run_flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
+def _run_say(text: str | None) -> None:
+    """One line on stderr (``None``: nothing); stdout and stderr flushed either way."""
+    for stream, line in ((sys.stderr, text), (sys.stdout, None), (sys.stderr, None)):
         try:
-            stream.flush()
-        except Exception:  # a closed stream
+            stream.write(f"metal-guard: {line}\n") if line else stream.flush()
+        except Exception:  # a closed stream: nothing to tell
             pass
 
 
@@ -9632,8 +10996,7 @@ def _run_on_mlx() -> None:
     _run.local = threading.local()
     _run.gate_on = _env_bool("METALGUARD_RUN_GPU_GATE", True)
     _run.gate_log = _env_path(_RUN_GATE_LOG_ENV, None)
-    _run.gate_label = f"run:{os.getpid()}"
-    _run.gate = exclusive_gpu(_run.gate_label)
+    _run.gate = exclusive_gpu(f"run:{os.getpid()}")
     _run_wired_policy()
     import atexit
 
@@ -9663,27 +11026,8 @@ def _run_wired_policy() -> None:
 
 
 def _run_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM as Ctrl-C; deferred while the main thread is inside a gate or store step."""
-    if _run.critical > 0:
-        _run.interrupt_pending = True
-        return
-    raise KeyboardInterrupt
-
-
-def _run_critical_enter() -> None:
-    if _thread.get_ident() == _run.main_ident:
-        _run.critical += 1
-
-
-def _run_critical_leave() -> bool:
-    """Leave a lock step; True when a deferred SIGTERM must now be raised."""
-    if _thread.get_ident() != _run.main_ident:
-        return False
-    _run.critical -= 1
-    if _run.critical == 0 and _run.interrupt_pending:
-        _run.interrupt_pending = False
-        return True
-    return False
+    """SIGTERM as Ctrl-C; held back while the main thread is inside a lock step (0.2)."""
+    _interrupt(KeyboardInterrupt(), frame)
 
 
 def _run_local() -> Any:
@@ -9706,38 +11050,46 @@ class _GpuTurn:
         self.start = 0.0
 
     def __enter__(self) -> _GpuTurn:
-        gate = _run.gate
-        if not _run.gate_on or gate is None or _gpu_gate_held_here():
-            return self
-        _run_critical_enter()
-        try:
-            asked = time.monotonic()
+        gate, local = _run.gate, _run_local()
+        if not _run.gate_on or gate is None or getattr(local, "turn", False):
+            return self  # nested in a turn of this thread: that one synchronizes and releases
+        kept = getattr(local, "kept", None)  # the server loop's turn, kept since its last step
+        if kept is not None:
+            local.kept = None
+            if time.monotonic() - kept.start < _RUN_TURN_SLICE_SEC:
+                self.gate, self.start, local.turn = kept.gate, kept.start, True
+                self.streams = kept.streams + tuple(
+                    s for s in self.streams if s not in kept.streams
+                )
+                return self
+            kept.let_go()
+        asked = time.monotonic()
+        with _critical(undo=self._release):  # a stop while taking it gives it back
             gate.__enter__()
-            self.gate = gate
-            self.start = time.monotonic()
-            _run.gate_wait += self.start - asked
-        finally:
-            interrupt = _run_critical_leave()
-        if interrupt:
-            self._release()
-            raise KeyboardInterrupt
+            self.gate, local.turn = gate, True
+        self.start = time.monotonic()
+        _run.gate_wait += self.start - asked
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.gate is None:
             return
-        _run_critical_enter()
-        try:
+        local = _run_local()
+        young = time.monotonic() - self.start < _RUN_TURN_SLICE_SEC
+        if young and exc[0] is None and getattr(local, "keep", False):
+            local.turn, local.kept = False, self  # released at the next step or wait
+            return
+        self.let_go()
+
+    def let_go(self) -> None:
+        with _critical():
             self._release()
-        finally:
-            interrupt = _run_critical_leave()
-        if interrupt and exc[0] is None:
-            raise KeyboardInterrupt
 
     def _release(self) -> None:
         gate, self.gate = self.gate, None
         if gate is None:
             return
+        _run_local().turn = False
         try:
             mx = sys.modules.get("mlx.core")
             if mx is not None:  # the step's own streams (one sync costs tens of µs)
@@ -9748,6 +11100,14 @@ class _GpuTurn:
                 _run_log_turn(self.start, time.monotonic())
         finally:
             gate.__exit__(None, None, None)
+
+
+def _run_end_kept_turn() -> None:
+    """Release the turn the server loop kept (before it waits, loads or ends)."""
+    local = _run_local()
+    kept, local.kept = getattr(local, "kept", None), None
+    if kept is not None:
+        kept.let_go()
 
 
 def _run_log_turn(start: float, end: float) -> None:
@@ -9788,7 +11148,7 @@ def _run_refuse_exit(text: str) -> NoReturn:
     _run_say(f"refused: {text}")
     if _thread.get_ident() == _run.main_ident:
         raise SystemExit(_EXIT_REFUSED)
-    _run_flush_stdio()
+    _run_say(None)
     os._exit(_EXIT_REFUSED)
 
 
@@ -9852,6 +11212,7 @@ def _run_wrap_load(fn: Callable[..., Any]) -> Callable[..., Any]:
         local = _run_local()
         if model_id is None or getattr(local, "loading", False):
             return fn(*args, **kwargs)
+        _run_end_kept_turn()  # a load is no step
         _run_record_unloads()
         warn_if_known_panic_model(model_id)
         scope = _run_admit(model_id)  # a wait here stays interruptible (SIGTERM, Ctrl-C)
@@ -9960,10 +11321,9 @@ def _run_wrap_request(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_finished(out: object) -> int:
-    """How many responses of a BatchGenerator step carry a finish reason."""
-    items = list(out) if isinstance(out, (list, tuple)) else []
-    if isinstance(out, tuple):
-        items = [r for part in items for r in (part if isinstance(part, list) else [part])]
+    """How many responses of a BatchGenerator step (a list, or a tuple of lists) finished."""
+    parts = out if isinstance(out, tuple) else (out,)
+    items = [r for part in parts for r in (part if isinstance(part, list) else [part])]
     return sum(1 for r in items if getattr(r, "finish_reason", None) is not None)
 
 
@@ -10001,19 +11361,36 @@ def _run_wrap_batch_insert(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_wrap_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        local = _run_local()
+        # the loop steps back to back and waits only in _next_request: a turn may span steps
+        waits = getattr(type(self), "_next_request", None)
+        local.keep = getattr(waits, _RUN_MARK, None) is not None
         try:
             return fn(self, *args, **kwargs)
         except Exception as exc:
+            _run_end_kept_turn()
             if getattr(self, "_stop", False):
                 raise
             text = f"mlx_lm.server generation thread died: {type(exc).__name__}: {_label(exc)}"
             _breadcrumb(f"RUN_GENERATION_DEAD: {text}")
             _run_say(f"{text}; exiting with {_EXIT_GENERATION_DEAD}")
             _run_at_exit()
-            _run_flush_stdio()
+            _run_say(None)
             os._exit(_EXIT_GENERATION_DEAD)
+        finally:
+            local.keep = False
+            _run_end_kept_turn()
 
     return _generate
+
+
+def _run_wrap_idle(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _next_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if (args[0] if args else kwargs.get("timeout")) is not None:
+            _run_end_kept_turn()  # about to block: the GPU is free for others meanwhile
+        return fn(self, *args, **kwargs)
+
+    return _next_request
 
 
 _RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | None]] = {
@@ -10023,6 +11400,7 @@ _RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | Non
     "batch": _run_wrap_batch,
     "batch-insert": _run_wrap_batch_insert,
     "thread": _run_wrap_thread,
+    "idle": _run_wrap_idle,
 }
 
 
@@ -10115,7 +11493,7 @@ def _run_at_exit() -> None:
 #   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
 #   _run_child_env, _run_supervised
 # Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence, Circuit breaker,
-#   Runs registry, System audits, Child hooks
+#   Post-panic gate, Runs registry, System audits, Child hooks
 # =============================================================================
 
 _RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
@@ -10345,8 +11723,7 @@ def _preflight_refusal() -> str | None:
     Observer mode reports a cooldown instead of refusing (``_refuse``).
     """
     try:
-        # The post-panic gate (section 4.8, its ``_require_post_panic_clear()``, which
-        # raises MLXCooldownActive through ``_refuse``) is called here, before the breaker.
+        _require_post_panic_clear()  # one panic is enough (4.8); then the breaker's own rule
         CircuitBreaker().check()
     except MLXCooldownActive as exc:
         return str(exc)
@@ -10707,8 +12084,9 @@ def _run_supervised(argv: list[str], options: _RunOptions) -> int:
 # then prints exactly one JSON document on stdout, usage errors included.
 #
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
-#   _UsageError, _ago, _cli_parser, _pairs, _show, _table
-# Uses: Prelude, Breadcrumbs, Model identity, Cadence, Circuit breaker, Wired-limit control,
+#   _UsageError, _ago, _cli_parser, _fault_message, _pairs, _require_state_folder, _show, _table,
+#   _unreadable_state, _unreadable_text
+# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker, Wired-limit control,
 #   Supervisor
 # =============================================================================
 
@@ -10772,6 +12150,11 @@ def _line_count(text: str) -> int:
     return _cli_arg(text, check, "a whole number 0..1000000")
 
 
+def _exit_codes(codes: str, error: str = "1 error") -> str:
+    """A subcommand's help epilog: its exit codes (``codes`` for 0 and 2, then 1 and 64)."""
+    return f"Exit codes: {codes}, {error}, 64 usage error."
+
+
 def _model_arg(text: str) -> str:
     import argparse
 
@@ -10825,27 +12208,58 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         "else 0; gemma-4 models always get at least 90)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    status = commands.add_parser(
-        "status", parents=[json_flag], help="version, MLX, state, cadence, breaker, recent panics"
+
+    def command(
+        name: str, summary: str, codes: str = "0 shown", error: str = "1 error", **kwargs: Any
+    ) -> Any:
+        """A subcommand whose --help opens with ``summary`` and ends with its exit codes."""
+        description = summary[0].upper() + summary[1:] + "."
+        epilog = _exit_codes(codes, error)
+        return commands.add_parser(
+            name, help=summary, description=description, epilog=epilog, **kwargs
+        )
+
+    status = command(
+        "status",
+        "version, MLX, state, cadence, breaker, recent panics (never writes)",
+        parents=[json_flag],
     )
     status.add_argument(
         "--device",
         action="store_true",
         help="also import mlx.core to show the device (initialises Metal: avoid during a cooldown)",
     )
-    check = commands.add_parser(
+    check = command(
         "check",
+        "pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
+        "0 go, 2 blocked (breaker cooldown, a recent kernel panic, cadence, --refuse-known)",
+        "1 error (a state file is unreadable, or --admit could not record the load)",
         parents=[json_flag, intervals],
-        help="pre-flight for a model load: advisory, breaker, cadence (exit 0 go, 2 blocked)",
     )
     check.add_argument("model", type=_model_arg, metavar="MODEL", help="repo id or local path")
     check.add_argument("--admit", action="store_true", help="record the load when it may go")
+    check.add_argument(
+        "--wait",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_nonnegative_seconds,
+        metavar="SEC",
+        help="with --admit: wait for the cadence instead of exiting 2 (at most the interval, "
+        "or at most SEC seconds with --wait=SEC)",
+    )
     check.add_argument(
         "--refuse-known",
         action="store_true",
         help="exit 2 for a model in the known-panic registry (default: advisory, exit 0)",
     )
-    panics = commands.add_parser("panics", parents=[json_flag], help="kernel-panic reports")
+    panics = command(
+        "panics",
+        "kernel-panic reports (or the archive), newest last",
+        "0 shown",
+        "1 error (no such --dir folder)",
+        parents=[json_flag],
+    )
     panics.add_argument("--dir", metavar="D", help="report folder (default: the system's)")
     panics.add_argument(
         "--since", type=_nonnegative_hours, metavar="HOURS", help="only the last HOURS hours"
@@ -10853,12 +12267,33 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     panics.add_argument(
         "--archive", action="store_true", help="show the archive (panics.jsonl) instead"
     )
-    breaker = commands.add_parser("breaker", parents=[json_flag], help="circuit breaker")
-    breaker.add_argument("action", nargs="?", choices=("status", "clear"), default="status")
-    cadence = commands.add_parser(
-        "cadence", parents=[json_flag, intervals], help="recent model loads, what is blocked"
+    breaker = command(
+        "breaker",
+        "the circuit breaker that refuses MLX work after repeated IOGPU kernel panics",
+        "0 shown or cleared",
+        parents=[json_flag],
     )
-    cadence.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    breaker.add_argument(
+        "action",
+        nargs="?",
+        choices=("status", "clear"),
+        default="status",
+        help="status (default): the state, recent panics, whether a cooldown runs; "
+        "clear: end a cooldown and forget the panics seen so far",
+    )
+    cadence = command(
+        "cadence",
+        "recent model loads and what the cadence blocks now",
+        "0 shown or cleared (show exits 0 even when blocked: use check)",
+        parents=[json_flag, intervals],
+    )
+    cadence.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "clear"),
+        default="show",
+        help="show (default): loads, unloads and what is blocked; clear: forget them",
+    )
     cadence.add_argument(
         "model",
         nargs="?",
@@ -10866,18 +12301,38 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         metavar="MODEL",
         help="show whether this model may load now (with clear: forget only this model)",
     )
-    commands.add_parser(
-        "lock", parents=[json_flag], help="who holds the MLX lock and the GPU gate, since when"
-    )
-    models = commands.add_parser("models", parents=[json_flag], help="known panic models")
+    command("lock", "who holds the MLX lock and the GPU gate, since when", parents=[json_flag])
+    models = command("models", "the registry of known panic models", parents=[json_flag])
     models.add_argument("model", nargs="?", metavar="MODEL", help="look up one model")
-    crumbs = commands.add_parser("breadcrumbs", parents=[json_flag], help="last breadcrumb lines")
+    crumbs = command("breadcrumbs", "the last breadcrumb lines", parents=[json_flag])
     crumbs.add_argument("-n", type=_line_count, default=20, metavar="N", help="lines (default 20)")
-    commands.add_parser(
+    command(
         "audit",
-        parents=[json_flag],
-        help="system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
+        "system audit: wired limit, GPU driver, MLX settings, advisories for the installed "
         "MLX stack, wired-limit policy (never imports MLX)",
+        parents=[json_flag],
+    )
+    command(
+        "diagnose",
+        "after a kernel panic: what happened, the likely trigger, what to do next",
+        parents=[json_flag],
+    )
+    ack = command(
+        "ack",
+        "acknowledge the panics so far: lifts the post-panic lockout",
+        "0 acknowledged",
+        parents=[json_flag],
+    )
+    ack.add_argument("--note", metavar="TEXT", help="a note kept with the acknowledgement")
+    postmortem = command(
+        "postmortem",
+        "write one archive for a bug report (home folder and user name removed)",
+        "0 written",
+        "1 error (the archive could not be written)",
+        parents=[json_flag],
+    )
+    postmortem.add_argument(
+        "-o", "--output", metavar="PATH", help="archive path (.tar.gz, or .zip); default: here"
     )
     _add_run_parser(commands)
     return parser, dict(commands.choices)
@@ -10886,10 +12341,10 @@ def _cli_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
 # -- run ---------------------------------------------------------------------------
 
 _RUN_EXIT_CODES = (
-    "exit codes: the program's own code when it exits; 128+N when it died from signal N; "
+    "Exit codes: 0 or the program's own code when it exits; 128+N when it died from signal N; "
     f"{_RUN_EXIT_REFUSED} pre-flight refused (the program was not started); "
     f"{_RUN_EXIT_GAVE_UP} gave up restarting (--max-restarts within --restart-window); "
-    "64 usage error; 1 run's own error; 126/127 the command cannot be run / was not found. "
+    "64 usage error; 1 error of run itself; 126/127 the command cannot be run / was not found. "
     "The program's exit codes 2 (a guard refused) and 71 (stuck GPU work) are never restarted."
 )
 
@@ -11031,6 +12486,66 @@ def _ago(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{_duration(now - ts)} ago" if ts <= now else "in the future"
 
 
+# -- faults -------------------------------------------------------------------------
+
+
+def _require_state_folder() -> None:
+    """For commands that write state: a file where the state folder should be is the
+    error ``_ensure_dir`` raises, without creating the folder."""
+    home = _state_home()
+    if os.path.lexists(home) and not os.path.isdir(home):
+        raise NotADirectoryError(errno.ENOTDIR, "state folder is not a directory", home)
+
+
+def _fault_message(exc: BaseException) -> str:
+    """The one wording of an environment fault, whichever command met it."""
+    if isinstance(exc, CadenceStoreError):
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.filename is None:
+            return f"cannot use {exc.path}: {exc.reason}"
+        exc = cause
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return f"{type(exc).__name__}: {exc}"
+    path = os.fspath(exc.filename)
+    text = f"cannot use {path}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOTDIR and path == _state_home():
+        text += " (METALGUARD_HOME must name a folder: move the file aside or point it elsewhere)"
+    return text
+
+
+_UNREADABLE_FIX = {
+    "breaker.json": "move it aside or run `metal-guard breaker clear`",
+    "cadence.json": "move it aside or run `metal-guard cadence clear`",
+}
+
+
+def _unreadable_state(guard: CadenceGuard, now: float) -> dict[str, dict[str, str]]:
+    """State files ``check`` cannot read (the reading ``status`` shows), by file name."""
+    breaker = CircuitBreaker().status(now=now)
+    found = {
+        "breaker.json": (breaker["state_path"], breaker["state_problem"]),
+        "cadence.json": (guard.path, guard.status(now=now)["problem"]),
+    }
+    return {
+        name: {"path": path, "problem": problem, "what_to_do": _UNREADABLE_FIX[name]}
+        for name, (path, problem) in found.items()
+        if problem is not None
+    }
+
+
+def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise: str) -> str:
+    """``check``'s line for state file ``name``: what it cannot read and what to do, if so."""
+    if name not in unreadable:
+        return otherwise
+    entry = unreadable[name]
+    said = (
+        entry["problem"]
+        if entry["path"] in entry["problem"]
+        else f"{entry['path']}: {entry['problem']}"
+    )
+    return f"unreadable: {said}; {entry['what_to_do']}"
+
+
 # =============================================================================
 # 6.2 Commands — each subcommand calls public functions; wiring only.
 #
@@ -11038,12 +12553,12 @@ def _ago(ts: float | None, now: float) -> str:
 # reports, like ``CircuitBreaker.check``), ``check --admit``, ``breaker clear``
 # and ``cadence clear`` change files.
 #
-# Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_check, _cmd_lock,
+# Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_lock,
 #   _cmd_models, _cmd_panics, _cmd_run, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
-#   MLX lock (L8), GPU gate, Runs registry, Wired-limit control, System audits, MetalGuard,
-#   Supervisor, Command line
+#   Post-panic gate, MLX lock (L8), GPU gate, Runs registry, Wired-limit control, System audits,
+#   MetalGuard, Supervisor, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -11249,6 +12764,8 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
         "state_folder": home,
         "state_folder_exists": os.path.isdir(home),
         "state_folder_note": _folder_note(home).strip(" ()") or None,
+        "module_file": __file__,
+        "shadowed_by": _other_metal_guard(),
         "cadence": cadence,
         "breaker": breaker,
         "recent_panics": breaker["recent_panics"],
@@ -11271,8 +12788,10 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
             ("platform", doc["platform"]),
             ("MLX", mlx_text),
             ("state folder", home + _folder_note(home)),
+            ("imported from", __file__),
         ]
     )
+    lines += [f"  ! {text}" for text in doc["shadowed_by"]]
     lines += ["", "Locks", *_lock_lines(locks, now)]
     lines += ["", "Cadence", *_cadence_lines(cadence, now), "", "Circuit breaker"]
     lines += _breaker_lines(breaker, now)
@@ -11280,119 +12799,6 @@ def _cmd_status(args: argparse.Namespace) -> _CLIResult:
     recent = breaker["recent_panics"][-5:]
     lines += _table(_PANIC_HEADERS, _panic_rows(recent)) if recent else ["  none found"]
     lines += ["", "Programs under `metal-guard run` on this host", *_runs_lines(runs, now)]
-    return _EXIT_GO, doc, lines
-
-
-def _cmd_check(args: argparse.Namespace) -> _CLIResult:
-    model: str = args.model
-    now = time.time()
-    known = check_known_panic_model(model)
-    doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
-    lines = [f"check {_show(model)}"]
-    items: list[tuple[str, object]] = []
-    blocked: list[str] = []
-    if known is None:
-        items.append(("known panic model", "no"))
-    else:
-        items.append(
-            ("known panic model", f"YES ({known['tier']} tier: {known['panic_signature']})")
-        )
-        items.append(("advice", known["recommendation"]))
-        if known.get("safer_alternative"):
-            items.append(("safer alternative", known["safer_alternative"]))
-        if args.refuse_known:
-            blocked.append("known panic model (--refuse-known)")
-    # Observer mode: the library reports a refusal instead of raising it; show it anyway.
-    would_refuse: list[str] = []
-    observed = "would refuse (observer mode): "
-    cooldown: MLXCooldownActive | None = None
-    with _ObservedRefusals() as seen:
-        try:
-            _breaker().check(now=now)
-        except MLXCooldownActive as refusal:
-            cooldown = refusal
-    cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
-    if cooling is None:
-        doc["breaker"] = {"blocked": False}
-        items.append(("circuit breaker", "clear"))
-    else:
-        doc["breaker"] = {
-            "blocked": cooldown is not None,
-            "message": str(cooling),
-            "panic_count": cooling.panic_count,
-            "window_sec": cooling.window_sec,
-            "cooldown_until": cooling.cooldown_until,
-            "remaining_sec": cooling.remaining_sec,
-        }
-        if cooldown is not None:
-            items.append(("circuit breaker", f"BLOCKED: {cooling}"))
-            blocked.append("circuit breaker cooldown")
-        else:
-            doc["breaker"]["would_refuse"] = True
-            items.append(("circuit breaker", observed + str(cooling)))
-            would_refuse.append("circuit breaker cooldown")
-    guard = _cadence_guard(args)
-    cadence: dict[str, Any] = {
-        "path": guard.path,
-        "min_interval_sec": guard.min_interval_sec,
-        "cross_model_interval_sec": guard.effective_cross_interval(model),
-        "admitted": False,
-    }
-    violation: CadenceViolation | None = None
-    recorded = ""
-    with _ObservedRefusals() as seen:
-        try:
-            if args.admit and not blocked:
-                # an unusable store fails open: admitted, but not recorded
-                cadence["admitted"] = guard.admit(model)
-                recorded = (
-                    "; load recorded"
-                    if cadence["admitted"]
-                    else (
-                        "; the load could NOT be recorded (cadence store unusable, see the warning)"
-                    )
-                )
-            else:
-                guard.check(model)
-        except CadenceViolation as refused:
-            violation = refused
-    exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
-    if exc_seen is None:
-        cadence["blocked"] = False
-        items.append(("cadence", "clear" + recorded))
-    else:
-        cadence.update(
-            blocked=violation is not None,
-            message=str(exc_seen),
-            remaining_sec=exc_seen.remaining_sec,
-            last_model=getattr(exc_seen, "last_model", exc_seen.model_id),
-            last_ts=exc_seen.last_ts,
-        )
-        if violation is not None:
-            items.append(("cadence", f"BLOCKED: {exc_seen}"))
-            blocked.append("cadence")
-        else:
-            cadence["would_refuse"] = True
-            items.append(("cadence", observed + str(exc_seen)))
-            if recorded:
-                items.append(("note", recorded.removeprefix("; ")))
-            would_refuse.append("cadence")
-    doc["cadence"] = cadence
-    doc["decision"] = "blocked" if blocked else "go"
-    doc["blocked_by"] = blocked
-    doc["would_refuse_by"] = would_refuse
-    if args.admit and blocked and not cadence["admitted"]:
-        items.append(("note", "the load was not recorded (blocked)"))
-    lines[0] += ": " + ("BLOCKED by " + ", ".join(blocked) if blocked else "GO")
-    if would_refuse and not blocked:
-        lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
-    lines += _pairs(items)
-    if blocked:
-        return _EXIT_BLOCKED, doc, lines
-    if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
-        doc["decision"] = "error"
-        doc["error"] = "the load could not be recorded (cadence store unusable)"
-        return _EXIT_ERROR, doc, lines
     return _EXIT_GO, doc, lines
 
 
@@ -11427,6 +12833,7 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     breaker = _breaker()
     now = time.time()
     if args.action == "clear":
+        _require_state_folder()
         was_active = breaker.clear()
         doc = {"cleared": True, "was_cooling_down": was_active, "state_path": breaker.state_path}
         message = "circuit breaker cleared" + (
@@ -11437,24 +12844,14 @@ def _cmd_breaker(args: argparse.Namespace) -> _CLIResult:
     return _EXIT_GO, status, ["Circuit breaker", *_breaker_lines(status, now)]
 
 
-def _usable_store_folder(path: str) -> None:
-    """``_CLIError`` (exit 1) when something other than a folder sits where the store's is."""
-    folder = os.path.dirname(path)
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise _CLIError(f"cannot use the cadence store {path}: {folder} is not a folder")
-
-
 def _cmd_cadence(args: argparse.Namespace) -> _CLIResult:
     guard = _cadence_guard(args)
     now = time.time()
     if args.action == "clear":
-        _usable_store_folder(guard.path)
+        _require_state_folder()
         # `clear` was asked for: failing open would claim a clear that did not happen
         guard.strict = True
-        try:
-            removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
-        except CadenceStoreError as exc:
-            raise _CLIError(f"cannot use the cadence store {exc.path}: {exc.reason}") from None
+        removed = guard.clear(args.model) if os.path.lexists(guard.path) else 0
         doc = {"path": guard.path, "model_id": args.model, "removed": removed}
         which = f"for {args.model}" if args.model else "for every model"
         return _EXIT_GO, doc, [f"cadence cleared {which}: {removed} model(s) forgotten"]
@@ -11675,14 +13072,472 @@ def _runs_lines(runs: list[dict[str, Any]], now: float) -> list[str]:
 
 
 # =============================================================================
-# 6.3 Entry point — ``main``: parse, run one command, print text or one JSON document.
+# 6.3 Check — ``metal-guard check``: the pre-flight for one load, as a command.
+#
+# Known-panic advisory, post-panic gate, circuit breaker and cadence, each on its
+# own line; exit 0 go, 2 blocked, 1 when state it needs cannot be read
+# ("unreadable", the file, what to do). Only ``--admit`` records the load.
+#
+# Provides: _cmd_check
+# Uses: Prelude, Registry, Modes (L6), Cadence, Circuit breaker, Post-panic gate, Command line,
+#   Commands
+# =============================================================================
+
+
+def _cmd_check(args: argparse.Namespace) -> _CLIResult:
+    model: str = args.model
+    if args.wait is not False and not args.admit:
+        raise _CLIError("--wait needs --admit (only an admission waits)", _EXIT_USAGE)
+    _require_state_folder()  # without it no state can be read, nor the load recorded
+    now = time.time()
+    known = check_known_panic_model(model)
+    guard = _cadence_guard(args)
+    # read before the checks below, which may move a corrupt file aside
+    unreadable = _unreadable_state(guard, now)
+    doc: dict[str, Any] = {"model_id": model, "known_panic_model": known}
+    lines = [f"check {_show(model)}"]
+    items: list[tuple[str, object]] = []
+    blocked: list[str] = []
+    if known is None:
+        items.append(("known panic model", "no"))
+    else:
+        items.append(
+            ("known panic model", f"YES ({known['tier']} tier: {known['panic_signature']})")
+        )
+        items.append(("advice", known["recommendation"]))
+        if known.get("safer_alternative"):
+            items.append(("safer alternative", known["safer_alternative"]))
+        if args.refuse_known:
+            blocked.append("known panic model (--refuse-known)")
+    # Observer mode: the library reports a refusal instead of raising it; show it anyway.
+    would_refuse: list[str] = []
+    observed = "would refuse (observer mode): "
+    cooldown: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _breaker().check(now=now)
+        except MLXCooldownActive as refusal:
+            cooldown = refusal
+    cooling = cooldown or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    if cooling is None:
+        doc["breaker"] = {"blocked": False}
+        items.append(("circuit breaker", _unreadable_text(unreadable, "breaker.json", "clear")))
+    else:
+        doc["breaker"] = {
+            "blocked": cooldown is not None,
+            "message": str(cooling),
+            "panic_count": cooling.panic_count,
+            "window_sec": cooling.window_sec,
+            "cooldown_until": cooling.cooldown_until,
+            "remaining_sec": cooling.remaining_sec,
+        }
+        if cooldown is not None:
+            items.append(("circuit breaker", f"BLOCKED: {cooling}"))
+            blocked.append("circuit breaker cooldown")
+        else:
+            doc["breaker"]["would_refuse"] = True
+            items.append(("circuit breaker", observed + str(cooling)))
+            would_refuse.append("circuit breaker cooldown")
+    gate: MLXCooldownActive | None = None
+    with _ObservedRefusals() as seen:
+        try:
+            _require_post_panic_clear(now=now)  # one recent IOGPU kernel panic refuses
+        except MLXCooldownActive as refusal:
+            gate = refusal
+    after = gate or next((e for e in seen if isinstance(e, MLXCooldownActive)), None)
+    doc["post_panic"] = {"blocked": gate is not None}
+    if after is None:
+        items.append(("post-panic gate", "clear"))
+    else:
+        needs_ack = isinstance(after, _PostPanicRefusal) and bool(after.lockout)
+        doc["post_panic"].update(
+            message=str(after), remaining_sec=after.remaining_sec, needs_ack=needs_ack
+        )
+        if gate is not None:
+            items.append(("post-panic gate", f"BLOCKED: {after}"))
+            blocked.append("post-panic gate")
+        else:
+            doc["post_panic"]["would_refuse"] = True
+            items.append(("post-panic gate", observed + str(after)))
+            would_refuse.append("post-panic gate")
+    cadence: dict[str, Any] = {
+        "path": guard.path,
+        "min_interval_sec": guard.min_interval_sec,
+        "cross_model_interval_sec": guard.effective_cross_interval(model),
+        "admitted": False,
+    }
+    violation: CadenceViolation | None = None
+    recorded = ""
+    started = time.monotonic()
+    with _ObservedRefusals() as seen:
+        try:
+            if args.admit and not blocked and not unreadable:
+                # an unusable store fails open: admitted, but not recorded
+                cadence["admitted"] = guard.admit(model, wait=args.wait)
+                recorded = (
+                    "; load recorded"
+                    if cadence["admitted"]
+                    else (
+                        "; the load could NOT be recorded (cadence store unusable, see the warning)"
+                    )
+                )
+            else:
+                guard.check(model)
+        except CadenceViolation as refused:
+            violation = refused
+    if args.wait is not False:
+        cadence["waited_sec"] = round(time.monotonic() - started, 3)
+        if recorded and cadence["waited_sec"] >= 0.1:
+            recorded += f" after waiting {cadence['waited_sec']:.1f} s"
+    exc_seen = violation or next((e for e in seen if isinstance(e, CadenceViolation)), None)
+    if exc_seen is None:
+        cadence["blocked"] = False
+        items.append(("cadence", _unreadable_text(unreadable, "cadence.json", "clear" + recorded)))
+    else:
+        cadence.update(
+            blocked=violation is not None,
+            message=str(exc_seen),
+            remaining_sec=exc_seen.remaining_sec,
+            last_model=getattr(exc_seen, "last_model", exc_seen.model_id),
+            last_ts=exc_seen.last_ts,
+        )
+        if violation is not None:
+            items.append(("cadence", f"BLOCKED: {exc_seen}"))
+            blocked.append("cadence")
+        else:
+            cadence["would_refuse"] = True
+            items.append(("cadence", observed + str(exc_seen)))
+            if recorded:
+                items.append(("note", recorded.removeprefix("; ")))
+            would_refuse.append("cadence")
+    doc["cadence"] = cadence
+    doc["decision"] = "blocked" if blocked else "error" if unreadable else "go"
+    doc["blocked_by"] = blocked
+    doc["would_refuse_by"] = would_refuse
+    doc["unreadable"] = unreadable
+    if args.admit and (blocked or unreadable) and not cadence["admitted"]:
+        why = "blocked" if blocked else "state unreadable"
+        items.append(("note", f"the load was not recorded ({why})"))
+    if blocked:
+        lines[0] += ": BLOCKED by " + ", ".join(blocked)
+    elif unreadable:
+        lines[0] += ": UNREADABLE state (" + ", ".join(unreadable) + "): cannot tell"
+    else:
+        lines[0] += ": GO"
+    if would_refuse and not blocked:
+        lines[0] += " (observer mode; would refuse: " + ", ".join(would_refuse) + ")"
+    lines += _pairs(items)
+    if blocked:
+        return _EXIT_BLOCKED, doc, lines
+    if unreadable:
+        doc["error"] = "state unreadable: " + "; ".join(
+            _unreadable_text(unreadable, name, "").removeprefix("unreadable: ")
+            for name in unreadable
+        )
+        return _EXIT_ERROR, doc, lines
+    if args.admit and not cadence["admitted"]:  # a wrapper must be able to tell
+        doc["decision"] = "error"
+        doc["error"] = "the load could not be recorded (cadence store unusable)"
+        return _EXIT_ERROR, doc, lines
+    return _EXIT_GO, doc, lines
+
+
+# =============================================================================
+# 6.4 After-panic commands — ``diagnose``, ``ack``, ``postmortem`` and the bare
+#     ``metal-guard`` summary.
+#
+# Wiring only: the panics come from the archive and the report folder, the
+# likely triggers from the breadcrumbs (Panic triggers), the rest from the audits
+# and the other commands' documents. ``diagnose`` and the summary write nothing;
+# ``ack`` records the acknowledgement. ``postmortem`` writes one
+# archive (tar.gz, or zip when the name ends in ``.zip``) in which the home
+# folder reads ``~`` and the user name is removed, inside the panic reports too.
+#
+# Provides: _cmd_ack, _cmd_diagnose, _cmd_overview, _cmd_postmortem
+# Uses: Prelude, Files, Breadcrumbs, Panic signatures, Panic reports, Version advisories,
+#   Apple Feedback, Panic triggers, Panic archive, Circuit breaker, Post-panic gate,
+#   System audits, Command line, Commands
+# =============================================================================
+
+_DIAGNOSE_PANICS = 3
+_DIAGNOSE_CRUMB_LINES = 20_000
+_TRIGGER_STEPS = {
+    "load_after_unload": "Space model loads: load inside cadence_scope (or under `metal-guard "
+    "run`) so a load never follows an unload within the cadence interval.",
+    "concurrent_generation": "Let one process use the GPU at a time: the MLX lock and "
+    "exclusive_gpu (both on under `metal-guard run`).",
+    "wired_limit_request": "Do not raise MLX's wired limit: call limit_wired_memory() before "
+    "loading (`metal-guard audit` shows the setting).",
+    "generate_in_flight": "Wrap every generate in subprocess_inference_guard so GPU memory is "
+    "flushed after each request; use a smaller or quantised model if it repeats.",
+    "gemma4_first_generate": "Call gemma4_generation_flush before a gemma-4 model's first "
+    "generate, or move to another model family (`metal-guard models`).",
+}
+
+
+def _diagnose_doc(now: float) -> dict[str, Any]:
+    gate = _post_panic_status(now=now)
+    merged = _merge_panics(read_panic_archive(), parse_panic_reports())
+    panics = [r for r in merged if r.get("kernel_panic", True)]
+    crumbs = read_breadcrumbs(_DIAGNOSE_CRUMB_LINES)
+    entries = []
+    for record in reversed(panics[-_DIAGNOSE_PANICS:]):
+        ts = record["ts"]
+        entries.append(
+            {
+                "ts": ts,
+                "time": _local_time(ts),
+                "signature": record.get("signature"),
+                "what": _signature_words(record.get("signature")),
+                "process": record.get("process"),
+                "pid": record.get("pid"),
+                "location": record.get("location"),
+                "source_file": record.get("source_file"),
+                "acknowledged_at": record.get("acknowledged_at"),
+                "breadcrumbs": _breadcrumbs_around(crumbs, ts)[-60:],
+                "triggers": _likely_triggers(crumbs, ts),
+            }
+        )
+    advisories = check_version_advisories()
+    wired = audit_wired_limit()
+    steps: list[str] = []
+    if gate["needs_ack"]:
+        steps.append("MLX work is refused until you run `metal-guard ack` (after reading this).")
+    elif gate["refused"]:
+        steps.append(
+            f"MLX work is refused for {_duration(gate['remaining_sec'])} more; "
+            "`metal-guard ack` lifts it once you have read this."
+        )
+    for entry in entries[:1]:
+        steps += [_TRIGGER_STEPS[t["trigger"]] for t in entry["triggers"]]
+        if not entry["triggers"]:
+            steps.append(
+                "The breadcrumbs show no likely trigger: guard the program (`metal-guard run -- "
+                "...` or the library's guards) so the next incident leaves forensics."
+            )
+    steps += [
+        f"Upgrade {a['package']} {a['installed_version']}: {a['title']} ({a['url']})."
+        for a in advisories
+        if a.get("severity") in ("critical", "high")
+    ]
+    if wired.get("advisory"):
+        steps.append(str(wired["advisory"]))
+    if entries:
+        steps.append(
+            "Report it upstream: `metal-guard postmortem` writes one archive for a bug report "
+            "(home folder and user name removed)."
+        )
+    else:
+        steps.append("No kernel panic on record: nothing to do.")
+    return {
+        "gate": gate,
+        "panics": entries,
+        "advisories": advisories,
+        "wired_limit": wired,
+        "next_steps": steps,
+    }
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> _CLIResult:
+    doc = _diagnose_doc(time.time())
+    gate = doc["gate"]
+    lines = ["metal-guard diagnose"]
+    lines += _pairs([("MLX work", f"REFUSED: {gate['message']}" if gate["refused"] else "may go")])
+    if not doc["panics"]:
+        lines += ["", "No kernel panic on record (panic archive and report folder)."]
+    for entry in doc["panics"]:
+        acked = " (acknowledged)" if entry["acknowledged_at"] is not None else ""
+        lines += ["", f"Panic at {entry['time']}{acked}"]
+        lines += _pairs(
+            [
+                ("what", entry["what"]),
+                ("process", f"{entry['process'] or 'unknown'} (pid {_show(entry['pid'])})"),
+                ("at", entry["location"]),
+                ("report", entry["source_file"]),
+            ]
+        )
+        crumbs = entry["breadcrumbs"]
+        lines.append(
+            f"  breadcrumbs of the {_TRIGGER_WINDOW_SEC / 60:g} minutes before: "
+            + (f"{len(crumbs)} line(s)" if crumbs else "none")
+        )
+        lines += [f"    {_escape_line(c)}" for c in crumbs[-15:]]
+        if entry["triggers"]:
+            lines.append("  likely trigger(s):")
+            for finding in entry["triggers"]:
+                lines.append(f"  - {finding['summary']}")
+                lines += [f"      {_escape_line(c)}" for c in finding["lines"]]
+        else:
+            lines.append("  likely trigger: none shown by the breadcrumbs")
+    wired = doc["wired_limit"]
+    lines += ["", "Wired-limit setting"]
+    lines += _pairs([("iogpu.wired_limit_mb", wired.get("limit_mb")), ("mode", wired.get("mode"))])
+    lines += ["", f"Advisories for the installed MLX stack: {len(doc['advisories'])}"]
+    lines += [
+        f"  [{a['severity']}] {a['package']} {a['installed_version']}: {a['title']}"
+        for a in doc["advisories"]
+    ]
+    lines += ["", "Next steps"] + [f"  {i}. {s}" for i, s in enumerate(doc["next_steps"], 1)]
+    return _EXIT_GO, doc, lines
+
+
+def _cmd_ack(args: argparse.Namespace) -> _CLIResult:
+    done = _acknowledge_panics(args.note)
+    count = len(done["panics"])
+    lines = [
+        f"acknowledged {count} panic(s) at {_local_time(done['acked_at'])}"
+        + (f" ({done['note']})" if done["note"] else "")
+        + "; the post-panic lockout is lifted and MLX work may go again"
+    ]
+    return _EXIT_GO, done, lines
+
+
+def _cmd_overview(args: argparse.Namespace) -> _CLIResult:
+    now = time.time()
+    gate = _post_panic_status(now=now)
+    breaker = _breaker().status(now=now)
+    doc = {"version": __version__, "post_panic": gate, "breaker": breaker}
+    refused = gate["refused"] or breaker["cooling_down"]
+    lines = [f"metal-guard {__version__}: MLX work " + ("REFUSED" if refused else "may go")]
+    if gate["refused"]:
+        lines.append(f"  {gate['message']}")
+    if breaker["cooling_down"]:
+        lines.append(f"  circuit breaker cooling down ({_duration(breaker['remaining_sec'])} left)")
+    unacked = gate["unacknowledged"]
+    if unacked:
+        newest = unacked[-1]
+        lines.append(
+            f"  {len(unacked)} unacknowledged IOGPU kernel panic(s) in the last 7 days, the newest "
+            f"at {_local_time(newest['ts'])}: run `metal-guard diagnose`"
+        )
+    else:
+        lines.append("  no unacknowledged kernel panic")
+    lines.append("  more: `metal-guard status`, `metal-guard --help`")
+    return _EXIT_GO, doc, lines
+
+
+def _user_names() -> list[str]:
+    import getpass
+
+    names = []
+    try:
+        names.append(getpass.getuser())
+    except Exception:  # no user name anywhere
+        pass
+    home = os.path.expanduser("~")
+    if home.startswith("/Users/"):
+        names.append(os.path.basename(home.rstrip("/")))
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def _postmortem_members(now: float) -> dict[str, bytes]:
+    import argparse
+    import json
+    import platform
+
+    diagnose = _diagnose_doc(now)
+    crumbs = read_breadcrumbs(_DIAGNOSE_CRUMB_LINES)
+    merged = _merge_panics(read_panic_archive(), parse_panic_reports())
+    panics = [r for r in merged if r.get("kernel_panic", True)][-_DIAGNOSE_PANICS:]
+    members: dict[str, bytes] = {}
+    for record in panics:
+        source = record.get("source_file")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record["ts"]))
+        if isinstance(source, str):
+            try:
+                members["panic-reports/" + os.path.basename(source)] = _read_bounded(
+                    source, _PANIC_READ_MAX
+                )
+            except OSError as exc:
+                members[f"panic-reports/{stamp}.missing.txt"] = f"{source}: {exc}\n".encode()
+        around = _breadcrumbs_around(crumbs, record["ts"], before=900.0, after=60.0)
+        members[f"breadcrumbs/{stamp}.log"] = (
+            "\n".join(around) + "\n" if around else "(no breadcrumbs around this panic)\n"
+        ).encode()
+    plain = argparse.Namespace(device=False, min_interval=180.0, cross_model_interval=0.0)
+    versions: dict[str, str | None] = {
+        "metal-guard": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    versions.update({name: _installed_version(name) for name in ("mlx", "mlx-lm", "mlx-vlm")})
+    env = {k: v for k, v in os.environ.items() if k.startswith(("METALGUARD_", "MLX_"))}
+    newest = panics[-1] if panics else {}
+    feedback = format_panic_for_apple_feedback(
+        {
+            "panic_string": newest.get("panic_line"),
+            "panic_time": newest.get("ts"),
+            "hardware": {"chip": newest.get("chip")},
+            "gpu_driver": newest.get("iogpu_version"),
+            "os_version": newest.get("os_version"),
+            "kernel_version": newest.get("kernel_version"),
+            "mlx_versions": {k: v for k, v in versions.items() if k.startswith("mlx") and v},
+            "breadcrumbs": _breadcrumbs_around(crumbs, newest["ts"]) if newest else [],
+            "advisories": diagnose["advisories"],
+        }
+    )
+    docs = {
+        "status.json": _cmd_status(plain)[1],
+        "audit.json": _cmd_audit(plain)[1],
+        "diagnose.json": diagnose,
+        "versions.json": versions,
+        "environment.json": env,
+    }
+    for name, value in docs.items():
+        members[name] = (json.dumps(value, indent=2, default=str) + "\n").encode()
+    members["apple-feedback.md"] = feedback.encode()
+    return members
+
+
+def _write_postmortem(path: str, members: dict[str, bytes], now: float) -> None:
+    import io
+
+    top = os.path.basename(path).split(".")[0] or "metal-guard-postmortem"
+    if path.endswith(".zip"):
+        import zipfile
+
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(f"{top}/{name}", data)
+        return
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mtime, info.mode = len(data), int(now), 0o644
+            archive.addfile(info, io.BytesIO(data))
+
+
+def _cmd_postmortem(args: argparse.Namespace) -> _CLIResult:
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path = _path_arg("-o", args.output or f"metal-guard-postmortem-{stamp}.tar.gz")
+    home = os.path.expanduser("~")
+    names = _user_names()
+    members = {}
+    for name, data in _postmortem_members(now).items():
+        text = data.decode("utf-8", "replace")
+        for user in [None, *names]:
+            text = _redact(text, home if user is None else None, user)
+        members[name] = text.encode("utf-8")
+    try:
+        _write_postmortem(path, members, now)
+    except OSError as exc:
+        raise _CLIError(f"cannot write {path}: {exc}") from None
+    doc = {"path": path, "members": sorted(members)}
+    return _EXIT_GO, doc, [path]
+
+
+# =============================================================================
+# 6.5 Entry point — ``main``: parse, run one command, print text or one JSON document.
 #
 # Library WARNINGs (a store failing open...) go to stderr while a command runs;
 # a usage error exits 64 with the usage line (and, with --json, one JSON
 # document); a closed pipe (``metal-guard panics | head``) ends quietly.
 #
 # Provides: main
-# Uses: Prelude, Command line, Commands
+# Uses: Prelude, Command line, Commands, After-panic commands
 # =============================================================================
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
@@ -11695,6 +13550,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], _CLIResult]] = {
     "breadcrumbs": _cmd_breadcrumbs,
     "lock": _cmd_lock,
     "audit": _cmd_audit,
+    "diagnose": _cmd_diagnose,
+    "ack": _cmd_ack,
+    "postmortem": _cmd_postmortem,
+    "overview": _cmd_overview,
     "run": _cmd_run,
 }
 
@@ -11742,7 +13601,7 @@ def _usage_error(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``metal-guard`` / ``python -m metal_guard``; returns the exit code.
 
-    ``metal-guard`` alone shows ``status``. Exit codes: 0 go, 2 blocked or
+    ``metal-guard`` alone shows a short summary (``status`` has it all). Exit codes: 0 go, 2 blocked or
     refused, 1 error, 64 usage error.
     """
     import json
@@ -11767,7 +13626,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _emit(f"metal-guard {__version__}\n", sys.stdout)
         return _EXIT_GO
-    command = args.command or "status"
+    command = args.command or "overview"  # bare `metal-guard`: a short summary
     warnings = _cli_warnings_to_stderr()
     try:
         code, doc, lines = _COMMANDS[command](args)
@@ -11779,8 +13638,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # environment faults (unwritable state, lock timeouts...)
-        code, doc, lines = _EXIT_ERROR, {"error": f"{type(exc).__name__}: {exc}"}, []
-        _emit(f"metal-guard {command}: error: {type(exc).__name__}: {exc}\n", sys.stderr)
+        code, doc, lines = _EXIT_ERROR, {"error": _fault_message(exc)}, []
+        _emit(f"metal-guard {command}: error: {doc['error']}\n", sys.stderr)
     finally:
         _log().removeHandler(warnings)
     if args.json:

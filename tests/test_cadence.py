@@ -1623,3 +1623,17 @@ def test_a_later_record_of_the_same_model_is_not_taken_back(mg_home: str) -> Non
     assert data[LLAMA] > ours and data[RESERVED]["pids"][LLAMA] != os.getpid()
     with pytest.raises(CadenceViolation):
         guard.admit(LLAMA)
+
+
+def test_observer_mode_waits_then_reports_and_records(
+    guard_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("METALGUARD_MODE", "observer")
+    guard = CadenceGuard(guard_path, min_interval_sec=60)
+    guard.mark_load(LLAMA, ts=time.time() - 1)
+    start = time.monotonic()
+    assert guard.admit(LLAMA, wait=0.3) is True  # reported, not raised: the load goes ahead
+    assert 0.25 <= time.monotonic() - start < 3
+    assert len(warnings_from(caplog, "cadence: waiting 0.3 s")) == 1
+    assert len(warnings_from(caplog, "OBSERVE: would refuse (CadenceViolation)")) == 1
+    assert _read(guard_path)[LLAMA] >= time.time() - 5  # recorded after the wait

@@ -209,7 +209,8 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     assert "metal-guard breaker clear" in proc.stdout
     assert not os.path.exists(os.path.join(mg_home, "cadence.json"))  # not admitted
     code, doc = run_json(mg_home, "check", "org/model", reports=reports)
-    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown"]
+    # the post-panic gate refuses too (2 IOGPU panics within 24 h: until `metal-guard ack`)
+    assert code == 2 and doc["blocked_by"] == ["circuit breaker cooldown", "post-panic gate"]
     assert doc["breaker"]["blocked"] is True and doc["breaker"]["panic_count"] == 2
     assert doc["breaker"]["cooldown_until"] > time.time() + 3500
     assert len(Path(mg_home, "panics.jsonl").read_text().splitlines()) == 2
@@ -220,6 +221,10 @@ def test_check_during_a_cooldown(mg_home: str, reports: Path) -> None:
     assert code == 0 and doc["cooling_down"] is True and doc["panics_in_window"] == 2
     proc = run(mg_home, "breaker", "clear", reports=reports)
     assert proc.returncode == 0 and "cleared" in proc.stdout and "was running" in proc.stdout
+    # the post-panic gate keeps its own lockout (2 panics in 24 h) until a person acks
+    proc = run(mg_home, "check", "org/model", reports=reports)
+    assert proc.returncode == 2 and "`metal-guard ack`" in proc.stdout
+    assert run(mg_home, "ack", reports=reports).returncode == 0
     assert run(mg_home, "check", "org/model", reports=reports).returncode == 0
     code, doc = run_json(mg_home, "breaker", "clear", reports=reports)
     assert code == 0 and doc["was_cooling_down"] is False
@@ -294,7 +299,10 @@ def test_cadence_clear_that_cannot_touch_the_store_is_an_error(
     target.write_text('{"org/a": 1.0}')
     (Path(mg_home) / "cadence.json").symlink_to(target)
     proc = run(mg_home, "cadence", "clear")
-    assert proc.returncode == 1 and "cannot use the cadence store" in proc.stderr
+    store = Path(mg_home) / "cadence.json"
+    assert (
+        proc.returncode == 1 and f"metal-guard cadence: error: cannot use {store}: " in proc.stderr
+    )
     assert "strict=True" not in proc.stderr  # no library advice to a shell user
     assert target.read_text() == '{"org/a": 1.0}'  # untouched, and not claimed as cleared
 
@@ -304,7 +312,7 @@ def test_cadence_clear_with_a_file_where_the_folder_should_be(tmp_path: Path) ->
     home.write_text("")
     proc = run(str(home), "cadence", "clear")
     assert proc.returncode == 1
-    assert f"{home} is not a folder" in proc.stderr
+    assert f"cannot use {home}: state folder is not a directory" in proc.stderr
     assert home.read_text() == ""
 
 
@@ -459,21 +467,105 @@ def test_environment_errors_exit_1(tmp_path: Path) -> None:
     home.write_text("")
     proc = run(str(home), "breaker", "clear")
     assert proc.returncode == 1
-    assert "metal-guard breaker: error: NotADirectoryError" in proc.stderr
+    assert f"metal-guard breaker: error: cannot use {home}: " in proc.stderr
     assert "state folder is not a directory" in proc.stderr
     code, doc = run_json(str(home), "breaker", "clear")
     assert code == 1 and doc["exit_code"] == 1
     assert "state folder is not a directory" in doc["error"]
     assert run(str(home), "status").returncode == 0  # showing state still works
     proc = run(str(home), "check", "org/m")
-    assert proc.returncode == 0  # a check without --admit records nothing: it may go
+    assert proc.returncode == 1  # no state can be read there: it cannot tell
     proc = run(str(home), "check", "org/m", "--admit")
     # the load could not be recorded: a shell wrapper must be able to tell (exit 1)
     assert proc.returncode == 1
-    assert "WARNING: metal_guard: cadence store" in proc.stderr
-    assert "could NOT be recorded" in proc.stdout
+    assert f"metal-guard check: error: cannot use {home}: " in proc.stderr
     code, doc = run_json(str(home), "check", "org/m", "--admit")
-    assert code == 1 and doc["cadence"]["admitted"] is False and doc["decision"] == "error"
+    assert code == 1 and "state folder is not a directory" in doc["error"]
+    assert not home.read_text()
+
+
+# the commands that need the state folder (to change state, or to decide on it)
+NEED_STATE = [["breaker", "clear"], ["cadence", "clear"], ["cadence", "clear", "org/m"]]
+NEED_STATE += [["check", "org/m"], ["check", "org/m", "--admit"]]
+NEED_STATE += [["check", "org/m", "--admit", "--wait"]]
+
+
+@pytest.mark.parametrize("args", NEED_STATE, ids=" ".join)
+def test_a_file_for_a_state_folder_reads_the_same_in_every_command(
+    tmp_path: Path, args: list[str]
+) -> None:
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    fault = (
+        f"cannot use {home}: state folder is not a directory (METALGUARD_HOME must name a "
+        "folder: move the file aside or point it elsewhere)"
+    )
+    proc = run(str(home), *args)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"metal-guard {args[0]}: error: {fault}\n"
+    code, doc = run_json(str(home), *args)
+    assert (code, doc) == (1, {"command": args[0], "exit_code": 1, "error": fault})
+    assert home.read_text() == ""
+
+
+def test_every_subcommand_help_says_what_it_does_and_its_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, subparsers = mg._cli_parser()
+    assert {"status", "check", "breaker", "cadence", "panics", "lock"} <= set(subparsers)
+    for name, parser in subparsers.items():
+        description = parser.description or ""
+        assert description.strip() and "\n" not in description, name
+        assert mg.main([name, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert description in text, name
+        assert "Exit codes: 0 " in text and "1 error" in text and "64 usage error" in text, name
+    assert mg.main(["breaker", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "status (default): the state" in text and "clear: end a cooldown" in text
+    assert mg.main(["check", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2 blocked" in text and "--wait [SEC]" in text
+
+
+# -- check with state it cannot read --------------------------------------------------
+
+CORRUPT = {"garbage": "{not json", "not an object": "[1, 2]", "binary": "\udcff"}
+
+
+@pytest.mark.parametrize("name", ["breaker.json", "cadence.json"])
+@pytest.mark.parametrize("content", list(CORRUPT), ids=str)
+def test_check_with_a_corrupt_state_file_says_unreadable(
+    mg_home: str, name: str, content: str
+) -> None:
+    path = Path(mg_home) / name
+    path.write_bytes(CORRUPT[content].encode("utf-8", "surrogateescape"))
+    before = path.read_bytes()
+    fix = f"`metal-guard {name.removesuffix('.json')} clear`"
+    proc = run(mg_home, "check", "org/m")
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stdout.splitlines() if "unreadable:" in x]
+    assert str(path) in line and "move it aside" in line and fix in line
+    assert "UNREADABLE state" in proc.stdout.splitlines()[0]
+    code, doc = run_json(mg_home, "check", "org/m", "--admit")
+    assert code == 1 and doc["decision"] == "error" and doc["cadence"]["admitted"] is False
+    assert list(doc["unreadable"]) == [name]
+    entry = doc["unreadable"][name]
+    assert entry["path"] == str(path) and fix in entry["what_to_do"] and entry["problem"]
+    assert "unreadable" in doc["error"] and str(path) in doc["error"]
+    assert path.read_bytes() == before  # left for the user to look at; nothing recorded
+    # what it says to do works
+    assert run(mg_home, name.removesuffix(".json"), "clear").returncode == 0
+    assert run(mg_home, "check", "org/m").returncode == 0
+
+
+def test_check_with_both_state_files_unreadable_names_both(mg_home: str) -> None:
+    (Path(mg_home) / "breaker.json").write_text("garbage")
+    (Path(mg_home) / "cadence.json").mkdir()
+    code, doc = run_json(mg_home, "check", "org/m")
+    assert code == 1 and sorted(doc["unreadable"]) == ["breaker.json", "cadence.json"]
+    proc = run(mg_home, "check", "org/m")
+    assert proc.returncode == 1 and proc.stdout.count("unreadable:") == 2
 
 
 def test_control_characters_are_escaped_in_human_output(mg_home: str) -> None:
@@ -549,3 +641,42 @@ def test_admit_says_whether_it_recorded(mg_home: str, tmp_path: Path) -> None:
 def test_abbreviated_options_are_usage_errors(mg_home: str) -> None:
     proc = run(mg_home, "models", "--js")  # not silently --json
     assert proc.returncode == 64 and "unrecognized arguments: --js" in proc.stderr
+
+
+# -- check --admit --wait ----------------------------------------------------------------
+
+
+def test_check_admit_wait_waits_for_the_cadence(mg_home: str) -> None:
+    assert run(mg_home, "check", "org/m", "--admit", "--min-interval", "1.5").returncode == 0
+    code, doc = run_json(mg_home, "check", "org/m", "--admit", "--min-interval", "1.5", "--wait")
+    assert code == 0 and doc["decision"] == "go" and doc["cadence"]["admitted"] is True
+    assert 0.5 <= doc["cadence"]["waited_sec"] <= 1.5 + 5
+    crumbs = Path(mg_home, "breadcrumbs.log").read_text()
+    assert crumbs.count("CADENCE_WAIT: org/m") == 1
+    proc = run(mg_home, "check", "org/m", "--admit", "--min-interval", "1.5", "--wait")
+    assert proc.returncode == 0 and "load recorded after waiting" in proc.stdout
+    assert "WARNING: metal_guard: cadence: waiting" in proc.stderr
+
+
+def test_check_admit_wait_seconds_then_blocked(mg_home: str) -> None:
+    assert run(mg_home, "check", "org/m", "--admit").returncode == 0
+    args = ["check", "org/m", "--admit", "--min-interval", "60", "--wait=0.5"]
+    code, doc = run_json(mg_home, *args)
+    assert code == 2 and doc["blocked_by"] == ["cadence"] and doc["cadence"]["admitted"] is False
+    assert 0.4 <= doc["cadence"]["waited_sec"] <= 1.5
+    assert 58 < doc["cadence"]["remaining_sec"] < 60
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--wait"], "--wait needs --admit"),
+        (["--admit", "--wait=-1"], "expected a number of seconds >= 0"),
+        (["--admit", "--wait=soon"], "expected a number of seconds >= 0"),
+        (["--admit", "--wait=nan"], "expected a number of seconds >= 0"),
+    ],
+)
+def test_check_bad_wait_is_a_usage_error(mg_home: str, args: list[str], words: str) -> None:
+    proc = run(mg_home, "check", "org/m", *args)
+    assert proc.returncode == 64 and words in proc.stderr
+    assert not Path(mg_home, "cadence.json").exists()

@@ -59,8 +59,10 @@ def _lock_path(home: str) -> Path:
     return Path(home) / "mlx_exclusive.lock"
 
 
-def _holder_file(home: str) -> Path:
-    return Path(home) / "mlx_exclusive.lock.holder.json"
+def _record(home: str) -> dict[str, object]:
+    """The holder record written into the lock file itself (a "free" one after release)."""
+    data: dict[str, object] = json.loads(_lock_path(home).read_text())
+    return data
 
 
 def _start_holder(mode: str = "plain") -> subprocess.Popen[str]:
@@ -148,11 +150,11 @@ def test_holder_killed_with_sigkill_frees_the_lock_at_once(mg_home: str) -> None
     proc.wait(timeout=30)
     stop_child(proc)
     # the dead holder's details are still on disk, but the OS lock says nobody holds it
-    assert json.loads(_holder_file(mg_home).read_text())["pid"] == proc.pid
+    assert _record(mg_home)["pid"] == proc.pid
     assert mg.read_mlx_lock() is None
     info_now = mg.acquire_mlx_lock("after the kill")
     assert info_now["pid"] == os.getpid() and info_now["label"] == "after the kill"
-    assert json.loads(_holder_file(mg_home).read_text())["pid"] == os.getpid()
+    assert _record(mg_home)["pid"] == os.getpid()
 
 
 @pytest.mark.multiprocess
@@ -160,8 +162,7 @@ def test_info_file_naming_a_live_unrelated_pid_does_not_block(mg_home: str) -> N
     """After a reboot the pid in a leftover info file may belong to anything."""
     unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _lock_path(mg_home).write_text("")
-        _holder_file(mg_home).write_text(
+        _lock_path(mg_home).write_text(
             json.dumps(
                 {
                     "pid": unrelated.pid,
@@ -196,7 +197,7 @@ def test_nested_holds_keep_the_lock_until_the_last_release(mg_home: str) -> None
     seen = _other_process_sees()
     assert seen is not None and seen == {"seen": None, "took": True}
     assert mg.release_mlx_lock() is False
-    assert not _holder_file(mg_home).exists()
+    assert _record(mg_home)["pid"] is None  # the last release left a "free" record
 
 
 def test_threads_of_one_process_share_the_hold(mg_home: str) -> None:
@@ -282,13 +283,13 @@ def test_lock_path_is_read_at_call_time(
     moved = tmp_path / "elsewhere" / "mlx.lock"
     monkeypatch.setenv("MLX_LOCK_PATH", str(moved))
     mg.acquire_mlx_lock("moved")
-    assert moved.exists() and Path(str(moved) + ".holder.json").exists()
+    assert json.loads(moved.read_text())["label"] == "moved"
     assert not _lock_path(mg_home).exists()
     monkeypatch.setenv("MLX_LOCK_PATH", "  ")  # empty means unset
     assert mg.read_mlx_lock() is None  # the default path is free
     monkeypatch.setenv("MLX_LOCK_PATH", str(moved))
     assert mg.release_mlx_lock() is True
-    assert not Path(str(moved) + ".holder.json").exists()
+    assert json.loads(moved.read_text())["pid"] is None
 
 
 def test_unsupported_filesystem_raises_instead_of_running_unlocked(
@@ -441,7 +442,7 @@ def test_reading_while_another_thread_takes_the_lock_writes_nothing(
     purpose: that thread's lock object is wrapped to pause right after the real ``flock``."""
     import threading
 
-    real_file_lock = mg._mlx_file_lock
+    real_file_lock = mg._MLX_LOCK.file_lock
     taken, go_on = threading.Event(), threading.Event()
 
     class PausedAfterAcquire:
@@ -461,7 +462,7 @@ def test_reading_while_another_thread_takes_the_lock_writes_nothing(
         lock = real_file_lock(path)
         return PausedAfterAcquire(lock) if threading.current_thread().name == "taker" else lock
 
-    monkeypatch.setattr(mg, "_mlx_file_lock", file_lock)
+    monkeypatch.setattr(mg._MLX_LOCK, "file_lock", file_lock)
     results: list[dict[str, object]] = []
     taker = threading.Thread(
         target=lambda: results.append(mg.acquire_mlx_lock("taker")), name="taker"
@@ -472,10 +473,10 @@ def test_reading_while_another_thread_takes_the_lock_writes_nothing(
         seen = mg.read_mlx_lock()
         assert seen is not None and seen["pid"] == os.getpid() and seen["label"] == ""
         assert set(seen) >= ORIGINAL_HOLDER_KEYS
-        assert not _holder_file(mg_home).exists()  # read wrote nothing
+        assert not _lock_path(mg_home).read_text().strip()  # read wrote nothing
     finally:
         go_on.set()
         taker.join(30)
     assert results and results[0]["label"] == "taker"
-    assert json.loads(_holder_file(mg_home).read_text())["label"] == "taker"
+    assert _record(mg_home)["label"] == "taker"
     assert mg.read_mlx_lock() == results[0]

@@ -66,7 +66,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=out,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wheels = sorted(out.glob("metal_guard-*.whl"))
+    wheels = sorted(out.glob("mlx_metal_guard-*.whl"))  # not the other project's metal-guard
     assert len(wheels) == 1, wheels
     return wheels[0]
 
@@ -117,6 +117,7 @@ def test_wheel_holds_exactly_the_package(wheel: Path) -> None:
     assert init == (Path(REPO) / "metal_guard.py").read_bytes()
     assert b"metal-guard = metal_guard:main" in entry_points
     assert "Requires-Python: >=3.10" in metadata
+    assert "\nName: mlx-metal-guard\n" in metadata
     # No runtime dependencies: every Requires-Dist line belongs to an extra.
     requires = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist:")]
     assert requires and all("extra ==" in ln for ln in requires), requires

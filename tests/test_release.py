@@ -222,6 +222,7 @@ def test_bench_scoped_load_leaves_memory_at_its_baseline(
         f"BENCH_SCOPED_LOAD: direct load {tiny_llama_path}",
         f"BENCH_SCOPED_LOAD: EXIT {tiny_llama_path} — unloading + cooldown",
         tags[4],
+        f"CADENCE_UNLOAD: {tiny_llama_path}",
         f"BENCH_SCOPED_LOAD: EXIT {tiny_llama_path} done, active={scope.release.active_gb:.1f}GB",
     ]
     assert tags[4].startswith("RELEASE: done")

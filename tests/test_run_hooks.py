@@ -137,8 +137,8 @@ def test_program_without_mlx_is_unchanged(mg_home: str) -> None:
     bootstrap = {"metal_guard", "sitecustomize", "__future__", "errno", "warnings"}
     assert {m for m in extra if not m.startswith("importlib")} <= bootstrap, extra
     assert g_sig == b_sig == "True"
-    # the child wrote nothing: what is there is the supervisor's (bootstrap, runs registry)
-    assert all(name.startswith(("run-bootstrap", "runs.json")) for name in os.listdir(mg_home))
+    # the child wrote nothing (what is there is the supervisor's pre-flight and registry)
+    assert not {"breadcrumbs.log", "cadence.json", "gpu.lock"} & set(os.listdir(mg_home))
     assert done.stderr == ""
 
 
@@ -477,9 +477,13 @@ def server(
         info["pid"] = entry["pid"]  # the server (run's child)
         yield info
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+        if proc.poll() is None:  # a failed test: stop run and its server, never leave them
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate(timeout=30)
 
 
 @requires_mlx_lm
@@ -502,8 +506,14 @@ def test_guarded_server_serves_flushes_and_stops_on_sigterm(
     # the server's own start-up request for the recommended working set reached MLX as 0
     wired = [int(x) for x in server["spy"].read_text().split()]
     assert wired and set(wired) == {0}, wired
-    # its forward passes ran under the gate, many turns (not one for its lifetime)
-    assert len(_intervals(server["gate_log"])) >= 8  # one turn per batch step
+    # its batch steps ran under the gate in turns of at most ~20 ms (plus one step), released
+    # before the loop waits for a request: never one turn for the server's lifetime
+    turns = _intervals(server["gate_log"])
+    assert turns and max(end - start for _, start, end in turns) < 1.0, turns
+    deadline = time.monotonic() + 10
+    while mg.read_gpu_gate() is not None:  # an idle server holds no turn
+        assert time.monotonic() < deadline, mg.read_gpu_gate()
+        time.sleep(0.05)
 
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)  # to run, which passes it on
@@ -564,3 +574,73 @@ def test_generation_thread_death_ends_the_server_with_70(
     crumbs = breadcrumb_messages(mg_home, pid=entry["pid"])
     assert any(m.startswith("RUN_GENERATION_DEAD: ") for m in crumbs)
     assert f"RUN_UNLOAD: {tiny_llama_path}" in crumbs
+
+
+_ENDLESS = """
+import sys
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+model, tok = load(sys.argv[1])
+prompt = mx.array(tok.encode("hello"))
+print("generating", flush=True)
+try:
+    while True:
+        for _ in generate_step(prompt, model, max_tokens=50):
+            pass
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@requires_mlx_lm
+def test_sigterm_is_ctrl_c_between_gated_steps_and_leaves_the_gate_free(
+    mg_home: str, tiny_llama_path: str
+) -> None:
+    proc = subprocess.Popen(
+        guarded([sys.executable, "-c", _ENDLESS, tiny_llama_path]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=run_env(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "generating\n"
+        time.sleep(1.0)  # inside the loop of gated steps
+        proc.send_signal(signal.SIGTERM)  # to run, which passes it on
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out == "interrupted\n", err  # the program's own handler of Ctrl-C ran
+    assert proc.returncode == 0, err
+    assert mg.read_gpu_gate() is None  # never left held
+    assert any(m.startswith("RUN_UNLOAD: ") for m in breadcrumb_messages(mg_home))
+
+
+_GEMMA = """
+import sys
+from mlx_lm import generate, load
+model, tok = load(sys.argv[1])
+for _ in range(2):
+    generate(model, tok, "hello", max_tokens=4)
+"""
+
+
+@requires_mlx_lm
+def test_gemma4_first_generate_gets_the_settle_flush_once(
+    mg_home: str, tiny_gemma4_path: str
+) -> None:
+    done = run_cmd(
+        guarded([sys.executable, "-c", _GEMMA, tiny_gemma4_path]),
+        run_env(METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC="0"),
+    )
+    assert done.returncode == 0, done.stderr
+    crumbs = breadcrumb_messages(mg_home)
+    assert crumbs.count(f"GEMMA4_FLUSH: {tiny_gemma4_path}") == 1, crumbs
+    assert crumbs.count(f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}") == 1
+    first = crumbs.index(f"GEMMA4_FLUSH_DONE: {tiny_gemma4_path}")
+    assert crumbs[first + 1] == f"SUBPROC_PRE: {tiny_gemma4_path}"  # before the first generate
+    assert crumbs.count(f"SUBPROC_POST: {tiny_gemma4_path}") == 2  # one per request

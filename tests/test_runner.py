@@ -223,8 +223,9 @@ def test_shutdown_from_another_thread_during_a_long_generate(
     thread.start()
     time.sleep(0.5)
     started = time.monotonic()
-    runner.shutdown(timeout=1)
-    assert time.monotonic() - started < 1 + 1 + 5
+    # 3 s of grace: a busy 2-core machine can take more than 1 s to run the shutdown sequence
+    runner.shutdown(timeout=3)
+    assert time.monotonic() - started < 3 + 3 + 5
     thread.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], mg.SubprocessCrashError)
     assert outcome[0].exitcode == 143 and runner.exitcode == 143  # stopped by SIGTERM, cleanly

@@ -3,8 +3,9 @@
 Starts ``metal-guard run -- python -m mlx_lm server --model <tiny> --port P`` twice, on a
 tiny random-weight llama and a tiny ``gemma4_text`` (local folders, no model hub), sends
 concurrent completions to both (4 clients per server by default), then reads the GPU gate's
-own log (``METALGUARD_RUN_GATE_LOG``: one ``pid start end`` line per gated forward step) and
-shows that the two servers' GPU work took turns and never overlapped. Last, SIGTERM to each
+own log (``METALGUARD_RUN_GATE_LOG``: one ``pid start end`` line per turn a process took on
+the gate, each turn one forward step or a few back-to-back ones) and shows that the two
+servers' GPU work took turns and never overlapped. Last, SIGTERM to each
 ``run``: it passes the signal on, the server shuts down within the grace period and ``run``
 exits with the server's own code — no SIGKILL.
 
@@ -12,7 +13,7 @@ Every step checks its own outcome, as in ``guarded_pipeline.py``, whose last ste
 (``make demo``); on its own it builds its models and prints the same kind of table:
 
     python examples/guarded_servers.py
-    python examples/guarded_servers.py --clients 2 --max-tokens 4
+    python examples/guarded_servers.py --clients 2 --max-tokens 8
 
 ``run`` is started as ``python -m metal_guard`` with this checkout first on ``PYTHONPATH``,
 so the checkout's ``metal_guard.py`` supervises and guards the servers. State (cadence,
@@ -243,7 +244,7 @@ def servers_step(
     workdir: Path,
     *,
     clients: int = 4,
-    max_tokens: int = 8,
+    max_tokens: int = 32,
     flush_sleep: float = FLUSH_SLEEP_SEC,
     heading: str = "10. Two guarded mlx_lm.server processes",
 ) -> None:
@@ -349,41 +350,44 @@ def servers_step(
         )
 
         rows = gate_rows(gate_log)
-        steps = {s.name: sum(1 for row in rows if row[0] == s.pid) for s in servers}
+        turns = {s.name: sum(1 for row in rows if row[0] == s.pid) for s in servers}
         spans = {
             s.name: (
                 min(x[1] for x in rows if x[0] == s.pid),
                 max(x[2] for x in rows if x[0] == s.pid),
             )
             for s in servers
-            if steps[s.name]
+            if turns[s.name]
         }
         both_busy = 0.0
         if len(spans) == 2:
             (a0, a1), (b0, b1) = spans.values()
             both_busy = max(0.0, min(a1, b1) - max(a0, b0))
-        print("  the gate's log, one line per gated forward step of either server:")
+        print("  the gate's log, one line per turn either server took on the GPU gate:")
         r.note(
-            f"{' + '.join(f'{n} {k} steps' for n, k in steps.items())}; both servers were "
+            f"{' + '.join(f'{n} {k} turns' for n, k in turns.items())}; both servers were "
             f"busy at once for {both_busy:.2f} s of it"
         )
         t0 = rows[0][1] if rows else 0.0
         names = {s.pid: s.name for s in servers}
-        turns = [
+        order = [
             (names.get(pid, str(pid)), len(list(group)))
             for pid, group in itertools.groupby(row[0] for row in rows)
         ]
         r.note(
-            "turns (server x steps): "
-            + ", ".join(f"{n} x{k}" for n, k in turns[:12])
-            + (f", ... ({len(turns)} turns in {rows[-1][2] - t0:.2f} s)" if len(turns) > 12 else "")
+            "in order (server x turns in a row): "
+            + ", ".join(f"{n} x{k}" for n, k in order[:12])
+            + (f", ... ({len(rows)} turns in {rows[-1][2] - t0:.2f} s)" if len(order) > 12 else "")
         )
         overlaps, changed = overlapping(rows), handovers(rows)
         r.check(
             "GPU gate: 2 servers",
-            "both servers gated, 0 overlapping",
-            f"{len(rows)} steps, {changed} hand-overs, {overlaps} overlapping intervals",
-            all(steps.values()) and set(names) >= {row[0] for row in rows} and overlaps == 0,
+            "taking turns (>= 2 hand-overs), 0 overlapping",
+            f"{len(rows)} turns, {changed} hand-overs, {overlaps} overlapping intervals",
+            all(turns.values())
+            and set(names) >= {row[0] for row in rows}
+            and changed >= 2
+            and overlaps == 0,
         )
 
         began = time.monotonic()
@@ -438,7 +442,7 @@ def alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--clients", type=int, default=4, help="clients per server (default 4)")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens per request (default 8)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 16 or not 1 <= args.max_tokens <= 64:
         p.error("--clients must be 1..16 and --max-tokens 1..64")

@@ -4,8 +4,10 @@
 #                (.venv, which also gets pytest, ruff, mypy, build and twine) and without
 #                MLX (.venv-nomlx)
 #   make lint    ruff + mypy --strict
-#   make demo    run examples/guarded_pipeline.py in .venv, installing only what the demo
-#                needs: the library with MLX + mlx-lm (none of the test or dev tools)
+#   make demo    run examples/guarded_pipeline.py in .venv (its last step is
+#                examples/guarded_servers.py: two mlx_lm.server processes under
+#                metal-guard run), installing only what the demo needs: the library with
+#                MLX + mlx-lm (none of the test or dev tools)
 #   make bench   run bench/run_all.py in .venv
 #   make dist    build the sdist and wheel into dist/ and run twine check
 #   make clean   remove virtual environments, temp files, build output and caches

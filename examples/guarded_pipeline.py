@@ -19,7 +19,10 @@ folder, then runs them one after the other the way a worker should:
 8. the breadcrumb tail (forensics that survive a kernel panic);
 9. process isolation: the llama in a guarded worker subprocess through
    ``call_model_isolated`` (its breadcrumbs show its own guards), the GPU gate
-   serialising two processes, and a graceful shutdown of the worker.
+   serialising two processes, and a graceful shutdown of the worker;
+10. ``metal-guard run``: two guarded ``mlx_lm.server`` processes (the llama and the
+    gemma-4) answering concurrent requests, their GPU work taking turns and never
+    overlapping (from the gate's own log), then a graceful stop (``guarded_servers.py``).
 
 Every step checks its own outcome; the run ends with a table of expected vs observed
 behaviour and exits 1 if any step did not behave as stated. The intervals are short so
@@ -63,6 +66,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+
+from guarded_servers import servers_step  # noqa: E402  (examples/, next to this script)
 
 from metal_guard import (  # noqa: E402
     GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
@@ -1017,6 +1022,10 @@ def main(argv: list[str] | None = None) -> int:
         isolation(report, llama, workdir, args.max_tokens)
     except Exception as exc:
         report.check("isolation", "runs to the end", f"aborted: {type(exc).__name__}: {exc}", False)
+    try:
+        servers_step(report, llama, gemma, workdir, flush_sleep=args.flush_sleep)
+    except Exception as exc:
+        report.check("servers", "runs to the end", f"aborted: {type(exc).__name__}: {exc}", False)
     unexpected = len(logs.warnings()) - pipeline.advisory_warnings - pipeline.memory_warnings
     report.check(
         "library warnings",

@@ -10898,7 +10898,7 @@ _EXIT_REFUSED = 2
 _EXIT_GENERATION_DEAD = 70  # mlx_lm.server's generation thread died (after the flush)
 _EXIT_GPU_STUCK = 71  # run's exit after it stopped a program with stuck GPU work
 _RUN_WIRED_ENV = "METALGUARD_RUN_WIRED"
-_RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per gated step
+_RUN_GATE_LOG_ENV = "METALGUARD_RUN_GATE_LOG"  # test aid: "pid start end" per GPU turn
 _RUN_NOTE_EVERY_SEC = 5.0
 _RUN_TURN_SLICE_SEC = 0.02  # mlx_lm.server's loop keeps its turn across steps this long at most
 

@@ -6457,6 +6457,14 @@ class _HostLock:
             path, None, per_thread=self.per_thread, must_exclude=True, env_var=self.env_var
         )
 
+    def awaited(self, path: str) -> bool:
+        """Whether another thread of this process or another process waits for this fair
+        lock now (a holder that keeps it across steps lets go when one does)."""
+        turns = self._turns.get(path)
+        if turns is not None and len(turns.line) > 1:
+            return True
+        return _lock_probe(path + ".queue", exclusive=True) is True
+
     def turns(self, path: str) -> _Turns:
         turns = self._turns.get(path)
         if turns is None or turns.pid != os.getpid():  # a forked child waits for nothing
@@ -7062,6 +7070,11 @@ class exclusive_gpu:
 
     def __repr__(self) -> str:
         return f"exclusive_gpu({self.label!r}, timeout={self.timeout!r})"
+
+
+def _gpu_gate_awaited() -> bool:
+    """Whether another thread or process waits for the GPU gate now (one probe)."""
+    return _GPU_GATE.awaited(_gpu_lock_path())
 
 
 def _gpu_gate_held_here() -> bool:
@@ -10977,10 +10990,10 @@ class _GpuTurn:
         gate, local = _run.gate, _run_local()
         if not _run.gate_on or gate is None or getattr(local, "turn", False):
             return self  # nested in a turn of this thread: that one synchronizes and releases
-        kept = getattr(local, "kept", None)  # the server loop's turn, kept since its last step
+        kept = getattr(local, "kept", None)  # the turn kept since this thread's last step
         if kept is not None:
             local.kept = None
-            if time.monotonic() - kept.start < _RUN_TURN_SLICE_SEC:
+            if time.monotonic() - kept.start < _RUN_TURN_SLICE_SEC or not _gpu_gate_awaited():
                 self.gate, self.start, local.turn = kept.gate, kept.start, True
                 self.streams = kept.streams + tuple(
                     s for s in self.streams if s not in kept.streams
@@ -10999,9 +11012,10 @@ class _GpuTurn:
         if self.gate is None:
             return
         local = _run_local()
-        young = time.monotonic() - self.start < _RUN_TURN_SLICE_SEC
-        if young and exc[0] is None and getattr(local, "keep", False):
-            local.turn, local.kept = False, self  # released at the next step or wait
+        if exc[0] is None and getattr(local, "keep", False):
+            # kept: the next step goes on with it while it is young or nobody waits (no
+            # synchronize in between, so MLX keeps overlapping steps); else it lets go first
+            local.turn, local.kept = False, self
             return
         self.let_go()
 
@@ -11312,6 +11326,9 @@ def _run_wrap_step(fn: Callable[..., Any]) -> Callable[..., Any] | None:
         stream = kwargs.get("stream")
         streams = () if stream is None else (stream,)
         watch = _stuck_watch(f"{fn.__name__} step")  # the gate wait counts: a wedge holds it
+        local = _run_local()
+        outer_keep = getattr(local, "keep", False)
+        local.keep = True  # a turn spans steps while nobody waits (see _GpuTurn)
         gen = fn(*args, **kwargs)
         try:
             while True:
@@ -11323,6 +11340,9 @@ def _run_wrap_step(fn: Callable[..., Any]) -> Callable[..., Any] | None:
                 yield item
         finally:
             gen.close()
+            local.keep = outer_keep
+            if not outer_keep:
+                _run_end_kept_turn()  # the request is over: synchronize and release
 
     return step
 

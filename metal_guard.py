@@ -10898,7 +10898,8 @@ def shutdown_all_workers() -> None:
 # One ``_RunState`` per process (plain attributes). A GPU turn takes the gate,
 # runs one forward-pass step, synchronizes the streams the step used and
 # releases the gate; mlx_lm.server's loop, which steps back to back and waits only
-# for requests, keeps a turn up to 20 ms. Taking a turn is a ``_critical`` block:
+# for requests, and a ``generate_step`` loop keep a turn across steps while nobody
+# waits, else up to 20 ms. Taking a turn is a ``_critical`` block:
 # a stop that lands meanwhile gives the gate back first. SIGTERM is Ctrl-C,
 # through ``_interrupt``.
 #
@@ -11078,7 +11079,8 @@ def _run_note_wait(force: bool = False) -> None:
 # ``mlx_vlm`` ran their own code: the wired policy, loads through advisory and a
 # cadence admission that waits, each forward-pass step under the GPU gate (streams
 # synchronized before release; mlx_lm.server's loop, which steps back to back and
-# waits only for requests, keeps a turn up to 20 ms), the per-request flush,
+# waits only for requests, and a generate_step loop keep a turn across steps while
+# nobody waits, else up to 20 ms), the per-request flush,
 # SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
 # unloads recorded, each step watched for stuck GPU work (the supervisor is told
 # and stops the program: a wedged process cannot stop itself). A hook whose target this version lacks is named once on

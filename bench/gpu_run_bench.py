@@ -57,7 +57,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import string
 import subprocess
 import sys
@@ -67,6 +66,8 @@ from typing import Any, cast
 
 import mlx.core as mx
 from common import machine_info
+from common import median as med
+from common import percentile as pct
 from gpu_bench import (
     SIZES,
     build_model,
@@ -303,21 +304,6 @@ def wait_or_stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
 # --------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between closest ranks; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def score_launch(launch: dict[str, Any]) -> None:

@@ -202,13 +202,9 @@ def test_second_load_too_soon_waits_then_loads(
     mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
 ) -> None:
     env = run_env(METALGUARD_CROSS_MODEL_INTERVAL="4")
-    done = subprocess.run(
+    done = run_cmd(
         guarded([sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path]),
-        stdin=subprocess.DEVNULL,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        env,
     )
     assert done.returncode == 0, done.stderr
     second = float(done.stdout.split()[-1])
@@ -224,13 +220,9 @@ def test_no_wait_refuses_with_exit_2_before_the_load(
     mg_home: str, tiny_llama_path: str, tiny_llama2_path: str
 ) -> None:
     env = run_env(METALGUARD_CROSS_MODEL_INTERVAL="60")
-    done = subprocess.run(
+    done = run_cmd(
         guarded([sys.executable, "-c", _TWO_LOADS, tiny_llama_path, tiny_llama2_path], "--no-wait"),
-        stdin=subprocess.DEVNULL,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        env,
     )
     assert done.returncode == 2, done.stderr
     assert done.stdout.splitlines() == ["loaded first"]
@@ -261,13 +253,9 @@ def test_load_failed_on_missing_files_does_not_delay_the_next(
     missing = tmp_path / "no-such-model"
     missing.mkdir()  # an empty folder: no config.json, no weights
     env = run_env(METALGUARD_CROSS_MODEL_INTERVAL="120")
-    done = subprocess.run(
+    done = run_cmd(
         guarded([sys.executable, "-c", _FAILED_THEN_REAL, str(missing), tiny_llama_path]),
-        stdin=subprocess.DEVNULL,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        env,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("failed:"), done.stdout
@@ -289,13 +277,9 @@ print("replaced", flush=True)
 
 @requires_mlx_lm
 def test_unloads_recorded_on_replacement_and_at_exit(mg_home: str, tiny_llama_path: str) -> None:
-    done = subprocess.run(
+    done = run_cmd(
         guarded([sys.executable, "-c", _REPLACE, tiny_llama_path]),
-        stdin=subprocess.DEVNULL,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
+        run_env(),
     )
     assert done.returncode == 0, done.stderr
     assert f"RUN_UNLOAD: {tiny_llama_path}" in breadcrumb_messages(mg_home)

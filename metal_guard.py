@@ -11084,7 +11084,8 @@ def _run_note_wait(force: bool = False) -> None:
 # SIGTERM as Ctrl-C (held back while the main thread is inside a lock step),
 # unloads recorded, each step watched for stuck GPU work (the supervisor is told
 # and stops the program: a wedged process cannot stop itself). A hook whose target this version lacks is named once on
-# stderr and skipped.
+# stderr and skipped. A hooked module run by ``python -m`` (runpy execs it as
+# ``__main__``; no import) gets its class hooks as each ``class`` statement ends.
 #
 # Provides: _child_bootstrap
 # Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
@@ -11162,6 +11163,12 @@ class _RunLoader:
         self._loader.exec_module(module)
         _run_after_import(module.__name__)
 
+    def get_code(self, fullname: str) -> Any:
+        # ``python -m NAME``: runpy runs this code as ``__main__``, never through
+        # exec_module, and its last lines start the program: hook each class as it is made
+        _run_hook_main_classes(fullname)
+        return self._loader.get_code(fullname)
+
     def __getattr__(self, name: str) -> Any:
         if name == "_loader":  # a copy made without __init__: no recursion
             raise AttributeError(name)
@@ -11180,13 +11187,39 @@ def _child_bootstrap() -> None:
             _run_after_import(name)
 
 
-def _run_after_import(name: str) -> None:
+def _run_hook_main_classes(name: str) -> None:
+    """Hook the classes of module ``name`` run as ``__main__`` when their ``class``
+    statements end (``builtins.__build_class__`` wrapped until the last one is made)."""
+    import builtins as builtins_module
+
+    builtins: Any = builtins_module  # its stub's __build_class__ is no plain callable
+    wanted = {p.split(".")[0] for m, p, _, _ in _RUN_HOOKS if m == name and "." in p}
+    if not wanted:
+        return
+    original = builtins.__build_class__
+
+    def build_class(func: Any, cls_name: str, *bases: Any, **kwargs: Any) -> Any:
+        cls = original(func, cls_name, *bases, **kwargs)
+        scope = getattr(func, "__globals__", {})
+        spec = scope.get("__spec__")
+        main = scope.get("__name__") == "__main__" and getattr(spec, "name", None) == name
+        if cls_name in wanted and main:
+            wanted.discard(cls_name)
+            if not wanted and builtins.__build_class__ is build_class:
+                builtins.__build_class__ = original
+            _run_after_import(name, cls)
+        return cls
+
+    builtins.__build_class__ = build_class
+
+
+def _run_after_import(name: str, cls: type | None = None) -> None:
     """Never lets a hook failure reach the program: one line on stderr, unguarded from there."""
     try:
         if name == "mlx.core":
             _run_on_mlx()
         else:
-            _run_hook_package(name)
+            _run_hook_package(name, cls)
     except Exception as exc:
         if _first_time("run-hook-failed:" + name):
             _run_say(f"hooks for {name} not installed: {type(exc).__name__}: {exc}")
@@ -11496,9 +11529,11 @@ _RUN_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any] | Non
 }
 
 
-def _run_hook_package(name: str) -> None:
-    """Apply the hooks of ``name``'s modules; name once what this version lacks."""
+def _run_hook_package(name: str, cls: type | None = None) -> None:
+    """Apply the hooks of ``name``'s modules (with ``cls``: those of that class of module
+    ``name`` run as ``__main__``); name once what this version lacks."""
     import importlib
+    import types
 
     top = name.split(".")[0]
     modules = _RUN_REBIND.get(name, (name,))
@@ -11515,8 +11550,14 @@ def _run_hook_package(name: str) -> None:
             expected = True
         if kind == "step" and not _env_bool("METALGUARD_RUN_GPU_GATE", True):
             continue  # the batch hook stays: it also flushes each finished request
+        if cls is not None and not path.startswith(cls.__name__ + "."):
+            continue
         try:
-            module = importlib.import_module(module_name)
+            module: Any = (
+                importlib.import_module(module_name)
+                if cls is None
+                else types.SimpleNamespace(**{cls.__name__: cls})
+            )
         except Exception:
             missing += [f"{module_name}.{path}"] if expected else []
             continue

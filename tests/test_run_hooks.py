@@ -11,6 +11,7 @@ run chains, adds it, so mlx-lm asks for the recommended working set as on a Mac)
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import json
 import os
@@ -446,16 +447,17 @@ def _complete(port: int, results: list[Any], max_tokens: int = 8) -> None:
         results.append((0, repr(exc)))
 
 
-@pytest.fixture
-def server(
-    spy_dir: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+@contextlib.contextmanager
+def _guarded_server(
+    spy_dir: str, tmp_path: Path, model: str, spelling: tuple[str, ...] = ("mlx_lm", "server")
 ) -> Iterator[dict[str, Any]]:
+    """``run -- python -m <spelling> --model <model> --port P``, up and answering /health."""
     port = free_port()
     spy = tmp_path / "wired.txt"
     env = run_env(
         spy_dir, MG_TEST_WIRED_SPY=str(spy), METALGUARD_RUN_GATE_LOG=str(tmp_path / "gate.log")
     )
-    server = [sys.executable, "-m", "mlx_lm", "server", "--model", tiny_llama_path]
+    server = [sys.executable, "-m", *spelling, "--model", model]
     proc = subprocess.Popen(
         guarded([*server, "--port", str(port)], "--grace", "30"),
         stdin=subprocess.DEVNULL,
@@ -465,7 +467,7 @@ def server(
         text=True,
     )
     info = {"proc": proc, "port": port, "spy": spy, "gate_log": tmp_path / "gate.log"}
-    info["model"] = tiny_llama_path
+    info["model"] = model
     try:
         deadline = time.monotonic() + 120
         while _get(f"http://127.0.0.1:{port}/health") != 200:
@@ -483,6 +485,14 @@ def server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def server(
+    spy_dir: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+) -> Iterator[dict[str, Any]]:
+    with _guarded_server(spy_dir, tmp_path, tiny_llama_path) as info:
+        yield info
 
 
 @requires_mlx_lm
@@ -527,6 +537,33 @@ def test_guarded_server_serves_flushes_and_stops_on_sigterm(
     assert "Traceback" not in err and "SIGKILL" not in err
     assert not mg._pid_alive(pid)
     assert f"RUN_UNLOAD: {server['model']}" in breadcrumb_messages(mg_home, pid=pid)
+
+
+@requires_mlx_lm
+def test_the_deprecated_module_spelling_gets_the_server_loop_hooks_too(
+    spy_dir: str, mg_home: str, tmp_path: Path, tiny_llama_path: str
+) -> None:
+    # ``python -m mlx_lm.server`` runs server.py as __main__ (runpy, not an import): its
+    # ResponseGenerator is hooked as the class statement ends, before the module starts serving
+    with _guarded_server(spy_dir, tmp_path, tiny_llama_path, ("mlx_lm.server",)) as server:
+        results: list[Any] = []
+        _complete(server["port"], results, max_tokens=16)
+        ((status, reply),) = results
+        assert status == 200, reply
+        deadline = time.monotonic() + 10
+        while mg.read_gpu_gate() is not None:  # the loop let its kept turn go to wait
+            assert time.monotonic() < deadline, mg.read_gpu_gate()
+            time.sleep(0.05)
+        turns = _intervals(server["gate_log"])
+        # the loop kept its turn across its steps (the generation-thread hook): fewer turns
+        # than generated tokens; with one turn per step there would be one per token at least
+        assert 0 < len(turns) < reply["usage"]["completion_tokens"], (turns, reply["usage"])
+        proc = server["proc"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "not hooked" not in err and "Traceback" not in err, err
+    assert "deprecated" in out  # the module's own notice: the program behaves like itself
 
 
 _DYING_SERVER = """

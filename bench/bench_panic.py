@@ -25,10 +25,17 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from common import REPO, machine_info, md_table, median, print_machine, write_results
+from common import (
+    REPO,
+    machine_info,
+    md_table,
+    median,
+    print_machine,
+    timed_runs,
+    write_results,
+)
 
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
@@ -50,19 +57,6 @@ def _generate(folder: Path, count: int) -> None:
         write_panic(folder, p, name=f"panic-full-{i:05d}.panic", retired=i % 10 == 0)
 
 
-def _time(
-    fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None
-) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return samples
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=1000, help="reports to generate (1000)")
@@ -82,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         found = mg.parse_panic_reports(reports)
         assert len(found) == args.reports, len(found)
-        cold = _time(lambda: mg.parse_panic_reports(reports), args.runs, mg._reset_panic_caches)
-        rescan = _time(lambda: mg.parse_panic_reports(reports), args.runs * 3)
+        cold = timed_runs(
+            lambda: mg.parse_panic_reports(reports), args.runs, mg._reset_panic_caches
+        )
+        rescan = timed_runs(lambda: mg.parse_panic_reports(reports), args.runs * 3)
 
         archive = home / "panics.jsonl"
 
@@ -93,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             if archive.exists():
                 archive.unlink()
 
-        ingest_first = _time(
+        ingest_first = timed_runs(
             lambda: mg.ingest_panics_jsonl(report_dir=reports), args.runs, fresh_archive
         )
-        ingest_again = _time(lambda: mg.ingest_panics_jsonl(report_dir=reports), args.runs * 3)
+        ingest_again = timed_runs(lambda: mg.ingest_panics_jsonl(report_dir=reports), args.runs * 3)
         breaker = mg.CircuitBreaker(report_dir=reports)
         try:
             breaker.check()
         except mg.MLXCooldownActive:
             pass
-        check_steady = _time(breaker.check, args.runs * 3)
+        check_steady = timed_runs(breaker.check, args.runs * 3)
 
     rows = [
         ("cold_scan", "cold scan (parse every file)", cold),

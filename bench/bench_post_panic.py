@@ -28,10 +28,17 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from common import REPO, machine_info, md_table, median, print_machine, write_results
+from common import (
+    REPO,
+    machine_info,
+    md_table,
+    median,
+    print_machine,
+    timed_runs,
+    write_results,
+)
 
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
@@ -50,19 +57,6 @@ def _generate(folder: Path, count: int) -> None:
     for i in range(3 * count):
         header = json.dumps({"bug_type": "309", "timestamp": "2026-01-01 10:10:10.00 +0000"})
         (folder / f"Safari-2026-01-01-{i:06d}.ips").write_text(header + "\n" + body + "\n")
-
-
-def _time(
-    fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None
-) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,27 +89,29 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "gate_unchanged_fresh",
                 "gate, folder unchanged, fresh process",
-                _time(mg._post_panic_refusal, args.runs, mg._reset_panic_caches),
+                timed_runs(mg._post_panic_refusal, args.runs, mg._reset_panic_caches),
             ),
             (
                 "gate_unchanged_warm",
                 "gate, folder unchanged, same process",
-                _time(mg._post_panic_refusal, args.runs),
+                timed_runs(mg._post_panic_refusal, args.runs),
             ),
             (
                 "gate_rescan_fresh",
                 "gate after a change (scan), fresh process",
-                _time(mg._post_panic_refusal, args.runs, forget_scan),
+                timed_runs(mg._post_panic_refusal, args.runs, forget_scan),
             ),
             (
                 "scan_cold",
                 "parse_panic_reports, cold",
-                _time(lambda: mg.parse_panic_reports(reports), args.runs, mg._reset_panic_caches),
+                timed_runs(
+                    lambda: mg.parse_panic_reports(reports), args.runs, mg._reset_panic_caches
+                ),
             ),
             (
                 "scan_unchanged",
                 "parse_panic_reports, unchanged",
-                _time(lambda: mg.parse_panic_reports(reports), args.runs),
+                timed_runs(lambda: mg.parse_panic_reports(reports), args.runs),
             ),
         ]
     medians = {key: median(samples) for key, _, samples in rows}

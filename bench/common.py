@@ -103,17 +103,26 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def timed_runs(
+    fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None
+) -> list[float]:
+    """Seconds per call of ``fn()``, ``runs`` times; ``before()`` runs untimed ahead of each."""
+    out = []
+    clock = time.perf_counter
+    for _ in range(runs):
+        if before is not None:
+            before()
+        t0 = clock()
+        fn()
+        out.append(clock() - t0)
+    return out
+
+
 def timed_calls(fn: Callable[[], object], n: int, *, warmup: int = 1) -> list[float]:
     """Per-call latency in µs of ``fn()``, ``n`` times, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    out = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t0 = clock()
-        fn()
-        out.append((clock() - t0) * 1e6)
-    return out
+    return [sec * 1e6 for sec in timed_runs(fn, n)]
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -142,3 +142,14 @@ def tiny_llama(tiny_llama_path: str) -> tuple[Any, Any]:
 def tiny_gemma4(tiny_gemma4_path: str) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of the tiny gemma4_text model, loaded with ``mlx_lm.load``."""
     return _load(tiny_gemma4_path)
+
+
+@pytest.fixture
+def clean_worker_pool() -> Iterator[None]:
+    """After the test: every pooled worker stopped and this process's MLX-lock holds dropped."""
+    yield
+    import metal_guard as mg  # at use only: a broken module fails its own tests, not all
+
+    mg.shutdown_all_workers()
+    while mg.release_mlx_lock():
+        pass

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -369,3 +370,16 @@ def stop_child(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.communicate(timeout=30)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(0.005)
+
+
+def no_live_workers() -> bool:
+    """No metal-guard worker process of this test process is alive."""
+    return not [p for p in multiprocessing.active_children() if "metal-guard" in p.name]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import breadcrumb_messages, requires_mlx
+from helpers import breadcrumb_messages, requires_mlx, wait_until
 
 GB = 1_000_000_000
 FAST = 0.01  # monitor interval in these tests
@@ -28,15 +28,6 @@ FAST = 0.01  # monitor interval in these tests
 def crumbs(path: Path) -> list[str]:
     """Breadcrumb messages (without time and pid) written to ``path``."""
     return breadcrumb_messages(path.parent, path.name)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def monitor_threads() -> list[threading.Thread]:
@@ -235,13 +226,13 @@ def test_watchdog_stopped_during_a_tick_calls_nothing_after(
     guard = scripted(guards, crumb_path, active_gb=95)
     calls: list[float] = []
     guard.start_watchdog(FAST, on_critical=lambda: calls.append(time.monotonic()))
-    assert wait_until(lambda: len(calls) >= 2)
+    wait_until(lambda: len(calls) >= 2)
     monitor = guard._monitors["watchdog"]
     guard.pause = threading.Event()
     assert guard.in_tick.wait(5)  # a tick is now inside memory_stats()
     stopper = threading.Thread(target=guard.stop_watchdog)
     stopper.start()
-    assert wait_until(monitor.stopped.is_set)
+    wait_until(monitor.stopped.is_set)
     count_at_stop = len(calls)
     guard.pause.set()  # let the tick finish
     stopper.join(10)
@@ -257,14 +248,14 @@ def test_kv_monitor_stopped_during_a_tick_calls_nothing_after(
     guard = scripted(guards, crumb_path, active_gb=99)  # 1 GB headroom < 4 GB
     calls: list[tuple[float, float]] = []
     guard.start_kv_cache_monitor(FAST, on_pressure=lambda a, r: calls.append((a, r)))
-    assert wait_until(lambda: len(calls) >= 2)
+    wait_until(lambda: len(calls) >= 2)
     assert calls[0] == (pytest.approx(1.0), 0.0)
     monitor = guard._monitors["kv"]
     guard.pause = threading.Event()
     assert guard.in_tick.wait(5)
     stopper = threading.Thread(target=guard.stop_kv_cache_monitor)
     stopper.start()
-    assert wait_until(monitor.stopped.is_set)
+    wait_until(monitor.stopped.is_set)
     count_at_stop = len(calls)
     guard.pause.set()
     stopper.join(10)
@@ -281,14 +272,14 @@ def test_starting_twice_replaces_the_first_chain(
     first: list[str] = []
     second: list[str] = []
     guard.start_watchdog(FAST, on_critical=lambda: first.append(threading.current_thread().name))
-    assert wait_until(lambda: len(first) >= 2)
+    wait_until(lambda: len(first) >= 2)
     old_thread = guard._monitors["watchdog"].thread
     guard.start_watchdog(
         FAST, on_critical=lambda: second.append(str(threading.current_thread().ident))
     )
     assert not old_thread.is_alive()  # joined before start_watchdog returned
     count_first = len(first)
-    assert wait_until(lambda: len(second) >= 10)
+    wait_until(lambda: len(second) >= 10)
     assert len(first) == count_first
     assert len(set(second)) == 1  # every tick from one thread: one chain
     assert [t.name for t in monitor_threads()] == ["metal-guard-watchdog"]
@@ -303,7 +294,7 @@ def test_watchdog_and_periodic_flush_run_together(
     with caplog.at_level(logging.WARNING, logger="metal_guard"):
         guard.start_periodic_flush(FAST)
         guard.start_watchdog(FAST)
-        assert wait_until(
+        wait_until(
             lambda: {"metal-guard-periodic-flush", "metal-guard-watchdog"} <= set(guard.flushes)
         )
         names = sorted(t.name for t in monitor_threads())
@@ -311,7 +302,7 @@ def test_watchdog_and_periodic_flush_run_together(
         guard.stop_watchdog()  # stopping one leaves the other running
         assert [t.name for t in monitor_threads()] == ["metal-guard-periodic-flush"]
         flushes = len(guard.flushes)
-        assert wait_until(lambda: len(guard.flushes) >= flushes + 3)
+        wait_until(lambda: len(guard.flushes) >= flushes + 3)
         guard.stop_periodic_flush()
     assert monitor_threads() == []
     assert any("watchdog: 75.0% of the limit in use" in r.getMessage() for r in caplog.records)
@@ -323,7 +314,7 @@ def test_stop_periodic_flush_stops_the_watchdog_too(
     """The original's only way to stop its watchdog was ``stop_periodic_flush()``."""
     guard = scripted(guards, crumb_path, active_gb=75)
     guard.start_watchdog(FAST)
-    assert wait_until(lambda: "metal-guard-watchdog" in guard.flushes)
+    wait_until(lambda: "metal-guard-watchdog" in guard.flushes)
     assert [t.name for t in monitor_threads()] == ["metal-guard-watchdog"]
     with caplog.at_level(logging.INFO, logger="metal_guard"):
         guard.stop_periodic_flush()  # no periodic flush was running
@@ -356,7 +347,7 @@ def test_stop_watchdog_alone_leaves_a_running_periodic_flush_running(
     guard.stop_watchdog()
     assert [t.name for t in monitor_threads()] == ["metal-guard-periodic-flush"]
     flushes = len(guard.flushes)
-    assert wait_until(lambda: len(guard.flushes) >= flushes + 3)
+    wait_until(lambda: len(guard.flushes) >= flushes + 3)
     assert set(guard.flushes[flushes:]) == {"metal-guard-periodic-flush"}
     guard.stop_periodic_flush()
     assert monitor_threads() == []
@@ -373,7 +364,7 @@ def test_monitors_can_be_stopped_from_their_own_callback(
         guard.stop_watchdog()  # must not deadlock (the thread cannot join itself)
 
     guard.start_watchdog(FAST, on_critical=on_critical)
-    assert wait_until(lambda: calls == [1] and monitor_threads() == [])
+    wait_until(lambda: calls == [1] and monitor_threads() == [])
     time.sleep(0.05)
     assert calls == [1]
 
@@ -385,10 +376,10 @@ def test_watchdog_critical_cleans_up_and_resets_the_baseline(
     calls: list[int] = []
     with caplog.at_level(logging.ERROR, logger="metal_guard"):
         guard.start_watchdog(FAST, on_critical=lambda: calls.append(1))
-        assert wait_until(lambda: guard.reads >= 3)
+        wait_until(lambda: guard.reads >= 3)
         assert calls == []  # 50 %: below warn
         guard.stats = mg.MemoryStats(int(90.5 * GB), 0, 100 * GB)
-        assert wait_until(lambda: len(calls) >= 1)
+        wait_until(lambda: len(calls) >= 1)
         guard.stop_watchdog()
     messages = crumbs(crumb_path)
     assert "WATCHDOG: CRITICAL active=90.5% drift=+40.5GB" in messages
@@ -410,7 +401,7 @@ def test_kv_monitor_is_silent_when_the_limit_is_unknown(
             FAST, headroom_gb=4.0, on_pressure=lambda a, r: calls.append((a, r))
         )
         guard.start_watchdog(FAST, on_critical=lambda: calls.append((0.0, 0.0)))
-        assert wait_until(lambda: guard.reads >= 10)
+        wait_until(lambda: guard.reads >= 10)
         guard.stop_kv_cache_monitor()
         guard.stop_watchdog()
     assert calls == []
@@ -458,7 +449,7 @@ def test_ticks_skip_while_registered_gpu_threads_run(
     time.sleep(0.2)
     assert (calls, guard.flushes, guard.reads) == ([], [], 0)
     blocker.finish()
-    assert wait_until(lambda: calls and guard.flushes)
+    wait_until(lambda: calls and guard.flushes)
 
 
 @pytest.mark.parametrize(
@@ -519,7 +510,7 @@ def test_watchdog_catches_a_real_allocation_spike(
     spike = mx.ones((spike_bytes // 4,), dtype=mx.float32)
     mx.eval(spike)
     try:
-        assert wait_until(lambda: len(calls) >= 1)
+        wait_until(lambda: len(calls) >= 1)
     finally:
         guard.stop_watchdog()
         del spike

@@ -25,7 +25,14 @@ from typing import Any
 import pytest
 
 import metal_guard as mg
-from helpers import breadcrumb_messages, python_child, read_line, stop_child, write_breaker_cooldown
+from helpers import (
+    breadcrumb_messages,
+    no_live_workers,
+    python_child,
+    read_line,
+    stop_child,
+    write_breaker_cooldown,
+)
 
 PROMPT = "hello world"
 SYSTEM = "the quick brown fox"
@@ -37,16 +44,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _no_live_workers() -> bool:
-    return not [p for p in multiprocessing.active_children() if "metal-guard" in p.name]
-
-
-@pytest.fixture(autouse=True)
-def _clean_pool() -> Iterator[None]:
-    yield
-    mg.shutdown_all_workers()
-    while mg.release_mlx_lock():
-        pass
+pytestmark = pytest.mark.usefixtures("clean_worker_pool")
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +360,7 @@ def test_an_interrupted_pooled_call_takes_its_worker_out_of_the_pool(
     runner = mg._runner_pool[key]
     with pytest.raises(KeyboardInterrupt), _Interrupt(0.5):
         mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=1_000_000, temperature=0)
-    assert key not in mg._runner_pool and not runner.is_alive() and _no_live_workers()
+    assert key not in mg._runner_pool and not runner.is_alive() and no_live_workers()
     assert mg.read_mlx_lock() is None
     assert mg._pool_failures.get(key, []) == []  # an interrupt is not a crash
     mg.CadenceGuard().clear()  # the same-model cadence would refuse the new worker
@@ -395,7 +393,7 @@ def test_pool_stops_replacing_a_crash_looping_worker(
     assert info.value.exitcode == -signal.SIGKILL
     replaced = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
     assert len(replaced) == 4  # three replacements, and the death that hit the cap
-    assert key not in mg._runner_pool and _no_live_workers()
+    assert key not in mg._runner_pool and no_live_workers()
     assert mg.read_mlx_lock() is None
 
 
@@ -414,7 +412,7 @@ def test_a_killed_pooled_worker_logs_error_and_returns_empty(
     )
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("was killed by signal 9 (SIGKILL)" in e for e in errors), errors
-    assert f"{tiny_llama_path}:mlx" not in mg._runner_pool and _no_live_workers()
+    assert f"{tiny_llama_path}:mlx" not in mg._runner_pool and no_live_workers()
 
 
 @pytest.mark.mlx_lm
@@ -443,7 +441,7 @@ def test_a_load_error_is_logged_and_returns_empty(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and f"MLX worker for {model} could not start" in errors[0]
     assert "failed (load)" in errors[0]
-    assert _no_live_workers() and mg.read_mlx_lock() is None
+    assert no_live_workers() and mg.read_mlx_lock() is None
     # the failed load was admitted (and its unload marked): the same model now waits
     with pytest.raises(mg.CadenceViolation):
         mg.MLXSubprocessRunner(model)
@@ -465,7 +463,7 @@ def test_a_cadence_refusal_in_the_worker_raises_cadence_violation_in_the_parent(
     assert info.value.model_id == model and 175 < info.value.remaining_sec <= 180
     with pytest.raises(mg.CadenceViolation):
         mg.call_model_isolated(PROMPT, model)  # a refusal is not a crash: no "" here
-    assert _no_live_workers() and mg.read_mlx_lock() is None
+    assert no_live_workers() and mg.read_mlx_lock() is None
     crumbs = breadcrumb_messages(mg_home)
     assert crumbs.count(f"SUBPROCESS_WORKER: {model} refused: CadenceViolation") == 2
     assert not any(c.startswith("SUBPROCESS_WORKER: loading") for c in crumbs)
@@ -483,7 +481,7 @@ def test_a_breaker_cooldown_in_the_worker_raises_mlx_cooldown_active(
     with pytest.raises(mg.MLXCooldownActive) as info:
         mg.MLXSubprocessRunner("org/model")
     assert info.value.panic_count == 2 and info.value.remaining_sec > 3500
-    assert _no_live_workers() and mg.read_mlx_lock() is None
+    assert no_live_workers() and mg.read_mlx_lock() is None
 
 
 @pytest.mark.multiprocess
@@ -499,7 +497,7 @@ def test_mlx_lock_conflict_propagates_before_any_worker_starts(mg_home: str) -> 
         assert info.value.holder["pid"] == holder.pid
         with pytest.raises(mg.MLXLockConflict):
             mg.call_model_isolated(PROMPT, "org/model")
-        assert _no_live_workers()
+        assert no_live_workers()
     finally:
         stop_child(holder)
 
@@ -566,7 +564,7 @@ def test_bad_arguments_are_caller_errors() -> None:
         mg.call_model_isolated("hi", "org/model", temperature=-1)
     with pytest.raises(ValueError, match="max_tokens"):
         mg.call_model_isolated("hi", "org/model", max_tokens=0)
-    assert _no_live_workers() and mg._runner_pool == {}
+    assert no_live_workers() and mg._runner_pool == {}
 
 
 def test_exceptions_keep_their_contract() -> None:

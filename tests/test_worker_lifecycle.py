@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import random
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,10 +25,12 @@ import metal_guard as mg
 from helpers import (
     breadcrumb_messages,
     child_env,
+    no_live_workers,
     python_child,
     read_line,
     run_python,
     stop_child,
+    wait_until,
     warnings_from,
 )
 
@@ -52,23 +52,7 @@ def _acquire_elsewhere() -> str:
     return run_python(ACQUIRE_ELSEWHERE, check=True).stdout.strip()
 
 
-def _no_live_workers() -> bool:
-    return not [p for p in multiprocessing.active_children() if "metal-guard" in p.name]
-
-
-@pytest.fixture(autouse=True)
-def _clean_pool() -> Iterator[None]:
-    yield
-    mg.shutdown_all_workers()
-    while mg.release_mlx_lock():
-        pass
-
-
-def _wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+pytestmark = pytest.mark.usefixtures("clean_worker_pool")
 
 
 def _age_cadence_store(home: str, seconds: float) -> None:
@@ -104,9 +88,9 @@ def test_an_idle_pooled_worker_frees_the_mlx_lock_and_the_next_call_waits_for_ca
     assert pid is not None and runner.idle_timeout == 2
     assert mg.read_mlx_lock() is not None
     stopped = f"SUBPROCESS_WORKER: {tiny_llama_path} stopped (idle for 2 s), pid={pid}"
-    _wait_until(lambda: stopped in breadcrumb_messages(mg_home, pid=pid), 60, "the idle exit")
+    wait_until(lambda: stopped in breadcrumb_messages(mg_home, pid=pid), 60, "the idle exit")
     # the parent drops its hold as soon as the worker is gone, without any call
-    _wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
+    wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
     assert _acquire_elsewhere() == "acquired True"
     # the worker's own unload is a few seconds old: the same-model interval (180 s) has
     # ~177 s left; let 174 s "pass" so the restart waits about 3 s instead
@@ -136,7 +120,7 @@ def test_a_crashed_pooled_worker_frees_the_lock_at_once_and_its_replacement_wait
     pid = runner.worker_pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # test only: a crash (the CPU build holds no Metal memory)
-    _wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
+    wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
     assert _acquire_elsewhere() == "acquired True"
     _age_cadence_store(mg_home, 176)
     assert mg.call_model_isolated(PROMPT, tiny_llama_path, max_tokens=4, temperature=0) == first
@@ -153,9 +137,9 @@ def test_a_runner_restarts_its_idle_worker_on_the_next_generate(
     with mg.MLXSubprocessRunner(tiny_llama_path, idle_timeout=1, cadence=guard) as runner:
         first = runner.generate(PROMPT, max_tokens=4, temperature=0)
         pid = runner.worker_pid
-        _wait_until(lambda: not runner.is_alive(), 60, "the idle exit")
+        wait_until(lambda: not runner.is_alive(), 60, "the idle exit")
         assert runner.exitcode == 0
-        _wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
+        wait_until(lambda: mg.read_mlx_lock() is None, 10, "the parent's hold to go")
         holder = python_child(
             "import sys, metal_guard as mg\nmg.acquire_mlx_lock('other app')\n"
             "print('held', flush=True)\nsys.stdin.readline()\n"
@@ -198,7 +182,7 @@ def test_idle_timeout_argument_and_environment(
         mg.MLXSubprocessRunner("org/model", idle_timeout="10")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         mg.call_model_isolated("hi", "org/model", idle_timeout=-1)
-    assert _no_live_workers() and mg._runner_pool == {}
+    assert no_live_workers() and mg._runner_pool == {}
 
 
 # -- the parent dies mid-generate ----------------------------------------------------------------
@@ -244,7 +228,7 @@ def test_a_parent_killed_mid_generate_leaves_the_lock_to_its_worker_until_the_wo
     try:
         worker = int(read_line(parent, 120))
         generating = f"SUBPROC_PRE: {tiny_llama_path}"
-        _wait_until(
+        wait_until(
             lambda: generating in breadcrumb_messages(mg_home, pid=worker), 60, "the generate"
         )
         holder = mg.read_mlx_lock()
@@ -253,7 +237,7 @@ def test_a_parent_killed_mid_generate_leaves_the_lock_to_its_worker_until_the_wo
         parent.kill()  # test only: this process holds no Metal memory, its worker does
         parent.wait(30)
         # the worker, left holding the lock alone, names itself as its holder
-        _wait_until(
+        wait_until(
             lambda: (mg.read_mlx_lock() or {}).get("pid") == worker, 3, "the worker's record"
         )
         assert mg.read_mlx_lock()["label"] == f"mlx_subprocess_runner:{tiny_llama_path}"  # type: ignore[index]
@@ -263,12 +247,12 @@ def test_a_parent_killed_mid_generate_leaves_the_lock_to_its_worker_until_the_wo
             outcome = _acquire_elsewhere()
             if outcome.startswith("acquired"):
                 # the lock came free as the worker exited: it must be gone now
-                _wait_until(lambda: not mg._pid_running(worker), 2, "the worker to be gone")
+                wait_until(lambda: not mg._pid_running(worker), 2, "the worker to be gone")
                 break
             assert outcome == f"conflict {worker}"
             conflicts += 1
         assert conflicts >= 2
-        _wait_until(lambda: not mg._pid_running(worker), 60, "the worker to stop")
+        wait_until(lambda: not mg._pid_running(worker), 60, "the worker to stop")
         assert _acquire_elsewhere() == "acquired True"  # free once the Metal user is gone
         assert mg.read_mlx_lock() is None
         crumbs = breadcrumb_messages(mg_home, pid=worker)
@@ -398,4 +382,4 @@ def test_sigterm_again_and_again_never_needs_sigkill(
         _no_sigkill(caplog, mg_home)
     # every lock the workers used is usable by another process
     assert _acquire_elsewhere() == "acquired True"
-    assert _no_live_workers()
+    assert no_live_workers()

@@ -40,21 +40,7 @@ from common import (
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import metal_guard as mg  # noqa: E402
-from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
-
-
-def _generate(folder: Path, count: int) -> None:
-    kinds = list(KINDS)
-    start = time.time() - 170 * 86400  # spread over the archive's 180-day horizon
-    for i in range(count):
-        p = Panic(
-            kind=kinds[i % len(kinds)],
-            ts=start + i * 3600.5,
-            pid=10_000 + i,
-            os_build="24F74" if i % 2 else "25E253",
-            incident_id=f"00000000-0000-4000-8000-{i:012d}",
-        )
-        write_panic(folder, p, name=f"panic-full-{i:05d}.panic", retired=i % 10 == 0)
+from panic_fixtures import write_panic_series  # noqa: E402  (after the path set-up)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(tmp) / "home"
         os.environ["METALGUARD_HOME"] = str(home)
         t0 = time.perf_counter()
-        _generate(reports, args.reports)
+        write_panic_series(reports, args.reports, time.time() - 170 * 86400)  # the 180-day horizon
         generate_sec = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in reports.rglob("*") if f.is_file())
 

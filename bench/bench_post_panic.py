@@ -43,15 +43,11 @@ from common import (
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import metal_guard as mg  # noqa: E402
-from panic_fixtures import KINDS, Panic, write_panic  # noqa: E402  (after the path set-up)
+from panic_fixtures import write_panic_series  # noqa: E402  (after the path set-up)
 
 
 def _generate(folder: Path, count: int) -> None:
-    kinds = list(KINDS)
-    start = time.time() - 120 * 86400  # old panics: the gate lets work go
-    for i in range(count):
-        p = Panic(kind=kinds[i % len(kinds)], ts=start + i * 3600.5, pid=10_000 + i)
-        write_panic(folder, p, name=f"panic-full-{i:05d}.panic", retired=i % 10 == 0)
+    write_panic_series(folder, count, time.time() - 120 * 86400)  # old: the gate lets work go
     crash = {"procName": "Safari", "exception": {"type": "EXC_CRASH"}, "threads": ["x" * 40] * 300}
     body = json.dumps(crash)
     for i in range(3 * count):

@@ -253,6 +253,21 @@ def write_panic(
     return path
 
 
+def write_panic_series(folder: Path | str, count: int, start: float) -> None:
+    """``count`` full reports an hour apart from ``start`` (the kinds in turn, two OS builds,
+    each with its own incident id; every tenth in ``Retired/``): a folder at scale."""
+    kinds = list(KINDS)
+    for i in range(count):
+        p = Panic(
+            kind=kinds[i % len(kinds)],
+            ts=start + i * 3600.5,
+            pid=10_000 + i,
+            os_build="24F74" if i % 2 else "25E253",
+            incident_id=f"00000000-0000-4000-8000-{i:012d}",
+        )
+        write_panic(folder, p, name=f"panic-full-{i:05d}.panic", retired=i % 10 == 0)
+
+
 def write_truncated(folder: Path | str, p: Panic | None = None, *, name: str | None = None) -> Path:
     """A report cut off in the middle of its body (invalid JSON), as after a disk-full write."""
     p = p or Panic()

@@ -12,6 +12,7 @@ are injected by wrapping the real calls. Another process checks the lock through
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -120,8 +121,14 @@ class Boom(BaseException):
     """The injected exception (a ``BaseException``: ``except Exception`` must not eat it)."""
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds(path: str) -> int:
+    """This process's descriptors open on ``path``: the lock's own, not the ones other
+    threads (a runner's watcher, a lock-wait ticker of an earlier test) open and close."""
+    real, count = os.path.realpath(path), 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(f"/proc/self/fd/{name}") == real
+    return count
 
 
 def _lines(fn: Callable[..., Any]) -> list[tuple[CodeType, int]]:
@@ -211,12 +218,7 @@ def _assert_clean(lock: mg._FileLock, fds: int, held_by_other_thread: bool = Fal
     assert not state.acquiring, "left 'acquiring'"
     if not held_by_other_thread:
         assert state.count == 0 and state.fd is None and state.owner is None
-    # a daemon thread of an earlier test (a runner's watcher, the lock-wait ticker) may hold
-    # a descriptor for a moment: a leak of ours never goes away, a passing one does
-    deadline = time.monotonic() + 2.0
-    while _open_fds() != fds and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _open_fds() == fds, "a descriptor leaked"
+    assert _open_fds(lock.path) == fds, "a descriptor leaked"
     assert mg._pending_interrupts == {} and mg._critical_depth == {}
 
 
@@ -235,7 +237,7 @@ def test_an_interrupt_at_any_line_of_an_uncontended_acquire_and_release(
 ) -> None:
     lock = mg._FileLock(str(tmp_path / "x.lock"), 1.0, per_thread=per_thread)
     _usable(lock, probe)  # the lock file exists: counting descriptors from here
-    fds = _open_fds()
+    fds = _open_fds(lock.path)
     fired = 0
     for code, line in INJECTION_POINTS:
         with InterruptAt(code, line) as inject:
@@ -257,10 +259,10 @@ def test_an_interrupt_while_waiting_for_another_process(
     path = str(tmp_path / "x.lock")
     lock = mg._FileLock(path, 0.1)
     _usable(lock, probe)
-    fds = _open_fds()
+    fds = _open_fds(lock.path)
     fired = 0
     with holding_lock_in_child(path):
-        fds_with_holder = _open_fds()
+        fds_with_holder = _open_fds(lock.path)
         for code, line in INJECTION_POINTS:
             with InterruptAt(code, line) as inject:
                 started = time.monotonic()
@@ -282,7 +284,7 @@ def test_a_real_signal_ends_a_wait_blocked_in_the_kernel(
     and leaves no descriptor and no half-taken state behind."""
     path = str(tmp_path / "x.lock")
     lock = mg._FileLock(path, None)
-    fds = _open_fds()
+    fds = _open_fds(lock.path)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         mg._interrupt(Stop(), frame)
@@ -290,7 +292,7 @@ def test_a_real_signal_ends_a_wait_blocked_in_the_kernel(
     previous = signal.signal(signal.SIGALRM, handler)
     try:
         with holding_lock_in_child(path):
-            fds_with_holder = _open_fds()
+            fds_with_holder = _open_fds(lock.path)
             signal.setitimer(signal.ITIMER_REAL, 0.3)
             started = time.monotonic()
             with pytest.raises(Stop):
@@ -310,7 +312,7 @@ def test_an_interrupt_while_waiting_for_another_thread(
 ) -> None:
     lock = mg._FileLock(str(tmp_path / "x.lock"), 0.1)
     _usable(lock, probe)
-    fds = _open_fds()
+    fds = _open_fds(lock.path)
     inside, leave = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -348,7 +350,7 @@ def test_an_exception_right_after_a_successful_system_call(
     held; close → the release is complete."""
     lock = mg._FileLock(str(tmp_path / "x.lock"), 1.0)
     _usable(lock, probe)
-    fds = _open_fds()
+    fds = _open_fds(lock.path)
     armed = [True]
     real = fcntl.flock if call == "flock" else os.close
 

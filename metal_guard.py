@@ -10980,12 +10980,12 @@ def _run_local() -> Any:
 class _GpuTurn:
     """One turn on the GPU gate: take it, run the step, synchronize its streams, release."""
 
-    __slots__ = ("gate", "start", "streams")
+    __slots__ = ("checked", "gate", "start", "streams")
 
     def __init__(self, streams: tuple[object, ...] = ()) -> None:
         self.streams = streams
         self.gate: exclusive_gpu | None = None
-        self.start = 0.0
+        self.start = self.checked = 0.0  # taken; last found nobody waiting
 
     def __enter__(self) -> _GpuTurn:
         gate, local = _run.gate, _run_local()
@@ -10994,8 +10994,12 @@ class _GpuTurn:
         kept = getattr(local, "kept", None)  # the turn kept since this thread's last step
         if kept is not None:
             local.kept = None
-            if time.monotonic() - kept.start < _RUN_TURN_SLICE_SEC or not _gpu_gate_awaited():
+            # asked once a slice (a probe opens a file): a waiter gets the GPU within a
+            # slice and a step, and a long request does not probe at every step
+            now = time.monotonic()
+            if now - kept.checked < _RUN_TURN_SLICE_SEC or not _gpu_gate_awaited():
                 self.gate, self.start, local.turn = kept.gate, kept.start, True
+                self.checked = kept.checked if now - kept.checked < _RUN_TURN_SLICE_SEC else now
                 self.streams = kept.streams + tuple(
                     s for s in self.streams if s not in kept.streams
                 )
@@ -11005,7 +11009,7 @@ class _GpuTurn:
         with _critical(undo=self._release):  # a stop while taking it gives it back
             gate.__enter__()
             self.gate, local.turn = gate, True
-        self.start = time.monotonic()
+        self.start = self.checked = time.monotonic()
         _run.gate_wait += self.start - asked
         return self
 

@@ -7,9 +7,10 @@ on). They are measured one after the other, in interleaved rounds, so drift hits
 both alike: each round sends ``--requests`` completions of ``--tokens`` tokens with
 1 and with 4 concurrent clients. Reported: requests/s and generated tokens/s
 (``usage.completion_tokens``), medians over the rounds, and guarded/bare ratios
-side by side (goal ≥ 0.97).
+side by side (goal ≥ 0.97), and the median of the per-round ratios (each round's two
+measurements ran back to back, so drift of a shared machine moves it least).
 
-    python bench/bench_run_server.py [--rounds 5] [--requests 16] [--tokens 32]
+    python bench/bench_run_server.py [--rounds 11] [--requests 32] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from common import (
     machine_info,
     md_table,
     median,
+    percentile,
     print_machine,
     write_results,
 )
@@ -113,8 +115,8 @@ def measure(port: int, clients: int, requests: int, tokens: int) -> tuple[float,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--requests", type=int, default=16, help="completions per measurement")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--requests", type=int, default=32, help="completions per measurement")
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per completion")
     args = p.parse_args()
     machine = machine_info()
@@ -153,8 +155,8 @@ def main() -> int:
                 measure(port, 4, 4, args.tokens)
             for r in range(args.rounds):
                 order = ["bare", "guarded"] if r % 2 == 0 else ["guarded", "bare"]
-                for mode in order:
-                    for clients in (1, 4):
+                for clients in (1, 4):  # a pair's two measurements back to back
+                    for mode in order:
                         got = measure(servers[mode][1], clients, args.requests, args.tokens)
                         samples.setdefault((mode, clients), []).append(got)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
@@ -170,6 +172,9 @@ def main() -> int:
         guarded = samples[("guarded", clients)]
         b_req, g_req = median([x[0] for x in bare]), median([x[0] for x in guarded])
         b_tok, g_tok = median([x[1] for x in bare]), median([x[1] for x in guarded])
+        # each round's guarded/bare pair ran back to back: the median of their ratios is
+        # what drift of the shared machine between rounds moves least
+        paired = [g[1] / b[1] for b, g in zip(bare, guarded, strict=True)]
         results[f"clients_{clients}"] = {
             "bare_requests_per_s": b_req,
             "guarded_requests_per_s": g_req,
@@ -177,6 +182,8 @@ def main() -> int:
             "bare_tokens_per_s": b_tok,
             "guarded_tokens_per_s": g_tok,
             "tokens_ratio": g_tok / b_tok,
+            "paired_tokens_ratio_median": median(paired),
+            "paired_tokens_ratio_p25_p75": [percentile(paired, 25), percentile(paired, 75)],
             "samples": {"bare": bare, "guarded": guarded},
         }
         rows.append(
@@ -184,14 +191,22 @@ def main() -> int:
                 clients,
                 f"{b_req:.2f}",
                 f"{g_req:.2f}",
-                f"{g_req / b_req:.3f}",
                 f"{b_tok:.1f}",
                 f"{g_tok:.1f}",
                 f"{g_tok / b_tok:.3f}",
+                f"{median(paired):.3f} ({percentile(paired, 25):.3f}–{percentile(paired, 75):.3f})",
             ]
         )
     table = md_table(
-        ["clients", "bare req/s", "guarded req/s", "ratio", "bare tok/s", "guarded tok/s", "ratio"],
+        [
+            "clients",
+            "bare req/s",
+            "guarded req/s",
+            "bare tok/s",
+            "guarded tok/s",
+            "ratio of medians",
+            "median per-round ratio (p25–p75)",
+        ],
         rows,
     )
     print(

@@ -35,8 +35,8 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 3.7 Estimators — prefill and KV-cache sizes from a model's dimensions.
 3.8 Apple Feedback — a kernel panic formatted for Feedback Assistant.
 3.9 Process mode (R6) — what kind of process this is, and advisory defaults.
-3.10 Cadence rules — the cadence store's format, read and pruned, and the
-    arithmetic of waiting; pure functions.
+3.10 Cadence rules — the cadence store's format, read and pruned, the
+    arithmetic of waiting, and the refusals' exceptions; pure functions.
 3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
 4.1 Modes (L6) — defensive or observer: whether a refusal raises or is
     reported.
@@ -4479,14 +4479,15 @@ def describe_process_mode() -> dict[str, Any]:
 
 
 # =============================================================================
-# 3.10 Cadence rules — the cadence store's format, read and pruned, and the
-# arithmetic of waiting; pure functions.
+# 3.10 Cadence rules — the cadence store's format, read and pruned, the
+# arithmetic of waiting, and the refusals' exceptions; pure functions.
 #
 # The store is the original metal-guard's flat JSON object of model id → epoch
 # seconds of the last load; our additions (unloads, pids) live under the
 # reserved key. What a store says is decided here, without files or locks.
 #
-# Provides: _Admission, _CadenceEvents, _cadence_spellings, _prune_cadence_store, _wait_sec,
+# Provides: CadenceStoreError, CadenceViolation, CrossModelCadenceViolation, _Admission,
+#   _CadenceEvents, _cadence_spellings, _prune_cadence_store, _rebuild_exception, _wait_sec,
 #   _CADENCE_CLOCK_SLACK, _CADENCE_KEEP_SEC, _CADENCE_RESERVED, _CADENCE_SCHEMA,
 #   _CADENCE_WAIT_STEP
 # Uses: Prelude, Model identity
@@ -4627,6 +4628,79 @@ def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[
     return reserved
 
 
+class CadenceViolation(RuntimeError):
+    """A model load now would follow the previous load/unload of the same model too soon."""
+
+    def __init__(
+        self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None
+    ) -> None:
+        now = time.time() if now is None else now
+        self.model_id = model_id
+        self.last_ts = float(last_ts)
+        self.min_interval = float(min_interval)
+        self.delta = max(0.0, now - self.last_ts)
+        self.remaining_sec = max(0.0, self.min_interval - self.delta)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
+            f"the minimum interval between loads is {self.min_interval:g} s. "
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading it again."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_exception, (type(self), self.__dict__))
+
+
+class CrossModelCadenceViolation(CadenceViolation):
+    """A model load now would follow another model's load/unload too soon."""
+
+    def __init__(
+        self,
+        model_id: str,
+        last_model: str,
+        last_ts: float,
+        cross_model_interval: float,
+        *,
+        now: float | None = None,
+    ) -> None:
+        self.last_model = last_model
+        self.cross_model_interval = float(cross_model_interval)
+        super().__init__(model_id, last_ts, cross_model_interval, now=now)
+
+    def _message(self) -> str:
+        return (
+            f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
+            f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
+            f"interval is {self.cross_model_interval:g} s. "
+            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading {self.model_id!r}."
+        )
+
+
+class CadenceStoreError(RuntimeError):
+    """A strict ``CadenceGuard`` could not use its store (unwritable, locked, a symlink...)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cadence store {path!r} cannot be used: {reason}. Fix the file or its folder "
+            "(METALGUARD_HOME), or build the guard without strict=True to fail open."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseException:
+    """Unpickle an exception with exactly the attributes it was raised with."""
+    exc = cls.__new__(cls)
+    exc.__dict__.update(state)
+    exc.args = (exc._message(),) if hasattr(exc, "_message") else ()
+    return exc
+
+
 # =============================================================================
 # 3.11 Panic triggers — what the breadcrumbs of the minutes before a panic show.
 #
@@ -4639,7 +4713,7 @@ def _prune_cadence_store(data: dict[str, Any], now: float, keep: float) -> dict[
 # folder and user name from text that leaves the machine.
 #
 # Provides: _breadcrumb_time, _breadcrumbs_around, _likely_triggers, _redact, _signature_words
-# Uses: Prelude, Panic signatures
+# Uses: Panic signatures
 # =============================================================================
 
 _TRIGGER_WINDOW_SEC = 300.0  # "the minutes before": how far back a trigger is looked for
@@ -4964,9 +5038,8 @@ class _ObservedRefusals:
 # ``wait=`` sleeps with the lock released, then decides again under it. A load
 # that raised before MLX allocated anything is taken back, record by exact value.
 #
-# Provides: CadenceGuard, CadenceStoreError, CadenceViolation, CrossModelCadenceViolation,
-#   GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope, require_cadence_clear, _INTERVAL_MAX,
-#   _default_guard, _rebuild_exception
+# Provides: CadenceGuard, GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC, cadence_scope,
+#   require_cadence_clear, _INTERVAL_MAX, _default_guard
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Memory numbers, Model identity,
 #   Cadence rules, Modes (L6)
 # =============================================================================
@@ -4999,79 +5072,6 @@ def _first_block_of_window(canon: str, event_ts: float) -> bool:
             return False
         _block_crumb_last[canon] = event_ts
         return True
-
-
-class CadenceViolation(RuntimeError):
-    """A model load now would follow the previous load/unload of the same model too soon."""
-
-    def __init__(
-        self, model_id: str, last_ts: float, min_interval: float, *, now: float | None = None
-    ) -> None:
-        now = time.time() if now is None else now
-        self.model_id = model_id
-        self.last_ts = float(last_ts)
-        self.min_interval = float(min_interval)
-        self.delta = max(0.0, now - self.last_ts)
-        self.remaining_sec = max(0.0, self.min_interval - self.delta)
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        return (
-            f"Cadence violation: {self.model_id!r} was last loaded/unloaded {self.delta:.1f} s ago; "
-            f"the minimum interval between loads is {self.min_interval:g} s. "
-            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading it again."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_exception, (type(self), self.__dict__))
-
-
-class CrossModelCadenceViolation(CadenceViolation):
-    """A model load now would follow another model's load/unload too soon."""
-
-    def __init__(
-        self,
-        model_id: str,
-        last_model: str,
-        last_ts: float,
-        cross_model_interval: float,
-        *,
-        now: float | None = None,
-    ) -> None:
-        self.last_model = last_model
-        self.cross_model_interval = float(cross_model_interval)
-        super().__init__(model_id, last_ts, cross_model_interval, now=now)
-
-    def _message(self) -> str:
-        return (
-            f"Cross-model cadence violation: cross-model load of {self.model_id!r} refused: "
-            f"{self.last_model!r} was loaded/unloaded {self.delta:.1f} s ago and the cross-model "
-            f"interval is {self.cross_model_interval:g} s. "
-            f"Wait {_wait_sec(self.remaining_sec):.1f} s before loading {self.model_id!r}."
-        )
-
-
-class CadenceStoreError(RuntimeError):
-    """A strict ``CadenceGuard`` could not use its store (unwritable, locked, a symlink...)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(
-            f"cadence store {path!r} cannot be used: {reason}. Fix the file or its folder "
-            "(METALGUARD_HOME), or build the guard without strict=True to fail open."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.reason))
-
-
-def _rebuild_exception(cls: type[BaseException], state: dict[str, Any]) -> BaseException:
-    """Unpickle an exception with exactly the attributes it was raised with."""
-    exc = cls.__new__(cls)
-    exc.__dict__.update(state)
-    exc.args = (exc._message(),) if hasattr(exc, "_message") else ()
-    return exc
 
 
 def _interval_arg(name: str, value: object) -> float:
@@ -5800,7 +5800,7 @@ def ingest_panics_jsonl(
 #
 # Provides: CircuitBreaker, MLXCooldownActive, _duration, _local_time
 # Uses: Prelude, Files, Locks, JSON state files, Breadcrumbs, Panic signatures, Panic reports,
-#   Modes (L6), Cadence, Panic archive
+#   Cadence rules, Modes (L6), Panic archive
 # =============================================================================
 
 # -- the circuit breaker ------------------------------------------------------
@@ -9617,7 +9617,8 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 #
 # Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
 # Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
-#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Flush guards
+#   Cadence rules, Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work,
+#   Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -11092,9 +11093,8 @@ def _run_note_wait(force: bool = False) -> None:
 # ``__main__``; no import) gets its class hooks as each ``class`` statement ends.
 #
 # Provides: _child_bootstrap
-# Uses: Prelude, Processes, Breadcrumbs, MLX access, Model identity, Registry,
-#   Version advisories, Cadence, GPU gate, Runs registry, Stuck GPU work, Flush guards,
-#   Wired-limit control, Child state
+# Uses: Prelude, Breadcrumbs, MLX access, Model identity, Registry, Version advisories,
+#   Cadence rules, Cadence, GPU gate, Runs registry, Stuck GPU work, Flush guards, Child state
 # =============================================================================
 
 _RUN_CADENCE_SLACK_SEC = 0.05
@@ -11629,8 +11629,8 @@ def _run_at_exit() -> None:
 # Provides: _RUN_EXIT_GAVE_UP, _RUN_EXIT_REFUSED, _RUN_RESTART_POLICIES, _RUN_SITECUSTOMIZE,
 #   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
 #   _run_child_env, _run_supervised
-# Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence, Circuit breaker,
-#   Post-panic gate, Runs registry, System audits, Child state
+# Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence rules, Cadence,
+#   Circuit breaker, Post-panic gate, Runs registry, System audits, Child state
 # =============================================================================
 
 _RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
@@ -12263,8 +12263,8 @@ def _run_supervised(argv: list[str], options: _RunOptions) -> int:
 # Provides: argparse, _CLIError, _CLIResult, _EXIT_BLOCKED, _EXIT_ERROR, _EXIT_GO, _EXIT_USAGE,
 #   _UsageError, _ago, _cli_parser, _fault_message, _pairs, _require_state_folder, _show, _table,
 #   _unreadable_state, _unreadable_text
-# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence, Circuit breaker, Wired-limit control,
-#   Supervisor
+# Uses: Prelude, Files, Breadcrumbs, Model identity, Cadence rules, Cadence, Circuit breaker,
+#   Wired-limit control, Supervisor
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -12729,9 +12729,9 @@ def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise
 # Provides: _cmd_audit, _cmd_breadcrumbs, _cmd_breaker, _cmd_cadence, _cmd_lock,
 #   _cmd_models, _cmd_panics, _cmd_run, _cmd_status
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
-#   Panic reports, Version advisories, Modes (L6), Cadence, Panic archive, Circuit breaker,
-#   Post-panic gate, MLX lock (L8), GPU gate, Runs registry, Wired-limit control, System audits,
-#   MetalGuard, Supervisor, Command line
+#   Panic reports, Version advisories, Cadence rules, Modes (L6), Cadence, Panic archive,
+#   Circuit breaker, MLX lock (L8), GPU gate, Runs registry, Wired-limit control,
+#   System audits, MetalGuard, Supervisor, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------
@@ -13252,7 +13252,7 @@ def _runs_lines(runs: list[dict[str, Any]], now: float) -> list[str]:
 # ("unreadable", the file, what to do). Only ``--admit`` records the load.
 #
 # Provides: _cmd_check
-# Uses: Prelude, Registry, Modes (L6), Cadence, Circuit breaker, Post-panic gate, Command line,
+# Uses: Registry, Cadence rules, Modes (L6), Circuit breaker, Post-panic gate, Command line,
 #   Commands
 # =============================================================================
 

@@ -201,11 +201,17 @@ def test_sections_use_only_earlier_sections_they_declare(sections: list[Section]
 
 def test_uses_lines_name_only_sections_that_are_used(sections: list[Section]) -> None:
     titles = {t for s in sections for t in _names_of(s)}
+    owner = {name: s for s in sections for name in s.defined}
+    stale = []
     for section in sections:
+        used = {t for name in section.used for t in _names_of(owner[name])}
         for entry in section.uses:
             if entry == "nothing" and section.number == (0, 1):
                 continue
             assert entry.lower() in titles, f"{section.title}: 'Uses: {entry}' names no section"
+            if entry.lower() not in used:
+                stale.append(f"{section.title}: 'Uses: {entry}' but uses nothing of it")
+    assert not stale, "\n".join(stale)
 
 
 def test_provides_lists_every_public_name(sections: list[Section]) -> None:

@@ -70,8 +70,10 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
     turns and its wired policy.
 5.13 Child hooks — what ``_child_bootstrap`` installs in a Python program run
     under ``metal-guard run``.
-5.14 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
-    passed on with a grace period, restarts and exit codes.
+5.14 Program start — which commands run Python, the bootstrap ``sitecustomize``
+    and the environment a program under ``metal-guard run`` starts with.
+5.15 Supervisor — ``metal-guard run``: pre-flight, signals passed on with a
+    grace period, restarts and exit codes.
 6.1 Command line — the ``metal-guard`` parser and output helpers.
 6.2 Commands — each subcommand calls public functions; wiring only.
 6.3 Check — ``metal-guard check``: the pre-flight for one load, as a command.
@@ -11613,36 +11615,20 @@ def _run_at_exit() -> None:
 
 
 # =============================================================================
-# 5.14 Supervisor — ``metal-guard run``: pre-flight, the child's bootstrap, signals
-# passed on with a grace period, restarts and exit codes.
+# 5.14 Program start — which commands run Python, the bootstrap ``sitecustomize``
+# and the environment a program under ``metal-guard run`` starts with.
 #
 # A Python program (an interpreter, or a script whose ``#!`` line names one)
 # starts with a bootstrap folder first on ``PYTHONPATH``: its ``sitecustomize``
 # runs the user's own, then loads this very file (``METALGUARD_RUN_MODULE``) and
-# calls ``_child_bootstrap``. Any other program gets the pre-flight, supervision
-# and a graceful stop only. Signal handlers only record the signal (a wake-up pipe
-# ends the wait at once); the loop passes it on and stops the child through
-# ``_stop_process`` (the grace, then SIGKILL with a WARNING). The child stays in
-# run's process group, so job control and a terminal's Ctrl-C work as without run
-# (Ctrl-C reaches the child from the terminal and is not sent a second time).
+# calls ``_child_bootstrap``. The folder is named after its content and never
+# deleted (a program's subprocesses may outlive run); the user's ``PYTHONPATH``
+# follows it unchanged.
 #
-# Provides: _RUN_EXIT_GAVE_UP, _RUN_EXIT_REFUSED, _RUN_RESTART_POLICIES, _RUN_SITECUSTOMIZE,
-#   _RunOptions, _preflight_refusal, _python_interpreter, _run_bootstrap_folder,
-#   _run_child_env, _run_supervised
-# Uses: Prelude, Processes, Files, Locks, Registry, Version advisories, Cadence rules, Cadence,
-#   Circuit breaker, Post-panic gate, Runs registry, System audits, Child state
+# Provides: _RUN_SITECUSTOMIZE, _RunOptions, _command_models, _python_interpreter,
+#   _python_skips_site, _run_bootstrap_folder, _run_child_env
+# Uses: Prelude, Files, Runs registry, Child state
 # =============================================================================
-
-_RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
-_RUN_EXIT_GAVE_UP = 69  # EX_UNAVAILABLE: gave up restarting
-_RUN_EXIT_CANNOT_EXECUTE, _RUN_EXIT_NOT_FOUND = 126, 127  # as a shell reports them
-_RUN_RESTART_POLICIES = ("never", "on-failure", "always")
-_RUN_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
-_RUN_VERSIONS_TIMEOUT_SEC = 5.0
-_RUN_VERSIONS_CODE = (
-    "import importlib.metadata as m, json\nv = {}\nfor n in %r:\n    try:\n"
-    "        v[n] = m.version(n)\n    except Exception:\n        pass\nprint(json.dumps(v))\n"
-)
 
 # The bootstrap folder's only file. Python runs it at start-up because the folder
 # is first on PYTHONPATH; the program's own subprocesses inherit the variable.
@@ -11717,15 +11703,6 @@ class _RunOptions:
     wired: str | None = None  # None: the child's METALGUARD_WIRED_LIMIT, else off
     wait: bool = True
     gpu_gate: bool = True
-
-
-def _say(text: str) -> None:
-    """One line of run's own on stderr (the child's output is never touched)."""
-    try:
-        sys.stderr.write(f"metal-guard run: {text}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 # -- what the command is -------------------------------------------------------------
@@ -11851,6 +11828,44 @@ def _run_child_env(
         }
     )
     return env
+
+
+# =============================================================================
+# 5.15 Supervisor — ``metal-guard run``: pre-flight, signals passed on with a
+# grace period, restarts and exit codes.
+#
+# A Python program starts as section 5.14 prepares it; any other program gets the
+# pre-flight, supervision and a graceful stop only. Signal handlers only record the signal (a wake-up pipe
+# ends the wait at once); the loop passes it on and stops the child through
+# ``_stop_process`` (the grace, then SIGKILL with a WARNING). The child stays in
+# run's process group, so job control and a terminal's Ctrl-C work as without run
+# (Ctrl-C reaches the child from the terminal and is not sent a second time).
+#
+# Provides: _RUN_EXIT_GAVE_UP, _RUN_EXIT_REFUSED, _RUN_RESTART_POLICIES, _preflight_refusal,
+#   _run_supervised
+# Uses: Prelude, Processes, Locks, Registry, Version advisories, Cadence rules, Cadence,
+#   Circuit breaker, Post-panic gate, Runs registry, System audits, Child state, Program start
+# =============================================================================
+
+_RUN_EXIT_REFUSED = 2  # pre-flight refused: the program was not started
+_RUN_EXIT_GAVE_UP = 69  # EX_UNAVAILABLE: gave up restarting
+_RUN_EXIT_CANNOT_EXECUTE, _RUN_EXIT_NOT_FOUND = 126, 127  # as a shell reports them
+_RUN_RESTART_POLICIES = ("never", "on-failure", "always")
+_RUN_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_RUN_VERSIONS_TIMEOUT_SEC = 5.0
+_RUN_VERSIONS_CODE = (
+    "import importlib.metadata as m, json\nv = {}\nfor n in %r:\n    try:\n"
+    "        v[n] = m.version(n)\n    except Exception:\n        pass\nprint(json.dumps(v))\n"
+)
+
+
+def _say(text: str) -> None:
+    """One line of run's own on stderr (the child's output is never touched)."""
+    try:
+        sys.stderr.write(f"metal-guard run: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # -- pre-flight --------------------------------------------------------------------------
@@ -12731,7 +12746,7 @@ def _unreadable_text(unreadable: dict[str, dict[str, str]], name: str, otherwise
 # Uses: Prelude, Processes, Files, Breadcrumbs, MLX access, Registry, Panic signatures,
 #   Panic reports, Version advisories, Cadence rules, Modes (L6), Cadence, Panic archive,
 #   Circuit breaker, MLX lock (L8), GPU gate, Runs registry, Wired-limit control,
-#   System audits, MetalGuard, Supervisor, Command line
+#   System audits, MetalGuard, Program start, Supervisor, Command line
 # =============================================================================
 
 # -- commands -------------------------------------------------------------------

@@ -44,11 +44,13 @@ earlier sections it uses (``tests/test_structure.py`` keeps that true):
 4.3 Panic archive — ``panics.jsonl``: the user's panic history.
 4.4 Circuit breaker — refuse MLX work after repeated IOGPU kernel panics.
 4.5 KV growth tracker — per-request KV-cache bytes against a ceiling.
-4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
-4.7 GPU gate — one MLX workload at a time across the threads and processes of
+4.6 Host locks — one class for both host-wide locks: an ``flock`` that cannot
+    go stale, the holder's record in the lock file, fair turns.
+4.7 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
+4.8 GPU gate — one MLX workload at a time across the threads and processes of
     the host.
-4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
-4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
+4.9 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
+4.10 Runs registry — the programs running under ``metal-guard run`` on this host.
 5.0 Stuck GPU work — a guarded step that never finishes is reported, once.
 5.1 Flush guards — per-inference flush and the gemma-4 first-generate flush.
 5.2 Wired-limit control — keep MLX from wiring the recommended working set.
@@ -152,6 +154,10 @@ __all__ = [
     "apply_mode_defaults",
     "describe_process_mode",
     "detect_process_mode",
+    # 3.10 Cadence rules
+    "CadenceStoreError",
+    "CadenceViolation",
+    "CrossModelCadenceViolation",
     # 4.1 Modes (L6)
     "DEFENSIVE",
     "OBSERVER",
@@ -161,9 +167,6 @@ __all__ = [
     "is_observer",
     # 4.2 Cadence
     "CadenceGuard",
-    "CadenceStoreError",
-    "CadenceViolation",
-    "CrossModelCadenceViolation",
     "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
     "cadence_scope",
     "require_cadence_clear",
@@ -176,13 +179,13 @@ __all__ = [
     # 4.5 KV growth tracker
     "KVGrowthTracker",
     "kv_tracker",
-    # 4.6 MLX lock (L8)
+    # 4.7 MLX lock (L8)
     "MLXLockConflict",
     "acquire_mlx_lock",
     "mlx_exclusive_lock",
     "read_mlx_lock",
     "release_mlx_lock",
-    # 4.7 GPU gate
+    # 4.8 GPU gate
     "GPUBusy",
     "exclusive_gpu",
     "read_gpu_gate",
@@ -212,7 +215,7 @@ __all__ = [
     # 5.11 Worker pool
     "call_model_isolated",
     "shutdown_all_workers",
-    # 6.3 Entry point
+    # 6.5 Entry point
     "main",
 ]
 
@@ -5283,7 +5286,7 @@ class CadenceGuard:
         """``admit``; also returns what it recorded (``None``: nothing)."""
         budget = _wait_arg(wait)
         canon = canonical_model_id(model_id)
-        _admission_gate()  # the post-panic gate (4.8) first
+        _admission_gate()  # the post-panic gate (4.9) first
         # Family detection may stat the folder and read its config.json: do it before
         # taking the store's lock, not while every other process waits for it.
         cross = self.effective_cross_interval(model_id)
@@ -6312,9 +6315,10 @@ kv_tracker = KVGrowthTracker()
 
 
 # =============================================================================
-# 4.6 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
+# 4.6 Host locks — one class for both host-wide locks: an ``flock`` that cannot
+# go stale, the holder's record in the lock file, fair turns.
 #
-# Both host-wide locks, this one and the GPU gate (4.7), are one ``_HostLock``:
+# Both host-wide locks, the MLX lock (4.7) and the GPU gate (4.8), are one ``_HostLock``:
 # ``flock`` on a lock file that is never deleted (``_FileLock``), so a holder
 # that dies releases it by dying — no stale files, no pid-reuse mistakes after
 # a reboot. The holder's details (pid, label, start time, command line; the
@@ -6345,20 +6349,10 @@ kv_tracker = KVGrowthTracker()
 # polls, every 50 µs at first, doubling to every 2 ms. The releaser's wait for
 # the record also starts at 50 µs: the waiter takes the gate within that.
 #
-# The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
-# holder and waits for the lock to come free; it never sends SIGKILL.
-#
-# Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
-#   _HostLock, _acquire_mlx_lock_at, _holder_dict, _MLX_LOCK, _mlx_lock_path, _read_mlx_lock_at,
-#   _release_mlx_lock_at
-# Uses: Prelude, Processes, Files, Locks, Breadcrumbs, Release barrier
+# Provides: _HostLock, _holder_dict, _holder_info, _lock_probe, _utc_stamp, _HOLDER_BYTES
+# Uses: Prelude, Processes, Files, Locks
 # =============================================================================
 
-_FORCE_WAIT_DEFAULT = 30.0
-_RECLAIM_COOLDOWN_DEFAULT = 8.0
-# A plain acquire waits this long for a holder that is just leaving (and rides
-# out the instant a status probe holds a shared lock) before it reports a conflict.
-_MLX_LOCK_GRACE_SEC = 0.5
 _HOLDER_CMDLINE_MAX = 300
 _HOLDER_LABEL_MAX = 200
 _HOLDER_BYTES = 2048  # a holder record is padded to this size: one write, no torn tail
@@ -6747,6 +6741,25 @@ def _holder_info(label: str, now: float) -> dict[str, Any]:
     }
 
 
+# =============================================================================
+# 4.7 MLX lock (L8) — one MLX user per host, as an OS lock that cannot go stale.
+#
+# The lock is section 4.6's ``_HostLock``: a holder that dies releases it by dying.
+# The MLX lock is counted per process. ``force=True`` sends SIGTERM to a live
+# holder and waits for the lock to come free; it never sends SIGKILL.
+#
+# Provides: MLXLockConflict, acquire_mlx_lock, mlx_exclusive_lock, read_mlx_lock, release_mlx_lock,
+#   _acquire_mlx_lock_at, _MLX_LOCK, _mlx_lock_path, _read_mlx_lock_at, _release_mlx_lock_at
+# Uses: Prelude, Processes, Locks, Breadcrumbs, Release barrier, Host locks
+# =============================================================================
+
+_FORCE_WAIT_DEFAULT = 30.0
+_RECLAIM_COOLDOWN_DEFAULT = 8.0
+# A plain acquire waits this long for a holder that is just leaving (and rides
+# out the instant a status probe holds a shared lock) before it reports a conflict.
+_MLX_LOCK_GRACE_SEC = 0.5
+
+
 _MLX_LOCK = _HostLock("MLX_LOCK_PATH", "mlx_exclusive.lock", gate=False)
 
 
@@ -6949,7 +6962,7 @@ class mlx_exclusive_lock(_ContextDecorator):
 
 
 # =============================================================================
-# 4.7 GPU gate — one MLX workload at a time across the threads and processes
+# 4.8 GPU gate — one MLX workload at a time across the threads and processes
 # of the host.
 #
 # Two generation streams at once panicked 3 of 3 cold boots in 102-108 s while
@@ -6963,7 +6976,7 @@ class mlx_exclusive_lock(_ContextDecorator):
 #
 # Provides: GPUBusy, exclusive_gpu, read_gpu_gate, _describe_holder, _GPU_GATE, _gpu_gate_held_here,
 #   _gpu_lock_path
-# Uses: Prelude, Locks, Modes (L6), Cadence, MLX lock (L8)
+# Uses: Prelude, Locks, Modes (L6), Cadence, Host locks
 # =============================================================================
 
 _GPU_WAIT_WARN_SEC = 60.0  # while waiting, one WARNING per this many seconds
@@ -7100,7 +7113,7 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 
 
 # =============================================================================
-# 4.8 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
+# 4.9 Post-panic gate — one IOGPU kernel panic stops the relaunch that follows it.
 #
 # After a kernel panic the Mac reboots and launchd starts the same job, which
 # repeats the same trigger. The first check after the reboot (load admission,
@@ -7398,7 +7411,7 @@ def _post_panic_status(*, now: float | None = None) -> dict[str, Any]:
 
 
 # =============================================================================
-# 4.9 Runs registry — the programs running under ``metal-guard run`` on this host.
+# 4.10 Runs registry — the programs running under ``metal-guard run`` on this host.
 #
 # One entry per supervisor in ``runs.json`` (the locked-JSON-file primitive, not
 # fsynced: it only describes running processes). The supervisor writes its entry
@@ -9619,8 +9632,8 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 #
 # Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
 # Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
-#   Cadence rules, Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work,
-#   Flush guards
+#   Cadence rules, Cadence, Circuit breaker, Host locks, MLX lock (L8), GPU gate,
+#   Stuck GPU work, Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -11877,7 +11890,7 @@ def _preflight_refusal() -> str | None:
     Observer mode reports a cooldown instead of refusing (``_refuse``).
     """
     try:
-        _require_post_panic_clear()  # one panic is enough (4.8); then the breaker's own rule
+        _require_post_panic_clear()  # one panic is enough (4.9); then the breaker's own rule
         CircuitBreaker().check()
     except MLXCooldownActive as exc:
         return str(exc)

@@ -236,3 +236,24 @@ def test_docstring_map_lists_the_sections_in_order(sections: list[Section]) -> N
         s.title for s, p in zip(sections, positions, strict=True) if p == -1
     ]
     assert positions == sorted(positions)
+
+
+def test_all_groups_its_names_under_their_sections(sections: list[Section]) -> None:
+    """``__all__``'s ``# x.y Title`` comments name the section that defines each name."""
+    owner = {name: s for s in sections for name in s.defined}
+    block = SOURCE[SOURCE.index("__all__ = [") : SOURCE.index("\n]\n", SOURCE.index("__all__ = ["))]
+    heading, wrong = "", []
+    for line in block.splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("# "):
+            heading = text[2:]
+        elif text.startswith('"'):
+            name = text.strip('",')
+            section = owner.get(name)
+            if section is None:  # the module header's own names (``__version__``)
+                assert not heading, f"{name} is under '{heading}', defined before any section"
+                continue
+            expected = f"{section.number[0]}.{section.number[1]} {section.title}"
+            if heading != expected:
+                wrong.append(f"{name} is under '{heading}', defined in '{expected}'")
+    assert not wrong, "\n".join(wrong)

@@ -208,10 +208,11 @@ __all__ = [
     # 5.8 Scoped loads
     "bench_scoped_load",
     "kv_cache_clear_on_pressure",
-    # 5.10 Subprocess runner
-    "MLXSubprocessRunner",
+    # 5.9 Subprocess worker
     "SubprocessCrashError",
     "SubprocessTimeoutError",
+    # 5.10 Subprocess runner
+    "MLXSubprocessRunner",
     # 5.11 Worker pool
     "call_model_isolated",
     "shutdown_all_workers",
@@ -9625,15 +9626,17 @@ def kv_cache_clear_on_pressure(available_gb: float, growth_rate_gb_per_min: floa
 # ``ready`` (``model_id``, ``pid``), ``result`` (``text``), ``error``
 # (``error``), ``refused`` (``error``, ``exception``), ``waiting``
 # (``seconds``, ``error``: a restart the library made waits for cadence) and
-# ``shutdown_ack``.
+# ``shutdown_ack``. What a worker's ``error`` means (out of memory, kernel-panic
+# class, stuck GPU work: never restarted) and the errors a runner raises are here too.
 # A generate request carries ``"parent_holds_gpu_gate": True`` when the
 # parent's calling thread holds the GPU gate: the parent waits for this very
 # generate, so the worker's guard must not wait for the gate too.
 #
-# Provides: Connection, _BACKENDS, _REFUSALS, _InheritedFd, _idle_timeout_arg, _worker_main
-# Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Process mode (R6),
-#   Cadence rules, Cadence, Circuit breaker, Host locks, MLX lock (L8), GPU gate,
-#   Stuck GPU work, Flush guards
+# Provides: Connection, SubprocessCrashError, SubprocessTimeoutError, _BACKENDS, _REFUSALS,
+#   _InheritedFd, _idle_timeout_arg, _is_fatal_worker_error, _worker_error_kind, _worker_main
+# Uses: Prelude, Processes, Breadcrumbs, Release barrier, Registry, Panic signatures,
+#   Process mode (R6), Cadence rules, Cadence, Circuit breaker, Host locks, MLX lock (L8),
+#   GPU gate, Stuck GPU work, Flush guards
 # =============================================================================
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -10003,47 +10006,6 @@ class _Worker:
         return result if isinstance(result, str) else _label(getattr(result, "text", result))
 
 
-# =============================================================================
-# 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
-# gracefully and are reaped.
-#
-# A runner takes one hold on the MLX lock (counted per process) for each worker
-# it starts and hands it to the worker (5.9: the worker, the MLX user, shares
-# the flocked file description). A watcher thread per worker drops the
-# parent's hold the moment the worker exits, however it exits (idle, crash,
-# stop). A worker that stopped after ``idle_timeout`` s without a request is
-# restarted by the next ``generate``; such a restart waits for the cadence
-# interval (one WARNING with the time) instead of surfacing a refusal that
-# its own unload caused. Stopping is always: shutdown message → wait → SIGTERM →
-# wait → SIGKILL only then, with a WARNING that says why (SIGKILL can leave
-# hundreds of GiB of Metal memory wired until reboot). The parent reaps the
-# child before returning, so the next load starts after the OS reclaimed it.
-# Replies are read only by the thread that holds the request lock; a wait it
-# leaves by an exception stops the worker (a late answer would be read as the
-# next request's), and a stop begun by another thread leaves the final release
-# to that reader.
-# ``multiprocessing`` is imported on first use: importing it at module import
-# would cost time and pin the start method of the application.
-#
-# Provides: BaseProcess, MLXSubprocessRunner, SubprocessCrashError, SubprocessTimeoutError,
-#   _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC, _generate_request, _is_fatal_worker_error,
-#   _timeout_arg
-# Uses: Prelude, Processes, Locks, Breadcrumbs, MLX access, Panic signatures, Modes (L6),
-#   Cadence, Circuit breaker, MLX lock (L8), GPU gate, Stuck GPU work, Subprocess worker
-# =============================================================================
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from multiprocessing.process import BaseProcess
-
-_DEFAULT_LOAD_TIMEOUT = 120.0
-_DEFAULT_GENERATE_TIMEOUT = 300.0
-_TIMEOUT_MAX = 7 * 86400.0
-_TERM_GRACE_SEC = 10.0  # after SIGTERM, before SIGKILL
-_BUSY_MESSAGE_GRACE_SEC = 1.0  # a worker stuck in a generate cannot read the shutdown message
-_POOL_RESTART_CAP = 3  # replacements of a dead worker per model ...
-_POOL_RESTART_WINDOW_SEC = 60.0  # ... within this many seconds
-
-
 class SubprocessCrashError(RuntimeError):
     """An MLX worker process died (``exitcode`` negative: killed by that signal)."""
 
@@ -10096,6 +10058,46 @@ def _worker_error_kind(error: str) -> str | None:
 def _is_fatal_worker_error(error: str) -> bool:
     """A Metal out-of-memory or a kernel-panic-class failure: the worker must not be restarted."""
     return _worker_error_kind(error) is not None
+
+
+# =============================================================================
+# 5.10 Subprocess runner — (L7, parent side) workers that start guarded, stop
+# gracefully and are reaped.
+#
+# A runner takes one hold on the MLX lock (counted per process) for each worker
+# it starts and hands it to the worker (5.9: the worker, the MLX user, shares
+# the flocked file description). A watcher thread per worker drops the
+# parent's hold the moment the worker exits, however it exits (idle, crash,
+# stop). A worker that stopped after ``idle_timeout`` s without a request is
+# restarted by the next ``generate``; such a restart waits for the cadence
+# interval (one WARNING with the time) instead of surfacing a refusal that
+# its own unload caused. Stopping is always: shutdown message → wait → SIGTERM →
+# wait → SIGKILL only then, with a WARNING that says why (SIGKILL can leave
+# hundreds of GiB of Metal memory wired until reboot). The parent reaps the
+# child before returning, so the next load starts after the OS reclaimed it.
+# Replies are read only by the thread that holds the request lock; a wait it
+# leaves by an exception stops the worker (a late answer would be read as the
+# next request's), and a stop begun by another thread leaves the final release
+# to that reader.
+# ``multiprocessing`` is imported on first use: importing it at module import
+# would cost time and pin the start method of the application.
+#
+# Provides: BaseProcess, MLXSubprocessRunner, _POOL_RESTART_CAP, _POOL_RESTART_WINDOW_SEC,
+#   _generate_request, _timeout_arg
+# Uses: Prelude, Processes, Locks, Breadcrumbs, MLX access, Modes (L6), Cadence,
+#   Circuit breaker, MLX lock (L8), GPU gate, Subprocess worker
+# =============================================================================
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from multiprocessing.process import BaseProcess
+
+_DEFAULT_LOAD_TIMEOUT = 120.0
+_DEFAULT_GENERATE_TIMEOUT = 300.0
+_TIMEOUT_MAX = 7 * 86400.0
+_TERM_GRACE_SEC = 10.0  # after SIGTERM, before SIGKILL
+_BUSY_MESSAGE_GRACE_SEC = 1.0  # a worker stuck in a generate cannot read the shutdown message
+_POOL_RESTART_CAP = 3  # replacements of a dead worker per model ...
+_POOL_RESTART_WINDOW_SEC = 60.0  # ... within this many seconds
 
 
 _runner_release_guard = _thread.allocate_lock()

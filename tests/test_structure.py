@@ -34,7 +34,7 @@ from helpers import REPO
 SOURCE = Path(REPO, "metal_guard.py").read_text(encoding="utf-8")
 RULE = "# " + "=" * 77
 TIERS = ["prelude", "storage", "MLX access", "knowledge", "policies", "runtime", "command line"]
-MAX_SECTION_LINES = 650
+MAX_SECTION_LINES = 600
 BANNER_TITLE = re.compile(r"^# (\d)\.(\d+) (.+?) — ")
 
 

@@ -257,3 +257,17 @@ def test_all_groups_its_names_under_their_sections(sections: list[Section]) -> N
             if heading != expected:
                 wrong.append(f"{name} is under '{heading}', defined in '{expected}'")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_docs_name_sections_by_their_number_and_title(sections: list[Section]) -> None:
+    """CONTRIBUTING.md's table lists every section in order; the API and isolation pages
+    name only sections that exist, under their current numbers."""
+    names = [f"{s.number[0]}.{s.number[1]} {s.title}" for s in sections]
+    contributing = Path(REPO, "CONTRIBUTING.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\|[^|]*\| (\d\.\d+ [^|]+?) \| ", contributing, re.MULTILINE)
+    assert rows == names
+    for page in ("docs/api.md", "docs/isolation.md"):
+        text = Path(REPO, page).read_text(encoding="utf-8")
+        cited = re.findall(r"\b(\d\.\d+ [A-Z][\w-]*(?: [\w-]+)*(?: \([A-Z0-9]+\))?)", text)
+        unknown = [c for c in cited if not any(c == n or c.startswith(n + " ") for n in names)]
+        assert not unknown, f"{page} names sections that do not exist: {unknown}"

@@ -11114,7 +11114,6 @@ def _run_note_wait(force: bool = False) -> None:
 #   Cadence rules, Cadence, GPU gate, Runs registry, Stuck GPU work, Flush guards, Child state
 # =============================================================================
 
-_RUN_CADENCE_SLACK_SEC = 0.05
 _RUN_HOOKED = frozenset({"mlx.core", "mlx_lm", "mlx_lm.server", "mlx_vlm"})
 _RUN_MODEL_KWARGS = ("path_or_hf_repo", "model_path", "path", "repo", "model")
 

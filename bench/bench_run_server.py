@@ -6,7 +6,8 @@ Two real servers on the tiny llama, one bare and one started with the run bootst
 on). They are measured one after the other, in interleaved rounds, so drift hits
 both alike: each round sends ``--requests`` completions of ``--tokens`` tokens with
 1 and with 4 concurrent clients. Reported: requests/s and generated tokens/s
-(``usage.completion_tokens``), medians over the rounds, and guarded/bare ratios
+(``usage.completion_tokens``) and the median time of one request, medians over the
+rounds, and guarded/bare ratios
 side by side (goal ≥ 0.97), and the median of the per-round ratios (each round's two
 measurements ran back to back, so drift of a shared machine moves it least).
 
@@ -87,8 +88,11 @@ def _complete(port: int, tokens: int) -> int:
         return int(json.loads(reply.read())["usage"]["completion_tokens"])
 
 
-def measure(port: int, clients: int, requests: int, tokens: int) -> tuple[float, float]:
-    """(requests/s, generated tokens/s) for ``requests`` completions over ``clients`` threads."""
+def measure(
+    port: int, clients: int, requests: int, tokens: int, latencies: list[float] | None = None
+) -> tuple[float, float]:
+    """(requests/s, generated tokens/s) for ``requests`` completions over ``clients`` threads;
+    each request's seconds are added to ``latencies``."""
     counts: list[int] = []
     lock = threading.Lock()
     todo = list(range(requests))
@@ -99,9 +103,13 @@ def measure(port: int, clients: int, requests: int, tokens: int) -> tuple[float,
                 if not todo:
                     return
                 todo.pop()
+            sent = time.perf_counter()
             n = _complete(port, tokens)
+            took = time.perf_counter() - sent
             with lock:
                 counts.append(n)
+                if latencies is not None:
+                    latencies.append(took)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
@@ -125,6 +133,7 @@ def main() -> int:
     from tiny_models import build_tiny_model
 
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    latencies: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-run-server-") as tmp_name:
         tmp = Path(tmp_name)
         model = build_tiny_model(tmp / "tiny-llama", "llama")
@@ -157,7 +166,8 @@ def main() -> int:
                 order = ["bare", "guarded"] if r % 2 == 0 else ["guarded", "bare"]
                 for clients in (1, 4):  # a pair's two measurements back to back
                     for mode in order:
-                        got = measure(servers[mode][1], clients, args.requests, args.tokens)
+                        took = latencies.setdefault((mode, clients), [])
+                        got = measure(servers[mode][1], clients, args.requests, args.tokens, took)
                         samples.setdefault((mode, clients), []).append(got)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
         finally:
@@ -175,6 +185,8 @@ def main() -> int:
         # each round's guarded/bare pair ran back to back: the median of their ratios is
         # what drift of the shared machine between rounds moves least
         paired = [g[1] / b[1] for b, g in zip(bare, guarded, strict=True)]
+        b_lat = median(latencies[("bare", clients)]) * 1e3
+        g_lat = median(latencies[("guarded", clients)]) * 1e3
         results[f"clients_{clients}"] = {
             "bare_requests_per_s": b_req,
             "guarded_requests_per_s": g_req,
@@ -184,6 +196,8 @@ def main() -> int:
             "tokens_ratio": g_tok / b_tok,
             "paired_tokens_ratio_median": median(paired),
             "paired_tokens_ratio_p25_p75": [percentile(paired, 25), percentile(paired, 75)],
+            "bare_request_ms_median": b_lat,
+            "guarded_request_ms_median": g_lat,
             "samples": {"bare": bare, "guarded": guarded},
         }
         rows.append(
@@ -195,6 +209,7 @@ def main() -> int:
                 f"{g_tok:.1f}",
                 f"{g_tok / b_tok:.3f}",
                 f"{median(paired):.3f} ({percentile(paired, 25):.3f}–{percentile(paired, 75):.3f})",
+                f"{b_lat:.1f} / {g_lat:.1f} ({g_lat - b_lat:+.1f})",
             ]
         )
     table = md_table(
@@ -206,6 +221,7 @@ def main() -> int:
             "guarded tok/s",
             "ratio of medians",
             "median per-round ratio (p25–p75)",
+            "request ms, bare / guarded (median)",
         ],
         rows,
     )

@@ -190,9 +190,13 @@ def _env(home: Path) -> dict[str, str]:
     return child_env(METALGUARD_HOME=str(home), METALGUARD_BREADCRUMB_PATH="")
 
 
-def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> dict[str, Any]:
-    home.mkdir()
-    procs = [_spawn(LOOP, file, str(seconds), str(body), env=_env(home)) for _ in range(procs_n)]
+def _gated_bodies(
+    code: str, procs_n: int, *args: str, home: Path
+) -> list[tuple[float, float, int]]:
+    """Start ``procs_n`` processes of ``code``, let them go together, and collect their
+    ``(enter, leave, process index)`` body records, sorted by entry."""
+    home.mkdir(parents=True)
+    procs = [_spawn(code, *args, env=_env(home)) for _ in range(procs_n)]
     for proc in procs:
         assert _line(proc) == "ready"
     for proc in procs:
@@ -204,6 +208,11 @@ def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> 
     )
     for proc in procs:
         proc.wait(30)
+    return records
+
+
+def part_b(file: str, procs_n: int, seconds: float, body: float, home: Path) -> dict[str, Any]:
+    records = _gated_bodies(LOOP, procs_n, file, str(seconds), str(body), home=home)
     span = records[-1][1] - records[0][0]
     counts = [sum(r[2] == i for r in records) for i in range(procs_n)]
     handovers = sum(a[2] != b[2] for a, b in itertools.pairwise(records))
@@ -225,30 +234,7 @@ def pair(
 ) -> dict[str, Any]:
     """Two processes × one thread, bodies of ``body`` s: bodies, span, hand-over gaps (µs),
     overlaps."""
-    home.mkdir(parents=True)
-    procs = [
-        _spawn(
-            PAIR,
-            file,
-            mode,
-            str(seconds),
-            str(body),
-            timeout,
-            env=_env(home),
-        )
-        for _ in range(2)
-    ]
-    for proc in procs:
-        assert _line(proc) == "ready"
-    for proc in procs:
-        _send(proc, "go")
-    records = sorted(
-        (enter, leave, index)
-        for index, proc in enumerate(procs)
-        for enter, leave in json.loads(_line(proc))
-    )
-    for proc in procs:
-        proc.wait(30)
+    records = _gated_bodies(PAIR, 2, file, mode, str(seconds), str(body), timeout, home=home)
     return {
         "bodies": len(records),
         "span": records[-1][1] - records[0][0],

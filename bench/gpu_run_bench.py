@@ -82,13 +82,19 @@ from mlx.utils import tree_flatten
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(REPO_ROOT, "bench", "gpu_run_child.py")
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+
+from tiny_models import (  # noqa: E402  (tests/, after the path set-up)
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    byte_level_tokenizer,
+    save_tokenizer,
+)
 
 VARIANTS: tuple[str, ...] = ("bare", "run", "bare_x2", "run_x2")
 PAIRS = (("run", "bare"), ("run_x2", "bare_x2"))
-
-# The specials of tests/tiny_models.py: <pad> 0, <bos> 1, <eos> 2, <unk> 3.
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def log(msg: str) -> None:
@@ -109,12 +115,12 @@ def write_json(path: str, obj: Any) -> None:
 def build_tokenizer(dest: str, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with exactly ``vocab_size`` ids, for ``mlx_lm.load``.
 
-    The files are those of tests/tiny_models.py's tokenizer, but the vocabulary is written
-    out, not trained: the four specials, the 256 byte symbols, then letter strings up to
-    ``vocab_size``, so every id a model of that vocabulary can generate decodes (mlx-lm's
-    streaming detokenizer indexes a table by id).
+    The files and settings are tests/tiny_models.py's (``save_tokenizer``), but the
+    vocabulary is written out, not trained: the four specials, the 256 byte symbols, then
+    letter strings up to ``vocab_size``, so every id a model of that vocabulary can generate
+    decodes (mlx-lm's streaming detokenizer indexes a table by id).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256}, got {vocab_size}")
@@ -128,30 +134,9 @@ def build_tokenizer(dest: str, vocab_size: int) -> None:
             vocab.setdefault("".join(letters), len(vocab))
         if len(vocab) >= vocab_size:
             break
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = byte_level_tokenizer(Tokenizer(models.BPE(vocab=vocab, merges=[])))
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.save(os.path.join(dest, "tokenizer.json"))
-    specials = {
-        "pad_token": "<pad>",
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "unk_token": "<unk>",
-    }
-    write_json(
-        os.path.join(dest, "tokenizer_config.json"),
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": 8192,
-            "clean_up_tokenization_spaces": False,
-            "add_bos_token": False,
-            "add_eos_token": False,
-            **specials,
-        },
-    )
-    write_json(os.path.join(dest, "special_tokens_map.json"), specials)
+    save_tokenizer(tok, dest, model_max_length=8192)
 
 
 def save_model(size: str, seed: int, dest: str) -> dict[str, Any]:

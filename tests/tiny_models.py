@@ -31,7 +31,9 @@ __all__ = [
     "UNK_ID",
     "build_tiny_model",
     "build_tokenizer",
+    "byte_level_tokenizer",
     "model_config",
+    "save_tokenizer",
 ]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -62,19 +64,48 @@ def _corpus(lines: int = 600) -> list[str]:
     return out
 
 
-def build_tokenizer(dest: str, *, vocab_size: int = _VOCAB_TARGET) -> int:
-    """Train a byte-level BPE tokenizer into ``dest``; return its vocabulary size.
+def byte_level_tokenizer(tok: Any) -> Any:
+    """``tok`` (a ``tokenizers.Tokenizer``) with the byte-level pre-tokenizer, decoder and
+    post-processor every tokenizer here uses."""
+    from tokenizers import decoders, pre_tokenizers, processors
 
-    Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-    for ``transformers.PreTrainedTokenizerFast``. Specials: ``<pad>`` = 0, ``<bos>`` = 1,
-    ``<eos>`` = 2, ``<unk>`` = 3.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def save_tokenizer(tok: Any, dest: str, *, model_max_length: int = 2048) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+    for ``transformers.PreTrainedTokenizerFast`` (the specials of ``SPECIAL_TOKENS``)."""
+    tok.save(os.path.join(dest, "tokenizer.json"))
+    specials = {
+        "pad_token": "<pad>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "unk_token": "<unk>",
+    }
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **specials,
+    }
+    _write_json(os.path.join(dest, "tokenizer_config.json"), tok_config)
+    _write_json(os.path.join(dest, "special_tokens_map.json"), specials)
+
+
+def build_tokenizer(dest: str, *, vocab_size: int = _VOCAB_TARGET) -> int:
+    """Train a byte-level BPE tokenizer into ``dest``; return its vocabulary size.
+
+    Writes the files of ``save_tokenizer``. Specials: ``<pad>`` = 0, ``<bos>`` = 1,
+    ``<eos>`` = 2, ``<unk>`` = 3.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = byte_level_tokenizer(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -85,24 +116,7 @@ def build_tokenizer(dest: str, *, vocab_size: int = _VOCAB_TARGET) -> int:
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:  # pragma: no cover - trainer contract
             raise RuntimeError(f"special token {name!r} did not get id {i}")
-    tok.save(os.path.join(dest, "tokenizer.json"))
-
-    specials = {
-        "pad_token": "<pad>",
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "unk_token": "<unk>",
-    }
-    tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 2048,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        **specials,
-    }
-    _write_json(os.path.join(dest, "tokenizer_config.json"), tok_config)
-    _write_json(os.path.join(dest, "special_tokens_map.json"), specials)
+    save_tokenizer(tok, dest)
     return int(tok.get_vocab_size())
 
 

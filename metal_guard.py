@@ -11015,9 +11015,10 @@ class _GpuTurn:
             # asked once a slice (a probe opens a file): a waiter gets the GPU within a
             # slice and a step, and a long request does not probe at every step
             now = time.monotonic()
-            if now - kept.checked < _RUN_TURN_SLICE_SEC or not _gpu_gate_awaited():
+            asked_lately = now - kept.checked < _RUN_TURN_SLICE_SEC
+            if asked_lately or not _gpu_gate_awaited():
                 self.gate, self.start, local.turn = kept.gate, kept.start, True
-                self.checked = kept.checked if now - kept.checked < _RUN_TURN_SLICE_SEC else now
+                self.checked = kept.checked if asked_lately else now
                 self.streams = kept.streams + tuple(
                     s for s in self.streams if s not in kept.streams
                 )
